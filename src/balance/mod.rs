@@ -1,0 +1,130 @@
+//! Load-balancing policies: which backend of an upstream serves a request.
+//!
+//! A policy is *built* from the upstream's backend list when a config is compiled
+//! (precomputing sequences, rings and prefix sums there, not per request), then
+//! asked to [`Policy::pick`] for each request. A pick is also a reservation: the
+//! returned [`Pick`] holds an in-flight slot, taken with a compare-and-swap, so a
+//! backend at `max_concurrency` is never chosen by any policy, even under races.
+//! One file per policy; [`Balancer`] dispatches by enum so the set is closed and
+//! matches are checked for exhaustiveness.
+
+mod consistent_hash;
+mod key;
+mod least_loaded;
+mod random;
+mod round_robin;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::config::{BackendConfig, PolicyConfig};
+use crate::upstream::{Backend, InFlightGuard};
+
+pub use consistent_hash::ConsistentHash;
+pub use key::extract_key;
+pub use least_loaded::LeastLoaded;
+pub use random::WeightedRandom;
+pub use round_robin::RoundRobin;
+
+/// The parts of a request a policy may look at.
+#[derive(Debug, Clone, Copy)]
+pub struct PickRequest<'a> {
+    pub headers: &'a http::HeaderMap,
+    pub uri: &'a http::Uri,
+    pub client_ip: IpAddr,
+}
+
+/// A chosen backend with its reserved in-flight slot.
+#[derive(Debug)]
+pub struct Pick {
+    pub index: usize,
+    pub guard: InFlightGuard,
+}
+
+pub trait Policy {
+    /// Picks and reserves a backend among those available, or `None` when every
+    /// backend is at its limit.
+    fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick>;
+}
+
+#[derive(Debug)]
+pub enum Balancer {
+    RoundRobin(RoundRobin),
+    LeastLoaded(LeastLoaded),
+    ConsistentHash(ConsistentHash),
+    Random(WeightedRandom),
+}
+
+impl Balancer {
+    pub fn new(policy: &PolicyConfig, backends: &[BackendConfig]) -> Self {
+        match policy {
+            PolicyConfig::RoundRobin => Balancer::RoundRobin(RoundRobin::new(backends)),
+            PolicyConfig::LeastLoaded => Balancer::LeastLoaded(LeastLoaded),
+            PolicyConfig::Random => Balancer::Random(WeightedRandom::new(backends)),
+            PolicyConfig::ConsistentHash { key, bounded_load } => {
+                Balancer::ConsistentHash(ConsistentHash::new(backends, key.clone(), *bounded_load))
+            }
+        }
+    }
+
+    pub fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
+        match self {
+            Balancer::RoundRobin(policy) => policy.pick(backends, request),
+            Balancer::LeastLoaded(policy) => policy.pick(backends, request),
+            Balancer::ConsistentHash(policy) => policy.pick(backends, request),
+            Balancer::Random(policy) => policy.pick(backends, request),
+        }
+    }
+}
+
+/// Reserves backend `index` if it is available and below `cap`.
+fn acquire(backends: &[Arc<Backend>], index: usize, cap: u32) -> Option<Pick> {
+    backends[index]
+        .try_acquire(cap)
+        .map(|guard| Pick { index, guard })
+}
+
+/// The fallback of every policy when its preferred candidates are full: the first
+/// backend, going round from `start`, that can take the request.
+fn first_available_from(backends: &[Arc<Backend>], start: usize) -> Option<Pick> {
+    let n = backends.len();
+    (0..n).find_map(|step| acquire(backends, (start + step) % n, u32::MAX))
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    pub fn backends(specs: &[(u32, Option<u32>)]) -> (Vec<BackendConfig>, Vec<Arc<Backend>>) {
+        let configs: Vec<BackendConfig> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, &(weight, max_concurrency))| BackendConfig {
+                address: format!("10.0.0.{}:80", i + 1),
+                weight,
+                max_concurrency,
+            })
+            .collect();
+        let runtime = configs
+            .iter()
+            .map(|c| {
+                Arc::new(Backend {
+                    address: c.address.as_str().into(),
+                    authority: c.address.parse().unwrap(),
+                    weight: c.weight,
+                    max_concurrency: c.max_concurrency.unwrap_or(u32::MAX),
+                    state: Arc::default(),
+                })
+            })
+            .collect();
+        (configs, runtime)
+    }
+
+    pub fn request<'a>(headers: &'a http::HeaderMap, uri: &'a http::Uri) -> PickRequest<'a> {
+        PickRequest {
+            headers,
+            uri,
+            client_ip: IpAddr::from([127, 0, 0, 1]),
+        }
+    }
+}

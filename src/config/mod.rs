@@ -1,0 +1,276 @@
+//! Configuration: the YAML file, parsed and validated into plain domain types.
+//!
+//! Three tiers, each in its own place: [`raw`] mirrors the YAML (serde, spans kept),
+//! this module's [`Config`] is the validated domain form (no spans, no unchecked
+//! values), and `state` compiles a `Config` into the runtime objects that serve
+//! traffic. Every problem found is reported as `file:line:col: message`, and all of
+//! them are reported at once rather than the first alone.
+
+pub mod raw;
+mod validate;
+pub mod values;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub use raw::{LogFormat, LogLevel, UpstreamProtocol};
+pub use values::{HostPattern, KeySpec};
+
+/// A config file larger than this is refused before parsing: real configs are far
+/// smaller, and the cap bounds the memory a mistaken path (a log file, say) can take.
+const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub log: LogConfig,
+    pub limits: Limits,
+    pub routes: Vec<RouteConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LogConfig {
+    pub level: LogLevel,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 100 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub host: Option<HostPattern>,
+    pub path_prefix: String,
+    pub methods: Vec<http::Method>,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub upstream: String,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub policy: PolicyConfig,
+    pub backends: Vec<BackendConfig>,
+    pub protocol: UpstreamProtocol,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicyConfig {
+    RoundRobin,
+    LeastLoaded,
+    Random,
+    ConsistentHash {
+        key: KeySpec,
+        bounded_load: Option<f64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// `host:port` as written in the config; also the backend's identity in metrics.
+    pub address: String,
+    pub weight: u32,
+    pub max_concurrency: Option<u32>,
+}
+
+/// One problem in a config file, with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+/// Every problem found in a config file, in file order. Never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let io_error = |message: String| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            line: 1,
+            column: 1,
+            message,
+        }])
+    };
+    let size = std::fs::metadata(path)
+        .map_err(|e| io_error(format!("cannot read config: {e}")))?
+        .len();
+    if size > MAX_CONFIG_BYTES {
+        return Err(io_error(format!(
+            "config is {size} bytes; the limit is {MAX_CONFIG_BYTES}"
+        )));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| io_error(format!("cannot read config: {e}")))?;
+    parse(&text, &file)
+}
+
+/// Parses and validates config text; `file` names it in error messages.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    let raw: raw::RawConfig =
+        serde_saphyr::from_str_with_options(text, parser_options()).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map_or((1, 1), |l| (l.line() as usize, l.column() as usize));
+            ConfigErrors(vec![ConfigError {
+                file: file.to_owned(),
+                line,
+                column,
+                message: parser_message(&e),
+            }])
+        })?;
+    validate::validate(raw, file)
+}
+
+fn parser_options() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    options.with_snippet = false;
+    // Budgets bound the work a hostile file can cause (alias bombs, deep nesting);
+    // the defaults are generous, so only the ones a config never needs are tightened.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1;
+    budget.max_depth = 32;
+    options.budget = Some(budget);
+    options.alias_limits.max_total_replayed_events = 200_000;
+    options
+}
+
+/// serde-saphyr appends " at line L, column C" to its messages; the location is
+/// printed in front instead, so the suffix is dropped.
+fn parser_message(error: &serde_saphyr::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" at line ") {
+        Some(cut) => text[..cut].to_owned(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listeners:
+  - bind: "127.0.0.1:0"
+routes:
+  - match: { path_prefix: /robot/, methods: [POST], host: "*.bots", headers: { X-Tenant: acme } }
+    upstream: robots
+    timeout: 2s
+  - upstream: api
+upstreams:
+  robots:
+    balance: { policy: consistent_hash, key: "header:x-job-id", bounded_load: 1.25 }
+    backends:
+      - { address: "127.0.0.1:1", weight: 2, max_concurrency: 1 }
+      - { address: "127.0.0.1:2" }
+  api:
+    backends: [{ address: "localhost:3" }]
+    protocol: h2c
+"#;
+
+    #[test]
+    fn good_config_validates() {
+        let config = parse(GOOD, "t.yaml").unwrap();
+        assert_eq!(config.routes.len(), 2);
+        assert_eq!(config.routes[0].name, "route-0");
+        assert_eq!(config.routes[0].headers[0].0, "x-tenant");
+        assert_eq!(config.routes[1].path_prefix, "/");
+        let robots = config
+            .upstreams
+            .iter()
+            .find(|u| u.name == "robots")
+            .unwrap();
+        assert_eq!(robots.backends[0].weight, 2);
+        assert_eq!(robots.backends[1].weight, 1);
+        assert!(
+            matches!(robots.policy, PolicyConfig::ConsistentHash { bounded_load: Some(b), .. } if b == 1.25)
+        );
+        assert_eq!(config.limits, Limits::default());
+    }
+
+    fn first_error(text: &str) -> ConfigError {
+        parse(text, "bad.yaml").unwrap_err().0.remove(0)
+    }
+
+    #[test]
+    fn parser_errors_carry_position_without_suffix() {
+        let error = first_error("listeners: []\nbogus: 1\n");
+        assert_eq!((error.line, error.column), (2, 1));
+        assert!(
+            error.message.starts_with("unknown field `bogus`"),
+            "{}",
+            error.message
+        );
+        assert!(!error.message.contains(" at line "));
+    }
+
+    #[test]
+    fn all_semantic_errors_are_collected() {
+        let text = "listeners: [{bind: \"127.0.0.1:0\"}]\nroutes:\n  - upstream: nope\n  - upstream: other\nupstreams:\n  a:\n    backends: [{address: \"x:1\"}]\n";
+        let errors = parse(text, "bad.yaml").unwrap_err();
+        assert_eq!(errors.0.len(), 2, "{errors}");
+        assert_eq!((errors.0[0].line, errors.0[0].column), (3, 15));
+        assert_eq!((errors.0[1].line, errors.0[1].column), (4, 15));
+    }
+}

@@ -1,0 +1,136 @@
+//! Serde types that mirror the YAML file one to one.
+//!
+//! Every struct denies unknown keys, so a typo is an error rather than a silently
+//! ignored setting. Values whose validity depends only on themselves (durations,
+//! weights, key specs, bind addresses) are checked while deserializing, so their
+//! errors carry the value's own line and column. Values that are checked against
+//! other parts of the file are wrapped in [`Spanned`] so that validation can point at
+//! them afterwards.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::values::{
+    BindAddr, ByteSize, DurationValue, HeaderName, HostPattern, KeySpec, Method, Weight,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub listeners: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: Option<Spanned<String>>,
+    pub bind: Spanned<BindAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<LogLevel>,
+    pub format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_header_bytes: Option<Spanned<ByteSize>>,
+    pub max_body_bytes: Option<ByteSize>,
+    pub header_read_timeout: Option<DurationValue>,
+    pub idle_timeout: Option<DurationValue>,
+    pub max_connections: Option<Spanned<u32>>,
+    pub shutdown_grace: Option<DurationValue>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Option<Spanned<String>>,
+    #[serde(rename = "match", default)]
+    pub matcher: RawMatch,
+    pub upstream: Spanned<String>,
+    pub timeout: Option<DurationValue>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub host: Option<HostPattern>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub methods: Option<Vec<Method>>,
+    pub headers: Option<BTreeMap<HeaderName, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    #[serde(default)]
+    pub balance: RawBalance,
+    pub backends: Spanned<Vec<Spanned<RawBackend>>>,
+    #[serde(default)]
+    pub protocol: Option<Spanned<UpstreamProtocol>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    Http1,
+    H2c,
+    H2,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBalance {
+    pub policy: Option<Spanned<PolicyKind>>,
+    pub key: Option<Spanned<KeySpec>>,
+    pub bounded_load: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    RoundRobin,
+    LeastLoaded,
+    ConsistentHash,
+    Random,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub address: Spanned<String>,
+    pub weight: Option<Weight>,
+    pub max_concurrency: Option<Spanned<u32>>,
+}

@@ -1,0 +1,129 @@
+//! Everything that can go wrong for a client's request, and the ONE mapping from
+//! those failures to the status, `x-switchyard-error` and one-line body the client
+//! sees (the table in DESIGN.md).
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::{full, BoxError, ProxyBody};
+
+pub const ERROR_HEADER: &str = "x-switchyard-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("no backend of upstream `{upstream}` can take this request")]
+    NoHealthyBackend { upstream: String },
+    #[error("could not connect to backend {backend}")]
+    UpstreamConnect { backend: String, source: BoxError },
+    #[error("backend {backend} closed or reset the connection")]
+    UpstreamReset { backend: String, source: BoxError },
+    #[error("no response within the route timeout")]
+    UpstreamTimeout,
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoHealthyBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamReset { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `x-switchyard-error` value; `None` for plain client errors.
+    pub fn code(&self) -> Option<&'static str> {
+        Some(match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::NoHealthyBackend { .. } => "no_healthy_backend",
+            ProxyError::UpstreamConnect { .. } => "upstream_connect",
+            ProxyError::UpstreamReset { .. } => "upstream_reset",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BadRequest(_) => return None,
+        })
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut response = Response::new(full(format!("{self}\n")));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Some(code) = self.code() {
+            headers.insert(ERROR_HEADER, HeaderValue::from_static(code));
+        }
+        if matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge { .. }
+        ) {
+            // The rest of the request may still be on the wire; don't try to reuse it.
+            headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_the_contract() {
+        let cases = [
+            (ProxyError::NoRoute, 404, Some("no_route")),
+            (
+                ProxyError::NoHealthyBackend {
+                    upstream: "u".into(),
+                },
+                503,
+                Some("no_healthy_backend"),
+            ),
+            (
+                ProxyError::UpstreamConnect {
+                    backend: "b".into(),
+                    source: "x".into(),
+                },
+                502,
+                Some("upstream_connect"),
+            ),
+            (
+                ProxyError::UpstreamReset {
+                    backend: "b".into(),
+                    source: "x".into(),
+                },
+                502,
+                Some("upstream_reset"),
+            ),
+            (ProxyError::UpstreamTimeout, 504, Some("upstream_timeout")),
+            (
+                ProxyError::BodyTooLarge { limit: 1 },
+                413,
+                Some("body_too_large"),
+            ),
+            (ProxyError::BadRequest("x"), 400, None),
+        ];
+        for (error, status, code) in cases {
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(
+                response
+                    .headers()
+                    .get(ERROR_HEADER)
+                    .map(|v| v.to_str().unwrap()),
+                code
+            );
+        }
+    }
+}

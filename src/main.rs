@@ -1,0 +1,76 @@
+//! The `switchyard` command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use switchyard::app::{self, exit};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "HTTP reverse-proxy load balancer for RPA bots and RPC services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file (for the default `run`).
+    #[arg(short, long, default_value = "config/switchyard.yaml", global = true)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve traffic (the default).
+    Run,
+    /// Validate the config file; exit 0, or 1 with file:line:col and what is wrong.
+    Check,
+    /// Start three sample bots on loopback and the proxy in front of them.
+    Demo {
+        /// Proxy port on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Start only the bots, for `switchyard run -c config/switchyard.yaml`.
+        #[arg(long)]
+        bots_only: bool,
+    },
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() {
+                exit::BAD_USAGE
+            } else {
+                exit::OK
+            };
+            let _ = error.print();
+            std::process::exit(code);
+        }
+    };
+    let code = match cli.command.unwrap_or(Command::Run) {
+        Command::Check => match switchyard::config::load(&cli.config) {
+            Ok(_) => {
+                println!("{}: ok", cli.config.display());
+                exit::OK
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                exit::BAD_CONFIG
+            }
+        },
+        Command::Run => runtime().block_on(app::run(&cli.config)),
+        Command::Demo { port, bots_only } => {
+            runtime().block_on(switchyard::demo::run(port, bots_only))
+        }
+    };
+    std::process::exit(code);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("can start the tokio runtime")
+}

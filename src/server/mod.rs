@@ -1,0 +1,171 @@
+//! Listeners: accept connections, speak HTTP/1.1 or h2c (prior knowledge) on the
+//! same port, hand each request to the proxy stack, and drain gracefully.
+//!
+//! One task per listener. Each connection gets hyper-util's auto builder, which
+//! sniffs the HTTP/2 preface, so one port serves both protocols. Connection limits
+//! are enforced before `accept`: at `max_connections` the listener stops taking
+//! connections (they wait in the kernel backlog) instead of accepting and dropping.
+
+pub mod stack;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tower::Service;
+
+use crate::body::ProxyBody;
+use crate::config::Limits;
+use crate::proxy::ConnInfo;
+use stack::ProxyStack;
+
+/// Binds `addr` with the options a proxy listener needs.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // Lets a restarted proxy bind while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// A running listener; dropping the handle does not stop it, [`Self::stop`] does.
+pub struct ListenerHandle {
+    pub name: Arc<str>,
+    pub local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ListenerHandle {
+    /// Stops accepting, lets open connections finish their requests for up to
+    /// `grace`, then closes whatever is left.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Everything a listener task needs besides its socket.
+#[derive(Clone)]
+pub struct ServeContext {
+    pub stack: ProxyStack,
+    pub limits: Limits,
+    pub connections: Arc<Semaphore>,
+}
+
+pub fn spawn(
+    name: Arc<str>,
+    listener: TcpListener,
+    context: ServeContext,
+) -> std::io::Result<ListenerHandle> {
+    let local_addr = listener.local_addr()?;
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(Arc::clone(&name), listener, context, stopped));
+    Ok(ListenerHandle {
+        name,
+        local_addr,
+        stop,
+        task,
+    })
+}
+
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
+}
+
+async fn accept_loop(
+    name: Arc<str>,
+    listener: TcpListener,
+    context: ServeContext,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(connection_builder(&context.limits));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            _ = stopped.changed() => break,
+            permit = Arc::clone(&context.connections).acquire_owned() => permit.expect("semaphore never closed"),
+        };
+        let (stream, client) = tokio::select! {
+            _ = stopped.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning on the error.
+                    tracing::warn!(listener = %name, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(WithConnInfo {
+            inner: context.stack.clone(),
+            info: ConnInfo::new(client, Arc::clone(&name)),
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%client, %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(context.limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(listener = %name, "shutdown grace period over; closing remaining connections");
+    }
+}
+
+/// Attaches the connection's [`ConnInfo`] to each request.
+#[derive(Clone)]
+struct WithConnInfo {
+    inner: ProxyStack,
+    info: ConnInfo,
+}
+
+impl Service<Request<Incoming>> for WithConnInfo {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = <ProxyStack as Service<Request<Incoming>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.info.clone());
+        self.inner.call(request)
+    }
+}

@@ -1,0 +1,263 @@
+//! The request path as one tower stack, assembled here and only here.
+//!
+//! Outer to inner:
+//! 1. [`RequestId`]: every request and response carries `x-request-id`, the
+//!    client's if it sent one, so logs on both sides can be joined. Never fails.
+//! 2. [`ErrorResponse`]: the one place a [`ProxyError`] becomes the client's
+//!    response (status, `x-switchyard-error`, one-line body). Never fails.
+//! 3. [`RouteLayer`]: loads the live snapshot once and matches the route;
+//!    fails with `NoRoute` (404).
+//! 4. [`RouteTimeout`]: bounds the wait for the response head by the route's
+//!    `timeout`; fails with `UpstreamTimeout` (504).
+//! 5. [`Forward`]: picks a backend and forwards; fails with `NoHealthyBackend`
+//!    (503), `UpstreamConnect` / `UpstreamReset` (502) or `BodyTooLarge` (413).
+//!
+//! Layers pass context down in request extensions ([`ConnInfo`] from the
+//! listener, [`RouteMatch`] from routing), and use named futures rather than
+//! boxed ones where the logic is a simple mapping.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use futures_util::future::{Either, Ready};
+use http::{HeaderName, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use tower::{Service, ServiceBuilder};
+
+use crate::body::ProxyBody;
+use crate::client::UpstreamClients;
+use crate::error::ProxyError;
+use crate::proxy::Forward;
+use crate::route::Route;
+use crate::state::{Live, Snapshot};
+
+/// The complete request path for one proxy instance.
+pub type ProxyStack = RequestId<ErrorResponse<RouteService<RouteTimeout<Forward>>>>;
+
+/// Builds the stack; `live` is read per request, `clients` are shared pools.
+pub fn build(live: Live, clients: Arc<UpstreamClients>) -> ProxyStack {
+    ServiceBuilder::new()
+        .layer_fn(RequestId)
+        .layer_fn(ErrorResponse)
+        .layer_fn(|inner| RouteService {
+            inner,
+            live: Arc::clone(&live),
+        })
+        .layer_fn(RouteTimeout)
+        .service(Forward::new(clients))
+}
+
+// ---- 1. request id -----------------------------------------------------------
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(Clone, Debug)]
+pub struct RequestId<S>(S);
+
+impl<S> Service<Request<Incoming>> for RequestId<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = WithRequestId<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let id = match request.headers().get(&X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = new_request_id();
+                request.headers_mut().insert(&X_REQUEST_ID, id.clone());
+                id
+            }
+        };
+        WithRequestId {
+            inner: self.0.call(request),
+            id: Some(id),
+        }
+    }
+}
+
+/// 128 random bits as 32 hex digits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bits = fastrand::u128(..);
+    let mut text = [0u8; 32];
+    for byte in text.iter_mut() {
+        *byte = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
+}
+
+pin_project_lite::pin_project! {
+    pub struct WithRequestId<F> {
+        #[pin]
+        inner: F,
+        id: Option<HeaderValue>,
+    }
+}
+
+impl<F: Future<Output = Result<Response<ProxyBody>, Infallible>>> Future for WithRequestId<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let Ok(mut response) = ready!(this.inner.poll(cx));
+        if let Some(id) = this.id.take() {
+            response.headers_mut().entry(&X_REQUEST_ID).or_insert(id);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+// ---- 2. error response ---------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct ErrorResponse<S>(S);
+
+impl<S> Service<Request<Incoming>> for ErrorResponse<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = ErrorToResponse<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Inner services are always ready; an error here would be a bug, not a request's fault.
+        self.0.poll_ready(cx).map(|ready| {
+            ready.expect("proxy services are always ready");
+            Ok(())
+        })
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        ErrorToResponse {
+            inner: self.0.call(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct ErrorToResponse<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for ErrorToResponse<F> {
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(match ready!(self.project().inner.poll(cx)) {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(%error, "request failed");
+                error.into_response()
+            }
+        }))
+    }
+}
+
+// ---- 3. routing ------------------------------------------------------------------
+
+/// The snapshot a request runs on and the route it matched, for inner layers.
+#[derive(Clone, Debug)]
+pub struct RouteMatch {
+    pub snapshot: Arc<Snapshot>,
+    index: usize,
+}
+
+impl RouteMatch {
+    pub fn route(&self) -> &Route {
+        &self.snapshot.router.routes()[self.index]
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteService<S> {
+    inner: S,
+    live: Live,
+}
+
+impl<S> Service<Request<Incoming>> for RouteService<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = Either<Ready<Result<Response<ProxyBody>, ProxyError>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        // One load per request: this request sees this snapshot to its end.
+        let snapshot = self.live.load_full();
+        let Some(index) = snapshot.router.find_index(&request) else {
+            return Either::Left(futures_util::future::ready(Err(ProxyError::NoRoute)));
+        };
+        request
+            .extensions_mut()
+            .insert(RouteMatch { snapshot, index });
+        Either::Right(self.inner.call(request))
+    }
+}
+
+// ---- 4. route timeout --------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct RouteTimeout<S>(S);
+
+impl<S> Service<Request<Incoming>> for RouteTimeout<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = Either<TimeoutFuture<S::Future>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let timeout = request
+            .extensions()
+            .get::<RouteMatch>()
+            .and_then(|m| m.route().timeout);
+        let inner = self.0.call(request);
+        match timeout {
+            Some(limit) => Either::Left(TimeoutFuture {
+                inner: tokio::time::timeout(limit, inner),
+            }),
+            None => Either::Right(inner),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct TimeoutFuture<F> {
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+    }
+}
+
+impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for TimeoutFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        Poll::Ready(
+            ready!(self.project().inner.poll(cx)).unwrap_or(Err(ProxyError::UpstreamTimeout)),
+        )
+    }
+}

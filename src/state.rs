@@ -1,0 +1,89 @@
+//! The runtime snapshot: everything compiled from one config, swapped as a whole.
+//!
+//! The request path loads the [`Snapshot`] once per request from a single
+//! `ArcSwap` and uses only that snapshot until the request ends, so it never sees
+//! routes of one config and upstreams of another. [`Snapshot::compile`] carries
+//! each backend's learned state forward from the previous snapshot by
+//! (upstream name, address), so a reload that keeps a backend keeps what the proxy
+//! knows about it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::balance::Balancer;
+use crate::config::{Config, Limits};
+use crate::route::{Route, Router};
+use crate::upstream::{Backend, BackendState, Upstream};
+
+/// The live configuration, read lock-free by every request.
+pub type Live = Arc<ArcSwap<Snapshot>>;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub router: Router,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub limits: Limits,
+}
+
+impl Snapshot {
+    pub fn compile(config: &Config, previous: Option<&Snapshot>, generation: u64) -> Snapshot {
+        let mut carried: HashMap<(&str, &str), &Arc<BackendState>> = HashMap::new();
+        for upstream in previous.map_or(&[][..], |p| &p.upstreams[..]) {
+            for backend in &upstream.backends {
+                carried.insert((&upstream.name, &backend.address), &backend.state);
+            }
+        }
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let backends = u
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let state = carried
+                            .get(&(u.name.as_str(), b.address.as_str()))
+                            .map_or_else(Arc::default, |s| Arc::clone(s));
+                        Arc::new(Backend {
+                            address: b.address.as_str().into(),
+                            authority: b.address.parse().expect("validated backend address"),
+                            weight: b.weight,
+                            max_concurrency: b.max_concurrency.unwrap_or(u32::MAX),
+                            state,
+                        })
+                    })
+                    .collect();
+                Arc::new(Upstream {
+                    name: u.name.as_str().into(),
+                    backends,
+                    balancer: Balancer::new(&u.policy, &u.backends),
+                    protocol: u.protocol,
+                })
+            })
+            .collect();
+        let by_name: HashMap<&str, &Arc<Upstream>> =
+            upstreams.iter().map(|u| (&*u.name, u)).collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                name: r.name.as_str().into(),
+                host: r.host.clone(),
+                path_prefix: r.path_prefix.clone(),
+                methods: r.methods.clone(),
+                headers: r.headers.clone(),
+                upstream: Arc::clone(by_name[r.upstream.as_str()]),
+                timeout: r.timeout,
+            })
+            .collect();
+        Snapshot {
+            generation,
+            router: Router::new(routes),
+            upstreams,
+            limits: config.limits,
+        }
+    }
+}

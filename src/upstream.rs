@@ -1,0 +1,195 @@
+//! Upstreams and their backends: what a balancer chooses among.
+//!
+//! A [`Backend`] is one entry of the current config (address, weight, limit). What
+//! the proxy *learns* about it (in-flight count, latency estimate) lives in
+//! [`BackendState`], behind an `Arc` keyed by (upstream, address) so that a reload
+//! that keeps the backend hands the same state to the new snapshot. Every field of
+//! `BackendState` is an atomic: the request path never locks to read or update it.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::balance::Balancer;
+use crate::config::UpstreamProtocol;
+
+/// One upstream: a named set of backends and the policy that picks among them.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub backends: Vec<Arc<Backend>>,
+    pub balancer: Balancer,
+    pub protocol: UpstreamProtocol,
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    /// `host:port` as configured; the backend's identity in metrics and logs.
+    pub address: Arc<str>,
+    /// The same address, pre-parsed for building request URIs without reparsing.
+    pub authority: http::uri::Authority,
+    pub weight: u32,
+    /// `u32::MAX` when the config sets no limit.
+    pub max_concurrency: u32,
+    pub state: Arc<BackendState>,
+}
+
+impl Backend {
+    /// Reserves one request slot if the backend is below both its own
+    /// `max_concurrency` and `cap` (a policy's extra bound, such as bounded load).
+    /// The slot is held until the returned guard drops.
+    pub fn try_acquire(&self, cap: u32) -> Option<InFlightGuard> {
+        let limit = self.max_concurrency.min(cap);
+        let in_flight = &self.state.in_flight;
+        // A compare-and-swap, not load-then-add: two requests racing for the last
+        // slot of a one-job bot must not both get it.
+        in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlightGuard {
+                state: Arc::clone(&self.state),
+            })
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.state.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether a policy may consider this backend at all, its load aside.
+    pub fn is_available(&self) -> bool {
+        self.in_flight() < self.max_concurrency
+    }
+}
+
+/// What the proxy has learned about a backend; survives reloads that keep it.
+#[derive(Debug, Default)]
+pub struct BackendState {
+    in_flight: AtomicU32,
+    pub latency: PeakEwma,
+}
+
+/// Holds one in-flight slot of a backend; releases it on drop, which happens when
+/// the response body has been fully sent (or the exchange failed).
+#[derive(Debug)]
+pub struct InFlightGuard {
+    state: Arc<BackendState>,
+}
+
+impl InFlightGuard {
+    pub fn state(&self) -> &BackendState {
+        &self.state
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Peak-sensitive exponentially weighted moving average of response latency, as in
+/// Finagle's and linkerd's `PeakEwma` balancer: a sample above the current estimate
+/// replaces it at once (so a backend that turns slow is avoided at once), samples
+/// below it pull it down gradually, and the estimate decays over time so that a
+/// backend that was slow once is tried again later.
+#[derive(Debug, Default)]
+pub struct PeakEwma {
+    /// Estimate in nanoseconds as `f64` bits; 0 means no sample yet.
+    estimate_bits: AtomicU64,
+    /// When the estimate was last updated, in nanoseconds since [`epoch`].
+    updated_at: AtomicU64,
+}
+
+/// How quickly old samples lose weight (linkerd's default decay).
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+impl PeakEwma {
+    pub fn observe(&self, sample: Duration) {
+        let now = nanos_since_epoch();
+        let sample = sample.as_nanos() as f64;
+        let current = self.decayed(now);
+        let next = if current == 0.0 || sample > current {
+            sample
+        } else {
+            // Weight of the old estimate after `elapsed`; with no time elapsed the old
+            // estimate is kept whole, so a burst of samples cannot jump it around.
+            let elapsed = now.saturating_sub(self.updated_at.load(Ordering::Relaxed)) as f64;
+            let keep = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
+            current * keep + sample * (1.0 - keep)
+        };
+        // Racing updates may lose one sample; an estimate does not need every one.
+        self.estimate_bits
+            .store(next.max(1.0).to_bits(), Ordering::Relaxed);
+        self.updated_at.store(now, Ordering::Relaxed);
+    }
+
+    /// The current estimate in nanoseconds, or `None` before the first sample.
+    pub fn estimate(&self) -> Option<f64> {
+        let value = self.decayed(nanos_since_epoch());
+        (value > 0.0).then_some(value)
+    }
+
+    fn decayed(&self, now: u64) -> f64 {
+        let estimate = f64::from_bits(self.estimate_bits.load(Ordering::Relaxed));
+        if estimate == 0.0 {
+            return 0.0;
+        }
+        let elapsed = now.saturating_sub(self.updated_at.load(Ordering::Relaxed)) as f64;
+        // Floor at 1ns so a known-but-decayed backend never reads as "no sample".
+        (estimate * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()).max(1.0)
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(max: u32) -> Backend {
+        Backend {
+            address: "127.0.0.1:1".into(),
+            authority: "127.0.0.1:1".parse().unwrap(),
+            weight: 1,
+            max_concurrency: max,
+            state: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn acquire_respects_limits_and_releases_on_drop() {
+        let b = backend(2);
+        let first = b.try_acquire(u32::MAX).unwrap();
+        let _second = b.try_acquire(u32::MAX).unwrap();
+        assert!(b.try_acquire(u32::MAX).is_none());
+        assert!(!b.is_available());
+        drop(first);
+        assert!(b.try_acquire(1).is_none(), "the policy cap applies too");
+        assert!(b.try_acquire(3).is_some());
+    }
+
+    #[test]
+    fn peak_ewma_jumps_up_and_decays_down() {
+        let ewma = PeakEwma::default();
+        assert_eq!(ewma.estimate(), None);
+        ewma.observe(Duration::from_millis(10));
+        let first = ewma.estimate().unwrap();
+        ewma.observe(Duration::from_millis(100));
+        let peak = ewma.estimate().unwrap();
+        assert!(peak > 9.0e7, "a slower sample is taken at once: {peak}");
+        ewma.observe(Duration::from_millis(1));
+        assert!(
+            ewma.estimate().unwrap() > first,
+            "a fast sample right after does not erase the peak"
+        );
+    }
+}
