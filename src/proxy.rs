@@ -145,6 +145,7 @@ async fn forward(
             parts.headers.remove(header::HOST);
         }
     }
+    let body = body.map_err(ClientBodyError);
     let body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed_unsync();
     let outgoing = Request::from_parts(parts, body);
 
@@ -270,6 +271,9 @@ fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64)
         if cause.is::<http_body_util::LengthLimitError>() {
             return ProxyError::BodyTooLarge { limit };
         }
+        if cause.is::<ClientBodyError>() {
+            return ProxyError::BadRequest("request body was malformed or cut off");
+        }
         source = cause.source();
     }
     ProxyError::UpstreamReset {
@@ -277,6 +281,12 @@ fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64)
         source: Box::new(error),
     }
 }
+
+/// Marks a failure reading the client's request body, so that it is not blamed
+/// on the backend.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the request body failed: {0}")]
+struct ClientBodyError(hyper::Error);
 
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,

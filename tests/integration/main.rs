@@ -1,0 +1,12 @@
+//! Integration tests: real servers and the real proxy on loopback.
+//! One test binary (modules below) keeps link time down on small CI machines.
+
+mod support;
+
+mod config_check;
+mod demo;
+mod forwarding;
+mod grpc;
+mod policies;
+mod robot;
+mod streaming;

@@ -1,0 +1,408 @@
+//! Test harness: real backends and the real proxy on loopback, ephemeral ports.
+//!
+//! [`Backend`] is a small HTTP server (HTTP/1.1 and h2c) whose behaviour each
+//! request chooses through its query string, and which records what it saw: hits,
+//! concurrent requests (current and peak), and the last request's headers.
+//! [`start_proxy`] runs Switchyard in-process from a YAML string.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use switchyard::app::RunningProxy;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub type TestBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Default)]
+pub struct BackendStats {
+    pub hits: AtomicUsize,
+    pub in_flight: AtomicUsize,
+    pub peak_in_flight: AtomicUsize,
+    pub bytes_received: AtomicU64,
+    pub last_headers: Mutex<Option<http::HeaderMap>>,
+    /// Requests to `/hold` wait until this is notified (or `release_all` is set).
+    pub release: Notify,
+    pub release_all: AtomicBool,
+    /// Added to every request's latency, in milliseconds.
+    pub base_delay_ms: AtomicU64,
+}
+
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub stats: Arc<BackendStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(name, listener)
+    }
+
+    /// Serves on an already bound listener (to restart a backend on its old port).
+    pub fn serve(name: &str, listener: TcpListener) -> Backend {
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(BackendStats::default());
+        let name_owned = name.to_owned();
+        let task = {
+            let stats = Arc::clone(&stats);
+            let name: Arc<str> = name.into();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (stats, name) = (Arc::clone(&stats), Arc::clone(&name));
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |request| {
+                            handle(Arc::clone(&name), Arc::clone(&stats), request)
+                        });
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            })
+        };
+        Backend {
+            name: name_owned,
+            addr,
+            stats,
+            task,
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.stats.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.stats.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.stats
+            .base_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn release_held(&self) {
+        self.stats.release_all.store(true, Ordering::SeqCst);
+        self.stats.release.notify_waiters();
+    }
+
+    /// Stops accepting new connections (existing ones finish).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct InFlight<'a>(&'a BackendStats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn query_param<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    request.uri().query()?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then_some(value)
+    })
+}
+
+/// Behaviour by path: `/hold` waits for release; `/download?bytes=N` streams N
+/// bytes; `/status?code=N` answers N; anything else answers with the backend's
+/// name after `?delay_ms=N`. Every request body is read and counted, streaming.
+async fn handle(
+    name: Arc<str>,
+    stats: Arc<BackendStats>,
+    request: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
+    stats.hits.fetch_add(1, Ordering::SeqCst);
+    let now = stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    stats.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _in_flight = InFlight(&stats);
+    *stats.last_headers.lock().unwrap() = Some(request.headers().clone());
+
+    let path = request.uri().path().to_owned();
+    let delay = query_param(&request, "delay_ms")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+        + stats.base_delay_ms.load(Ordering::SeqCst);
+    let status = query_param(&request, "code").and_then(|c| c.parse::<u16>().ok());
+    let download = query_param(&request, "bytes").and_then(|b| b.parse::<u64>().ok());
+
+    let mut body = request.into_body();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    stats
+                        .bytes_received
+                        .fetch_add(data.len() as u64, Ordering::SeqCst);
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if path == "/hold" {
+        while !stats.release_all.load(Ordering::SeqCst) {
+            let notified = stats.release.notified();
+            if stats.release_all.load(Ordering::SeqCst) {
+                break;
+            }
+            notified.await;
+        }
+    }
+    if let Some(total) = download {
+        return Ok(Response::new(streaming_body(total)));
+    }
+    let mut response = Response::new(full(format!("{name}")));
+    if let Some(code) = status {
+        *response.status_mut() = StatusCode::from_u16(code).unwrap();
+    }
+    response
+        .headers_mut()
+        .insert("x-backend", name.parse().unwrap());
+    Ok(response)
+}
+
+pub fn full(text: impl Into<Bytes>) -> TestBody {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A body of `total` bytes produced in 64 KiB chunks, never held whole in memory.
+pub fn streaming_body(total: u64) -> TestBody {
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
+    let stream = futures::stream::unfold(0u64, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            if sent >= total {
+                return None;
+            }
+            let n = CHUNK.min(total - sent);
+            Some((
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(
+                    chunk.slice(..n as usize),
+                )),
+                sent + n,
+            ))
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+pub struct Proxy {
+    pub running: RunningProxy,
+    pub addr: SocketAddr,
+}
+
+impl Proxy {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// Starts the proxy from YAML; the first listener's address is `addr`.
+pub async fn start_proxy(yaml: &str) -> Proxy {
+    let config = switchyard::config::parse(yaml, "test.yaml")
+        .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
+    let running = RunningProxy::start(&config).await.expect("proxy starts");
+    let addr = running.listener_addrs()[0].1;
+    Proxy { running, addr }
+}
+
+/// YAML for one listener on an ephemeral port, one catch-all route, and one
+/// upstream over `backends` with `balance` (a YAML flow mapping).
+pub fn simple_config(balance: &str, backends: &[&Backend], extra_backend_fields: &str) -> String {
+    let list: String = backends
+        .iter()
+        .map(|b| {
+            format!(
+                "      - {{ address: \"{}\"{extra_backend_fields} }}\n",
+                b.addr
+            )
+        })
+        .collect();
+    format!(
+        "listeners:\n  - bind: \"127.0.0.1:0\"\nroutes:\n  - upstream: pool\nupstreams:\n  pool:\n    balance: {balance}\n    backends:\n{list}"
+    )
+}
+
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build_http()
+}
+
+pub fn h2c_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn error_code(&self) -> Option<&str> {
+        self.headers
+            .get("x-switchyard-error")
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+pub async fn send(client: &Client<HttpConnector, TestBody>, request: Request<TestBody>) -> Answer {
+    let response = client
+        .request(request)
+        .await
+        .expect("request reaches the proxy");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+pub async fn get(client: &Client<HttpConnector, TestBody>, url: &str) -> Answer {
+    send(client, Request::get(url).body(full("")).unwrap()).await
+}
+
+pub async fn get_with(
+    client: &Client<HttpConnector, TestBody>,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut builder = Request::get(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    send(client, builder.body(full("")).unwrap()).await
+}
+
+/// Counts answers by body (the backend's name).
+pub fn tally(answers: impl IntoIterator<Item = String>) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for answer in answers {
+        *counts.entry(answer).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Polls `condition` every 10 ms until it holds, failing after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A free loopback port: bound, then released for a child process to take.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The proxy as a separate process (for measuring its memory, or its CLI).
+pub struct ProxyProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    /// Writes `yaml` (with `{port}` replaced by a free port) and runs
+    /// `switchyard run -c` on it, waiting until the port accepts connections.
+    pub async fn start(yaml: &str) -> ProxyProcess {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switchyard.yaml");
+        std::fs::write(&path, yaml.replace("{port}", &port.to_string())).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("switchyard binary runs");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "proxy process did not start listening"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ProxyProcess {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
+    /// Resets the peak-RSS counter (VmHWM) so a later read covers only what follows.
+    pub fn reset_peak(&self) {
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").unwrap();
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
