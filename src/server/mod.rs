@@ -10,6 +10,8 @@ pub mod stack;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,11 +20,10 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tower::Service;
 
 use crate::body::ProxyBody;
@@ -105,10 +106,11 @@ async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let builder = Arc::new(connection_builder(&context.limits));
-    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
     loop {
         let permit = tokio::select! {
             _ = stopped.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             permit = Arc::clone(&context.connections).acquire_owned() => permit.expect("semaphore never closed"),
         };
         let (stream, client) = tokio::select! {
@@ -124,27 +126,107 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::new());
         let service = TowerToHyperService::new(WithConnInfo {
             inner: context.stack.clone(),
             info: ConnInfo::new(client, Arc::clone(&name)),
+            activity: Arc::clone(&activity),
         });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%client, %error, "connection ended with an error");
-            }
-            drop(permit);
-        });
+        connections.spawn(drive_connection(
+            connection,
+            activity,
+            context.limits.idle_timeout,
+            stopped.clone(),
+            permit,
+        ));
     }
     drop(listener);
-    if tokio::time::timeout(context.limits.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(listener = %name, "shutdown grace period over; closing remaining connections");
+    let drained = tokio::time::timeout(context.limits.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
+        tracing::warn!(listener = %name, open = connections.len(), "shutdown grace period over; closing remaining connections");
+        connections.abort_all();
+    }
+}
+
+/// Serves one connection until it ends, asking it to finish gracefully (complete
+/// the request in progress, then close) when the listener stops or when no
+/// request has been active for `idle_timeout`.
+async fn drive_connection(
+    connection: ClientConnection,
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    mut stopped: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let mut connection = std::pin::pin!(connection);
+    let mut closing = false;
+    loop {
+        let idle_deadline = activity.idle_deadline(idle_timeout);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stopped.changed(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tokio::time::sleep_until(idle_deadline), if !closing => {
+                if activity.idle_for(idle_timeout) {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// One client connection as hyper-util's auto builder serves it.
+type ClientConnection = auto::UpgradeableConnection<
+    'static,
+    TokioIo<tokio::net::TcpStream>,
+    TowerToHyperService<WithConnInfo>,
+    TokioExecutor,
+>;
+
+/// Whether a connection has a request in progress, and since when it has not.
+struct Activity {
+    active: AtomicUsize,
+    /// When the last request finished (or the connection opened).
+    idle_since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            active: AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    fn request_started(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn request_finished(&self) {
+        *self.idle_since.lock().expect("never poisoned") = tokio::time::Instant::now();
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn idle_deadline(&self, idle_timeout: Duration) -> tokio::time::Instant {
+        *self.idle_since.lock().expect("never poisoned") + idle_timeout
+    }
+
+    fn idle_for(&self, idle_timeout: Duration) -> bool {
+        self.active.load(Ordering::Acquire) == 0
+            && self.idle_deadline(idle_timeout) <= tokio::time::Instant::now()
     }
 }
 
@@ -153,12 +235,13 @@ async fn accept_loop(
 struct WithConnInfo {
     inner: ProxyStack,
     info: ConnInfo,
+    activity: Arc<Activity>,
 }
 
 impl Service<Request<Incoming>> for WithConnInfo {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = <ProxyStack as Service<Request<Incoming>>>::Future;
+    type Future = TrackActivity<<ProxyStack as Service<Request<Incoming>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -166,6 +249,41 @@ impl Service<Request<Incoming>> for WithConnInfo {
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(self.info.clone());
-        self.inner.call(request)
+        self.activity.request_started();
+        TrackActivity {
+            inner: self.inner.call(request),
+            activity: Some(Arc::clone(&self.activity)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Marks the request finished when its response head is ready or the
+    /// request is dropped (client gone).
+    struct TrackActivity<F> {
+        #[pin]
+        inner: F,
+        activity: Option<Arc<Activity>>,
+    }
+
+    impl<F> PinnedDrop for TrackActivity<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(activity) = this.project().activity.take() {
+                activity.request_finished();
+            }
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for TrackActivity<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        if let Some(activity) = this.activity.take() {
+            activity.request_finished();
+        }
+        Poll::Ready(output)
     }
 }

@@ -1,1 +1,172 @@
-//! placeholder
+//! `switchyard check` on a table of broken configs: each must exit 1 and name the
+//! file, line and column of the problem, with a message that says what is wrong.
+
+use std::process::Command;
+
+const HEAD: &str = "listeners:\n  - bind: \"127.0.0.1:8080\"\n";
+
+/// (what is broken, file text, expected line, expected column, words the message must contain)
+fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
+    let upstream = |backends: &str| format!("upstreams:\n  pool:\n    backends: {backends}\n");
+    let routes = "routes:\n  - upstream: pool\n";
+    let ok_backends = "[{ address: \"127.0.0.1:9000\" }]";
+    vec![
+        ("typo in a top-level key", format!("{HEAD}{routes}{}listner: 1\n", upstream(ok_backends)), 8, 1, "unknown field `listner`"),
+        ("typo in a backend key", format!("{HEAD}{routes}{}", upstream("[{ adress: \"127.0.0.1:9000\" }]")), 7, 18, "unknown field `adress`"),
+        ("unknown upstream in a route", format!("{HEAD}routes:\n  - upstream: robots\n{}", upstream(ok_backends)), 4, 15, "unknown upstream `robots`"),
+        (
+            "duplicate backend",
+            format!("{HEAD}{routes}upstreams:\n  pool:\n    backends:\n      - address: \"127.0.0.1:9000\"\n      - address: \"127.0.0.1:9000\"\n"),
+            9,
+            18,
+            "listed twice",
+        ),
+        ("weight 0", format!("{HEAD}{routes}{}", upstream("[{ address: \"127.0.0.1:9000\", weight: 0 }]")), 7, 53, "weight must be between 1"),
+        ("duration without unit", format!("{HEAD}routes:\n  - upstream: pool\n    timeout: 5\n{}", upstream(ok_backends)), 5, 14, "has no unit"),
+        ("duration with a bad unit", format!("{HEAD}routes:\n  - upstream: pool\n    timeout: 5sec\n{}", upstream(ok_backends)), 5, 14, "unknown unit"),
+        (
+            "unparsable hash key",
+            format!("{HEAD}{routes}upstreams:\n  pool:\n    balance: {{ policy: consistent_hash, key: \"body:x\" }}\n    backends: {ok_backends}\n"),
+            7,
+            46,
+            "key `body:x`",
+        ),
+        (
+            "consistent_hash without key",
+            format!("{HEAD}{routes}upstreams:\n  pool:\n    balance: {{ policy: consistent_hash }}\n    backends: {ok_backends}\n"),
+            7,
+            24,
+            "needs a `key`",
+        ),
+        (
+            "bounded_load below 1",
+            format!("{HEAD}{routes}upstreams:\n  pool:\n    balance: {{ policy: consistent_hash, key: path, bounded_load: 0.9 }}\n    backends: {ok_backends}\n"),
+            7,
+            66,
+            "bounded_load must be greater than 1.0",
+        ),
+        ("key on round robin", format!("{HEAD}{routes}upstreams:\n  pool:\n    balance: {{ key: path }}\n    backends: {ok_backends}\n"), 7, 21, "only applies to policy `consistent_hash`"),
+        ("unknown policy", format!("{HEAD}{routes}upstreams:\n  pool:\n    balance: {{ policy: fastest }}\n    backends: {ok_backends}\n"), 7, 24, "fastest"),
+        ("bind without IP", format!("listeners:\n  - bind: \"8080\"\n{routes}{}", upstream(ok_backends)), 2, 11, "not IP:PORT"),
+        ("no backends", format!("{HEAD}{routes}{}", upstream("[]")), 7, 15, "has no backends"),
+        ("backend without port", format!("{HEAD}{routes}{}", upstream("[{ address: \"bot1.internal\" }]")), 7, 27, "a port is required"),
+        (
+            "path_prefix without slash",
+            format!("{HEAD}routes:\n  - upstream: pool\n    match: {{ path_prefix: robot }}\n{}", upstream(ok_backends)),
+            5,
+            27,
+            "must start with `/`",
+        ),
+        ("lower-case method", format!("{HEAD}routes:\n  - upstream: pool\n    match: {{ methods: [get] }}\n{}", upstream(ok_backends)), 5, 24, "method `get`"),
+        ("max_concurrency 0", format!("{HEAD}{routes}{}", upstream("[{ address: \"127.0.0.1:9000\", max_concurrency: 0 }]")), 7, 62, "max_concurrency must be at least 1"),
+        (
+            "duplicate route name",
+            format!("{HEAD}routes:\n  - {{ name: r, upstream: pool }}\n  - {{ name: r, upstream: pool }}\n{}", upstream(ok_backends)),
+            5,
+            13,
+            "route name `r` is used twice",
+        ),
+        ("header limit too small", format!("{HEAD}{routes}{}limits: {{ max_header_bytes: 100 }}\n", upstream(ok_backends)), 8, 29, "at least 8192"),
+        ("YAML syntax error", format!("{HEAD}{routes}upstreams:\n  pool:\n    backends: [{{ address: \"127.0.0.1:9000\" }}\n"), 7, 15, "unclosed bracket"),
+        ("duplicate upstream", format!("{HEAD}{routes}{}  pool:\n    backends: {ok_backends}\n", upstream(ok_backends)), 8, 3, "duplicate mapping key"),
+        ("no listeners", format!("listeners: []\n{routes}{}", upstream(ok_backends)), 1, 1, "no listeners"),
+        ("protocol h2 not supported yet", format!("{HEAD}{routes}{}    protocol: h2\n", upstream(ok_backends)), 8, 15, "not supported yet"),
+        ("negative body limit", format!("{HEAD}{routes}{}limits: {{ max_body_bytes: -1 }}\n", upstream(ok_backends)), 8, 27, "cannot be negative"),
+    ]
+}
+
+#[test]
+fn check_reports_file_line_column_for_each_broken_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = cases();
+    assert!(cases.len() >= 15);
+    let mut failures = Vec::new();
+    for (index, (what, text, line, column, words)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad-{index}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("check")
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let expected_prefix = format!("{}:{line}:{column}: ", path.display());
+        let first = stderr.lines().next().unwrap_or("");
+        if output.status.code() != Some(1)
+            || !first.starts_with(&expected_prefix)
+            || !first.contains(words)
+        {
+            failures.push(format!(
+                "{what}: exit {:?}, wanted `{expected_prefix}...{words}`, got `{stderr}`",
+                output.status.code()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn an_alias_bomb_is_refused_by_the_parser_budget() {
+    let mut text = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+    for level in 1..12 {
+        let prev = (b'a' + level - 1) as char;
+        let this = (b'a' + level) as char;
+        text.push_str(&format!("{this}: &{this} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bomb.yaml");
+    std::fs::write(&path, text).unwrap();
+    let started = std::time::Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with(&format!("{}:", path.display())),
+        "{stderr}"
+    );
+    eprintln!("alias bomb refused in {:?}: {stderr}", started.elapsed());
+}
+
+#[test]
+fn the_example_config_and_several_errors_at_once() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.yaml");
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "-c", example])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("two.yaml");
+    std::fs::write(&path, format!("{HEAD}routes:\n  - upstream: a\n  - upstream: b\nupstreams:\n  c:\n    backends: [{{ address: \"h:1\" }}]\n")).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        stderr.lines().count(),
+        2,
+        "both unknown upstreams are reported: {stderr}"
+    );
+
+    let usage = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("--no-such-flag")
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+}

@@ -4,6 +4,7 @@
 mod support;
 
 mod config_check;
+mod connections;
 mod demo;
 mod forwarding;
 mod grpc;

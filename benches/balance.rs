@@ -1,0 +1,77 @@
+//! Cost of one balancing decision (pick + release) per policy, for a small bot
+//! fleet and a large RPC fleet. Run: `cargo bench --bench balance`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use switchyard::balance::{Balancer, PickRequest};
+use switchyard::config::{BackendConfig, PolicyConfig};
+use switchyard::upstream::Backend;
+
+fn fleet(n: usize) -> (Vec<BackendConfig>, Vec<Arc<Backend>>) {
+    let configs: Vec<BackendConfig> = (0..n)
+        .map(|i| BackendConfig {
+            address: format!("10.0.{}.{}:8270", i / 250, i % 250 + 1),
+            weight: 1 + (i % 3) as u32,
+            max_concurrency: None,
+        })
+        .collect();
+    let runtime = configs
+        .iter()
+        .map(|c| {
+            Arc::new(Backend {
+                address: c.address.as_str().into(),
+                authority: c.address.parse().unwrap(),
+                weight: c.weight,
+                max_concurrency: u32::MAX,
+                state: Arc::default(),
+            })
+        })
+        .collect();
+    (configs, runtime)
+}
+
+fn picks(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pick");
+    let policies = [
+        ("round_robin", PolicyConfig::RoundRobin),
+        ("least_loaded", PolicyConfig::LeastLoaded),
+        ("random", PolicyConfig::Random),
+        (
+            "consistent_hash",
+            PolicyConfig::ConsistentHash {
+                key: "header:x-job-id".parse().unwrap(),
+                bounded_load: None,
+            },
+        ),
+        (
+            "consistent_hash_bounded",
+            PolicyConfig::ConsistentHash {
+                key: "header:x-job-id".parse().unwrap(),
+                bounded_load: Some(1.25),
+            },
+        ),
+    ];
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-job-id", "job-123456".parse().unwrap());
+    let uri = http::Uri::from_static("/robot/run");
+    let request = PickRequest {
+        headers: &headers,
+        uri: &uri,
+        client_ip: IpAddr::from([127, 0, 0, 1]),
+    };
+    for size in [3, 100] {
+        let (configs, backends) = fleet(size);
+        for (name, policy) in &policies {
+            let balancer = Balancer::new(policy, &configs);
+            group.bench_with_input(BenchmarkId::new(*name, size), &size, |b, _| {
+                b.iter(|| balancer.pick(&backends, &request).expect("a free backend"))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, picks);
+criterion_main!(benches);
