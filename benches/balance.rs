@@ -40,27 +40,17 @@ fn picks(c: &mut Criterion) {
         ("random", PolicyConfig::Random),
         (
             "consistent_hash",
-            PolicyConfig::ConsistentHash {
-                key: "header:x-job-id".parse().unwrap(),
-                bounded_load: None,
-            },
+            PolicyConfig::ConsistentHash { key: "header:x-job-id".parse().unwrap(), bounded_load: None },
         ),
         (
             "consistent_hash_bounded",
-            PolicyConfig::ConsistentHash {
-                key: "header:x-job-id".parse().unwrap(),
-                bounded_load: Some(1.25),
-            },
+            PolicyConfig::ConsistentHash { key: "header:x-job-id".parse().unwrap(), bounded_load: Some(1.25) },
         ),
     ];
     let mut headers = http::HeaderMap::new();
     headers.insert("x-job-id", "job-123456".parse().unwrap());
     let uri = http::Uri::from_static("/robot/run");
-    let request = PickRequest {
-        headers: &headers,
-        uri: &uri,
-        client_ip: IpAddr::from([127, 0, 0, 1]),
-    };
+    let request = PickRequest { headers: &headers, uri: &uri, client_ip: IpAddr::from([127, 0, 0, 1]) };
     for size in [3, 100] {
         let (configs, backends) = fleet(size);
         for (name, policy) in &policies {

@@ -1,20 +1,16 @@
 //! Composition root: config in, running proxy out.
 //!
-//! Compiles the first snapshot, binds every listener (all or nothing: a bind
-//! failure closes the ones already bound), and spawns them around one shared
-//! stack. [`run`] is the `switchyard run` command: it adds logging and signals.
+//! [`RunningProxy`] starts a [`Runtime`] (listeners, admin, reload) for library
+//! users and tests; [`run`] is the `switchyard run` command, which adds logging,
+//! signals (SIGHUP reloads, SIGTERM/SIGINT drain and exit) and the file watcher.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
-
-use crate::client::UpstreamClients;
 use crate::config::{self, Config};
-use crate::server::{self, ListenerHandle, ServeContext};
-use crate::state::{Live, Snapshot};
+use crate::reload::{ReloadError, ReloadTrigger, Runtime};
+use crate::state::Live;
 
 /// Process exit codes, as documented in the contract.
 pub mod exit {
@@ -24,59 +20,59 @@ pub mod exit {
     pub const CANNOT_SERVE: i32 = 3;
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {bind} (listener `{name}`): {source}")]
-pub struct BindError {
-    pub name: String,
-    pub bind: SocketAddr,
-    pub source: std::io::Error,
-}
-
 /// A proxy serving traffic.
 pub struct RunningProxy {
-    pub live: Live,
-    listeners: Vec<ListenerHandle>,
+    pub runtime: Arc<Runtime>,
+    /// Keeps the config file watch alive, when there is one.
+    _watch: Option<config::watch::ConfigWatch>,
 }
 
 impl RunningProxy {
-    /// Starts serving `config`. Must be called inside a tokio runtime.
-    pub async fn start(config: &Config) -> Result<RunningProxy, BindError> {
-        let live: Live = Arc::new(ArcSwap::from_pointee(Snapshot::compile(config, None, 1)));
-        let clients = Arc::new(UpstreamClients::new());
-        let context = ServeContext {
-            stack: server::stack::build(Arc::clone(&live), clients),
-            limits: config.limits,
-            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+    /// Serves `config`, which came from no file (so it cannot be reloaded).
+    pub async fn start(config: &Config) -> Result<RunningProxy, ReloadError> {
+        Ok(RunningProxy { runtime: Runtime::start(config, None).await?, _watch: None })
+    }
+
+    /// Serves the config file at `path` and reloads it when it changes on disk.
+    pub async fn start_from_file(path: &Path) -> Result<RunningProxy, ReloadError> {
+        let config = config::load(path)?;
+        let runtime = Runtime::start(&config, Some(path.to_path_buf())).await?;
+        let watch = match config::watch::watch(path) {
+            Ok((watch, mut changes)) => {
+                let weak = Arc::downgrade(&runtime);
+                tokio::spawn(async move {
+                    while changes.recv().await.is_some() {
+                        let Some(runtime) = weak.upgrade() else { return };
+                        // Errors are logged and counted by reload itself.
+                        let _ = runtime.reload(ReloadTrigger::FileChange).await;
+                    }
+                });
+                Some(watch)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch the config file; reload with SIGHUP or POST /reload");
+                None
+            }
         };
-        let mut bound = Vec::new();
-        for listener in &config.listeners {
-            let socket = server::bind(listener.bind).map_err(|source| BindError {
-                name: listener.name.clone(),
-                bind: listener.bind,
-                source,
-            })?;
-            bound.push((listener.name.as_str().into(), socket));
-        }
-        let listeners = bound
-            .into_iter()
-            .map(|(name, socket)| {
-                server::spawn(name, socket, context.clone()).expect("a bound socket has an address")
-            })
-            .collect();
-        Ok(RunningProxy { live, listeners })
+        Ok(RunningProxy { runtime, _watch: watch })
+    }
+
+    pub fn live(&self) -> &Live {
+        &self.runtime.live
     }
 
     /// The address each listener actually bound (useful with port 0).
-    pub fn listener_addrs(&self) -> Vec<(Arc<str>, SocketAddr)> {
-        self.listeners
-            .iter()
-            .map(|l| (Arc::clone(&l.name), l.local_addr))
-            .collect()
+    pub async fn listener_addrs(&self) -> Vec<(Arc<str>, SocketAddr)> {
+        self.runtime.listener_addrs().await
+    }
+
+    pub async fn admin_addr(&self) -> SocketAddr {
+        self.runtime.admin_addr().await.expect("admin listener runs until shutdown")
     }
 
     /// Stops accepting and drains in-flight requests up to `shutdown_grace`.
     pub async fn shutdown(self) {
-        futures_util::future::join_all(self.listeners.into_iter().map(ListenerHandle::stop)).await;
+        self.runtime.shutdown().await;
     }
 }
 
@@ -90,28 +86,41 @@ pub async fn run(path: &Path) -> i32 {
         }
     };
     crate::logging::init(&config.log);
-    let proxy = match RunningProxy::start(&config).await {
+    let proxy = match RunningProxy::start_from_file(path).await {
         Ok(proxy) => proxy,
+        Err(ReloadError::Config(errors)) => {
+            // The file changed between the check above and the start.
+            eprintln!("{errors}");
+            return exit::BAD_CONFIG;
+        }
         Err(error) => {
             tracing::error!(%error, "startup failed");
             eprintln!("{error}");
             return exit::CANNOT_SERVE;
         }
     };
-    for (name, addr) in proxy.listener_addrs() {
+    for (name, addr) in proxy.listener_addrs().await {
         tracing::info!(listener = %name, %addr, "listening");
     }
-    wait_for_stop_signal().await;
-    tracing::info!(grace = ?config.limits.shutdown_grace, "stopping: draining in-flight requests");
+    tracing::info!(addr = %proxy.admin_addr().await, "admin listening");
+    serve_signals(&proxy.runtime).await;
+    tracing::info!(grace = ?proxy.live().load().limits.shutdown_grace, "stopping: draining in-flight requests");
     proxy.shutdown().await;
     exit::OK
 }
 
-async fn wait_for_stop_signal() {
+/// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
+async fn serve_signals(runtime: &Runtime) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut hangup = signal(SignalKind::hangup()).expect("can install a SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hangup.recv() => {
+                let _ = runtime.reload(ReloadTrigger::Signal).await;
+            }
+        }
     }
 }

@@ -16,15 +16,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 pub fn empty() -> ProxyBody {
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 pin_project_lite::pin_project! {
@@ -38,10 +34,7 @@ pin_project_lite::pin_project! {
 
 impl<B, G> Guarded<B, G> {
     pub fn new(inner: B, guard: G) -> Self {
-        Guarded {
-            inner,
-            guard: Some(guard),
-        }
+        Guarded { inner, guard: Some(guard) }
     }
 }
 
@@ -49,10 +42,7 @@ impl<B: Body, G> Body for Guarded<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
         if let Poll::Ready(None | Some(Err(_))) = frame {

@@ -35,10 +35,7 @@ impl UpstreamClients {
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.enforce_http(true);
         let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT);
+        builder.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(POOL_IDLE_TIMEOUT);
         let http1 = builder.clone().build(connector.clone());
         let h2c = builder
             .http2_only(true)

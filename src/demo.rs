@@ -58,12 +58,16 @@ pub async fn run(proxy_port: u16, bots_only: bool) -> i32 {
                 return exit::CANNOT_SERVE;
             }
         };
-        let addr = proxy.listener_addrs()[0].1;
+        let addr = proxy.listener_addrs().await[0].1;
+        let admin = proxy.admin_addr().await;
         println!("  proxy   http://{addr}");
+        println!("  admin   http://{admin}/status");
         println!();
         println!("Try:");
         println!("  curl -s http://{addr}/robot/run -d '{{\"task\":\"invoice\"}}'     # round robin over the 3 bots");
-        println!("  curl -s -H 'x-job-id: job-42' http://{addr}/jobs/status   # consistent hash: same bot for the same job");
+        println!(
+            "  curl -s -H 'x-job-id: job-42' http://{addr}/jobs/status   # consistent hash: same bot for the same job"
+        );
         // Leak the proxy: it serves until the process ends.
         std::mem::forget(proxy);
     }
@@ -73,12 +77,9 @@ pub async fn run(proxy_port: u16, bots_only: bool) -> i32 {
 }
 
 fn demo_config(bots: &[SocketAddr], proxy_port: u16) -> String {
-    let backends: String = bots
-        .iter()
-        .map(|b| format!("      - address: \"{b}\"\n"))
-        .collect();
+    let backends: String = bots.iter().map(|b| format!("      - address: \"{b}\"\n")).collect();
     format!(
-        "listeners:\n  - name: demo\n    bind: \"127.0.0.1:{proxy_port}\"\nlog:\n  level: warn\nroutes:\n  - name: jobs\n    match: {{ path_prefix: /jobs/ }}\n    upstream: sticky-bots\n  - name: default\n    upstream: bots\nupstreams:\n  bots:\n    balance: {{ policy: round_robin }}\n    backends:\n{backends}  sticky-bots:\n    balance: {{ policy: consistent_hash, key: \"header:x-job-id\" }}\n    backends:\n{backends}"
+        "listeners:\n  - name: demo\n    bind: \"127.0.0.1:{proxy_port}\"\nadmin:\n  bind: \"127.0.0.1:0\"\nlog:\n  level: warn\nroutes:\n  - name: jobs\n    match: {{ path_prefix: /jobs/ }}\n    upstream: sticky-bots\n  - name: default\n    upstream: bots\nupstreams:\n  bots:\n    balance: {{ policy: round_robin }}\n    backends:\n{backends}  sticky-bots:\n    balance: {{ policy: consistent_hash, key: \"header:x-job-id\" }}\n    backends:\n{backends}"
     )
 }
 
@@ -97,9 +98,7 @@ pub async fn start_bot(name: String, port: u16) -> std::io::Result<SocketAddr> {
             };
             let name = Arc::clone(&name);
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    bot_answer(Arc::clone(&name), request)
-                });
+                let service = hyper::service::service_fn(move |request| bot_answer(Arc::clone(&name), request));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .await;
@@ -109,10 +108,7 @@ pub async fn start_bot(name: String, port: u16) -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn bot_answer(
-    name: Arc<str>,
-    request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn bot_answer(name: Arc<str>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.uri().path() == "/healthz" {
         return Ok(Response::new(Full::from("ok\n")));
     }
@@ -122,27 +118,14 @@ async fn bot_answer(
         .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("ms=")))
         .and_then(|ms| ms.parse::<u64>().ok())
         .unwrap_or(0);
-    let job = request
-        .headers()
-        .get("x-job-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let job = request.headers().get("x-job-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let received = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes().len())
-        .unwrap_or(0);
+    let received = request.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
     tokio::time::sleep(Duration::from_millis(delay.min(60_000))).await;
     let receipt = format!(
         "{{\"bot\":\"{name}\",\"method\":\"{method}\",\"path\":{path:?},\"job\":{job:?},\"bytes\":{received},\"status\":\"done\"}}\n"
     );
     let mut response = Response::new(Full::from(receipt));
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     Ok(response)
 }

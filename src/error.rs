@@ -31,9 +31,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamReset { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -57,17 +55,11 @@ impl ProxyError {
         let mut response = Response::new(full(format!("{self}\n")));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         if let Some(code) = self.code() {
             headers.insert(ERROR_HEADER, HeaderValue::from_static(code));
         }
-        if matches!(
-            self,
-            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge { .. }
-        ) {
+        if matches!(self, ProxyError::BadRequest(_) | ProxyError::BodyTooLarge { .. }) {
             // The rest of the request may still be on the wire; don't try to reuse it.
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -83,47 +75,17 @@ mod tests {
     fn every_error_maps_to_the_contract() {
         let cases = [
             (ProxyError::NoRoute, 404, Some("no_route")),
-            (
-                ProxyError::NoHealthyBackend {
-                    upstream: "u".into(),
-                },
-                503,
-                Some("no_healthy_backend"),
-            ),
-            (
-                ProxyError::UpstreamConnect {
-                    backend: "b".into(),
-                    source: "x".into(),
-                },
-                502,
-                Some("upstream_connect"),
-            ),
-            (
-                ProxyError::UpstreamReset {
-                    backend: "b".into(),
-                    source: "x".into(),
-                },
-                502,
-                Some("upstream_reset"),
-            ),
+            (ProxyError::NoHealthyBackend { upstream: "u".into() }, 503, Some("no_healthy_backend")),
+            (ProxyError::UpstreamConnect { backend: "b".into(), source: "x".into() }, 502, Some("upstream_connect")),
+            (ProxyError::UpstreamReset { backend: "b".into(), source: "x".into() }, 502, Some("upstream_reset")),
             (ProxyError::UpstreamTimeout, 504, Some("upstream_timeout")),
-            (
-                ProxyError::BodyTooLarge { limit: 1 },
-                413,
-                Some("body_too_large"),
-            ),
+            (ProxyError::BodyTooLarge { limit: 1 }, 413, Some("body_too_large")),
             (ProxyError::BadRequest("x"), 400, None),
         ];
         for (error, status, code) in cases {
             let response = error.into_response();
             assert_eq!(response.status().as_u16(), status);
-            assert_eq!(
-                response
-                    .headers()
-                    .get(ERROR_HEADER)
-                    .map(|v| v.to_str().unwrap()),
-                code
-            );
+            assert_eq!(response.headers().get(ERROR_HEADER).map(|v| v.to_str().unwrap()), code);
         }
     }
 }

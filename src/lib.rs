@@ -7,6 +7,7 @@
 //! `config` and `state` providing the compiled, swappable configuration and
 //! `error` the one mapping from failures to client responses.
 
+pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod body;
@@ -15,7 +16,9 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod state;

@@ -13,9 +13,7 @@ pub fn init(config: &LogConfig) {
         LogLevel::Trace => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests starting several proxies) keeps the first subscriber.
     let _ = match config.format {
         LogFormat::Text => builder.try_init(),

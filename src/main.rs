@@ -6,11 +6,7 @@ use clap::{Parser, Subcommand};
 use switchyard::app::{self, exit};
 
 #[derive(Parser)]
-#[command(
-    name = "switchyard",
-    version,
-    about = "HTTP reverse-proxy load balancer for RPA bots and RPC services"
-)]
+#[command(name = "switchyard", version, about = "HTTP reverse-proxy load balancer for RPA bots and RPC services")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -40,11 +36,7 @@ fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
-            let code = if error.use_stderr() {
-                exit::BAD_USAGE
-            } else {
-                exit::OK
-            };
+            let code = if error.use_stderr() { exit::BAD_USAGE } else { exit::OK };
             let _ = error.print();
             std::process::exit(code);
         }
@@ -61,16 +53,11 @@ fn main() {
             }
         },
         Command::Run => runtime().block_on(app::run(&cli.config)),
-        Command::Demo { port, bots_only } => {
-            runtime().block_on(switchyard::demo::run(port, bots_only))
-        }
+        Command::Demo { port, bots_only } => runtime().block_on(switchyard::demo::run(port, bots_only)),
     };
     std::process::exit(code);
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("can start the tokio runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("can start the tokio runtime")
 }

@@ -40,13 +40,8 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(client: SocketAddr, listener: Arc<str>) -> Self {
-        let client_ip_header =
-            HeaderValue::try_from(client.ip().to_string()).expect("an IP is a valid header value");
-        ConnInfo {
-            client,
-            listener,
-            client_ip_header,
-        }
+        let client_ip_header = HeaderValue::try_from(client.ip().to_string()).expect("an IP is a valid header value");
+        ConnInfo { client, listener, client_ip_header }
     }
 }
 
@@ -87,14 +82,8 @@ async fn forward(
     clients: Arc<UpstreamClients>,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let matched = request
-        .extensions_mut()
-        .remove::<RouteMatch>()
-        .expect("the route layer runs first");
-    let conn = request
-        .extensions_mut()
-        .remove::<ConnInfo>()
-        .expect("the listener attaches ConnInfo");
+    let matched = request.extensions_mut().remove::<RouteMatch>().expect("the route layer runs first");
+    let conn = request.extensions_mut().remove::<ConnInfo>().expect("the listener attaches ConnInfo");
     let upstream = &matched.route().upstream;
 
     // 1. Refuse a body that declares itself too large before touching a backend.
@@ -108,26 +97,19 @@ async fn forward(
         .balancer
         .pick(
             &upstream.backends,
-            &PickRequest {
-                headers: request.headers(),
-                uri: request.uri(),
-                client_ip: conn.client.ip(),
-            },
+            &PickRequest { headers: request.headers(), uri: request.uri(), client_ip: conn.client.ip() },
         )
-        .ok_or_else(|| ProxyError::NoHealthyBackend {
-            upstream: upstream.name.to_string(),
-        })?;
+        .ok_or_else(|| ProxyError::NoHealthyBackend { upstream: upstream.name.to_string() })?;
     let backend = &upstream.backends[pick.index];
 
     // 3. Rewrite for the backend: absolute URI, forwarding headers, no hop-by-hop.
     let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
-    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let original_host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
     add_forwarding_headers(&mut parts.headers, &conn, original_host.as_ref());
     parts.uri = backend_uri(parts.uri, &backend.authority)?;
@@ -151,10 +133,7 @@ async fn forward(
 
     // 4. Send; time to response head feeds the latency estimate.
     let started = Instant::now();
-    let result = clients
-        .for_protocol(upstream.protocol)
-        .request(outgoing)
-        .await;
+    let result = clients.for_protocol(upstream.protocol).request(outgoing).await;
     let mut response = result.map_err(|error| classify(error, &backend.address, limit))?;
     pick.guard.state().latency.observe(started.elapsed());
 
@@ -170,20 +149,11 @@ async fn forward(
     // 6. Stream the response back, holding the slot until its body ends.
     strip_hop_by_hop(response.headers_mut(), false);
     let guard = pick.guard;
-    Ok(response.map(|body| {
-        Guarded::new(body, guard)
-            .map_err(BoxError::from)
-            .boxed_unsync()
-    }))
+    Ok(response.map(|body| Guarded::new(body, guard).map_err(BoxError::from).boxed_unsync()))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 fn is_upgrade<B>(request: &Request<B>) -> bool {
@@ -207,11 +177,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// survives because gRPC requires it end to end.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let listed: Vec<HeaderName> = connection_tokens(headers)
-        .filter(|token| {
-            !["keep-alive", "close", "upgrade"]
-                .iter()
-                .any(|t| token.eq_ignore_ascii_case(t))
-        })
+        .filter(|token| !["keep-alive", "close", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t)))
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
     for name in listed {
@@ -261,10 +227,7 @@ fn backend_uri(uri: Uri, authority: &http::uri::Authority) -> Result<Uri, ProxyE
 /// exceeded the limit mid-stream surfaces here as the body's error.
 fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64) -> ProxyError {
     if error.is_connect() {
-        return ProxyError::UpstreamConnect {
-            backend: backend.to_owned(),
-            source: Box::new(error),
-        };
+        return ProxyError::UpstreamConnect { backend: backend.to_owned(), source: Box::new(error) };
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(cause) = source {
@@ -276,10 +239,7 @@ fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64)
         }
         source = cause.source();
     }
-    ProxyError::UpstreamReset {
-        backend: backend.to_owned(),
-        source: Box::new(error),
-    }
+    ProxyError::UpstreamReset { backend: backend.to_owned(), source: Box::new(error) }
 }
 
 /// Marks a failure reading the client's request body, so that it is not blamed
@@ -288,11 +248,7 @@ fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64)
 #[error("reading the request body failed: {0}")]
 struct ClientBodyError(hyper::Error);
 
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    backend: hyper::upgrade::OnUpgrade,
-    _slot: InFlightGuard,
-) {
+async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade, _slot: InFlightGuard) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(pair) => pair,
         Err(error) => {

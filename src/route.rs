@@ -31,10 +31,7 @@ impl Route {
         }
         request.uri().path().starts_with(&self.path_prefix)
             && (self.methods.is_empty() || self.methods.contains(request.method()))
-            && self
-                .headers
-                .iter()
-                .all(|(name, value)| request.headers().get(name) == Some(value))
+            && self.headers.iter().all(|(name, value)| request.headers().get(name) == Some(value))
     }
 }
 

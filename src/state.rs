@@ -64,8 +64,7 @@ impl Snapshot {
                 })
             })
             .collect();
-        let by_name: HashMap<&str, &Arc<Upstream>> =
-            upstreams.iter().map(|u| (&*u.name, u)).collect();
+        let by_name: HashMap<&str, &Arc<Upstream>> = upstreams.iter().map(|u| (&*u.name, u)).collect();
         let routes = config
             .routes
             .iter()
@@ -79,11 +78,6 @@ impl Snapshot {
                 timeout: r.timeout,
             })
             .collect();
-        Snapshot {
-            generation,
-            router: Router::new(routes),
-            upstreams,
-            limits: config.limits,
-        }
+        Snapshot { generation, router: Router::new(routes), upstreams, limits: config.limits }
     }
 }

@@ -44,13 +44,9 @@ impl Backend {
         // A compare-and-swap, not load-then-add: two requests racing for the last
         // slot of a one-job bot must not both get it.
         in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
             .ok()
-            .map(|_| InFlightGuard {
-                state: Arc::clone(&self.state),
-            })
+            .map(|_| InFlightGuard { state: Arc::clone(&self.state) })
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -120,8 +116,7 @@ impl PeakEwma {
             current * keep + sample * (1.0 - keep)
         };
         // Racing updates may lose one sample; an estimate does not need every one.
-        self.estimate_bits
-            .store(next.max(1.0).to_bits(), Ordering::Relaxed);
+        self.estimate_bits.store(next.max(1.0).to_bits(), Ordering::Relaxed);
         self.updated_at.store(now, Ordering::Relaxed);
     }
 
@@ -187,9 +182,6 @@ mod tests {
         let peak = ewma.estimate().unwrap();
         assert!(peak > 9.0e7, "a slower sample is taken at once: {peak}");
         ewma.observe(Duration::from_millis(1));
-        assert!(
-            ewma.estimate().unwrap() > first,
-            "a fast sample right after does not erase the peak"
-        );
+        assert!(ewma.estimate().unwrap() > first, "a fast sample right after does not erase the peak");
     }
 }

@@ -40,31 +40,19 @@ impl ConsistentHash {
     pub fn new(backends: &[BackendConfig], key: KeySpec, bounded_load: Option<f64>) -> Self {
         let mut ring = Vec::new();
         for (index, backend) in backends.iter().enumerate() {
-            let points = POINTS_PER_WEIGHT
-                .saturating_mul(backend.weight)
-                .min(MAX_POINTS_PER_BACKEND);
+            let points = POINTS_PER_WEIGHT.saturating_mul(backend.weight).min(MAX_POINTS_PER_BACKEND);
             for point in 0..points {
-                ring.push((
-                    xxh3_64_with_seed(backend.address.as_bytes(), u64::from(point)),
-                    index as u32,
-                ));
+                ring.push((xxh3_64_with_seed(backend.address.as_bytes(), u64::from(point)), index as u32));
             }
         }
         ring.sort_unstable();
-        ConsistentHash {
-            ring,
-            key,
-            bounded_load,
-            keyless: RoundRobin::new(backends),
-        }
+        ConsistentHash { ring, key, bounded_load, keyless: RoundRobin::new(backends) }
     }
 
     /// The backend index a key hash maps to when every backend is free: the ring
     /// owner, before any load bound or limit. Used by tests and by `/explain`.
     pub fn owner(&self, key_hash: u64) -> Option<usize> {
-        self.ring
-            .get(self.first_point(key_hash))
-            .map(|&(_, index)| index as usize)
+        self.ring.get(self.first_point(key_hash)).map(|&(_, index)| index as usize)
     }
 
     fn first_point(&self, key_hash: u64) -> usize {
@@ -166,10 +154,7 @@ mod tests {
                 assert_eq!(b, a, "a key not on the removed backend moved");
             }
         }
-        assert!(
-            moved > 100 && moved < 300,
-            "about a fifth of keys were on the removed backend: {moved}"
-        );
+        assert!(moved > 100 && moved < 300, "about a fifth of keys were on the removed backend: {moved}");
     }
 
     #[test]
@@ -183,11 +168,7 @@ mod tests {
             let total: u32 = runtime.iter().map(|b| b.in_flight()).sum();
             let mean = f64::from(total) / 4.0;
             for b in &runtime {
-                assert!(
-                    f64::from(b.in_flight()) <= (1.25 * mean).ceil(),
-                    "{} over bound",
-                    b.in_flight()
-                );
+                assert!(f64::from(b.in_flight()) <= (1.25 * mean).ceil(), "{} over bound", b.in_flight());
             }
         }
     }
@@ -197,14 +178,8 @@ mod tests {
         let (configs, runtime) = backends(&[(1, None); 3]);
         let policy = ConsistentHash::new(&configs, "header:x-job-id".parse().unwrap(), None);
         let (headers, uri) = (http::HeaderMap::new(), http::Uri::from_static("/"));
-        let picks: Vec<usize> = (0..3)
-            .map(|_| {
-                policy
-                    .pick(&runtime, &request(&headers, &uri))
-                    .unwrap()
-                    .index
-            })
-            .collect();
+        let picks: Vec<usize> =
+            (0..3).map(|_| policy.pick(&runtime, &request(&headers, &uri)).unwrap().index).collect();
         assert_eq!(picks, vec![0, 1, 2]);
     }
 }

@@ -24,11 +24,7 @@ impl Policy for LeastLoaded {
         }
         let a = fastrand::usize(..n);
         let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-        let (first, second) = if cheaper(&backends[b], &backends[a]) {
-            (b, a)
-        } else {
-            (a, b)
-        };
+        let (first, second) = if cheaper(&backends[b], &backends[a]) { (b, a) } else { (a, b) };
         acquire(backends, first, u32::MAX)
             .or_else(|| acquire(backends, second, u32::MAX))
             .or_else(|| first_available_from(backends, a))
@@ -42,9 +38,7 @@ fn cheaper(x: &Backend, y: &Backend) -> bool {
     }
     let load = |b: &Backend| f64::from(b.in_flight());
     match (x.state.latency.estimate(), y.state.latency.estimate()) {
-        (Some(lx), Some(ly)) => {
-            (load(x) + 1.0) * lx / f64::from(x.weight) < (load(y) + 1.0) * ly / f64::from(y.weight)
-        }
+        (Some(lx), Some(ly)) => (load(x) + 1.0) * lx / f64::from(x.weight) < (load(y) + 1.0) * ly / f64::from(y.weight),
         _ => load(x) / f64::from(x.weight) < load(y) / f64::from(y.weight),
     }
 }
@@ -60,13 +54,9 @@ mod tests {
     fn an_idle_backend_beats_a_busy_one() {
         let (_, runtime) = backends(&[(1, None), (1, None)]);
         let (headers, uri) = (http::HeaderMap::new(), http::Uri::from_static("/"));
-        let busy = LeastLoaded
-            .pick(&runtime, &request(&headers, &uri))
-            .unwrap();
+        let busy = LeastLoaded.pick(&runtime, &request(&headers, &uri)).unwrap();
         for _ in 0..50 {
-            let pick = LeastLoaded
-                .pick(&runtime, &request(&headers, &uri))
-                .unwrap();
+            let pick = LeastLoaded.pick(&runtime, &request(&headers, &uri)).unwrap();
             assert_ne!(pick.index, busy.index);
         }
     }
@@ -82,9 +72,7 @@ mod tests {
         let mut slow = 0;
         // Requests pile up (none complete), so cost grows with in-flight count.
         for _ in 0..300 {
-            let pick = LeastLoaded
-                .pick(&runtime, &request(&headers, &uri))
-                .unwrap();
+            let pick = LeastLoaded.pick(&runtime, &request(&headers, &uri)).unwrap();
             slow += usize::from(pick.index == 0);
             held.push(pick);
         }

@@ -67,6 +67,16 @@ impl Balancer {
         }
     }
 
+    /// The policy's name as written in the config.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Balancer::RoundRobin(_) => "round_robin",
+            Balancer::LeastLoaded(_) => "least_loaded",
+            Balancer::ConsistentHash(_) => "consistent_hash",
+            Balancer::Random(_) => "random",
+        }
+    }
+
     pub fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
         match self {
             Balancer::RoundRobin(policy) => policy.pick(backends, request),
@@ -79,9 +89,7 @@ impl Balancer {
 
 /// Reserves backend `index` if it is available and below `cap`.
 fn acquire(backends: &[Arc<Backend>], index: usize, cap: u32) -> Option<Pick> {
-    backends[index]
-        .try_acquire(cap)
-        .map(|guard| Pick { index, guard })
+    backends[index].try_acquire(cap).map(|guard| Pick { index, guard })
 }
 
 /// The fallback of every policy when its preferred candidates are full: the first
@@ -121,10 +129,6 @@ pub(crate) mod test_support {
     }
 
     pub fn request<'a>(headers: &'a http::HeaderMap, uri: &'a http::Uri) -> PickRequest<'a> {
-        PickRequest {
-            headers,
-            uri,
-            client_ip: IpAddr::from([127, 0, 0, 1]),
-        }
+        PickRequest { headers, uri, client_ip: IpAddr::from([127, 0, 0, 1]) }
     }
 }

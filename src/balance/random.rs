@@ -60,10 +60,7 @@ mod tests {
         let (headers, uri) = (http::HeaderMap::new(), http::Uri::from_static("/"));
         let mut counts = [0u32; 2];
         for _ in 0..40_000 {
-            counts[random
-                .pick(&runtime, &request(&headers, &uri))
-                .unwrap()
-                .index] += 1;
+            counts[random.pick(&runtime, &request(&headers, &uri)).unwrap().index] += 1;
         }
         let share = f64::from(counts[1]) / 40_000.0;
         assert!((share - 0.75).abs() < 0.02, "share of weight 3 was {share}");

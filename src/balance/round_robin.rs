@@ -131,10 +131,7 @@ mod tests {
         let held = rr.pick(&runtime, &request(&headers, &uri)).unwrap();
         assert_eq!(held.index, 0);
         for _ in 0..10 {
-            assert_eq!(
-                rr.pick(&runtime, &request(&headers, &uri)).unwrap().index,
-                1
-            );
+            assert_eq!(rr.pick(&runtime, &request(&headers, &uri)).unwrap().index, 1);
         }
     }
 
@@ -145,12 +142,6 @@ mod tests {
         let mixed: Vec<u32> = (0..2000).map(|i| 9_000 + i).collect();
         let sequence = smooth_sequence(&mixed);
         assert!(sequence.len() as u64 <= MAX_BUILD_STEPS / 2000 + 2000);
-        assert!(
-            mixed
-                .iter()
-                .enumerate()
-                .all(|(i, _)| sequence.contains(&(i as u32))),
-            "every backend keeps a turn"
-        );
+        assert!(mixed.iter().enumerate().all(|(i, _)| sequence.contains(&(i as u32))), "every backend keeps a turn");
     }
 }

@@ -9,6 +9,7 @@
 pub mod raw;
 mod validate;
 pub mod values;
+pub mod watch;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub limits: Limits,
     pub routes: Vec<RouteConfig>,
@@ -36,6 +38,15 @@ pub struct Config {
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+impl AdminConfig {
+    pub const DEFAULT_BIND: &'static str = "127.0.0.1:9901";
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -91,10 +102,7 @@ pub enum PolicyConfig {
     RoundRobin,
     LeastLoaded,
     Random,
-    ConsistentHash {
-        key: KeySpec,
-        bounded_load: Option<f64>,
-    },
+    ConsistentHash { key: KeySpec, bounded_load: Option<f64> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,11 +124,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file, self.line, self.column, self.message
-        )
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
     }
 }
 
@@ -144,42 +148,27 @@ impl std::error::Error for ConfigErrors {}
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    parse(&read(path)?, &path.display().to_string())
+}
+
+/// Reads the config file's text (following symlinks), refusing oversized files.
+pub fn read(path: &Path) -> Result<String, ConfigErrors> {
     let file = path.display().to_string();
-    let io_error = |message: String| {
-        ConfigErrors(vec![ConfigError {
-            file: file.clone(),
-            line: 1,
-            column: 1,
-            message,
-        }])
-    };
-    let size = std::fs::metadata(path)
-        .map_err(|e| io_error(format!("cannot read config: {e}")))?
-        .len();
+    let io_error =
+        |message: String| ConfigErrors(vec![ConfigError { file: file.clone(), line: 1, column: 1, message }]);
+    let size = std::fs::metadata(path).map_err(|e| io_error(format!("cannot read config: {e}")))?.len();
     if size > MAX_CONFIG_BYTES {
-        return Err(io_error(format!(
-            "config is {size} bytes; the limit is {MAX_CONFIG_BYTES}"
-        )));
+        return Err(io_error(format!("config is {size} bytes; the limit is {MAX_CONFIG_BYTES}")));
     }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| io_error(format!("cannot read config: {e}")))?;
-    parse(&text, &file)
+    std::fs::read_to_string(path).map_err(|e| io_error(format!("cannot read config: {e}")))
 }
 
 /// Parses and validates config text; `file` names it in error messages.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
-    let raw: raw::RawConfig =
-        serde_saphyr::from_str_with_options(text, parser_options()).map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map_or((1, 1), |l| (l.line() as usize, l.column() as usize));
-            ConfigErrors(vec![ConfigError {
-                file: file.to_owned(),
-                line,
-                column,
-                message: parser_message(&e),
-            }])
-        })?;
+    let raw: raw::RawConfig = serde_saphyr::from_str_with_options(text, parser_options()).map_err(|e| {
+        let (line, column) = e.location().map_or((1, 1), |l| (l.line() as usize, l.column() as usize));
+        ConfigErrors(vec![ConfigError { file: file.to_owned(), line, column, message: parser_message(&e) }])
+    })?;
     validate::validate(raw, file)
 }
 
@@ -236,16 +225,10 @@ upstreams:
         assert_eq!(config.routes[0].name, "route-0");
         assert_eq!(config.routes[0].headers[0].0, "x-tenant");
         assert_eq!(config.routes[1].path_prefix, "/");
-        let robots = config
-            .upstreams
-            .iter()
-            .find(|u| u.name == "robots")
-            .unwrap();
+        let robots = config.upstreams.iter().find(|u| u.name == "robots").unwrap();
         assert_eq!(robots.backends[0].weight, 2);
         assert_eq!(robots.backends[1].weight, 1);
-        assert!(
-            matches!(robots.policy, PolicyConfig::ConsistentHash { bounded_load: Some(b), .. } if b == 1.25)
-        );
+        assert!(matches!(robots.policy, PolicyConfig::ConsistentHash { bounded_load: Some(b), .. } if b == 1.25));
         assert_eq!(config.limits, Limits::default());
     }
 
@@ -257,11 +240,7 @@ upstreams:
     fn parser_errors_carry_position_without_suffix() {
         let error = first_error("listeners: []\nbogus: 1\n");
         assert_eq!((error.line, error.column), (2, 1));
-        assert!(
-            error.message.starts_with("unknown field `bogus`"),
-            "{}",
-            error.message
-        );
+        assert!(error.message.starts_with("unknown field `bogus`"), "{}", error.message);
         assert!(!error.message.contains(" at line "));
     }
 

@@ -12,15 +12,15 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::values::{
-    BindAddr, ByteSize, DurationValue, HeaderName, HostPattern, KeySpec, Method, Weight,
-};
+use super::values::{BindAddr, ByteSize, DurationValue, HeaderName, HostPattern, KeySpec, Method, Weight};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
     pub listeners: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    pub admin: RawAdmin,
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
@@ -36,6 +36,12 @@ pub struct RawConfig {
 pub struct RawListener {
     pub name: Option<Spanned<String>>,
     pub bind: Spanned<BindAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub bind: Option<Spanned<BindAddr>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

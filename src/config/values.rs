@@ -24,23 +24,15 @@ impl FromStr for DurationValue {
         let text = text.trim();
         let split = text
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| {
-                format!("duration `{text}` has no unit (use ms, s, m or h, e.g. `2s`)")
-            })?;
+            .ok_or_else(|| format!("duration `{text}` has no unit (use ms, s, m or h, e.g. `2s`)"))?;
         let (number, unit) = text.split_at(split);
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("duration `{text}` does not start with a number"))?;
+        let value: f64 = number.parse().map_err(|_| format!("duration `{text}` does not start with a number"))?;
         let seconds_per_unit = match unit {
             "ms" => 0.001,
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            _ => {
-                return Err(format!(
-                    "duration `{text}` has unknown unit `{unit}` (use ms, s, m or h)"
-                ))
-            }
+            _ => return Err(format!("duration `{text}` has unknown unit `{unit}` (use ms, s, m or h)")),
         };
         let seconds = value * seconds_per_unit;
         // Ten years: anything longer is a typo, and larger values overflow Instant arithmetic.
@@ -70,10 +62,7 @@ impl<'de> Deserialize<'de> for Weight {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = i64::deserialize(deserializer)?;
         if value < 1 || value > i64::from(Weight::MAX) {
-            return Err(de::Error::custom(format!(
-                "weight must be between 1 and {}, got {value}",
-                Weight::MAX
-            )));
+            return Err(de::Error::custom(format!("weight must be between 1 and {}, got {value}", Weight::MAX)));
         }
         Ok(Weight(value as u32))
     }
@@ -86,9 +75,9 @@ pub struct ByteSize(pub u64);
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = i64::deserialize(deserializer)?;
-        u64::try_from(value).map(ByteSize).map_err(|_| {
-            de::Error::custom(format!("a size in bytes cannot be negative, got {value}"))
-        })
+        u64::try_from(value)
+            .map(ByteSize)
+            .map_err(|_| de::Error::custom(format!("a size in bytes cannot be negative, got {value}")))
     }
 }
 
@@ -99,11 +88,9 @@ pub struct BindAddr(pub SocketAddr);
 impl<'de> Deserialize<'de> for BindAddr {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        text.parse::<SocketAddr>().map(BindAddr).map_err(|_| {
-            de::Error::custom(format!(
-                "bind `{text}` is not IP:PORT (e.g. `0.0.0.0:8080`)"
-            ))
-        })
+        text.parse::<SocketAddr>()
+            .map(BindAddr)
+            .map_err(|_| de::Error::custom(format!("bind `{text}` is not IP:PORT (e.g. `0.0.0.0:8080`)")))
     }
 }
 
@@ -121,11 +108,7 @@ impl FromStr for KeySpec {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "key `{text}` is not one of header:NAME, cookie:NAME, query:NAME, path, client_ip"
-            )
-        };
+        let bad = || format!("key `{text}` is not one of header:NAME, cookie:NAME, query:NAME, path, client_ip");
         match text {
             "path" => return Ok(KeySpec::Path),
             "client_ip" => return Ok(KeySpec::ClientIp),
@@ -167,11 +150,8 @@ impl FromStr for HostPattern {
 
     fn from_str(text: &str) -> Result<Self, String> {
         let lower = text.to_ascii_lowercase();
-        let valid_label_chars = |s: &str| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        };
+        let valid_label_chars =
+            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
         if let Some(suffix) = lower.strip_prefix("*.") {
             if valid_label_chars(suffix) {
                 return Ok(HostPattern::Suffix(format!(".{suffix}")));
@@ -179,9 +159,7 @@ impl FromStr for HostPattern {
         } else if valid_label_chars(&lower) {
             return Ok(HostPattern::Exact(lower));
         }
-        Err(format!(
-            "host `{text}` is not a host name or `*.suffix` pattern"
-        ))
+        Err(format!("host `{text}` is not a host name or `*.suffix` pattern"))
     }
 }
 
@@ -202,9 +180,9 @@ impl<'de> Deserialize<'de> for Method {
         let valid = !text.is_empty() && text.bytes().all(|b| b.is_ascii_uppercase());
         match http::Method::from_bytes(text.as_bytes()) {
             Ok(method) if valid => Ok(Method(method)),
-            _ => Err(de::Error::custom(format!(
-                "method `{text}` is not an upper-case HTTP method such as GET or POST"
-            ))),
+            _ => {
+                Err(de::Error::custom(format!("method `{text}` is not an upper-case HTTP method such as GET or POST")))
+            }
         }
     }
 }
@@ -234,31 +212,13 @@ mod tests {
 
     #[test]
     fn durations_parse_with_units() {
-        assert_eq!(
-            "150ms".parse::<DurationValue>().unwrap().0,
-            Duration::from_millis(150)
-        );
-        assert_eq!(
-            "2s".parse::<DurationValue>().unwrap().0,
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            "1.5s".parse::<DurationValue>().unwrap().0,
-            Duration::from_millis(1500)
-        );
-        assert_eq!(
-            "5m".parse::<DurationValue>().unwrap().0,
-            Duration::from_secs(300)
-        );
-        assert_eq!(
-            "1h".parse::<DurationValue>().unwrap().0,
-            Duration::from_secs(3600)
-        );
+        assert_eq!("150ms".parse::<DurationValue>().unwrap().0, Duration::from_millis(150));
+        assert_eq!("2s".parse::<DurationValue>().unwrap().0, Duration::from_secs(2));
+        assert_eq!("1.5s".parse::<DurationValue>().unwrap().0, Duration::from_millis(1500));
+        assert_eq!("5m".parse::<DurationValue>().unwrap().0, Duration::from_secs(300));
+        assert_eq!("1h".parse::<DurationValue>().unwrap().0, Duration::from_secs(3600));
         for bad in ["", "5", "s", "5x", "-1s", "1..2s", "5 s"] {
-            assert!(
-                bad.parse::<DurationValue>().is_err(),
-                "{bad:?} should not parse"
-            );
+            assert!(bad.parse::<DurationValue>().is_err(), "{bad:?} should not parse");
         }
     }
 
@@ -266,17 +226,9 @@ mod tests {
     fn key_specs_parse() {
         assert_eq!("path".parse::<KeySpec>().unwrap(), KeySpec::Path);
         assert_eq!("client_ip".parse::<KeySpec>().unwrap(), KeySpec::ClientIp);
-        assert_eq!(
-            "cookie:sid".parse::<KeySpec>().unwrap(),
-            KeySpec::Cookie("sid".into())
-        );
-        assert_eq!(
-            "query:job".parse::<KeySpec>().unwrap(),
-            KeySpec::Query("job".into())
-        );
-        assert!(
-            matches!("header:X-Job-Id".parse::<KeySpec>().unwrap(), KeySpec::Header(h) if h == "x-job-id")
-        );
+        assert_eq!("cookie:sid".parse::<KeySpec>().unwrap(), KeySpec::Cookie("sid".into()));
+        assert_eq!("query:job".parse::<KeySpec>().unwrap(), KeySpec::Query("job".into()));
+        assert!(matches!("header:X-Job-Id".parse::<KeySpec>().unwrap(), KeySpec::Header(h) if h == "x-job-id"));
         for bad in ["header:", "header:bad name", "body:x", "ip", ""] {
             assert!(bad.parse::<KeySpec>().is_err(), "{bad:?} should not parse");
         }
@@ -284,19 +236,10 @@ mod tests {
 
     #[test]
     fn host_patterns_parse() {
-        assert_eq!(
-            "Bots.Internal".parse::<HostPattern>().unwrap(),
-            HostPattern::Exact("bots.internal".into())
-        );
-        assert_eq!(
-            "*.internal".parse::<HostPattern>().unwrap(),
-            HostPattern::Suffix(".internal".into())
-        );
+        assert_eq!("Bots.Internal".parse::<HostPattern>().unwrap(), HostPattern::Exact("bots.internal".into()));
+        assert_eq!("*.internal".parse::<HostPattern>().unwrap(), HostPattern::Suffix(".internal".into()));
         for bad in ["", "*", "*.", "a b", "*x.com", "bots/internal"] {
-            assert!(
-                bad.parse::<HostPattern>().is_err(),
-                "{bad:?} should not parse"
-            );
+            assert!(bad.parse::<HostPattern>().is_err(), "{bad:?} should not parse");
         }
     }
 }

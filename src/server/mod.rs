@@ -29,6 +29,7 @@ use tower::Service;
 use crate::body::ProxyBody;
 use crate::config::Limits;
 use crate::proxy::ConnInfo;
+use crate::state::Live;
 use stack::ProxyStack;
 
 /// Binds `addr` with the options a proxy listener needs.
@@ -64,24 +65,18 @@ impl ListenerHandle {
 #[derive(Clone)]
 pub struct ServeContext {
     pub stack: ProxyStack,
-    pub limits: Limits,
+    /// Read at each accept for the current limits, so a reload's new limits
+    /// apply to new connections without restarting listeners.
+    pub live: Live,
+    /// Shared by all listeners: `max_connections` is a process-wide cap.
     pub connections: Arc<Semaphore>,
 }
 
-pub fn spawn(
-    name: Arc<str>,
-    listener: TcpListener,
-    context: ServeContext,
-) -> std::io::Result<ListenerHandle> {
+pub fn spawn(name: Arc<str>, listener: TcpListener, context: ServeContext) -> std::io::Result<ListenerHandle> {
     let local_addr = listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(accept_loop(Arc::clone(&name), listener, context, stopped));
-    Ok(ListenerHandle {
-        name,
-        local_addr,
-        stop,
-        task,
-    })
+    Ok(ListenerHandle { name, local_addr, stop, task })
 }
 
 fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -99,13 +94,9 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn accept_loop(
-    name: Arc<str>,
-    listener: TcpListener,
-    context: ServeContext,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let builder = Arc::new(connection_builder(&context.limits));
+async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContext, mut stopped: watch::Receiver<bool>) {
+    let mut limits = context.live.load().limits;
+    let mut builder = connection_builder(&limits);
     let mut connections = JoinSet::new();
     loop {
         let permit = tokio::select! {
@@ -126,27 +117,23 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        let current = context.live.load().limits;
+        if current != limits {
+            limits = current;
+            builder = connection_builder(&limits);
+        }
         let activity = Arc::new(Activity::new());
         let service = TowerToHyperService::new(WithConnInfo {
             inner: context.stack.clone(),
             info: ConnInfo::new(client, Arc::clone(&name)),
             activity: Arc::clone(&activity),
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        connections.spawn(drive_connection(
-            connection,
-            activity,
-            context.limits.idle_timeout,
-            stopped.clone(),
-            permit,
-        ));
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        connections.spawn(drive_connection(connection, activity, limits.idle_timeout, stopped.clone(), permit));
     }
     drop(listener);
-    let drained = tokio::time::timeout(context.limits.shutdown_grace, async {
-        while connections.join_next().await.is_some() {}
-    });
+    let grace = context.live.load().limits.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} });
     if drained.await.is_err() {
         tracing::warn!(listener = %name, open = connections.len(), "shutdown grace period over; closing remaining connections");
         connections.abort_all();
@@ -205,10 +192,7 @@ struct Activity {
 
 impl Activity {
     fn new() -> Self {
-        Activity {
-            active: AtomicUsize::new(0),
-            idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
-        }
+        Activity { active: AtomicUsize::new(0), idle_since: std::sync::Mutex::new(tokio::time::Instant::now()) }
     }
 
     fn request_started(&self) {
@@ -225,8 +209,7 @@ impl Activity {
     }
 
     fn idle_for(&self, idle_timeout: Duration) -> bool {
-        self.active.load(Ordering::Acquire) == 0
-            && self.idle_deadline(idle_timeout) <= tokio::time::Instant::now()
+        self.active.load(Ordering::Acquire) == 0 && self.idle_deadline(idle_timeout) <= tokio::time::Instant::now()
     }
 }
 
@@ -250,10 +233,7 @@ impl Service<Request<Incoming>> for WithConnInfo {
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(self.info.clone());
         self.activity.request_started();
-        TrackActivity {
-            inner: self.inner.call(request),
-            activity: Some(Arc::clone(&self.activity)),
-        }
+        TrackActivity { inner: self.inner.call(request), activity: Some(Arc::clone(&self.activity)) }
     }
 }
 

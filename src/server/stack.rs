@@ -42,10 +42,7 @@ pub fn build(live: Live, clients: Arc<UpstreamClients>) -> ProxyStack {
     ServiceBuilder::new()
         .layer_fn(RequestId)
         .layer_fn(ErrorResponse)
-        .layer_fn(|inner| RouteService {
-            inner,
-            live: Arc::clone(&live),
-        })
+        .layer_fn(|inner| RouteService { inner, live: Arc::clone(&live) })
         .layer_fn(RouteTimeout)
         .service(Forward::new(clients))
 }
@@ -78,10 +75,7 @@ where
                 id
             }
         };
-        WithRequestId {
-            inner: self.0.call(request),
-            id: Some(id),
-        }
+        WithRequestId { inner: self.0.call(request), id: Some(id) }
     }
 }
 
@@ -140,9 +134,7 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        ErrorToResponse {
-            inner: self.0.call(request),
-        }
+        ErrorToResponse { inner: self.0.call(request) }
     }
 }
 
@@ -206,9 +198,7 @@ where
         let Some(index) = snapshot.router.find_index(&request) else {
             return Either::Left(futures_util::future::ready(Err(ProxyError::NoRoute)));
         };
-        request
-            .extensions_mut()
-            .insert(RouteMatch { snapshot, index });
+        request.extensions_mut().insert(RouteMatch { snapshot, index });
         Either::Right(self.inner.call(request))
     }
 }
@@ -231,15 +221,10 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let timeout = request
-            .extensions()
-            .get::<RouteMatch>()
-            .and_then(|m| m.route().timeout);
+        let timeout = request.extensions().get::<RouteMatch>().and_then(|m| m.route().timeout);
         let inner = self.0.call(request);
         match timeout {
-            Some(limit) => Either::Left(TimeoutFuture {
-                inner: tokio::time::timeout(limit, inner),
-            }),
+            Some(limit) => Either::Left(TimeoutFuture { inner: tokio::time::timeout(limit, inner) }),
             None => Either::Right(inner),
         }
     }
@@ -256,8 +241,6 @@ impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for Tim
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        Poll::Ready(
-            ready!(self.project().inner.poll(cx)).unwrap_or(Err(ProxyError::UpstreamTimeout)),
-        )
+        Poll::Ready(ready!(self.project().inner.poll(cx)).unwrap_or(Err(ProxyError::UpstreamTimeout)))
     }
 }

@@ -84,19 +84,11 @@ fn check_reports_file_line_column_for_each_broken_config() {
     for (index, (what, text, line, column, words)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad-{index}.yaml"));
         std::fs::write(&path, text).unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .arg("check")
-            .arg("-c")
-            .arg(&path)
-            .output()
-            .unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         let expected_prefix = format!("{}:{line}:{column}: ", path.display());
         let first = stderr.lines().next().unwrap_or("");
-        if output.status.code() != Some(1)
-            || !first.starts_with(&expected_prefix)
-            || !first.contains(words)
-        {
+        if output.status.code() != Some(1) || !first.starts_with(&expected_prefix) || !first.contains(words) {
             failures.push(format!(
                 "{what}: exit {:?}, wanted `{expected_prefix}...{words}`, got `{stderr}`",
                 output.status.code()
@@ -118,55 +110,27 @@ fn an_alias_bomb_is_refused_by_the_parser_budget() {
     let path = dir.path().join("bomb.yaml");
     std::fs::write(&path, text).unwrap();
     let started = std::time::Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("check")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.starts_with(&format!("{}:", path.display())),
-        "{stderr}"
-    );
+    assert!(stderr.starts_with(&format!("{}:", path.display())), "{stderr}");
     eprintln!("alias bomb refused in {:?}: {stderr}", started.elapsed());
 }
 
 #[test]
 fn the_example_config_and_several_errors_at_once() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.yaml");
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["check", "-c", example])
-        .output()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).args(["check", "-c", example]).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("two.yaml");
     std::fs::write(&path, format!("{HEAD}routes:\n  - upstream: a\n  - upstream: b\nupstreams:\n  c:\n    backends: [{{ address: \"h:1\" }}]\n")).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("check")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1));
-    assert_eq!(
-        stderr.lines().count(),
-        2,
-        "both unknown upstreams are reported: {stderr}"
-    );
+    assert_eq!(stderr.lines().count(), 2, "both unknown upstreams are reported: {stderr}");
 
-    let usage = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("--no-such-flag")
-        .output()
-        .unwrap();
+    let usage = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("--no-such-flag").output().unwrap();
     assert_eq!(usage.status.code(), Some(2));
 }

@@ -10,10 +10,8 @@ use crate::support::*;
 #[tokio::test]
 async fn idle_connections_are_closed_but_busy_ones_are_not() {
     let backend = Backend::start("a").await;
-    let yaml = format!(
-        "{}limits: {{ idle_timeout: 300ms }}\n",
-        simple_config("{ policy: round_robin }", &[&backend], "")
-    );
+    let yaml =
+        format!("{}limits: {{ idle_timeout: 300ms }}\n", simple_config("{ policy: round_robin }", &[&backend], ""));
     let proxy = start_proxy(&yaml).await;
 
     // A request that takes longer than the idle timeout completes normally.
@@ -22,10 +20,7 @@ async fn idle_connections_are_closed_but_busy_ones_are_not() {
 
     // A keep-alive connection left idle is closed by the proxy.
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
     let mut buffer = vec![0u8; 4096];
     let n = stream.read(&mut buffer).await.unwrap();
     assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
@@ -42,29 +37,13 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
         let (client, url) = (client.clone(), proxy.url("/hold"));
         async move { get(&client, &url).await }
     });
-    wait_until("the held request", Duration::from_secs(10), || {
-        backend.in_flight() == 1
-    })
-    .await;
+    wait_until("the held request", Duration::from_secs(10), || backend.in_flight() == 1).await;
     let addr = proxy.addr;
     let shutdown = tokio::spawn(proxy.running.shutdown());
     // New connections are refused once the listener has stopped.
-    wait_until("the listener to close", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(addr).is_err()
-    })
-    .await;
-    assert!(
-        !shutdown.is_finished(),
-        "shutdown waits for the in-flight request"
-    );
+    wait_until("the listener to close", Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_err()).await;
+    assert!(!shutdown.is_finished(), "shutdown waits for the in-flight request");
     backend.release_held();
-    assert_eq!(
-        held.await.unwrap().status,
-        200,
-        "the in-flight request completed"
-    );
-    tokio::time::timeout(Duration::from_secs(20), shutdown)
-        .await
-        .expect("shutdown finishes once drained")
-        .unwrap();
+    assert_eq!(held.await.unwrap().status, 200, "the in-flight request completed");
+    tokio::time::timeout(Duration::from_secs(20), shutdown).await.expect("shutdown finishes once drained").unwrap();
 }

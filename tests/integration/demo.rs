@@ -46,34 +46,12 @@ fn demo_prints_urls_that_answer_with_a_bot() {
     let proxy_url = proxy_url.expect("demo prints the proxy URL");
     let mut bots = std::collections::HashSet::new();
     for _ in 0..3 {
-        let answer = curl(&[
-            &format!("{proxy_url}/robot/run"),
-            "-d",
-            "{\"task\":\"invoice\"}",
-        ]);
+        let answer = curl(&[&format!("{proxy_url}/robot/run"), "-d", "{\"task\":\"invoice\"}"]);
         assert!(answer.contains("\"status\":\"done\""), "{answer}");
-        bots.insert(
-            answer
-                .split("\"bot\":\"")
-                .nth(1)
-                .unwrap()
-                .split('"')
-                .next()
-                .unwrap()
-                .to_owned(),
-        );
+        bots.insert(answer.split("\"bot\":\"").nth(1).unwrap().split('"').next().unwrap().to_owned());
     }
     assert_eq!(bots.len(), 3, "round robin reaches all three bots");
-    let sticky = |_: usize| {
-        curl(&[
-            "-H",
-            "x-job-id: job-42",
-            &format!("{proxy_url}/jobs/status"),
-        ])
-    };
+    let sticky = |_: usize| curl(&["-H", "x-job-id: job-42", &format!("{proxy_url}/jobs/status")]);
     let first = sticky(0);
-    assert!(
-        (1..5).all(|i| sticky(i) == first),
-        "the same job id reaches the same bot"
-    );
+    assert!((1..5).all(|i| sticky(i) == first), "the same job id reaches the same bot");
 }

@@ -24,11 +24,7 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
         .unwrap();
     let answer = send(&client, request).await;
     assert_eq!(answer.status, 200);
-    let generated_id = answer
-        .headers
-        .get("x-request-id")
-        .expect("a request id is returned")
-        .clone();
+    let generated_id = answer.headers.get("x-request-id").expect("a request id is returned").clone();
     assert_eq!(generated_id.len(), 32);
 
     let seen = backend.stats.last_headers.lock().unwrap().clone().unwrap();
@@ -45,10 +41,7 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
     // A client's own request id is passed through untouched.
     let answer = get_with(&client, &proxy.url("/"), &[("x-request-id", "client-id-1")]).await;
     assert_eq!(answer.headers["x-request-id"], "client-id-1");
-    assert_eq!(
-        backend.stats.last_headers.lock().unwrap().as_ref().unwrap()["x-request-id"],
-        "client-id-1"
-    );
+    assert_eq!(backend.stats.last_headers.lock().unwrap().as_ref().unwrap()["x-request-id"], "client-id-1");
 }
 
 #[tokio::test]
@@ -80,26 +73,11 @@ upstreams:
     let proxy = start_proxy(&yaml).await;
     let client = client();
     let url = |path: &str| proxy.url(path);
-    assert_eq!(
-        get_with(&client, &url("/x"), &[("host", "BOTS.internal:80")])
-            .await
-            .body,
-        "exact-host"
-    );
-    assert_eq!(
-        get_with(&client, &url("/x"), &[("host", "eu.bots.internal")])
-            .await
-            .body,
-        "suffix-host"
-    );
+    assert_eq!(get_with(&client, &url("/x"), &[("host", "BOTS.internal:80")]).await.body, "exact-host");
+    assert_eq!(get_with(&client, &url("/x"), &[("host", "eu.bots.internal")]).await.body, "suffix-host");
     let post = Request::post(url("/jobs/1")).body(full("job")).unwrap();
     assert_eq!(send(&client, post).await.body, "post-jobs");
-    assert_eq!(
-        get_with(&client, &url("/jobs/1"), &[("x-tenant", "acme")])
-            .await
-            .body,
-        "tenant"
-    );
+    assert_eq!(get_with(&client, &url("/jobs/1"), &[("x-tenant", "acme")]).await.body, "tenant");
     assert_eq!(get(&client, &url("/api/v1")).await.body, "fallback");
     let miss = get_with(&client, &url("/other"), &[("x-tenant", "other")]).await;
     assert_eq!(miss.status, 404);
@@ -119,11 +97,7 @@ async fn refused_connection_is_502_upstream_connect() {
     let answer = get(&client(), &proxy.url("/")).await;
     assert_eq!(answer.status, 502);
     assert_eq!(answer.error_code(), Some("upstream_connect"));
-    assert!(
-        !answer.body.contains('\n') || answer.body.trim_end().lines().count() == 1,
-        "one line: {}",
-        answer.body
-    );
+    assert!(!answer.body.contains('\n') || answer.body.trim_end().lines().count() == 1, "one line: {}", answer.body);
 }
 
 #[tokio::test]
@@ -154,17 +128,11 @@ upstreams:
         let (client, url) = (client.clone(), proxy.url("/hold"));
         stuck.push(tokio::spawn(async move { get(&client, &url).await }));
     }
-    wait_until("stuck requests", Duration::from_secs(10), || {
-        slow.in_flight() >= 8
-    })
-    .await;
+    wait_until("stuck requests", Duration::from_secs(10), || slow.in_flight() >= 8).await;
     for _ in 0..20 {
         assert_eq!(get(&client, &proxy.url("/")).await.body, "fast");
     }
-    assert!(
-        stuck.iter().all(|s| !s.is_finished()),
-        "the slow requests were still held"
-    );
+    assert!(stuck.iter().all(|s| !s.is_finished()), "the slow requests were still held");
     slow.release_held();
     for request in stuck {
         assert_eq!(request.await.unwrap().status, 200);
@@ -184,37 +152,23 @@ async fn h2c_clients_are_served_on_the_same_port() {
 #[tokio::test]
 async fn bodies_over_the_limit_get_413() {
     let backend = Backend::start("a").await;
-    let yaml = format!(
-        "{}limits:\n  max_body_bytes: 1000\n",
-        simple_config("{ policy: round_robin }", &[&backend], "")
-    );
+    let yaml =
+        format!("{}limits:\n  max_body_bytes: 1000\n", simple_config("{ policy: round_robin }", &[&backend], ""));
     let proxy = start_proxy(&yaml).await;
     let client = client();
     // Declared too large: refused before any backend sees it.
-    let declared = Request::post(proxy.url("/"))
-        .body(full(vec![b'x'; 5000]))
-        .unwrap();
+    let declared = Request::post(proxy.url("/")).body(full(vec![b'x'; 5000])).unwrap();
     let answer = send(&client, declared).await;
     assert_eq!(answer.status, 413);
     assert_eq!(answer.error_code(), Some("body_too_large"));
     assert_eq!(backend.hits(), 0);
     // Chunked, no length: cut off at the limit while streaming.
-    let streamed = Request::post(proxy.url("/"))
-        .body(streaming_body(200_000))
-        .unwrap();
+    let streamed = Request::post(proxy.url("/")).body(streaming_body(200_000)).unwrap();
     let answer = send(&crate::support::client(), streamed).await;
     assert_eq!(answer.status, 413);
-    assert!(
-        backend
-            .stats
-            .bytes_received
-            .load(std::sync::atomic::Ordering::SeqCst)
-            <= 1000
-    );
+    assert!(backend.stats.bytes_received.load(std::sync::atomic::Ordering::SeqCst) <= 1000);
     // Within the limit: fine.
-    let small = Request::post(proxy.url("/"))
-        .body(full(vec![b'x'; 1000]))
-        .unwrap();
+    let small = Request::post(proxy.url("/")).body(full(vec![b'x'; 1000])).unwrap();
     assert_eq!(send(&client, small).await.status, 200);
 }
 
@@ -229,21 +183,15 @@ async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 #[tokio::test]
 async fn malformed_requests_get_400_or_a_closed_connection_and_harm_no_one() {
     let backend = Backend::start("a").await;
-    let yaml = format!(
-        "{}limits:\n  max_header_bytes: 8192\n",
-        simple_config("{ policy: round_robin }", &[&backend], "")
-    );
+    let yaml =
+        format!("{}limits:\n  max_header_bytes: 8192\n", simple_config("{ policy: round_robin }", &[&backend], ""));
     let proxy = start_proxy(&yaml).await;
-    let huge_header = format!(
-        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
-        "a".repeat(20_000)
-    );
+    let huge_header = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "a".repeat(20_000));
     let cases: Vec<Vec<u8>> = vec![
         b"GARBAGE\r\n\r\n".to_vec(),
         b"GET / HTTP/1.1\r\nhost: x\r\nbad header line\r\n\r\n".to_vec(),
         b"GET / HTTP/9.9\r\n\r\n".to_vec(),
-        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello"
-            .to_vec(),
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello".to_vec(),
         b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n".to_vec(),
         b"\x00\x01\x02\x03\xff\xfe\r\n\r\n".to_vec(),
         huge_header.into_bytes(),
@@ -252,18 +200,9 @@ async fn malformed_requests_get_400_or_a_closed_connection_and_harm_no_one() {
     let client = client();
     for case in cases {
         let answer = raw_exchange(proxy.addr, &case).await;
-        let status_ok = answer.is_empty()
-            || answer.starts_with("HTTP/1.1 4")
-            || !answer.starts_with("HTTP/1.1");
-        assert!(
-            status_ok,
-            "answer to {:?}: {answer}",
-            String::from_utf8_lossy(&case[..case.len().min(40)])
-        );
-        assert!(
-            !answer.starts_with("HTTP/1.1 2"),
-            "a malformed request was accepted"
-        );
+        let status_ok = answer.is_empty() || answer.starts_with("HTTP/1.1 4") || !answer.starts_with("HTTP/1.1");
+        assert!(status_ok, "answer to {:?}: {answer}", String::from_utf8_lossy(&case[..case.len().min(40)]));
+        assert!(!answer.starts_with("HTTP/1.1 2"), "a malformed request was accepted");
         // The proxy is still up and serving everyone else.
         assert_eq!(get(&client, &proxy.url("/")).await.status, 200);
     }

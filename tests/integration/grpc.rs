@@ -13,15 +13,11 @@ use crate::support::*;
 #[tokio::test]
 async fn grpc_unary_and_streaming_calls_pass_through_with_trailers() {
     let (reporter, service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("bots.Runner", tonic_health::ServingStatus::Serving)
-        .await;
+    reporter.set_service_status("bots.Runner", tonic_health::ServingStatus::Serving).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend_addr = listener.local_addr().unwrap();
     tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+        tonic::transport::Server::builder().add_service(service).serve_with_incoming(TcpListenerStream::new(listener)),
     );
     let yaml = format!(
         "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: grpc }}]\nupstreams:\n  grpc:\n    protocol: h2c\n    backends: [{{ address: \"{backend_addr}\" }}]\n"
@@ -35,49 +31,21 @@ async fn grpc_unary_and_streaming_calls_pass_through_with_trailers() {
     let mut client = HealthClient::new(channel);
 
     // Unary, success: the status comes in the grpc-status trailer.
-    let answer = client
-        .check(HealthCheckRequest {
-            service: "bots.Runner".into(),
-        })
-        .await
-        .expect("check succeeds");
+    let answer = client.check(HealthCheckRequest { service: "bots.Runner".into() }).await.expect("check succeeds");
     assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
 
     // Unary, error: NOT_FOUND travels only in trailers, so this proves they pass.
-    let error = client
-        .check(HealthCheckRequest {
-            service: "no.Such".into(),
-        })
-        .await
-        .unwrap_err();
+    let error = client.check(HealthCheckRequest { service: "no.Such".into() }).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::NotFound);
 
     // Server streaming: updates arrive as the backend publishes them.
-    let mut updates = client
-        .watch(HealthCheckRequest {
-            service: "bots.Runner".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut updates = client.watch(HealthCheckRequest { service: "bots.Runner".into() }).await.unwrap().into_inner();
     let first = updates.message().await.unwrap().unwrap();
     assert_eq!(first.status, ServingStatus::Serving as i32);
-    reporter
-        .set_service_status("bots.Runner", tonic_health::ServingStatus::NotServing)
-        .await;
-    let second = tokio::time::timeout(Duration::from_secs(10), updates.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    reporter.set_service_status("bots.Runner", tonic_health::ServingStatus::NotServing).await;
+    let second = tokio::time::timeout(Duration::from_secs(10), updates.message()).await.unwrap().unwrap().unwrap();
     assert_eq!(second.status, ServingStatus::NotServing as i32);
-    reporter
-        .set_service_status("bots.Runner", tonic_health::ServingStatus::Serving)
-        .await;
-    let third = tokio::time::timeout(Duration::from_secs(10), updates.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    reporter.set_service_status("bots.Runner", tonic_health::ServingStatus::Serving).await;
+    let third = tokio::time::timeout(Duration::from_secs(10), updates.message()).await.unwrap().unwrap().unwrap();
     assert_eq!(third.status, ServingStatus::Serving as i32);
 }

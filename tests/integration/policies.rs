@@ -7,11 +7,7 @@ use crate::support::*;
 
 #[tokio::test]
 async fn round_robin_weights_1_2_3_give_exactly_1_2_3() {
-    let backends = [
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    ];
+    let backends = [Backend::start("a").await, Backend::start("b").await, Backend::start("c").await];
     let list: String = backends
         .iter()
         .zip([1, 2, 3])
@@ -25,43 +21,26 @@ async fn round_robin_weights_1_2_3_give_exactly_1_2_3() {
     for _ in 0..600 {
         assert_eq!(get(&client, &proxy.url("/")).await.status, 200);
     }
-    assert_eq!(
-        [backends[0].hits(), backends[1].hits(), backends[2].hits()],
-        [100, 200, 300]
-    );
+    assert_eq!([backends[0].hits(), backends[1].hits(), backends[2].hits()], [100, 200, 300]);
 }
 
 #[tokio::test]
 async fn least_loaded_sends_the_next_request_to_an_idle_backend() {
-    let backends = [
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    ];
-    let proxy = start_proxy(&simple_config(
-        "{ policy: least_loaded }",
-        &backends.iter().collect::<Vec<_>>(),
-        "",
-    ))
-    .await;
+    let backends = [Backend::start("a").await, Backend::start("b").await, Backend::start("c").await];
+    let proxy = start_proxy(&simple_config("{ policy: least_loaded }", &backends.iter().collect::<Vec<_>>(), "")).await;
     let client = client();
     let held = tokio::spawn({
         let (client, url) = (client.clone(), proxy.url("/hold"));
         async move { get(&client, &url).await }
     });
-    wait_until(
-        "the held request to reach a backend",
-        Duration::from_secs(10),
-        || backends.iter().any(|b| b.in_flight() == 1),
-    )
+    wait_until("the held request to reach a backend", Duration::from_secs(10), || {
+        backends.iter().any(|b| b.in_flight() == 1)
+    })
     .await;
     let busy = backends.iter().position(|b| b.in_flight() == 1).unwrap();
     for _ in 0..30 {
         let answer = get(&client, &proxy.url("/")).await;
-        assert_ne!(
-            answer.body, backends[busy].name,
-            "a request went to the busy backend"
-        );
+        assert_ne!(answer.body, backends[busy].name, "a request went to the busy backend");
     }
     assert_eq!(backends[busy].hits(), 1);
     backends[busy].release_held();
@@ -70,20 +49,11 @@ async fn least_loaded_sends_the_next_request_to_an_idle_backend() {
 
 #[tokio::test]
 async fn least_loaded_gives_a_ten_times_slower_backend_well_under_a_third() {
-    let backends = [
-        Backend::start("slow").await,
-        Backend::start("fast1").await,
-        Backend::start("fast2").await,
-    ];
+    let backends = [Backend::start("slow").await, Backend::start("fast1").await, Backend::start("fast2").await];
     backends[0].set_delay(Duration::from_millis(50));
     backends[1].set_delay(Duration::from_millis(5));
     backends[2].set_delay(Duration::from_millis(5));
-    let proxy = start_proxy(&simple_config(
-        "{ policy: least_loaded }",
-        &backends.iter().collect::<Vec<_>>(),
-        "",
-    ))
-    .await;
+    let proxy = start_proxy(&simple_config("{ policy: least_loaded }", &backends.iter().collect::<Vec<_>>(), "")).await;
     let client = client();
     let mut workers = Vec::new();
     for _ in 0..8 {
@@ -103,19 +73,11 @@ async fn least_loaded_gives_a_ten_times_slower_backend_well_under_a_third() {
     let counts = tally(all);
     let slow_share = *counts.get("slow").unwrap_or(&0) as f64 / 320.0;
     eprintln!("least_loaded shares: {counts:?}");
-    assert!(
-        slow_share < 0.2,
-        "slow backend got {:.0}% of the traffic",
-        slow_share * 100.0
-    );
+    assert!(slow_share < 0.2, "slow backend got {:.0}% of the traffic", slow_share * 100.0);
 }
 
 fn hash_config(backends: &[&Backend], bounded: &str) -> String {
-    simple_config(
-        &format!("{{ policy: consistent_hash, key: \"header:x-job-id\"{bounded} }}"),
-        backends,
-        "",
-    )
+    simple_config(&format!("{{ policy: consistent_hash, key: \"header:x-job-id\"{bounded} }}"), backends, "")
 }
 
 async fn key_mapping(proxy: &Proxy, keys: usize, rounds: usize) -> Vec<String> {
@@ -154,11 +116,7 @@ async fn consistent_hash_is_sticky_and_removal_moves_only_the_removed_backends_k
     // A second proxy with the same backends in another order agrees on every key.
     let reversed: Vec<&Backend> = backends.iter().rev().collect();
     let replica = start_proxy(&hash_config(&reversed, "")).await;
-    assert_eq!(
-        key_mapping(&replica, 200, 1).await,
-        before,
-        "replicas disagree"
-    );
+    assert_eq!(key_mapping(&replica, 200, 1).await, before, "replicas disagree");
 
     // Without b2, only b2's keys move.
     let without: Vec<&Backend> = backends.iter().filter(|b| b.name != "b2").collect();
@@ -190,34 +148,19 @@ async fn bounded_load_keeps_every_backend_within_the_factor_under_skewed_keys() 
     let mut requests = Vec::new();
     // 40 held requests, 32 of them with the same hot key.
     for i in 0..40 {
-        let key = if i % 5 == 0 {
-            format!("cold-{i}")
-        } else {
-            "hot".to_owned()
-        };
+        let key = if i % 5 == 0 { format!("cold-{i}") } else { "hot".to_owned() };
         let (client, url) = (client.clone(), proxy.url("/hold"));
-        requests.push(tokio::spawn(async move {
-            get_with(&client, &url, &[("x-job-id", &key)]).await
-        }));
+        requests.push(tokio::spawn(async move { get_with(&client, &url, &[("x-job-id", &key)]).await }));
     }
-    wait_until(
-        "all 40 requests to be held",
-        Duration::from_secs(20),
-        || backends.iter().map(|b| b.in_flight()).sum::<usize>() == 40,
-    )
+    wait_until("all 40 requests to be held", Duration::from_secs(20), || {
+        backends.iter().map(|b| b.in_flight()).sum::<usize>() == 40
+    })
     .await;
     let mean = 40.0 / 4.0;
     let bound = (1.25f64 * mean).ceil() as usize;
     for backend in &backends {
-        let peak = backend
-            .stats
-            .peak_in_flight
-            .load(std::sync::atomic::Ordering::SeqCst);
-        assert!(
-            peak <= bound,
-            "{} peaked at {peak} in flight; bound is {bound}",
-            backend.name
-        );
+        let peak = backend.stats.peak_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(peak <= bound, "{} peaked at {peak} in flight; bound is {bound}", backend.name);
     }
     for backend in &backends {
         backend.release_held();
@@ -229,32 +172,16 @@ async fn bounded_load_keeps_every_backend_within_the_factor_under_skewed_keys() 
 
 #[tokio::test]
 async fn every_policy_respects_max_concurrency() {
-    for policy in [
-        "round_robin",
-        "least_loaded",
-        "random",
-        "consistent_hash, key: \"header:x-job-id\"",
-    ] {
-        let backends = [
-            Backend::start("a").await,
-            Backend::start("b").await,
-            Backend::start("c").await,
-        ];
+    for policy in ["round_robin", "least_loaded", "random", "consistent_hash, key: \"header:x-job-id\""] {
+        let backends = [Backend::start("a").await, Backend::start("b").await, Backend::start("c").await];
         let all: Vec<&Backend> = backends.iter().collect();
-        let proxy = start_proxy(&simple_config(
-            &format!("{{ policy: {policy} }}"),
-            &all,
-            ", max_concurrency: 2",
-        ))
-        .await;
+        let proxy = start_proxy(&simple_config(&format!("{{ policy: {policy} }}"), &all, ", max_concurrency: 2")).await;
         let client = client();
         let mut held = Vec::new();
         for i in 0..6 {
             let (client, url) = (client.clone(), proxy.url("/hold"));
             let key = format!("k{}", i % 2);
-            held.push(tokio::spawn(async move {
-                get_with(&client, &url, &[("x-job-id", &key)]).await
-            }));
+            held.push(tokio::spawn(async move { get_with(&client, &url, &[("x-job-id", &key)]).await }));
         }
         wait_until("six held requests", Duration::from_secs(10), || {
             backends.iter().map(|b| b.in_flight()).sum::<usize>() == 6
@@ -267,14 +194,7 @@ async fn every_policy_respects_max_concurrency() {
             assert_eq!(answer.error_code(), Some("no_healthy_backend"));
         }
         for backend in &backends {
-            assert!(
-                backend
-                    .stats
-                    .peak_in_flight
-                    .load(std::sync::atomic::Ordering::SeqCst)
-                    <= 2,
-                "{policy}"
-            );
+            assert!(backend.stats.peak_in_flight.load(std::sync::atomic::Ordering::SeqCst) <= 2, "{policy}");
             backend.release_held();
         }
         for request in held {

@@ -41,21 +41,13 @@ async fn start_bot(name: &str, dir: &Path) -> PythonBot {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("robot bot {name} exited with {status}: are tests/requirements.txt installed? (scripts/install-test-deps)");
         }
-        let port = std::fs::read_to_string(&port_file)
-            .ok()
-            .and_then(|text| text.trim().parse::<u16>().ok());
+        let port = std::fs::read_to_string(&port_file).ok().and_then(|text| text.trim().parse::<u16>().ok());
         if let Some(port) = port {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 return PythonBot { child, port };
             }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "robot bot {name} did not start"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "robot bot {name} did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -68,10 +60,7 @@ async fn robot_framework_remote_servers_behind_the_proxy() {
         start_bot("bot-2", dir.path()).await,
         start_bot("bot-3", dir.path()).await,
     ];
-    let backends: String = bots
-        .iter()
-        .map(|b| format!("      - {{ address: \"127.0.0.1:{}\" }}\n", b.port))
-        .collect();
+    let backends: String = bots.iter().map(|b| format!("      - {{ address: \"127.0.0.1:{}\" }}\n", b.port)).collect();
     let yaml = format!(
         "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: robots, timeout: 60s }}]\nupstreams:\n  robots:\n    balance: {{ policy: round_robin }}\n    backends:\n{backends}"
     );
@@ -88,26 +77,15 @@ async fn robot_framework_remote_servers_behind_the_proxy() {
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "client failed: {}\n{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "client failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
 
     let mut lines = stdout.lines();
     let keywords = lines.next().unwrap();
-    assert!(
-        keywords.contains("process_invoice") && keywords.contains("whoami"),
-        "{keywords}"
-    );
+    assert!(keywords.contains("process_invoice") && keywords.contains("whoami"), "{keywords}");
     let mut per_bot: HashMap<String, usize> = HashMap::new();
     for i in 0..30 {
         let line = lines.next().unwrap();
-        assert!(
-            line.contains(&format!("\"invoice\": \"inv-{i}\""))
-                && line.contains("\"total\": 120.0"),
-            "{line}"
-        );
+        assert!(line.contains(&format!("\"invoice\": \"inv-{i}\"")) && line.contains("\"total\": 120.0"), "{line}");
         let bot = ["bot-1", "bot-2", "bot-3"]
             .into_iter()
             .find(|b| line.contains(&format!("\"bot\": \"{b}\"")))
@@ -115,11 +93,7 @@ async fn robot_framework_remote_servers_behind_the_proxy() {
         *per_bot.entry(bot.to_owned()).or_default() += 1;
     }
     // Round robin: 30 consecutive keyword calls, 10 per bot.
-    assert_eq!(
-        per_bot.values().copied().collect::<Vec<_>>(),
-        vec![10, 10, 10],
-        "{per_bot:?}"
-    );
+    assert_eq!(per_bot.values().copied().collect::<Vec<_>>(), vec![10, 10, 10], "{per_bot:?}");
     // A failing keyword's error travels back as the XML-RPC fault it is.
     assert_eq!(lines.next().unwrap(), "{\"failure\": \"boom\"}");
 }

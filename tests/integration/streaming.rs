@@ -24,29 +24,18 @@ async fn hundred_mib_up_and_down_stream_through_in_bounded_memory() {
     for _ in 0..20 {
         assert_eq!(get(&client, &proxy.url("/")).await.status, 200);
     }
-    let small = Request::post(proxy.url("/"))
-        .body(streaming_body(4 * 1024 * 1024))
-        .unwrap();
+    let small = Request::post(proxy.url("/")).body(streaming_body(4 * 1024 * 1024)).unwrap();
     assert_eq!(send(&client, small).await.status, 200);
     let baseline = proxy.memory_kib("VmRSS");
     proxy.reset_peak();
 
-    let upload = Request::post(proxy.url("/upload"))
-        .body(streaming_body(HUNDRED_MIB))
-        .unwrap();
+    let upload = Request::post(proxy.url("/upload")).body(streaming_body(HUNDRED_MIB)).unwrap();
     let answer = send(&client, upload).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(
-        backend.stats.bytes_received.load(Ordering::SeqCst),
-        HUNDRED_MIB + 4 * 1024 * 1024
-    );
+    assert_eq!(backend.stats.bytes_received.load(Ordering::SeqCst), HUNDRED_MIB + 4 * 1024 * 1024);
 
     let response = client
-        .request(
-            Request::get(proxy.url(&format!("/download?bytes={HUNDRED_MIB}")))
-                .body(full(""))
-                .unwrap(),
-        )
+        .request(Request::get(proxy.url(&format!("/download?bytes={HUNDRED_MIB}"))).body(full("")).unwrap())
         .await
         .unwrap();
     let mut body = response.into_body();
@@ -59,10 +48,7 @@ async fn hundred_mib_up_and_down_stream_through_in_bounded_memory() {
     let peak = proxy.memory_kib("VmHWM");
     let growth_mib = peak.saturating_sub(baseline) as f64 / 1024.0;
     eprintln!("proxy RSS baseline {baseline} KiB, peak during 2 x 100 MiB {peak} KiB, growth {growth_mib:.1} MiB");
-    assert!(
-        growth_mib < 8.0,
-        "proxy memory grew by {growth_mib:.1} MiB while streaming"
-    );
+    assert!(growth_mib < 8.0, "proxy memory grew by {growth_mib:.1} MiB while streaming");
 }
 
 #[tokio::test]
@@ -86,9 +72,7 @@ async fn websocket_echo_passes_through_the_upgrade() {
     );
     let proxy = start_proxy(&yaml).await;
     let (mut socket, response) =
-        tokio_tungstenite::connect_async(format!("ws://{}/echo", proxy.addr))
-            .await
-            .expect("upgrade through the proxy");
+        tokio_tungstenite::connect_async(format!("ws://{}/echo", proxy.addr)).await.expect("upgrade through the proxy");
     assert_eq!(response.status(), 101);
     for i in 0..50 {
         let text = format!("message {i}");
@@ -98,9 +82,6 @@ async fn websocket_echo_passes_through_the_upgrade() {
     }
     let blob = vec![7u8; 1 << 20];
     socket.send(Message::binary(blob.clone())).await.unwrap();
-    assert_eq!(
-        socket.next().await.unwrap().unwrap().into_data().as_ref(),
-        &blob[..]
-    );
+    assert_eq!(socket.next().await.unwrap().unwrap().into_data().as_ref(), &blob[..]);
     socket.close(None).await.unwrap();
 }

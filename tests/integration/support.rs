@@ -78,12 +78,7 @@ impl Backend {
                 }
             })
         };
-        Backend {
-            name: name_owned,
-            addr,
-            stats,
-            task,
-        }
+        Backend { name: name_owned, addr, stats, task }
     }
 
     pub fn hits(&self) -> usize {
@@ -95,9 +90,7 @@ impl Backend {
     }
 
     pub fn set_delay(&self, delay: Duration) {
-        self.stats
-            .base_delay_ms
-            .store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.stats.base_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn release_held(&self) {
@@ -147,9 +140,7 @@ async fn handle(
     *stats.last_headers.lock().unwrap() = Some(request.headers().clone());
 
     let path = request.uri().path().to_owned();
-    let delay = query_param(&request, "delay_ms")
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(0)
+    let delay = query_param(&request, "delay_ms").and_then(|d| d.parse().ok()).unwrap_or(0)
         + stats.base_delay_ms.load(Ordering::SeqCst);
     let status = query_param(&request, "code").and_then(|c| c.parse::<u16>().ok());
     let download = query_param(&request, "bytes").and_then(|b| b.parse::<u64>().ok());
@@ -159,9 +150,7 @@ async fn handle(
         match frame {
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
-                    stats
-                        .bytes_received
-                        .fetch_add(data.len() as u64, Ordering::SeqCst);
+                    stats.bytes_received.fetch_add(data.len() as u64, Ordering::SeqCst);
                 }
             }
             Err(_) => break,
@@ -186,16 +175,12 @@ async fn handle(
     if let Some(code) = status {
         *response.status_mut() = StatusCode::from_u16(code).unwrap();
     }
-    response
-        .headers_mut()
-        .insert("x-backend", name.parse().unwrap());
+    response.headers_mut().insert("x-backend", name.parse().unwrap());
     Ok(response)
 }
 
 pub fn full(text: impl Into<Bytes>) -> TestBody {
-    Full::new(text.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(text.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 /// A body of `total` bytes produced in 64 KiB chunks, never held whole in memory.
@@ -209,12 +194,7 @@ pub fn streaming_body(total: u64) -> TestBody {
                 return None;
             }
             let n = CHUNK.min(total - sent);
-            Some((
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(
-                    chunk.slice(..n as usize),
-                )),
-                sent + n,
-            ))
+            Some((Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(chunk.slice(..n as usize))), sent + n))
         }
     });
     StreamBody::new(stream).boxed_unsync()
@@ -231,42 +211,42 @@ impl Proxy {
     }
 }
 
+/// Test configs get an admin listener on a free port unless they name one, so
+/// parallel tests never fight over the default admin port.
+pub fn with_test_admin(yaml: &str) -> String {
+    if yaml.contains("\nadmin:") || yaml.starts_with("admin:") {
+        yaml.to_owned()
+    } else {
+        format!("admin: {{ bind: \"127.0.0.1:0\" }}\n{yaml}")
+    }
+}
+
 /// Starts the proxy from YAML; the first listener's address is `addr`.
 pub async fn start_proxy(yaml: &str) -> Proxy {
-    let config = switchyard::config::parse(yaml, "test.yaml")
-        .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
+    let yaml = with_test_admin(yaml);
+    let config =
+        switchyard::config::parse(&yaml, "test.yaml").unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
     let running = RunningProxy::start(&config).await.expect("proxy starts");
-    let addr = running.listener_addrs()[0].1;
+    let addr = running.listener_addrs().await[0].1;
     Proxy { running, addr }
 }
 
 /// YAML for one listener on an ephemeral port, one catch-all route, and one
 /// upstream over `backends` with `balance` (a YAML flow mapping).
 pub fn simple_config(balance: &str, backends: &[&Backend], extra_backend_fields: &str) -> String {
-    let list: String = backends
-        .iter()
-        .map(|b| {
-            format!(
-                "      - {{ address: \"{}\"{extra_backend_fields} }}\n",
-                b.addr
-            )
-        })
-        .collect();
+    let list: String =
+        backends.iter().map(|b| format!("      - {{ address: \"{}\"{extra_backend_fields} }}\n", b.addr)).collect();
     format!(
         "listeners:\n  - bind: \"127.0.0.1:0\"\nroutes:\n  - upstream: pool\nupstreams:\n  pool:\n    balance: {balance}\n    backends:\n{list}"
     )
 }
 
 pub fn client() -> Client<HttpConnector, TestBody> {
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(64)
-        .build_http()
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build_http()
 }
 
 pub fn h2c_client() -> Client<HttpConnector, TestBody> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http()
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
 }
 
 pub struct Answer {
@@ -277,35 +257,22 @@ pub struct Answer {
 
 impl Answer {
     pub fn error_code(&self) -> Option<&str> {
-        self.headers
-            .get("x-switchyard-error")
-            .and_then(|v| v.to_str().ok())
+        self.headers.get("x-switchyard-error").and_then(|v| v.to_str().ok())
     }
 }
 
 pub async fn send(client: &Client<HttpConnector, TestBody>, request: Request<TestBody>) -> Answer {
-    let response = client
-        .request(request)
-        .await
-        .expect("request reaches the proxy");
+    let response = client.request(request).await.expect("request reaches the proxy");
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    Answer { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
 }
 
 pub async fn get(client: &Client<HttpConnector, TestBody>, url: &str) -> Answer {
     send(client, Request::get(url).body(full("")).unwrap()).await
 }
 
-pub async fn get_with(
-    client: &Client<HttpConnector, TestBody>,
-    url: &str,
-    headers: &[(&str, &str)],
-) -> Answer {
+pub async fn get_with(client: &Client<HttpConnector, TestBody>, url: &str, headers: &[(&str, &str)]) -> Answer {
     let mut builder = Request::get(url);
     for (name, value) in headers {
         builder = builder.header(*name, *value);
@@ -326,21 +293,14 @@ pub fn tally(answers: impl IntoIterator<Item = String>) -> HashMap<String, usize
 pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 /// A free loopback port: bound, then released for a child process to take.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The proxy as a separate process (for measuring its memory, or its CLI).
@@ -357,7 +317,7 @@ impl ProxyProcess {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.yaml");
-        std::fs::write(&path, yaml.replace("{port}", &port.to_string())).unwrap();
+        std::fs::write(&path, with_test_admin(&yaml.replace("{port}", &port.to_string()))).unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["run", "-c"])
             .arg(&path)
@@ -367,17 +327,10 @@ impl ProxyProcess {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "proxy process did not start listening"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "proxy process did not start listening");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        ProxyProcess {
-            child,
-            addr,
-            _dir: dir,
-        }
+        ProxyProcess { child, addr, _dir: dir }
     }
 
     pub fn url(&self, path: &str) -> String {

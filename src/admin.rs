@@ -1,0 +1,104 @@
+//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`, `/reload`.
+//!
+//! A small HTTP/1.1 server on its own socket, separate from the proxy listeners
+//! so that operators can always reach it, whatever the proxy's routes say. It
+//! holds only a weak reference to the runtime, so it never keeps a stopped proxy
+//! alive.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Weak;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::reload::{ReloadTrigger, Runtime};
+
+pub struct AdminHandle {
+    pub local_addr: SocketAddr,
+    accept_task: JoinHandle<()>,
+}
+
+impl AdminHandle {
+    /// Stops accepting; requests already being served (such as the `/reload`
+    /// that moved the admin listener) finish on their own.
+    pub fn stop(self) {
+        self.accept_task.abort();
+    }
+}
+
+pub fn spawn(listener: TcpListener, runtime: Weak<Runtime>) -> std::io::Result<AdminHandle> {
+    let local_addr = listener.local_addr()?;
+    let accept_task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let runtime = runtime.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let runtime = runtime.clone();
+                    async move { Ok::<_, Infallible>(answer(runtime, request).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(AdminHandle { local_addr, accept_task })
+}
+
+async fn answer(runtime: Weak<Runtime>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(runtime) = runtime.upgrade() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "stopped\n");
+    };
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if runtime.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        (&Method::GET, "/status") => json(StatusCode::OK, &runtime.status().await),
+        (&Method::GET, "/metrics") => match crate::metrics::install() {
+            Some(handle) => {
+                let mut response = Response::new(Full::from(handle.render()));
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
+                response
+            }
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n"),
+        },
+        (&Method::POST, "/reload") => match runtime.reload(ReloadTrigger::Admin).await {
+            Ok(summary) => json(StatusCode::OK, &summary),
+            Err(error) => text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
+        },
+        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "unknown admin path\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::from(body.to_owned()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    let mut response = Response::new(Full::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response
+}
