@@ -68,7 +68,19 @@ struct Bound {
     /// Hash of the file content last read, so that a watcher event for an
     /// unchanged file (an editor's swap file, a touch) does not reload.
     last_digest: Option<u64>,
+    /// Snapshots replaced by reloads, kept until no request holds them, so that
+    /// freeing a large snapshot happens here and never on a request's path.
+    retired: Vec<Arc<Snapshot>>,
 }
+
+impl Bound {
+    fn free_unused_snapshots(&mut self) {
+        self.retired.retain(|snapshot| Arc::strong_count(snapshot) > 1);
+    }
+}
+
+/// How often retired snapshots are checked for release.
+const RETIRED_SWEEP: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Default)]
 struct ReloadStats {
@@ -116,6 +128,7 @@ impl Runtime {
                 admin_bind: config.admin.bind,
                 max_connections: config.limits.max_connections,
                 last_digest: digest,
+                retired: Vec::new(),
             }),
             stats: ReloadStats::default(),
             draining: AtomicBool::new(false),
@@ -135,6 +148,18 @@ impl Runtime {
                 })?);
         }
         crate::metrics::config_generation(1);
+        let weak = Arc::downgrade(&runtime);
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(RETIRED_SWEEP);
+            loop {
+                sweep.tick().await;
+                let Some(runtime) = weak.upgrade() else { return };
+                // A reload in progress sweeps for itself.
+                if let Ok(mut bound) = runtime.bound.try_lock() {
+                    bound.free_unused_snapshots();
+                };
+            }
+        });
         Ok(runtime)
     }
 
@@ -185,6 +210,8 @@ impl Runtime {
         let snapshot = Snapshot::compile(&config, Some(&previous), previous.generation + 1);
         let mut summary = ReloadSummary::between(&previous, &snapshot);
         self.live.store(Arc::new(snapshot));
+        bound.retired.push(previous);
+        bound.free_unused_snapshots();
 
         for (listener, socket) in new_sockets {
             let handle = server::spawn(listener.name.as_str().into(), socket, self.serve.clone())

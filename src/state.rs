@@ -30,16 +30,23 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn compile(config: &Config, previous: Option<&Snapshot>, generation: u64) -> Snapshot {
+        let previous_upstreams = previous.map_or(&[][..], |p| &p.upstreams[..]);
         let mut carried: HashMap<(&str, &str), &Arc<BackendState>> = HashMap::new();
-        for upstream in previous.map_or(&[][..], |p| &p.upstreams[..]) {
+        for upstream in previous_upstreams {
             for backend in &upstream.backends {
                 carried.insert((&upstream.name, &backend.address), &backend.state);
             }
         }
+        let unchanged: HashMap<&str, &Arc<Upstream>> = previous_upstreams.iter().map(|u| (&*u.name, u)).collect();
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| {
+                // An upstream whose config did not change is reused whole (balancer
+                // tables included), so a reload costs what it changes.
+                if let Some(previous) = unchanged.get(u.name.as_str()).filter(|p| p.config == *u) {
+                    return Arc::clone(previous);
+                }
                 let backends = u
                     .backends
                     .iter()
@@ -61,6 +68,7 @@ impl Snapshot {
                     backends,
                     balancer: Balancer::new(&u.policy, &u.backends),
                     protocol: u.protocol,
+                    config: u.clone(),
                 })
             })
             .collect();

@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::balance::Balancer;
-use crate::config::UpstreamProtocol;
+use crate::config::{UpstreamConfig, UpstreamProtocol};
 
 /// One upstream: a named set of backends and the policy that picks among them.
 #[derive(Debug)]
@@ -20,6 +20,8 @@ pub struct Upstream {
     pub backends: Vec<Arc<Backend>>,
     pub balancer: Balancer,
     pub protocol: UpstreamProtocol,
+    /// What this upstream was compiled from, to recognise it unchanged on reload.
+    pub config: UpstreamConfig,
 }
 
 #[derive(Debug)]

@@ -89,7 +89,7 @@ pub struct RouteConfig {
     pub timeout: Option<Duration>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
     pub policy: PolicyConfig,

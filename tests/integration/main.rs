@@ -9,5 +9,6 @@ mod demo;
 mod forwarding;
 mod grpc;
 mod policies;
+mod reload;
 mod robot;
 mod streaming;

@@ -307,6 +307,7 @@ pub fn free_port() -> u16 {
 pub struct ProxyProcess {
     pub child: std::process::Child,
     pub addr: SocketAddr,
+    pub path: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -330,7 +331,7 @@ impl ProxyProcess {
             assert!(tokio::time::Instant::now() < deadline, "proxy process did not start listening");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        ProxyProcess { child, addr, _dir: dir }
+        ProxyProcess { child, addr, path, _dir: dir }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -347,6 +348,15 @@ impl ProxyProcess {
             .unwrap_or_else(|| panic!("no {field} in /proc status"))
     }
 
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Resets the peak-RSS counter (VmHWM) so a later read covers only what follows.
     pub fn reset_peak(&self) {
         std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").unwrap();
@@ -357,5 +367,116 @@ impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A proxy started from a config file, so it can be reloaded, with helpers
+/// for its admin API.
+pub struct FileProxy {
+    pub running: RunningProxy,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+}
+
+impl FileProxy {
+    pub async fn start(yaml: &str) -> FileProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switchyard.yaml");
+        std::fs::write(&path, with_test_admin(yaml)).unwrap();
+        Self::start_at(dir, path).await
+    }
+
+    /// Starts on an existing file (for symlinked layouts the test builds itself).
+    pub async fn start_at(dir: tempfile::TempDir, path: std::path::PathBuf) -> FileProxy {
+        let running = RunningProxy::start_from_file(&path).await.expect("proxy starts");
+        let addr = running.listener_addrs().await[0].1;
+        let admin = running.admin_addr().await;
+        FileProxy { running, addr, admin, dir, path }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Replaces the config the way editors do: write a temporary file, rename it over.
+    pub fn replace_config(&self, yaml: &str) {
+        let temporary = self.dir.path().join(".switchyard.yaml.tmp");
+        std::fs::write(&temporary, with_test_admin(yaml)).unwrap();
+        std::fs::rename(&temporary, &self.path).unwrap();
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        let answer = get(&client(), &format!("http://{}/status", self.admin)).await;
+        assert_eq!(answer.status, 200);
+        serde_json::from_str(&answer.body).unwrap()
+    }
+
+    pub async fn generation(&self) -> u64 {
+        self.status().await["generation"].as_u64().unwrap()
+    }
+
+    pub async fn reload_errors(&self) -> u64 {
+        self.status().await["reloads"]["error"].as_u64().unwrap()
+    }
+
+    /// Waits until `/status` reports `generation`.
+    pub async fn wait_for_generation(&self, generation: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = self.generation().await;
+            if now == generation {
+                return;
+            }
+            assert!(now < generation, "generation jumped past {generation} to {now}");
+            assert!(tokio::time::Instant::now() < deadline, "config generation {generation} never arrived (at {now})");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `/status` counts `errors` failed reloads.
+    pub async fn wait_for_reload_errors(&self, errors: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.reload_errors().await < errors {
+            assert!(tokio::time::Instant::now() < deadline, "reload error {errors} never reported");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn post_reload(&self) -> Answer {
+        send(&client(), Request::post(format!("http://{}/reload", self.admin)).body(full("")).unwrap()).await
+    }
+}
+
+/// Scrapes a Prometheus endpoint and parses it with a real text-format parser.
+pub async fn scrape(url: &str) -> prometheus_parse::Scrape {
+    let answer = get(&client(), url).await;
+    assert_eq!(answer.status, 200);
+    prometheus_parse::Scrape::parse(answer.body.lines().map(|line| Ok(line.to_owned()))).expect("valid Prometheus text")
+}
+
+/// The value of `name` with every label in `labels`, if the scrape has it.
+pub fn metric_value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).map(
+        |s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} is not a plain number"),
+        },
+    )
+}
+
+/// Polls an async `condition` every 20 ms until it holds, failing after 30 s.
+pub async fn wait_until_async<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
