@@ -26,6 +26,8 @@ fn fleet(n: usize) -> (Vec<BackendConfig>, Vec<Arc<Backend>>) {
                 weight: c.weight,
                 max_concurrency: u32::MAX,
                 state: Arc::default(),
+                check: None,
+                slow_start: None,
             })
         })
         .collect();

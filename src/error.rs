@@ -38,6 +38,15 @@ impl ProxyError {
         }
     }
 
+    /// Whether the backend is to blame (for passive health): it could not be
+    /// reached or dropped the exchange. Client mistakes are not its fault.
+    pub fn is_backend_failure(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamReset { .. } | ProxyError::UpstreamTimeout
+        )
+    }
+
     /// The `x-switchyard-error` value; `None` for plain client errors.
     pub fn code(&self) -> Option<&'static str> {
         Some(match self {

@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

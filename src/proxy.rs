@@ -101,6 +101,12 @@ async fn forward(
         )
         .ok_or_else(|| ProxyError::NoHealthyBackend { upstream: upstream.name.to_string() })?;
     let backend = &upstream.backends[pick.index];
+    let outcome = Outcome {
+        upstream,
+        index: pick.index,
+        deadline: matched.route().timeout.map(|t| Instant::now() + t),
+        reported: false,
+    };
 
     // 3. Rewrite for the backend: absolute URI, forwarding headers, no hop-by-hop.
     let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
@@ -134,8 +140,16 @@ async fn forward(
     // 4. Send; time to response head feeds the latency estimate.
     let started = Instant::now();
     let result = clients.for_protocol(upstream.protocol).request(outgoing).await;
-    let mut response = result.map_err(|error| classify(error, &backend.address, limit))?;
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            let error = classify(error, &backend.address, limit);
+            outcome.report(error.is_backend_failure());
+            return Err(error);
+        }
+    };
     pick.guard.state().latency.observe(started.elapsed());
+    outcome.report(response.status().is_server_error());
 
     // 5. A 101 turns the exchange into a tunnel that owns the in-flight slot.
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -240,6 +254,32 @@ fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64)
         source = cause.source();
     }
     ProxyError::UpstreamReset { backend: backend.to_owned(), source: Box::new(error) }
+}
+
+/// Reports one exchange's outcome to passive health detection. Dropped without
+/// a report (the route timeout cancelled the exchange, or the client left), it
+/// counts a failure only if the route's deadline has passed: a client that gives
+/// up early says nothing about the backend.
+struct Outcome<'a> {
+    upstream: &'a crate::upstream::Upstream,
+    index: usize,
+    deadline: Option<Instant>,
+    reported: bool,
+}
+
+impl Outcome<'_> {
+    fn report(mut self, failed: bool) {
+        self.reported = true;
+        crate::health::passive::record(self.upstream, self.index, failed);
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.reported && self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            crate::health::passive::record(self.upstream, self.index, true);
+        }
+    }
 }
 
 /// Marks a failure reading the client's request body, so that it is not blamed

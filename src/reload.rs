@@ -22,8 +22,10 @@ use tokio::sync::Semaphore;
 use crate::admin::{self, AdminHandle};
 use crate::client::UpstreamClients;
 use crate::config::{self, Config, ConfigErrors};
+use crate::health::active::Checkers;
 use crate::server::{self, ListenerHandle, ServeContext};
 use crate::state::{Live, Snapshot};
+use crate::upstream::{nanos_since_epoch, Backend};
 
 /// Why a reload was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +73,7 @@ struct Bound {
     /// Snapshots replaced by reloads, kept until no request holds them, so that
     /// freeing a large snapshot happens here and never on a request's path.
     retired: Vec<Arc<Snapshot>>,
+    checkers: Checkers,
 }
 
 impl Bound {
@@ -79,8 +82,9 @@ impl Bound {
     }
 }
 
-/// How often retired snapshots are checked for release.
-const RETIRED_SWEEP: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often housekeeping runs: releasing retired snapshots and refreshing the
+/// backend health gauges (ejections end by the clock, not by an event).
+const HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Default)]
 struct ReloadStats {
@@ -129,12 +133,15 @@ impl Runtime {
                 max_connections: config.limits.max_connections,
                 last_digest: digest,
                 retired: Vec::new(),
+                checkers: Checkers::default(),
             }),
             stats: ReloadStats::default(),
             draining: AtomicBool::new(false),
         });
         {
             let mut bound = runtime.bound.lock().await;
+            let snapshot = runtime.live.load_full();
+            bound.checkers.sync(&snapshot);
             for (listener, socket) in sockets {
                 let handle = server::spawn(listener.name.as_str().into(), socket, runtime.serve.clone())
                     .map_err(|source| ReloadError::Bind { name: listener.name.clone(), bind: listener.bind, source })?;
@@ -150,10 +157,11 @@ impl Runtime {
         crate::metrics::config_generation(1);
         let weak = Arc::downgrade(&runtime);
         tokio::spawn(async move {
-            let mut sweep = tokio::time::interval(RETIRED_SWEEP);
+            let mut tick = tokio::time::interval(HOUSEKEEPING);
             loop {
-                sweep.tick().await;
+                tick.tick().await;
                 let Some(runtime) = weak.upgrade() else { return };
+                crate::metrics::backend_health(&runtime.live.load());
                 // A reload in progress sweeps for itself.
                 if let Ok(mut bound) = runtime.bound.try_lock() {
                     bound.free_unused_snapshots();
@@ -209,7 +217,9 @@ impl Runtime {
 
         let snapshot = Snapshot::compile(&config, Some(&previous), previous.generation + 1);
         let mut summary = ReloadSummary::between(&previous, &snapshot);
-        self.live.store(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        self.live.store(Arc::clone(&snapshot));
+        bound.checkers.sync(&snapshot);
         bound.retired.push(previous);
         bound.free_unused_snapshots();
 
@@ -288,10 +298,12 @@ impl Runtime {
         if let Some(admin) = bound.admin.take() {
             admin.stop();
         }
+        bound.checkers = Checkers::default();
     }
 
     pub async fn status(&self) -> Status {
         let snapshot = self.live.load_full();
+        let now = nanos_since_epoch();
         let listeners = self
             .listener_addrs()
             .await
@@ -304,17 +316,7 @@ impl Runtime {
             .map(|u| UpstreamStatus {
                 name: u.name.to_string(),
                 policy: u.balancer.name(),
-                backends: u
-                    .backends
-                    .iter()
-                    .map(|b| BackendStatus {
-                        address: b.address.to_string(),
-                        weight: b.weight,
-                        max_concurrency: (b.max_concurrency != u32::MAX).then_some(b.max_concurrency),
-                        in_flight: b.in_flight(),
-                        latency_ms: b.state.latency.estimate().map(|ns| ns / 1e6),
-                    })
-                    .collect(),
+                backends: u.backends.iter().map(|b| BackendStatus::of(b, now)).collect(),
             })
             .collect();
         Status {
@@ -407,7 +409,57 @@ pub struct UpstreamStatus {
 pub struct BackendStatus {
     pub address: String,
     pub weight: u32,
+    /// The weight it gets now: lower during slow start.
+    pub effective_weight: f64,
     pub max_concurrency: Option<u32>,
     pub in_flight: u32,
     pub latency_ms: Option<f64>,
+    /// Eligible by health: the active check passes (or there is none) and not ejected.
+    pub healthy: bool,
+    /// Seconds until a passive ejection ends; `null` when not ejected.
+    pub ejected_for_seconds: Option<f64>,
+    /// Passive detection's current streak of failed requests.
+    pub consecutive_request_failures: u32,
+    pub active_check: Option<ActiveCheckStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ActiveCheckStatus {
+    pub healthy: bool,
+    pub last_passed: Option<bool>,
+    /// Why the last check passed or failed: `status 503`, `timeout after 1s`, ...
+    pub last_reason: Option<String>,
+    pub last_checked_seconds_ago: Option<f64>,
+    pub consecutive_passes: u32,
+    pub consecutive_failures: u32,
+}
+
+impl BackendStatus {
+    fn of(backend: &Backend, now: u64) -> Self {
+        let seconds = |ns: u64| ns as f64 / 1e9;
+        let ejected_until = backend.state.passive.ejected_until();
+        BackendStatus {
+            address: backend.address.to_string(),
+            weight: backend.weight,
+            effective_weight: backend.effective_weight(now),
+            max_concurrency: (backend.max_concurrency != u32::MAX).then_some(backend.max_concurrency),
+            in_flight: backend.in_flight(),
+            latency_ms: backend.state.latency.estimate().map(|ns| ns / 1e6),
+            healthy: backend.is_healthy(now),
+            ejected_for_seconds: (ejected_until > now).then(|| seconds(ejected_until - now)),
+            consecutive_request_failures: backend.state.passive.consecutive_failures(),
+            active_check: backend.check.as_ref().map(|check| {
+                let last = check.last();
+                let (consecutive_passes, consecutive_failures) = check.consecutive();
+                ActiveCheckStatus {
+                    healthy: check.is_healthy(),
+                    last_passed: last.as_ref().map(|l| l.passed),
+                    last_reason: last.as_ref().map(|l| l.reason.clone()),
+                    last_checked_seconds_ago: last.as_ref().map(|l| seconds(now.saturating_sub(l.at_nanos))),
+                    consecutive_passes,
+                    consecutive_failures,
+                }
+            }),
+        }
+    }
 }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::balance::Balancer;
-use crate::config::{Config, Limits};
+use crate::config::{ActiveCheck, Config, Limits};
+use crate::health::CheckStatus;
 use crate::route::{Route, Router};
 use crate::upstream::{Backend, BackendState, Upstream};
 
@@ -38,6 +39,19 @@ impl Snapshot {
             }
         }
         let unchanged: HashMap<&str, &Arc<Upstream>> = previous_upstreams.iter().map(|u| (&*u.name, u)).collect();
+        // One check status per (address, check), shared by every upstream that
+        // checks that address that way, and carried over from the last snapshot.
+        let mut checks: HashMap<(&str, &ActiveCheck), Arc<CheckStatus>> = HashMap::new();
+        for upstream in previous_upstreams {
+            if let Some(check) = &upstream.config.health.active {
+                for backend in &upstream.backends {
+                    if let Some(status) = &backend.check {
+                        checks.insert((&backend.address, check), Arc::clone(status));
+                    }
+                }
+            }
+        }
+        let first_generation = previous.is_none();
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -51,15 +65,24 @@ impl Snapshot {
                     .backends
                     .iter()
                     .map(|b| {
-                        let state = carried
-                            .get(&(u.name.as_str(), b.address.as_str()))
-                            .map_or_else(Arc::default, |s| Arc::clone(s));
+                        let state = match carried.get(&(u.name.as_str(), b.address.as_str())) {
+                            Some(state) => Arc::clone(state),
+                            None if first_generation => Arc::default(),
+                            None => Arc::new(BackendState::added_now()),
+                        };
+                        let check = u
+                            .health
+                            .active
+                            .as_ref()
+                            .map(|check| Arc::clone(checks.entry((b.address.as_str(), check)).or_default()));
                         Arc::new(Backend {
                             address: b.address.as_str().into(),
                             authority: b.address.parse().expect("validated backend address"),
                             weight: b.weight,
                             max_concurrency: b.max_concurrency.unwrap_or(u32::MAX),
                             state,
+                            check,
+                            slow_start: u.health.slow_start,
                         })
                     })
                     .collect();
@@ -69,6 +92,7 @@ impl Snapshot {
                     balancer: Balancer::new(&u.policy, &u.backends),
                     protocol: u.protocol,
                     config: u.clone(),
+                    ejection_lock: Default::default(),
                 })
             })
             .collect();

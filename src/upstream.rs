@@ -7,11 +7,13 @@
 //! `BackendState` is an atomic: the request path never locks to read or update it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::balance::Balancer;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::health::passive::PassiveState;
+use crate::health::{slow_start_factor, CheckStatus};
 
 /// One upstream: a named set of backends and the policy that picks among them.
 #[derive(Debug)]
@@ -22,6 +24,8 @@ pub struct Upstream {
     pub protocol: UpstreamProtocol,
     /// What this upstream was compiled from, to recognise it unchanged on reload.
     pub config: UpstreamConfig,
+    /// Serializes passive ejection decisions (see `health::passive`).
+    pub ejection_lock: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -34,13 +38,20 @@ pub struct Backend {
     /// `u32::MAX` when the config sets no limit.
     pub max_concurrency: u32,
     pub state: Arc<BackendState>,
+    /// The active check's verdict, shared with other upstreams checking the same
+    /// address the same way; `None` without an active check.
+    pub check: Option<Arc<CheckStatus>>,
+    pub slow_start: Option<Duration>,
 }
 
 impl Backend {
-    /// Reserves one request slot if the backend is below both its own
-    /// `max_concurrency` and `cap` (a policy's extra bound, such as bounded load).
-    /// The slot is held until the returned guard drops.
+    /// Reserves one request slot if the backend is healthy, not ejected, and
+    /// below both its own `max_concurrency` and `cap` (a policy's extra bound,
+    /// such as bounded load). The slot is held until the returned guard drops.
     pub fn try_acquire(&self, cap: u32) -> Option<InFlightGuard> {
+        if !self.is_healthy(nanos_since_epoch()) {
+            return None;
+        }
         let limit = self.max_concurrency.min(cap);
         let in_flight = &self.state.in_flight;
         // A compare-and-swap, not load-then-add: two requests racing for the last
@@ -55,9 +66,29 @@ impl Backend {
         self.state.in_flight.load(Ordering::Acquire)
     }
 
-    /// Whether a policy may consider this backend at all, its load aside.
+    /// Healthy by its active check (if any) and not ejected.
+    pub fn is_healthy(&self, now: u64) -> bool {
+        self.check.as_ref().is_none_or(|c| c.is_healthy()) && !self.state.passive.is_ejected(now)
+    }
+
+    /// Whether a policy may pick this backend now: healthy and below its limit.
     pub fn is_available(&self) -> bool {
-        self.in_flight() < self.max_concurrency
+        self.in_flight() < self.max_concurrency && self.is_healthy(nanos_since_epoch())
+    }
+
+    /// The share of its weight the backend gets now (below 1 during slow start).
+    pub fn ramp(&self, now: u64) -> f64 {
+        if self.slow_start.is_none() {
+            return 1.0;
+        }
+        let healthy_since = self.check.as_ref().map_or(0, |c| c.healthy_since());
+        let ejection_end = self.state.passive.ejected_until();
+        let since = self.state.added_at.max(healthy_since).max(ejection_end);
+        slow_start_factor(self.slow_start, since, now)
+    }
+
+    pub fn effective_weight(&self, now: u64) -> f64 {
+        f64::from(self.weight) * self.ramp(now)
     }
 }
 
@@ -66,6 +97,16 @@ impl Backend {
 pub struct BackendState {
     in_flight: AtomicU32,
     pub latency: PeakEwma,
+    pub passive: PassiveState,
+    /// When a reload added the backend (ns since epoch), for slow start; 0 for
+    /// backends present from the start.
+    pub added_at: u64,
+}
+
+impl BackendState {
+    pub fn added_now() -> Self {
+        BackendState { added_at: nanos_since_epoch(), ..BackendState::default() }
+    }
 }
 
 /// Holds one in-flight slot of a backend; releases it on drop, which happens when
@@ -144,7 +185,8 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-fn nanos_since_epoch() -> u64 {
+/// Monotonic nanoseconds since the first call; the time base of backend state.
+pub fn nanos_since_epoch() -> u64 {
     epoch().elapsed().as_nanos() as u64
 }
 
@@ -159,6 +201,8 @@ mod tests {
             weight: 1,
             max_concurrency: max,
             state: Arc::default(),
+            check: None,
+            slow_start: None,
         }
     }
 

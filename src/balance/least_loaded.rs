@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use super::{acquire, first_available_from, Pick, PickRequest, Policy};
+use super::{acquire_unramped, first_available_from, Pick, PickRequest, Policy};
 use crate::upstream::Backend;
 
 #[derive(Debug, Default)]
@@ -25,8 +25,8 @@ impl Policy for LeastLoaded {
         let a = fastrand::usize(..n);
         let b = (a + 1 + fastrand::usize(..n - 1)) % n;
         let (first, second) = if cheaper(&backends[b], &backends[a]) { (b, a) } else { (a, b) };
-        acquire(backends, first, u32::MAX)
-            .or_else(|| acquire(backends, second, u32::MAX))
+        acquire_unramped(backends, first, u32::MAX)
+            .or_else(|| acquire_unramped(backends, second, u32::MAX))
             .or_else(|| first_available_from(backends, a))
     }
 }

@@ -87,16 +87,31 @@ impl Balancer {
     }
 }
 
-/// Reserves backend `index` if it is available and below `cap`.
+/// Reserves backend `index` if it is available and below `cap`. A backend in
+/// slow start passes its turn with probability `1 - ramp`, which scales its
+/// share by its ramp for every policy that picks by position.
 fn acquire(backends: &[Arc<Backend>], index: usize, cap: u32) -> Option<Pick> {
+    let backend = &backends[index];
+    if backend.slow_start.is_some() {
+        let ramp = backend.ramp(crate::upstream::nanos_since_epoch());
+        if ramp < 1.0 && fastrand::f64() >= ramp {
+            return None;
+        }
+    }
+    acquire_unramped(backends, index, cap)
+}
+
+/// Reserves backend `index` if it is available and below `cap`, slow start aside.
+fn acquire_unramped(backends: &[Arc<Backend>], index: usize, cap: u32) -> Option<Pick> {
     backends[index].try_acquire(cap).map(|guard| Pick { index, guard })
 }
 
 /// The fallback of every policy when its preferred candidates are full: the first
-/// backend, going round from `start`, that can take the request.
+/// backend, going round from `start`, that can take the request. Slow start does
+/// not apply here: a ramping backend is better than none.
 fn first_available_from(backends: &[Arc<Backend>], start: usize) -> Option<Pick> {
     let n = backends.len();
-    (0..n).find_map(|step| acquire(backends, (start + step) % n, u32::MAX))
+    (0..n).find_map(|step| acquire_unramped(backends, (start + step) % n, u32::MAX))
 }
 
 #[cfg(test)]
@@ -122,6 +137,8 @@ pub(crate) mod test_support {
                     weight: c.weight,
                     max_concurrency: c.max_concurrency.unwrap_or(u32::MAX),
                     state: Arc::default(),
+                    check: None,
+                    slow_start: None,
                 })
             })
             .collect();

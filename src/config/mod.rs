@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-pub use raw::{LogFormat, LogLevel, UpstreamProtocol};
+pub use raw::{CheckKind, LogFormat, LogLevel, UpstreamProtocol};
 pub use values::{HostPattern, KeySpec};
 
 /// A config file larger than this is refused before parsing: real configs are far
@@ -95,6 +95,59 @@ pub struct UpstreamConfig {
     pub policy: PolicyConfig,
     pub backends: Vec<BackendConfig>,
     pub protocol: UpstreamProtocol,
+    pub health: HealthConfig,
+}
+
+/// `health:` of an upstream. Everything is off unless configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub active: Option<ActiveCheck>,
+    pub passive: Option<PassiveConfig>,
+    pub slow_start: Option<Duration>,
+}
+
+/// An active health check. Equal checks of the same backend address share one
+/// checker, whichever upstreams list it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ActiveCheck {
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Probe {
+    /// `GET path`; passes on a status in `expect_status` and, if set, a body
+    /// containing `expect_body`.
+    Http { path: String, expect_status: Vec<u16>, host: Option<String>, expect_body: Option<String> },
+    /// Passes when a TCP connection is accepted.
+    Tcp,
+    /// `grpc.health.v1.Health/Check` for `service` (empty: the whole server);
+    /// passes on `SERVING`.
+    Grpc { service: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveConfig {
+    pub consecutive_failures: u32,
+    pub ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl ActiveCheck {
+    pub const DEFAULT_PATH: &'static str = "/healthz";
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const DEFAULT_HEALTHY_AFTER: u32 = 2;
+    pub const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        PassiveConfig { consecutive_failures: 5, ejection_time: Duration::from_secs(30), max_ejection_percent: 50 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

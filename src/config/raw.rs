@@ -106,6 +106,46 @@ pub struct RawUpstream {
     pub backends: Spanned<Vec<Spanned<RawBackend>>>,
     #[serde(default)]
     pub protocol: Option<Spanned<UpstreamProtocol>>,
+    pub health: Option<RawHealth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub active: Option<Spanned<RawActiveCheck>>,
+    pub passive: Option<RawPassive>,
+    pub slow_start: Option<DurationValue>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Http,
+    Tcp,
+    Grpc,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawActiveCheck {
+    pub kind: Option<CheckKind>,
+    pub path: Option<Spanned<String>>,
+    pub expect_status: Option<Spanned<Vec<Spanned<u16>>>>,
+    pub host: Option<Spanned<String>>,
+    pub expect_body: Option<Spanned<String>>,
+    pub service: Option<Spanned<String>>,
+    pub interval: Option<Spanned<DurationValue>>,
+    pub timeout: Option<Spanned<DurationValue>>,
+    pub healthy_after: Option<Spanned<u32>>,
+    pub unhealthy_after: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassive {
+    pub consecutive_failures: Option<Spanned<u32>>,
+    pub ejection_time: Option<Spanned<DurationValue>>,
+    pub max_ejection_percent: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

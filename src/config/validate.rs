@@ -6,10 +6,13 @@ use std::collections::{HashMap, HashSet};
 
 use serde_saphyr::{Location, Spanned};
 
-use super::raw::{PolicyKind, RawBackend, RawConfig, RawRoute, RawUpstream, UpstreamProtocol};
+use std::time::Duration;
+
+use super::raw::{CheckKind, PolicyKind, RawBackend, RawConfig, RawHealth, RawRoute, RawUpstream, UpstreamProtocol};
+use super::values::DurationValue;
 use super::{
-    AdminConfig, BackendConfig, Config, ConfigError, ConfigErrors, Limits, ListenerConfig, LogConfig, LogFormat,
-    LogLevel, PolicyConfig, RouteConfig, UpstreamConfig,
+    ActiveCheck, AdminConfig, BackendConfig, Config, ConfigError, ConfigErrors, HealthConfig, Limits, ListenerConfig,
+    LogConfig, LogFormat, LogLevel, PassiveConfig, PolicyConfig, Probe, RouteConfig, UpstreamConfig,
 };
 
 /// hyper refuses (by panicking) an HTTP/1 read buffer smaller than this, and a
@@ -255,7 +258,138 @@ fn validate_upstream(
         },
     };
 
-    (errors.errors.len() == before).then(|| UpstreamConfig { name: name.to_owned(), policy, backends, protocol })
+    let health = upstream.health.as_ref().map(|h| validate_health(h, errors)).unwrap_or_default();
+
+    (errors.errors.len() == before).then(|| UpstreamConfig {
+        name: name.to_owned(),
+        policy,
+        backends,
+        protocol,
+        health,
+    })
+}
+
+fn validate_health(raw: &RawHealth, errors: &mut Collector<'_>) -> HealthConfig {
+    let positive = |value: &Option<Spanned<u32>>, key: &str, default: u32, errors: &mut Collector<'_>| match value {
+        Some(v) if v.value == 0 => {
+            errors.at(v.referenced, format!("{key} must be at least 1"));
+            default
+        }
+        Some(v) => v.value,
+        None => default,
+    };
+    let nonzero = |value: &Option<Spanned<DurationValue>>, key: &str, default: Duration, errors: &mut Collector<'_>| {
+        match value {
+            Some(v) if v.value.0.is_zero() => {
+                errors.at(v.referenced, format!("{key} must be greater than zero"));
+                default
+            }
+            Some(v) => v.value.0,
+            None => default,
+        }
+    };
+
+    let active = raw.active.as_ref().map(|spanned| {
+        let check = &spanned.value;
+        let kind = check.kind.unwrap_or(CheckKind::Http);
+        let only_for = |value: Option<Location>, key: &str, wanted: &str, errors: &mut Collector<'_>| {
+            if let Some(at) = value {
+                errors.at(at, format!("`{key}` only applies to `kind: {wanted}` checks"));
+            }
+        };
+        if kind != CheckKind::Http {
+            only_for(check.path.as_ref().map(|v| v.referenced), "path", "http", errors);
+            only_for(check.expect_status.as_ref().map(|v| v.referenced), "expect_status", "http", errors);
+            only_for(check.host.as_ref().map(|v| v.referenced), "host", "http", errors);
+            only_for(check.expect_body.as_ref().map(|v| v.referenced), "expect_body", "http", errors);
+        }
+        if kind != CheckKind::Grpc {
+            only_for(check.service.as_ref().map(|v| v.referenced), "service", "grpc", errors);
+        }
+        let probe = match kind {
+            CheckKind::Http => {
+                let path = match &check.path {
+                    Some(p) if !p.value.starts_with('/') => {
+                        errors.at(p.referenced, format!("check path `{}` must start with `/`", p.value));
+                        p.value.clone()
+                    }
+                    Some(p) => p.value.clone(),
+                    None => ActiveCheck::DEFAULT_PATH.to_owned(),
+                };
+                let expect_status = match &check.expect_status {
+                    Some(list) => {
+                        if list.value.is_empty() {
+                            errors.at(list.referenced, "expect_status cannot be empty");
+                        }
+                        for status in &list.value {
+                            if !(100..=599).contains(&status.value) {
+                                errors.at(status.referenced, format!("{} is not an HTTP status", status.value));
+                            }
+                        }
+                        list.value.iter().map(|s| s.value).collect()
+                    }
+                    None => vec![200],
+                };
+                if let Some(host) = &check.host {
+                    if http::HeaderValue::from_str(&host.value).is_err() || host.value.is_empty() {
+                        errors.at(host.referenced, format!("check host `{}` is not a valid Host header", host.value));
+                    }
+                }
+                Probe::Http {
+                    path,
+                    expect_status,
+                    host: check.host.as_ref().map(|h| h.value.clone()),
+                    expect_body: check.expect_body.as_ref().map(|b| b.value.clone()),
+                }
+            }
+            CheckKind::Tcp => Probe::Tcp,
+            CheckKind::Grpc => {
+                Probe::Grpc { service: check.service.as_ref().map(|s| s.value.clone()).unwrap_or_default() }
+            }
+        };
+        let interval = nonzero(&check.interval, "interval", ActiveCheck::DEFAULT_INTERVAL, errors);
+        let timeout = nonzero(&check.timeout, "timeout", ActiveCheck::DEFAULT_TIMEOUT.min(interval), errors);
+        if timeout > interval {
+            let at = check.timeout.as_ref().map_or(spanned.referenced, |t| t.referenced);
+            errors.at(at, "check timeout must not be longer than its interval");
+        }
+        ActiveCheck {
+            probe,
+            interval,
+            timeout,
+            healthy_after: positive(&check.healthy_after, "healthy_after", ActiveCheck::DEFAULT_HEALTHY_AFTER, errors),
+            unhealthy_after: positive(
+                &check.unhealthy_after,
+                "unhealthy_after",
+                ActiveCheck::DEFAULT_UNHEALTHY_AFTER,
+                errors,
+            ),
+        }
+    });
+
+    let passive = raw.passive.as_ref().map(|passive| {
+        let defaults = PassiveConfig::default();
+        let max_ejection_percent = match &passive.max_ejection_percent {
+            Some(p) if p.value > 100 => {
+                errors.at(p.referenced, format!("max_ejection_percent must be between 0 and 100, got {}", p.value));
+                defaults.max_ejection_percent
+            }
+            Some(p) => p.value,
+            None => defaults.max_ejection_percent,
+        };
+        PassiveConfig {
+            consecutive_failures: positive(
+                &passive.consecutive_failures,
+                "consecutive_failures",
+                defaults.consecutive_failures,
+                errors,
+            ),
+            ejection_time: nonzero(&passive.ejection_time, "ejection_time", defaults.ejection_time, errors),
+            max_ejection_percent,
+        }
+    });
+
+    HealthConfig { active, passive, slow_start: raw.slow_start.map(|d| d.0).filter(|d| !d.is_zero()) }
 }
 
 fn validate_backend<'a>(

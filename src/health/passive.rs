@@ -1,0 +1,141 @@
+//! Passive outlier detection: ejecting a backend that fails real requests.
+//!
+//! Every forwarded request reports its outcome. `consecutive_failures` failures
+//! in a row (connect failure, reset, timeout, 5xx) eject the backend for
+//! `ejection_time`; each ejection that follows soon after the previous one
+//! doubles the time, capped at 10x. A backend that has stayed out of trouble
+//! for 10 x `ejection_time` since its last ejection starts again from 1x. At most
+//! `floor(backends x max_ejection_percent / 100)` backends of an upstream are
+//! ejected at once; further failing backends stay in rotation (and keep failing
+//! fast) rather than leaving the upstream with nothing.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::config::PassiveConfig;
+use crate::upstream::{nanos_since_epoch, Upstream};
+
+/// Ejection time grows to at most this multiple of `ejection_time`.
+const MAX_EJECTION_MULTIPLIER: u32 = 10;
+
+#[derive(Debug, Default)]
+pub struct PassiveState {
+    consecutive_failures: AtomicU32,
+    /// End of the current or last ejection, in ns since epoch; 0 if never ejected.
+    ejected_until: AtomicU64,
+    /// Ejections in the current streak, for the back-off.
+    streak: AtomicU32,
+}
+
+impl PassiveState {
+    pub fn is_ejected(&self, now: u64) -> bool {
+        now < self.ejected_until.load(Ordering::Acquire)
+    }
+
+    /// End of the current or last ejection (ns since epoch), 0 if never ejected.
+    pub fn ejected_until(&self) -> u64 {
+        self.ejected_until.load(Ordering::Acquire)
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    fn record_success(&self) {
+        // Read first: most requests succeed, and an unconditional store would
+        // bounce this cache line between cores on every request.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a failure; true when the streak has reached `threshold`.
+    fn record_failure(&self, threshold: u32) -> bool {
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed).saturating_add(1) >= threshold
+    }
+
+    /// Ejects until `now + duration` where duration follows the back-off.
+    fn eject(&self, config: &PassiveConfig, now: u64) -> Duration {
+        let previous_end = self.ejected_until.load(Ordering::Acquire);
+        let quiet_for = now.saturating_sub(previous_end);
+        let reset_after = config.ejection_time.as_nanos() as u64 * u64::from(MAX_EJECTION_MULTIPLIER);
+        if previous_end == 0 || quiet_for > reset_after {
+            self.streak.store(0, Ordering::Relaxed);
+        }
+        let streak = self.streak.fetch_add(1, Ordering::Relaxed);
+        let multiplier = 1u32.checked_shl(streak).unwrap_or(u32::MAX).min(MAX_EJECTION_MULTIPLIER);
+        let duration = config.ejection_time * multiplier;
+        self.ejected_until.store(now + duration.as_nanos() as u64, Ordering::Release);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        duration
+    }
+}
+
+/// Records the outcome of one request to backend `index` of `upstream`, ejecting
+/// it if that was one failure too many. Returns the ejection time if it ejected.
+pub fn record(upstream: &Upstream, index: usize, failed: bool) -> Option<Duration> {
+    let config = upstream.config.health.passive.as_ref()?;
+    let backend = &upstream.backends[index];
+    let state = &backend.state.passive;
+    if !failed {
+        state.record_success();
+        return None;
+    }
+    if !state.record_failure(config.consecutive_failures) {
+        return None;
+    }
+    // Rare path: one ejection decision at a time per upstream, so concurrent
+    // failures on different backends cannot together exceed the cap.
+    let _decision = upstream.ejection_lock.lock().expect("never poisoned");
+    let now = nanos_since_epoch();
+    if state.is_ejected(now) {
+        return None;
+    }
+    let ejected = upstream.backends.iter().filter(|b| b.state.passive.is_ejected(now)).count();
+    let allowed = upstream.backends.len() * config.max_ejection_percent as usize / 100;
+    if ejected + 1 > allowed {
+        tracing::warn!(upstream = %upstream.name, backend = %backend.address, ejected, allowed,
+            "backend keeps failing but max_ejection_percent is reached; not ejecting");
+        return None;
+    }
+    let duration = state.eject(config, now);
+    crate::metrics::backend_ejected(&upstream.name, &backend.address);
+    tracing::warn!(upstream = %upstream.name, backend = %backend.address, ?duration, "backend ejected after consecutive failures");
+    Some(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejection_time_doubles_then_caps_and_resets_after_a_quiet_period() {
+        let config =
+            PassiveConfig { consecutive_failures: 2, ejection_time: Duration::from_secs(1), max_ejection_percent: 100 };
+        let state = PassiveState::default();
+        let s = 1_000_000_000u64;
+        let mut now = 100 * s;
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let duration = state.eject(&config, now);
+            seen.push(duration.as_secs());
+            assert!(state.is_ejected(now));
+            now += duration.as_nanos() as u64 + s;
+            assert!(!state.is_ejected(now));
+        }
+        assert_eq!(seen, vec![1, 2, 4, 8, 10, 10]);
+        now += 11 * s;
+        assert_eq!(state.eject(&config, now), Duration::from_secs(1), "a long quiet period resets the back-off");
+    }
+
+    #[test]
+    fn failures_must_be_consecutive() {
+        let state = PassiveState::default();
+        assert!(!state.record_failure(3));
+        assert!(!state.record_failure(3));
+        state.record_success();
+        assert!(!state.record_failure(3));
+        assert!(!state.record_failure(3));
+        assert!(state.record_failure(3));
+    }
+}
