@@ -319,6 +319,7 @@ impl Runtime {
                 backends: u.backends.iter().map(|b| BackendStatus::of(b, now)).collect(),
             })
             .collect();
+        let health_checkers = self.bound.lock().await.checkers.len();
         Status {
             generation: snapshot.generation,
             draining: self.is_draining(),
@@ -328,6 +329,7 @@ impl Runtime {
                 last_error: self.stats.last_error.lock().expect("never poisoned").clone(),
             },
             listeners,
+            health_checkers,
             upstreams,
         }
     }
@@ -381,6 +383,8 @@ pub struct Status {
     pub draining: bool,
     pub reloads: ReloadCounts,
     pub listeners: Vec<ListenerStatus>,
+    /// Active checker tasks running: one per distinct (backend address, check).
+    pub health_checkers: usize,
     pub upstreams: Vec<UpstreamStatus>,
 }
 

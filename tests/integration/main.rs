@@ -8,6 +8,7 @@ mod connections;
 mod demo;
 mod forwarding;
 mod grpc;
+mod health;
 mod policies;
 mod reload;
 mod robot;

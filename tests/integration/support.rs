@@ -38,6 +38,11 @@ pub struct BackendStats {
     pub release_all: AtomicBool,
     /// Added to every request's latency, in milliseconds.
     pub base_delay_ms: AtomicU64,
+    /// When nonzero, every request (health checks aside) gets this status.
+    pub fail_with: std::sync::atomic::AtomicU16,
+    /// Status for `GET /healthz`; 0 means 200.
+    pub health_status: std::sync::atomic::AtomicU16,
+    pub health_checks: AtomicUsize,
 }
 
 pub struct Backend {
@@ -45,6 +50,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub stats: Arc<BackendStats>,
     task: tokio::task::JoinHandle<()>,
+    /// Tells connection tasks to drop their connections (see [`Backend::kill`]).
+    kill: tokio::sync::watch::Sender<bool>,
 }
 
 impl Backend {
@@ -58,27 +65,50 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(BackendStats::default());
         let name_owned = name.to_owned();
+        let (kill, killed) = tokio::sync::watch::channel(false);
         let task = {
             let stats = Arc::clone(&stats);
             let name: Arc<str> = name.into();
             tokio::spawn(async move {
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let (stats, name) = (Arc::clone(&stats), Arc::clone(&name));
+                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let (stats, name, mut killed) = (Arc::clone(&stats), Arc::clone(&name), killed.clone());
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |request| {
                             handle(Arc::clone(&name), Arc::clone(&stats), request)
                         });
-                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                            .await;
+                        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        tokio::select! {
+                            _ = connection => {}
+                            _ = killed.wait_for(|k| *k) => {}
+                        }
                     });
                 }
             })
         };
-        Backend { name: name_owned, addr, stats, task }
+        Backend { name: name_owned, addr, stats, task, kill }
+    }
+
+    /// Like a crashed process: the port refuses connections and every open
+    /// connection is dropped.
+    pub fn kill(&self) {
+        self.task.abort();
+        let _ = self.kill.send(true);
+    }
+
+    /// A new server on the same port, as a restarted process would be.
+    pub async fn restart(&self) -> Backend {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => return Backend::serve(&self.name, listener),
+                Err(error) => {
+                    assert!(tokio::time::Instant::now() < deadline, "cannot rebind {}: {error}", self.addr);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
     }
 
     pub fn hits(&self) -> usize {
@@ -106,7 +136,7 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 
@@ -133,6 +163,15 @@ async fn handle(
     stats: Arc<BackendStats>,
     request: Request<Incoming>,
 ) -> Result<Response<TestBody>, Infallible> {
+    if request.uri().path() == "/healthz" {
+        stats.health_checks.fetch_add(1, Ordering::SeqCst);
+        let mut response = Response::new(full("ok"));
+        let status = stats.health_status.load(Ordering::SeqCst);
+        if status != 0 {
+            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+        }
+        return Ok(response);
+    }
     stats.hits.fetch_add(1, Ordering::SeqCst);
     let now = stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     stats.peak_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -142,7 +181,10 @@ async fn handle(
     let path = request.uri().path().to_owned();
     let delay = query_param(&request, "delay_ms").and_then(|d| d.parse().ok()).unwrap_or(0)
         + stats.base_delay_ms.load(Ordering::SeqCst);
-    let status = query_param(&request, "code").and_then(|c| c.parse::<u16>().ok());
+    let status = query_param(&request, "code").and_then(|c| c.parse::<u16>().ok()).or_else(|| {
+        let forced = stats.fail_with.load(Ordering::SeqCst);
+        (forced != 0).then_some(forced)
+    });
     let download = query_param(&request, "bytes").and_then(|b| b.parse::<u64>().ok());
 
     let mut body = request.into_body();
