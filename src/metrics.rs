@@ -35,10 +35,9 @@ pub const BACKEND_HEALTHY: &str = "switchyard_backend_healthy";
 pub const BACKEND_EJECTIONS_TOTAL: &str = "switchyard_backend_ejections_total";
 pub const HEALTH_CHECKS_TOTAL: &str = "switchyard_health_checks_total";
 
-pub fn health_check(upstream: &str, backend: &str, passed: bool) {
+pub fn health_check_counter(upstream: &str, backend: &str, passed: bool) -> metrics::Counter {
     metrics::counter!(HEALTH_CHECKS_TOTAL, "upstream" => upstream.to_owned(), "backend" => backend.to_owned(),
         "result" => if passed { "pass" } else { "fail" })
-    .increment(1);
 }
 
 pub fn backend_ejected(upstream: &str, backend: &str) {

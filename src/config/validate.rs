@@ -309,8 +309,11 @@ fn validate_health(raw: &RawHealth, errors: &mut Collector<'_>) -> HealthConfig 
         let probe = match kind {
             CheckKind::Http => {
                 let path = match &check.path {
-                    Some(p) if !p.value.starts_with('/') => {
-                        errors.at(p.referenced, format!("check path `{}` must start with `/`", p.value));
+                    Some(p) if !p.value.starts_with('/') || p.value.parse::<http::uri::PathAndQuery>().is_err() => {
+                        errors.at(
+                            p.referenced,
+                            format!("check path `{}` must start with `/` and be a valid request path", p.value),
+                        );
                         p.value.clone()
                     }
                     Some(p) => p.value.clone(),

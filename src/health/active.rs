@@ -10,10 +10,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{header, Request};
-use http_body_util::{BodyExt, Empty, Full, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -29,15 +30,59 @@ type Key = (Arc<str>, ActiveCheck);
 
 struct Checker {
     status: Arc<CheckStatus>,
-    /// Upstreams listing this backend with this check, for metric labels.
-    upstreams: Arc<Mutex<Vec<Arc<str>>>>,
+    /// Counters for each upstream listing this backend with this check; replaced
+    /// when that list changes.
+    counters: Arc<Mutex<Arc<CheckCounters>>>,
     task: JoinHandle<()>,
 }
 
-/// The running checkers of one proxy.
+/// `switchyard_health_checks_total` handles, registered once per upstream
+/// rather than looked up per check.
+struct CheckCounters {
+    upstreams: Vec<Arc<str>>,
+    pass: Vec<metrics::Counter>,
+    fail: Vec<metrics::Counter>,
+}
+
+impl CheckCounters {
+    fn new(backend: &str, upstreams: Vec<Arc<str>>) -> Self {
+        let pass = upstreams.iter().map(|u| crate::metrics::health_check_counter(u, backend, true)).collect();
+        let fail = upstreams.iter().map(|u| crate::metrics::health_check_counter(u, backend, false)).collect();
+        CheckCounters { upstreams, pass, fail }
+    }
+}
+
+/// The running checkers of one proxy. They run on a thread of their own, so
+/// request load never delays a check, checks never take a request worker, and
+/// the thread can sleep between batches (see [`BATCH_STEP`]).
 #[derive(Default)]
 pub struct Checkers {
     running: HashMap<Key, Checker>,
+    thread: Option<CheckerThread>,
+}
+
+struct CheckerThread {
+    handle: tokio::runtime::Handle,
+    /// Dropping it ends the thread's runtime, and every checker with it.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl CheckerThread {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("can start the health check runtime");
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("health-checks".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })
+            .expect("can start the health check thread");
+        CheckerThread { handle, _stop: stop }
+    }
 }
 
 impl Drop for Checkers {
@@ -49,8 +94,7 @@ impl Drop for Checkers {
 }
 
 impl Checkers {
-    /// Makes the running checkers exactly those `snapshot` needs. Must be called
-    /// inside a tokio runtime.
+    /// Makes the running checkers exactly those `snapshot` needs.
     pub fn sync(&mut self, snapshot: &Snapshot) {
         let mut wanted: HashMap<Key, (Arc<CheckStatus>, Vec<Arc<str>>)> = HashMap::new();
         for upstream in &snapshot.upstreams {
@@ -71,15 +115,18 @@ impl Checkers {
             keep
         });
         for (key, (status, upstreams)) in wanted {
-            match self.running.get(&key) {
-                Some(checker) => *checker.upstreams.lock().expect("never poisoned") = upstreams,
-                None => {
-                    let upstreams = Arc::new(Mutex::new(upstreams));
-                    let task =
-                        tokio::spawn(run(key.0.clone(), key.1.clone(), Arc::clone(&status), Arc::clone(&upstreams)));
-                    self.running.insert(key, Checker { status, upstreams, task });
+            if let Some(checker) = self.running.get(&key) {
+                let mut counters = checker.counters.lock().expect("never poisoned");
+                if counters.upstreams != upstreams {
+                    *counters = Arc::new(CheckCounters::new(&key.0, upstreams));
                 }
+                continue;
             }
+            let counters = Arc::new(Mutex::new(Arc::new(CheckCounters::new(&key.0, upstreams))));
+            let thread = self.thread.get_or_insert_with(CheckerThread::start);
+            let task =
+                thread.handle.spawn(run(key.0.clone(), key.1.clone(), Arc::clone(&status), Arc::clone(&counters)));
+            self.running.insert(key, Checker { status, counters, task });
         }
     }
 
@@ -92,42 +139,365 @@ impl Checkers {
     }
 }
 
-async fn run(address: Arc<str>, check: ActiveCheck, status: Arc<CheckStatus>, upstreams: Arc<Mutex<Vec<Arc<str>>>>) {
+async fn run(
+    address: Arc<str>,
+    check: ActiveCheck,
+    status: Arc<CheckStatus>,
+    counters: Arc<Mutex<Arc<CheckCounters>>>,
+) {
     // Spread the first probes of many backends over one interval instead of
     // probing them all at the same instant.
-    tokio::time::sleep(check.interval.mul_f64(fastrand::f64())).await;
+    tokio::time::sleep_until(batched(
+        tokio::time::Instant::now() + check.interval.mul_f64(fastrand::f64()),
+        check.interval,
+    ))
+    .await;
+    let mut prober = Prober::new(Arc::clone(&address), &check.probe);
     loop {
-        let (passed, reason) = match tokio::time::timeout(check.timeout, probe(&address, &check.probe)).await {
+        let (passed, reason) = match tokio::time::timeout(check.timeout, prober.probe(&check.probe)).await {
             Ok(Ok(reason)) => (true, reason),
             Ok(Err(reason)) => (false, reason),
             Err(_) => (false, format!("timeout after {}", describe(check.timeout))),
         };
-        let names = upstreams.lock().expect("never poisoned").clone();
-        for upstream in &names {
-            crate::metrics::health_check(upstream, &address, passed);
+        if !passed {
+            // Whatever state the connection is in, the next probe starts afresh.
+            prober.disconnect();
         }
-        match status.record(passed, reason.clone(), check.healthy_after, check.unhealthy_after) {
+        let counters = Arc::clone(&counters.lock().expect("never poisoned"));
+        for counter in if passed { &counters.pass } else { &counters.fail } {
+            counter.increment(1);
+        }
+        match status.record(passed, reason, check.healthy_after, check.unhealthy_after) {
             Transition::BecameUnhealthy => {
-                tracing::warn!(backend = %address, upstreams = ?names, %reason, "backend is unhealthy")
+                let reason = status.last().map(|l| l.reason).unwrap_or_default();
+                tracing::warn!(backend = %address, upstreams = ?counters.upstreams, %reason, "backend is unhealthy")
             }
             Transition::BecameHealthy => {
-                tracing::info!(backend = %address, upstreams = ?names, "backend is healthy again")
+                tracing::info!(backend = %address, upstreams = ?counters.upstreams, "backend is healthy again")
             }
             Transition::None => {}
         }
-        // Up to 10% jitter so checkers started together drift apart.
-        tokio::time::sleep(check.interval.mul_f64(0.9 + 0.2 * fastrand::f64())).await;
+        // Up to 10% jitter so checkers started together drift apart; half a batch
+        // step earlier, as batching rounds deadlines up.
+        let next =
+            check.interval.mul_f64(0.9 + 0.2 * fastrand::f64()).saturating_sub(BATCH_STEP.min(check.interval / 4) / 2);
+        tokio::time::sleep_until(batched(tokio::time::Instant::now() + next, check.interval)).await;
     }
 }
 
-/// One probe: `Ok(reason)` if it passed, `Err(reason)` if not.
-pub async fn probe(address: &str, probe: &Probe) -> Result<String, String> {
-    match probe {
-        Probe::Tcp => TcpStream::connect(address).await.map(|_| "connected".to_owned()).map_err(|e| io_reason(&e)),
-        Probe::Http { path, expect_status, host, expect_body } => {
-            http_probe(address, path, expect_status, host.as_deref(), expect_body.as_deref()).await
+/// Checks fire on a grid of this step, so that the checker thread wakes once per
+/// step for a batch of probes instead of once per probe: with a thousand
+/// backends, waking is most of the cost of checking.
+const BATCH_STEP: Duration = Duration::from_millis(250);
+
+/// Rounds `deadline` up to the batch grid; short intervals get a finer grid
+/// (a quarter of the interval) so they keep their rhythm.
+fn batched(deadline: tokio::time::Instant, interval: Duration) -> tokio::time::Instant {
+    static GRID: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let grid = *GRID.get_or_init(tokio::time::Instant::now);
+    let offset = deadline.saturating_duration_since(grid).as_nanos();
+    let step = BATCH_STEP.min(interval / 4).as_nanos().max(1);
+    grid + Duration::from_nanos((offset.div_ceil(step) * step) as u64)
+}
+
+/// Probes one backend, keeping its HTTP or HTTP/2 connection open between
+/// probes (as Envoy does), so a check costs a request, not a TCP handshake. A
+/// failed probe drops the connection, so a dead or restarted backend is always
+/// probed on a fresh one.
+pub struct Prober {
+    address: Arc<str>,
+    /// The HTTP check's request, rendered once.
+    request: Option<Bytes>,
+    http1: Option<Http1Probe>,
+    http2: Option<(hyper::client::conn::http2::SendRequest<Full<Bytes>>, AbortOnDrop)>,
+}
+
+impl Prober {
+    pub fn new(address: Arc<str>, probe: &Probe) -> Self {
+        let request = match probe {
+            Probe::Http { path, host, .. } => {
+                // Validated config: path starts with `/`, host is a valid header value.
+                let valid = path.parse::<http::uri::PathAndQuery>().is_ok();
+                valid.then(|| {
+                    let host = host.as_deref().unwrap_or(&address);
+                    Bytes::from(format!(
+                        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: switchyard-health-check\r\n\r\n"
+                    ))
+                })
+            }
+            _ => None,
+        };
+        Prober { address, request, http1: None, http2: None }
+    }
+
+    pub fn disconnect(&mut self) {
+        self.http1 = None;
+        self.http2 = None;
+    }
+
+    /// One probe: `Ok(reason)` if it passed, `Err(reason)` if not.
+    pub async fn probe(&mut self, probe: &Probe) -> Result<String, String> {
+        match probe {
+            Probe::Tcp => {
+                TcpStream::connect(&*self.address).await.map(|_| "connected".to_owned()).map_err(|e| io_reason(&e))
+            }
+            Probe::Http { expect_status, expect_body, .. } => {
+                self.http_probe(expect_status, expect_body.as_deref()).await
+            }
+            Probe::Grpc { service } => self.grpc_probe(service).await,
         }
-        Probe::Grpc { service } => grpc_probe(address, service).await,
+    }
+
+    async fn http_probe(&mut self, expect_status: &[u16], expect_body: Option<&str>) -> Result<String, String> {
+        let reused = self.http1.is_some();
+        match self.http_exchange(expect_status, expect_body).await {
+            // A kept-alive connection may have died since the last probe in a
+            // way only a request reveals; one retry on a fresh connection tells a
+            // dead connection from a dead backend.
+            Err(Exchange::Transport(_)) if reused => {
+                self.http1 = None;
+                self.http_exchange(expect_status, expect_body).await.map_err(Exchange::into_reason)
+            }
+            other => other.map_err(Exchange::into_reason),
+        }
+    }
+
+    /// One `GET` on the kept-alive connection (opened if needed). A probe is a
+    /// fixed request and a status line, so it is written from prebuilt bytes and
+    /// its response parsed with httparse into a reused buffer: per probe this
+    /// costs little more than the two system calls it needs.
+    async fn http_exchange(&mut self, expect_status: &[u16], expect_body: Option<&str>) -> Result<String, Exchange> {
+        let request =
+            self.request.clone().ok_or_else(|| Exchange::Check("check path is not a valid request target".into()))?;
+        if self.http1.is_none() {
+            let stream = TcpStream::connect(&*self.address).await.map_err(|e| Exchange::Refused(io_reason(&e)))?;
+            let _ = stream.set_nodelay(true);
+            self.http1 = Some(Http1Probe { stream, buffer: BytesMut::with_capacity(4096) });
+        }
+        let connection = self.http1.as_mut().expect("connected above");
+        let (status, body, keep_alive) = connection.exchange(&request, expect_body.is_some()).await?;
+        if !keep_alive {
+            self.http1 = None;
+        }
+        if !expect_status.contains(&status) {
+            return Err(Exchange::Check(format!("status {status}")));
+        }
+        if let Some(wanted) = expect_body {
+            if !String::from_utf8_lossy(&body).contains(wanted) {
+                return Err(Exchange::Check(format!("status {status}, body does not contain `{wanted}`")));
+            }
+        }
+        Ok(format!("status {status}"))
+    }
+
+    async fn http2_sender(&mut self) -> Result<&mut hyper::client::conn::http2::SendRequest<Full<Bytes>>, String> {
+        if self.http2.as_ref().is_some_and(|(sender, _)| sender.is_closed()) {
+            self.http2 = None;
+        }
+        if self.http2.is_none() {
+            let stream = TcpStream::connect(&*self.address).await.map_err(|e| io_reason(&e))?;
+            let _ = stream.set_nodelay(true);
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+            let task = AbortOnDrop(tokio::spawn(async move {
+                let _ = connection.await;
+            }));
+            self.http2 = Some((sender, task));
+        }
+        let sender = &mut self.http2.as_mut().expect("just connected").0;
+        sender.ready().await.map_err(|e| e.to_string())?;
+        Ok(sender)
+    }
+
+    /// `grpc.health.v1.Health/Check` over h2c. The two messages are tiny, so they
+    /// are encoded by hand: `HealthCheckRequest { string service = 1; }` and
+    /// `HealthCheckResponse { ServingStatus status = 1; }` with SERVING = 1.
+    async fn grpc_probe(&mut self, service: &str) -> Result<String, String> {
+        let request = Request::post(format!("http://{}/grpc.health.v1.Health/Check", self.address))
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header(header::TE, "trailers")
+            .header(header::USER_AGENT, "switchyard-health-check")
+            .body(Full::new(grpc_request(service)))
+            .map_err(|e| e.to_string())?;
+        let sender = self.http2_sender().await?;
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        if response.status() != http::StatusCode::OK {
+            return Err(format!("status {}", response.status().as_u16()));
+        }
+        let headers = response.headers().clone();
+        let collected = Limited::new(response.into_body(), MAX_CHECK_BODY)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the response failed: {e}"))?;
+        // A trailers-only response carries grpc-status in the headers.
+        let trailers = collected.trailers().cloned().unwrap_or(headers);
+        let grpc_status = trailers.get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("missing");
+        if grpc_status != "0" {
+            let message = trailers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("");
+            return Err(format!("grpc-status {grpc_status} {message}").trim_end().to_owned());
+        }
+        match grpc_serving_status(collected.to_bytes()) {
+            Some(1) => Ok("SERVING".to_owned()),
+            Some(2) => Err("NOT_SERVING".to_owned()),
+            Some(3) => Err("SERVICE_UNKNOWN".to_owned()),
+            Some(0) => Err("UNKNOWN".to_owned()),
+            Some(other) => Err(format!("serving status {other}")),
+            None => Err("malformed health response".to_owned()),
+        }
+    }
+}
+
+/// A kept-alive HTTP/1.1 connection used only for health probes.
+struct Http1Probe {
+    stream: TcpStream,
+    buffer: BytesMut,
+}
+
+/// How the end of a response body is known.
+enum BodyLength {
+    Fixed(usize),
+    Chunked,
+    UntilClose,
+}
+
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+impl Http1Probe {
+    /// Sends `request`, reads the response; returns its status, its body (only
+    /// if `want_body`; otherwise read and dropped) and whether the connection may
+    /// be reused.
+    async fn exchange(&mut self, request: &[u8], want_body: bool) -> Result<(u16, Bytes, bool), Exchange> {
+        use tokio::io::AsyncWriteExt;
+        self.buffer.clear();
+        self.stream.write_all(request).await.map_err(|e| Exchange::Transport(io_reason(&e)))?;
+        let (status, head_length, length, mut keep_alive) = loop {
+            self.fill().await?;
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut response = httparse::Response::new(&mut headers);
+            match response.parse(&self.buffer) {
+                Ok(httparse::Status::Complete(head_length)) => {
+                    let status = response.code.unwrap_or(0);
+                    let (length, keep_alive) = framing(&response, status);
+                    break (status, head_length, length, keep_alive);
+                }
+                Ok(httparse::Status::Partial) if self.buffer.len() < MAX_RESPONSE_HEAD => continue,
+                Ok(httparse::Status::Partial) => return Err(Exchange::Check("response head too large".into())),
+                Err(error) => return Err(Exchange::Check(format!("malformed response: {error}"))),
+            }
+        };
+        self.buffer.advance(head_length);
+        let body = match length {
+            BodyLength::Fixed(length) if length > MAX_CHECK_BODY => {
+                keep_alive = false;
+                Bytes::new()
+            }
+            BodyLength::Fixed(length) => {
+                while self.buffer.len() < length {
+                    self.fill().await?;
+                }
+                self.buffer.split_to(length).freeze()
+            }
+            BodyLength::Chunked => self.read_chunked().await?,
+            BodyLength::UntilClose => {
+                keep_alive = false;
+                while self.buffer.len() <= MAX_CHECK_BODY && self.fill_or_eof().await? {}
+                self.buffer.split().freeze()
+            }
+        };
+        Ok((status, if want_body { body } else { Bytes::new() }, keep_alive))
+    }
+
+    /// Reads more bytes; the connection ending here is a transport failure.
+    async fn fill(&mut self) -> Result<(), Exchange> {
+        if self.fill_or_eof().await? {
+            Ok(())
+        } else {
+            Err(Exchange::Transport("connection closed before a response".into()))
+        }
+    }
+
+    async fn fill_or_eof(&mut self) -> Result<bool, Exchange> {
+        use tokio::io::AsyncReadExt;
+        let read = self.stream.read_buf(&mut self.buffer).await.map_err(|e| Exchange::Transport(io_reason(&e)))?;
+        Ok(read > 0)
+    }
+
+    async fn read_chunked(&mut self) -> Result<Bytes, Exchange> {
+        let mut body = BytesMut::new();
+        loop {
+            let (size_line, size) = loop {
+                match httparse::parse_chunk_size(&self.buffer) {
+                    Ok(httparse::Status::Complete(found)) => break found,
+                    Ok(httparse::Status::Partial) if self.buffer.len() < MAX_RESPONSE_HEAD => self.fill().await?,
+                    _ => return Err(Exchange::Check("malformed chunked body".into())),
+                }
+            };
+            self.buffer.advance(size_line);
+            if size == 0 {
+                // Trailers, if any, end with an empty line.
+                loop {
+                    if let Some(end) = self.buffer.windows(2).position(|w| w == b"\r\n") {
+                        let empty = end == 0;
+                        self.buffer.advance(end + 2);
+                        if empty {
+                            return Ok(body.freeze());
+                        }
+                    } else {
+                        self.fill().await?;
+                    }
+                }
+            }
+            let size = usize::try_from(size).unwrap_or(usize::MAX);
+            if body.len().saturating_add(size) > MAX_CHECK_BODY {
+                return Err(Exchange::Check("health check body too large".into()));
+            }
+            while self.buffer.len() < size + 2 {
+                self.fill().await?;
+            }
+            body.extend_from_slice(&self.buffer[..size]);
+            self.buffer.advance(size + 2);
+        }
+    }
+}
+
+/// The body framing and connection reuse a response head declares (RFC 9112 6.3).
+fn framing(response: &httparse::Response<'_, '_>, status: u16) -> (BodyLength, bool) {
+    let header = |name: &str| {
+        response.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value))
+    };
+    let keep_alive = response.version == Some(1)
+        && !header("connection").is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        return (BodyLength::Fixed(0), keep_alive);
+    }
+    if header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        return (BodyLength::Chunked, keep_alive);
+    }
+    match header("content-length").map(|v| v.trim().parse::<usize>()) {
+        Some(Ok(length)) => (BodyLength::Fixed(length), keep_alive),
+        Some(Err(_)) => (BodyLength::UntilClose, false),
+        None => (BodyLength::UntilClose, false),
+    }
+}
+
+/// How an HTTP probe failed: the distinction decides whether a retry on a fresh
+/// connection is worth it.
+enum Exchange {
+    /// Could not connect: the backend is down; no retry.
+    Refused(String),
+    /// The connection failed mid-exchange: maybe only that connection.
+    Transport(String),
+    /// The backend answered, wrongly.
+    Check(String),
+}
+
+impl Exchange {
+    fn into_reason(self) -> String {
+        match self {
+            Exchange::Refused(reason) | Exchange::Transport(reason) | Exchange::Check(reason) => reason,
+        }
     }
 }
 
@@ -139,97 +509,12 @@ fn io_reason(error: &std::io::Error) -> String {
     }
 }
 
-/// Aborts the connection task when the probe ends (or is cancelled by its timeout).
+/// Aborts the connection task when its owner drops it.
 struct AbortOnDrop(JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-async fn http_probe(
-    address: &str,
-    path: &str,
-    expect_status: &[u16],
-    host: Option<&str>,
-    expect_body: Option<&str>,
-) -> Result<String, String> {
-    let stream = TcpStream::connect(address).await.map_err(|e| io_reason(&e))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-    let _connection = AbortOnDrop(tokio::spawn(async move {
-        let _ = connection.await;
-    }));
-    let request = Request::get(path)
-        .header(header::HOST, host.unwrap_or(address))
-        .header(header::USER_AGENT, "switchyard-health-check")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| {
-        if e.is_incomplete_message() || e.is_closed() {
-            "connection closed before a response".to_owned()
-        } else {
-            e.to_string()
-        }
-    })?;
-    let status = response.status().as_u16();
-    if !expect_status.contains(&status) {
-        return Err(format!("status {status}"));
-    }
-    if let Some(wanted) = expect_body {
-        let body = Limited::new(response.into_body(), MAX_CHECK_BODY)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the body failed: {e}"))?
-            .to_bytes();
-        if !String::from_utf8_lossy(&body).contains(wanted) {
-            return Err(format!("status {status}, body does not contain `{wanted}`"));
-        }
-    }
-    Ok(format!("status {status}"))
-}
-
-/// `grpc.health.v1.Health/Check` over h2c. The two messages are tiny, so they
-/// are encoded by hand: `HealthCheckRequest { string service = 1; }` and
-/// `HealthCheckResponse { ServingStatus status = 1; }` with SERVING = 1.
-async fn grpc_probe(address: &str, service: &str) -> Result<String, String> {
-    let stream = TcpStream::connect(address).await.map_err(|e| io_reason(&e))?;
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-    let _connection = AbortOnDrop(tokio::spawn(async move {
-        let _ = connection.await;
-    }));
-    let request = Request::post(format!("http://{address}/grpc.health.v1.Health/Check"))
-        .header(header::CONTENT_TYPE, "application/grpc")
-        .header(header::TE, "trailers")
-        .header(header::USER_AGENT, "switchyard-health-check")
-        .body(Full::new(grpc_request(service)))
-        .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
-    if response.status() != http::StatusCode::OK {
-        return Err(format!("status {}", response.status().as_u16()));
-    }
-    let headers = response.headers().clone();
-    let collected = Limited::new(response.into_body(), MAX_CHECK_BODY)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the response failed: {e}"))?;
-    // A trailers-only response carries grpc-status in the headers.
-    let trailers = collected.trailers().cloned().unwrap_or(headers);
-    let grpc_status = trailers.get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("missing");
-    if grpc_status != "0" {
-        let message = trailers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("");
-        return Err(format!("grpc-status {grpc_status} {message}").trim_end().to_owned());
-    }
-    match grpc_serving_status(collected.to_bytes()) {
-        Some(1) => Ok("SERVING".to_owned()),
-        Some(2) => Err("NOT_SERVING".to_owned()),
-        Some(3) => Err("SERVICE_UNKNOWN".to_owned()),
-        Some(0) => Err("UNKNOWN".to_owned()),
-        Some(other) => Err(format!("serving status {other}")),
-        None => Err("malformed health response".to_owned()),
     }
 }
 
