@@ -70,6 +70,7 @@ fn main() {
     // on the same 250 ms grid. What is left is the kernel's loopback TCP cost.
     let floor = runtime.block_on(raw_exchange_floor(&ports));
     let _ = child.kill();
+    let _ = child.wait();
     println!(
         "{BACKENDS} backends, http check every 1s: {checks} checks in {WINDOW:?} ({:.0}/s), {failures} unhealthy",
         checks as f64 / WINDOW.as_secs_f64()
