@@ -367,3 +367,22 @@ async fn health_metrics_are_exported() {
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn a_tcp_check_notices_a_closed_port() {
+    let [gone, stays] = [Backend::start("gone").await, Backend::start("stays").await];
+    let health = "      active: { kind: tcp, interval: 100ms, timeout: 80ms, healthy_after: 1, unhealthy_after: 1 }\n";
+    let proxy = start_proxy(&health_config(&[&gone, &stays], "{ policy: round_robin }", health)).await;
+    let admin = proxy.running.admin_addr().await;
+    wait_until_async("a passing tcp check", || async {
+        backend_status(&admin_status(admin).await, &gone)["active_check"]["last_reason"] == "connected"
+    })
+    .await;
+    gone.kill();
+    wait_for_health(admin, &gone, false).await;
+    assert_eq!(backend_status(&admin_status(admin).await, &gone)["active_check"]["last_reason"], "connection refused");
+    let client = client();
+    for _ in 0..6 {
+        assert_eq!(get(&client, &proxy.url("/")).await.body, "stays");
+    }
+}
