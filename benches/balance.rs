@@ -28,6 +28,8 @@ fn fleet(n: usize) -> (Vec<BackendConfig>, Vec<Arc<Backend>>) {
                 state: Arc::default(),
                 check: None,
                 slow_start: None,
+                breaker: None,
+                queue: None,
             })
         })
         .collect();
@@ -52,7 +54,7 @@ fn picks(c: &mut Criterion) {
     let mut headers = http::HeaderMap::new();
     headers.insert("x-job-id", "job-123456".parse().unwrap());
     let uri = http::Uri::from_static("/robot/run");
-    let request = PickRequest { headers: &headers, uri: &uri, client_ip: IpAddr::from([127, 0, 0, 1]) };
+    let request = PickRequest { headers: &headers, uri: &uri, client_ip: IpAddr::from([127, 0, 0, 1]), exclude: &[] };
     for size in [3, 100] {
         let (configs, backends) = fleet(size);
         for (name, policy) in &policies {

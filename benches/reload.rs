@@ -80,8 +80,12 @@ fn main() {
                 let request = http::Request::get("/u42/run").body(()).unwrap();
                 let index = snapshot.router.find_index(&request).unwrap();
                 let upstream = &snapshot.router.routes()[index].upstream;
-                let pick =
-                    PickRequest { headers: &headers, uri: request.uri(), client_ip: IpAddr::from([127, 0, 0, 1]) };
+                let pick = PickRequest {
+                    headers: &headers,
+                    uri: request.uri(),
+                    client_ip: IpAddr::from([127, 0, 0, 1]),
+                    exclude: &[],
+                };
                 std::hint::black_box(upstream.balancer.pick(&upstream.backends, &pick));
                 drop(snapshot);
                 worst = worst.max(started.elapsed());

@@ -18,6 +18,12 @@ pub enum ProxyError {
     UpstreamConnect { backend: String, source: BoxError },
     #[error("backend {backend} closed or reset the connection")]
     UpstreamReset { backend: String, source: BoxError },
+    #[error("every backend of upstream `{upstream}` has its circuit open")]
+    CircuitOpen { upstream: String },
+    #[error("upstream `{upstream}` is busy and its queue is full")]
+    QueueFull { upstream: String },
+    #[error("upstream `{upstream}` stayed busy for the whole queue timeout")]
+    QueueTimeout { upstream: String },
     #[error("no response within the route timeout")]
     UpstreamTimeout,
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -30,7 +36,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoHealthyBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoHealthyBackend { .. }
+            | ProxyError::CircuitOpen { .. }
+            | ProxyError::QueueFull { .. }
+            | ProxyError::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -52,6 +61,9 @@ impl ProxyError {
         Some(match self {
             ProxyError::NoRoute => "no_route",
             ProxyError::NoHealthyBackend { .. } => "no_healthy_backend",
+            ProxyError::CircuitOpen { .. } => "circuit_open",
+            ProxyError::QueueFull { .. } => "queue_full",
+            ProxyError::QueueTimeout { .. } => "queue_timeout",
             ProxyError::UpstreamConnect { .. } => "upstream_connect",
             ProxyError::UpstreamReset { .. } => "upstream_reset",
             ProxyError::UpstreamTimeout => "upstream_timeout",
@@ -67,6 +79,10 @@ impl ProxyError {
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         if let Some(code) = self.code() {
             headers.insert(ERROR_HEADER, HeaderValue::from_static(code));
+        }
+        if matches!(self, ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. }) {
+            // The queue is a moment's wait; a client should come back soon.
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(self, ProxyError::BadRequest(_) | ProxyError::BodyTooLarge { .. }) {
             // The rest of the request may still be on the wire; don't try to reuse it.
@@ -88,6 +104,9 @@ mod tests {
             (ProxyError::UpstreamConnect { backend: "b".into(), source: "x".into() }, 502, Some("upstream_connect")),
             (ProxyError::UpstreamReset { backend: "b".into(), source: "x".into() }, 502, Some("upstream_reset")),
             (ProxyError::UpstreamTimeout, 504, Some("upstream_timeout")),
+            (ProxyError::CircuitOpen { upstream: "u".into() }, 503, Some("circuit_open")),
+            (ProxyError::QueueFull { upstream: "u".into() }, 503, Some("queue_full")),
+            (ProxyError::QueueTimeout { upstream: "u".into() }, 503, Some("queue_timeout")),
             (ProxyError::BodyTooLarge { limit: 1 }, 413, Some("body_too_large")),
             (ProxyError::BadRequest("x"), 400, None),
         ];

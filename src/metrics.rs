@@ -54,6 +54,34 @@ pub fn backend_health(snapshot: &crate::state::Snapshot) {
             let healthy = if backend.is_healthy(now) { 1.0 } else { 0.0 };
             metrics::gauge!(BACKEND_HEALTHY, "upstream" => upstream.name.to_string(), "backend" => backend.address.to_string())
                 .set(healthy);
+            if backend.breaker.is_some() {
+                metrics::gauge!(CIRCUIT_STATE, "upstream" => upstream.name.to_string(), "backend" => backend.address.to_string())
+                    .set(backend.state.breaker.phase().gauge());
+            }
+        }
+        if let Some(queue) = &upstream.queue {
+            metrics::gauge!(QUEUE_WAITING, "upstream" => upstream.name.to_string()).set(queue.waiting() as f64);
         }
     }
+}
+
+pub const RETRIES_TOTAL: &str = "switchyard_retries_total";
+pub const RETRY_BUDGET_EXHAUSTED_TOTAL: &str = "switchyard_retry_budget_exhausted_total";
+pub const QUEUE_WAITING: &str = "switchyard_queue_waiting";
+pub const QUEUE_REJECTED_TOTAL: &str = "switchyard_queue_rejected_total";
+pub const CIRCUIT_STATE: &str = "switchyard_circuit_state";
+
+pub fn retry(route: &str, upstream: &str, reason: crate::config::RetryOn) {
+    metrics::counter!(RETRIES_TOTAL, "route" => route.to_owned(), "upstream" => upstream.to_owned(),
+        "reason" => crate::retry::reason_label(reason))
+    .increment(1);
+}
+
+pub fn retry_budget_exhausted(route: &str, upstream: &str) {
+    metrics::counter!(RETRY_BUDGET_EXHAUSTED_TOTAL, "route" => route.to_owned(), "upstream" => upstream.to_owned())
+        .increment(1);
+}
+
+pub fn queue_rejected(upstream: &str, reason: &'static str) {
+    metrics::counter!(QUEUE_REJECTED_TOTAL, "upstream" => upstream.to_owned(), "reason" => reason).increment(1);
 }

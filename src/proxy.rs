@@ -12,21 +12,26 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::balance::PickRequest;
+use crate::balance::{Pick, PickRequest};
 use crate::body::{BoxError, Guarded, ProxyBody};
 use crate::client::UpstreamClients;
-use crate::config::UpstreamProtocol;
+use crate::config::{RetryOn, UpstreamProtocol};
 use crate::error::ProxyError;
+use crate::queue::Priority;
+use crate::retry;
 use crate::server::stack::RouteMatch;
-use crate::upstream::InFlightGuard;
+use crate::upstream::{InFlightGuard, Unavailable, Upstream};
 
 /// Facts about the client connection a request arrived on, attached to every
 /// request by the listener.
@@ -78,13 +83,18 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Request bodies up to this size are kept in memory so that a retry can send
+/// them again; larger or unsized (chunked) bodies stream, and are not retried.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
 async fn forward(
     clients: Arc<UpstreamClients>,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let matched = request.extensions_mut().remove::<RouteMatch>().expect("the route layer runs first");
     let conn = request.extensions_mut().remove::<ConnInfo>().expect("the listener attaches ConnInfo");
-    let upstream = &matched.route().upstream;
+    let route = matched.route();
+    let upstream = &route.upstream;
 
     // 1. Refuse a body that declares itself too large before touching a backend.
     let limit = matched.snapshot.limits.max_body_bytes;
@@ -92,23 +102,7 @@ async fn forward(
         return Err(ProxyError::BodyTooLarge { limit });
     }
 
-    // 2. Pick a backend; the pick reserves its in-flight slot.
-    let pick = upstream
-        .balancer
-        .pick(
-            &upstream.backends,
-            &PickRequest { headers: request.headers(), uri: request.uri(), client_ip: conn.client.ip() },
-        )
-        .ok_or_else(|| ProxyError::NoHealthyBackend { upstream: upstream.name.to_string() })?;
-    let backend = &upstream.backends[pick.index];
-    let outcome = Outcome {
-        upstream,
-        index: pick.index,
-        deadline: matched.route().timeout.map(|t| Instant::now() + t),
-        reported: false,
-    };
-
-    // 3. Rewrite for the backend: absolute URI, forwarding headers, no hop-by-hop.
+    // 2. Rewrite what is the same for every try: forwarding headers, no hop-by-hop.
     let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     let original_host = parts
@@ -118,52 +112,242 @@ async fn forward(
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
     add_forwarding_headers(&mut parts.headers, &conn, original_host.as_ref());
-    parts.uri = backend_uri(parts.uri, &backend.authority)?;
-    match upstream.protocol {
-        UpstreamProtocol::Http1 => {
-            parts.version = Version::HTTP_11;
-            if let (false, Some(host)) = (parts.headers.contains_key(header::HOST), original_host) {
-                parts.headers.insert(header::HOST, host);
+
+    // 3. Whether this request can be retried: a retry policy, no upgrade, and a
+    //    body small enough to keep for replay.
+    let policy = route.retry.as_ref().filter(|_| client_upgrade.is_none());
+    let mut body = match policy {
+        Some(_) => RequestBody::replayable(body).await?,
+        None => RequestBody::Streaming(Some(body)),
+    };
+    let attempts = match (policy, &body) {
+        (Some(policy), RequestBody::Replay(_)) => policy.config.attempts,
+        _ => 1,
+    };
+    if let Some(policy) = policy {
+        policy.budget.record_request();
+    }
+
+    let mut tried: Vec<usize> = Vec::new();
+    let mut template = Some(parts);
+    loop {
+        let attempt = tried.len() as u32 + 1;
+        let last = attempt >= attempts;
+
+        // 4. Pick a backend (waiting in the upstream's queue when every one is
+        //    busy); the pick reserves its in-flight slot.
+        let pick = pick_backend(upstream, template.as_ref().expect("kept until the last try"), &conn, &tried).await?;
+        let backend = &upstream.backends[pick.index];
+        let outcome = Outcome {
+            upstream,
+            index: pick.index,
+            deadline: route.timeout.map(|t| Instant::now() + t),
+            reported: false,
+        };
+
+        // 5. This try's request: absolute URI for the backend, its protocol.
+        let mut parts = if last {
+            template.take().expect("present until the last try")
+        } else {
+            clone_parts(template.as_ref().expect("present until the last try"))
+        };
+        parts.uri = backend_uri(parts.uri, &backend.authority)?;
+        match upstream.protocol {
+            UpstreamProtocol::Http1 => {
+                parts.version = Version::HTTP_11;
+                if let (false, Some(host)) = (parts.headers.contains_key(header::HOST), &original_host) {
+                    parts.headers.insert(header::HOST, host.clone());
+                }
+            }
+            UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
+                // HTTP/2 carries the authority in the URI; the original host
+                // travels in X-Forwarded-Host.
+                parts.version = Version::HTTP_2;
+                parts.headers.remove(header::HOST);
             }
         }
-        UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
-            // HTTP/2 carries the authority in the URI; the original host travels
-            // in X-Forwarded-Host.
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(header::HOST);
+        let method = parts.method.clone();
+        let outgoing = Request::from_parts(parts, body.for_try(limit));
+
+        // 6. Send; time to response head feeds the latency estimate.
+        let started = Instant::now();
+        let sent = clients.for_protocol(upstream.protocol).request(outgoing);
+        let per_try_timeout = policy.and_then(|p| p.config.per_try_timeout).unwrap_or(Duration::MAX);
+        let result = match tokio::time::timeout(per_try_timeout, sent).await {
+            Ok(Ok(response)) => {
+                pick.guard.state().latency.observe(started.elapsed());
+                outcome.report(response.status().is_server_error());
+                let retry_as = matches!(response.status().as_u16(), 502..=504).then_some(RetryOn::GatewayError);
+                Try { answer: Ok(response), retry_as }
+            }
+            Ok(Err(error)) => {
+                let (error, retry_as) = classify(error, &backend.address, limit);
+                outcome.report(error.is_backend_failure());
+                Try { answer: Err(error), retry_as }
+            }
+            Err(_elapsed) => {
+                outcome.report(true);
+                Try { answer: Err(ProxyError::UpstreamTimeout), retry_as: Some(RetryOn::Timeout) }
+            }
+        };
+
+        // 7. Retry if the policy, the method and the budget all allow it.
+        let retry = match (policy, result.retry_as) {
+            (Some(policy), Some(reason)) if !last && retry::allows(&policy.config, reason, &method) => {
+                if policy.budget.try_withdraw(policy.config.budget_ratio, policy.config.budget_min_per_second) {
+                    crate::metrics::retry(&route.name, &upstream.name, reason);
+                    Some((policy, reason))
+                } else {
+                    crate::metrics::retry_budget_exhausted(&route.name, &upstream.name);
+                    None
+                }
+            }
+            _ => None,
+        };
+        let Some((policy, reason)) = retry else {
+            return match result.answer {
+                Ok(response) => Ok(respond(response, pick.guard, client_upgrade)),
+                Err(error) => Err(error),
+            };
+        };
+        tracing::debug!(backend = %backend.address, attempt, reason = retry::reason_label(reason), "retrying");
+        tried.push(pick.index);
+        // Give the slot back before waiting: the backoff is not the backend's time.
+        drop(result);
+        drop(pick);
+        tokio::time::sleep(retry::backoff(&policy.config, attempt - 1)).await;
+    }
+}
+
+/// One try's result, and the retry condition it matches, if any.
+struct Try {
+    answer: Result<Response<Incoming>, ProxyError>,
+    retry_as: Option<RetryOn>,
+}
+
+/// The request body, either kept for replay or streamed once.
+enum RequestBody {
+    Replay(Bytes),
+    Streaming(Option<Incoming>),
+}
+
+impl RequestBody {
+    /// Keeps the body in memory if it is empty or declares a small length;
+    /// otherwise it streams (and the request will not be retried).
+    async fn replayable(body: Incoming) -> Result<RequestBody, ProxyError> {
+        if body.is_end_stream() {
+            return Ok(RequestBody::Replay(Bytes::new()));
+        }
+        match body.size_hint().exact() {
+            Some(length) if length <= MAX_REPLAY_BODY => {
+                let collected = Limited::new(body, MAX_REPLAY_BODY as usize)
+                    .collect()
+                    .await
+                    .map_err(|_| ProxyError::BadRequest("request body was malformed or cut off"))?;
+                Ok(RequestBody::Replay(collected.to_bytes()))
+            }
+            _ => Ok(RequestBody::Streaming(Some(body))),
         }
     }
-    let body = body.map_err(ClientBodyError);
-    let body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed_unsync();
-    let outgoing = Request::from_parts(parts, body);
 
-    // 4. Send; time to response head feeds the latency estimate.
-    let started = Instant::now();
-    let result = clients.for_protocol(upstream.protocol).request(outgoing).await;
-    let mut response = match result {
-        Ok(response) => response,
-        Err(error) => {
-            let error = classify(error, &backend.address, limit);
-            outcome.report(error.is_backend_failure());
-            return Err(error);
+    fn for_try(&mut self, limit: u64) -> ProxyBody {
+        match self {
+            RequestBody::Replay(bytes) => crate::body::full(bytes.clone()),
+            RequestBody::Streaming(body) => {
+                let body = body.take().expect("a streamed body is sent once").map_err(ClientBodyError);
+                Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed_unsync()
+            }
+        }
+    }
+}
+
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
+}
+
+/// Picks a backend for the request, excluding those already tried while any
+/// other can serve. With a queue configured and every eligible backend busy,
+/// waits in line (see `queue`); otherwise fails at once with the reason.
+async fn pick_backend(
+    upstream: &Upstream,
+    parts: &http::request::Parts,
+    conn: &ConnInfo,
+    tried: &[usize],
+) -> Result<Pick, ProxyError> {
+    let request =
+        |exclude| PickRequest { headers: &parts.headers, uri: &parts.uri, client_ip: conn.client.ip(), exclude };
+    let try_pick = || {
+        upstream.balancer.pick(&upstream.backends, &request(tried)).or_else(|| {
+            if tried.is_empty() {
+                None
+            } else {
+                upstream.balancer.pick(&upstream.backends, &request(&[]))
+            }
+        })
+    };
+    let unavailable = || match upstream.unavailable() {
+        Unavailable::CircuitOpen => ProxyError::CircuitOpen { upstream: upstream.name.to_string() },
+        Unavailable::NoHealthy | Unavailable::AllBusy => {
+            ProxyError::NoHealthyBackend { upstream: upstream.name.to_string() }
         }
     };
-    pick.guard.state().latency.observe(started.elapsed());
-    outcome.report(response.status().is_server_error());
+    let (Some(queue), Some(config)) = (&upstream.queue, &upstream.config.queue) else {
+        return try_pick().ok_or_else(unavailable);
+    };
+    let priority = Priority::from_header(config.priority_header.as_ref().and_then(|h| parts.headers.get(h)));
+    let deadline = tokio::time::Instant::now() + config.timeout;
+    let mut woken = false;
+    loop {
+        // While others wait, a newcomer queues behind them instead of taking
+        // the slot the first of them was woken for.
+        if woken || queue.waiting() == 0 {
+            if let Some(pick) = try_pick() {
+                return Ok(pick);
+            }
+            if upstream.unavailable() != Unavailable::AllBusy {
+                return Err(unavailable());
+            }
+        }
+        let Some(ticket) = queue.join(priority, config.max_waiting as usize, woken) else {
+            crate::metrics::queue_rejected(&upstream.name, "full");
+            return Err(ProxyError::QueueFull { upstream: upstream.name.to_string() });
+        };
+        // Alone in the queue: a slot may have freed between the failed pick
+        // and joining, with nobody there to be woken for it.
+        if queue.waiting() == 1 {
+            if let Some(pick) = try_pick() {
+                return Ok(pick);
+            }
+        }
+        if tokio::time::timeout_at(deadline, ticket.wait()).await.is_err() {
+            crate::metrics::queue_rejected(&upstream.name, "timeout");
+            return Err(ProxyError::QueueTimeout { upstream: upstream.name.to_string() });
+        }
+        woken = true;
+    }
+}
 
-    // 5. A 101 turns the exchange into a tunnel that owns the in-flight slot.
+/// The response for the client: a tunnel for a 101, else the backend's
+/// response streaming back while holding the backend's slot.
+fn respond(
+    mut response: Response<Incoming>,
+    guard: InFlightGuard,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let backend_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, backend_upgrade, pick.guard));
-            return Ok(response.map(|_| crate::body::empty()));
+            tokio::spawn(tunnel(client_upgrade, backend_upgrade, guard));
+            return response.map(|_| crate::body::empty());
         }
     }
-
-    // 6. Stream the response back, holding the slot until its body ends.
     strip_hop_by_hop(response.headers_mut(), false);
-    let guard = pick.guard;
-    Ok(response.map(|body| Guarded::new(body, guard).map_err(BoxError::from).boxed_unsync()))
+    response.map(|body| Guarded::new(body, guard).map_err(BoxError::from).boxed_unsync())
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -237,23 +421,31 @@ fn backend_uri(uri: Uri, authority: &http::uri::Authority) -> Result<Uri, ProxyE
     Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
 }
 
-/// Maps a client failure to what the client is told. A request body that
-/// exceeded the limit mid-stream surfaces here as the body's error.
-fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64) -> ProxyError {
+/// Maps a client failure to what the client is told and the retry condition
+/// it matches. A request body that exceeded the limit or broke mid-stream
+/// surfaces here as the body's error and is the client's fault, never retried.
+fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64) -> (ProxyError, Option<RetryOn>) {
     if error.is_connect() {
-        return ProxyError::UpstreamConnect { backend: backend.to_owned(), source: Box::new(error) };
+        let error = ProxyError::UpstreamConnect { backend: backend.to_owned(), source: Box::new(error) };
+        return (error, Some(RetryOn::ConnectFailure));
     }
+    let mut refused = false;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(cause) = source {
         if cause.is::<http_body_util::LengthLimitError>() {
-            return ProxyError::BodyTooLarge { limit };
+            return (ProxyError::BodyTooLarge { limit }, None);
         }
         if cause.is::<ClientBodyError>() {
-            return ProxyError::BadRequest("request body was malformed or cut off");
+            return (ProxyError::BadRequest("request body was malformed or cut off"), None);
+        }
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            // The backend refused the stream before processing it (RFC 9113 8.7).
+            refused |= h2.reason() == Some(h2::Reason::REFUSED_STREAM);
         }
         source = cause.source();
     }
-    ProxyError::UpstreamReset { backend: backend.to_owned(), source: Box::new(error) }
+    let reason = if refused { RetryOn::Refused } else { RetryOn::Reset };
+    (ProxyError::UpstreamReset { backend: backend.to_owned(), source: Box::new(error) }, Some(reason))
 }
 
 /// Reports one exchange's outcome to passive health detection. Dropped without
@@ -261,7 +453,7 @@ fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64)
 /// counts a failure only if the route's deadline has passed: a client that gives
 /// up early says nothing about the backend.
 struct Outcome<'a> {
-    upstream: &'a crate::upstream::Upstream,
+    upstream: &'a Upstream,
     index: usize,
     deadline: Option<Instant>,
     reported: bool,
@@ -270,14 +462,28 @@ struct Outcome<'a> {
 impl Outcome<'_> {
     fn report(mut self, failed: bool) {
         self.reported = true;
+        self.record(failed);
+    }
+
+    fn record(&self, failed: bool) {
         crate::health::passive::record(self.upstream, self.index, failed);
+        let backend = &self.upstream.backends[self.index];
+        if let Some(config) = &backend.breaker {
+            backend.state.breaker.on_result(config, crate::upstream::nanos_since_epoch(), failed);
+        }
     }
 }
 
 impl Drop for Outcome<'_> {
     fn drop(&mut self) {
-        if !self.reported && self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-            crate::health::passive::record(self.upstream, self.index, true);
+        if self.reported {
+            return;
+        }
+        if self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            self.record(true);
+        } else {
+            // The client left: no verdict, but a half-open probe slot is freed.
+            self.upstream.backends[self.index].state.breaker.on_abandoned();
         }
     }
 }

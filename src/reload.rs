@@ -20,6 +20,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::admin::{self, AdminHandle};
+use crate::breaker::Phase;
 use crate::client::UpstreamClients;
 use crate::config::{self, Config, ConfigErrors};
 use crate::health::active::Checkers;
@@ -316,6 +317,7 @@ impl Runtime {
             .map(|u| UpstreamStatus {
                 name: u.name.to_string(),
                 policy: u.balancer.name(),
+                queue_waiting: u.queue.as_ref().map(|q| q.waiting()),
                 backends: u.backends.iter().map(|b| BackendStatus::of(b, now)).collect(),
             })
             .collect();
@@ -406,6 +408,8 @@ pub struct ListenerStatus {
 pub struct UpstreamStatus {
     pub name: String,
     pub policy: &'static str,
+    /// Requests waiting for a free backend; `null` without a queue.
+    pub queue_waiting: Option<usize>,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -425,6 +429,10 @@ pub struct BackendStatus {
     /// Passive detection's current streak of failed requests.
     pub consecutive_request_failures: u32,
     pub active_check: Option<ActiveCheckStatus>,
+    /// `closed`, `open` or `half-open`; `null` without a circuit breaker.
+    pub circuit: Option<Phase>,
+    /// Seconds until an open circuit lets a probe through.
+    pub circuit_open_for_seconds: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -452,6 +460,11 @@ impl BackendStatus {
             healthy: backend.is_healthy(now),
             ejected_for_seconds: (ejected_until > now).then(|| seconds(ejected_until - now)),
             consecutive_request_failures: backend.state.passive.consecutive_failures(),
+            circuit: backend.breaker.map(|_| backend.state.breaker.snapshot().phase()),
+            circuit_open_for_seconds: backend
+                .breaker
+                .and_then(|_| backend.state.breaker.snapshot().open_remaining(now))
+                .map(|d| d.as_secs_f64()),
             active_check: backend.check.as_ref().map(|check| {
                 let last = check.last();
                 let (consecutive_passes, consecutive_failures) = check.consecutive();

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::HostPattern;
+use crate::config::{HostPattern, RetryConfig};
+use crate::retry::RetryBudget;
 use crate::upstream::Upstream;
 
 #[derive(Debug)]
@@ -19,6 +20,14 @@ pub struct Route {
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub upstream: Arc<Upstream>,
     pub timeout: Option<Duration>,
+    pub retry: Option<RoutePolicy>,
+}
+
+/// A route's retry settings and its budget (carried across reloads by name).
+#[derive(Debug)]
+pub struct RoutePolicy {
+    pub config: RetryConfig,
+    pub budget: Arc<RetryBudget>,
 }
 
 impl Route {

@@ -15,7 +15,9 @@ use arc_swap::ArcSwap;
 use crate::balance::Balancer;
 use crate::config::{ActiveCheck, Config, Limits};
 use crate::health::CheckStatus;
-use crate::route::{Route, Router};
+use crate::queue::WaitQueue;
+use crate::retry::RetryBudget;
+use crate::route::{Route, RoutePolicy, Router};
 use crate::upstream::{Backend, BackendState, Upstream};
 
 /// The live configuration, read lock-free by every request.
@@ -52,6 +54,18 @@ impl Snapshot {
             }
         }
         let first_generation = previous.is_none();
+        let mut queues: HashMap<&str, Arc<WaitQueue>> = HashMap::new();
+        for upstream in previous_upstreams {
+            if let Some(queue) = &upstream.queue {
+                queues.insert(&upstream.name, Arc::clone(queue));
+            }
+        }
+        let mut budgets: HashMap<&str, Arc<RetryBudget>> = HashMap::new();
+        for route in previous.map_or(&[][..], |p| p.router.routes()) {
+            if let Some(retry) = &route.retry {
+                budgets.insert(&route.name, Arc::clone(&retry.budget));
+            }
+        }
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -61,6 +75,7 @@ impl Snapshot {
                 if let Some(previous) = unchanged.get(u.name.as_str()).filter(|p| p.config == *u) {
                     return Arc::clone(previous);
                 }
+                let queue = u.queue.as_ref().map(|_| queues.get(u.name.as_str()).cloned().unwrap_or_default());
                 let backends = u
                     .backends
                     .iter()
@@ -83,6 +98,8 @@ impl Snapshot {
                             state,
                             check,
                             slow_start: u.health.slow_start,
+                            breaker: u.circuit_breaker,
+                            queue: queue.clone(),
                         })
                     })
                     .collect();
@@ -93,6 +110,7 @@ impl Snapshot {
                     protocol: u.protocol,
                     config: u.clone(),
                     ejection_lock: Default::default(),
+                    queue,
                 })
             })
             .collect();
@@ -108,6 +126,10 @@ impl Snapshot {
                 headers: r.headers.clone(),
                 upstream: Arc::clone(by_name[r.upstream.as_str()]),
                 timeout: r.timeout,
+                retry: r.retry.clone().map(|config| RoutePolicy {
+                    budget: budgets.get(r.name.as_str()).cloned().unwrap_or_default(),
+                    config,
+                }),
             })
             .collect();
         Snapshot { generation, router: Router::new(routes), upstreams, limits: config.limits }

@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::balance::Balancer;
-use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::breaker::Breaker;
+use crate::config::{BreakerConfig, UpstreamConfig, UpstreamProtocol};
 use crate::health::passive::PassiveState;
 use crate::health::{slow_start_factor, CheckStatus};
+use crate::queue::WaitQueue;
 
 /// One upstream: a named set of backends and the policy that picks among them.
 #[derive(Debug)]
@@ -26,6 +28,23 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     /// Serializes passive ejection decisions (see `health::passive`).
     pub ejection_lock: Mutex<()>,
+    /// Requests waiting for a free backend; carried across reloads by name.
+    pub queue: Option<Arc<WaitQueue>>,
+}
+
+impl Upstream {
+    /// Why no backend could take a request just now (called after a failed pick).
+    pub fn unavailable(&self) -> Unavailable {
+        let now = nanos_since_epoch();
+        let healthy: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| b.is_healthy(now)).collect();
+        if healthy.is_empty() {
+            Unavailable::NoHealthy
+        } else if healthy.iter().all(|b| !b.circuit_allows(now)) {
+            Unavailable::CircuitOpen
+        } else {
+            Unavailable::AllBusy
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -42,6 +61,20 @@ pub struct Backend {
     /// address the same way; `None` without an active check.
     pub check: Option<Arc<CheckStatus>>,
     pub slow_start: Option<Duration>,
+    pub breaker: Option<BreakerConfig>,
+    /// The upstream's wait queue, told when this backend frees a slot.
+    pub queue: Option<Arc<WaitQueue>>,
+}
+
+/// Why no backend of an upstream could take a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Every backend is unhealthy or ejected.
+    NoHealthy,
+    /// Every backend that is healthy has its circuit open.
+    CircuitOpen,
+    /// Some backend could serve, but all such are at `max_concurrency`.
+    AllBusy,
 }
 
 impl Backend {
@@ -56,10 +89,19 @@ impl Backend {
         let in_flight = &self.state.in_flight;
         // A compare-and-swap, not load-then-add: two requests racing for the last
         // slot of a one-job bot must not both get it.
-        in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
-            .ok()
-            .map(|_| InFlightGuard { state: Arc::clone(&self.state) })
+        in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok()?;
+        let guard = InFlightGuard { state: Arc::clone(&self.state), queue: self.queue.clone() };
+        // The breaker is asked last: in half-open, admitting takes a probe slot,
+        // which must only happen for a request that will really be sent.
+        match &self.breaker {
+            Some(config) if !self.state.breaker.admit(config, nanos_since_epoch()) => None,
+            _ => Some(guard),
+        }
+    }
+
+    /// Whether the circuit breaker (if any) would let a request through now.
+    pub fn circuit_allows(&self, now: u64) -> bool {
+        self.breaker.is_none() || self.state.breaker.would_admit(now)
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -71,9 +113,11 @@ impl Backend {
         self.check.as_ref().is_none_or(|c| c.is_healthy()) && !self.state.passive.is_ejected(now)
     }
 
-    /// Whether a policy may pick this backend now: healthy and below its limit.
+    /// Whether a policy may pick this backend now: healthy, circuit letting
+    /// requests through, and below its limit.
     pub fn is_available(&self) -> bool {
-        self.in_flight() < self.max_concurrency && self.is_healthy(nanos_since_epoch())
+        let now = nanos_since_epoch();
+        self.in_flight() < self.max_concurrency && self.is_healthy(now) && self.circuit_allows(now)
     }
 
     /// The share of its weight the backend gets now (below 1 during slow start).
@@ -98,6 +142,7 @@ pub struct BackendState {
     in_flight: AtomicU32,
     pub latency: PeakEwma,
     pub passive: PassiveState,
+    pub breaker: Breaker,
     /// When a reload added the backend (ns since epoch), for slow start; 0 for
     /// backends present from the start.
     pub added_at: u64,
@@ -114,6 +159,7 @@ impl BackendState {
 #[derive(Debug)]
 pub struct InFlightGuard {
     state: Arc<BackendState>,
+    queue: Option<Arc<WaitQueue>>,
 }
 
 impl InFlightGuard {
@@ -125,6 +171,9 @@ impl InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(queue) = &self.queue {
+            queue.slot_freed();
+        }
     }
 }
 
@@ -203,6 +252,8 @@ mod tests {
             state: Arc::default(),
             check: None,
             slow_start: None,
+            breaker: None,
+            queue: None,
         }
     }
 

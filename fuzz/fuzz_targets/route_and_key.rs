@@ -17,6 +17,6 @@ fuzz_target!(|data: &[u8]| {
         headers.insert(http::header::COOKIE, value.clone());
         headers.insert("x-job-id", value);
     }
-    let request = PickRequest { headers: &headers, uri: &uri, client_ip: std::net::IpAddr::from([10, 0, 0, 1]) };
+    let request = PickRequest { headers: &headers, uri: &uri, client_ip: std::net::IpAddr::from([10, 0, 0, 1]), exclude: &[] };
     let _ = extract_key(&spec, &request, |bytes| bytes.len());
 });

@@ -90,7 +90,7 @@ impl Policy for ConsistentHash {
         let start = self.first_point(key_hash);
         let cap = self.load_cap(backends);
         let (owner, _) = (self.ring[start].1 as usize, ());
-        if let Some(pick) = acquire(backends, owner, cap) {
+        if let Some(pick) = acquire(backends, request, owner, cap) {
             return Some(pick);
         }
         // Walk clockwise, asking each distinct backend once.
@@ -106,12 +106,12 @@ impl Policy for ConsistentHash {
                 continue;
             }
             remaining -= 1;
-            if let Some(pick) = acquire(backends, index, cap) {
+            if let Some(pick) = acquire(backends, request, index, cap) {
                 return Some(pick);
             }
         }
         // Only reachable when racing requests filled every backend to the cap.
-        first_available_from(backends, owner)
+        first_available_from(backends, request, owner)
     }
 }
 

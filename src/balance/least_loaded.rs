@@ -17,17 +17,17 @@ use crate::upstream::Backend;
 pub struct LeastLoaded;
 
 impl Policy for LeastLoaded {
-    fn pick(&self, backends: &[Arc<Backend>], _request: &PickRequest<'_>) -> Option<Pick> {
+    fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
         let n = backends.len();
         if n <= 1 {
-            return first_available_from(backends, 0);
+            return first_available_from(backends, request, 0);
         }
         let a = fastrand::usize(..n);
         let b = (a + 1 + fastrand::usize(..n - 1)) % n;
         let (first, second) = if cheaper(&backends[b], &backends[a]) { (b, a) } else { (a, b) };
-        acquire_unramped(backends, first, u32::MAX)
-            .or_else(|| acquire_unramped(backends, second, u32::MAX))
-            .or_else(|| first_available_from(backends, a))
+        acquire_unramped(backends, request, first, u32::MAX)
+            .or_else(|| acquire_unramped(backends, request, second, u32::MAX))
+            .or_else(|| first_available_from(backends, request, a))
     }
 }
 

@@ -32,6 +32,8 @@ pub struct PickRequest<'a> {
     pub headers: &'a http::HeaderMap,
     pub uri: &'a http::Uri,
     pub client_ip: IpAddr,
+    /// Backends this request already tried (retries go elsewhere if they can).
+    pub exclude: &'a [usize],
 }
 
 /// A chosen backend with its reserved in-flight slot.
@@ -90,7 +92,7 @@ impl Balancer {
 /// Reserves backend `index` if it is available and below `cap`. A backend in
 /// slow start passes its turn with probability `1 - ramp`, which scales its
 /// share by its ramp for every policy that picks by position.
-fn acquire(backends: &[Arc<Backend>], index: usize, cap: u32) -> Option<Pick> {
+fn acquire(backends: &[Arc<Backend>], request: &PickRequest<'_>, index: usize, cap: u32) -> Option<Pick> {
     let backend = &backends[index];
     if backend.slow_start.is_some() {
         let ramp = backend.ramp(crate::upstream::nanos_since_epoch());
@@ -98,20 +100,23 @@ fn acquire(backends: &[Arc<Backend>], index: usize, cap: u32) -> Option<Pick> {
             return None;
         }
     }
-    acquire_unramped(backends, index, cap)
+    acquire_unramped(backends, request, index, cap)
 }
 
 /// Reserves backend `index` if it is available and below `cap`, slow start aside.
-fn acquire_unramped(backends: &[Arc<Backend>], index: usize, cap: u32) -> Option<Pick> {
+fn acquire_unramped(backends: &[Arc<Backend>], request: &PickRequest<'_>, index: usize, cap: u32) -> Option<Pick> {
+    if request.exclude.contains(&index) {
+        return None;
+    }
     backends[index].try_acquire(cap).map(|guard| Pick { index, guard })
 }
 
 /// The fallback of every policy when its preferred candidates are full: the first
 /// backend, going round from `start`, that can take the request. Slow start does
 /// not apply here: a ramping backend is better than none.
-fn first_available_from(backends: &[Arc<Backend>], start: usize) -> Option<Pick> {
+fn first_available_from(backends: &[Arc<Backend>], request: &PickRequest<'_>, start: usize) -> Option<Pick> {
     let n = backends.len();
-    (0..n).find_map(|step| acquire_unramped(backends, (start + step) % n, u32::MAX))
+    (0..n).find_map(|step| acquire_unramped(backends, request, (start + step) % n, u32::MAX))
 }
 
 #[cfg(test)]
@@ -139,6 +144,8 @@ pub(crate) mod test_support {
                     state: Arc::default(),
                     check: None,
                     slow_start: None,
+                    breaker: None,
+                    queue: None,
                 })
             })
             .collect();
@@ -146,6 +153,6 @@ pub(crate) mod test_support {
     }
 
     pub fn request<'a>(headers: &'a http::HeaderMap, uri: &'a http::Uri) -> PickRequest<'a> {
-        PickRequest { headers, uri, client_ip: IpAddr::from([127, 0, 0, 1]) }
+        PickRequest { headers, uri, client_ip: IpAddr::from([127, 0, 0, 1]), exclude: &[] }
     }
 }

@@ -38,13 +38,13 @@ impl WeightedRandom {
 }
 
 impl Policy for WeightedRandom {
-    fn pick(&self, backends: &[Arc<Backend>], _request: &PickRequest<'_>) -> Option<Pick> {
+    fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
         if backends.is_empty() {
             return None;
         }
         (0..DRAWS)
-            .find_map(|_| acquire(backends, self.draw(), u32::MAX))
-            .or_else(|| first_available_from(backends, fastrand::usize(..backends.len())))
+            .find_map(|_| acquire(backends, request, self.draw(), u32::MAX))
+            .or_else(|| first_available_from(backends, request, fastrand::usize(..backends.len())))
     }
 }
 

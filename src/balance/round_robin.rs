@@ -35,7 +35,7 @@ impl RoundRobin {
 }
 
 impl Policy for RoundRobin {
-    fn pick(&self, backends: &[Arc<Backend>], _request: &PickRequest<'_>) -> Option<Pick> {
+    fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
         if self.sequence.is_empty() {
             return None;
         }
@@ -46,9 +46,9 @@ impl Policy for RoundRobin {
         (0..tries)
             .find_map(|step| {
                 let index = self.sequence[(start + step) % self.sequence.len()] as usize;
-                acquire(backends, index, u32::MAX)
+                acquire(backends, request, index, u32::MAX)
             })
-            .or_else(|| first_available_from(backends, start % backends.len()))
+            .or_else(|| first_available_from(backends, request, start % backends.len()))
     }
 }
 

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-pub use raw::{CheckKind, LogFormat, LogLevel, UpstreamProtocol};
+pub use raw::{CheckKind, LogFormat, LogLevel, RetryOn, UpstreamProtocol};
 pub use values::{HostPattern, KeySpec};
 
 /// A config file larger than this is refused before parsing: real configs are far
@@ -87,6 +87,63 @@ pub struct RouteConfig {
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub upstream: String,
     pub timeout: Option<Duration>,
+    pub retry: Option<RetryConfig>,
+}
+
+/// `retry:` of a route. Without it a request is tried once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Total tries, the first included.
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on: Vec<RetryOn>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub budget_ratio: f64,
+    pub budget_min_per_second: u32,
+    pub non_idempotent: bool,
+}
+
+impl RetryConfig {
+    pub const DEFAULT_ATTEMPTS: u32 = 3;
+    pub const DEFAULT_ON: [RetryOn; 5] =
+        [RetryOn::ConnectFailure, RetryOn::Refused, RetryOn::Reset, RetryOn::GatewayError, RetryOn::Timeout];
+    pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
+    pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+    pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
+    pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+}
+
+/// `circuit_breaker:` of an upstream; applies to each backend separately.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerConfig {
+    pub consecutive_failures: u32,
+    pub failure_rate: f64,
+    pub min_requests: u32,
+    pub window: Duration,
+    pub open_for: Duration,
+    pub half_open_requests: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            min_requests: 20,
+            window: Duration::from_secs(10),
+            open_for: Duration::from_secs(10),
+            half_open_requests: 3,
+        }
+    }
+}
+
+/// `queue:` of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub max_waiting: u32,
+    pub timeout: Duration,
+    pub priority_header: Option<http::HeaderName>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +153,8 @@ pub struct UpstreamConfig {
     pub backends: Vec<BackendConfig>,
     pub protocol: UpstreamProtocol,
     pub health: HealthConfig,
+    pub circuit_breaker: Option<BreakerConfig>,
+    pub queue: Option<QueueConfig>,
 }
 
 /// `health:` of an upstream. Everything is off unless configured.

@@ -87,6 +87,42 @@ pub struct RawRoute {
     pub matcher: RawMatch,
     pub upstream: Spanned<String>,
     pub timeout: Option<DurationValue>,
+    pub retry: Option<RawRetry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub attempts: Option<Spanned<u32>>,
+    pub per_try_timeout: Option<Spanned<DurationValue>>,
+    pub on: Option<Vec<RetryOn>>,
+    pub backoff: Option<RawBackoff>,
+    pub budget: Option<RawBudget>,
+    pub non_idempotent: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    ConnectFailure,
+    Refused,
+    Reset,
+    GatewayError,
+    Timeout,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackoff {
+    pub base: Option<Spanned<DurationValue>>,
+    pub max: Option<Spanned<DurationValue>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub ratio: Option<Spanned<f64>>,
+    pub min_per_second: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +143,27 @@ pub struct RawUpstream {
     #[serde(default)]
     pub protocol: Option<Spanned<UpstreamProtocol>>,
     pub health: Option<RawHealth>,
+    pub circuit_breaker: Option<Spanned<RawBreaker>>,
+    pub queue: Option<RawQueue>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub consecutive_failures: Option<Spanned<u32>>,
+    pub failure_rate: Option<Spanned<f64>>,
+    pub min_requests: Option<Spanned<u32>>,
+    pub window: Option<Spanned<DurationValue>>,
+    pub open_for: Option<Spanned<DurationValue>>,
+    pub half_open_requests: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub max_waiting: Option<Spanned<u32>>,
+    pub timeout: Option<Spanned<DurationValue>>,
+    pub priority_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

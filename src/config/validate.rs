@@ -8,11 +8,15 @@ use serde_saphyr::{Location, Spanned};
 
 use std::time::Duration;
 
-use super::raw::{CheckKind, PolicyKind, RawBackend, RawConfig, RawHealth, RawRoute, RawUpstream, UpstreamProtocol};
+use super::raw::{
+    CheckKind, PolicyKind, RawBackend, RawBreaker, RawConfig, RawHealth, RawQueue, RawRetry, RawRoute, RawUpstream,
+    UpstreamProtocol,
+};
 use super::values::DurationValue;
 use super::{
-    ActiveCheck, AdminConfig, BackendConfig, Config, ConfigError, ConfigErrors, HealthConfig, Limits, ListenerConfig,
-    LogConfig, LogFormat, LogLevel, PassiveConfig, PolicyConfig, Probe, RouteConfig, UpstreamConfig,
+    ActiveCheck, AdminConfig, BackendConfig, BreakerConfig, Config, ConfigError, ConfigErrors, HealthConfig, Limits,
+    ListenerConfig, LogConfig, LogFormat, LogLevel, PassiveConfig, PolicyConfig, Probe, QueueConfig, RetryConfig,
+    RouteConfig, UpstreamConfig,
 };
 
 /// hyper refuses (by panicking) an HTTP/1 read buffer smaller than this, and a
@@ -190,6 +194,7 @@ fn validate_route(
         headers,
         upstream: upstream.value.clone(),
         timeout: route.timeout.map(|t| t.0),
+        retry: route.retry.as_ref().map(|r| validate_retry(r, errors)),
     }
 }
 
@@ -259,6 +264,8 @@ fn validate_upstream(
     };
 
     let health = upstream.health.as_ref().map(|h| validate_health(h, errors)).unwrap_or_default();
+    let circuit_breaker = upstream.circuit_breaker.as_ref().map(|b| validate_breaker(b, errors));
+    let queue = upstream.queue.as_ref().map(|q| validate_queue(q, errors));
 
     (errors.errors.len() == before).then(|| UpstreamConfig {
         name: name.to_owned(),
@@ -266,7 +273,121 @@ fn validate_upstream(
         backends,
         protocol,
         health,
+        circuit_breaker,
+        queue,
     })
+}
+
+fn count(value: &Option<Spanned<u32>>, key: &str, default: u32, errors: &mut Collector<'_>) -> u32 {
+    match value {
+        Some(v) if v.value == 0 => {
+            errors.at(v.referenced, format!("{key} must be at least 1"));
+            default
+        }
+        Some(v) => v.value,
+        None => default,
+    }
+}
+
+fn duration(
+    value: &Option<Spanned<DurationValue>>,
+    key: &str,
+    default: Duration,
+    errors: &mut Collector<'_>,
+) -> Duration {
+    match value {
+        Some(v) if v.value.0.is_zero() => {
+            errors.at(v.referenced, format!("{key} must be greater than zero"));
+            default
+        }
+        Some(v) => v.value.0,
+        None => default,
+    }
+}
+
+fn validate_retry(raw: &RawRetry, errors: &mut Collector<'_>) -> RetryConfig {
+    let attempts = count(&raw.attempts, "attempts", RetryConfig::DEFAULT_ATTEMPTS, errors);
+    if let Some(a) = &raw.attempts {
+        if a.value > 10 {
+            errors.at(a.referenced, "attempts above 10 only multiply load on a failing backend; use at most 10");
+        }
+    }
+    let backoff = raw.backoff.as_ref();
+    let backoff_base =
+        duration(&backoff.and_then(|b| b.base.clone()), "backoff.base", RetryConfig::DEFAULT_BACKOFF_BASE, errors);
+    let backoff_max =
+        duration(&backoff.and_then(|b| b.max.clone()), "backoff.max", RetryConfig::DEFAULT_BACKOFF_MAX, errors);
+    if backoff_max < backoff_base {
+        if let Some(max) = backoff.and_then(|b| b.max.as_ref()) {
+            errors.at(max.referenced, "backoff.max must not be below backoff.base");
+        }
+    }
+    let budget = raw.budget.as_ref();
+    let budget_ratio = match budget.and_then(|b| b.ratio.as_ref()) {
+        Some(r) if !(0.0..=1.0).contains(&r.value) => {
+            errors.at(r.referenced, format!("budget.ratio must be between 0 and 1, got {}", r.value));
+            RetryConfig::DEFAULT_BUDGET_RATIO
+        }
+        Some(r) => r.value,
+        None => RetryConfig::DEFAULT_BUDGET_RATIO,
+    };
+    RetryConfig {
+        attempts,
+        per_try_timeout: raw
+            .per_try_timeout
+            .as_ref()
+            .map(|_| duration(&raw.per_try_timeout, "per_try_timeout", Duration::ZERO, errors)),
+        on: raw.on.clone().unwrap_or_else(|| RetryConfig::DEFAULT_ON.to_vec()),
+        backoff_base,
+        backoff_max,
+        budget_ratio,
+        budget_min_per_second: budget
+            .and_then(|b| b.min_per_second.as_ref())
+            .map_or(RetryConfig::DEFAULT_BUDGET_MIN_PER_SECOND, |m| m.value),
+        non_idempotent: raw.non_idempotent.unwrap_or(false),
+    }
+}
+
+fn validate_breaker(raw: &Spanned<RawBreaker>, errors: &mut Collector<'_>) -> BreakerConfig {
+    let defaults = BreakerConfig::default();
+    let raw = &raw.value;
+    let failure_rate = match &raw.failure_rate {
+        Some(r) if !(r.value > 0.0 && r.value <= 1.0) => {
+            errors.at(r.referenced, format!("failure_rate must be above 0 and at most 1, got {}", r.value));
+            defaults.failure_rate
+        }
+        Some(r) => r.value,
+        None => defaults.failure_rate,
+    };
+    BreakerConfig {
+        consecutive_failures: count(
+            &raw.consecutive_failures,
+            "consecutive_failures",
+            defaults.consecutive_failures,
+            errors,
+        ),
+        failure_rate,
+        min_requests: count(&raw.min_requests, "min_requests", defaults.min_requests, errors),
+        window: duration(&raw.window, "window", defaults.window, errors),
+        open_for: duration(&raw.open_for, "open_for", defaults.open_for, errors),
+        half_open_requests: count(&raw.half_open_requests, "half_open_requests", defaults.half_open_requests, errors),
+    }
+}
+
+fn validate_queue(raw: &RawQueue, errors: &mut Collector<'_>) -> QueueConfig {
+    let priority_header =
+        raw.priority_header.as_ref().and_then(|h| match http::HeaderName::from_bytes(h.value.as_bytes()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                errors.at(h.referenced, format!("priority_header `{}` is not a valid header name", h.value));
+                None
+            }
+        });
+    QueueConfig {
+        max_waiting: count(&raw.max_waiting, "max_waiting", 1000, errors),
+        timeout: duration(&raw.timeout, "timeout", Duration::from_secs(30), errors),
+        priority_header,
+    }
 }
 
 fn validate_health(raw: &RawHealth, errors: &mut Collector<'_>) -> HealthConfig {
