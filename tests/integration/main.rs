@@ -11,5 +11,6 @@ mod grpc;
 mod health;
 mod policies;
 mod reload;
+mod resilience;
 mod robot;
 mod streaming;

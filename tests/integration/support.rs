@@ -43,6 +43,8 @@ pub struct BackendStats {
     /// Status for `GET /healthz`; 0 means 200.
     pub health_status: std::sync::atomic::AtomicU16,
     pub health_checks: AtomicUsize,
+    /// When each request started, with its `x-job-id`.
+    pub started: Mutex<Vec<(std::time::Instant, String)>>,
 }
 
 pub struct Backend {
@@ -173,6 +175,8 @@ async fn handle(
         return Ok(response);
     }
     stats.hits.fetch_add(1, Ordering::SeqCst);
+    let job = request.headers().get("x-job-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    stats.started.lock().unwrap().push((std::time::Instant::now(), job));
     let now = stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     stats.peak_in_flight.fetch_max(now, Ordering::SeqCst);
     let _in_flight = InFlight(&stats);
