@@ -148,7 +148,7 @@ async fn resetting_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
                     }
                 }
                 counter.fetch_add(1, Ordering::SeqCst);
-                let _ = stream.set_linger(Some(Duration::ZERO));
+                let _ = stream.set_zero_linger();
                 drop(stream);
             });
         }
