@@ -21,6 +21,7 @@ fn fleet(n: usize) -> (Vec<BackendConfig>, Vec<Arc<Backend>>) {
         .iter()
         .map(|c| {
             Arc::new(Backend {
+                upstream_duration: metrics::Histogram::noop(),
                 address: c.address.as_str().into(),
                 authority: c.address.parse().unwrap(),
                 weight: c.weight,

@@ -68,6 +68,8 @@ async fn answer(runtime: Weak<Runtime>, request: Request<Incoming>) -> Response<
         (&Method::GET, "/status") => json(StatusCode::OK, &runtime.status().await),
         (&Method::GET, "/metrics") => match crate::metrics::install() {
             Some(handle) => {
+                // Gauges are read from the live state right before rendering.
+                crate::metrics::refresh_gauges(&runtime.live.load());
                 let mut response = Response::new(Full::from(handle.render()));
                 response
                     .headers_mut()

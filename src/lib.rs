@@ -19,6 +19,7 @@ pub mod error;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod observe;
 pub mod proxy;
 pub mod queue;
 pub mod reload;

@@ -3,13 +3,66 @@
 //!
 //! Metrics go through the `metrics` facade; [`install`] sets up the Prometheus
 //! exporter once per process and returns the handle `/metrics` renders.
+//!
+//! Labels are only ever config names (route, upstream, listener), backend
+//! addresses from the config, status codes and fixed words: nothing a client
+//! controls, so the number of series is bounded by the config. Handles used on
+//! every request (duration histograms) are registered once when a config is
+//! compiled. Gauges are refreshed from the live snapshot every second and before
+//! each scrape, and a gauge not refreshed for [`GAUGE_IDLE`] is dropped: that is
+//! how a removed backend's gauges leave `/metrics` after a reload.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, Histogram, SharedString};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
+use crate::state::Snapshot;
+
+pub const REQUESTS_TOTAL: &str = "switchyard_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "switchyard_request_duration_seconds";
+pub const UPSTREAM_DURATION_SECONDS: &str = "switchyard_upstream_duration_seconds";
+pub const IN_FLIGHT: &str = "switchyard_in_flight";
+pub const BACKEND_HEALTHY: &str = "switchyard_backend_healthy";
+pub const BACKEND_EJECTIONS_TOTAL: &str = "switchyard_backend_ejections_total";
+pub const HEALTH_CHECKS_TOTAL: &str = "switchyard_health_checks_total";
+pub const CIRCUIT_STATE: &str = "switchyard_circuit_state";
+pub const RETRIES_TOTAL: &str = "switchyard_retries_total";
+pub const RETRY_BUDGET_EXHAUSTED_TOTAL: &str = "switchyard_retry_budget_exhausted_total";
+pub const QUEUE_WAITING: &str = "switchyard_queue_waiting";
+pub const QUEUE_REJECTED_TOTAL: &str = "switchyard_queue_rejected_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const CONFIG_GENERATION: &str = "switchyard_config_generation";
+pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
+
+/// Every metric name the proxy exports.
+pub const ALL: [&str; 15] = [
+    REQUESTS_TOTAL,
+    REQUEST_DURATION_SECONDS,
+    UPSTREAM_DURATION_SECONDS,
+    IN_FLIGHT,
+    BACKEND_HEALTHY,
+    BACKEND_EJECTIONS_TOTAL,
+    HEALTH_CHECKS_TOTAL,
+    CIRCUIT_STATE,
+    RETRIES_TOTAL,
+    RETRY_BUDGET_EXHAUSTED_TOTAL,
+    QUEUE_WAITING,
+    QUEUE_REJECTED_TOTAL,
+    CONFIG_RELOADS_TOTAL,
+    CONFIG_GENERATION,
+    CONNECTIONS_OPEN,
+];
+
+/// Duration buckets in seconds, for both millisecond RPC calls and bot jobs
+/// that run for minutes: roughly x2.5 steps from 5 ms to 10 minutes.
+pub const DURATION_BUCKETS: [f64; 16] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+/// A gauge not refreshed for this long is dropped from `/metrics`.
+pub const GAUGE_IDLE: Duration = Duration::from_secs(10);
 
 /// Installs the process-wide Prometheus recorder (first call) and returns its
 /// handle. `None` if another recorder was installed first (an embedding program).
@@ -17,10 +70,54 @@ pub fn install() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new();
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &DURATION_BUCKETS)
+                .ok()?
+                .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE));
             builder.install_recorder().ok()
         })
         .as_ref()
+}
+
+fn label(value: &std::sync::Arc<str>) -> SharedString {
+    SharedString::from_shared(std::sync::Arc::clone(value))
+}
+
+/// `switchyard_request_duration_seconds{route,upstream}`, registered per route.
+pub fn request_duration(route: &std::sync::Arc<str>, upstream: &std::sync::Arc<str>) -> Histogram {
+    metrics::histogram!(REQUEST_DURATION_SECONDS, "route" => label(route), "upstream" => label(upstream))
+}
+
+/// `switchyard_upstream_duration_seconds{upstream,backend}`, registered per backend.
+pub fn upstream_duration(upstream: &std::sync::Arc<str>, backend: &std::sync::Arc<str>) -> Histogram {
+    metrics::histogram!(UPSTREAM_DURATION_SECONDS, "upstream" => label(upstream), "backend" => label(backend))
+}
+
+/// One finished client request. `route`, `upstream` and `backend` are `-` when
+/// the request got that far; `code` is the status sent, or `error` when the
+/// exchange ended without a response.
+pub fn request(route: &str, upstream: &str, backend: &str, code: Option<u16>) {
+    let code: SharedString = match code {
+        Some(code) => status_label(code),
+        None => SharedString::const_str("error"),
+    };
+    metrics::counter!(REQUESTS_TOTAL, "route" => route.to_owned(), "upstream" => upstream.to_owned(),
+        "backend" => backend.to_owned(), "code" => code)
+    .increment(1);
+}
+
+fn status_label(code: u16) -> SharedString {
+    match code {
+        200 => SharedString::const_str("200"),
+        404 => SharedString::const_str("404"),
+        502 => SharedString::const_str("502"),
+        503 => SharedString::const_str("503"),
+        other => SharedString::from_owned(other.to_string()),
+    }
+}
+
+pub fn connections_open(listener: &std::sync::Arc<str>) -> metrics::Gauge {
+    metrics::gauge!(CONNECTIONS_OPEN, "listener" => label(listener))
 }
 
 pub fn config_reload(success: bool) {
@@ -31,11 +128,7 @@ pub fn config_generation(generation: u64) {
     metrics::gauge!(CONFIG_GENERATION).set(generation as f64);
 }
 
-pub const BACKEND_HEALTHY: &str = "switchyard_backend_healthy";
-pub const BACKEND_EJECTIONS_TOTAL: &str = "switchyard_backend_ejections_total";
-pub const HEALTH_CHECKS_TOTAL: &str = "switchyard_health_checks_total";
-
-pub fn health_check_counter(upstream: &str, backend: &str, passed: bool) -> metrics::Counter {
+pub fn health_check_counter(upstream: &str, backend: &str, passed: bool) -> Counter {
     metrics::counter!(HEALTH_CHECKS_TOTAL, "upstream" => upstream.to_owned(), "backend" => backend.to_owned(),
         "result" => if passed { "pass" } else { "fail" })
 }
@@ -44,32 +137,6 @@ pub fn backend_ejected(upstream: &str, backend: &str) {
     metrics::counter!(BACKEND_EJECTIONS_TOTAL, "upstream" => upstream.to_owned(), "backend" => backend.to_owned())
         .increment(1);
 }
-
-/// Sets `switchyard_backend_healthy` for every backend of `snapshot`; called on
-/// a timer, because ejections end by the clock, not by an event.
-pub fn backend_health(snapshot: &crate::state::Snapshot) {
-    let now = crate::upstream::nanos_since_epoch();
-    for upstream in &snapshot.upstreams {
-        for backend in &upstream.backends {
-            let healthy = if backend.is_healthy(now) { 1.0 } else { 0.0 };
-            metrics::gauge!(BACKEND_HEALTHY, "upstream" => upstream.name.to_string(), "backend" => backend.address.to_string())
-                .set(healthy);
-            if backend.breaker.is_some() {
-                metrics::gauge!(CIRCUIT_STATE, "upstream" => upstream.name.to_string(), "backend" => backend.address.to_string())
-                    .set(backend.state.breaker.phase().gauge());
-            }
-        }
-        if let Some(queue) = &upstream.queue {
-            metrics::gauge!(QUEUE_WAITING, "upstream" => upstream.name.to_string()).set(queue.waiting() as f64);
-        }
-    }
-}
-
-pub const RETRIES_TOTAL: &str = "switchyard_retries_total";
-pub const RETRY_BUDGET_EXHAUSTED_TOTAL: &str = "switchyard_retry_budget_exhausted_total";
-pub const QUEUE_WAITING: &str = "switchyard_queue_waiting";
-pub const QUEUE_REJECTED_TOTAL: &str = "switchyard_queue_rejected_total";
-pub const CIRCUIT_STATE: &str = "switchyard_circuit_state";
 
 pub fn retry(route: &str, upstream: &str, reason: crate::config::RetryOn) {
     metrics::counter!(RETRIES_TOTAL, "route" => route.to_owned(), "upstream" => upstream.to_owned(),
@@ -84,4 +151,27 @@ pub fn retry_budget_exhausted(route: &str, upstream: &str) {
 
 pub fn queue_rejected(upstream: &str, reason: &'static str) {
     metrics::counter!(QUEUE_REJECTED_TOTAL, "upstream" => upstream.to_owned(), "reason" => reason).increment(1);
+}
+
+/// Sets every per-backend and per-upstream gauge from `snapshot`: health,
+/// circuit state, in-flight, queue depth. Called every second and before each
+/// scrape; gauges of backends no longer in the snapshot are not refreshed and
+/// expire.
+pub fn refresh_gauges(snapshot: &Snapshot) {
+    let now = crate::upstream::nanos_since_epoch();
+    config_generation(snapshot.generation);
+    for upstream in &snapshot.upstreams {
+        for backend in &upstream.backends {
+            let labels = [("upstream", label(&upstream.name)), ("backend", label(&backend.address))];
+            let healthy = if backend.is_healthy(now) { 1.0 } else { 0.0 };
+            metrics::gauge!(BACKEND_HEALTHY, &labels).set(healthy);
+            metrics::gauge!(IN_FLIGHT, &labels).set(f64::from(backend.in_flight()));
+            if backend.breaker.is_some() {
+                metrics::gauge!(CIRCUIT_STATE, &labels).set(backend.state.breaker.phase().gauge());
+            }
+        }
+        if let Some(queue) = &upstream.queue {
+            metrics::gauge!(QUEUE_WAITING, "upstream" => label(&upstream.name)).set(queue.waiting() as f64);
+        }
+    }
 }

@@ -28,6 +28,7 @@ use crate::body::{BoxError, Guarded, ProxyBody};
 use crate::client::UpstreamClients;
 use crate::config::{RetryOn, UpstreamProtocol};
 use crate::error::ProxyError;
+use crate::observe::RequestNotes;
 use crate::queue::Priority;
 use crate::retry;
 use crate::server::stack::RouteMatch;
@@ -93,6 +94,7 @@ async fn forward(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let matched = request.extensions_mut().remove::<RouteMatch>().expect("the route layer runs first");
     let conn = request.extensions_mut().remove::<ConnInfo>().expect("the listener attaches ConnInfo");
+    let notes = request.extensions_mut().remove::<Arc<RequestNotes>>().unwrap_or_default();
     let route = matched.route();
     let upstream = &route.upstream;
 
@@ -136,8 +138,11 @@ async fn forward(
 
         // 4. Pick a backend (waiting in the upstream's queue when every one is
         //    busy); the pick reserves its in-flight slot.
+        let picking = Instant::now();
         let pick = pick_backend(upstream, template.as_ref().expect("kept until the last try"), &conn, &tried).await?;
+        notes.queued(picking.elapsed());
         let backend = &upstream.backends[pick.index];
+        notes.tried(&backend.address);
         let outcome = Outcome {
             upstream,
             index: pick.index,
@@ -173,7 +178,9 @@ async fn forward(
         let started = Instant::now();
         let sent = clients.for_protocol(upstream.protocol).request(outgoing);
         let per_try_timeout = policy.and_then(|p| p.config.per_try_timeout).unwrap_or(Duration::MAX);
-        let result = match tokio::time::timeout(per_try_timeout, sent).await {
+        let result = tokio::time::timeout(per_try_timeout, sent).await;
+        backend.upstream_duration.record(started.elapsed().as_secs_f64());
+        let result = match result {
             Ok(Ok(response)) => {
                 pick.guard.state().latency.observe(started.elapsed());
                 outcome.report(response.status().is_server_error());

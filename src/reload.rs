@@ -162,7 +162,7 @@ impl Runtime {
             loop {
                 tick.tick().await;
                 let Some(runtime) = weak.upgrade() else { return };
-                crate::metrics::backend_health(&runtime.live.load());
+                crate::metrics::refresh_gauges(&runtime.live.load());
                 // A reload in progress sweeps for itself.
                 if let Ok(mut bound) = runtime.bound.try_lock() {
                     bound.free_unused_snapshots();

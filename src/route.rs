@@ -19,6 +19,8 @@ pub struct Route {
     pub methods: Vec<http::Method>,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub upstream: Arc<Upstream>,
+    /// `switchyard_request_duration_seconds` for this route, registered once.
+    pub duration: metrics::Histogram,
     pub timeout: Option<Duration>,
     pub retry: Option<RoutePolicy>,
 }

@@ -29,6 +29,7 @@ pub struct Snapshot {
     pub router: Router,
     pub upstreams: Vec<Arc<Upstream>>,
     pub limits: Limits,
+    pub access_log: bool,
 }
 
 impl Snapshot {
@@ -76,6 +77,7 @@ impl Snapshot {
                     return Arc::clone(previous);
                 }
                 let queue = u.queue.as_ref().map(|_| queues.get(u.name.as_str()).cloned().unwrap_or_default());
+                let upstream_name: Arc<str> = u.name.as_str().into();
                 let backends = u
                     .backends
                     .iter()
@@ -90,8 +92,10 @@ impl Snapshot {
                             .active
                             .as_ref()
                             .map(|check| Arc::clone(checks.entry((b.address.as_str(), check)).or_default()));
+                        let address: Arc<str> = b.address.as_str().into();
                         Arc::new(Backend {
-                            address: b.address.as_str().into(),
+                            upstream_duration: crate::metrics::upstream_duration(&upstream_name, &address),
+                            address,
                             authority: b.address.parse().expect("validated backend address"),
                             weight: b.weight,
                             max_concurrency: b.max_concurrency.unwrap_or(u32::MAX),
@@ -104,7 +108,7 @@ impl Snapshot {
                     })
                     .collect();
                 Arc::new(Upstream {
-                    name: u.name.as_str().into(),
+                    name: upstream_name,
                     backends,
                     balancer: Balancer::new(&u.policy, &u.backends),
                     protocol: u.protocol,
@@ -125,6 +129,7 @@ impl Snapshot {
                 methods: r.methods.clone(),
                 headers: r.headers.clone(),
                 upstream: Arc::clone(by_name[r.upstream.as_str()]),
+                duration: crate::metrics::request_duration(&r.name.as_str().into(), &by_name[r.upstream.as_str()].name),
                 timeout: r.timeout,
                 retry: r.retry.clone().map(|config| RoutePolicy {
                     budget: budgets.get(r.name.as_str()).cloned().unwrap_or_default(),
@@ -132,6 +137,12 @@ impl Snapshot {
                 }),
             })
             .collect();
-        Snapshot { generation, router: Router::new(routes), upstreams, limits: config.limits }
+        Snapshot {
+            generation,
+            router: Router::new(routes),
+            upstreams,
+            limits: config.limits,
+            access_log: config.log.access,
+        }
     }
 }

@@ -51,6 +51,8 @@ impl Upstream {
 pub struct Backend {
     /// `host:port` as configured; the backend's identity in metrics and logs.
     pub address: Arc<str>,
+    /// `switchyard_upstream_duration_seconds` for this backend, registered once.
+    pub upstream_duration: metrics::Histogram,
     /// The same address, pre-parsed for building request URIs without reparsing.
     pub authority: http::uri::Authority,
     pub weight: u32,
@@ -245,6 +247,7 @@ mod tests {
 
     fn backend(max: u32) -> Backend {
         Backend {
+            upstream_duration: metrics::Histogram::noop(),
             address: "127.0.0.1:1".into(),
             authority: "127.0.0.1:1".parse().unwrap(),
             weight: 1,

@@ -137,6 +137,7 @@ pub(crate) mod test_support {
             .iter()
             .map(|c| {
                 Arc::new(Backend {
+                    upstream_duration: metrics::Histogram::noop(),
                     address: c.address.as_str().into(),
                     authority: c.address.parse().unwrap(),
                     weight: c.weight,

@@ -53,6 +53,8 @@ impl AdminConfig {
 pub struct LogConfig {
     pub level: LogLevel,
     pub format: LogFormat,
+    /// One line per request (target `access`, level info).
+    pub access: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -49,6 +49,7 @@ pub struct RawAdmin {
 pub struct RawLog {
     pub level: Option<LogLevel>,
     pub format: Option<LogFormat>,
+    pub access: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -99,8 +99,11 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
         routes.push(validate_route(index, route, &raw, &mut route_names, &mut errors));
     }
 
-    let log =
-        LogConfig { level: raw.log.level.unwrap_or(LogLevel::Info), format: raw.log.format.unwrap_or(LogFormat::Text) };
+    let log = LogConfig {
+        level: raw.log.level.unwrap_or(LogLevel::Info),
+        format: raw.log.format.unwrap_or(LogFormat::Text),
+        access: raw.log.access.unwrap_or(false),
+    };
 
     if errors.errors.is_empty() {
         Ok(Config { listeners, admin, log, limits, routes, upstreams })

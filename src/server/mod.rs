@@ -98,6 +98,7 @@ async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContex
     let mut limits = context.live.load().limits;
     let mut builder = connection_builder(&limits);
     let mut connections = JoinSet::new();
+    let open = crate::metrics::connections_open(&name);
     loop {
         let permit = tokio::select! {
             _ = stopped.changed() => break,
@@ -129,7 +130,9 @@ async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContex
             activity: Arc::clone(&activity),
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        connections.spawn(drive_connection(connection, activity, limits.idle_timeout, stopped.clone(), permit));
+        open.increment(1.0);
+        let slot = ConnectionSlot { _permit: permit, open: open.clone() };
+        connections.spawn(drive_connection(connection, activity, limits.idle_timeout, stopped.clone(), slot));
     }
     drop(listener);
     let grace = context.live.load().limits.shutdown_grace;
@@ -148,7 +151,7 @@ async fn drive_connection(
     activity: Arc<Activity>,
     idle_timeout: Duration,
     mut stopped: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    _slot: ConnectionSlot,
 ) {
     let mut connection = std::pin::pin!(connection);
     let mut closing = false;
@@ -172,6 +175,19 @@ async fn drive_connection(
                 }
             }
         }
+    }
+}
+
+/// Holds a connection's place under `max_connections` and in
+/// `switchyard_connections_open` until the connection ends, however it ends.
+struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    open: metrics::Gauge,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
     }
 }
 

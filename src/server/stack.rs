@@ -3,13 +3,15 @@
 //! Outer to inner:
 //! 1. [`RequestId`]: every request and response carries `x-request-id`, the
 //!    client's if it sent one, so logs on both sides can be joined. Never fails.
-//! 2. [`ErrorResponse`]: the one place a [`ProxyError`] becomes the client's
+//! 2. [`Observe`]: records the request (metrics, access log) when its response
+//!    body ends or the client leaves. Never fails.
+//! 3. [`ErrorResponse`]: the one place a [`ProxyError`] becomes the client's
 //!    response (status, `x-switchyard-error`, one-line body). Never fails.
-//! 3. [`RouteLayer`]: loads the live snapshot once and matches the route;
+//! 4. [`RouteService`]: loads the live snapshot once and matches the route;
 //!    fails with `NoRoute` (404).
-//! 4. [`RouteTimeout`]: bounds the wait for the response head by the route's
+//! 5. [`RouteTimeout`]: bounds the wait for the response head by the route's
 //!    `timeout`; fails with `UpstreamTimeout` (504).
-//! 5. [`Forward`]: picks a backend and forwards; fails with `NoHealthyBackend`
+//! 6. [`Forward`]: picks a backend and forwards; fails with `NoHealthyBackend`
 //!    (503), `UpstreamConnect` / `UpstreamReset` (502) or `BodyTooLarge` (413).
 //!
 //! Layers pass context down in request extensions ([`ConnInfo`] from the
@@ -30,17 +32,19 @@ use tower::{Service, ServiceBuilder};
 use crate::body::ProxyBody;
 use crate::client::UpstreamClients;
 use crate::error::ProxyError;
+use crate::observe::{Observe, RequestNotes};
 use crate::proxy::Forward;
 use crate::route::Route;
 use crate::state::{Live, Snapshot};
 
 /// The complete request path for one proxy instance.
-pub type ProxyStack = RequestId<ErrorResponse<RouteService<RouteTimeout<Forward>>>>;
+pub type ProxyStack = RequestId<Observe<ErrorResponse<RouteService<RouteTimeout<Forward>>>>>;
 
 /// Builds the stack; `live` is read per request, `clients` are shared pools.
 pub fn build(live: Live, clients: Arc<UpstreamClients>) -> ProxyStack {
     ServiceBuilder::new()
         .layer_fn(RequestId)
+        .layer_fn(|inner| Observe::new(inner, Arc::clone(&live)))
         .layer_fn(ErrorResponse)
         .layer_fn(|inner| RouteService { inner, live: Arc::clone(&live) })
         .layer_fn(RouteTimeout)
@@ -198,6 +202,10 @@ where
         let Some(index) = snapshot.router.find_index(&request) else {
             return Either::Left(futures_util::future::ready(Err(ProxyError::NoRoute)));
         };
+        if let Some(notes) = request.extensions().get::<Arc<RequestNotes>>() {
+            let route = &snapshot.router.routes()[index];
+            notes.route(&route.name, &route.upstream.name, &route.duration);
+        }
         request.extensions_mut().insert(RouteMatch { snapshot, index });
         Either::Right(self.inner.call(request))
     }

@@ -1,0 +1,221 @@
+//! What happened to each request, told once it is over: the request metrics
+//! (`switchyard_requests_total`, `switchyard_request_duration_seconds`) and the
+//! access log line.
+//!
+//! The outermost proxy layer, [`Observe`], gives every request a
+//! [`RequestNotes`] that inner layers fill in (route, backend, attempts, queue
+//! wait), and wraps the response body so the record is made when the body ends
+//! (or the client goes away): durations are what the client observed, streaming
+//! included. With `log.access: false` no access-log field is even captured.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use metrics::Histogram;
+use tower::Service;
+
+use crate::body::{BoxError, ProxyBody};
+use crate::proxy::ConnInfo;
+use crate::state::Live;
+
+/// Filled in by the layers a request passes through.
+#[derive(Default)]
+pub struct RequestNotes {
+    route: OnceLock<RouteNote>,
+    backend: Mutex<Option<Arc<str>>>,
+    attempts: AtomicU32,
+    queue_wait_micros: AtomicU64,
+}
+
+struct RouteNote {
+    route: Arc<str>,
+    upstream: Arc<str>,
+    duration: Histogram,
+}
+
+impl RequestNotes {
+    pub fn route(&self, route: &Arc<str>, upstream: &Arc<str>, duration: &Histogram) {
+        let _ = self.route.set(RouteNote {
+            route: Arc::clone(route),
+            upstream: Arc::clone(upstream),
+            duration: duration.clone(),
+        });
+    }
+
+    /// A try went to `backend`.
+    pub fn tried(&self, backend: &Arc<str>) {
+        *self.backend.lock().expect("never poisoned") = Some(Arc::clone(backend));
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn queued(&self, waited: Duration) {
+        self.queue_wait_micros.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    live: Live,
+}
+
+impl<S> Observe<S> {
+    pub fn new(inner: S, live: Live) -> Self {
+        Observe { inner, live }
+    }
+}
+
+/// The request fields of an access log line, captured only when it is on.
+struct AccessFields {
+    client: Option<SocketAddr>,
+    method: http::Method,
+    path: String,
+    request_id: Option<http::HeaderValue>,
+}
+
+/// Everything needed to record the request once it is over.
+struct Record {
+    notes: Arc<RequestNotes>,
+    started: Instant,
+    access: Option<AccessFields>,
+}
+
+impl<S> Service<Request<Incoming>> for Observe<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = std::convert::Infallible>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = std::convert::Infallible;
+    type Future = ObserveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let notes = Arc::new(RequestNotes::default());
+        request.extensions_mut().insert(Arc::clone(&notes));
+        let access = self.live.load().access_log.then(|| AccessFields {
+            client: request.extensions().get::<ConnInfo>().map(|c| c.client),
+            method: request.method().clone(),
+            path: request.uri().path().to_owned(),
+            request_id: request.headers().get("x-request-id").cloned(),
+        });
+        let record = Record { notes, started: Instant::now(), access };
+        ObserveFuture { inner: self.inner.call(request), record: Some(record) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: F,
+        record: Option<Record>,
+    }
+
+    impl<F> PinnedDrop for ObserveFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before a response: the client went away.
+            if let Some(record) = this.project().record.take() {
+                record.finish(None);
+            }
+        }
+    }
+}
+
+impl<F> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let Ok(response) = ready!(this.inner.poll(cx));
+        let record = this.record.take().expect("polled after completion");
+        let status = response.status().as_u16();
+        Poll::Ready(Ok(response.map(|body| Finish { inner: body, record: Some((record, status)) }.boxed_unsync())))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body, recording the request when it ends or is dropped.
+    struct Finish {
+        #[pin]
+        inner: ProxyBody,
+        record: Option<(Record, u16)>,
+    }
+
+    impl PinnedDrop for Finish {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some((record, status)) = this.project().record.take() {
+                record.finish(Some(status));
+            }
+        }
+    }
+}
+
+impl Body for Finish {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = frame {
+            if let Some((record, status)) = this.record.take() {
+                record.finish(Some(status));
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Record {
+    fn finish(self, status: Option<u16>) {
+        let elapsed = self.started.elapsed();
+        let route = self.notes.route.get();
+        let backend = self.notes.backend.lock().expect("never poisoned").clone();
+        let (route_name, upstream) = route.map_or(("-", "-"), |r| (&*r.route, &*r.upstream));
+        crate::metrics::request(route_name, upstream, backend.as_deref().unwrap_or("-"), status);
+        if let Some(route) = route {
+            route.duration.record(elapsed.as_secs_f64());
+        }
+        if let Some(access) = self.access {
+            let client = access.client.map(|c| c.to_string()).unwrap_or_default();
+            let request_id = access.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info!(
+                target: "access",
+                client = %client,
+                method = %access.method,
+                path = %access.path,
+                route = route_name,
+                upstream,
+                backend = backend.as_deref().unwrap_or("-"),
+                status = status.map_or_else(|| "error".to_owned(), |s| s.to_string()),
+                attempts = self.notes.attempts.load(Ordering::Relaxed),
+                queue_wait_ms = self.notes.queue_wait_micros.load(Ordering::Relaxed) as f64 / 1000.0,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                request_id,
+                "request"
+            );
+        }
+    }
+}
