@@ -1,4 +1,6 @@
-//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`, `/reload`.
+//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`, `/config`,
+//! `/explain`, `/reload`; with `admin.token` set, every call needs the bearer
+//! token (compared in constant time) or gets 401.
 //!
 //! A small HTTP/1.1 server on its own socket, separate from the proxy listeners
 //! so that operators can always reach it, whatever the proxy's routes say. It
@@ -56,6 +58,18 @@ async fn answer(runtime: Weak<Runtime>, request: Request<Incoming>) -> Response<
     let Some(runtime) = runtime.upgrade() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "stopped\n");
     };
+    if let Some(token) = &runtime.live.load().admin_token {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        if !token.matches(presented) {
+            let mut response = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
@@ -66,6 +80,25 @@ async fn answer(runtime: Weak<Runtime>, request: Request<Incoming>) -> Response<
             }
         }
         (&Method::GET, "/status") => json(StatusCode::OK, &runtime.status().await),
+        (&Method::GET, "/config") => {
+            let config = crate::explain::effective_config(&runtime.live.load().config);
+            match serde_saphyr::to_string(&config) {
+                Ok(yaml) => {
+                    let mut response = text(StatusCode::OK, &yaml);
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/yaml"));
+                    response
+                }
+                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render the config: {error}\n")),
+            }
+        }
+        (&Method::GET, "/explain") => {
+            match crate::explain::Described::from_query(request.uri().query().unwrap_or("")) {
+                Ok(described) => json(StatusCode::OK, &crate::explain::explain(&runtime.live.load(), &described)),
+                Err(error) => text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
+            }
+        }
         (&Method::GET, "/metrics") => match crate::metrics::install() {
             Some(handle) => {
                 // Gauges are read from the live state right before rendering.
@@ -82,7 +115,7 @@ async fn answer(runtime: Weak<Runtime>, request: Request<Incoming>) -> Response<
             Ok(summary) => json(StatusCode::OK, &summary),
             Err(error) => text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
         },
-        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload") => {
+        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload" | "/config" | "/explain") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "unknown admin path\n"),

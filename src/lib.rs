@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod explain;
 pub mod health;
 pub mod logging;
 pub mod metrics;

@@ -62,7 +62,7 @@ pub const DURATION_BUCKETS: [f64; 16] =
     [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 /// A gauge not refreshed for this long is dropped from `/metrics`.
-pub const GAUGE_IDLE: Duration = Duration::from_secs(10);
+pub const GAUGE_IDLE: Duration = Duration::from_secs(5);
 
 /// Installs the process-wide Prometheus recorder (first call) and returns its
 /// handle. `None` if another recorder was installed first (an embedding program).

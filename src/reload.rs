@@ -424,6 +424,9 @@ pub struct BackendStatus {
     pub latency_ms: Option<f64>,
     /// Eligible by health: the active check passes (or there is none) and not ejected.
     pub healthy: bool,
+    /// Whether a policy may pick it now, and why or why not, in words.
+    pub eligible: bool,
+    pub why: String,
     /// Seconds until a passive ejection ends; `null` when not ejected.
     pub ejected_for_seconds: Option<f64>,
     /// Passive detection's current streak of failed requests.
@@ -450,7 +453,10 @@ impl BackendStatus {
     fn of(backend: &Backend, now: u64) -> Self {
         let seconds = |ns: u64| ns as f64 / 1e9;
         let ejected_until = backend.state.passive.ejected_until();
+        let (eligible, why) = crate::explain::backend_verdict(backend, now);
         BackendStatus {
+            eligible,
+            why,
             address: backend.address.to_string(),
             weight: backend.weight,
             effective_weight: backend.effective_weight(now),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::balance::Balancer;
-use crate::config::{ActiveCheck, Config, Limits};
+use crate::config::{ActiveCheck, Config, Limits, Secret};
 use crate::health::CheckStatus;
 use crate::queue::WaitQueue;
 use crate::retry::RetryBudget;
@@ -30,6 +30,10 @@ pub struct Snapshot {
     pub upstreams: Vec<Arc<Upstream>>,
     pub limits: Limits,
     pub access_log: bool,
+    /// The admin token in force (the admin listener reads it per call).
+    pub admin_token: Option<Secret>,
+    /// The config this snapshot was compiled from, for `/config`.
+    pub config: Arc<Config>,
 }
 
 impl Snapshot {
@@ -143,6 +147,8 @@ impl Snapshot {
             upstreams,
             limits: config.limits,
             access_log: config.log.access,
+            admin_token: config.admin.token.clone(),
+            config: Arc::new(config.clone()),
         }
     }
 }

@@ -79,6 +79,24 @@ pub fn hash_key(key: &[u8]) -> u64 {
     xxh3_64(key)
 }
 
+impl ConsistentHash {
+    /// Where a request with this key would go now, without reserving: the ring
+    /// walk of [`Policy::pick`] with availability checks instead of acquisitions.
+    /// `None` for a request without the key (it would be balanced round robin).
+    pub fn peek(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<usize> {
+        let key_hash = extract_key(&self.key, request, hash_key)?;
+        let cap = self.load_cap(backends);
+        let start = self.first_point(key_hash);
+        (0..self.ring.len())
+            .map(|step| self.ring[(start + step) % self.ring.len()].1 as usize)
+            .find(|&index| backends[index].is_available() && backends[index].in_flight() < cap)
+    }
+
+    pub fn key(&self) -> &KeySpec {
+        &self.key
+    }
+}
+
 impl Policy for ConsistentHash {
     fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
         if self.ring.is_empty() {
@@ -89,7 +107,7 @@ impl Policy for ConsistentHash {
         };
         let start = self.first_point(key_hash);
         let cap = self.load_cap(backends);
-        let (owner, _) = (self.ring[start].1 as usize, ());
+        let owner = self.ring[start].1 as usize;
         if let Some(pick) = acquire(backends, request, owner, cap) {
             return Some(pick);
         }

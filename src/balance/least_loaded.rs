@@ -31,6 +31,17 @@ impl Policy for LeastLoaded {
     }
 }
 
+/// The available backend with the lowest cost, for `/explain`.
+pub fn cheapest(backends: &[Arc<Backend>]) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (index, backend) in backends.iter().enumerate() {
+        if backend.is_available() && best.is_none_or(|b| cheaper(backend, &backends[b])) {
+            best = Some(index);
+        }
+    }
+    best
+}
+
 /// Whether `x` should get the next request rather than `y`.
 fn cheaper(x: &Backend, y: &Backend) -> bool {
     if x.is_available() != y.is_available() {

@@ -79,6 +79,23 @@ impl Balancer {
         }
     }
 
+    /// The backend a request like this would get now, without reserving it or
+    /// moving any balancer state (for `/explain`). Exact for `consistent_hash`
+    /// and `round_robin`; `least_loaded` names the cheapest backend (a real
+    /// request compares two at random); `random` draws one.
+    pub fn peek(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<usize> {
+        let available = |index: usize| backends[index].is_available();
+        match self {
+            Balancer::RoundRobin(policy) => policy.peek(backends),
+            Balancer::ConsistentHash(policy) => policy.peek(backends, request),
+            Balancer::LeastLoaded(_) => least_loaded::cheapest(backends),
+            Balancer::Random(_) => {
+                let eligible: Vec<usize> = (0..backends.len()).filter(|&i| available(i)).collect();
+                (!eligible.is_empty()).then(|| eligible[fastrand::usize(..eligible.len())])
+            }
+        }
+    }
+
     pub fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
         match self {
             Balancer::RoundRobin(policy) => policy.pick(backends, request),

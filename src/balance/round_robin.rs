@@ -34,6 +34,16 @@ impl RoundRobin {
     }
 }
 
+impl RoundRobin {
+    /// The next backend in the rotation that is available, without advancing.
+    pub fn peek(&self, backends: &[Arc<Backend>]) -> Option<usize> {
+        let start = self.cursor.load(Ordering::Relaxed);
+        (0..self.sequence.len())
+            .map(|step| self.sequence[(start + step) % self.sequence.len()] as usize)
+            .find(|&index| backends[index].is_available())
+    }
+}
+
 impl Policy for RoundRobin {
     fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
         if self.sequence.is_empty() {

@@ -40,9 +40,38 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    /// When set, every admin call needs `Authorization: Bearer <token>`.
+    pub token: Option<Secret>,
+}
+
+/// A secret string: never printed, never logged, compared in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
+    /// Compares without an early exit, so the time taken does not reveal how
+    /// many leading bytes of a guess were right.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        let mut difference = expected.len() ^ candidate.len();
+        for (index, byte) in expected.iter().enumerate() {
+            difference |= usize::from(byte ^ candidate.get(index).copied().unwrap_or(!byte));
+        }
+        std::hint::black_box(difference) == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl AdminConfig {

@@ -16,8 +16,11 @@ use super::values::DurationValue;
 use super::{
     ActiveCheck, AdminConfig, BackendConfig, BreakerConfig, Config, ConfigError, ConfigErrors, HealthConfig, Limits,
     ListenerConfig, LogConfig, LogFormat, LogLevel, PassiveConfig, PolicyConfig, Probe, QueueConfig, RetryConfig,
-    RouteConfig, UpstreamConfig,
+    RouteConfig, Secret, UpstreamConfig,
 };
+
+/// Shorter admin tokens are too easy to guess.
+const MIN_TOKEN_LENGTH: usize = 16;
 
 /// hyper refuses (by panicking) an HTTP/1 read buffer smaller than this, and a
 /// request head never fits in less anyway.
@@ -65,20 +68,35 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
         listeners.push(ListenerConfig { name, bind });
     }
 
+    let token = raw.admin.token.as_ref().and_then(|token| {
+        // The message never repeats the token: error output may end up in logs.
+        if token.value.len() < MIN_TOKEN_LENGTH || token.value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            errors.at(
+                token.referenced,
+                format!("admin token must be at least {MIN_TOKEN_LENGTH} characters without spaces"),
+            );
+            None
+        } else {
+            Some(Secret::new(token.value.clone()))
+        }
+    });
     let admin = match &raw.admin.bind {
         Some(bind) => {
             let addr = bind.value.0;
-            // Until admin tokens exist, the admin API (which can reload the
-            // config) must not be reachable from other hosts.
-            if !addr.ip().is_loopback() {
-                errors.at(bind.referenced, format!("admin bind `{addr}` is not a loopback address; a non-loopback admin API needs `token`, which this version does not support yet"));
+            // The admin API can reload the config: other hosts may reach it
+            // only with a token.
+            if !addr.ip().is_loopback() && raw.admin.token.is_none() {
+                errors.at(
+                    bind.referenced,
+                    format!("admin bind `{addr}` is not a loopback address, so `token` is required"),
+                );
             }
             if binds.contains(&addr) {
                 errors.at(bind.referenced, format!("admin bind `{addr}` is also a listener's bind"));
             }
-            AdminConfig { bind: addr }
+            AdminConfig { bind: addr, token }
         }
-        None => AdminConfig { bind: AdminConfig::DEFAULT_BIND.parse().expect("valid default") },
+        None => AdminConfig { bind: AdminConfig::DEFAULT_BIND.parse().expect("valid default"), token },
     };
 
     let limits = validate_limits(&raw, &mut errors);

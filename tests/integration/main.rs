@@ -9,6 +9,7 @@ mod demo;
 mod forwarding;
 mod grpc;
 mod health;
+mod observability;
 mod policies;
 mod reload;
 mod resilience;

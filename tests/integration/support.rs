@@ -205,7 +205,7 @@ async fn handle(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    if path == "/hold" {
+    if path.ends_with("/hold") {
         while !stats.release_all.load(Ordering::SeqCst) {
             let notified = stats.release.notified();
             if stats.release_all.load(Ordering::SeqCst) {

@@ -1,0 +1,385 @@
+//! Answers "why does this request go there?" in words: the state of each
+//! backend (`/status`), and for a described request the route, the policy,
+//! every candidate and the backend it would get now (`/explain`), computed from
+//! the live snapshot without sending traffic or moving any balancer state. Also
+//! renders the effective config for `/config`, secrets redacted.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::balance::{Balancer, PickRequest};
+use crate::config::{Config, HostPattern, PolicyConfig, Probe, RetryOn};
+use crate::state::Snapshot;
+use crate::upstream::{nanos_since_epoch, Backend};
+
+/// Whether a backend can take a request now, and why (or why not) in words.
+pub fn backend_verdict(backend: &Backend, now: u64) -> (bool, String) {
+    if let Some(check) = &backend.check {
+        if !check.is_healthy() {
+            let reason = check.last().map_or_else(|| "no result yet".to_owned(), |l| l.reason);
+            return (false, format!("unhealthy: active check failing ({reason})"));
+        }
+    }
+    let ejected_until = backend.state.passive.ejected_until();
+    if ejected_until > now {
+        let left = Duration::from_nanos(ejected_until - now).as_secs_f64();
+        return (false, format!("ejected for {left:.1}s more after consecutive failed requests"));
+    }
+    if backend.breaker.is_some() {
+        let breaker = backend.state.breaker.snapshot();
+        if let Some(left) = breaker.open_remaining(now) {
+            return (false, format!("circuit open for {:.1}s more", left.as_secs_f64()));
+        }
+        if breaker.phase() == crate::breaker::Phase::HalfOpen && !backend.state.breaker.would_admit(now) {
+            return (false, "circuit half-open, probe requests already in flight".to_owned());
+        }
+    }
+    let in_flight = backend.in_flight();
+    if in_flight >= backend.max_concurrency {
+        return (false, format!("at max_concurrency ({in_flight}/{} in flight)", backend.max_concurrency));
+    }
+    let ramp = backend.ramp(now);
+    let load = if backend.max_concurrency == u32::MAX {
+        format!("{in_flight} in flight")
+    } else {
+        format!("{in_flight}/{} in flight", backend.max_concurrency)
+    };
+    if ramp < 1.0 {
+        (true, format!("eligible, slow start at {:.0}% of its weight, {load}", ramp * 100.0))
+    } else {
+        (true, format!("eligible, {load}"))
+    }
+}
+
+/// A request described by `/explain`'s query string.
+#[derive(Debug, Default)]
+pub struct Described {
+    pub method: String,
+    pub host: Option<String>,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub client_ip: Option<IpAddr>,
+}
+
+impl Described {
+    /// From `method=&host=&path=&header=NAME:VALUE` (header repeatable).
+    pub fn from_query(query: &str) -> Result<Described, String> {
+        let mut described = Described { method: "GET".into(), path: "/".into(), ..Described::default() };
+        for (key, value) in form_urlencoded(query) {
+            match key.as_str() {
+                "method" => described.method = value,
+                "host" => described.host = Some(value),
+                "path" => described.path = value,
+                "header" => {
+                    let (name, value) = value.split_once(':').ok_or("header must be NAME:VALUE")?;
+                    described.headers.push((name.trim().to_owned(), value.trim().to_owned()));
+                }
+                "client_ip" => described.client_ip = Some(value.parse().map_err(|_| "client_ip is not an IP address")?),
+                other => return Err(format!("unknown parameter `{other}` (method, host, path, header, client_ip)")),
+            }
+        }
+        Ok(described)
+    }
+
+    fn request(&self) -> Result<http::Request<()>, String> {
+        let mut builder = http::Request::builder().method(self.method.as_str()).uri(self.path.as_str());
+        if let Some(host) = &self.host {
+            builder = builder.header(http::header::HOST, host);
+        }
+        for (name, value) in &self.headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        builder.body(()).map_err(|e| format!("not a valid request: {e}"))
+    }
+}
+
+fn form_urlencoded(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(key), percent_decode(value))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() && hex(bytes[i + 1]).is_some() && hex(bytes[i + 2]).is_some() => {
+                out.push((hex(bytes[i + 1]).unwrap_or(0) * 16 + hex(bytes[i + 2]).unwrap_or(0)) as u8);
+                i += 2;
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[derive(Debug, Serialize)]
+pub struct Candidate {
+    pub address: String,
+    pub weight: u32,
+    pub effective_weight: f64,
+    pub in_flight: u32,
+    pub eligible: bool,
+    pub why: String,
+}
+
+/// `/explain`: the whole decision for one described request.
+pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
+    let request = match described.request() {
+        Ok(request) => request,
+        Err(error) => return json!({ "error": error }),
+    };
+    let Some(index) = snapshot.router.find_index(&request) else {
+        return json!({
+            "route": null,
+            "decision": "no route matches: the request would get 404 no_route",
+        });
+    };
+    let route = &snapshot.router.routes()[index];
+    let upstream = &route.upstream;
+    let now = nanos_since_epoch();
+    let candidates: Vec<Candidate> = upstream
+        .backends
+        .iter()
+        .map(|b| {
+            let (eligible, why) = backend_verdict(b, now);
+            Candidate {
+                address: b.address.to_string(),
+                weight: b.weight,
+                effective_weight: b.effective_weight(now),
+                in_flight: b.in_flight(),
+                eligible,
+                why,
+            }
+        })
+        .collect();
+    let client_ip = described.client_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let pick = PickRequest { headers: request.headers(), uri: request.uri(), client_ip, exclude: &[] };
+    let chosen = upstream.balancer.peek(&upstream.backends, &pick);
+    let how = match &upstream.balancer {
+        Balancer::RoundRobin(_) => "the next eligible backend in the smooth weighted round-robin order".to_owned(),
+        Balancer::LeastLoaded(_) => {
+            "the eligible backend with the lowest (in_flight + 1) x latency / weight; a real request compares two at random"
+                .to_owned()
+        }
+        Balancer::Random(_) => "a weighted random draw among eligible backends (this is one such draw)".to_owned(),
+        Balancer::ConsistentHash(policy) => {
+            let key = policy.key();
+            match crate::balance::extract_key(key, &pick, |bytes| String::from_utf8_lossy(bytes).into_owned()) {
+                Some(value) => format!(
+                    "the owner of key {key:?} = {value:?} on the hash ring, or the next eligible backend clockwise"
+                ),
+                None => format!("the request has no {key:?}, so it is balanced round robin"),
+            }
+        }
+    };
+    let decision = match chosen {
+        Some(index) => format!("would go to {}", upstream.backends[index].address),
+        None => match (upstream.unavailable(), &upstream.queue) {
+            (crate::upstream::Unavailable::AllBusy, Some(_)) => {
+                "every eligible backend is busy: the request would wait in the queue".to_owned()
+            }
+            (crate::upstream::Unavailable::CircuitOpen, _) => {
+                "every healthy backend has its circuit open: 503 circuit_open".to_owned()
+            }
+            _ => "no backend is eligible: 503 no_healthy_backend".to_owned(),
+        },
+    };
+    json!({
+        "route": route.name.as_ref(),
+        "upstream": upstream.name.as_ref(),
+        "policy": upstream.balancer.name(),
+        "how": how,
+        "candidates": candidates,
+        "backend": chosen.map(|i| upstream.backends[i].address.to_string()),
+        "decision": decision,
+    })
+}
+
+fn duration(d: Duration) -> String {
+    crate::health::describe(d)
+}
+
+fn host(pattern: &HostPattern) -> String {
+    match pattern {
+        HostPattern::Exact(host) => host.clone(),
+        HostPattern::Suffix(suffix) => format!("*{suffix}"),
+    }
+}
+
+fn retry_on(on: &RetryOn) -> &'static str {
+    crate::retry::reason_label(*on)
+}
+
+/// The effective config (defaults filled in) as a JSON value; the admin token
+/// appears as `<redacted>`.
+pub fn effective_config(config: &Config) -> Value {
+    let listeners: Vec<Value> =
+        config.listeners.iter().map(|l| json!({ "name": l.name, "bind": l.bind.to_string() })).collect();
+    let routes: Vec<Value> = config
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "match": {
+                    "host": r.host.as_ref().map(host),
+                    "path_prefix": r.path_prefix,
+                    "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                    "headers": r.headers.iter().map(|(k, v)| (k.to_string(), Value::from(v.to_str().unwrap_or("")))).collect::<serde_json::Map<_, _>>(),
+                },
+                "upstream": r.upstream,
+                "timeout": r.timeout.map(duration),
+                "retry": r.retry.as_ref().map(|retry| json!({
+                    "attempts": retry.attempts,
+                    "per_try_timeout": retry.per_try_timeout.map(duration),
+                    "on": retry.on.iter().map(retry_on).collect::<Vec<_>>(),
+                    "backoff": { "base": duration(retry.backoff_base), "max": duration(retry.backoff_max) },
+                    "budget": { "ratio": retry.budget_ratio, "min_per_second": retry.budget_min_per_second },
+                    "non_idempotent": retry.non_idempotent,
+                })),
+            })
+        })
+        .collect();
+    let upstreams: serde_json::Map<String, Value> = config
+        .upstreams
+        .iter()
+        .map(|u| {
+            let balance = match &u.policy {
+                PolicyConfig::ConsistentHash { key, bounded_load } => {
+                    json!({ "policy": "consistent_hash", "key": key_text(key), "bounded_load": bounded_load })
+                }
+                other => json!({ "policy": policy_name(other) }),
+            };
+            let active = u.health.active.as_ref().map(|check| {
+                let mut value = json!({
+                    "interval": duration(check.interval),
+                    "timeout": duration(check.timeout),
+                    "healthy_after": check.healthy_after,
+                    "unhealthy_after": check.unhealthy_after,
+                });
+                let probe = match &check.probe {
+                    Probe::Http { path, expect_status, host, expect_body } => json!({
+                        "kind": "http", "path": path, "expect_status": expect_status, "host": host, "expect_body": expect_body,
+                    }),
+                    Probe::Tcp => json!({ "kind": "tcp" }),
+                    Probe::Grpc { service } => json!({ "kind": "grpc", "service": service }),
+                };
+                merge(&mut value, probe);
+                value
+            });
+            let value = json!({
+                "balance": balance,
+                "protocol": match u.protocol {
+                    crate::config::UpstreamProtocol::Http1 => "http1",
+                    crate::config::UpstreamProtocol::H2c => "h2c",
+                    crate::config::UpstreamProtocol::H2 => "h2",
+                },
+                "backends": u.backends.iter().map(|b| json!({
+                    "address": b.address, "weight": b.weight, "max_concurrency": b.max_concurrency,
+                })).collect::<Vec<_>>(),
+                "health": {
+                    "active": active,
+                    "passive": u.health.passive.map(|p| json!({
+                        "consecutive_failures": p.consecutive_failures,
+                        "ejection_time": duration(p.ejection_time),
+                        "max_ejection_percent": p.max_ejection_percent,
+                    })),
+                    "slow_start": u.health.slow_start.map(duration),
+                },
+                "circuit_breaker": u.circuit_breaker.map(|b| json!({
+                    "consecutive_failures": b.consecutive_failures,
+                    "failure_rate": b.failure_rate,
+                    "min_requests": b.min_requests,
+                    "window": duration(b.window),
+                    "open_for": duration(b.open_for),
+                    "half_open_requests": b.half_open_requests,
+                })),
+                "queue": u.queue.as_ref().map(|q| json!({
+                    "max_waiting": q.max_waiting,
+                    "timeout": duration(q.timeout),
+                    "priority_header": q.priority_header.as_ref().map(|h| h.as_str()),
+                })),
+            });
+            (u.name.clone(), value)
+        })
+        .collect();
+    let limits = &config.limits;
+    json!({
+        "listeners": listeners,
+        "admin": {
+            "bind": config.admin.bind.to_string(),
+            "token": config.admin.token.as_ref().map(|_| "<redacted>"),
+        },
+        "log": {
+            "level": format!("{:?}", config.log.level).to_lowercase(),
+            "format": format!("{:?}", config.log.format).to_lowercase(),
+            "access": config.log.access,
+        },
+        "limits": {
+            "max_header_bytes": limits.max_header_bytes,
+            "max_body_bytes": limits.max_body_bytes,
+            "header_read_timeout": duration(limits.header_read_timeout),
+            "idle_timeout": duration(limits.idle_timeout),
+            "max_connections": limits.max_connections,
+            "shutdown_grace": duration(limits.shutdown_grace),
+        },
+        "routes": routes,
+        "upstreams": upstreams,
+    })
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Value::Object(into), Value::Object(from)) = (into, from) {
+        into.extend(from);
+    }
+}
+
+fn policy_name(policy: &PolicyConfig) -> &'static str {
+    match policy {
+        PolicyConfig::RoundRobin => "round_robin",
+        PolicyConfig::LeastLoaded => "least_loaded",
+        PolicyConfig::Random => "random",
+        PolicyConfig::ConsistentHash { .. } => "consistent_hash",
+    }
+}
+
+fn key_text(key: &crate::config::KeySpec) -> String {
+    use crate::config::KeySpec;
+    match key {
+        KeySpec::Header(name) => format!("header:{name}"),
+        KeySpec::Cookie(name) => format!("cookie:{name}"),
+        KeySpec::Query(name) => format!("query:{name}"),
+        KeySpec::Path => "path".into(),
+        KeySpec::ClientIp => "client_ip".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode() {
+        let d =
+            Described::from_query("method=POST&host=bots.internal&path=%2Fjobs%2F1&header=x-job-id:job%2042").unwrap();
+        assert_eq!((d.method.as_str(), d.host.as_deref(), d.path.as_str()), ("POST", Some("bots.internal"), "/jobs/1"));
+        assert_eq!(d.headers, vec![("x-job-id".to_owned(), "job 42".to_owned())]);
+        assert!(Described::from_query("bogus=1").is_err());
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%41+b"), "A b");
+    }
+}
