@@ -412,25 +412,6 @@ fn validate_queue(raw: &RawQueue, errors: &mut Collector<'_>) -> QueueConfig {
 }
 
 fn validate_health(raw: &RawHealth, errors: &mut Collector<'_>) -> HealthConfig {
-    let positive = |value: &Option<Spanned<u32>>, key: &str, default: u32, errors: &mut Collector<'_>| match value {
-        Some(v) if v.value == 0 => {
-            errors.at(v.referenced, format!("{key} must be at least 1"));
-            default
-        }
-        Some(v) => v.value,
-        None => default,
-    };
-    let nonzero = |value: &Option<Spanned<DurationValue>>, key: &str, default: Duration, errors: &mut Collector<'_>| {
-        match value {
-            Some(v) if v.value.0.is_zero() => {
-                errors.at(v.referenced, format!("{key} must be greater than zero"));
-                default
-            }
-            Some(v) => v.value.0,
-            None => default,
-        }
-    };
-
     let active = raw.active.as_ref().map(|spanned| {
         let check = &spanned.value;
         let kind = check.kind.unwrap_or(CheckKind::Http);
@@ -492,8 +473,8 @@ fn validate_health(raw: &RawHealth, errors: &mut Collector<'_>) -> HealthConfig 
                 Probe::Grpc { service: check.service.as_ref().map(|s| s.value.clone()).unwrap_or_default() }
             }
         };
-        let interval = nonzero(&check.interval, "interval", ActiveCheck::DEFAULT_INTERVAL, errors);
-        let timeout = nonzero(&check.timeout, "timeout", ActiveCheck::DEFAULT_TIMEOUT.min(interval), errors);
+        let interval = duration(&check.interval, "interval", ActiveCheck::DEFAULT_INTERVAL, errors);
+        let timeout = duration(&check.timeout, "timeout", ActiveCheck::DEFAULT_TIMEOUT.min(interval), errors);
         if timeout > interval {
             let at = check.timeout.as_ref().map_or(spanned.referenced, |t| t.referenced);
             errors.at(at, "check timeout must not be longer than its interval");
@@ -502,8 +483,8 @@ fn validate_health(raw: &RawHealth, errors: &mut Collector<'_>) -> HealthConfig 
             probe,
             interval,
             timeout,
-            healthy_after: positive(&check.healthy_after, "healthy_after", ActiveCheck::DEFAULT_HEALTHY_AFTER, errors),
-            unhealthy_after: positive(
+            healthy_after: count(&check.healthy_after, "healthy_after", ActiveCheck::DEFAULT_HEALTHY_AFTER, errors),
+            unhealthy_after: count(
                 &check.unhealthy_after,
                 "unhealthy_after",
                 ActiveCheck::DEFAULT_UNHEALTHY_AFTER,
@@ -523,13 +504,13 @@ fn validate_health(raw: &RawHealth, errors: &mut Collector<'_>) -> HealthConfig 
             None => defaults.max_ejection_percent,
         };
         PassiveConfig {
-            consecutive_failures: positive(
+            consecutive_failures: count(
                 &passive.consecutive_failures,
                 "consecutive_failures",
                 defaults.consecutive_failures,
                 errors,
             ),
-            ejection_time: nonzero(&passive.ejection_time, "ejection_time", defaults.ejection_time, errors),
+            ejection_time: duration(&passive.ejection_time, "ejection_time", defaults.ejection_time, errors),
             max_ejection_percent,
         }
     });
