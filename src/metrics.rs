@@ -96,13 +96,20 @@ pub fn upstream_duration(upstream: &std::sync::Arc<str>, backend: &std::sync::Ar
 /// One finished client request. `route`, `upstream` and `backend` are `-` when
 /// the request got that far; `code` is the status sent, or `error` when the
 /// exchange ended without a response.
-pub fn request(route: &str, upstream: &str, backend: &str, code: Option<u16>) {
+pub fn request(
+    route: Option<&std::sync::Arc<str>>,
+    upstream: Option<&std::sync::Arc<str>>,
+    backend: Option<&std::sync::Arc<str>>,
+    code: Option<u16>,
+) {
+    // Labels share the config's strings rather than copying them per request.
+    let or_dash = |value: Option<&std::sync::Arc<str>>| value.map_or(SharedString::const_str("-"), label);
     let code: SharedString = match code {
         Some(code) => status_label(code),
         None => SharedString::const_str("error"),
     };
-    metrics::counter!(REQUESTS_TOTAL, "route" => route.to_owned(), "upstream" => upstream.to_owned(),
-        "backend" => backend.to_owned(), "code" => code)
+    metrics::counter!(REQUESTS_TOTAL, "route" => or_dash(route), "upstream" => or_dash(upstream),
+        "backend" => or_dash(backend), "code" => code)
     .increment(1);
 }
 

@@ -193,8 +193,8 @@ impl Record {
         let elapsed = self.started.elapsed();
         let route = self.notes.route.get();
         let backend = self.notes.backend.lock().expect("never poisoned").clone();
+        crate::metrics::request(route.map(|r| &r.route), route.map(|r| &r.upstream), backend.as_ref(), status);
         let (route_name, upstream) = route.map_or(("-", "-"), |r| (&*r.route, &*r.upstream));
-        crate::metrics::request(route_name, upstream, backend.as_deref().unwrap_or("-"), status);
         if let Some(route) = route {
             route.duration.record(elapsed.as_secs_f64());
         }
