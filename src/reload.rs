@@ -162,7 +162,14 @@ impl Runtime {
             loop {
                 tick.tick().await;
                 let Some(runtime) = weak.upgrade() else { return };
-                crate::metrics::refresh_gauges(&runtime.live.load());
+                let snapshot = runtime.live.load();
+                crate::metrics::refresh_gauges(&snapshot);
+                // Capacity can also appear without a slot being freed (a backend
+                // recovers, a circuit half-opens, a reload adds backends): the
+                // first waiter of each queue gets a look every tick.
+                for queue in snapshot.upstreams.iter().filter_map(|u| u.queue.as_ref()) {
+                    queue.slot_freed();
+                }
                 // A reload in progress sweeps for itself.
                 if let Ok(mut bound) = runtime.bound.try_lock() {
                     bound.free_unused_snapshots();

@@ -92,13 +92,17 @@ impl Backend {
         // A compare-and-swap, not load-then-add: two requests racing for the last
         // slot of a one-job bot must not both get it.
         in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok()?;
-        let guard = InFlightGuard { state: Arc::clone(&self.state), queue: self.queue.clone() };
         // The breaker is asked last: in half-open, admitting takes a probe slot,
         // which must only happen for a request that will really be sent.
-        match &self.breaker {
-            Some(config) if !self.state.breaker.admit(config, nanos_since_epoch()) => None,
-            _ => Some(guard),
+        if let Some(config) = &self.breaker {
+            if !self.state.breaker.admit(config, nanos_since_epoch()) {
+                // Given back without waking the queue: no capacity was freed, and
+                // a wake here would send waiters round in circles.
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                return None;
+            }
         }
+        Some(InFlightGuard { state: Arc::clone(&self.state), queue: self.queue.clone() })
     }
 
     /// Whether the circuit breaker (if any) would let a request through now.
@@ -270,6 +274,19 @@ mod tests {
         drop(first);
         assert!(b.try_acquire(1).is_none(), "the policy cap applies too");
         assert!(b.try_acquire(3).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_breaker_refusal_frees_the_slot_without_waking_the_queue() {
+        let config = BreakerConfig { consecutive_failures: 1, ..BreakerConfig::default() };
+        let queue = Arc::new(WaitQueue::default());
+        let b = Backend { breaker: Some(config), queue: Some(Arc::clone(&queue)), ..backend(1) };
+        b.state.breaker.on_result(&config, nanos_since_epoch(), true);
+        let ticket = queue.join(crate::queue::Priority::Normal, 10, false).unwrap();
+        assert!(b.try_acquire(u32::MAX).is_none(), "the open circuit refuses");
+        assert_eq!(b.in_flight(), 0, "the slot was given back");
+        let mut waiting = Box::pin(ticket.wait());
+        assert!(futures_util::FutureExt::now_or_never(&mut waiting).is_none(), "nobody was woken for nothing");
     }
 
     #[test]
