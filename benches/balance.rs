@@ -17,23 +17,7 @@ fn fleet(n: usize) -> (Vec<BackendConfig>, Vec<Arc<Backend>>) {
             max_concurrency: None,
         })
         .collect();
-    let runtime = configs
-        .iter()
-        .map(|c| {
-            Arc::new(Backend {
-                upstream_duration: metrics::Histogram::noop(),
-                address: c.address.as_str().into(),
-                authority: c.address.parse().unwrap(),
-                weight: c.weight,
-                max_concurrency: u32::MAX,
-                state: Arc::default(),
-                check: None,
-                slow_start: None,
-                breaker: None,
-                queue: None,
-            })
-        })
-        .collect();
+    let runtime = configs.iter().map(|c| Arc::new(Backend::detached(c))).collect();
     (configs, runtime)
 }
 

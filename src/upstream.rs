@@ -80,6 +80,23 @@ pub enum Unavailable {
 }
 
 impl Backend {
+    /// A backend with fresh state and no health checks, breaker, queue or
+    /// metrics: for benchmarks and tests of the policies on their own.
+    pub fn detached(config: &crate::config::BackendConfig) -> Backend {
+        Backend {
+            upstream_duration: metrics::Histogram::noop(),
+            address: config.address.as_str().into(),
+            authority: config.address.parse().expect("a valid backend address"),
+            weight: config.weight,
+            max_concurrency: config.max_concurrency.unwrap_or(u32::MAX),
+            state: Arc::default(),
+            check: None,
+            slow_start: None,
+            breaker: None,
+            queue: None,
+        }
+    }
+
     /// Reserves one request slot if the backend is healthy, not ejected, and
     /// below both its own `max_concurrency` and `cap` (a policy's extra bound,
     /// such as bounded load). The slot is held until the returned guard drops.
@@ -250,18 +267,11 @@ mod tests {
     use super::*;
 
     fn backend(max: u32) -> Backend {
-        Backend {
-            upstream_duration: metrics::Histogram::noop(),
+        Backend::detached(&crate::config::BackendConfig {
             address: "127.0.0.1:1".into(),
-            authority: "127.0.0.1:1".parse().unwrap(),
             weight: 1,
-            max_concurrency: max,
-            state: Arc::default(),
-            check: None,
-            slow_start: None,
-            breaker: None,
-            queue: None,
-        }
+            max_concurrency: Some(max),
+        })
     }
 
     #[test]

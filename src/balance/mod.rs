@@ -150,23 +150,7 @@ pub(crate) mod test_support {
                 max_concurrency,
             })
             .collect();
-        let runtime = configs
-            .iter()
-            .map(|c| {
-                Arc::new(Backend {
-                    upstream_duration: metrics::Histogram::noop(),
-                    address: c.address.as_str().into(),
-                    authority: c.address.parse().unwrap(),
-                    weight: c.weight,
-                    max_concurrency: c.max_concurrency.unwrap_or(u32::MAX),
-                    state: Arc::default(),
-                    check: None,
-                    slow_start: None,
-                    breaker: None,
-                    queue: None,
-                })
-            })
-            .collect();
+        let runtime = configs.iter().map(|c| Arc::new(Backend::detached(c))).collect();
         (configs, runtime)
     }
 
