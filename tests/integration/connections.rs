@@ -39,10 +39,14 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
     });
     wait_until("the held request", Duration::from_secs(10), || backend.in_flight() == 1).await;
     let addr = proxy.addr;
+    let admin = proxy.running.admin_addr().await;
+    assert_eq!(get(&client, &format!("http://{admin}/readyz")).await.status, 200);
     let shutdown = tokio::spawn(proxy.running.shutdown());
     // New connections are refused once the listener has stopped.
     wait_until("the listener to close", Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_err()).await;
     assert!(!shutdown.is_finished(), "shutdown waits for the in-flight request");
+    let ready = get(&crate::support::client(), &format!("http://{admin}/readyz")).await;
+    assert_eq!((ready.status.as_u16(), ready.body.as_str()), (503, "draining\n"), "not ready while draining");
     backend.release_held();
     assert_eq!(held.await.unwrap().status, 200, "the in-flight request completed");
     tokio::time::timeout(Duration::from_secs(20), shutdown).await.expect("shutdown finishes once drained").unwrap();
