@@ -49,12 +49,6 @@ impl ConsistentHash {
         ConsistentHash { ring, key, bounded_load, keyless: RoundRobin::new(backends) }
     }
 
-    /// The backend index a key hash maps to when every backend is free: the ring
-    /// owner, before any load bound or limit. Used by tests and by `/explain`.
-    pub fn owner(&self, key_hash: u64) -> Option<usize> {
-        self.ring.get(self.first_point(key_hash)).map(|&(_, index)| index as usize)
-    }
-
     fn first_point(&self, key_hash: u64) -> usize {
         let position = self.ring.partition_point(|&(point, _)| point < key_hash);
         if position == self.ring.len() {
