@@ -101,7 +101,7 @@ impl Backend {
     /// below both its own `max_concurrency` and `cap` (a policy's extra bound,
     /// such as bounded load). The slot is held until the returned guard drops.
     pub fn try_acquire(&self, cap: u32) -> Option<InFlightGuard> {
-        if !self.is_healthy(nanos_since_epoch()) {
+        if !self.is_healthy_now() {
             return None;
         }
         let limit = self.max_concurrency.min(cap);
@@ -136,11 +136,19 @@ impl Backend {
         self.check.as_ref().is_none_or(|c| c.is_healthy()) && !self.state.passive.is_ejected(now)
     }
 
+    /// [`Self::is_healthy`] at the current time, reading the clock only when
+    /// the backend has ever been ejected (the clock is the costly part).
+    pub fn is_healthy_now(&self) -> bool {
+        self.check.as_ref().is_none_or(|c| c.is_healthy())
+            && (self.state.passive.ejected_until() == 0 || !self.state.passive.is_ejected(nanos_since_epoch()))
+    }
+
     /// Whether a policy may pick this backend now: healthy, circuit letting
     /// requests through, and below its limit.
     pub fn is_available(&self) -> bool {
-        let now = nanos_since_epoch();
-        self.in_flight() < self.max_concurrency && self.is_healthy(now) && self.circuit_allows(now)
+        self.in_flight() < self.max_concurrency
+            && self.is_healthy_now()
+            && (self.breaker.is_none() || self.circuit_allows(nanos_since_epoch()))
     }
 
     /// The share of its weight the backend gets now (below 1 during slow start).
