@@ -1,11 +1,20 @@
 //! Switchyard: an HTTP reverse-proxy load balancer for fleets of RPA bot servers
-//! and RPC services. See `docs/` for the user's view; this crate's modules follow
-//! the request from listener to backend:
+//! and RPC services. `docs/` has the user's view; this crate's modules follow a
+//! request from listener to backend:
 //!
-//! `server` (listeners, the tower stack) -> `route` -> `balance` (policies over
-//! `upstream` backends) -> `proxy` (forwarding through `client` pools), with
-//! `config` and `state` providing the compiled, swappable configuration and
-//! `error` the one mapping from failures to client responses.
+//! - `server` accepts connections and assembles the one tower stack
+//!   (`server::stack`): `observe` (metrics, access log) -> `error` (the one
+//!   mapping to client responses) -> `route` -> route timeout -> `proxy`.
+//! - `proxy` forwards: `balance` picks among `upstream` backends (policies in
+//!   `balance/`), `queue` holds requests while every bot is busy, `retry` decides
+//!   and budgets retries, `client` holds the pooled connections.
+//! - What the proxy learns about backends lives in `upstream::BackendState`:
+//!   in-flight count, latency, `health` (active checks, passive ejection, slow
+//!   start) and the `breaker`. It survives reloads.
+//! - `config` parses and validates the YAML; `state` compiles it into the
+//!   snapshot behind one `ArcSwap`; `reload` owns listeners, the admin listener
+//!   (`admin`, with `explain`) and hot reload; `app` composes it all; `metrics`
+//!   names every metric.
 
 pub mod admin;
 pub mod app;
