@@ -1,7 +1,7 @@
 //! The innermost service: pick a backend, rewrite the request, forward it, and
 //! stream the response back.
 //!
-//! Reads top to bottom as one function, [`forward`], with a comment per step.
+//! Reads top to bottom as one function, `forward`, with a comment per step.
 //! Bodies are never buffered: the request body streams to the backend through a
 //! size limit, the response body streams back holding the backend's in-flight slot
 //! until its last byte. `Upgrade` requests (WebSocket) become a byte tunnel after

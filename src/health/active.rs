@@ -54,7 +54,7 @@ impl CheckCounters {
 
 /// The running checkers of one proxy. They run on a thread of their own, so
 /// request load never delays a check, checks never take a request worker, and
-/// the thread can sleep between batches (see [`BATCH_STEP`]).
+/// the thread can sleep between batches (see `BATCH_STEP`).
 #[derive(Default)]
 pub struct Checkers {
     running: HashMap<Key, Checker>,

@@ -14,7 +14,7 @@
 //! 6. [`Forward`]: picks a backend and forwards; fails with `NoHealthyBackend`
 //!    (503), `UpstreamConnect` / `UpstreamReset` (502) or `BodyTooLarge` (413).
 //!
-//! Layers pass context down in request extensions ([`ConnInfo`] from the
+//! Layers pass context down in request extensions (`ConnInfo` from the
 //! listener, [`RouteMatch`] from routing), and use named futures rather than
 //! boxed ones where the logic is a simple mapping.
 
