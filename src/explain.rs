@@ -180,9 +180,9 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
             let key = policy.key();
             match crate::balance::extract_key(key, &pick, |bytes| String::from_utf8_lossy(bytes).into_owned()) {
                 Some(value) => format!(
-                    "the owner of key {key:?} = {value:?} on the hash ring, or the next eligible backend clockwise"
+                    "the owner of key `{key}` = {value:?} on the hash ring, or the next eligible backend clockwise"
                 ),
-                None => format!("the request has no {key:?}, so it is balanced round robin"),
+                None => format!("the request has no `{key}`, so it is balanced round robin"),
             }
         }
     };
@@ -201,7 +201,7 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
     json!({
         "route": route.name.as_ref(),
         "upstream": upstream.name.as_ref(),
-        "policy": upstream.balancer.name(),
+        "policy": upstream.config.policy.name(),
         "how": how,
         "candidates": candidates,
         "backend": chosen.map(|i| upstream.backends[i].address.to_string()),
@@ -260,9 +260,9 @@ pub fn effective_config(config: &Config) -> Value {
         .map(|u| {
             let balance = match &u.policy {
                 PolicyConfig::ConsistentHash { key, bounded_load } => {
-                    json!({ "policy": "consistent_hash", "key": key_text(key), "bounded_load": bounded_load })
+                    json!({ "policy": "consistent_hash", "key": key.to_string(), "bounded_load": bounded_load })
                 }
-                other => json!({ "policy": policy_name(other) }),
+                other => json!({ "policy": other.name() }),
             };
             let active = u.health.active.as_ref().map(|check| {
                 let mut value = json!({
@@ -345,26 +345,6 @@ pub fn effective_config(config: &Config) -> Value {
 fn merge(into: &mut Value, from: Value) {
     if let (Value::Object(into), Value::Object(from)) = (into, from) {
         into.extend(from);
-    }
-}
-
-fn policy_name(policy: &PolicyConfig) -> &'static str {
-    match policy {
-        PolicyConfig::RoundRobin => "round_robin",
-        PolicyConfig::LeastLoaded => "least_loaded",
-        PolicyConfig::Random => "random",
-        PolicyConfig::ConsistentHash { .. } => "consistent_hash",
-    }
-}
-
-fn key_text(key: &crate::config::KeySpec) -> String {
-    use crate::config::KeySpec;
-    match key {
-        KeySpec::Header(name) => format!("header:{name}"),
-        KeySpec::Cookie(name) => format!("cookie:{name}"),
-        KeySpec::Query(name) => format!("query:{name}"),
-        KeySpec::Path => "path".into(),
-        KeySpec::ClientIp => "client_ip".into(),
     }
 }
 

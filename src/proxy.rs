@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -177,8 +177,11 @@ async fn forward(
         // 6. Send; time to response head feeds the latency estimate.
         let started = Instant::now();
         let sent = clients.for_protocol(upstream.protocol).request(outgoing);
-        let per_try_timeout = policy.and_then(|p| p.config.per_try_timeout).unwrap_or(Duration::MAX);
-        let result = tokio::time::timeout(per_try_timeout, sent).await;
+        // A timer only when the route asks for one: most requests need none.
+        let result = match policy.and_then(|p| p.config.per_try_timeout) {
+            Some(limit) => tokio::time::timeout(limit, sent).await,
+            None => Ok(sent.await),
+        };
         backend.upstream_duration.record(started.elapsed().as_secs_f64());
         let result = match result {
             Ok(Ok(response)) => {

@@ -323,7 +323,7 @@ impl Runtime {
             .iter()
             .map(|u| UpstreamStatus {
                 name: u.name.to_string(),
-                policy: u.balancer.name(),
+                policy: u.config.policy.name(),
                 queue_waiting: u.queue.as_ref().map(|q| q.waiting()),
                 backends: u.backends.iter().map(|b| BackendStatus::of(b, now)).collect(),
             })

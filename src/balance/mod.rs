@@ -69,16 +69,6 @@ impl Balancer {
         }
     }
 
-    /// The policy's name as written in the config.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Balancer::RoundRobin(_) => "round_robin",
-            Balancer::LeastLoaded(_) => "least_loaded",
-            Balancer::ConsistentHash(_) => "consistent_hash",
-            Balancer::Random(_) => "random",
-        }
-    }
-
     /// The backend a request like this would get now, without reserving it or
     /// moving any balancer state (for `/explain`). Exact for `consistent_hash`
     /// and `round_robin`; `least_loaded` names the cheapest backend (a real

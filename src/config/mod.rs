@@ -248,6 +248,18 @@ pub enum PolicyConfig {
     ConsistentHash { key: KeySpec, bounded_load: Option<f64> },
 }
 
+impl PolicyConfig {
+    /// The policy's name as written in the config.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PolicyConfig::RoundRobin => "round_robin",
+            PolicyConfig::LeastLoaded => "least_loaded",
+            PolicyConfig::Random => "random",
+            PolicyConfig::ConsistentHash { .. } => "consistent_hash",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
     /// `host:port` as written in the config; also the backend's identity in metrics.

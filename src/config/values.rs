@@ -129,6 +129,19 @@ impl FromStr for KeySpec {
     }
 }
 
+/// Written back in the config's own syntax (`header:x-job-id`, `path`, ...).
+impl fmt::Display for KeySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySpec::Header(name) => write!(f, "header:{name}"),
+            KeySpec::Cookie(name) => write!(f, "cookie:{name}"),
+            KeySpec::Query(name) => write!(f, "query:{name}"),
+            KeySpec::Path => f.write_str("path"),
+            KeySpec::ClientIp => f.write_str("client_ip"),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for KeySpec {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
@@ -229,6 +242,9 @@ mod tests {
         assert_eq!("cookie:sid".parse::<KeySpec>().unwrap(), KeySpec::Cookie("sid".into()));
         assert_eq!("query:job".parse::<KeySpec>().unwrap(), KeySpec::Query("job".into()));
         assert!(matches!("header:X-Job-Id".parse::<KeySpec>().unwrap(), KeySpec::Header(h) if h == "x-job-id"));
+        for text in ["path", "client_ip", "cookie:sid", "query:job", "header:x-job-id"] {
+            assert_eq!(text.parse::<KeySpec>().unwrap().to_string(), text, "round trip");
+        }
         for bad in ["header:", "header:bad name", "body:x", "ip", ""] {
             assert!(bad.parse::<KeySpec>().is_err(), "{bad:?} should not parse");
         }
