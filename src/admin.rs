@@ -15,11 +15,15 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::reload::{ReloadTrigger, Runtime};
+
+/// How long an admin client has to send a request head (and, for HTTP/1.1,
+/// how long a kept-alive admin connection may sit idle).
+pub const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct AdminHandle {
     pub local_addr: SocketAddr,
@@ -38,16 +42,25 @@ pub fn spawn(listener: TcpListener, runtime: Weak<Runtime>) -> std::io::Result<A
     let local_addr = listener.local_addr()?;
     let accept_task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    crate::server::accept_failed("admin", &error).await;
+                    continue;
+                }
+            };
             let runtime = runtime.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let runtime = runtime.clone();
                     async move { Ok::<_, Infallible>(answer(runtime, request).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // A client that opens a connection and sends nothing (or a head
+                // byte by byte) must not hold it open forever.
+                builder.http1().timer(TokioTimer::new()).header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
+                builder.http2().timer(TokioTimer::new()).keep_alive_interval(ADMIN_HEADER_READ_TIMEOUT);
+                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
             });
         }
     });

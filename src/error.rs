@@ -30,6 +30,10 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("{0} is not served by this proxy")]
+    MethodNotAllowed(&'static str),
+    #[error("the client sent nothing for {0:?} while a request body was due")]
+    ClientTimeout(std::time::Duration),
 }
 
 impl ProxyError {
@@ -44,6 +48,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -68,7 +74,7 @@ impl ProxyError {
             ProxyError::UpstreamReset { .. } => "upstream_reset",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
-            ProxyError::BadRequest(_) => return None,
+            ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) | ProxyError::ClientTimeout(_) => return None,
         })
     }
 
@@ -84,8 +90,15 @@ impl ProxyError {
             // The queue is a moment's wait; a client should come back soon.
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if matches!(self, ProxyError::BadRequest(_) | ProxyError::BodyTooLarge { .. }) {
-            // The rest of the request may still be on the wire; don't try to reuse it.
+        if matches!(
+            self,
+            ProxyError::BadRequest(_)
+                | ProxyError::BodyTooLarge { .. }
+                | ProxyError::MethodNotAllowed(_)
+                | ProxyError::ClientTimeout(_)
+        ) {
+            // The rest of the request may still be on the wire (after a CONNECT,
+            // bytes meant for a tunnel): never parse it as another request.
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
@@ -109,6 +122,8 @@ mod tests {
             (ProxyError::QueueTimeout { upstream: "u".into() }, 503, Some("queue_timeout")),
             (ProxyError::BodyTooLarge { limit: 1 }, 413, Some("body_too_large")),
             (ProxyError::BadRequest("x"), 400, None),
+            (ProxyError::MethodNotAllowed("CONNECT"), 405, None),
+            (ProxyError::ClientTimeout(std::time::Duration::from_secs(1)), 408, None),
         ];
         for (error, status, code) in cases {
             let response = error.into_response();

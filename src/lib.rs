@@ -23,6 +23,7 @@ pub mod body;
 pub mod breaker;
 pub mod client;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod error;
 pub mod explain;

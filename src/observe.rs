@@ -24,7 +24,7 @@ use metrics::Histogram;
 use tower::Service;
 
 use crate::body::{BoxError, ProxyBody};
-use crate::proxy::ConnInfo;
+use crate::conn::ConnInfo;
 use crate::state::Live;
 
 /// Filled in by the layers a request passes through.
@@ -105,7 +105,7 @@ where
         let notes = Arc::new(RequestNotes::default());
         request.extensions_mut().insert(Arc::clone(&notes));
         let access = self.live.load().access_log.then(|| AccessFields {
-            client: request.extensions().get::<ConnInfo>().map(|c| c.client),
+            client: request.extensions().get::<std::sync::Arc<ConnInfo>>().map(|c| c.client),
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
             request_id: request.headers().get("x-request-id").cloned(),

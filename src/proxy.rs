@@ -8,11 +8,11 @@
 //! the backend answers 101.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -24,32 +24,16 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::{Pick, PickRequest};
-use crate::body::{BoxError, Guarded, ProxyBody};
+use crate::body::{BoxError, ClientBody, ClientBodyError, ClientBodyTimeout, Guarded, ProxyBody};
 use crate::client::UpstreamClients;
 use crate::config::{RetryOn, UpstreamProtocol};
+use crate::conn::ConnInfo;
 use crate::error::ProxyError;
 use crate::observe::RequestNotes;
 use crate::queue::Priority;
 use crate::retry;
 use crate::server::stack::RouteMatch;
 use crate::upstream::{InFlightGuard, Unavailable, Upstream};
-
-/// Facts about the client connection a request arrived on, attached to every
-/// request by the listener.
-#[derive(Clone, Debug)]
-pub struct ConnInfo {
-    pub client: SocketAddr,
-    pub listener: Arc<str>,
-    /// The client IP, pre-rendered once per connection for `X-Forwarded-For`.
-    pub client_ip_header: HeaderValue,
-}
-
-impl ConnInfo {
-    pub fn new(client: SocketAddr, listener: Arc<str>) -> Self {
-        let client_ip_header = HeaderValue::try_from(client.ip().to_string()).expect("an IP is a valid header value");
-        ConnInfo { client, listener, client_ip_header }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct Forward {
@@ -83,6 +67,7 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Request bodies up to this size are kept in memory so that a retry can send
 /// them again; larger or unsized (chunked) bodies stream, and are not retried.
@@ -93,13 +78,18 @@ async fn forward(
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let matched = request.extensions_mut().remove::<RouteMatch>().expect("the route layer runs first");
-    let conn = request.extensions_mut().remove::<ConnInfo>().expect("the listener attaches ConnInfo");
+    let conn = request.extensions_mut().remove::<Arc<ConnInfo>>().expect("the listener attaches ConnInfo");
     let notes = request.extensions_mut().remove::<Arc<RequestNotes>>().unwrap_or_default();
     let route = matched.route();
     let upstream = &route.upstream;
+    let limits = &matched.snapshot.limits;
+    // One deadline for the whole exchange up to the response head: queueing,
+    // every try and every backoff. Each try's timer is cut to it, so a timeout
+    // is one event, seen by the try it ends and charged to that try's backend.
+    let deadline = tokio::time::Instant::now() + route.timeout;
 
     // 1. Refuse a body that declares itself too large before touching a backend.
-    let limit = matched.snapshot.limits.max_body_bytes;
+    let limit = limits.max_body_bytes;
     if content_length(request.headers()).is_some_and(|length| length > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
@@ -118,8 +108,9 @@ async fn forward(
     // 3. Whether this request can be retried: a retry policy, no upgrade, and a
     //    body small enough to keep for replay.
     let policy = route.retry.as_ref().filter(|_| client_upgrade.is_none());
+    let body = ClientBody::new(body, limits.client_body_timeout);
     let mut body = match policy {
-        Some(_) => RequestBody::replayable(body).await?,
+        Some(_) => RequestBody::replayable(body, deadline).await?,
         None => RequestBody::Streaming(Some(body)),
     };
     let attempts = match (policy, &body) {
@@ -132,6 +123,8 @@ async fn forward(
 
     let mut tried: Vec<usize> = Vec::new();
     let mut template = Some(parts);
+    // The last try's answer, given to the client if no further try can start.
+    let mut previous: Option<Result<Response<ProxyBody>, ProxyError>> = None;
     loop {
         let attempt = tried.len() as u32 + 1;
         let last = attempt >= attempts;
@@ -139,16 +132,17 @@ async fn forward(
         // 4. Pick a backend (waiting in the upstream's queue when every one is
         //    busy); the pick reserves its in-flight slot.
         let picking = Instant::now();
-        let pick = pick_backend(upstream, template.as_ref().expect("kept until the last try"), &conn, &tried).await?;
+        let picked =
+            pick_backend(upstream, template.as_ref().expect("kept until the last try"), &conn, &tried, deadline);
+        let pick = match (picked.await, previous.take()) {
+            (Ok(pick), _) => pick,
+            (Err(_), Some(previous)) => return previous,
+            (Err(error), None) => return Err(error),
+        };
         notes.queued(picking.elapsed());
         let backend = &upstream.backends[pick.index];
         notes.tried(&backend.address);
-        let outcome = Outcome {
-            upstream,
-            index: pick.index,
-            deadline: route.timeout.map(|t| Instant::now() + t),
-            reported: false,
-        };
+        let outcome = Outcome { upstream, index: pick.index, reported: false };
 
         // 5. This try's request: absolute URI for the backend, its protocol.
         let mut parts = if last {
@@ -174,14 +168,13 @@ async fn forward(
         let method = parts.method.clone();
         let outgoing = Request::from_parts(parts, body.for_try(limit));
 
-        // 6. Send; time to response head feeds the latency estimate.
+        // 6. Send, bounded by the per-try timeout cut to the route's deadline;
+        //    time to response head feeds the latency estimate.
         let started = Instant::now();
-        let sent = clients.for_protocol(upstream.protocol).request(outgoing);
-        // A timer only when the route asks for one: most requests need none.
-        let result = match policy.and_then(|p| p.config.per_try_timeout) {
-            Some(limit) => tokio::time::timeout(limit, sent).await,
-            None => Ok(sent.await),
-        };
+        let per_try = policy.and_then(|p| p.config.per_try_timeout);
+        let try_deadline = per_try.map_or(deadline, |limit| deadline.min(tokio::time::Instant::now() + limit));
+        let result = tokio::time::timeout_at(try_deadline, clients.for_protocol(upstream.protocol).request(outgoing));
+        let result = result.await;
         backend.upstream_duration.record(started.elapsed().as_secs_f64());
         let result = match result {
             Ok(Ok(response)) => {
@@ -192,12 +185,16 @@ async fn forward(
             }
             Ok(Err(error)) => {
                 let (error, retry_as) = classify(error, &backend.address, limit);
-                outcome.report(error.is_backend_failure());
+                if error.is_backend_failure() {
+                    outcome.report(true);
+                }
                 Try { answer: Err(error), retry_as }
             }
             Err(_elapsed) => {
                 outcome.report(true);
-                Try { answer: Err(ProxyError::UpstreamTimeout), retry_as: Some(RetryOn::Timeout) }
+                let route_deadline = try_deadline >= deadline;
+                let retry_as = (!route_deadline).then_some(RetryOn::Timeout);
+                Try { answer: Err(ProxyError::UpstreamTimeout), retry_as }
             }
         };
 
@@ -216,16 +213,22 @@ async fn forward(
         };
         let Some((policy, reason)) = retry else {
             return match result.answer {
-                Ok(response) => Ok(respond(response, pick.guard, client_upgrade)),
+                Ok(response) => Ok(respond(response, pick.guard, client_upgrade, &conn)),
                 Err(error) => Err(error),
             };
         };
         tracing::debug!(backend = %backend.address, attempt, reason = retry::reason_label(reason), "retrying");
         tried.push(pick.index);
         // Give the slot back before waiting: the backoff is not the backend's time.
-        drop(result);
         drop(pick);
-        tokio::time::sleep(retry::backoff(&policy.config, attempt - 1)).await;
+        let answer = result.answer.map(unguarded);
+        let resume = tokio::time::Instant::now() + retry::backoff(&policy.config, attempt - 1);
+        if resume >= deadline {
+            // No try could start in time: the client gets this one's answer now.
+            return answer;
+        }
+        previous = Some(answer);
+        tokio::time::sleep_until(resume).await;
     }
 }
 
@@ -238,23 +241,25 @@ struct Try {
 /// The request body, either kept for replay or streamed once.
 enum RequestBody {
     Replay(Bytes),
-    Streaming(Option<Incoming>),
+    Streaming(Option<ClientBody>),
 }
 
 impl RequestBody {
     /// Keeps the body in memory if it is empty or declares a small length;
     /// otherwise it streams (and the request will not be retried).
-    async fn replayable(body: Incoming) -> Result<RequestBody, ProxyError> {
+    async fn replayable(body: ClientBody, deadline: tokio::time::Instant) -> Result<RequestBody, ProxyError> {
         if body.is_end_stream() {
             return Ok(RequestBody::Replay(Bytes::new()));
         }
         match body.size_hint().exact() {
             Some(length) if length <= MAX_REPLAY_BODY => {
-                let collected = Limited::new(body, MAX_REPLAY_BODY as usize)
-                    .collect()
-                    .await
-                    .map_err(|_| ProxyError::BadRequest("request body was malformed or cut off"))?;
-                Ok(RequestBody::Replay(collected.to_bytes()))
+                let collect = Limited::new(body, MAX_REPLAY_BODY as usize).collect();
+                match tokio::time::timeout_at(deadline, collect).await {
+                    Ok(Ok(collected)) => Ok(RequestBody::Replay(collected.to_bytes())),
+                    Ok(Err(error)) => Err(client_body_failure(&*error)
+                        .unwrap_or(ProxyError::BadRequest("request body was malformed or cut off"))),
+                    Err(_) => Err(ProxyError::UpstreamTimeout),
+                }
             }
             _ => Ok(RequestBody::Streaming(Some(body))),
         }
@@ -264,11 +269,34 @@ impl RequestBody {
         match self {
             RequestBody::Replay(bytes) => crate::body::full(bytes.clone()),
             RequestBody::Streaming(body) => {
-                let body = body.take().expect("a streamed body is sent once").map_err(ClientBodyError);
+                let body = body.take().expect("a streamed body is sent once");
                 Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed_unsync()
             }
         }
     }
+}
+
+/// What the client is told when reading its own request body failed: the
+/// client's fault, never the backend's. `None` when the error came from elsewhere.
+fn client_body_failure(error: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if let Some(ClientBodyTimeout(idle)) = cause.downcast_ref::<ClientBodyTimeout>() {
+            return Some(ProxyError::ClientTimeout(*idle));
+        }
+        if cause.is::<ClientBodyError>() {
+            return Some(ProxyError::BadRequest("request body was malformed or cut off"));
+        }
+        source = cause.source();
+    }
+    None
+}
+
+/// A response for the client built from a try that will not be the last one
+/// sent, without the backend slot attached (it was given back already).
+fn unguarded(mut response: Response<Incoming>) -> Response<ProxyBody> {
+    strip_hop_by_hop(response.headers_mut(), false);
+    response.map(|body| body.map_err(BoxError::from).boxed_unsync())
 }
 
 fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
@@ -288,6 +316,7 @@ async fn pick_backend(
     parts: &http::request::Parts,
     conn: &ConnInfo,
     tried: &[usize],
+    route_deadline: tokio::time::Instant,
 ) -> Result<Pick, ProxyError> {
     let request =
         |exclude| PickRequest { headers: &parts.headers, uri: &parts.uri, client_ip: conn.client.ip(), exclude };
@@ -310,7 +339,8 @@ async fn pick_backend(
         return try_pick().ok_or_else(unavailable);
     };
     let priority = Priority::from_header(config.priority_header.as_ref().and_then(|h| parts.headers.get(h)));
-    let deadline = tokio::time::Instant::now() + config.timeout;
+    let queue_deadline = tokio::time::Instant::now() + config.timeout;
+    let deadline = queue_deadline.min(route_deadline);
     let mut woken = false;
     loop {
         // While others wait, a newcomer queues behind them instead of taking
@@ -335,6 +365,9 @@ async fn pick_backend(
             }
         }
         if tokio::time::timeout_at(deadline, ticket.wait()).await.is_err() {
+            if deadline < queue_deadline {
+                return Err(ProxyError::UpstreamTimeout);
+            }
             crate::metrics::queue_rejected(&upstream.name, "timeout");
             return Err(ProxyError::QueueTimeout { upstream: upstream.name.to_string() });
         }
@@ -348,11 +381,17 @@ fn respond(
     mut response: Response<Incoming>,
     guard: InFlightGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    conn: &Arc<ConnInfo>,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let backend_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, backend_upgrade, guard));
+            let tunnel = tunnel(client_upgrade, backend_upgrade, guard, Arc::clone(conn));
+            match &conn.tunnels {
+                // Tracked, so that the listener's drain waits for it.
+                Some(home) => drop(home.tracker.spawn(tunnel)),
+                None => drop(tokio::spawn(tunnel)),
+            }
             return response.map(|_| crate::body::empty());
         }
     }
@@ -364,9 +403,15 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
+/// Whether the request asks for a protocol switch the proxy tunnels: WebSocket
+/// only. Any other `Upgrade` (notably `h2c`, which would hand the client a raw
+/// HTTP/2 connection to the backend, past routing) is stripped as hop-by-hop.
 fn is_upgrade<B>(request: &Request<B>) -> bool {
+    let mut upgrades = request.headers().get_all(header::UPGRADE).iter();
+    let websocket = upgrades.next().is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"));
     request.version() == Version::HTTP_11
-        && request.headers().contains_key(header::UPGRADE)
+        && websocket
+        && upgrades.next().is_none()
         && connection_tokens(request.headers()).any(|token| token.eq_ignore_ascii_case("upgrade"))
 }
 
@@ -399,6 +444,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
+    headers.remove(&HTTP2_SETTINGS);
     headers.remove(header::TRANSFER_ENCODING);
     headers.remove(header::TRAILER);
     headers.remove(header::PROXY_AUTHENTICATE);
@@ -445,8 +491,8 @@ fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64)
         if cause.is::<http_body_util::LengthLimitError>() {
             return (ProxyError::BodyTooLarge { limit }, None);
         }
-        if cause.is::<ClientBodyError>() {
-            return (ProxyError::BadRequest("request body was malformed or cut off"), None);
+        if let Some(error) = client_body_failure(cause) {
+            return (error, None);
         }
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
             // The backend refused the stream before processing it (RFC 9113 8.7).
@@ -458,14 +504,12 @@ fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64)
     (ProxyError::UpstreamReset { backend: backend.to_owned(), source: Box::new(error) }, Some(reason))
 }
 
-/// Reports one exchange's outcome to passive health detection. Dropped without
-/// a report (the route timeout cancelled the exchange, or the client left), it
-/// counts a failure only if the route's deadline has passed: a client that gives
-/// up early says nothing about the backend.
+/// Reports one exchange's outcome to passive health detection and the breaker.
+/// Dropped without a report (the client left, or the client's own body failed),
+/// it gives no verdict: that says nothing about the backend.
 struct Outcome<'a> {
     upstream: &'a Upstream,
     index: usize,
-    deadline: Option<Instant>,
     reported: bool,
 }
 
@@ -486,25 +530,24 @@ impl Outcome<'_> {
 
 impl Drop for Outcome<'_> {
     fn drop(&mut self) {
-        if self.reported {
-            return;
-        }
-        if self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-            self.record(true);
-        } else {
-            // The client left: no verdict, but a half-open probe slot is freed.
+        if !self.reported {
+            // No verdict, but a half-open probe slot is freed.
             self.upstream.backends[self.index].state.breaker.on_abandoned();
         }
     }
 }
 
-/// Marks a failure reading the client's request body, so that it is not blamed
-/// on the backend.
-#[derive(Debug, thiserror::Error)]
-#[error("reading the request body failed: {0}")]
-struct ClientBodyError(hyper::Error);
-
-async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade, _slot: InFlightGuard) {
+/// Copies bytes both ways between an upgraded client connection and its
+/// backend until either side closes, nothing moves for `tunnel_idle_timeout`,
+/// or the listener stops and its `shutdown_grace` runs out. Holds the backend's
+/// slot and, through `conn`, the client connection's place under
+/// `max_connections` until then.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    _slot: InFlightGuard,
+    conn: Arc<ConnInfo>,
+) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(pair) => pair,
         Err(error) => {
@@ -512,9 +555,79 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUp
             return;
         }
     };
-    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-        tracing::debug!(%error, "upgraded connection ended with an error");
+    let home = conn.tunnels.as_ref();
+    let idle_timeout = home.map_or(crate::config::Limits::default().tunnel_idle_timeout, |h| h.idle_timeout);
+    let last_read = Arc::new(AtomicU64::new(crate::upstream::nanos_since_epoch()));
+    let mut client = ReadActivity { inner: TokioIo::new(client), last_read: Arc::clone(&last_read) };
+    let mut backend = ReadActivity { inner: TokioIo::new(backend), last_read: Arc::clone(&last_read) };
+    let idle = async {
+        loop {
+            let quiet = crate::upstream::nanos_since_epoch().saturating_sub(last_read.load(Ordering::Relaxed));
+            let quiet = Duration::from_nanos(quiet);
+            if quiet >= idle_timeout {
+                return;
+            }
+            tokio::time::sleep(idle_timeout - quiet).await;
+        }
+    };
+    let stopped = async {
+        match home {
+            Some(home) => {
+                let mut stopped = home.stopped.clone();
+                let _ = stopped.wait_for(|stopped| *stopped).await;
+                tokio::time::sleep(home.shutdown_grace).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+            if let Err(error) = copied {
+                tracing::debug!(%error, "upgraded connection ended with an error");
+            }
+        }
+        () = idle => tracing::debug!(client = %conn.client, ?idle_timeout, "tunnel idle; closing it"),
+        () = stopped => tracing::debug!(client = %conn.client, "shutdown grace over; closing tunnel"),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Notes when bytes last arrived, for a tunnel's idle timeout. Reads suffice:
+    /// every byte a tunnel writes was first read from the other side.
+    struct ReadActivity<T> {
+        #[pin]
+        inner: T,
+        last_read: Arc<AtomicU64>,
+    }
+}
+
+impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for ReadActivity<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let poll = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last_read.store(crate::upstream::nanos_since_epoch(), Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for ReadActivity<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 

@@ -6,8 +6,10 @@
 //! `queue_full` at once if `max_waiting` are already waiting). When any backend
 //! of the upstream frees a slot, the first live waiter of the highest class is
 //! woken and picks again; while anyone is waiting, newcomers queue behind them
-//! rather than taking freed slots. A waiter whose client leaves simply drops its
-//! ticket; its entry is skipped when reached.
+//! rather than taking freed slots. A waiter whose client leaves drops its
+//! ticket, which takes its entry out of the queue (so memory is bounded by
+//! `max_waiting`, whatever the churn), and hands on a wake-up it got but did
+//! not use.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,15 +41,42 @@ impl Priority {
 pub struct WaitQueue {
     /// Live tickets (joined and neither woken nor dropped).
     waiting: AtomicUsize,
-    classes: Mutex<[VecDeque<oneshot::Sender<()>>; 3]>,
+    inner: Mutex<Classes>,
+}
+
+#[derive(Debug, Default)]
+struct Classes {
+    /// Waiters by class, each with its ticket's id so that a ticket that
+    /// leaves takes its entry with it: the queue never holds more than the
+    /// live waiters, however many come and go.
+    classes: [VecDeque<(u64, oneshot::Sender<()>)>; 3],
+    next_id: u64,
+}
+
+impl Classes {
+    /// Wakes the first waiter of the highest class, if any.
+    fn wake_first(&mut self) {
+        for class in self.classes.iter_mut() {
+            while let Some((_, wake)) = class.pop_front() {
+                // Entries leave with their tickets, so the receiver is there;
+                // `send` fails only for a receiver dropped mid-flight.
+                if wake.send(()).is_ok() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// A place in the queue; resolves when a slot may have freed.
 #[derive(Debug)]
 pub struct Ticket<'a> {
     queue: &'a WaitQueue,
+    id: u64,
+    priority: Priority,
     woken: oneshot::Receiver<()>,
-    live: bool,
+    /// Whether `wait` saw the wake-up (and so the waiter will act on it).
+    used: bool,
 }
 
 impl WaitQueue {
@@ -59,55 +88,61 @@ impl WaitQueue {
     /// woken waiter that lost the race for the slot keeps its place). `None`
     /// when `max_waiting` are already waiting.
     pub fn join(&self, priority: Priority, max_waiting: usize, again: bool) -> Option<Ticket<'_>> {
-        let mut classes = self.classes.lock().expect("never poisoned");
+        let mut inner = self.inner.lock().expect("never poisoned");
         if self.waiting.load(Ordering::Acquire) >= max_waiting {
             return None;
         }
         let (wake, woken) = oneshot::channel();
-        let class = &mut classes[priority as usize];
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let class = &mut inner.classes[priority as usize];
         if again {
-            class.push_front(wake);
+            class.push_front((id, wake));
         } else {
-            class.push_back(wake);
+            class.push_back((id, wake));
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
-        Some(Ticket { queue: self, woken, live: true })
+        Some(Ticket { queue: self, id, priority, woken, used: false })
     }
 
-    /// A backend slot was freed: wake the first live waiter, if any.
+    /// A backend slot was freed: wake the first waiter, if any.
     pub fn slot_freed(&self) {
         if self.waiting.load(Ordering::Acquire) == 0 {
             return;
         }
-        let mut classes = self.classes.lock().expect("never poisoned");
-        for class in classes.iter_mut() {
-            while let Some(wake) = class.pop_front() {
-                // A dropped ticket's receiver is gone; skip it.
-                if wake.send(()).is_ok() {
-                    return;
-                }
-            }
-        }
+        self.inner.lock().expect("never poisoned").wake_first();
+    }
+
+    /// Entries held, live or not (what the queue costs in memory).
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.inner.lock().unwrap().classes.iter().map(VecDeque::len).sum()
     }
 }
 
 impl Ticket<'_> {
     /// Waits until woken. The ticket is used up either way.
     pub async fn wait(mut self) {
-        let _ = (&mut self.woken).await;
-        self.leave();
-    }
-
-    fn leave(&mut self) {
-        if std::mem::replace(&mut self.live, false) {
-            self.queue.waiting.fetch_sub(1, Ordering::AcqRel);
+        if (&mut self.woken).await.is_ok() {
+            self.used = true;
         }
     }
 }
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.leave();
+        let mut inner = self.queue.inner.lock().expect("never poisoned");
+        let class = &mut inner.classes[self.priority as usize];
+        match class.iter().position(|(id, _)| *id == self.id) {
+            // Never woken: leave the line.
+            Some(position) => drop(class.remove(position)),
+            // Woken, but gone before acting on it (the client left, or the
+            // wait timed out just then): the wake-up goes to the next in line
+            // rather than leaving a freed slot idle.
+            None if !self.used => inner.wake_first(),
+            None => {}
+        }
+        self.queue.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -144,6 +179,32 @@ mod tests {
         assert!(futures_util::FutureExt::now_or_never(&mut first).is_some(), "then normal in arrival order");
         assert!(futures_util::FutureExt::now_or_never(&mut second).is_none());
         assert_eq!(queue.waiting(), 1);
+    }
+
+    #[test]
+    fn departed_waiters_leave_no_entries_behind() {
+        let queue = WaitQueue::default();
+        let _stays = queue.join(Priority::Normal, 5, false).unwrap();
+        for round in 0..10_000 {
+            let priority = [Priority::High, Priority::Normal, Priority::Low][round % 3];
+            let tickets: Vec<_> = (0..4).map(|_| queue.join(priority, 5, false).unwrap()).collect();
+            assert!(queue.join(priority, 5, false).is_none());
+            drop(tickets);
+            assert_eq!(queue.entries(), 1, "round {round}: only the live waiter's entry is held");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_not_acted_on_passes_to_the_next_waiter() {
+        let queue = WaitQueue::default();
+        let first = queue.join(Priority::Normal, 10, false).unwrap();
+        let second = queue.join(Priority::Normal, 10, false).unwrap();
+        queue.slot_freed();
+        // The first waiter's client leaves after it was woken, before it picked.
+        drop(first);
+        let mut second = Box::pin(second.wait());
+        assert!(futures_util::FutureExt::now_or_never(&mut second).is_some(), "the second waiter got the slot");
+        assert_eq!(queue.waiting(), 0);
     }
 
     #[test]

@@ -100,6 +100,7 @@ pub struct Runtime {
     me: std::sync::Weak<Runtime>,
     config_path: Option<PathBuf>,
     serve: ServeContext,
+    clients: Arc<UpstreamClients>,
     bound: tokio::sync::Mutex<Bound>,
     stats: ReloadStats,
     draining: AtomicBool,
@@ -117,8 +118,9 @@ impl Runtime {
             sockets.push((listener, bind(&listener.name, listener.bind)?));
         }
         let admin_socket = bind("admin", config.admin.bind)?;
+        let clients = Arc::new(UpstreamClients::new(config.limits.connect_timeout));
         let serve = ServeContext {
-            stack: server::stack::build(Arc::clone(&live), Arc::new(UpstreamClients::new())),
+            stack: server::stack::build(Arc::clone(&live), Arc::clone(&clients)),
             live: Arc::clone(&live),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
         };
@@ -127,6 +129,7 @@ impl Runtime {
             live,
             config_path,
             serve,
+            clients,
             bound: tokio::sync::Mutex::new(Bound {
                 listeners: HashMap::new(),
                 admin: None,
@@ -156,6 +159,7 @@ impl Runtime {
                 })?);
         }
         crate::metrics::config_generation(1);
+        crate::metrics::register_config_series(&runtime.live.load());
         let weak = Arc::downgrade(&runtime);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HOUSEKEEPING);
@@ -227,6 +231,8 @@ impl Runtime {
         let mut summary = ReloadSummary::between(&previous, &snapshot);
         let snapshot = Arc::new(snapshot);
         self.live.store(Arc::clone(&snapshot));
+        previous.retire_removed(&snapshot);
+        crate::metrics::register_config_series(&snapshot);
         bound.checkers.sync(&snapshot);
         bound.retired.push(previous);
         bound.free_unused_snapshots();
@@ -258,6 +264,7 @@ impl Runtime {
             bound.admin_bind = config.admin.bind;
         }
         self.resize_connection_cap(bound, config.limits.max_connections);
+        self.clients.set_connect_timeout(config.limits.connect_timeout);
         Ok(summary)
     }
 

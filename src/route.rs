@@ -21,7 +21,8 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// `switchyard_request_duration_seconds` for this route, registered once.
     pub duration: metrics::Histogram,
-    pub timeout: Option<Duration>,
+    /// Bound on the wait for the response head, queueing and retries included.
+    pub timeout: Duration,
     pub retry: Option<RoutePolicy>,
 }
 

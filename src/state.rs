@@ -37,6 +37,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Marks every backend of `self` that `next` does not keep as retired; call
+    /// once `next` is live. Requests still on `self` finish what they started
+    /// there but start nothing new on a removed backend.
+    pub fn retire_removed(&self, next: &Snapshot) {
+        let kept: std::collections::HashSet<*const BackendState> =
+            next.upstreams.iter().flat_map(|u| u.backends.iter().map(|b| Arc::as_ptr(&b.state))).collect();
+        for backend in self.upstreams.iter().flat_map(|u| u.backends.iter()) {
+            if !kept.contains(&Arc::as_ptr(&backend.state)) {
+                backend.state.retire();
+            }
+        }
+    }
+
     pub fn compile(config: &Config, previous: Option<&Snapshot>, generation: u64) -> Snapshot {
         let previous_upstreams = previous.map_or(&[][..], |p| &p.upstreams[..]);
         let mut carried: HashMap<(&str, &str), &Arc<BackendState>> = HashMap::new();

@@ -6,7 +6,7 @@
 //! that keeps the backend hands the same state to the new snapshot. Every field of
 //! `BackendState` is an atomic: the request path never locks to read or update it.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -131,15 +131,19 @@ impl Backend {
         self.state.in_flight.load(Ordering::Acquire)
     }
 
-    /// Healthy by its active check (if any) and not ejected.
+    /// Healthy by its active check (if any), not ejected, and still in the
+    /// config.
     pub fn is_healthy(&self, now: u64) -> bool {
-        self.check.as_ref().is_none_or(|c| c.is_healthy()) && !self.state.passive.is_ejected(now)
+        self.check.as_ref().is_none_or(|c| c.is_healthy())
+            && !self.state.passive.is_ejected(now)
+            && !self.state.is_retired()
     }
 
     /// [`Self::is_healthy`] at the current time, reading the clock only when
     /// the backend has ever been ejected (the clock is the costly part).
     pub fn is_healthy_now(&self) -> bool {
         self.check.as_ref().is_none_or(|c| c.is_healthy())
+            && !self.state.is_retired()
             && (self.state.passive.ejected_until() == 0 || !self.state.passive.is_ejected(nanos_since_epoch()))
     }
 
@@ -177,11 +181,22 @@ pub struct BackendState {
     /// When a reload added the backend (ns since epoch), for slow start; 0 for
     /// backends present from the start.
     pub added_at: u64,
+    /// Set when a reload removed the backend: requests still running on an
+    /// older snapshot (queued, or between retries) must not start a new try on it.
+    retired: AtomicBool,
 }
 
 impl BackendState {
     pub fn added_now() -> Self {
         BackendState { added_at: nanos_since_epoch(), ..BackendState::default() }
+    }
+
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use super::{acquire, extract_key, first_available_from, Pick, PickRequest, Policy, RoundRobin};
+use super::{acquire, acquire_unramped, extract_key, first_available_from, Pick, PickRequest, Policy, RoundRobin};
 use crate::config::{BackendConfig, KeySpec};
 use crate::upstream::Backend;
 
@@ -58,13 +58,48 @@ impl ConsistentHash {
         }
     }
 
+    /// The bound on any backend's in-flight count: the factor times the mean
+    /// over the backends that can serve (healthy, not ejected, circuit not
+    /// open). Backends that cannot serve neither take load nor dilute the mean.
     fn load_cap(&self, backends: &[Arc<Backend>]) -> u32 {
         let Some(factor) = self.bounded_load else {
             return u32::MAX;
         };
-        let total: u64 = backends.iter().map(|b| u64::from(b.in_flight())).sum();
-        let cap = (factor * (total + 1) as f64 / backends.len() as f64).ceil();
+        let now = crate::upstream::nanos_since_epoch();
+        let (mut total, mut serving) = (0u64, 0u64);
+        for backend in backends.iter().filter(|b| b.is_healthy_now() && b.circuit_allows(now)) {
+            total += u64::from(backend.in_flight());
+            serving += 1;
+        }
+        let cap = (factor * (total + 1) as f64 / serving.max(1) as f64).ceil();
         cap.min(f64::from(u32::MAX)) as u32
+    }
+}
+
+impl ConsistentHash {
+    /// Asks each distinct backend once, in ring order from `start`.
+    fn walk_from(
+        &self,
+        start: usize,
+        backends: &[Arc<Backend>],
+        mut take: impl FnMut(usize) -> Option<Pick>,
+    ) -> Option<Pick> {
+        let mut asked = vec![false; backends.len()];
+        let mut remaining = backends.len();
+        for step in 0..self.ring.len() {
+            if remaining == 0 {
+                break;
+            }
+            let index = self.ring[(start + step) % self.ring.len()].1 as usize;
+            if std::mem::replace(&mut asked[index], true) {
+                continue;
+            }
+            remaining -= 1;
+            if let Some(pick) = take(index) {
+                return Some(pick);
+            }
+        }
+        None
     }
 }
 
@@ -105,25 +140,12 @@ impl Policy for ConsistentHash {
         if let Some(pick) = acquire(backends, request, owner, cap) {
             return Some(pick);
         }
-        // Walk clockwise, asking each distinct backend once.
-        let mut asked = vec![false; backends.len()];
-        asked[owner] = true;
-        let mut remaining = backends.len() - 1;
-        for step in 1..self.ring.len() {
-            if remaining == 0 {
-                break;
-            }
-            let index = self.ring[(start + step) % self.ring.len()].1 as usize;
-            if std::mem::replace(&mut asked[index], true) {
-                continue;
-            }
-            remaining -= 1;
-            if let Some(pick) = acquire(backends, request, index, cap) {
-                return Some(pick);
-            }
-        }
-        // Only reachable when racing requests filled every backend to the cap.
-        first_available_from(backends, request, owner)
+        // Walk clockwise, asking each distinct backend once; then once more
+        // without slow start's thinning, still under the cap: with bounded load,
+        // a full ring means no backend may take the request (it queues or fails).
+        self.walk_from(start, backends, |index| acquire(backends, request, index, cap))
+            .or_else(|| self.walk_from(start, backends, |index| acquire_unramped(backends, request, index, cap)))
+            .or_else(|| if self.bounded_load.is_none() { first_available_from(backends, request, owner) } else { None })
     }
 }
 
@@ -182,6 +204,26 @@ mod tests {
             for b in &runtime {
                 assert!(f64::from(b.in_flight()) <= (1.25 * mean).ceil(), "{} over bound", b.in_flight());
             }
+        }
+    }
+
+    #[test]
+    fn bounded_load_holds_over_the_backends_that_can_serve() {
+        let (configs, runtime) = backends(&[(1, None); 4]);
+        // Two of four are ejected: the mean is over the two that serve.
+        let far_future = u64::MAX / 2;
+        runtime[0].state.passive.eject_until_for_test(far_future);
+        runtime[1].state.passive.eject_until_for_test(far_future);
+        let policy = ConsistentHash::new(&configs, "header:x-job-id".parse().unwrap(), Some(1.25));
+        let mut held = Vec::new();
+        for key in 0..40 {
+            let (headers, uri) = key_request(if key % 5 == 0 { "cold" } else { "hot" });
+            let pick = policy.pick(&runtime, &request(&headers, &uri)).expect("a serving backend is below the cap");
+            assert!(pick.index >= 2, "an ejected backend was picked");
+            held.push(pick);
+            let (a, b) = (runtime[2].in_flight(), runtime[3].in_flight());
+            let mean = f64::from(a + b) / 2.0;
+            assert!(f64::from(a.max(b)) <= (1.25 * mean).ceil(), "{a} and {b}: over the bound");
         }
     }
 

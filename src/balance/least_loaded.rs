@@ -1,17 +1,25 @@
-//! Least loaded by power of two choices over peak-EWMA cost.
+//! Least loaded by power of two choices over a latency-weighted load.
 //!
-//! Two backends are drawn at random and the cheaper one wins, where cost is
-//! `(in_flight + 1) * latency_estimate / weight` (the cost of Finagle's and
-//! linkerd's P2C + PeakEWMA balancer; Mitzenmacher, "The Power of Two Choices in
-//! Randomized Load Balancing", 2001). Comparing two random backends instead of
-//! scanning all of them is O(1) and avoids the herd effect of every proxy sending
-//! to the same momentarily least-loaded backend. Until both candidates have a
-//! latency sample, they are compared by `in_flight / weight` alone.
+//! Two backends are drawn at random and the cheaper one wins (Mitzenmacher,
+//! "The Power of Two Choices in Randomized Load Balancing", 2001): O(1) per
+//! request, and no herd of requests on one momentarily idle backend. The cost
+//! is `in_flight * latency_estimate / weight`, with the peak-EWMA latency of
+//! Finagle's and linkerd's balancer, and `weight` scaled down during slow start.
+//!
+//! Unlike Finagle's `(in_flight + 1) * latency`, an idle backend costs nothing,
+//! whatever its latency estimate. Bot jobs last as long as the job, not the bot,
+//! so one slow call (a cold start, a long job) says little about a bot; with the
+//! `+ 1`, a bot whose last call was slow lost every comparison while it sat
+//! idle. Latency still decides between busy backends, so a backend that is
+//! really slow gets little work under concurrency: it holds its requests for
+//! longer, so it is busy whenever it is compared. Two idle candidates are
+//! chosen between in proportion to their weights. Before both have a latency
+//! sample, the cost is `in_flight / weight`.
 
 use std::sync::Arc;
 
-use super::{acquire_unramped, first_available_from, Pick, PickRequest, Policy};
-use crate::upstream::Backend;
+use super::{acquire, first_available_from, Pick, PickRequest, Policy};
+use crate::upstream::{nanos_since_epoch, Backend};
 
 #[derive(Debug, Default)]
 pub struct LeastLoaded;
@@ -24,34 +32,54 @@ impl Policy for LeastLoaded {
         }
         let a = fastrand::usize(..n);
         let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-        let (first, second) = if cheaper(&backends[b], &backends[a]) { (b, a) } else { (a, b) };
-        acquire_unramped(backends, request, first, u32::MAX)
-            .or_else(|| acquire_unramped(backends, request, second, u32::MAX))
+        let now = nanos_since_epoch();
+        let (first, second) = if prefer(&backends[b], &backends[a], now) { (b, a) } else { (a, b) };
+        // Slow start also thins a ramping winner's turns (see `acquire`), so it
+        // ramps up even while it is idle and would win every comparison.
+        acquire(backends, request, first, u32::MAX)
+            .or_else(|| acquire(backends, request, second, u32::MAX))
             .or_else(|| first_available_from(backends, request, a))
     }
 }
 
 /// The available backend with the lowest cost, for `/explain`.
 pub fn cheapest(backends: &[Arc<Backend>]) -> Option<usize> {
-    let mut best: Option<usize> = None;
+    let now = nanos_since_epoch();
+    let mut best: Option<(usize, f64)> = None;
     for (index, backend) in backends.iter().enumerate() {
-        if backend.is_available() && best.is_none_or(|b| cheaper(backend, &backends[b])) {
-            best = Some(index);
+        if !backend.is_available() {
+            continue;
+        }
+        let known = backend.state.latency.estimate().is_some();
+        let cost = cost(backend, now, known);
+        if best.is_none_or(|(_, lowest)| cost < lowest) {
+            best = Some((index, cost));
         }
     }
-    best
+    best.map(|(index, _)| index)
+}
+
+/// `in_flight * latency / effective weight`, or without the latency when
+/// `with_latency` is false.
+fn cost(backend: &Backend, now: u64, with_latency: bool) -> f64 {
+    let load = f64::from(backend.in_flight());
+    let latency = if with_latency { backend.state.latency.estimate().unwrap_or(1.0) } else { 1.0 };
+    load * latency / backend.effective_weight(now).max(f64::MIN_POSITIVE)
 }
 
 /// Whether `x` should get the next request rather than `y`.
-fn cheaper(x: &Backend, y: &Backend) -> bool {
+fn prefer(x: &Backend, y: &Backend, now: u64) -> bool {
     if x.is_available() != y.is_available() {
         return x.is_available();
     }
-    let load = |b: &Backend| f64::from(b.in_flight());
-    match (x.state.latency.estimate(), y.state.latency.estimate()) {
-        (Some(lx), Some(ly)) => (load(x) + 1.0) * lx / f64::from(x.weight) < (load(y) + 1.0) * ly / f64::from(y.weight),
-        _ => load(x) / f64::from(x.weight) < load(y) / f64::from(y.weight),
+    let with_latency = x.state.latency.estimate().is_some() && y.state.latency.estimate().is_some();
+    let (cx, cy) = (cost(x, now, with_latency), cost(y, now, with_latency));
+    if cx != cy {
+        return cx < cy;
     }
+    // A tie (both idle, most often): by weight.
+    let (wx, wy) = (x.effective_weight(now), y.effective_weight(now));
+    fastrand::f64() * (wx + wy) < wx
 }
 
 #[cfg(test)]
@@ -70,6 +98,50 @@ mod tests {
             let pick = LeastLoaded.pick(&runtime, &request(&headers, &uri)).unwrap();
             assert_ne!(pick.index, busy.index);
         }
+    }
+
+    #[test]
+    fn an_idle_backend_wins_whatever_its_last_latency() {
+        let (_, runtime) = backends(&[(1, None), (1, None), (1, None)]);
+        // One cold, slow first call on bot 0, fast calls on the others.
+        runtime[0].state.latency.observe(Duration::from_secs(5));
+        runtime[1].state.latency.observe(Duration::from_millis(10));
+        runtime[2].state.latency.observe(Duration::from_millis(10));
+        let (headers, uri) = (http::HeaderMap::new(), http::Uri::from_static("/"));
+        // Sequential calls: each finishes before the next starts.
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            counts[LeastLoaded.pick(&runtime, &request(&headers, &uri)).unwrap().index] += 1;
+        }
+        for count in counts {
+            assert!((800..1200).contains(&count), "idle bots share sequential calls evenly: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn idle_backends_share_by_weight_and_slow_start_thins_a_ramping_one() {
+        let (_, runtime) = backends(&[(1, None), (3, None)]);
+        let (headers, uri) = (http::HeaderMap::new(), http::Uri::from_static("/"));
+        let mut counts = [0usize; 2];
+        for _ in 0..4000 {
+            counts[LeastLoaded.pick(&runtime, &request(&headers, &uri)).unwrap().index] += 1;
+        }
+        assert!((800..1200).contains(&counts[0]), "weights 1:3 give about 1000:3000: {counts:?}");
+
+        // Backend 0 was just added with a 100 s slow start: it gets about a
+        // tenth of its fair share at first.
+        let (configs, _) = backends(&[(1, None), (1, None)]);
+        let ramping = Arc::new(Backend {
+            slow_start: Some(Duration::from_secs(100)),
+            state: Arc::new(crate::upstream::BackendState::added_now()),
+            ..Backend::detached(&configs[0])
+        });
+        let runtime = vec![ramping, Arc::new(Backend::detached(&configs[1]))];
+        let mut ramped = 0;
+        for _ in 0..4000 {
+            ramped += usize::from(LeastLoaded.pick(&runtime, &request(&headers, &uri)).unwrap().index == 0);
+        }
+        assert!(ramped < 600, "a backend at 10% of its ramp got {ramped} of 4000");
     }
 
     #[test]

@@ -94,6 +94,17 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// Bound on a TCP connect to a backend (HAProxy's `timeout connect`).
+    pub connect_timeout: Duration,
+    /// Bound on each wait for the next piece of a request body the client is
+    /// uploading (nginx's `client_body_timeout`).
+    pub client_body_timeout: Duration,
+    /// Bound on each wait for a client to take response bytes it has not read
+    /// (nginx's `send_timeout`).
+    pub client_send_timeout: Duration,
+    /// An upgraded connection (WebSocket) with no byte either way for this long
+    /// is closed (HAProxy's `timeout tunnel`).
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -105,6 +116,10 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            client_body_timeout: Duration::from_secs(60),
+            client_send_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -117,8 +132,14 @@ pub struct RouteConfig {
     pub methods: Vec<http::Method>,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub upstream: String,
-    pub timeout: Option<Duration>,
+    /// Bound on the wait for the response head, queueing and retries included.
+    pub timeout: Duration,
     pub retry: Option<RetryConfig>,
+}
+
+impl RouteConfig {
+    /// Long enough for an RPA job that runs for minutes before it answers.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 }
 
 /// `retry:` of a route. Without it a request is tried once.

@@ -79,6 +79,10 @@ pub struct RawLimits {
     pub idle_timeout: Option<DurationValue>,
     pub max_connections: Option<Spanned<u32>>,
     pub shutdown_grace: Option<DurationValue>,
+    pub connect_timeout: Option<Spanned<DurationValue>>,
+    pub client_body_timeout: Option<Spanned<DurationValue>>,
+    pub client_send_timeout: Option<Spanned<DurationValue>>,
+    pub tunnel_idle_timeout: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,7 +92,7 @@ pub struct RawRoute {
     #[serde(rename = "match", default)]
     pub matcher: RawMatch,
     pub upstream: Spanned<String>,
-    pub timeout: Option<DurationValue>,
+    pub timeout: Option<Spanned<DurationValue>>,
     pub retry: Option<RawRetry>,
 }
 

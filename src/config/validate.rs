@@ -139,6 +139,25 @@ fn validate_limits(raw: &RawConfig, errors: &mut Collector<'_>) -> Limits {
         header_read_timeout: raw.header_read_timeout.map_or(defaults.header_read_timeout, |d| d.0),
         idle_timeout: raw.idle_timeout.map_or(defaults.idle_timeout, |d| d.0),
         shutdown_grace: raw.shutdown_grace.map_or(defaults.shutdown_grace, |d| d.0),
+        connect_timeout: duration(&raw.connect_timeout, "connect_timeout", defaults.connect_timeout, errors),
+        client_body_timeout: duration(
+            &raw.client_body_timeout,
+            "client_body_timeout",
+            defaults.client_body_timeout,
+            errors,
+        ),
+        client_send_timeout: duration(
+            &raw.client_send_timeout,
+            "client_send_timeout",
+            defaults.client_send_timeout,
+            errors,
+        ),
+        tunnel_idle_timeout: duration(
+            &raw.tunnel_idle_timeout,
+            "tunnel_idle_timeout",
+            defaults.tunnel_idle_timeout,
+            errors,
+        ),
         ..defaults
     };
     if let Some(bytes) = &raw.max_header_bytes {
@@ -202,11 +221,6 @@ fn validate_route(
             Err(_) => errors.at(location, format!("header `{header}`: `{value}` is not a valid header value")),
         }
     }
-    if let Some(timeout) = route.timeout {
-        if timeout.0.is_zero() {
-            errors.at(location, "route timeout must be greater than zero");
-        }
-    }
     RouteConfig {
         name,
         host: route.matcher.host.clone(),
@@ -214,7 +228,7 @@ fn validate_route(
         methods: route.matcher.methods.iter().flatten().map(|m| m.0.clone()).collect(),
         headers,
         upstream: upstream.value.clone(),
-        timeout: route.timeout.map(|t| t.0),
+        timeout: duration(&route.timeout, "route timeout", RouteConfig::DEFAULT_TIMEOUT, errors),
         retry: route.retry.as_ref().map(|r| validate_retry(r, errors)),
     }
 }

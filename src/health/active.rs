@@ -4,17 +4,18 @@
 //! [`Checkers`] reconciles the running checkers with each new snapshot: checks
 //! that appear start, checks that disappear stop, checks that stay keep running
 //! (and keep their status), and two upstreams listing the same backend with the
-//! same check share one checker. Each probe opens a fresh connection, so a
-//! backend that stops accepting is noticed even while pooled proxy connections
-//! to it still work.
+//! same check share one checker. Probes keep their own connection alive
+//! between probes and open a fresh one after any failure, so a backend that
+//! stops accepting is noticed even while pooled proxy connections to it still
+//! work.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::{header, Request};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -206,9 +207,9 @@ fn batched(deadline: tokio::time::Instant, interval: Duration) -> tokio::time::I
 /// probed on a fresh one.
 pub struct Prober {
     address: Arc<str>,
-    /// The HTTP check's request, rendered once.
-    request: Option<Bytes>,
-    http1: Option<Http1Probe>,
+    /// The HTTP check's target and `Host`, validated once.
+    request: Option<(http::uri::PathAndQuery, http::HeaderValue)>,
+    http1: Option<(hyper::client::conn::http1::SendRequest<Empty<Bytes>>, AbortOnDrop)>,
     http2: Option<(hyper::client::conn::http2::SendRequest<Full<Bytes>>, AbortOnDrop)>,
 }
 
@@ -217,13 +218,9 @@ impl Prober {
         let request = match probe {
             Probe::Http { path, host, .. } => {
                 // Validated config: path starts with `/`, host is a valid header value.
-                let valid = path.parse::<http::uri::PathAndQuery>().is_ok();
-                valid.then(|| {
-                    let host = host.as_deref().unwrap_or(&address);
-                    Bytes::from(format!(
-                        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: switchyard-health-check\r\n\r\n"
-                    ))
-                })
+                let target = path.parse::<http::uri::PathAndQuery>().ok();
+                let host = http::HeaderValue::from_str(host.as_deref().unwrap_or(&address)).ok();
+                target.zip(host)
             }
             _ => None,
         };
@@ -262,23 +259,46 @@ impl Prober {
         }
     }
 
-    /// One `GET` on the kept-alive connection (opened if needed). A probe is a
-    /// fixed request and a status line, so it is written from prebuilt bytes and
-    /// its response parsed with httparse into a reused buffer: per probe this
-    /// costs little more than the two system calls it needs.
+    /// One `GET` on the kept-alive connection (opened if needed), through
+    /// hyper's HTTP/1.1 client: interim (1xx) responses, chunked bodies and
+    /// connection reuse are handled as for proxied requests.
     async fn http_exchange(&mut self, expect_status: &[u16], expect_body: Option<&str>) -> Result<String, Exchange> {
-        let request =
+        let (target, host) =
             self.request.clone().ok_or_else(|| Exchange::Check("check path is not a valid request target".into()))?;
+        if self.http1.as_ref().is_some_and(|(sender, _)| sender.is_closed()) {
+            self.http1 = None;
+        }
         if self.http1.is_none() {
             let stream = TcpStream::connect(&*self.address).await.map_err(|e| Exchange::Refused(io_reason(&e)))?;
             let _ = stream.set_nodelay(true);
-            self.http1 = Some(Http1Probe { stream, buffer: BytesMut::with_capacity(4096) });
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| Exchange::Transport(e.to_string()))?;
+            let task = AbortOnDrop(tokio::spawn(async move {
+                let _ = connection.await;
+            }));
+            self.http1 = Some((sender, task));
         }
-        let connection = self.http1.as_mut().expect("connected above");
-        let (status, body, keep_alive) = connection.exchange(&request, expect_body.is_some()).await?;
-        if !keep_alive {
-            self.http1 = None;
-        }
+        let sender = &mut self.http1.as_mut().expect("connected above").0;
+        sender.ready().await.map_err(|e| Exchange::Transport(e.to_string()))?;
+        let request = Request::get(http::Uri::from(target))
+            .header(header::HOST, host)
+            .header(header::USER_AGENT, "switchyard-health-check")
+            .body(Empty::new())
+            .map_err(|e| Exchange::Check(e.to_string()))?;
+        let response = sender.send_request(request).await.map_err(|e| Exchange::Transport(e.to_string()))?;
+        let status = response.status().as_u16();
+        // Read the body whole (bounded) so the connection can carry the next probe.
+        let body = match Limited::new(response.into_body(), MAX_CHECK_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) => {
+                self.http1 = None;
+                if expect_body.is_some() {
+                    return Err(Exchange::Check(format!("status {status}, reading the body failed: {error}")));
+                }
+                Bytes::new()
+            }
+        };
         if !expect_status.contains(&status) {
             return Err(Exchange::Check(format!("status {status}")));
         }
@@ -346,139 +366,6 @@ impl Prober {
             Some(other) => Err(format!("serving status {other}")),
             None => Err("malformed health response".to_owned()),
         }
-    }
-}
-
-/// A kept-alive HTTP/1.1 connection used only for health probes.
-struct Http1Probe {
-    stream: TcpStream,
-    buffer: BytesMut,
-}
-
-/// How the end of a response body is known.
-enum BodyLength {
-    Fixed(usize),
-    Chunked,
-    UntilClose,
-}
-
-const MAX_RESPONSE_HEAD: usize = 16 * 1024;
-
-impl Http1Probe {
-    /// Sends `request`, reads the response; returns its status, its body (only
-    /// if `want_body`; otherwise read and dropped) and whether the connection may
-    /// be reused.
-    async fn exchange(&mut self, request: &[u8], want_body: bool) -> Result<(u16, Bytes, bool), Exchange> {
-        use tokio::io::AsyncWriteExt;
-        self.buffer.clear();
-        self.stream.write_all(request).await.map_err(|e| Exchange::Transport(io_reason(&e)))?;
-        let (status, head_length, length, mut keep_alive) = loop {
-            self.fill().await?;
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut response = httparse::Response::new(&mut headers);
-            match response.parse(&self.buffer) {
-                Ok(httparse::Status::Complete(head_length)) => {
-                    let status = response.code.unwrap_or(0);
-                    let (length, keep_alive) = framing(&response, status);
-                    break (status, head_length, length, keep_alive);
-                }
-                Ok(httparse::Status::Partial) if self.buffer.len() < MAX_RESPONSE_HEAD => continue,
-                Ok(httparse::Status::Partial) => return Err(Exchange::Check("response head too large".into())),
-                Err(error) => return Err(Exchange::Check(format!("malformed response: {error}"))),
-            }
-        };
-        self.buffer.advance(head_length);
-        let body = match length {
-            BodyLength::Fixed(length) if length > MAX_CHECK_BODY => {
-                keep_alive = false;
-                Bytes::new()
-            }
-            BodyLength::Fixed(length) => {
-                while self.buffer.len() < length {
-                    self.fill().await?;
-                }
-                self.buffer.split_to(length).freeze()
-            }
-            BodyLength::Chunked => self.read_chunked().await?,
-            BodyLength::UntilClose => {
-                keep_alive = false;
-                while self.buffer.len() <= MAX_CHECK_BODY && self.fill_or_eof().await? {}
-                self.buffer.split().freeze()
-            }
-        };
-        Ok((status, if want_body { body } else { Bytes::new() }, keep_alive))
-    }
-
-    /// Reads more bytes; the connection ending here is a transport failure.
-    async fn fill(&mut self) -> Result<(), Exchange> {
-        if self.fill_or_eof().await? {
-            Ok(())
-        } else {
-            Err(Exchange::Transport("connection closed before a response".into()))
-        }
-    }
-
-    async fn fill_or_eof(&mut self) -> Result<bool, Exchange> {
-        use tokio::io::AsyncReadExt;
-        let read = self.stream.read_buf(&mut self.buffer).await.map_err(|e| Exchange::Transport(io_reason(&e)))?;
-        Ok(read > 0)
-    }
-
-    async fn read_chunked(&mut self) -> Result<Bytes, Exchange> {
-        let mut body = BytesMut::new();
-        loop {
-            let (size_line, size) = loop {
-                match httparse::parse_chunk_size(&self.buffer) {
-                    Ok(httparse::Status::Complete(found)) => break found,
-                    Ok(httparse::Status::Partial) if self.buffer.len() < MAX_RESPONSE_HEAD => self.fill().await?,
-                    _ => return Err(Exchange::Check("malformed chunked body".into())),
-                }
-            };
-            self.buffer.advance(size_line);
-            if size == 0 {
-                // Trailers, if any, end with an empty line.
-                loop {
-                    if let Some(end) = self.buffer.windows(2).position(|w| w == b"\r\n") {
-                        let empty = end == 0;
-                        self.buffer.advance(end + 2);
-                        if empty {
-                            return Ok(body.freeze());
-                        }
-                    } else {
-                        self.fill().await?;
-                    }
-                }
-            }
-            let size = usize::try_from(size).unwrap_or(usize::MAX);
-            if body.len().saturating_add(size) > MAX_CHECK_BODY {
-                return Err(Exchange::Check("health check body too large".into()));
-            }
-            while self.buffer.len() < size + 2 {
-                self.fill().await?;
-            }
-            body.extend_from_slice(&self.buffer[..size]);
-            self.buffer.advance(size + 2);
-        }
-    }
-}
-
-/// The body framing and connection reuse a response head declares (RFC 9112 6.3).
-fn framing(response: &httparse::Response<'_, '_>, status: u16) -> (BodyLength, bool) {
-    let header = |name: &str| {
-        response.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value))
-    };
-    let keep_alive = response.version == Some(1)
-        && !header("connection").is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
-    if (100..200).contains(&status) || status == 204 || status == 304 {
-        return (BodyLength::Fixed(0), keep_alive);
-    }
-    if header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        return (BodyLength::Chunked, keep_alive);
-    }
-    match header("content-length").map(|v| v.trim().parse::<usize>()) {
-        Some(Ok(length)) => (BodyLength::Fixed(length), keep_alive),
-        Some(Err(_)) => (BodyLength::UntilClose, false),
-        None => (BodyLength::UntilClose, false),
     }
 }
 

@@ -37,6 +37,13 @@ impl PassiveState {
         self.ejected_until.load(Ordering::Acquire)
     }
 
+    /// Ejects until `until` (ns since epoch), for tests of what policies do
+    /// around an ejected backend.
+    #[cfg(test)]
+    pub fn eject_until_for_test(&self, until: u64) {
+        self.ejected_until.store(until, Ordering::Release);
+    }
+
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
     }

@@ -6,6 +6,7 @@
 //! are enforced before `accept`: at `max_connections` the listener stops taking
 //! connections (they wait in the kernel backlog) instead of accepting and dropping.
 
+mod admission;
 pub mod stack;
 
 use std::convert::Infallible;
@@ -22,13 +23,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use crate::body::ProxyBody;
 use crate::config::Limits;
-use crate::proxy::ConnInfo;
+use crate::conn::{ConnInfo, ConnectionSlot, SendTimeoutIo, TunnelHome};
 use crate::state::Live;
 use stack::ProxyStack;
 
@@ -98,7 +100,11 @@ async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContex
     let mut limits = context.live.load().limits;
     let mut builder = connection_builder(&limits);
     let mut connections = JoinSet::new();
+    // Upgraded connections (WebSocket) outlive hyper's connection task; the
+    // drain waits for them too.
+    let tunnels = TaskTracker::new();
     let open = crate::metrics::connections_open(&name);
+    open.set(0.0);
     loop {
         let permit = tokio::select! {
             _ = stopped.changed() => break,
@@ -110,9 +116,7 @@ async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContex
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
-                    // EMFILE and friends: back off instead of spinning on the error.
-                    tracing::warn!(listener = %name, %error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(&name, &error).await;
                     continue;
                 }
             },
@@ -124,23 +128,44 @@ async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContex
             builder = connection_builder(&limits);
         }
         let activity = Arc::new(Activity::new());
+        let mut info = ConnInfo::new(client, Arc::clone(&name));
+        info.tunnels = Some(TunnelHome {
+            slot: Arc::new(ConnectionSlot::new(permit, open.clone())),
+            tracker: tunnels.clone(),
+            stopped: stopped.clone(),
+            shutdown_grace: limits.shutdown_grace,
+            idle_timeout: limits.tunnel_idle_timeout,
+        });
         let service = TowerToHyperService::new(WithConnInfo {
             inner: context.stack.clone(),
-            info: ConnInfo::new(client, Arc::clone(&name)),
+            info: Arc::new(info),
             activity: Arc::clone(&activity),
         });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        open.increment(1.0);
-        let slot = ConnectionSlot { _permit: permit, open: open.clone() };
-        connections.spawn(drive_connection(connection, activity, limits.idle_timeout, stopped.clone(), slot));
+        let io = TokioIo::new(SendTimeoutIo::new(stream, limits.client_send_timeout));
+        let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
+        connections.spawn(drive_connection(connection, activity, limits.idle_timeout, stopped.clone()));
     }
     drop(listener);
+    tunnels.close();
     let grace = context.live.load().limits.shutdown_grace;
-    let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} });
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+        tunnels.wait().await;
+    });
     if drained.await.is_err() {
-        tracing::warn!(listener = %name, open = connections.len(), "shutdown grace period over; closing remaining connections");
+        tracing::warn!(listener = %name, open = connections.len(), tunnels = tunnels.len(),
+            "shutdown grace period over; closing remaining connections");
         connections.abort_all();
+        // Tunnels end themselves at the same grace (see `proxy::tunnel`).
+        let _ = tokio::time::timeout(Duration::from_secs(1), tunnels.wait()).await;
     }
+}
+
+/// After a failed `accept` (out of file descriptors, most often), waits before
+/// the next one: the error would otherwise repeat at once, in a busy loop.
+pub async fn accept_failed(listener: &str, error: &std::io::Error) {
+    tracing::warn!(listener, %error, "accept failed; pausing accepts for 100ms");
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// Serves one connection until it ends, asking it to finish gracefully (complete
@@ -151,7 +176,6 @@ async fn drive_connection(
     activity: Arc<Activity>,
     idle_timeout: Duration,
     mut stopped: watch::Receiver<bool>,
-    _slot: ConnectionSlot,
 ) {
     let mut connection = std::pin::pin!(connection);
     let mut closing = false;
@@ -178,23 +202,10 @@ async fn drive_connection(
     }
 }
 
-/// Holds a connection's place under `max_connections` and in
-/// `switchyard_connections_open` until the connection ends, however it ends.
-struct ConnectionSlot {
-    _permit: OwnedSemaphorePermit,
-    open: metrics::Gauge,
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.open.decrement(1.0);
-    }
-}
-
 /// One client connection as hyper-util's auto builder serves it.
 type ClientConnection = auto::UpgradeableConnection<
     'static,
-    TokioIo<tokio::net::TcpStream>,
+    TokioIo<SendTimeoutIo<tokio::net::TcpStream>>,
     TowerToHyperService<WithConnInfo>,
     TokioExecutor,
 >;
@@ -233,7 +244,7 @@ impl Activity {
 #[derive(Clone)]
 struct WithConnInfo {
     inner: ProxyStack,
-    info: ConnInfo,
+    info: Arc<ConnInfo>,
     activity: Arc<Activity>,
 }
 
@@ -247,7 +258,7 @@ impl Service<Request<Incoming>> for WithConnInfo {
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        request.extensions_mut().insert(self.info.clone());
+        request.extensions_mut().insert(Arc::clone(&self.info));
         self.activity.request_started();
         TrackActivity { inner: self.inner.call(request), activity: Some(Arc::clone(&self.activity)) }
     }

@@ -7,12 +7,12 @@
 //!    body ends or the client leaves. Never fails.
 //! 3. [`ErrorResponse`]: the one place a [`ProxyError`] becomes the client's
 //!    response (status, `x-switchyard-error`, one-line body). Never fails.
-//! 4. [`RouteService`]: loads the live snapshot once and matches the route;
-//!    fails with `NoRoute` (404).
-//! 5. [`RouteTimeout`]: bounds the wait for the response head by the route's
-//!    `timeout`; fails with `UpstreamTimeout` (504).
-//! 6. [`Forward`]: picks a backend and forwards; fails with `NoHealthyBackend`
-//!    (503), `UpstreamConnect` / `UpstreamReset` (502) or `BodyTooLarge` (413).
+//! 4. [`RouteService`]: refuses what must not be forwarded (see `admission`:
+//!    CONNECT, a missing or doubled `Host`), loads the live snapshot once and
+//!    matches the route; fails with `NoRoute` (404), 400 or 405.
+//! 5. [`Forward`]: picks a backend and forwards, within the route's `timeout`;
+//!    fails with `NoHealthyBackend` (503), `UpstreamConnect` / `UpstreamReset`
+//!    (502), `UpstreamTimeout` (504) or `BodyTooLarge` (413).
 //!
 //! Layers pass context down in request extensions (`ConnInfo` from the
 //! listener, [`RouteMatch`] from routing), and use named futures rather than
@@ -29,6 +29,7 @@ use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 
+use super::admission;
 use crate::body::ProxyBody;
 use crate::client::UpstreamClients;
 use crate::error::ProxyError;
@@ -38,7 +39,7 @@ use crate::route::Route;
 use crate::state::{Live, Snapshot};
 
 /// The complete request path for one proxy instance.
-pub type ProxyStack = RequestId<Observe<ErrorResponse<RouteService<RouteTimeout<Forward>>>>>;
+pub type ProxyStack = RequestId<Observe<ErrorResponse<RouteService<Forward>>>>;
 
 /// Builds the stack; `live` is read per request, `clients` are shared pools.
 pub fn build(live: Live, clients: Arc<UpstreamClients>) -> ProxyStack {
@@ -47,7 +48,6 @@ pub fn build(live: Live, clients: Arc<UpstreamClients>) -> ProxyStack {
         .layer_fn(|inner| Observe::new(inner, Arc::clone(&live)))
         .layer_fn(ErrorResponse)
         .layer_fn(|inner| RouteService { inner, live: Arc::clone(&live) })
-        .layer_fn(RouteTimeout)
         .service(Forward::new(clients))
 }
 
@@ -197,6 +197,9 @@ where
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        if let Err(error) = admission::admit(&mut request) {
+            return Either::Left(futures_util::future::ready(Err(error)));
+        }
         // One load per request: this request sees this snapshot to its end.
         let snapshot = self.live.load_full();
         let Some(index) = snapshot.router.find_index(&request) else {
@@ -208,47 +211,5 @@ where
         }
         request.extensions_mut().insert(RouteMatch { snapshot, index });
         Either::Right(self.inner.call(request))
-    }
-}
-
-// ---- 4. route timeout --------------------------------------------------------------
-
-#[derive(Clone, Debug)]
-pub struct RouteTimeout<S>(S);
-
-impl<S> Service<Request<Incoming>> for RouteTimeout<S>
-where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError>,
-{
-    type Response = Response<ProxyBody>;
-    type Error = ProxyError;
-    type Future = Either<TimeoutFuture<S::Future>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let timeout = request.extensions().get::<RouteMatch>().and_then(|m| m.route().timeout);
-        let inner = self.0.call(request);
-        match timeout {
-            Some(limit) => Either::Left(TimeoutFuture { inner: tokio::time::timeout(limit, inner) }),
-            None => Either::Right(inner),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    pub struct TimeoutFuture<F> {
-        #[pin]
-        inner: tokio::time::Timeout<F>,
-    }
-}
-
-impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for TimeoutFuture<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        Poll::Ready(ready!(self.project().inner.poll(cx)).unwrap_or(Err(ProxyError::UpstreamTimeout)))
     }
 }
