@@ -91,6 +91,7 @@ const HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(1);
 struct ReloadStats {
     success: AtomicU64,
     error: AtomicU64,
+    unchanged: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -188,7 +189,9 @@ impl Runtime {
         let mut bound = self.bound.lock().await;
         let result = self.reload_locked(&mut bound, trigger).await;
         match &result {
-            Ok(summary) if !summary.changed => {}
+            Ok(summary) if !summary.changed => {
+                self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(summary) => {
                 self.stats.success.fetch_add(1, Ordering::Relaxed);
                 *self.stats.last_error.lock().expect("never poisoned") = None;
@@ -342,6 +345,7 @@ impl Runtime {
             reloads: ReloadCounts {
                 success: self.stats.success.load(Ordering::Relaxed),
                 error: self.stats.error.load(Ordering::Relaxed),
+                unchanged: self.stats.unchanged.load(Ordering::Relaxed),
                 last_error: self.stats.last_error.lock().expect("never poisoned").clone(),
             },
             listeners,
@@ -408,6 +412,9 @@ pub struct Status {
 pub struct ReloadCounts {
     pub success: u64,
     pub error: u64,
+    /// File change events whose content was the same as the running config's
+    /// (an editor's touch, a swap file): nothing was reloaded.
+    pub unchanged: u64,
     /// The last failed reload's error, until a reload succeeds.
     pub last_error: Option<String>,
 }

@@ -149,9 +149,13 @@ mod tests {
         let c = config(&[], false);
         for retry in 0..8 {
             let ceiling = (Duration::from_millis(25) * 2u32.pow(retry)).min(Duration::from_secs(1));
-            for _ in 0..50 {
-                assert!(backoff(&c, retry) <= ceiling);
-            }
+            let waits: Vec<Duration> = (0..2000).map(|_| backoff(&c, retry)).collect();
+            assert!(waits.iter().all(|&wait| wait <= ceiling), "retry {retry}: above the ceiling");
+            // Full jitter: spread evenly over [0, ceiling), so the mean is about
+            // half the ceiling and both halves are used.
+            let mean = waits.iter().sum::<Duration>() / waits.len() as u32;
+            assert!(mean > ceiling.mul_f64(0.4) && mean < ceiling.mul_f64(0.6), "retry {retry}: mean {mean:?}");
+            assert!(waits.iter().any(|&wait| wait < ceiling / 4) && waits.iter().any(|&wait| wait > ceiling * 3 / 4));
         }
     }
 

@@ -122,15 +122,34 @@ mod tests {
     }
 
     #[test]
-    fn every_window_of_total_weight_is_exact() {
-        let (configs, runtime) = backends(&[(1, None), (2, None), (3, None)]);
-        let rr = RoundRobin::new(&configs);
-        let (headers, uri) = (http::HeaderMap::new(), http::Uri::from_static("/"));
-        let mut counts = [0; 3];
-        for _ in 0..600 {
-            counts[rr.pick(&runtime, &request(&headers, &uri)).unwrap().index] += 1;
+    fn every_window_of_total_weight_is_exact_and_picks_are_spread() {
+        for weights in [&[1u32, 2, 3][..], &[5, 1, 1], &[3, 3, 1, 7]] {
+            let specs: Vec<(u32, Option<u32>)> = weights.iter().map(|&w| (w, None)).collect();
+            let (configs, runtime) = backends(&specs);
+            let rr = RoundRobin::new(&configs);
+            let (headers, uri) = (http::HeaderMap::new(), http::Uri::from_static("/"));
+            let picks: Vec<usize> =
+                (0..600).map(|_| rr.pick(&runtime, &request(&headers, &uri)).unwrap().index).collect();
+            let total: u32 = weights.iter().sum();
+            // Every window of sum(weights) consecutive picks, at any offset.
+            for window in picks.windows(total as usize) {
+                for (backend, &weight) in weights.iter().enumerate() {
+                    let got = window.iter().filter(|&&p| p == backend).count();
+                    assert_eq!(got, weight as usize, "{weights:?}: window {window:?}");
+                }
+            }
+            // Smooth: after any number of picks, each backend is within one pick
+            // of its exact share (a a a b c c c ... would be exact per cycle but
+            // not smooth).
+            let mut counts = vec![0f64; weights.len()];
+            for (n, &pick) in picks.iter().enumerate() {
+                counts[pick] += 1.0;
+                for (backend, &weight) in weights.iter().enumerate() {
+                    let share = (n + 1) as f64 * f64::from(weight) / f64::from(total);
+                    assert!((counts[backend] - share).abs() < 1.0, "{weights:?}: after {} picks", n + 1);
+                }
+            }
         }
-        assert_eq!(counts, [100, 200, 300]);
     }
 
     #[test]

@@ -10,8 +10,10 @@ use crate::support::*;
 #[tokio::test]
 async fn idle_connections_are_closed_but_busy_ones_are_not() {
     let backend = Backend::start("a").await;
-    let yaml =
-        format!("{}limits: {{ idle_timeout: 300ms }}\n", simple_config("{ policy: round_robin }", &[&backend], ""));
+    let yaml = format!(
+        "{}limits: {{ idle_timeout: 300ms, header_read_timeout: 60s }}\n",
+        simple_config("{ policy: round_robin }", &[&backend], "")
+    );
     let proxy = start_proxy(&yaml).await;
 
     // A request that takes longer than the idle timeout completes normally.

@@ -506,3 +506,71 @@ async fn a_removed_backends_series_leave_metrics_after_a_reload() {
     .await;
     assert!(has(&scrape(&metrics_url).await, &kept), "the kept backend's series stay");
 }
+
+#[tokio::test]
+async fn configured_series_exist_from_startup_at_zero_and_stay_while_quiet() {
+    let backend = Backend::start("a").await;
+    // A process of its own: counters are process-wide, and other tests reload.
+    let admin_port = free_port();
+    let yaml = format!(
+        "admin: {{ bind: \"127.0.0.1:{admin_port}\" }}\nlisteners: [{{ name: main, bind: \"127.0.0.1:{{port}}\" }}]\nroutes:\n  - name: jobs\n    upstream: bots\n    retry: {{ on: [connect-failure, timeout] }}\nupstreams:\n  bots:\n    backends: [{{ address: \"{}\", max_concurrency: 1 }}]\n    queue: {{ max_waiting: 5, timeout: 1s }}\n    health: {{ passive: {{ consecutive_failures: 3 }} }}\n",
+        backend.addr
+    );
+    let _proxy = ProxyProcess::start(&yaml).await;
+    let metrics_url = format!("http://127.0.0.1:{admin_port}/metrics");
+    let address = backend.addr.to_string();
+    let expected: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("switchyard_config_reloads_total", vec![("result", "success")]),
+        ("switchyard_config_reloads_total", vec![("result", "error")]),
+        ("switchyard_connections_open", vec![("listener", "main")]),
+        ("switchyard_retries_total", vec![("route", "jobs"), ("upstream", "bots"), ("reason", "connect-failure")]),
+        ("switchyard_retries_total", vec![("route", "jobs"), ("upstream", "bots"), ("reason", "timeout")]),
+        ("switchyard_retry_budget_exhausted_total", vec![("route", "jobs"), ("upstream", "bots")]),
+        ("switchyard_queue_rejected_total", vec![("upstream", "bots"), ("reason", "full")]),
+        ("switchyard_queue_rejected_total", vec![("upstream", "bots"), ("reason", "timeout")]),
+        ("switchyard_backend_ejections_total", vec![("upstream", "bots"), ("backend", &address)]),
+        ("switchyard_queue_waiting", vec![("upstream", "bots")]),
+        ("switchyard_in_flight", vec![("upstream", "bots"), ("backend", &address)]),
+    ];
+    // Before any traffic, and again after longer than a gauge's idle expiry
+    // with no traffic at all: every series is there, at zero.
+    for moment in ["at startup", "after a quiet spell"] {
+        let scrape = scrape(&metrics_url).await;
+        for (name, labels) in &expected {
+            assert_eq!(metric_value(&scrape, name, labels), Some(0.0), "{name}{labels:?} {moment}");
+        }
+        if moment == "at startup" {
+            tokio::time::sleep(switchyard::metrics::GAUGE_IDLE + std::time::Duration::from_millis(1500)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn gauges_follow_what_the_backends_see() {
+    let held = Backend::start("held").await;
+    let failing = Backend::start("failing").await;
+    failing.stats.fail_with.store(500, std::sync::atomic::Ordering::SeqCst);
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes:\n  - {{ match: {{ path_prefix: /fail }}, upstream: failing }}\n  - {{ upstream: held }}\nupstreams:\n  held:\n    backends: [{{ address: \"{}\" }}]\n  failing:\n    backends: [{{ address: \"{}\" }}]\n    circuit_breaker: {{ consecutive_failures: 1, open_for: 60s }}\n",
+        held.addr, failing.addr
+    );
+    let proxy = start_proxy(&yaml).await;
+    let metrics_url = format!("http://{}/metrics", proxy.running.admin_addr().await);
+    let client = client();
+    let holding = tokio::spawn({
+        let (client, url) = (client.clone(), proxy.url("/hold"));
+        async move { get(&client, &url).await }
+    });
+    wait_until("the held request", std::time::Duration::from_secs(10), || held.in_flight() == 1).await;
+    assert_eq!(get(&client, &proxy.url("/fail")).await.status, 500);
+    let scrape = scrape(&metrics_url).await;
+    let (held_address, failing_address) = (held.addr.to_string(), failing.addr.to_string());
+    let in_flight = metric_value(&scrape, "switchyard_in_flight", &[("backend", &held_address)]);
+    assert_eq!(in_flight, Some(1.0), "one request in flight on the held backend");
+    let circuit = metric_value(&scrape, "switchyard_circuit_state", &[("backend", &failing_address)]);
+    assert_eq!(circuit, Some(1.0), "the failing backend's circuit is open");
+    held.release_held();
+    assert_eq!(holding.await.unwrap().status, 200);
+    let scrape = self::scrape(&metrics_url).await;
+    assert_eq!(metric_value(&scrape, "switchyard_in_flight", &[("backend", &held_address)]), Some(0.0));
+}

@@ -159,9 +159,17 @@ async fn rename_replace_in_place_edit_and_kubernetes_symlink_swap_are_all_picked
     proxy.wait_for_generation(4).await;
     assert_eq!(get(&client, &proxy.url("/")).await.body, "a");
 
-    // Touching the file without changing it is not a reload.
+    // Touching the file without changing it is not a reload: the watcher sees
+    // the event, reads the file, and finds nothing to do.
+    let unchanged = proxy.status().await["reloads"]["unchanged"].as_u64().unwrap();
     let text = std::fs::read(&path).unwrap();
     std::fs::write(&path, text).unwrap();
+    let status = &proxy;
+    wait_until_async("the watcher to look at the touched file", || async {
+        status.status().await["reloads"]["unchanged"].as_u64().unwrap() > unchanged
+    })
+    .await;
+    assert_eq!(proxy.generation().await, 4, "a touch did not reload");
     assert_eq!(proxy.post_reload().await.status, 200, "an explicit reload still works");
     assert_eq!(proxy.generation().await, 5);
 }
