@@ -10,6 +10,7 @@ mod forwarding;
 mod grpc;
 mod health;
 mod hostile;
+mod lifecycle;
 mod observability;
 mod policies;
 mod reload;

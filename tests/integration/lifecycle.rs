@@ -1,0 +1,312 @@
+//! The real binary's life (SIGTERM drain, exit codes), the admin listener under
+//! hostile clients, and features otherwise untested: gRPC trailers after data,
+//! `non_idempotent` retries, the `low` priority, interim responses to health
+//! probes.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_refuses_new_connections_and_exits_0() {
+    let backend = Backend::start("a").await;
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\nlimits: {{ shutdown_grace: 20s }}\nroutes: [{{ upstream: pool }}]\nupstreams:\n  pool:\n    backends: [{{ address: \"{}\" }}]\n",
+        backend.addr
+    );
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let held = tokio::spawn({
+        let url = proxy.url("/hold");
+        async move { get(&client(), &url).await }
+    });
+    wait_until("the held request", Duration::from_secs(10), || backend.in_flight() == 1).await;
+    proxy.signal("TERM");
+    let addr = proxy.addr;
+    wait_until("new connections to be refused", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    assert!(proxy.child.try_wait().unwrap().is_none(), "the process waits for the in-flight request");
+    backend.release_held();
+    assert_eq!(held.await.unwrap().status, 200, "the in-flight request completed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = proxy.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not exit within the grace period");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_listener_that_cannot_bind_exits_3() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:{port}\" }}]\nroutes: [{{ upstream: pool }}]\nupstreams:\n  pool:\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n"
+    );
+    std::fs::write(&path, with_test_admin(&yaml)).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// CPU time (user + system) a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_the_admin_listener_does_not_spin() {
+    let admin_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    let yaml = format!(
+        "admin: {{ bind: \"127.0.0.1:{admin_port}\" }}\nlisteners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: pool }}]\nupstreams:\n  pool:\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n"
+    );
+    std::fs::write(&path, yaml).unwrap();
+    // A low descriptor limit, so that a few client connections exhaust it.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n 48 && exec {} run -c {}", env!("CARGO_BIN_EXE_switchyard"), path.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(admin).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "admin listener did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Idle connections until the proxy can accept no more; the kernel still
+    // completes handshakes into the backlog, so accept keeps failing (EMFILE).
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        idle.push(TcpStream::connect(admin).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cpu_ticks(child.id());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(child.id()) - before;
+    let _ = child.kill();
+    let _ = child.wait();
+    // A busy accept loop burns a whole core: ~200 ticks in 2 s at 100 Hz.
+    assert!(used < 40, "the proxy used {used} ticks of CPU in 2 s while out of descriptors");
+}
+
+#[tokio::test]
+async fn an_admin_connection_that_sends_nothing_is_closed() {
+    let backend = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config("{ policy: round_robin }", &[&backend], "")).await;
+    let admin = proxy.running.admin_addr().await;
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    stream.write_all(b"GET /status HTTP/1.1\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .expect("the admin listener closes a connection whose head never completes")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn grpc_trailers_after_data_reach_the_client() {
+    // A real HTTP/2 server answering like a gRPC server-streaming call that
+    // fails after two messages: DATA, DATA, then trailers in their own frame.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_request| async {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "5".parse().unwrap());
+                    trailers.insert("grpc-message", "job%20not%20found".parse().unwrap());
+                    let frames = vec![
+                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\x02ab"))),
+                        Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02cd"))),
+                        Ok(Frame::trailers(trailers)),
+                    ];
+                    let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+                    let response =
+                        http::Response::builder().header("content-type", "application/grpc").body(body).unwrap();
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: grpc }}]\nupstreams:\n  grpc:\n    protocol: h2c\n    backends: [{{ address: \"{backend}\" }}]\n"
+    );
+    let proxy = start_proxy(&yaml).await;
+    let request = Request::post(proxy.url("/bots.Runner/Watch"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let response = h2c_client().request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("grpc-status").is_none(), "not a trailers-only response");
+    let mut body = response.into_body();
+    let (mut data, mut trailers) = (Vec::new(), None);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        if let Some(chunk) = frame.data_ref() {
+            assert!(trailers.is_none(), "data after trailers");
+            data.extend_from_slice(chunk);
+        } else {
+            trailers = frame.into_trailers().ok();
+        }
+    }
+    assert_eq!(data, b"\0\0\0\0\x02ab\0\0\0\0\x02cd");
+    let trailers = trailers.expect("trailers after the data");
+    assert_eq!(trailers["grpc-status"], "5");
+    assert_eq!(trailers["grpc-message"], "job%20not%20found");
+}
+
+/// A backend that reads a request head and resets the connection.
+async fn resetting_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&requests);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buffer = vec![0u8; 65536];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.set_zero_linger();
+            });
+        }
+    });
+    (addr, requests)
+}
+
+#[tokio::test]
+async fn non_idempotent_true_retries_a_post_that_reached_the_backend() {
+    let (addr, requests) = resetting_backend().await;
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes:\n  - upstream: pool\n    retry: {{ attempts: 3, non_idempotent: true, backoff: {{ base: 1ms, max: 2ms }} }}\nupstreams:\n  pool:\n    backends: [{{ address: \"{addr}\" }}]\n"
+    );
+    let proxy = start_proxy(&yaml).await;
+    let post = send(&client(), Request::post(proxy.url("/job")).body(full("again is fine")).unwrap()).await;
+    assert_eq!((post.status.as_u16(), post.error_code()), (502, Some("upstream_reset")));
+    assert_eq!(requests.load(Ordering::SeqCst), 3, "the operator allowed retrying the POST: sent 3 times");
+}
+
+#[tokio::test]
+async fn low_priority_jobs_wait_for_normal_ones() {
+    let bot = Backend::start("bot").await;
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: bots }}]\nupstreams:\n  bots:\n    backends: [{{ address: \"{}\", max_concurrency: 1 }}]\n    queue: {{ max_waiting: 20, timeout: 30s, priority_header: x-priority }}\n",
+        bot.addr
+    );
+    let proxy = start_proxy(&yaml).await;
+    let admin = proxy.running.admin_addr().await;
+    let waiting = || async move {
+        let status = get(&client(), &format!("http://{admin}/status")).await;
+        serde_json::from_str::<serde_json::Value>(&status.body).unwrap()["upstreams"][0]["queue_waiting"]
+            .as_u64()
+            .unwrap()
+    };
+    let send_job = |name: String, priority: &'static str| {
+        let url = proxy.url("/job?delay_ms=50");
+        tokio::spawn(async move {
+            let request = Request::post(url).header("x-job-id", name).header("x-priority", priority).body(full(""));
+            send(&client(), request.unwrap()).await
+        })
+    };
+    let first = send_job("first".into(), "normal");
+    wait_until("the first job", Duration::from_secs(10), || bot.hits() == 1).await;
+    let mut jobs = vec![first];
+    // Low jobs queue first, normal ones after them: the normal ones still go first.
+    for i in 0..3 {
+        jobs.push(send_job(format!("low-{i}"), "low"));
+        let expected = i + 1;
+        wait_until_async("the low job to queue", || async move { waiting().await >= expected }).await;
+    }
+    for i in 0..3 {
+        jobs.push(send_job(format!("normal-{i}"), "normal"));
+    }
+    for job in jobs {
+        assert_eq!(job.await.unwrap().status, 200);
+    }
+    let mut order = bot.stats.started.lock().unwrap().clone();
+    order.sort();
+    let names: Vec<String> = order.into_iter().map(|(_, name)| name).collect();
+    assert_eq!(names.len(), 7);
+    assert_eq!(&names[4..], ["low-0", "low-1", "low-2"], "low jobs ran last, in arrival order: {names:?}");
+}
+
+#[tokio::test]
+async fn a_health_probe_skips_interim_responses() {
+    // Answers every request with `100 Continue` and then the real status.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                loop {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                    }
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let reply = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: pool }}]\nupstreams:\n  pool:\n    backends: [{{ address: \"{addr}\" }}]\n    health:\n      active: {{ kind: http, path: /healthz, interval: 100ms, timeout: 100ms, healthy_after: 1, unhealthy_after: 1 }}\n"
+    );
+    let proxy = start_proxy(&yaml).await;
+    let admin = proxy.running.admin_addr().await;
+    let check = || async move {
+        let status = get(&client(), &format!("http://{admin}/status")).await;
+        serde_json::from_str::<serde_json::Value>(&status.body).unwrap()["upstreams"][0]["backends"][0]["active_check"]
+            .clone()
+    };
+    wait_until_async("three probes", || async move { check().await["consecutive_passes"].as_u64() >= Some(3) }).await;
+    let check = check().await;
+    assert_eq!(check["consecutive_failures"], 0, "{check}");
+    assert_eq!(check["last_reason"], "status 200", "{check}");
+}
