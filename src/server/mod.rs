@@ -104,7 +104,8 @@ async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContex
     // drain waits for them too.
     let tunnels = TaskTracker::new();
     let open = crate::metrics::connections_open(&name);
-    open.set(0.0);
+    // Present from the start, at whatever count this listener name has.
+    open.increment(0.0);
     loop {
         let permit = tokio::select! {
             _ = stopped.changed() => break,

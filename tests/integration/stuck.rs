@@ -181,23 +181,26 @@ async fn ws_echo_backend() -> std::net::SocketAddr {
     addr
 }
 
-async fn connections_open(proxy: &Proxy) -> f64 {
+/// `switchyard_connections_open` of `listener` (a name no other test uses:
+/// tests share the process's metrics).
+async fn connections_open(proxy: &Proxy, listener: &str) -> f64 {
     let admin = proxy.running.admin_addr().await;
     let scrape = scrape(&format!("http://{admin}/metrics")).await;
-    metric_value(&scrape, "switchyard_connections_open", &[]).expect("switchyard_connections_open is exported")
+    metric_value(&scrape, "switchyard_connections_open", &[("listener", listener)])
+        .expect("switchyard_connections_open is exported")
 }
 
 #[tokio::test]
 async fn a_websocket_tunnel_counts_as_an_open_connection_under_max_connections() {
     let backend = ws_echo_backend().await;
     let yaml = format!(
-        "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nlimits: {{ max_connections: 1 }}\nroutes: [{{ upstream: ws }}]\nupstreams:\n  ws:\n    backends: [{{ address: \"{backend}\" }}]\n"
+        "listeners: [{{ name: tunnel-count, bind: \"127.0.0.1:0\" }}]\nlimits: {{ max_connections: 1 }}\nroutes: [{{ upstream: ws }}]\nupstreams:\n  ws:\n    backends: [{{ address: \"{backend}\" }}]\n"
     );
     let proxy = start_proxy(&yaml).await;
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/echo", proxy.addr)).await.unwrap();
     socket.send(Message::text("hello")).await.unwrap();
     assert_eq!(socket.next().await.unwrap().unwrap().into_text().unwrap().as_str(), "hello");
-    assert_eq!(connections_open(&proxy).await, 1.0, "the tunnel is an open connection");
+    assert_eq!(connections_open(&proxy, "tunnel-count").await, 1.0, "the tunnel is an open connection");
     // At max_connections, another client waits until the tunnel closes.
     let waiting = tokio::spawn({
         let url = proxy.url("/");
@@ -293,7 +296,8 @@ async fn a_slow_request_head_is_cut_off_by_header_read_timeout() {
 async fn max_connections_holds_the_next_client_until_one_leaves() {
     let backend = Backend::start("a").await;
     let yaml =
-        format!("{}limits: {{ max_connections: 2 }}\n", simple_config("{ policy: round_robin }", &[&backend], ""));
+        format!("{}limits: {{ max_connections: 2 }}\n", simple_config("{ policy: round_robin }", &[&backend], ""))
+            .replace("  - bind:", "  - name: connection-cap\n    bind:");
     let proxy = start_proxy(&yaml).await;
     let mut open = Vec::new();
     for _ in 0..2 {
@@ -304,7 +308,7 @@ async fn max_connections_holds_the_next_client_until_one_leaves() {
         assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
         open.push(stream);
     }
-    assert_eq!(connections_open(&proxy).await, 2.0);
+    assert_eq!(connections_open(&proxy, "connection-cap").await, 2.0);
     let third = tokio::spawn({
         let url = proxy.url("/");
         async move { get(&client(), &url).await }
