@@ -4,8 +4,7 @@
 //! probes.
 
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -185,32 +184,6 @@ async fn grpc_trailers_after_data_reach_the_client() {
     let trailers = trailers.expect("trailers after the data");
     assert_eq!(trailers["grpc-status"], "5");
     assert_eq!(trailers["grpc-message"], "job%20not%20found");
-}
-
-/// A backend that reads a request head and resets the connection.
-async fn resetting_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&requests);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let counter = Arc::clone(&counter);
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buffer = vec![0u8; 65536];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
-                    }
-                }
-                counter.fetch_add(1, Ordering::SeqCst);
-                let _ = stream.set_zero_linger();
-            });
-        }
-    });
-    (addr, requests)
 }
 
 #[tokio::test]

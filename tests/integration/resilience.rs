@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use http::Request;
 use serde_json::Value;
-use tokio::io::AsyncReadExt;
 
 use crate::support::*;
 
@@ -127,33 +126,6 @@ async fn retries_stay_within_the_budget_when_every_backend_fails() {
     );
     assert!(retries > 0, "some retries happen");
     assert!(retries <= budget, "{retries} retries exceed the budget of {budget}");
-}
-
-/// A backend that reads a request and then resets the connection without answering.
-async fn resetting_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&requests);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let counter = Arc::clone(&counter);
-            tokio::spawn(async move {
-                let mut buffer = vec![0u8; 65536];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
-                    }
-                }
-                counter.fetch_add(1, Ordering::SeqCst);
-                let _ = stream.set_zero_linger();
-                drop(stream);
-            });
-        }
-    });
-    (addr, requests)
 }
 
 #[tokio::test]
