@@ -4,7 +4,10 @@
 //!
 //! - `server` accepts connections and assembles the one tower stack
 //!   (`server::stack`): `observe` (metrics, access log) -> `error` (the one
-//!   mapping to client responses) -> `route` -> route timeout -> `proxy`.
+//!   mapping to client responses) -> admission checks and `route` -> `proxy`
+//!   (which holds the route's deadline). `conn` is what a client connection
+//!   means to the rest: its `ConnInfo`, its slot under `max_connections`, the
+//!   bound on a client that stops reading.
 //! - `proxy` forwards: `balance` picks among `upstream` backends (policies in
 //!   `balance/`), `queue` holds requests while every bot is busy, `retry` decides
 //!   and budgets retries, `client` holds the pooled connections.
