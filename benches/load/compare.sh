@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# Switchyard against HAProxy and nginx on this machine, configured alike:
+# three backends (one nginx serving three ports), round robin, upstream
+# keep-alive, access logs off, active health checks every 2 s where the proxy
+# has them. Each target is driven by wrk (64 and 256 connections, HTTP/1.1)
+# and h2load (h2c, 16 connections x 16 streams), targets interleaved round by
+# round; the table gives medians, and each figure's ratio to HAProxy's in the
+# same run. CPU time per request is the proxy's own (all its processes and
+# threads, from /proc), not the load tool's or the backends'.
+#
+# Usage: benches/load/compare.sh            (ROUNDS=3 DURATION=10 by default)
+#        ROUNDS=5 DURATION=15 benches/load/compare.sh
+#        TARGETS="switchyard haproxy" benches/load/compare.sh
+# Installs haproxy, nginx, wrk and h2load (Debian packages) when missing.
+# Never run it beside a build or another benchmark.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+TARGETS=${TARGETS:-"haproxy nginx switchyard"}
+SCENARIOS=${SCENARIOS:-"c64 c256 h2c"}
+
+need=()
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx)
+command -v wrk >/dev/null || need+=(wrk)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cargo build --release --locked -q
+SWITCHYARD="$PWD/target/release/switchyard"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pidfile in "$work"/*.pid; do [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 300); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "nothing listening on port $1" >&2
+  exit 1
+}
+
+# --- backends: one nginx, three ports, a 64-byte body --------------------------
+b1=$(free_port); b2=$(free_port); b3=$(free_port)
+body=$(printf 'x%.0s' $(seq 1 63))
+cat >"$work/backend.conf" <<EOF
+worker_processes 1;
+pid $work/backend.pid;
+error_log $work/backend.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$b1 reuseport; listen 127.0.0.1:$b2 reuseport; listen 127.0.0.1:$b3 reuseport;
+           location / { return 200 "$body\n"; } }
+}
+EOF
+nginx -c "$work/backend.conf" -p "$work"
+wait_port "$b1"; wait_port "$b2"; wait_port "$b3"
+
+# --- the three proxies ------------------------------------------------------------
+declare -A H1_PORT H2_PORT
+for target in $TARGETS; do H1_PORT[$target]=$(free_port); H2_PORT[$target]=$(free_port); done
+
+if [[ " $TARGETS " == *" switchyard "* ]]; then
+  admin=$(free_port)
+  # Switchyard serves HTTP/1.1 and h2c on one port.
+  H2_PORT[switchyard]=${H1_PORT[switchyard]}
+  cat >"$work/switchyard.yaml" <<EOF
+admin: { bind: "127.0.0.1:$admin" }
+log: { level: warn, access: false }
+listeners: [{ name: bench, bind: "127.0.0.1:${H1_PORT[switchyard]}" }]
+routes: [{ name: all, upstream: pool }]
+upstreams:
+  pool:
+    balance: { policy: round_robin }
+    health: { active: { kind: http, path: /, interval: 2s, timeout: 1s } }
+    backends:
+      - { address: "127.0.0.1:$b1" }
+      - { address: "127.0.0.1:$b2" }
+      - { address: "127.0.0.1:$b3" }
+EOF
+fi
+if [[ " $TARGETS " == *" haproxy "* ]]; then
+  cat >"$work/haproxy.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 8000
+  pidfile $work/haproxy.pid
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend web
+  bind 127.0.0.1:${H1_PORT[haproxy]}
+  bind 127.0.0.1:${H2_PORT[haproxy]} proto h2
+  default_backend pool
+backend pool
+  balance roundrobin
+  option httpchk GET /
+  server b1 127.0.0.1:$b1 check inter 2s
+  server b2 127.0.0.1:$b2 check inter 2s
+  server b3 127.0.0.1:$b3 check inter 2s
+EOF
+fi
+if [[ " $TARGETS " == *" nginx "* ]]; then
+  cat >"$work/nginx.conf" <<EOF
+worker_processes 2;
+pid $work/nginx.pid;
+error_log $work/nginx.err warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream pool { server 127.0.0.1:$b1; server 127.0.0.1:$b2; server 127.0.0.1:$b3; keepalive 256; }
+  server {
+    listen 127.0.0.1:${H1_PORT[nginx]};
+    listen 127.0.0.1:${H2_PORT[nginx]} http2;
+    location / { proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+fi
+
+start_target() {
+  case $1 in
+    switchyard) "$SWITCHYARD" run -c "$work/switchyard.yaml" 2>"$work/switchyard.err" & echo $! >"$work/switchyard.pid" ;;
+    haproxy) haproxy -D -f "$work/haproxy.cfg" ;;
+    nginx) nginx -c "$work/nginx.conf" -p "$work" ;;
+  esac
+  wait_port "${H1_PORT[$1]}"
+  wait_port "${H2_PORT[$1]}"
+}
+
+# Every process of a target: its main process and its children (nginx workers).
+target_pids() {
+  local main
+  main=$(cat "$work/$1.pid")
+  echo "$main" $(pgrep -P "$main" || true)
+}
+cpu_ticks() {
+  local total=0
+  for pid in $(target_pids "$1"); do
+    # utime + stime: fields 14 and 15, counted after the command name.
+    total=$((total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
+peak_rss_kib() {
+  local total=0
+  for pid in $(target_pids "$1"); do
+    total=$((total + $(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status")))
+  done
+  echo "$total"
+}
+
+for target in $TARGETS; do start_target "$target"; done
+sleep 1
+ticks_per_second=$(getconf CLK_TCK)
+
+# Warm-up: every target, every scenario, briefly.
+for target in $TARGETS; do
+  wrk -t2 -c64 -d2s "http://127.0.0.1:${H1_PORT[$target]}/" >/dev/null
+  h2load -c16 -m16 -D 2 "http://127.0.0.1:${H2_PORT[$target]}/" >/dev/null
+done
+
+results="$work/results.tsv"
+: >"$results"
+run() { # target scenario round
+  local target=$1 scenario=$2 out="$work/out"
+  local before after requests rps p50 p99 errors
+  before=$(cpu_ticks "$target")
+  case $scenario in
+    c64 | c256)
+      wrk -t2 "-${scenario}" -d"${DURATION}s" --latency "http://127.0.0.1:${H1_PORT[$target]}/" >"$out"
+      after=$(cpu_ticks "$target")
+      requests=$(awk '/requests in/ { print $1 }' "$out")
+      rps=$(awk '/^Requests\/sec/ { print $2 }' "$out")
+      p50=$(awk '$1 == "50%" { print $2 }' "$out")
+      p99=$(awk '$1 == "99%" { print $2 }' "$out")
+      errors=$(awk '/Non-2xx/ { n += $NF } /Socket errors/ { gsub(",", ""); for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i } END { print n + 0 }' "$out")
+      ;;
+    h2c)
+      h2load -c16 -m16 -D "$DURATION" "http://127.0.0.1:${H2_PORT[$target]}/" >"$out"
+      after=$(cpu_ticks "$target")
+      requests=$(awk '/^requests:/ { print $8 }' "$out")
+      rps=$(awk '/^finished in/ { gsub(",", ""); print $4 }' "$out")
+      p50=$(awk '/^time for request:/ { print $6 }' "$out")   # h2load gives the mean, not p50
+      p99="-"
+      errors=$(awk '/^requests:/ { print $10 + $12 }' "$out")
+      ;;
+  esac
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$scenario" "$3" "$rps" "$p50" "$p99" "$errors" \
+    "$((after - before))" "$requests" >>"$results"
+  printf '  round %s %-5s %-11s %10s req/s  p50 %-9s p99 %-9s errors %s\n' "$3" "$scenario" "$target" "$rps" "$p50" "$p99" "$errors"
+}
+
+echo "targets: $TARGETS; $ROUNDS rounds of ${DURATION}s per scenario; $(nproc) cores"
+for round in $(seq 1 "$ROUNDS"); do
+  for scenario in $SCENARIOS; do
+    for target in $TARGETS; do run "$target" "$scenario" "$round"; done
+  done
+done
+
+for target in $TARGETS; do echo -e "$target\tpeak_rss_kib\t$(peak_rss_kib "$target")" >>"$work/rss.tsv"; done
+python3 - "$results" "$work/rss.tsv" "$ticks_per_second" <<'EOF'
+import statistics, sys
+from collections import defaultdict
+
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
+rss = {line.split("\t")[0]: int(line.split("\t")[2]) for line in open(sys.argv[2]) if line.strip()}
+ticks = int(sys.argv[3])
+
+def millis(text):
+    if text in ("-", ""):
+        return None
+    for unit, scale in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+cells = defaultdict(list)
+for target, scenario, _round, rps, p50, p99, errors, cpu, requests in rows:
+    cpu_us = int(cpu) * 1e6 / ticks / max(int(requests), 1)
+    cells[(target, scenario)].append((float(rps), millis(p50), millis(p99), int(errors), cpu_us))
+
+targets = list(dict.fromkeys(r[0] for r in rows))
+scenarios = list(dict.fromkeys(r[1] for r in rows))
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+summary = {key: [median(column) for column in zip(*runs)] for key, runs in cells.items()}
+reference = "haproxy" if "haproxy" in targets else targets[0]
+def ratio(value, base):
+    return f" ({value / base:.2f}x)" if value is not None and base else ""
+print()
+print(f"medians of {len(rows) // max(len(cells), 1)} rounds; ratio to {reference} in the same run")
+print("| target | scenario | req/s | p50 ms | p99 ms | errors | CPU us/req | peak RSS MiB |")
+print("|---|---|---|---|---|---|---|---|")
+for target in targets:
+    for scenario in scenarios:
+        rps, p50, p99, errors, cpu = summary[(target, scenario)]
+        base = summary.get((reference, scenario))
+        fmt = lambda v, digits: "-" if v is None else f"{v:.{digits}f}"
+        print(f"| {target} | {scenario} | {rps:,.0f}{ratio(rps, base[0])} | {fmt(p50, 2)}{ratio(p50, base[1])} "
+              f"| {fmt(p99, 2)}{ratio(p99, base[2])} | {errors:.0f} | {cpu:.1f}{ratio(cpu, base[4])} "
+              f"| {rss[target] / 1024:.1f}{ratio(rss[target], rss.get(reference))} |")
+print("(h2c p50 is h2load's mean time per request; h2load gives no percentiles)")
+EOF
