@@ -319,6 +319,7 @@ pub fn effective_config(config: &Config) -> Value {
         .collect();
     let limits = &config.limits;
     json!({
+        "workers": config.workers,
         "listeners": listeners,
         "admin": {
             "bind": config.admin.bind.to_string(),

@@ -58,6 +58,12 @@ fn main() {
     std::process::exit(code);
 }
 
+/// The control plane's runtime (admin, reload, signals, housekeeping; the
+/// demo's bots). Requests are served on the workers' own runtimes.
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("can start the tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("can start the tokio runtime")
 }

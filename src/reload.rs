@@ -24,6 +24,7 @@ use crate::breaker::Phase;
 use crate::client::UpstreamClients;
 use crate::config::{self, Config, ConfigErrors};
 use crate::health::active::Checkers;
+use crate::server::workers::Workers;
 use crate::server::{self, ListenerHandle, ServeContext};
 use crate::state::{Live, Snapshot};
 use crate::upstream::{nanos_since_epoch, Backend};
@@ -47,6 +48,8 @@ pub enum ReloadError {
     Bind { name: String, bind: SocketAddr, source: std::io::Error },
     #[error("this proxy was started without a config file, so there is nothing to reload")]
     NoConfigFile,
+    #[error("cannot start the request worker threads: {source}")]
+    Workers { source: std::io::Error },
 }
 
 /// What a successful reload changed.
@@ -101,7 +104,8 @@ pub struct Runtime {
     me: std::sync::Weak<Runtime>,
     config_path: Option<PathBuf>,
     serve: ServeContext,
-    clients: Arc<UpstreamClients>,
+    /// The request workers; every listener is served on each of them.
+    workers: Workers,
     bound: tokio::sync::Mutex<Bound>,
     stats: ReloadStats,
     draining: AtomicBool,
@@ -114,14 +118,15 @@ impl Runtime {
         crate::metrics::install();
         let live: Live = Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::compile(config, None, 1)));
         let digest = config_path.as_deref().and_then(|p| config::read(p).ok()).map(|text| digest(&text));
+        let connect_timeout = config.limits.connect_timeout;
+        let workers = Workers::start(config.workers, || UpstreamClients::new(connect_timeout))
+            .map_err(|source| ReloadError::Workers { source })?;
         let mut sockets = Vec::new();
         for listener in &config.listeners {
-            sockets.push((listener, bind(&listener.name, listener.bind)?));
+            sockets.push((listener, bind_for_workers(&listener.name, listener.bind, workers.len())?));
         }
         let admin_socket = bind("admin", config.admin.bind)?;
-        let clients = Arc::new(UpstreamClients::new(config.limits.connect_timeout));
         let serve = ServeContext {
-            stack: server::stack::build(Arc::clone(&live), Arc::clone(&clients)),
             live: Arc::clone(&live),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
         };
@@ -130,7 +135,7 @@ impl Runtime {
             live,
             config_path,
             serve,
-            clients,
+            workers,
             bound: tokio::sync::Mutex::new(Bound {
                 listeners: HashMap::new(),
                 admin: None,
@@ -148,8 +153,7 @@ impl Runtime {
             let snapshot = runtime.live.load_full();
             bound.checkers.sync(&snapshot);
             for (listener, socket) in sockets {
-                let handle = server::spawn(listener.name.as_str().into(), socket, runtime.serve.clone())
-                    .map_err(|source| ReloadError::Bind { name: listener.name.clone(), bind: listener.bind, source })?;
+                let handle = server::spawn(listener.name.as_str().into(), socket, &runtime.serve, &runtime.workers);
                 bound.listeners.insert(listener.bind, handle);
             }
             bound.admin =
@@ -225,7 +229,7 @@ impl Runtime {
         // Bind first: a port that is taken fails the reload before anything changes.
         let mut new_sockets = Vec::new();
         for listener in config.listeners.iter().filter(|l| !bound.listeners.contains_key(&l.bind)) {
-            new_sockets.push((listener, bind(&listener.name, listener.bind)?));
+            new_sockets.push((listener, bind_for_workers(&listener.name, listener.bind, self.workers.len())?));
         }
         let new_admin_socket =
             if config.admin.bind != bound.admin_bind { Some(bind("admin", config.admin.bind)?) } else { None };
@@ -241,8 +245,7 @@ impl Runtime {
         bound.free_unused_snapshots();
 
         for (listener, socket) in new_sockets {
-            let handle = server::spawn(listener.name.as_str().into(), socket, self.serve.clone())
-                .map_err(|source| ReloadError::Bind { name: listener.name.clone(), bind: listener.bind, source })?;
+            let handle = server::spawn(listener.name.as_str().into(), socket, &self.serve, &self.workers);
             summary.listeners_added.push(listener.bind);
             bound.listeners.insert(listener.bind, handle);
         }
@@ -267,7 +270,9 @@ impl Runtime {
             bound.admin_bind = config.admin.bind;
         }
         self.resize_connection_cap(bound, config.limits.max_connections);
-        self.clients.set_connect_timeout(config.limits.connect_timeout);
+        for (_, clients) in self.workers.iter() {
+            clients.set_connect_timeout(config.limits.connect_timeout);
+        }
         Ok(summary)
     }
 
@@ -386,6 +391,14 @@ impl ReloadSummary {
             backends_kept: after.intersection(&before).count(),
         }
     }
+}
+
+fn bind_for_workers(name: &str, addr: SocketAddr, workers: usize) -> Result<server::BoundListener, ReloadError> {
+    server::bind_for_workers(addr, workers).map_err(|source| ReloadError::Bind {
+        name: name.to_owned(),
+        bind: addr,
+        source,
+    })
 }
 
 fn bind(name: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ReloadError> {

@@ -30,6 +30,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub limits: Limits,
+    /// Request worker threads (each with its own runtime, sockets and pools);
+    /// read at start, a reload does not change it.
+    pub workers: usize,
     pub routes: Vec<RouteConfig>,
     pub upstreams: Vec<UpstreamConfig>,
 }

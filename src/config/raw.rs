@@ -25,6 +25,7 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub limits: RawLimits,
+    pub workers: Option<Spanned<u32>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]

@@ -123,8 +123,17 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
         access: raw.log.access.unwrap_or(false),
     };
 
+    let workers = match &raw.workers {
+        Some(count) if count.value == 0 || count.value > 1024 => {
+            errors.at(count.referenced, "workers must be between 1 and 1024 (leave it out for one per core)");
+            1
+        }
+        Some(count) => count.value as usize,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+
     if errors.errors.is_empty() {
-        Ok(Config { listeners, admin, log, limits, routes, upstreams })
+        Ok(Config { listeners, admin, log, limits, workers, routes, upstreams })
     } else {
         errors.errors.sort_by_key(|e| (e.line, e.column));
         Err(ConfigErrors(errors.errors))

@@ -1,13 +1,16 @@
 //! Listeners: accept connections, speak HTTP/1.1 or h2c (prior knowledge) on the
 //! same port, hand each request to the proxy stack, and drain gracefully.
 //!
-//! One task per listener. Each connection gets hyper-util's auto builder, which
-//! sniffs the HTTP/2 preface, so one port serves both protocols. Connection limits
-//! are enforced before `accept`: at `max_connections` the listener stops taking
-//! connections (they wait in the kernel backlog) instead of accepting and dropping.
+//! One accept task per listener per worker (see `workers`), each on its own
+//! `SO_REUSEPORT` socket. Each connection gets hyper-util's auto builder, which
+//! sniffs the HTTP/2 preface, so one port serves both protocols. At
+//! `max_connections` each worker holds the one connection it accepted until a
+//! place frees and stops accepting: the rest wait in the kernel backlog
+//! instead of being accepted and dropped.
 
 mod admission;
 pub mod stack;
+pub mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,17 +36,45 @@ use crate::config::Limits;
 use crate::conn::{ConnInfo, ConnectionSlot, SendTimeoutIo, TunnelHome};
 use crate::state::Live;
 use stack::ProxyStack;
+use workers::Workers;
 
-/// Binds `addr` with the options a proxy listener needs.
+/// Binds `addr` once, with the options a listener needs (the admin listener).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
+    TcpListener::from_std(bind_socket(addr, false)?)
+}
+
+fn bind_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     // Lets a restarted proxy bind while old connections sit in TIME_WAIT.
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// A proxy listener's sockets, bound but not yet served: one per worker, all
+/// on the same address with `SO_REUSEPORT`, so the kernel spreads connections
+/// over the workers and no accepted connection changes threads.
+#[derive(Debug)]
+pub struct BoundListener {
+    pub local_addr: SocketAddr,
+    sockets: Vec<std::net::TcpListener>,
+}
+
+/// Binds `count` sockets to `addr` (port 0: the first picks the port, the
+/// others take the same one).
+pub fn bind_for_workers(addr: SocketAddr, count: usize) -> std::io::Result<BoundListener> {
+    let first = bind_socket(addr, true)?;
+    let local_addr = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..count.max(1) {
+        sockets.push(bind_socket(local_addr, true)?);
+    }
+    Ok(BoundListener { local_addr, sockets })
 }
 
 /// A running listener; dropping the handle does not stop it, [`Self::stop`] does.
@@ -51,34 +82,49 @@ pub struct ListenerHandle {
     pub name: Arc<str>,
     pub local_addr: SocketAddr,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl ListenerHandle {
-    /// Stops accepting, lets open connections finish their requests for up to
-    /// `grace`, then closes whatever is left.
+    /// Stops accepting on every worker, lets open connections finish their
+    /// requests for up to `shutdown_grace`, then closes whatever is left.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        futures_util::future::join_all(self.tasks).await;
     }
 }
 
 /// Everything a listener task needs besides its socket.
 #[derive(Clone)]
 pub struct ServeContext {
-    pub stack: ProxyStack,
-    /// Read at each accept for the current limits, so a reload's new limits
-    /// apply to new connections without restarting listeners.
+    /// Read per request for routes and upstreams, and at each accept for the
+    /// current limits, so a reload's new limits apply to new connections
+    /// without restarting listeners.
     pub live: Live,
-    /// Shared by all listeners: `max_connections` is a process-wide cap.
+    /// Shared by all listeners and workers: `max_connections` is a
+    /// process-wide cap.
     pub connections: Arc<Semaphore>,
 }
 
-pub fn spawn(name: Arc<str>, listener: TcpListener, context: ServeContext) -> std::io::Result<ListenerHandle> {
-    let local_addr = listener.local_addr()?;
+/// Serves `bound` on every worker: worker `i` accepts on socket `i`.
+pub fn spawn(name: Arc<str>, bound: BoundListener, context: &ServeContext, workers: &Workers) -> ListenerHandle {
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(Arc::clone(&name), listener, context, stopped));
-    Ok(ListenerHandle { name, local_addr, stop, task })
+    let tasks = bound
+        .sockets
+        .into_iter()
+        .zip(workers.iter())
+        .map(|(socket, (worker, clients))| {
+            let stack = stack::build(Arc::clone(&context.live), Arc::clone(clients));
+            let (name, context, stopped) = (Arc::clone(&name), context.clone(), stopped.clone());
+            worker.spawn(async move {
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => accept_loop(name, listener, stack, context, stopped).await,
+                    Err(error) => tracing::error!(listener = %name, %error, "cannot serve listener socket"),
+                }
+            })
+        })
+        .collect();
+    ListenerHandle { name, local_addr: bound.local_addr, stop, tasks }
 }
 
 fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -96,7 +142,13 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContext, mut stopped: watch::Receiver<bool>) {
+async fn accept_loop(
+    name: Arc<str>,
+    listener: TcpListener,
+    stack: ProxyStack,
+    context: ServeContext,
+    mut stopped: watch::Receiver<bool>,
+) {
     let mut limits = context.live.load().limits;
     let mut builder = connection_builder(&limits);
     let mut connections = JoinSet::new();
@@ -106,14 +158,10 @@ async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContex
     let open = crate::metrics::connections_open(&name);
     // Present from the start, at whatever count this listener name has.
     open.increment(0.0);
-    loop {
-        let permit = tokio::select! {
-            _ = stopped.changed() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            permit = Arc::clone(&context.connections).acquire_owned() => permit.expect("semaphore never closed"),
-        };
+    'accepting: loop {
         let (stream, client) = tokio::select! {
             _ = stopped.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
@@ -121,6 +169,20 @@ async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContex
                     continue;
                 }
             },
+        };
+        // The cap is taken after accept: with one socket per worker, a worker
+        // holding a permit while it waits in `accept` could keep it from the
+        // worker whose socket the next connection landed on. So each worker
+        // holds at most one accepted connection until a place frees, and
+        // everything beyond waits in the kernel's backlog.
+        let acquire = Arc::clone(&context.connections).acquire_owned();
+        tokio::pin!(acquire);
+        let permit = loop {
+            tokio::select! {
+                _ = stopped.changed() => break 'accepting,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                permit = &mut acquire => break permit.expect("semaphore never closed"),
+            }
         };
         let _ = stream.set_nodelay(true);
         let current = context.live.load().limits;
@@ -138,7 +200,7 @@ async fn accept_loop(name: Arc<str>, listener: TcpListener, context: ServeContex
             idle_timeout: limits.tunnel_idle_timeout,
         });
         let service = TowerToHyperService::new(WithConnInfo {
-            inner: context.stack.clone(),
+            inner: stack.clone(),
             info: Arc::new(info),
             activity: Arc::clone(&activity),
         });

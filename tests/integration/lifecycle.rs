@@ -214,7 +214,8 @@ async fn low_priority_jobs_wait_for_normal_ones() {
             .unwrap()
     };
     let send_job = |name: String, priority: &'static str| {
-        let url = proxy.url("/job?delay_ms=50");
+        // The first job holds the bot until every other job is queued.
+        let url = proxy.url(if name == "first" { "/hold" } else { "/job?delay_ms=20" });
         tokio::spawn(async move {
             let request = Request::post(url).header("x-job-id", name).header("x-priority", priority).body(full(""));
             send(&client(), request.unwrap()).await
@@ -231,7 +232,10 @@ async fn low_priority_jobs_wait_for_normal_ones() {
     }
     for i in 0..3 {
         jobs.push(send_job(format!("normal-{i}"), "normal"));
+        let expected = i + 4;
+        wait_until_async("the normal job to queue", || async move { waiting().await >= expected }).await;
     }
+    bot.release_held();
     for job in jobs {
         assert_eq!(job.await.unwrap().status, 200);
     }
