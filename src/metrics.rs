@@ -196,6 +196,16 @@ pub fn register_config_series(snapshot: &Snapshot) {
     }
 }
 
+/// Folds the histogram samples recorded since the last call into their
+/// buckets. The exporter keeps each raw sample until this runs (or a scrape
+/// renders), so without it an unscraped proxy's memory grows with every
+/// request. Called every second.
+pub fn upkeep() {
+    if let Some(handle) = install() {
+        handle.run_upkeep();
+    }
+}
+
 /// Sets every per-backend and per-upstream gauge from `snapshot`: health,
 /// circuit state, in-flight, queue depth. Called every second and before each
 /// scrape; gauges of backends no longer in the snapshot are not refreshed and

@@ -173,6 +173,7 @@ impl Runtime {
                 let Some(runtime) = weak.upgrade() else { return };
                 let snapshot = runtime.live.load();
                 crate::metrics::refresh_gauges(&snapshot);
+                crate::metrics::upkeep();
                 // Capacity can also appear without a slot being freed (a backend
                 // recovers, a circuit half-opens, a reload adds backends): the
                 // first waiter of each queue gets a look every tick.
