@@ -5,12 +5,6 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use switchyard::app::{self, exit};
 
-/// mimalloc rather than glibc's malloc: measured with benches/load/compare.sh
-/// (docs/performance.md), it costs less CPU per request and, with one arena
-/// per worker thread, far less peak memory.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "HTTP reverse-proxy load balancer for RPA bots and RPC services")]
 struct Cli {
