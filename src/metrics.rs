@@ -102,6 +102,15 @@ pub fn request(
     backend: Option<&std::sync::Arc<str>>,
     code: Option<u16>,
 ) {
+    request_counter(route, upstream, backend, code).increment(1);
+}
+
+fn request_counter(
+    route: Option<&std::sync::Arc<str>>,
+    upstream: Option<&std::sync::Arc<str>>,
+    backend: Option<&std::sync::Arc<str>>,
+    code: Option<u16>,
+) -> Counter {
     // Labels share the config's strings rather than copying them per request.
     let or_dash = |value: Option<&std::sync::Arc<str>>| value.map_or(SharedString::const_str("-"), label);
     let code: SharedString = match code {
@@ -110,7 +119,6 @@ pub fn request(
     };
     metrics::counter!(REQUESTS_TOTAL, "route" => or_dash(route), "upstream" => or_dash(upstream),
         "backend" => or_dash(backend), "code" => code)
-    .increment(1);
 }
 
 fn status_label(code: u16) -> SharedString {
@@ -120,6 +128,52 @@ fn status_label(code: u16) -> SharedString {
         502 => SharedString::const_str("502"),
         503 => SharedString::const_str("503"),
         other => SharedString::from_owned(other.to_string()),
+    }
+}
+
+/// `switchyard_requests_total` for one (route, upstream, backend): a handle per
+/// common status, registered on first use (so no series appears before its
+/// first request) and reused after, instead of a registry lookup (labels
+/// hashed and compared) per request. Rarer statuses take the lookup.
+#[derive(Debug)]
+pub struct RequestCounters {
+    route: std::sync::Arc<str>,
+    upstream: std::sync::Arc<str>,
+    /// `None` for requests that failed before reaching a backend (`-`).
+    backend: Option<std::sync::Arc<str>>,
+    common: [OnceLock<Counter>; COMMON_STATUSES.len() + 1],
+}
+
+/// Statuses with a handle of their own; the slot after them is `error`.
+const COMMON_STATUSES: [u16; 9] = [200, 201, 204, 400, 404, 500, 502, 503, 504];
+
+impl RequestCounters {
+    pub fn new(
+        route: &std::sync::Arc<str>,
+        upstream: &std::sync::Arc<str>,
+        backend: Option<&std::sync::Arc<str>>,
+    ) -> Self {
+        RequestCounters {
+            route: std::sync::Arc::clone(route),
+            upstream: std::sync::Arc::clone(upstream),
+            backend: backend.cloned(),
+            common: Default::default(),
+        }
+    }
+
+    /// Counts one finished request; `None` when it ended without a response.
+    pub fn count(&self, status: Option<u16>) {
+        let slot = match status {
+            Some(code) => COMMON_STATUSES.iter().position(|&common| common == code),
+            None => Some(COMMON_STATUSES.len()),
+        };
+        let (route, upstream, backend) = (Some(&self.route), Some(&self.upstream), self.backend.as_ref());
+        match slot {
+            Some(slot) => {
+                self.common[slot].get_or_init(|| request_counter(route, upstream, backend, status)).increment(1)
+            }
+            None => request(route, upstream, backend, status),
+        }
     }
 }
 

@@ -11,8 +11,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -20,40 +20,43 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use metrics::Histogram;
 use tower::Service;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::conn::ConnInfo;
-use crate::state::Live;
+use crate::state::{Live, SnapshotShare};
 
 /// Filled in by the layers a request passes through.
-#[derive(Default)]
 pub struct RequestNotes {
-    route: OnceLock<RouteNote>,
-    backend: Mutex<Option<Arc<str>>>,
+    /// The snapshot the request runs on and its route's index there.
+    route: OnceLock<(SnapshotShare, usize)>,
+    /// Index of the last backend tried in the route's upstream; `NONE` if none.
+    backend: AtomicUsize,
     attempts: AtomicU32,
     queue_wait_micros: AtomicU64,
 }
 
-struct RouteNote {
-    route: Arc<str>,
-    upstream: Arc<str>,
-    duration: Histogram,
+const NONE: usize = usize::MAX;
+
+impl Default for RequestNotes {
+    fn default() -> Self {
+        RequestNotes {
+            route: OnceLock::new(),
+            backend: AtomicUsize::new(NONE),
+            attempts: AtomicU32::new(0),
+            queue_wait_micros: AtomicU64::new(0),
+        }
+    }
 }
 
 impl RequestNotes {
-    pub fn route(&self, route: &Arc<str>, upstream: &Arc<str>, duration: &Histogram) {
-        let _ = self.route.set(RouteNote {
-            route: Arc::clone(route),
-            upstream: Arc::clone(upstream),
-            duration: duration.clone(),
-        });
+    pub fn route(&self, snapshot: &SnapshotShare, index: usize) {
+        let _ = self.route.set((Arc::clone(snapshot), index));
     }
 
-    /// A try went to `backend`.
-    pub fn tried(&self, backend: &Arc<str>) {
-        *self.backend.lock().expect("never poisoned") = Some(Arc::clone(backend));
+    /// A try went to backend `index` of the route's upstream.
+    pub fn tried(&self, index: usize) {
+        self.backend.store(index, Ordering::Relaxed);
         self.attempts.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -191,13 +194,18 @@ impl Body for Finish {
 impl Record {
     fn finish(self, status: Option<u16>) {
         let elapsed = self.started.elapsed();
-        let route = self.notes.route.get();
-        let backend = self.notes.backend.lock().expect("never poisoned").clone();
-        crate::metrics::request(route.map(|r| &r.route), route.map(|r| &r.upstream), backend.as_ref(), status);
-        let (route_name, upstream) = route.map_or(("-", "-"), |r| (&*r.route, &*r.upstream));
-        if let Some(route) = route {
-            route.duration.record(elapsed.as_secs_f64());
+        let route = self.notes.route.get().map(|(snapshot, index)| &snapshot.router.routes()[*index]);
+        let backend_index = self.notes.backend.load(Ordering::Relaxed);
+        let backend = route.and_then(|r| r.upstream.backends.get(backend_index)).map(|b| &b.address);
+        match route {
+            // Handles made once per route, backend and common status.
+            Some(route) => {
+                route.requests.get(backend_index).unwrap_or(&route.requests_without_backend).count(status);
+                route.duration.record(elapsed.as_secs_f64());
+            }
+            None => crate::metrics::request(None, None, None, status),
         }
+        let (route_name, upstream) = route.map_or(("-", "-"), |r| (&*r.name, &*r.upstream.name));
         if let Some(access) = self.access {
             let client = access.client.map(|c| c.to_string()).unwrap_or_default();
             let request_id = access.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -208,7 +216,7 @@ impl Record {
                 path = %access.path,
                 route = route_name,
                 upstream,
-                backend = backend.as_deref().unwrap_or("-"),
+                backend = backend.map_or("-", |b| &**b),
                 status = status.map_or_else(|| "error".to_owned(), |s| s.to_string()),
                 attempts = self.notes.attempts.load(Ordering::Relaxed),
                 queue_wait_ms = self.notes.queue_wait_micros.load(Ordering::Relaxed) as f64 / 1000.0,

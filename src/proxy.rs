@@ -131,17 +131,15 @@ async fn forward(
 
         // 4. Pick a backend (waiting in the upstream's queue when every one is
         //    busy); the pick reserves its in-flight slot.
-        let picking = Instant::now();
-        let picked =
-            pick_backend(upstream, template.as_ref().expect("kept until the last try"), &conn, &tried, deadline);
+        let parts = template.as_ref().expect("kept until the last try");
+        let picked = pick_backend(upstream, parts, &conn, &tried, deadline, &notes);
         let pick = match (picked.await, previous.take()) {
             (Ok(pick), _) => pick,
             (Err(_), Some(previous)) => return previous,
             (Err(error), None) => return Err(error),
         };
-        notes.queued(picking.elapsed());
         let backend = &upstream.backends[pick.index];
-        notes.tried(&backend.address);
+        notes.tried(pick.index);
         let outcome = Outcome { upstream, index: pick.index, reported: false };
 
         // 5. This try's request: absolute URI for the backend, its protocol.
@@ -175,10 +173,11 @@ async fn forward(
         let try_deadline = per_try.map_or(deadline, |limit| deadline.min(tokio::time::Instant::now() + limit));
         let result = tokio::time::timeout_at(try_deadline, clients.for_protocol(upstream.protocol).request(outgoing));
         let result = result.await;
-        backend.upstream_duration.record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        backend.upstream_duration.record(took.as_secs_f64());
         let result = match result {
             Ok(Ok(response)) => {
-                pick.guard.state().latency.observe(started.elapsed());
+                pick.guard.state().latency.observe(took);
                 outcome.report(response.status().is_server_error());
                 let retry_as = matches!(response.status().as_u16(), 502..=504).then_some(RetryOn::GatewayError);
                 Try { answer: Ok(response), retry_as }
@@ -317,6 +316,7 @@ async fn pick_backend(
     conn: &ConnInfo,
     tried: &[usize],
     route_deadline: tokio::time::Instant,
+    notes: &RequestNotes,
 ) -> Result<Pick, ProxyError> {
     let request =
         |exclude| PickRequest { headers: &parts.headers, uri: &parts.uri, client_ip: conn.client.ip(), exclude };
@@ -339,20 +339,30 @@ async fn pick_backend(
         return try_pick().ok_or_else(unavailable);
     };
     let priority = Priority::from_header(config.priority_header.as_ref().and_then(|h| parts.headers.get(h)));
-    let queue_deadline = tokio::time::Instant::now() + config.timeout;
-    let deadline = queue_deadline.min(route_deadline);
+    // The clock is read only by requests that really queue.
+    let mut joined: Option<tokio::time::Instant> = None;
+    let waited = |joined: Option<tokio::time::Instant>| {
+        if let Some(joined) = joined {
+            notes.queued(joined.elapsed());
+        }
+    };
     let mut woken = false;
     loop {
         // While others wait, a newcomer queues behind them instead of taking
         // the slot the first of them was woken for.
         if woken || queue.waiting() == 0 {
             if let Some(pick) = try_pick() {
+                waited(joined);
                 return Ok(pick);
             }
             if upstream.unavailable() != Unavailable::AllBusy {
+                waited(joined);
                 return Err(unavailable());
             }
         }
+        let joined_at = *joined.get_or_insert_with(tokio::time::Instant::now);
+        let queue_deadline = joined_at + config.timeout;
+        let deadline = queue_deadline.min(route_deadline);
         let Some(ticket) = queue.join(priority, config.max_waiting as usize, woken) else {
             crate::metrics::queue_rejected(&upstream.name, "full");
             return Err(ProxyError::QueueFull { upstream: upstream.name.to_string() });
@@ -361,10 +371,12 @@ async fn pick_backend(
         // and joining, with nobody there to be woken for it.
         if queue.waiting() == 1 {
             if let Some(pick) = try_pick() {
+                waited(joined);
                 return Ok(pick);
             }
         }
         if tokio::time::timeout_at(deadline, ticket.wait()).await.is_err() {
+            waited(joined);
             if deadline < queue_deadline {
                 return Err(ProxyError::UpstreamTimeout);
             }
@@ -429,6 +441,23 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// (RFC 9110 section 7.6.1), including any named in `Connection`. `TE: trailers`
 /// survives because gRPC requires it end to end.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these (or only `Connection: keep-alive`):
+    // one pass over the names is cheaper than a dozen hashed removals.
+    let is_hop_by_hop = |name: &HeaderName| {
+        name == header::CONNECTION
+            || name == header::UPGRADE
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION
+            || name == HTTP2_SETTINGS
+            || name == header::TRANSFER_ENCODING
+            || name == header::TRAILER
+            || name == header::PROXY_AUTHENTICATE
+            || name == header::PROXY_AUTHORIZATION
+            || name == header::TE
+    };
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = connection_tokens(headers)
         .filter(|token| !["keep-alive", "close", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t)))
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())

@@ -21,6 +21,10 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// `switchyard_request_duration_seconds` for this route, registered once.
     pub duration: metrics::Histogram,
+    /// `switchyard_requests_total` for each backend of the upstream, by index.
+    pub requests: Vec<crate::metrics::RequestCounters>,
+    /// The same for requests that never reached a backend.
+    pub requests_without_backend: crate::metrics::RequestCounters,
     /// Bound on the wait for the response head, queueing and retries included.
     pub timeout: Duration,
     pub retry: Option<RoutePolicy>,

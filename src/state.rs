@@ -23,6 +23,34 @@ use crate::upstream::{Backend, BackendState, Upstream};
 /// The live configuration, read lock-free by every request.
 pub type Live = Arc<ArcSwap<Snapshot>>;
 
+/// A worker thread's own reference to the live snapshot. Requests clone this
+/// outer `Arc`, whose count only their own thread touches, instead of the
+/// snapshot's, which every worker would bounce between cores on every request.
+pub type SnapshotShare = Arc<Arc<Snapshot>>;
+
+thread_local! {
+    /// This thread's share of the snapshot last seen live, with the `Live` it
+    /// came from (tests run several proxies in one process).
+    static SHARE: std::cell::RefCell<Option<(usize, SnapshotShare)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The live snapshot, as this thread's share of it (made anew after a reload).
+pub fn current(live: &Live) -> SnapshotShare {
+    let snapshot = live.load();
+    let live_id = Arc::as_ptr(live) as usize;
+    SHARE.with(|share| {
+        let mut share = share.borrow_mut();
+        if let Some((id, cached)) = share.as_ref() {
+            if *id == live_id && Arc::ptr_eq(&**cached, &*snapshot) {
+                return Arc::clone(cached);
+            }
+        }
+        let fresh: SnapshotShare = Arc::new(arc_swap::Guard::into_inner(snapshot));
+        *share = Some((live_id, Arc::clone(&fresh)));
+        fresh
+    })
+}
+
 #[derive(Debug)]
 pub struct Snapshot {
     pub generation: u64,
@@ -139,8 +167,19 @@ impl Snapshot {
         let routes = config
             .routes
             .iter()
-            .map(|r| Route {
-                name: r.name.as_str().into(),
+            .map(|r| {
+                let name: Arc<str> = r.name.as_str().into();
+                let upstream = by_name[r.upstream.as_str()];
+                (r, name, upstream)
+            })
+            .map(|(r, name, upstream)| Route {
+                requests: upstream
+                    .backends
+                    .iter()
+                    .map(|b| crate::metrics::RequestCounters::new(&name, &upstream.name, Some(&b.address)))
+                    .collect(),
+                requests_without_backend: crate::metrics::RequestCounters::new(&name, &upstream.name, None),
+                name,
                 host: r.host.clone(),
                 path_prefix: r.path_prefix.clone(),
                 methods: r.methods.clone(),

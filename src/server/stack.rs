@@ -36,7 +36,7 @@ use crate::error::ProxyError;
 use crate::observe::{Observe, RequestNotes};
 use crate::proxy::Forward;
 use crate::route::Route;
-use crate::state::{Live, Snapshot};
+use crate::state::{Live, SnapshotShare};
 
 /// The complete request path for one proxy instance.
 pub type ProxyStack = RequestId<Observe<ErrorResponse<RouteService<Forward>>>>;
@@ -168,7 +168,7 @@ impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for Err
 /// The snapshot a request runs on and the route it matched, for inner layers.
 #[derive(Clone, Debug)]
 pub struct RouteMatch {
-    pub snapshot: Arc<Snapshot>,
+    pub snapshot: SnapshotShare,
     index: usize,
 }
 
@@ -201,13 +201,12 @@ where
             return Either::Left(futures_util::future::ready(Err(error)));
         }
         // One load per request: this request sees this snapshot to its end.
-        let snapshot = self.live.load_full();
+        let snapshot = crate::state::current(&self.live);
         let Some(index) = snapshot.router.find_index(&request) else {
             return Either::Left(futures_util::future::ready(Err(ProxyError::NoRoute)));
         };
         if let Some(notes) = request.extensions().get::<Arc<RequestNotes>>() {
-            let route = &snapshot.router.routes()[index];
-            notes.route(&route.name, &route.upstream.name, &route.duration);
+            notes.route(&snapshot, index);
         }
         request.extensions_mut().insert(RouteMatch { snapshot, index });
         Either::Right(self.inner.call(request))
