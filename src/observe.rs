@@ -26,8 +26,12 @@ use crate::body::{BoxError, ProxyBody};
 use crate::conn::ConnInfo;
 use crate::state::{Live, SnapshotShare};
 
-/// Filled in by the layers a request passes through.
+/// What the layers a request passes through know of it, in the one request
+/// extension the proxy adds: the client connection (from the listener), the
+/// route (from routing), and what forwarding did.
 pub struct RequestNotes {
+    /// The client connection; `None` only outside a listener (tests, benches).
+    conn: Option<Arc<ConnInfo>>,
     /// The snapshot the request runs on and its route's index there.
     route: OnceLock<(SnapshotShare, usize)>,
     /// Index of the last backend tried in the route's upstream; `NONE` if none.
@@ -40,18 +44,32 @@ const NONE: usize = usize::MAX;
 
 impl Default for RequestNotes {
     fn default() -> Self {
+        RequestNotes::new(None)
+    }
+}
+
+impl RequestNotes {
+    pub fn new(conn: Option<Arc<ConnInfo>>) -> Self {
         RequestNotes {
+            conn,
             route: OnceLock::new(),
             backend: AtomicUsize::new(NONE),
             attempts: AtomicU32::new(0),
             queue_wait_micros: AtomicU64::new(0),
         }
     }
-}
 
-impl RequestNotes {
-    pub fn route(&self, snapshot: &SnapshotShare, index: usize) {
-        let _ = self.route.set((Arc::clone(snapshot), index));
+    pub fn set_route(&self, snapshot: SnapshotShare, index: usize) {
+        let _ = self.route.set((snapshot, index));
+    }
+
+    /// The snapshot the request runs on and the index of its route there.
+    pub fn route(&self) -> Option<(&SnapshotShare, usize)> {
+        self.route.get().map(|(snapshot, index)| (snapshot, *index))
+    }
+
+    pub fn conn(&self) -> Option<&Arc<ConnInfo>> {
+        self.conn.as_ref()
     }
 
     /// A try went to backend `index` of the route's upstream.
@@ -105,10 +123,17 @@ where
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        let notes = Arc::new(RequestNotes::default());
-        request.extensions_mut().insert(Arc::clone(&notes));
+        // The listener attaches the notes; a stack used on its own gets fresh ones.
+        let notes = match request.extensions().get::<Arc<RequestNotes>>() {
+            Some(notes) => Arc::clone(notes),
+            None => {
+                let notes = Arc::new(RequestNotes::default());
+                request.extensions_mut().insert(Arc::clone(&notes));
+                notes
+            }
+        };
         let access = self.live.load().access_log.then(|| AccessFields {
-            client: request.extensions().get::<std::sync::Arc<ConnInfo>>().map(|c| c.client),
+            client: notes.conn().map(|c| c.client),
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
             request_id: request.headers().get("x-request-id").cloned(),

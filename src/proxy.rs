@@ -32,7 +32,6 @@ use crate::error::ProxyError;
 use crate::observe::RequestNotes;
 use crate::queue::Priority;
 use crate::retry;
-use crate::server::stack::RouteMatch;
 use crate::upstream::{InFlightGuard, Unavailable, Upstream};
 
 #[derive(Clone, Debug)]
@@ -77,12 +76,12 @@ async fn forward(
     clients: Arc<UpstreamClients>,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let matched = request.extensions_mut().remove::<RouteMatch>().expect("the route layer runs first");
-    let conn = request.extensions_mut().remove::<Arc<ConnInfo>>().expect("the listener attaches ConnInfo");
-    let notes = request.extensions_mut().remove::<Arc<RequestNotes>>().unwrap_or_default();
-    let route = matched.route();
+    let notes = request.extensions_mut().remove::<Arc<RequestNotes>>().expect("the observe layer attaches notes");
+    let (snapshot, index) = notes.route().expect("the route layer runs first");
+    let conn = Arc::clone(notes.conn().expect("the listener attaches the connection"));
+    let route = &snapshot.router.routes()[index];
     let upstream = &route.upstream;
-    let limits = &matched.snapshot.limits;
+    let limits = &snapshot.limits;
     // One deadline for the whole exchange up to the response head: queueing,
     // every try and every backoff. Each try's timer is cut to it, so a timeout
     // is one event, seen by the try it ends and charged to that try's backend.

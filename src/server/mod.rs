@@ -34,6 +34,7 @@ use tower::Service;
 use crate::body::ProxyBody;
 use crate::config::Limits;
 use crate::conn::{ConnInfo, ConnectionSlot, SendTimeoutIo, TunnelHome};
+use crate::observe::RequestNotes;
 use crate::state::Live;
 use stack::ProxyStack;
 use workers::Workers;
@@ -338,7 +339,7 @@ impl Service<Request<Incoming>> for WithConnInfo {
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        request.extensions_mut().insert(Arc::clone(&self.info));
+        request.extensions_mut().insert(Arc::new(RequestNotes::new(Some(Arc::clone(&self.info)))));
         self.activity.request_started();
         TrackActivity { inner: self.inner.call(request), activity: Some(Arc::clone(&self.activity)) }
     }

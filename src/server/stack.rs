@@ -14,9 +14,10 @@
 //!    fails with `NoHealthyBackend` (503), `UpstreamConnect` / `UpstreamReset`
 //!    (502), `UpstreamTimeout` (504) or `BodyTooLarge` (413).
 //!
-//! Layers pass context down in request extensions (`ConnInfo` from the
-//! listener, [`RouteMatch`] from routing), and use named futures rather than
-//! boxed ones where the logic is a simple mapping.
+//! Layers pass context down in one request extension, `observe::RequestNotes`
+//! (made by the listener with its `ConnInfo`, given the route by routing), so
+//! a request costs one extension allocation; they use named futures rather
+//! than boxed ones where the logic is a simple mapping.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,8 +36,7 @@ use crate::client::UpstreamClients;
 use crate::error::ProxyError;
 use crate::observe::{Observe, RequestNotes};
 use crate::proxy::Forward;
-use crate::route::Route;
-use crate::state::{Live, SnapshotShare};
+use crate::state::Live;
 
 /// The complete request path for one proxy instance.
 pub type ProxyStack = RequestId<Observe<ErrorResponse<RouteService<Forward>>>>;
@@ -165,19 +165,6 @@ impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for Err
 
 // ---- 3. routing ------------------------------------------------------------------
 
-/// The snapshot a request runs on and the route it matched, for inner layers.
-#[derive(Clone, Debug)]
-pub struct RouteMatch {
-    pub snapshot: SnapshotShare,
-    index: usize,
-}
-
-impl RouteMatch {
-    pub fn route(&self) -> &Route {
-        &self.snapshot.router.routes()[self.index]
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct RouteService<S> {
     inner: S,
@@ -205,10 +192,8 @@ where
         let Some(index) = snapshot.router.find_index(&request) else {
             return Either::Left(futures_util::future::ready(Err(ProxyError::NoRoute)));
         };
-        if let Some(notes) = request.extensions().get::<Arc<RequestNotes>>() {
-            notes.route(&snapshot, index);
-        }
-        request.extensions_mut().insert(RouteMatch { snapshot, index });
+        let notes = request.extensions().get::<Arc<RequestNotes>>().expect("the observe layer attaches notes");
+        notes.set_route(snapshot, index);
         Either::Right(self.inner.call(request))
     }
 }
