@@ -1,5 +1,6 @@
 //! Cost of one balancing decision (pick + release) per policy, for a small bot
-//! fleet and a large RPC fleet. Run: `cargo bench --bench balance`.
+//! fleet, a large RPC fleet and a very large one (10,000 backends). Run:
+//! `cargo bench --bench balance`.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -40,7 +41,7 @@ fn picks(c: &mut Criterion) {
     headers.insert("x-job-id", "job-123456".parse().unwrap());
     let uri = http::Uri::from_static("/robot/run");
     let request = PickRequest { headers: &headers, uri: &uri, client_ip: IpAddr::from([127, 0, 0, 1]), exclude: &[] };
-    for size in [3, 100] {
+    for size in [3, 100, 10_000] {
         let (configs, backends) = fleet(size);
         for (name, policy) in &policies {
             let balancer = Balancer::new(policy, &configs);
