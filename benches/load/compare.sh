@@ -11,6 +11,8 @@
 # Usage: benches/load/compare.sh            (ROUNDS=3 DURATION=10 by default)
 #        ROUNDS=5 DURATION=15 benches/load/compare.sh
 #        TARGETS="switchyard haproxy" benches/load/compare.sh
+#        PERF=1 benches/load/compare.sh   (adds context switches and system calls
+#                                          per request, every thread, from perf stat)
 # Installs haproxy, nginx, wrk and h2load (Debian packages) when missing.
 # Never run it beside a build or another benchmark.
 set -euo pipefail
@@ -184,9 +186,21 @@ done
 
 results="$work/results.tsv"
 : >"$results"
+PERF=${PERF:-0}
+# perf stat over every thread of the target for the middle of a run: prints
+# "context_switches syscalls seconds".
+perf_window() {
+  local seconds=$((DURATION > 4 ? DURATION - 2 : 1))
+  sleep 1
+  perf stat --per-thread -x, -e context-switches,raw_syscalls:sys_enter \
+    -p "$(target_pids "$1" | tr ' ' ',')" -o "$work/perf.csv" -- sleep "$seconds" 2>/dev/null
+  awk -F, -v s="$seconds" '$4 == "context-switches" { cs += $2 } $4 ~ /sys_enter/ { sc += $2 } END { print cs + 0, sc + 0, s }' "$work/perf.csv"
+}
+
 run() { # target scenario round
   local target=$1 scenario=$2 out="$work/out"
-  local before after requests rps p50 p99 errors
+  local before after requests rps p50 p99 errors perf_pid=""
+  if [ "$PERF" = 1 ]; then perf_window "$target" >"$work/perf.out" & perf_pid=$!; fi
   before=$(cpu_ticks "$target")
   case $scenario in
     c64 | c256)
@@ -208,8 +222,16 @@ run() { # target scenario round
       errors=$(awk '/^requests:/ { print $10 + $12 }' "$out")
       ;;
   esac
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$scenario" "$3" "$rps" "$p50" "$p99" "$errors" \
-    "$((after - before))" "$requests" >>"$results"
+  local switches="-" syscalls="-"
+  if [ -n "$perf_pid" ]; then
+    wait "$perf_pid"
+    read -r cs sc seconds <"$work/perf.out"
+    # Per request, at the run's average rate.
+    switches=$(awk -v c="$cs" -v s="$seconds" -v r="$rps" 'BEGIN { printf "%.3f", c / (s * r) }')
+    syscalls=$(awk -v c="$sc" -v s="$seconds" -v r="$rps" 'BEGIN { printf "%.2f", c / (s * r) }')
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$scenario" "$3" "$rps" "$p50" "$p99" "$errors" \
+    "$((after - before))" "$requests" "$switches" "$syscalls" >>"$results"
   printf '  round %s %-5s %-11s %10s req/s  p50 %-9s p99 %-9s errors %s\n' "$3" "$scenario" "$target" "$rps" "$p50" "$p99" "$errors"
 }
 
@@ -238,9 +260,13 @@ def millis(text):
     return float(text)
 
 cells = defaultdict(list)
-for target, scenario, _round, rps, p50, p99, errors, cpu, requests in rows:
+def number(text):
+    return None if text == "-" else float(text)
+
+for target, scenario, _round, rps, p50, p99, errors, cpu, requests, switches, syscalls in rows:
     cpu_us = int(cpu) * 1e6 / ticks / max(int(requests), 1)
-    cells[(target, scenario)].append((float(rps), millis(p50), millis(p99), int(errors), cpu_us))
+    cells[(target, scenario)].append(
+        (float(rps), millis(p50), millis(p99), int(errors), cpu_us, number(switches), number(syscalls)))
 
 targets = list(dict.fromkeys(r[0] for r in rows))
 scenarios = list(dict.fromkeys(r[1] for r in rows))
@@ -254,15 +280,16 @@ def ratio(value, base):
     return f" ({value / base:.2f}x)" if value is not None and base else ""
 print()
 print(f"medians of {len(rows) // max(len(cells), 1)} rounds; ratio to {reference} in the same run")
-print("| target | scenario | req/s | p50 ms | p99 ms | errors | CPU us/req | peak RSS MiB |")
-print("|---|---|---|---|---|---|---|---|")
+print("| target | scenario | req/s | p50 ms | p99 ms | errors | CPU us/req | ctx switches/req | syscalls/req | peak RSS MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for target in targets:
     for scenario in scenarios:
-        rps, p50, p99, errors, cpu = summary[(target, scenario)]
+        rps, p50, p99, errors, cpu, switches, syscalls = summary[(target, scenario)]
         base = summary.get((reference, scenario))
         fmt = lambda v, digits: "-" if v is None else f"{v:.{digits}f}"
         print(f"| {target} | {scenario} | {rps:,.0f}{ratio(rps, base[0])} | {fmt(p50, 2)}{ratio(p50, base[1])} "
               f"| {fmt(p99, 2)}{ratio(p99, base[2])} | {errors:.0f} | {cpu:.1f}{ratio(cpu, base[4])} "
+              f"| {fmt(switches, 3)} | {fmt(syscalls, 2)} "
               f"| {rss[target] / 1024:.1f}{ratio(rss[target], rss.get(reference))} |")
 print("(h2c p50 is h2load's mean time per request; h2load gives no percentiles)")
 EOF
