@@ -10,16 +10,19 @@ use switchyard::balance::{Balancer, PickRequest};
 use switchyard::config::{BackendConfig, PolicyConfig};
 use switchyard::upstream::Backend;
 
-fn fleet(n: usize) -> (Vec<BackendConfig>, Vec<Arc<Backend>>) {
-    let configs: Vec<BackendConfig> = (0..n)
+fn fleet(n: usize) -> Vec<BackendConfig> {
+    (0..n)
         .map(|i| BackendConfig {
             address: format!("10.0.{}.{}:8270", i / 250, i % 250 + 1),
             weight: 1 + (i % 3) as u32,
             max_concurrency: None,
         })
-        .collect();
-    let runtime = configs.iter().map(|c| Arc::new(Backend::detached(c))).collect();
-    (configs, runtime)
+        .collect()
+}
+
+/// The backends as a compiled upstream has them, keeping the policy's totals.
+fn attached(configs: &[BackendConfig], balancer: &Balancer) -> Vec<Arc<Backend>> {
+    configs.iter().map(|c| Arc::new(Backend { load: balancer.upstream_load(), ..Backend::detached(c) })).collect()
 }
 
 fn picks(c: &mut Criterion) {
@@ -42,9 +45,10 @@ fn picks(c: &mut Criterion) {
     let uri = http::Uri::from_static("/robot/run");
     let request = PickRequest { headers: &headers, uri: &uri, client_ip: IpAddr::from([127, 0, 0, 1]), exclude: &[] };
     for size in [3, 100, 10_000] {
-        let (configs, backends) = fleet(size);
+        let configs = fleet(size);
         for (name, policy) in &policies {
             let balancer = Balancer::new(policy, &configs);
+            let backends = attached(&configs, &balancer);
             group.bench_with_input(BenchmarkId::new(*name, size), &size, |b, _| {
                 b.iter(|| balancer.pick(&backends, &request).expect("a free backend"))
             });

@@ -123,6 +123,8 @@ impl Snapshot {
                 }
                 let queue = u.queue.as_ref().map(|_| queues.get(u.name.as_str()).cloned().unwrap_or_default());
                 let upstream_name: Arc<str> = u.name.as_str().into();
+                let balancer = Balancer::new(&u.policy, &u.backends);
+                let load = balancer.upstream_load();
                 let backends = u
                     .backends
                     .iter()
@@ -149,13 +151,14 @@ impl Snapshot {
                             slow_start: u.health.slow_start,
                             breaker: u.circuit_breaker,
                             queue: queue.clone(),
+                            load: load.clone(),
                         })
                     })
                     .collect();
                 Arc::new(Upstream {
                     name: upstream_name,
                     backends,
-                    balancer: Balancer::new(&u.policy, &u.backends),
+                    balancer,
                     protocol: u.protocol,
                     config: u.clone(),
                     ejection_lock: Default::default(),

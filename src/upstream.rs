@@ -66,6 +66,51 @@ pub struct Backend {
     pub breaker: Option<BreakerConfig>,
     /// The upstream's wait queue, told when this backend frees a slot.
     pub queue: Option<Arc<WaitQueue>>,
+    /// The upstream's running in-flight total, kept only when a policy needs
+    /// it (bounded load).
+    pub load: Option<Arc<UpstreamLoad>>,
+}
+
+/// An upstream's total in-flight count and how many of its backends can serve,
+/// so that bounded load's mean costs O(1) per pick, not a walk over every
+/// backend. The total is exact (kept by every slot taken and given back); the
+/// serving count is recounted at most every [`UpstreamLoad::RECOUNT`].
+#[derive(Debug, Default)]
+pub struct UpstreamLoad {
+    in_flight: AtomicU64,
+    /// Backends that can serve, and the in-flight requests on those that cannot
+    /// (still finishing), as of `counted_at`.
+    serving: AtomicU64,
+    not_serving_in_flight: AtomicU64,
+    counted_at: AtomicU64,
+}
+
+impl UpstreamLoad {
+    /// How stale the serving count may get: health changes reach the mean
+    /// within this.
+    pub const RECOUNT: Duration = Duration::from_millis(100);
+
+    /// (in-flight on serving backends, serving backends), recounting the
+    /// latter if it is older than [`Self::RECOUNT`].
+    pub fn serving_load(&self, backends: &[Arc<Backend>]) -> (u64, u64) {
+        let now = nanos_since_epoch();
+        let counted_at = self.counted_at.load(Ordering::Relaxed);
+        if counted_at == 0 || now.saturating_sub(counted_at) > Self::RECOUNT.as_nanos() as u64 {
+            let (mut serving, mut elsewhere) = (0, 0);
+            for backend in backends {
+                if backend.is_healthy(now) && backend.circuit_allows(now) {
+                    serving += 1;
+                } else {
+                    elsewhere += u64::from(backend.in_flight());
+                }
+            }
+            self.serving.store(serving, Ordering::Relaxed);
+            self.not_serving_in_flight.store(elsewhere, Ordering::Relaxed);
+            self.counted_at.store(now.max(1), Ordering::Relaxed);
+        }
+        let total = self.in_flight.load(Ordering::Relaxed);
+        (total.saturating_sub(self.not_serving_in_flight.load(Ordering::Relaxed)), self.serving.load(Ordering::Relaxed))
+    }
 }
 
 /// Why no backend of an upstream could take a request.
@@ -94,6 +139,7 @@ impl Backend {
             slow_start: None,
             breaker: None,
             queue: None,
+            load: None,
         }
     }
 
@@ -119,7 +165,10 @@ impl Backend {
                 return None;
             }
         }
-        Some(InFlightGuard { state: Arc::clone(&self.state), queue: self.queue.clone() })
+        if let Some(load) = &self.load {
+            load.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(InFlightGuard { state: Arc::clone(&self.state), queue: self.queue.clone(), load: self.load.clone() })
     }
 
     /// Whether the circuit breaker (if any) would let a request through now.
@@ -206,6 +255,7 @@ impl BackendState {
 pub struct InFlightGuard {
     state: Arc<BackendState>,
     queue: Option<Arc<WaitQueue>>,
+    load: Option<Arc<UpstreamLoad>>,
 }
 
 impl InFlightGuard {
@@ -217,6 +267,9 @@ impl InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(load) = &self.load {
+            load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(queue) = &self.queue {
             queue.slot_freed();
         }

@@ -19,7 +19,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::{acquire, acquire_unramped, extract_key, first_available_from, Pick, PickRequest, Policy, RoundRobin};
 use crate::config::{BackendConfig, KeySpec};
-use crate::upstream::Backend;
+use crate::upstream::{Backend, UpstreamLoad};
 
 /// Enough points per unit of weight for an even spread (a standard deviation of
 /// about 10% of the mean share with 100 points).
@@ -33,6 +33,8 @@ pub struct ConsistentHash {
     ring: Vec<(u64, u32)>,
     key: KeySpec,
     bounded_load: Option<f64>,
+    /// The upstream's in-flight total; its backends keep it (see `Backend::load`).
+    load: Arc<UpstreamLoad>,
     keyless: RoundRobin,
 }
 
@@ -46,7 +48,7 @@ impl ConsistentHash {
             }
         }
         ring.sort_unstable();
-        ConsistentHash { ring, key, bounded_load, keyless: RoundRobin::new(backends) }
+        ConsistentHash { ring, key, bounded_load, load: Arc::default(), keyless: RoundRobin::new(backends) }
     }
 
     fn first_point(&self, key_hash: u64) -> usize {
@@ -65,12 +67,7 @@ impl ConsistentHash {
         let Some(factor) = self.bounded_load else {
             return u32::MAX;
         };
-        let now = crate::upstream::nanos_since_epoch();
-        let (mut total, mut serving) = (0u64, 0u64);
-        for backend in backends.iter().filter(|b| b.is_healthy_now() && b.circuit_allows(now)) {
-            total += u64::from(backend.in_flight());
-            serving += 1;
-        }
+        let (total, serving) = self.load.serving_load(backends);
         let cap = (factor * (total + 1) as f64 / serving.max(1) as f64).ceil();
         cap.min(f64::from(u32::MAX)) as u32
     }
@@ -123,6 +120,11 @@ impl ConsistentHash {
 
     pub fn key(&self) -> &KeySpec {
         &self.key
+    }
+
+    /// The running total its backends must keep (`Backend::load`), when bounded.
+    pub fn upstream_load(&self) -> Option<&Arc<UpstreamLoad>> {
+        self.bounded_load.is_some().then_some(&self.load)
     }
 }
 
@@ -191,10 +193,19 @@ mod tests {
         assert!(moved > 100 && moved < 300, "about a fifth of keys were on the removed backend: {moved}");
     }
 
+    /// Backends keeping the policy's running total, as a compiled upstream's do.
+    fn attached(policy: &ConsistentHash, configs: &[BackendConfig]) -> Vec<Arc<Backend>> {
+        configs
+            .iter()
+            .map(|c| Arc::new(Backend { load: policy.upstream_load().cloned(), ..Backend::detached(c) }))
+            .collect()
+    }
+
     #[test]
     fn bounded_load_spills_to_the_next_backend() {
-        let (configs, runtime) = backends(&[(1, None); 4]);
+        let (configs, _) = backends(&[(1, None); 4]);
         let policy = ConsistentHash::new(&configs, "header:x-job-id".parse().unwrap(), Some(1.25));
+        let runtime = attached(&policy, &configs);
         let (headers, uri) = key_request("hot");
         let mut held = Vec::new();
         for _ in 0..40 {
@@ -209,12 +220,13 @@ mod tests {
 
     #[test]
     fn bounded_load_holds_over_the_backends_that_can_serve() {
-        let (configs, runtime) = backends(&[(1, None); 4]);
+        let (configs, _) = backends(&[(1, None); 4]);
+        let policy = ConsistentHash::new(&configs, "header:x-job-id".parse().unwrap(), Some(1.25));
+        let runtime = attached(&policy, &configs);
         // Two of four are ejected: the mean is over the two that serve.
         let far_future = u64::MAX / 2;
         runtime[0].state.passive.eject_until_for_test(far_future);
         runtime[1].state.passive.eject_until_for_test(far_future);
-        let policy = ConsistentHash::new(&configs, "header:x-job-id".parse().unwrap(), Some(1.25));
         let mut held = Vec::new();
         for key in 0..40 {
             let (headers, uri) = key_request(if key % 5 == 0 { "cold" } else { "hot" });

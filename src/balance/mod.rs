@@ -86,6 +86,15 @@ impl Balancer {
         }
     }
 
+    /// The running in-flight total the upstream's backends must keep for this
+    /// policy, if it needs one (`consistent_hash` with `bounded_load`).
+    pub fn upstream_load(&self) -> Option<Arc<crate::upstream::UpstreamLoad>> {
+        match self {
+            Balancer::ConsistentHash(policy) => policy.upstream_load().cloned(),
+            _ => None,
+        }
+    }
+
     pub fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
         match self {
             Balancer::RoundRobin(policy) => policy.pick(backends, request),
