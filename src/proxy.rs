@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::balance::{Pick, PickRequest};
 use crate::body::{BoxError, ClientBody, ClientBodyError, ClientBodyTimeout, Guarded, ProxyBody};
-use crate::client::UpstreamClients;
+use crate::client::{SendError, UpstreamBody, UpstreamClients};
 use crate::config::{RetryOn, UpstreamProtocol};
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
@@ -147,17 +147,22 @@ async fn forward(
         } else {
             clone_parts(template.as_ref().expect("present until the last try"))
         };
-        parts.uri = backend_uri(parts.uri, &backend.authority)?;
         match upstream.protocol {
             UpstreamProtocol::Http1 => {
+                // Origin form on the wire; the host travels in `Host`.
+                parts.uri = origin_form(parts.uri);
                 parts.version = Version::HTTP_11;
-                if let (false, Some(host)) = (parts.headers.contains_key(header::HOST), &original_host) {
-                    parts.headers.insert(header::HOST, host.clone());
+                if !parts.headers.contains_key(header::HOST) {
+                    let host = original_host.clone().unwrap_or_else(|| {
+                        HeaderValue::from_str(backend.authority.as_str()).expect("an authority is a valid header value")
+                    });
+                    parts.headers.insert(header::HOST, host);
                 }
             }
             UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
                 // HTTP/2 carries the authority in the URI; the original host
                 // travels in X-Forwarded-Host.
+                parts.uri = backend_uri(parts.uri, &backend.authority)?;
                 parts.version = Version::HTTP_2;
                 parts.headers.remove(header::HOST);
             }
@@ -170,7 +175,8 @@ async fn forward(
         let started = Instant::now();
         let per_try = policy.and_then(|p| p.config.per_try_timeout);
         let try_deadline = per_try.map_or(deadline, |limit| deadline.min(tokio::time::Instant::now() + limit));
-        let result = tokio::time::timeout_at(try_deadline, clients.for_protocol(upstream.protocol).request(outgoing));
+        let sent = clients.send(upstream.protocol, &backend.address, &backend.authority, outgoing);
+        let result = tokio::time::timeout_at(try_deadline, sent);
         let result = result.await;
         let took = started.elapsed();
         backend.upstream_duration.record(took.as_secs_f64());
@@ -232,7 +238,7 @@ async fn forward(
 
 /// One try's result, and the retry condition it matches, if any.
 struct Try {
-    answer: Result<Response<Incoming>, ProxyError>,
+    answer: Result<Response<UpstreamBody>, ProxyError>,
     retry_as: Option<RetryOn>,
 }
 
@@ -292,7 +298,7 @@ fn client_body_failure(error: &(dyn std::error::Error + 'static)) -> Option<Prox
 
 /// A response for the client built from a try that will not be the last one
 /// sent, without the backend slot attached (it was given back already).
-fn unguarded(mut response: Response<Incoming>) -> Response<ProxyBody> {
+fn unguarded(mut response: Response<UpstreamBody>) -> Response<ProxyBody> {
     strip_hop_by_hop(response.headers_mut(), false);
     response.map(|body| body.map_err(BoxError::from).boxed_unsync())
 }
@@ -389,7 +395,7 @@ async fn pick_backend(
 /// The response for the client: a tunnel for a 101, else the backend's
 /// response streaming back while holding the backend's slot.
 fn respond(
-    mut response: Response<Incoming>,
+    mut response: Response<UpstreamBody>,
     guard: InFlightGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     conn: &Arc<ConnInfo>,
@@ -495,6 +501,15 @@ fn add_forwarding_headers(headers: &mut HeaderMap, conn: &ConnInfo, host: Option
     }
 }
 
+/// The path and query alone: what an HTTP/1.1 request line carries to an
+/// origin server.
+fn origin_form(uri: Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri;
+    }
+    uri.path_and_query().map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()))
+}
+
 fn backend_uri(uri: Uri, authority: &http::uri::Authority) -> Result<Uri, ProxyError> {
     let mut parts = uri.into_parts();
     parts.scheme = Some(http::uri::Scheme::HTTP);
@@ -508,13 +523,16 @@ fn backend_uri(uri: Uri, authority: &http::uri::Authority) -> Result<Uri, ProxyE
 /// Maps a client failure to what the client is told and the retry condition
 /// it matches. A request body that exceeded the limit or broke mid-stream
 /// surfaces here as the body's error and is the client's fault, never retried.
-fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64) -> (ProxyError, Option<RetryOn>) {
-    if error.is_connect() {
-        let error = ProxyError::UpstreamConnect { backend: backend.to_owned(), source: Box::new(error) };
-        return (error, Some(RetryOn::ConnectFailure));
-    }
+fn classify(error: SendError, backend: &str, limit: u64) -> (ProxyError, Option<RetryOn>) {
+    let error = match error {
+        SendError::Connect(source) => {
+            let error = ProxyError::UpstreamConnect { backend: backend.to_owned(), source };
+            return (error, Some(RetryOn::ConnectFailure));
+        }
+        SendError::Request(error) => error,
+    };
     let mut refused = false;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
     while let Some(cause) = source {
         if cause.is::<http_body_util::LengthLimitError>() {
             return (ProxyError::BodyTooLarge { limit }, None);
@@ -529,7 +547,7 @@ fn classify(error: hyper_util::client::legacy::Error, backend: &str, limit: u64)
         source = cause.source();
     }
     let reason = if refused { RetryOn::Refused } else { RetryOn::Reset };
-    (ProxyError::UpstreamReset { backend: backend.to_owned(), source: Box::new(error) }, Some(reason))
+    (ProxyError::UpstreamReset { backend: backend.to_owned(), source: error }, Some(reason))
 }
 
 /// Reports one exchange's outcome to passive health detection and the breaker.

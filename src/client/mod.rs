@@ -1,8 +1,14 @@
-//! Pooled HTTP clients towards backends, one per upstream protocol.
+//! Pooled HTTP clients towards backends, one set per worker thread.
 //!
-//! The clients live for the whole process, outside the config snapshot, so a
-//! reload keeps every warm keep-alive connection; pools are keyed by backend
-//! address, so removed backends' idle connections simply expire.
+//! HTTP/1.1 goes through this crate's own per-worker pool (`http1`); h2c
+//! through hyper-util's client, whose HTTP/2 connections multiplex. The clients
+//! live for the whole process, outside the config snapshot, so a reload keeps
+//! every warm keep-alive connection; pools are keyed by backend address, so
+//! removed backends' idle connections simply expire.
+
+mod http1;
+
+pub use http1::UpstreamBody;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,9 +32,18 @@ pub type HttpClient = Client<TimedConnector, ProxyBody>;
 
 #[derive(Clone, Debug)]
 pub struct UpstreamClients {
-    http1: HttpClient,
+    http1: Arc<http1::Http1Pool>,
     h2c: HttpClient,
     connect_timeout: ConnectTimeout,
+}
+
+/// Why an exchange with a backend failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection: refused, unreachable, `connect_timeout`. Nothing was sent.
+    Connect(BoxError),
+    /// The connection failed during the exchange (or the request body did).
+    Request(BoxError),
 }
 
 impl UpstreamClients {
@@ -40,7 +55,7 @@ impl UpstreamClients {
         let connector = TimedConnector { http, timeout: connect_timeout.clone() };
         let mut builder = Client::builder(TokioExecutor::new());
         builder.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(POOL_IDLE_TIMEOUT);
-        let http1 = builder.clone().build(connector.clone());
+        let http1 = http1::Http1Pool::new(connector.clone());
         let h2c = builder
             .http2_only(true)
             // Pings keep a long-idle h2 connection from being silently dropped by NAT.
@@ -50,11 +65,24 @@ impl UpstreamClients {
         UpstreamClients { http1, h2c, connect_timeout }
     }
 
-    pub fn for_protocol(&self, protocol: UpstreamProtocol) -> &HttpClient {
+    /// Sends `request` to the backend `address` (`authority`). For HTTP/1.1
+    /// the request target must be in origin form, with `Host` set; for HTTP/2
+    /// the URI is absolute.
+    pub async fn send(
+        &self,
+        protocol: UpstreamProtocol,
+        address: &Arc<str>,
+        authority: &http::uri::Authority,
+        request: http::Request<ProxyBody>,
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
         match protocol {
-            UpstreamProtocol::Http1 => &self.http1,
+            UpstreamProtocol::Http1 => self.http1.send(address, authority, request).await,
             // `h2` (TLS) is rejected by config validation until upstream TLS exists.
-            UpstreamProtocol::H2c | UpstreamProtocol::H2 => &self.h2c,
+            UpstreamProtocol::H2c | UpstreamProtocol::H2 => match self.h2c.request(request).await {
+                Ok(response) => Ok(response.map(UpstreamBody::unpooled)),
+                Err(error) if error.is_connect() => Err(SendError::Connect(Box::new(error))),
+                Err(error) => Err(SendError::Request(Box::new(error))),
+            },
         }
     }
 
