@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use http::Request;
+use hyper_util::client::legacy::Client;
 
 use crate::support::*;
 
@@ -168,4 +169,23 @@ async fn bodies_over_the_limit_get_413() {
     // Within the limit: fine.
     let small = Request::post(proxy.url("/")).body(full(vec![b'x'; 1000])).unwrap();
     assert_eq!(send(&client, small).await.status, 200);
+}
+
+#[tokio::test]
+async fn backend_connections_are_kept_alive_and_reused_whatever_the_body() {
+    let backend = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config("{ policy: round_robin }", &[&backend], "")).await;
+    // One client connection, so every request is on one worker and its pool.
+    let client = Client::builder(hyper_util::rt::TokioExecutor::new()).pool_max_idle_per_host(1).build_http();
+    for round in 0..20 {
+        assert_eq!(get(&client, &proxy.url("/")).await.status, 200, "round {round}");
+        // Empty bodies, which the proxy may never poll: 204 and a HEAD.
+        assert_eq!(get(&client, &proxy.url("/status?code=204")).await.status, 204);
+        let head = send(&client, Request::head(proxy.url("/")).body(full("")).unwrap()).await;
+        assert_eq!(head.status, 200);
+        // A response the client reads to the end in pieces.
+        assert_eq!(get(&client, &proxy.url("/download?bytes=300000")).await.body.len(), 300_000);
+    }
+    assert_eq!(backend.hits(), 80);
+    assert_eq!(backend.stats.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one kept-alive connection");
 }

@@ -45,6 +45,8 @@ pub struct BackendStats {
     pub health_checks: AtomicUsize,
     /// When each request started, with its `x-job-id`.
     pub started: Mutex<Vec<(std::time::Instant, String)>>,
+    /// TCP connections accepted.
+    pub connections: AtomicUsize,
 }
 
 pub struct Backend {
@@ -74,6 +76,7 @@ impl Backend {
             tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else { continue };
+                    stats.connections.fetch_add(1, Ordering::SeqCst);
                     let (stats, name, mut killed) = (Arc::clone(&stats), Arc::clone(&name), killed.clone());
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |request| {
