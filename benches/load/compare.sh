@@ -13,6 +13,9 @@
 #        TARGETS="switchyard haproxy" benches/load/compare.sh
 #        PERF=1 benches/load/compare.sh   (adds context switches and system calls
 #                                          per request, every thread, from perf stat)
+#        FEATURES=1 benches/load/compare.sh  (Switchyard alone, plain and with one
+#                                          feature each: access log, retries, breaker,
+#                                          least_loaded, consistent_hash, queue; c64)
 # Installs haproxy, nginx, wrk and h2load (Debian packages) when missing.
 # Never run it beside a build or another benchmark.
 set -euo pipefail
@@ -20,6 +23,11 @@ cd "$(dirname "$0")/../.."
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
+FEATURES=${FEATURES:-0}
+if [ "$FEATURES" = 1 ]; then
+  TARGETS=${TARGETS:-"switchyard switchyard+access switchyard+retry switchyard+breaker switchyard+least_loaded switchyard+consistent_hash switchyard+queue"}
+  SCENARIOS=${SCENARIOS:-c64}
+fi
 TARGETS=${TARGETS:-"haproxy nginx switchyard"}
 SCENARIOS=${SCENARIOS:-"c64 c256 h2c"}
 
@@ -80,25 +88,41 @@ wait_port "$b1"; wait_port "$b2"; wait_port "$b3"
 declare -A H1_PORT H2_PORT
 for target in $TARGETS; do H1_PORT[$target]=$(free_port); H2_PORT[$target]=$(free_port); done
 
-if [[ " $TARGETS " == *" switchyard "* ]]; then
-  admin=$(free_port)
+# Switchyard targets: `switchyard` is the plain config; `switchyard+FEATURE`
+# adds one feature to it, to measure what each costs (FEATURES=1 runs them all).
+switchyard_config() { # target
+  local feature=${1#switchyard} access=false policy="{ policy: round_robin }" route="" upstream=""
+  case $feature in
+    "") ;;
+    +access) access=true ;;
+    +retry) route=", retry: { attempts: 3, per_try_timeout: 5s }" ;;
+    +breaker) upstream="circuit_breaker: { consecutive_failures: 5, failure_rate: 0.5, min_requests: 20, window: 10s, open_for: 10s }" ;;
+    +least_loaded) policy="{ policy: least_loaded }" ;;
+    +consistent_hash) policy="{ policy: consistent_hash, key: path, bounded_load: 1.25 }" ;;
+    +queue) upstream="queue: { max_waiting: 1000, timeout: 30s }" ;;
+    *) echo "unknown Switchyard feature: $feature" >&2; exit 2 ;;
+  esac
   # Switchyard serves HTTP/1.1 and h2c on one port.
-  H2_PORT[switchyard]=${H1_PORT[switchyard]}
-  cat >"$work/switchyard.yaml" <<EOF
-admin: { bind: "127.0.0.1:$admin" }
-log: { level: warn, access: false }
-listeners: [{ name: bench, bind: "127.0.0.1:${H1_PORT[switchyard]}" }]
-routes: [{ name: all, upstream: pool }]
+  H2_PORT[$1]=${H1_PORT[$1]}
+  cat >"$work/$1.yaml" <<YAML
+admin: { bind: "127.0.0.1:$(free_port)" }
+log: { level: warn, access: $access }
+listeners: [{ name: bench, bind: "127.0.0.1:${H1_PORT[$1]}" }]
+routes: [{ name: all, upstream: pool$route }]
 upstreams:
   pool:
-    balance: { policy: round_robin }
+    balance: $policy
     health: { active: { kind: http, path: /, interval: 2s, timeout: 1s } }
+    $upstream
     backends:
-      - { address: "127.0.0.1:$b1" }
-      - { address: "127.0.0.1:$b2" }
-      - { address: "127.0.0.1:$b3" }
-EOF
-fi
+      - { address: "127.0.0.1:$b1", max_concurrency: 100000 }
+      - { address: "127.0.0.1:$b2", max_concurrency: 100000 }
+      - { address: "127.0.0.1:$b3", max_concurrency: 100000 }
+YAML
+}
+for target in $TARGETS; do
+  case $target in switchyard*) switchyard_config "$target" ;; esac
+done
 if [[ " $TARGETS " == *" haproxy "* ]]; then
   cat >"$work/haproxy.cfg" <<EOF
 global
@@ -144,7 +168,8 @@ fi
 
 start_target() {
   case $1 in
-    switchyard) "$SWITCHYARD" run -c "$work/switchyard.yaml" 2>"$work/switchyard.err" & echo $! >"$work/switchyard.pid" ;;
+    # Logs (access lines with +access) go to a file, as an operator's would.
+    switchyard*) "$SWITCHYARD" run -c "$work/$1.yaml" 2>"$work/$1.log" & echo $! >"$work/$1.pid" ;;
     haproxy) haproxy -D -f "$work/haproxy.cfg" ;;
     nginx) nginx -c "$work/nginx.conf" -p "$work" ;;
   esac
