@@ -39,7 +39,15 @@ impl Workers {
             let handle = runtime.handle().clone();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {
+                crate::logging::buffer_this_thread();
+                runtime.spawn(async {
+                    loop {
+                        tokio::time::sleep(crate::logging::FLUSH_EVERY).await;
+                        crate::logging::flush_this_thread();
+                    }
+                });
                 let _ = runtime.block_on(stopped);
+                crate::logging::flush_this_thread();
             })?;
             workers.push(Worker { handle, clients: Arc::new(clients()), _stop: stop });
         }
