@@ -24,7 +24,7 @@ use tower::Service;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::conn::ConnInfo;
-use crate::state::{Live, SnapshotShare};
+use crate::state::{SnapshotShare, WorkerLive};
 
 /// What the layers a request passes through know of it, in the one request
 /// extension the proxy adds: the client connection (from the listener), the
@@ -86,11 +86,11 @@ impl RequestNotes {
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
-    live: Live,
+    live: WorkerLive,
 }
 
 impl<S> Observe<S> {
-    pub fn new(inner: S, live: Live) -> Self {
+    pub fn new(inner: S, live: WorkerLive) -> Self {
         Observe { inner, live }
     }
 }

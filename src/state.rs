@@ -23,6 +23,12 @@ use crate::upstream::{Backend, BackendState, Upstream};
 /// The live configuration, read lock-free by every request.
 pub type Live = Arc<ArcSwap<Snapshot>>;
 
+/// One worker's handle on the live config. The stack holds it and hyper clones
+/// the stack for every request: cloning this outer `Arc` touches a count only
+/// this worker uses, where cloning `Live` itself would bounce one count between
+/// every worker's core on every request.
+pub type WorkerLive = Arc<Live>;
+
 /// A worker thread's own reference to the live snapshot. Requests clone this
 /// outer `Arc`, whose count only their own thread touches, instead of the
 /// snapshot's, which every worker would bounce between cores on every request.

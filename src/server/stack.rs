@@ -36,13 +36,15 @@ use crate::client::UpstreamClients;
 use crate::error::ProxyError;
 use crate::observe::{Observe, RequestNotes};
 use crate::proxy::Forward;
-use crate::state::Live;
+use crate::state::{Live, WorkerLive};
 
 /// The complete request path for one proxy instance.
 pub type ProxyStack = RequestId<Observe<ErrorResponse<RouteService<Forward>>>>;
 
-/// Builds the stack; `live` is read per request, `clients` are shared pools.
+/// Builds one worker's stack; `live` is read per request, `clients` are the
+/// worker's pools.
 pub fn build(live: Live, clients: Arc<UpstreamClients>) -> ProxyStack {
+    let live: WorkerLive = Arc::new(live);
     ServiceBuilder::new()
         .layer_fn(RequestId)
         .layer_fn(|inner| Observe::new(inner, Arc::clone(&live)))
@@ -168,7 +170,7 @@ impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for Err
 #[derive(Clone, Debug)]
 pub struct RouteService<S> {
     inner: S,
-    live: Live,
+    live: WorkerLive,
 }
 
 impl<S> Service<Request<Incoming>> for RouteService<S>
