@@ -110,6 +110,8 @@ async fn forward(
     let body = ClientBody::new(body, limits.client_body_timeout);
     let mut body = match policy {
         Some(_) => RequestBody::replayable(body, deadline).await?,
+        // No body (most GETs): nothing to stream, and an empty body costs no allocation.
+        None if body.is_end_stream() => RequestBody::Replay(Bytes::new()),
         None => RequestBody::Streaming(Some(body)),
     };
     let attempts = match (policy, &body) {
@@ -271,6 +273,8 @@ impl RequestBody {
 
     fn for_try(&mut self, limit: u64) -> ProxyBody {
         match self {
+            // `Empty` is zero-sized: boxing it allocates nothing.
+            RequestBody::Replay(bytes) if bytes.is_empty() => crate::body::empty(),
             RequestBody::Replay(bytes) => crate::body::full(bytes.clone()),
             RequestBody::Streaming(body) => {
                 let body = body.take().expect("a streamed body is sent once");
