@@ -94,13 +94,20 @@ impl Http1Pool {
     fn checkout(&self, backend: &str) -> Option<SendRequest<ProxyBody>> {
         let mut idle = self.idle.lock().expect("never poisoned");
         let connections = idle.get_mut(backend)?;
-        while let Some(Idle { sender, .. }) = connections.pop() {
-            if sender.is_ready() {
-                return Some(sender);
+        let mut settling = Vec::new();
+        let found = loop {
+            let Some(idle) = connections.pop() else { break None };
+            if idle.sender.is_ready() {
+                break Some(idle.sender);
             }
-            // Closed (or, never returned unfinished, about to close): drop it.
-        }
-        None
+            if !idle.sender.is_closed() {
+                // Its last response has just ended and the connection task has
+                // not caught up yet: ready in a moment, so keep it.
+                settling.push(idle);
+            }
+        };
+        connections.extend(settling);
+        found
     }
 
     fn put(&self, backend: Arc<str>, sender: SendRequest<ProxyBody>) {
