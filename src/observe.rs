@@ -38,9 +38,14 @@ pub struct RequestNotes {
     backend: AtomicUsize,
     attempts: AtomicU32,
     queue_wait_micros: AtomicU64,
+    /// The backend of the last try when the request moved to a reloaded
+    /// upstream (rare: only then is this lock taken).
+    rerouted_to: std::sync::Mutex<Option<Arc<str>>>,
 }
 
 const NONE: usize = usize::MAX;
+/// The last try went to a rerouted upstream's backend (see `rerouted_to`).
+const REROUTED: usize = usize::MAX - 1;
 
 impl Default for RequestNotes {
     fn default() -> Self {
@@ -56,6 +61,7 @@ impl RequestNotes {
             backend: AtomicUsize::new(NONE),
             attempts: AtomicU32::new(0),
             queue_wait_micros: AtomicU64::new(0),
+            rerouted_to: std::sync::Mutex::new(None),
         }
     }
 
@@ -73,9 +79,22 @@ impl RequestNotes {
     }
 
     /// A try went to backend `index` of the route's upstream.
-    pub fn tried(&self, index: usize) {
-        self.backend.store(index, Ordering::Relaxed);
+    /// A try went to backend `index` of the route's upstream (`address`); after
+    /// a reroute the index is of the replacement upstream, so the address is
+    /// kept instead.
+    pub fn tried(&self, index: usize, rerouted: bool, address: &Arc<str>) {
+        if rerouted {
+            *self.rerouted_to.lock().expect("never poisoned") = Some(Arc::clone(address));
+            self.backend.store(REROUTED, Ordering::Relaxed);
+        } else {
+            self.backend.store(index, Ordering::Relaxed);
+        }
         self.attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The request moved to a reloaded upstream; no backend of it tried yet.
+    pub fn rerouted(&self) {
+        self.backend.store(NONE, Ordering::Relaxed);
     }
 
     pub fn queued(&self, waited: Duration) {
@@ -221,8 +240,18 @@ impl Record {
         let elapsed = self.started.elapsed();
         let route = self.notes.route.get().map(|(snapshot, index)| &snapshot.router.routes()[*index]);
         let backend_index = self.notes.backend.load(Ordering::Relaxed);
-        let backend = route.and_then(|r| r.upstream.backends.get(backend_index)).map(|b| &b.address);
+        let rerouted_to = (backend_index == REROUTED)
+            .then(|| self.notes.rerouted_to.lock().expect("never poisoned").clone())
+            .flatten();
+        let backend = match &rerouted_to {
+            Some(address) => Some(address),
+            None => route.and_then(|r| r.upstream.backends.get(backend_index)).map(|b| &b.address),
+        };
         match route {
+            Some(route) if rerouted_to.is_some() => {
+                crate::metrics::request(Some(&route.name), Some(&route.upstream.name), backend, status);
+                route.duration.record(elapsed.as_secs_f64());
+            }
             // Handles made once per route, backend and common status.
             Some(route) => {
                 route.requests.get(backend_index).unwrap_or(&route.requests_without_backend).count(status);

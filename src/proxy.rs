@@ -32,16 +32,19 @@ use crate::error::ProxyError;
 use crate::observe::RequestNotes;
 use crate::queue::Priority;
 use crate::retry;
+use crate::state::WorkerLive;
 use crate::upstream::{InFlightGuard, Unavailable, Upstream};
 
 #[derive(Clone, Debug)]
 pub struct Forward {
     clients: Arc<UpstreamClients>,
+    /// For a request that outlives its snapshot's backends (see `reroute`).
+    live: WorkerLive,
 }
 
 impl Forward {
-    pub fn new(clients: Arc<UpstreamClients>) -> Self {
-        Forward { clients }
+    pub fn new(clients: Arc<UpstreamClients>, live: WorkerLive) -> Self {
+        Forward { clients, live }
     }
 }
 
@@ -57,7 +60,7 @@ impl tower::Service<Request<Incoming>> for Forward {
     }
 
     fn call(&mut self, request: Request<Incoming>) -> ForwardFuture {
-        Box::pin(forward(Arc::clone(&self.clients), request))
+        Box::pin(forward(Arc::clone(&self.clients), Arc::clone(&self.live), request))
     }
 }
 
@@ -74,13 +77,16 @@ pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
 async fn forward(
     clients: Arc<UpstreamClients>,
+    live: WorkerLive,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let notes = request.extensions_mut().remove::<Arc<RequestNotes>>().expect("the observe layer attaches notes");
     let (snapshot, index) = notes.route().expect("the route layer runs first");
     let conn = Arc::clone(notes.conn().expect("the listener attaches the connection"));
     let route = &snapshot.router.routes()[index];
-    let upstream = &route.upstream;
+    // The upstream tries go to; a reload can replace it under a waiting request.
+    let mut upstream = Arc::clone(&route.upstream);
+    let mut reroutes = 0;
     let limits = &snapshot.limits;
     // One deadline for the whole exchange up to the response head: queueing,
     // every try and every backoff. Each try's timer is cut to it, so a timeout
@@ -126,22 +132,34 @@ async fn forward(
     let mut template = Some(parts);
     // The last try's answer, given to the client if no further try can start.
     let mut previous: Option<Result<Response<ProxyBody>, ProxyError>> = None;
+    let mut attempts_made = 0u32;
     loop {
-        let attempt = tried.len() as u32 + 1;
+        let attempt = attempts_made + 1;
         let last = attempt >= attempts;
 
         // 4. Pick a backend (waiting in the upstream's queue when every one is
-        //    busy); the pick reserves its in-flight slot.
+        //    busy); the pick reserves its in-flight slot. A request that waited
+        //    through a reload which replaced its upstream (its old backends are
+        //    retired) goes on with the new one.
         let parts = template.as_ref().expect("kept until the last try");
-        let picked = pick_backend(upstream, parts, &conn, &tried, deadline, &notes);
-        let pick = match (picked.await, previous.take()) {
+        let picked = pick_backend(&upstream, parts, &conn, &tried, deadline, &notes).await;
+        if let Err(ProxyError::NoHealthyBackend { .. } | ProxyError::CircuitOpen { .. }) = &picked {
+            if let Some(replacement) = reroute(&live, &upstream).filter(|_| reroutes < MAX_REROUTES) {
+                reroutes += 1;
+                upstream = replacement;
+                tried.clear();
+                notes.rerouted();
+                continue;
+            }
+        }
+        let pick = match (picked, previous.take()) {
             (Ok(pick), _) => pick,
             (Err(_), Some(previous)) => return previous,
             (Err(error), None) => return Err(error),
         };
         let backend = &upstream.backends[pick.index];
-        notes.tried(pick.index);
-        let outcome = Outcome { upstream, index: pick.index, reported: false };
+        notes.tried(pick.index, reroutes > 0, &backend.address);
+        let outcome = Outcome { upstream: &upstream, index: pick.index, reported: false };
 
         // 5. This try's request: absolute URI for the backend, its protocol.
         let mut parts = if last {
@@ -225,6 +243,7 @@ async fn forward(
         };
         tracing::debug!(backend = %backend.address, attempt, reason = retry::reason_label(reason), "retrying");
         tried.push(pick.index);
+        attempts_made += 1;
         // Give the slot back before waiting: the backoff is not the backend's time.
         drop(pick);
         let answer = result.answer.map(unguarded);
@@ -236,6 +255,15 @@ async fn forward(
         previous = Some(answer);
         tokio::time::sleep_until(resume).await;
     }
+}
+
+/// How many times one request may move to a reloaded upstream.
+const MAX_REROUTES: u32 = 3;
+
+/// The live config's upstream of the same name, if a reload replaced `upstream`.
+fn reroute(live: &WorkerLive, upstream: &Arc<Upstream>) -> Option<Arc<Upstream>> {
+    let current = crate::state::current(live);
+    current.upstreams.iter().find(|u| u.name == upstream.name && !Arc::ptr_eq(u, upstream)).cloned()
 }
 
 /// One try's result, and the retry condition it matches, if any.

@@ -50,7 +50,7 @@ pub fn build(live: Live, clients: Arc<UpstreamClients>) -> ProxyStack {
         .layer_fn(|inner| Observe::new(inner, Arc::clone(&live)))
         .layer_fn(ErrorResponse)
         .layer_fn(|inner| RouteService { inner, live: Arc::clone(&live) })
-        .service(Forward::new(clients))
+        .service(Forward::new(clients, Arc::clone(&live)))
 }
 
 // ---- 1. request id -----------------------------------------------------------

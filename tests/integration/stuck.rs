@@ -161,6 +161,9 @@ async fn a_queued_request_never_starts_on_a_backend_a_reload_removed() {
     let queued = tokio::time::timeout(Duration::from_secs(30), queued).await.expect("the queued job is answered");
     let queued = queued.unwrap();
     assert_eq!(old.hits(), 1, "the queued job never started on the removed bot (answer: {})", queued.status);
+    // It went on with the upstream the reload put in place.
+    assert_eq!((queued.status.as_u16(), queued.body.as_str()), (200, "new"));
+    assert_eq!(new.hits(), 1);
 }
 
 async fn ws_echo_backend() -> std::net::SocketAddr {
