@@ -2,8 +2,8 @@
 //! the connection's place under `max_connections`, and the bounds on waiting
 //! for a client that stops reading.
 //!
-//! [`ConnInfo`] rides in every request's extensions (as an `Arc`, one per
-//! connection). It owns the connection's [`ConnectionSlot`], so a WebSocket
+//! [`ConnInfo`] (one `Arc` per connection) rides with every request in its
+//! `observe::RequestNotes`. It owns the connection's [`ConnectionSlot`], so a WebSocket
 //! tunnel that outlives hyper's connection keeps the slot (and the
 //! `switchyard_connections_open` count) until the tunnel itself ends, and it
 //! carries what a tunnel needs to join the listener's drain.

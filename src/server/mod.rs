@@ -321,7 +321,7 @@ impl Activity {
     }
 }
 
-/// Attaches the connection's [`ConnInfo`] to each request.
+/// Gives each request its `RequestNotes`, holding the connection's [`ConnInfo`].
 #[derive(Clone)]
 struct WithConnInfo {
     inner: ProxyStack,
