@@ -196,8 +196,7 @@ async fn forward(
         let per_try = policy.and_then(|p| p.config.per_try_timeout);
         let try_deadline = per_try.map_or(deadline, |limit| deadline.min(tokio::time::Instant::now() + limit));
         let sent = clients.send(upstream.protocol, &backend.address, &backend.authority, outgoing);
-        let result = tokio::time::timeout_at(try_deadline, sent);
-        let result = result.await;
+        let result = tokio::time::timeout_at(try_deadline, sent).await;
         let took = started.elapsed();
         backend.upstream_duration.record(took.as_secs_f64());
         let result = match result {
@@ -376,25 +375,17 @@ async fn pick_backend(
         return try_pick().ok_or_else(unavailable);
     };
     let priority = Priority::from_header(config.priority_header.as_ref().and_then(|h| parts.headers.get(h)));
-    // The clock is read only by requests that really queue.
     let mut joined: Option<tokio::time::Instant> = None;
-    let waited = |joined: Option<tokio::time::Instant>| {
-        if let Some(joined) = joined {
-            notes.queued(joined.elapsed());
-        }
-    };
     let mut woken = false;
-    loop {
+    let outcome = loop {
         // While others wait, a newcomer queues behind them instead of taking
         // the slot the first of them was woken for.
         if woken || queue.waiting() == 0 {
             if let Some(pick) = try_pick() {
-                waited(joined);
-                return Ok(pick);
+                break Ok(pick);
             }
             if upstream.unavailable() != Unavailable::AllBusy {
-                waited(joined);
-                return Err(unavailable());
+                break Err(unavailable());
             }
         }
         let joined_at = *joined.get_or_insert_with(tokio::time::Instant::now);
@@ -402,26 +393,29 @@ async fn pick_backend(
         let deadline = queue_deadline.min(route_deadline);
         let Some(ticket) = queue.join(priority, config.max_waiting as usize, woken) else {
             crate::metrics::queue_rejected(&upstream.name, "full");
-            return Err(ProxyError::QueueFull { upstream: upstream.name.to_string() });
+            break Err(ProxyError::QueueFull { upstream: upstream.name.to_string() });
         };
         // Alone in the queue: a slot may have freed between the failed pick
         // and joining, with nobody there to be woken for it.
         if queue.waiting() == 1 {
             if let Some(pick) = try_pick() {
-                waited(joined);
-                return Ok(pick);
+                break Ok(pick);
             }
         }
         if tokio::time::timeout_at(deadline, ticket.wait()).await.is_err() {
-            waited(joined);
             if deadline < queue_deadline {
-                return Err(ProxyError::UpstreamTimeout);
+                break Err(ProxyError::UpstreamTimeout);
             }
             crate::metrics::queue_rejected(&upstream.name, "timeout");
-            return Err(ProxyError::QueueTimeout { upstream: upstream.name.to_string() });
+            break Err(ProxyError::QueueTimeout { upstream: upstream.name.to_string() });
         }
         woken = true;
+    };
+    // The clock is read only by requests that really queued.
+    if let Some(joined) = joined {
+        notes.queued(joined.elapsed());
     }
+    outcome
 }
 
 /// The response for the client: a tunnel for a 101, else the backend's

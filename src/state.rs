@@ -179,27 +179,26 @@ impl Snapshot {
             .map(|r| {
                 let name: Arc<str> = r.name.as_str().into();
                 let upstream = by_name[r.upstream.as_str()];
-                (r, name, upstream)
-            })
-            .map(|(r, name, upstream)| Route {
-                requests: upstream
-                    .backends
-                    .iter()
-                    .map(|b| crate::metrics::RequestCounters::new(&name, &upstream.name, Some(&b.address)))
-                    .collect(),
-                requests_without_backend: crate::metrics::RequestCounters::new(&name, &upstream.name, None),
-                name,
-                host: r.host.clone(),
-                path_prefix: r.path_prefix.clone(),
-                methods: r.methods.clone(),
-                headers: r.headers.clone(),
-                upstream: Arc::clone(by_name[r.upstream.as_str()]),
-                duration: crate::metrics::request_duration(&r.name.as_str().into(), &by_name[r.upstream.as_str()].name),
-                timeout: r.timeout,
-                retry: r.retry.clone().map(|config| RoutePolicy {
-                    budget: budgets.get(r.name.as_str()).cloned().unwrap_or_default(),
-                    config,
-                }),
+                Route {
+                    requests: upstream
+                        .backends
+                        .iter()
+                        .map(|b| crate::metrics::RequestCounters::new(&name, &upstream.name, Some(&b.address)))
+                        .collect(),
+                    requests_without_backend: crate::metrics::RequestCounters::new(&name, &upstream.name, None),
+                    duration: crate::metrics::request_duration(&name, &upstream.name),
+                    host: r.host.clone(),
+                    path_prefix: r.path_prefix.clone(),
+                    methods: r.methods.clone(),
+                    headers: r.headers.clone(),
+                    upstream: Arc::clone(upstream),
+                    timeout: r.timeout,
+                    retry: r.retry.clone().map(|config| RoutePolicy {
+                        budget: budgets.get(r.name.as_str()).cloned().unwrap_or_default(),
+                        config,
+                    }),
+                    name,
+                }
             })
             .collect();
         Snapshot {

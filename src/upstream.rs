@@ -313,7 +313,12 @@ impl PeakEwma {
 
     /// The current estimate in nanoseconds, or `None` before the first sample.
     pub fn estimate(&self) -> Option<f64> {
-        let value = self.decayed(nanos_since_epoch());
+        self.estimate_at(nanos_since_epoch())
+    }
+
+    /// [`Self::estimate`] at `now` (ns since epoch), for callers that have it.
+    pub fn estimate_at(&self, now: u64) -> Option<f64> {
+        let value = self.decayed(now);
         (value > 0.0).then_some(value)
     }
 

@@ -50,8 +50,7 @@ pub fn cheapest(backends: &[Arc<Backend>]) -> Option<usize> {
         if !backend.is_available() {
             continue;
         }
-        let known = backend.state.latency.estimate().is_some();
-        let cost = cost(backend, now, known);
+        let cost = cost(backend, now, backend.state.latency.estimate_at(now));
         if best.is_none_or(|(_, lowest)| cost < lowest) {
             best = Some((index, cost));
         }
@@ -59,21 +58,22 @@ pub fn cheapest(backends: &[Arc<Backend>]) -> Option<usize> {
     best.map(|(index, _)| index)
 }
 
-/// `in_flight * latency / effective weight`, or without the latency when
-/// `with_latency` is false.
-fn cost(backend: &Backend, now: u64, with_latency: bool) -> f64 {
-    let load = f64::from(backend.in_flight());
-    let latency = if with_latency { backend.state.latency.estimate().unwrap_or(1.0) } else { 1.0 };
-    load * latency / backend.effective_weight(now).max(f64::MIN_POSITIVE)
+/// `in_flight * latency / effective weight`; without a latency, `in_flight /
+/// effective weight`.
+fn cost(backend: &Backend, now: u64, latency: Option<f64>) -> f64 {
+    f64::from(backend.in_flight()) * latency.unwrap_or(1.0) / backend.effective_weight(now).max(f64::MIN_POSITIVE)
 }
 
 /// Whether `x` should get the next request rather than `y`.
 fn prefer(x: &Backend, y: &Backend, now: u64) -> bool {
-    if x.is_available() != y.is_available() {
-        return x.is_available();
+    let (x_available, y_available) = (x.is_available(), y.is_available());
+    if x_available != y_available {
+        return x_available;
     }
-    let with_latency = x.state.latency.estimate().is_some() && y.state.latency.estimate().is_some();
-    let (cx, cy) = (cost(x, now, with_latency), cost(y, now, with_latency));
+    // Latency weighs in only when both have a sample.
+    let latencies = (x.state.latency.estimate_at(now), y.state.latency.estimate_at(now));
+    let (lx, ly) = if latencies.0.is_some() && latencies.1.is_some() { latencies } else { (None, None) };
+    let (cx, cy) = (cost(x, now, lx), cost(y, now, ly));
     if cx != cy {
         return cx < cy;
     }
