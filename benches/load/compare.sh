@@ -16,6 +16,9 @@
 #        FEATURES=1 benches/load/compare.sh  (Switchyard alone, plain and with one
 #                                          feature each: access log, retries, breaker,
 #                                          least_loaded, consistent_hash, queue; c64)
+#        ALT_BIN=/path/to/switchyard TARGETS="switchyard switchyard@alt haproxy" ...
+#                                         (`switchyard@alt` is the plain config run by
+#                                          another build, e.g. other release settings)
 # Installs haproxy, nginx, wrk and h2load (Debian packages) when missing.
 # Never run it beside a build or another benchmark.
 set -euo pipefail
@@ -92,6 +95,7 @@ for target in $TARGETS; do H1_PORT[$target]=$(free_port); H2_PORT[$target]=$(fre
 # adds one feature to it, to measure what each costs (FEATURES=1 runs them all).
 switchyard_config() { # target
   local feature=${1#switchyard} access=false policy="{ policy: round_robin }" route="" upstream=""
+  [ "$feature" = "@alt" ] && feature=""
   case $feature in
     "") ;;
     +access) access=true ;;
@@ -169,6 +173,7 @@ fi
 start_target() {
   case $1 in
     # Logs (access lines with +access) go to a file, as an operator's would.
+    switchyard@alt) "${ALT_BIN:?ALT_BIN names the other build}" run -c "$work/$1.yaml" 2>"$work/$1.log" & echo $! >"$work/$1.pid" ;;
     switchyard*) "$SWITCHYARD" run -c "$work/$1.yaml" 2>"$work/$1.log" & echo $! >"$work/$1.pid" ;;
     haproxy) haproxy -D -f "$work/haproxy.cfg" ;;
     nginx) nginx -c "$work/nginx.conf" -p "$work" ;;
