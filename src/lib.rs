@@ -25,6 +25,7 @@ pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod demo;

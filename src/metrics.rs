@@ -265,7 +265,7 @@ pub fn upkeep() {
 /// scrape; gauges of backends no longer in the snapshot are not refreshed and
 /// expire.
 pub fn refresh_gauges(snapshot: &Snapshot) {
-    let now = crate::upstream::nanos_since_epoch();
+    let now = crate::clock::nanos_since_epoch();
     config_generation(snapshot.generation);
     for listener in &snapshot.config.listeners {
         // The listener task keeps the count; touching it keeps the series from

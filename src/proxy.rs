@@ -595,7 +595,7 @@ impl Outcome<'_> {
         crate::health::passive::record(self.upstream, self.index, failed);
         let backend = &self.upstream.backends[self.index];
         if let Some(config) = &backend.breaker {
-            backend.state.breaker.on_result(config, crate::upstream::nanos_since_epoch(), failed);
+            backend.state.breaker.on_result(config, crate::clock::nanos_since_epoch(), failed);
         }
     }
 }
@@ -629,12 +629,12 @@ async fn tunnel(
     };
     let home = conn.tunnels.as_ref();
     let idle_timeout = home.map_or(crate::config::Limits::default().tunnel_idle_timeout, |h| h.idle_timeout);
-    let last_read = Arc::new(AtomicU64::new(crate::upstream::nanos_since_epoch()));
+    let last_read = Arc::new(AtomicU64::new(crate::clock::nanos_since_epoch()));
     let mut client = ReadActivity { inner: TokioIo::new(client), last_read: Arc::clone(&last_read) };
     let mut backend = ReadActivity { inner: TokioIo::new(backend), last_read: Arc::clone(&last_read) };
     let idle = async {
         loop {
-            let quiet = crate::upstream::nanos_since_epoch().saturating_sub(last_read.load(Ordering::Relaxed));
+            let quiet = crate::clock::nanos_since_epoch().saturating_sub(last_read.load(Ordering::Relaxed));
             let quiet = Duration::from_nanos(quiet);
             if quiet >= idle_timeout {
                 return;
@@ -683,7 +683,7 @@ impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for ReadActivity<T> {
         let before = buf.filled().len();
         let poll = this.inner.poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.last_read.store(crate::upstream::nanos_since_epoch(), Ordering::Relaxed);
+            this.last_read.store(crate::clock::nanos_since_epoch(), Ordering::Relaxed);
         }
         poll
     }

@@ -22,12 +22,13 @@ use tokio::sync::Semaphore;
 use crate::admin::{self, AdminHandle};
 use crate::breaker::Phase;
 use crate::client::UpstreamClients;
+use crate::clock::nanos_since_epoch;
 use crate::config::{self, Config, ConfigErrors};
 use crate::health::active::Checkers;
 use crate::server::workers::Workers;
 use crate::server::{self, ListenerHandle, ServeContext};
 use crate::state::{Live, Snapshot};
-use crate::upstream::{nanos_since_epoch, Backend};
+use crate::upstream::Backend;
 
 /// Why a reload was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

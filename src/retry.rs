@@ -15,8 +15,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::clock::nanos_since_epoch;
 use crate::config::{RetryConfig, RetryOn};
-use crate::upstream::nanos_since_epoch;
 
 const WINDOW_SECONDS: u64 = 10;
 

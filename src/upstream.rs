@@ -7,11 +7,12 @@
 //! `BackendState` is an atomic: the request path never locks to read or update it.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::balance::Balancer;
 use crate::breaker::Breaker;
+use crate::clock::nanos_since_epoch;
 use crate::config::{BreakerConfig, UpstreamConfig, UpstreamProtocol};
 use crate::health::passive::PassiveState;
 use crate::health::{slow_start_factor, CheckStatus};
@@ -146,7 +147,7 @@ impl Backend {
     /// Reserves one request slot if the backend is healthy, not ejected, and
     /// below both its own `max_concurrency` and `cap` (a policy's extra bound,
     /// such as bounded load). The slot is held until the returned guard drops.
-    pub fn try_acquire(&self, cap: u32) -> Option<InFlightGuard> {
+    pub fn try_acquire(self: &Arc<Self>, cap: u32) -> Option<InFlightGuard> {
         if !self.is_healthy_now() {
             return None;
         }
@@ -168,7 +169,9 @@ impl Backend {
         if let Some(load) = &self.load {
             load.in_flight.fetch_add(1, Ordering::Relaxed);
         }
-        Some(InFlightGuard { state: Arc::clone(&self.state), queue: self.queue.clone(), load: self.load.clone() })
+        // One reference count for the whole slot: the backend holds its state,
+        // queue and upstream total.
+        Some(InFlightGuard { backend: Arc::clone(self) })
     }
 
     /// Whether the circuit breaker (if any) would let a request through now.
@@ -253,24 +256,25 @@ impl BackendState {
 /// the response body has been fully sent (or the exchange failed).
 #[derive(Debug)]
 pub struct InFlightGuard {
-    state: Arc<BackendState>,
-    queue: Option<Arc<WaitQueue>>,
-    load: Option<Arc<UpstreamLoad>>,
+    /// The backend as the snapshot that picked it has it: its state (carried
+    /// across reloads), and that snapshot's queue and upstream total.
+    backend: Arc<Backend>,
 }
 
 impl InFlightGuard {
     pub fn state(&self) -> &BackendState {
-        &self.state
+        &self.backend.state
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if let Some(load) = &self.load {
+        let backend = &self.backend;
+        backend.state.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(load) = &backend.load {
             load.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
-        if let Some(queue) = &self.queue {
+        if let Some(queue) = &backend.queue {
             queue.slot_freed();
         }
     }
@@ -333,26 +337,16 @@ impl PeakEwma {
     }
 }
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Monotonic nanoseconds since the first call; the time base of backend state.
-pub fn nanos_since_epoch() -> u64 {
-    epoch().elapsed().as_nanos() as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn backend(max: u32) -> Backend {
-        Backend::detached(&crate::config::BackendConfig {
+    fn backend(max: u32) -> Arc<Backend> {
+        Arc::new(Backend::detached(&crate::config::BackendConfig {
             address: "127.0.0.1:1".into(),
             weight: 1,
             max_concurrency: Some(max),
-        })
+        }))
     }
 
     #[test]
@@ -371,7 +365,11 @@ mod tests {
     async fn a_breaker_refusal_frees_the_slot_without_waking_the_queue() {
         let config = BreakerConfig { consecutive_failures: 1, ..BreakerConfig::default() };
         let queue = Arc::new(WaitQueue::default());
-        let b = Backend { breaker: Some(config), queue: Some(Arc::clone(&queue)), ..backend(1) };
+        let b = Arc::new(Backend {
+            breaker: Some(config),
+            queue: Some(Arc::clone(&queue)),
+            ..Arc::into_inner(backend(1)).unwrap()
+        });
         b.state.breaker.on_result(&config, nanos_since_epoch(), true);
         let ticket = queue.join(crate::queue::Priority::Normal, 10, false).unwrap();
         assert!(b.try_acquire(u32::MAX).is_none(), "the open circuit refuses");

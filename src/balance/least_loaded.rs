@@ -19,7 +19,8 @@
 use std::sync::Arc;
 
 use super::{acquire, first_available_from, Pick, PickRequest, Policy};
-use crate::upstream::{nanos_since_epoch, Backend};
+use crate::clock::nanos_since_epoch;
+use crate::upstream::Backend;
 
 #[derive(Debug, Default)]
 pub struct LeastLoaded;

@@ -111,7 +111,7 @@ impl Balancer {
 fn acquire(backends: &[Arc<Backend>], request: &PickRequest<'_>, index: usize, cap: u32) -> Option<Pick> {
     let backend = &backends[index];
     if backend.slow_start.is_some() {
-        let ramp = backend.ramp(crate::upstream::nanos_since_epoch());
+        let ramp = backend.ramp(crate::clock::nanos_since_epoch());
         if ramp < 1.0 && fastrand::f64() >= ramp {
             return None;
         }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::upstream::nanos_since_epoch;
+use crate::clock::nanos_since_epoch;
 
 /// Share of its weight a backend gets at the start of its slow-start window.
 pub const SLOW_START_FLOOR: f64 = 0.1;

@@ -12,8 +12,9 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::clock::nanos_since_epoch;
 use crate::config::PassiveConfig;
-use crate::upstream::{nanos_since_epoch, Upstream};
+use crate::upstream::Upstream;
 
 /// Ejection time grows to at most this multiple of `ejection_time`.
 const MAX_EJECTION_MULTIPLIER: u32 = 10;
