@@ -261,47 +261,19 @@ impl Record {
         }
         let (route_name, upstream) = route.map_or(("-", "-"), |r| (&*r.name, &*r.upstream.name));
         if let Some(access) = self.access {
-            let request_id = access.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
-            tracing::info!(
-                target: "access",
-                client = %OrEmpty(access.client),
-                method = %access.method,
-                path = %access.path,
-                route = route_name,
+            crate::logging::access(&crate::logging::AccessLine {
+                client: access.client,
+                method: access.method.as_str(),
+                path: &access.path,
+                route: route_name,
                 upstream,
-                backend = backend.map_or("-", |b| &**b),
-                status = %OrError(status),
-                attempts = self.notes.attempts.load(Ordering::Relaxed),
-                queue_wait_ms = self.notes.queue_wait_micros.load(Ordering::Relaxed) as f64 / 1000.0,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                request_id,
-                "request"
-            );
-        }
-    }
-}
-
-/// An optional value for a log field, written without allocating: the value,
-/// or nothing.
-struct OrEmpty<T>(Option<T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for OrEmpty<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(value) => value.fmt(f),
-            None => Ok(()),
-        }
-    }
-}
-
-/// A status for a log field: the code, or `error` when there was no response.
-struct OrError(Option<u16>);
-
-impl std::fmt::Display for OrError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(code) => code.fmt(f),
-            None => f.write_str("error"),
+                backend: backend.map_or("-", |b| &**b),
+                status,
+                attempts: self.notes.attempts.load(Ordering::Relaxed),
+                queue_wait_ms: self.notes.queue_wait_micros.load(Ordering::Relaxed) as f64 / 1000.0,
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                request_id: access.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+            });
         }
     }
 }
