@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tower::Service;
 
@@ -133,7 +132,7 @@ impl<S> Service<Request<Incoming>> for Observe<S>
 where
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = std::convert::Infallible>,
 {
-    type Response = Response<ProxyBody>;
+    type Response = Response<ObservedBody>;
     type Error = std::convert::Infallible;
     type Future = ObserveFuture<S::Future>;
 
@@ -183,26 +182,28 @@ impl<F> Future for ObserveFuture<F>
 where
     F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>>,
 {
-    type Output = F::Output;
+    type Output = Result<Response<ObservedBody>, std::convert::Infallible>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(response) = ready!(this.inner.poll(cx));
         let record = this.record.take().expect("polled after completion");
         let status = response.status().as_u16();
-        Poll::Ready(Ok(response.map(|body| Finish { inner: body, record: Some((record, status)) }.boxed_unsync())))
+        // Not boxed again: the client's body is this wrapper around the one box.
+        Poll::Ready(Ok(response.map(|body| ObservedBody { inner: body, record: Some((record, status)) })))
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The response body, recording the request when it ends or is dropped.
-    struct Finish {
+    /// The response body as the client gets it: records the request when it
+    /// ends or is dropped.
+    pub struct ObservedBody {
         #[pin]
         inner: ProxyBody,
         record: Option<(Record, u16)>,
     }
 
-    impl PinnedDrop for Finish {
+    impl PinnedDrop for ObservedBody {
         fn drop(this: Pin<&mut Self>) {
             if let Some((record, status)) = this.project().record.take() {
                 record.finish(Some(status));
@@ -211,7 +212,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl Body for Finish {
+impl Body for ObservedBody {
     type Data = bytes::Bytes;
     type Error = BoxError;
 

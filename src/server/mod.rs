@@ -31,10 +31,9 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
-use crate::body::ProxyBody;
 use crate::config::Limits;
 use crate::conn::{ConnInfo, ConnectionSlot, SendTimeoutIo, TunnelHome};
-use crate::observe::RequestNotes;
+use crate::observe::{ObservedBody, RequestNotes};
 use crate::state::Live;
 use stack::ProxyStack;
 use workers::Workers;
@@ -330,7 +329,7 @@ struct WithConnInfo {
 }
 
 impl Service<Request<Incoming>> for WithConnInfo {
-    type Response = Response<ProxyBody>;
+    type Response = Response<ObservedBody>;
     type Error = Infallible;
     type Future = TrackActivity<<ProxyStack as Service<Request<Incoming>>>::Future>;
 

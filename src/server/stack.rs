@@ -60,11 +60,11 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Clone, Debug)]
 pub struct RequestId<S>(S);
 
-impl<S> Service<Request<Incoming>> for RequestId<S>
+impl<S, B> Service<Request<Incoming>> for RequestId<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
 {
-    type Response = Response<ProxyBody>;
+    type Response = Response<B>;
     type Error = Infallible;
     type Future = WithRequestId<S::Future>;
 
@@ -105,7 +105,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F: Future<Output = Result<Response<ProxyBody>, Infallible>>> Future for WithRequestId<F> {
+impl<B, F: Future<Output = Result<Response<B>, Infallible>>> Future for WithRequestId<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
