@@ -94,7 +94,9 @@ fn new_request_id() -> HeaderValue {
         *byte = HEX[(bits & 0xf) as usize];
         bits >>= 4;
     }
-    HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
+    // One allocation, shared by the request's and the response's copies (a
+    // `Vec`-backed value would allocate again on its first clone).
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).expect("hex digits are a valid header value")
 }
 
 pin_project_lite::pin_project! {
