@@ -188,11 +188,12 @@ target_pids() {
   main=$(cat "$work/$1.pid")
   echo "$main" $(pgrep -P "$main" || true)
 }
-cpu_ticks() {
-  local total=0
+cpu_ticks() { # target [user]: utime + stime (or utime alone) of all its processes
+  local total=0 fields='$12 + $13'
+  [ "${2:-}" = user ] && fields='$12'
   for pid in $(target_pids "$1"); do
-    # utime + stime: fields 14 and 15, counted after the command name.
-    total=$((total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat")))
+    # utime and stime: fields 14 and 15, counted after the command name.
+    total=$((total + $(awk "{ sub(/^.*\\) /, \"\"); print $fields }" "/proc/$pid/stat")))
   done
   echo "$total"
 }
@@ -229,13 +230,13 @@ perf_window() {
 
 run() { # target scenario round
   local target=$1 scenario=$2 out="$work/out"
-  local before after requests rps p50 p99 errors perf_pid=""
+  local before after user_before user_after requests rps p50 p99 errors perf_pid=""
   if [ "$PERF" = 1 ]; then perf_window "$target" >"$work/perf.out" & perf_pid=$!; fi
-  before=$(cpu_ticks "$target")
+  before=$(cpu_ticks "$target"); user_before=$(cpu_ticks "$target" user)
   case $scenario in
     c64 | c256)
       wrk -t2 "-${scenario}" -d"${DURATION}s" --latency "http://127.0.0.1:${H1_PORT[$target]}/" >"$out"
-      after=$(cpu_ticks "$target")
+      after=$(cpu_ticks "$target"); user_after=$(cpu_ticks "$target" user)
       requests=$(awk '/requests in/ { print $1 }' "$out")
       rps=$(awk '/^Requests\/sec/ { print $2 }' "$out")
       p50=$(awk '$1 == "50%" { print $2 }' "$out")
@@ -244,7 +245,7 @@ run() { # target scenario round
       ;;
     h2c)
       h2load -c16 -m16 -D "$DURATION" "http://127.0.0.1:${H2_PORT[$target]}/" >"$out"
-      after=$(cpu_ticks "$target")
+      after=$(cpu_ticks "$target"); user_after=$(cpu_ticks "$target" user)
       requests=$(awk '/^requests:/ { print $8 }' "$out")
       rps=$(awk '/^finished in/ { gsub(",", ""); print $4 }' "$out")
       p50=$(awk '/^time for request:/ { print $6 }' "$out")   # h2load gives the mean, not p50
@@ -260,8 +261,8 @@ run() { # target scenario round
     switches=$(awk -v c="$cs" -v s="$seconds" -v r="$rps" 'BEGIN { printf "%.3f", c / (s * r) }')
     syscalls=$(awk -v c="$sc" -v s="$seconds" -v r="$rps" 'BEGIN { printf "%.2f", c / (s * r) }')
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$scenario" "$3" "$rps" "$p50" "$p99" "$errors" \
-    "$((after - before))" "$requests" "$switches" "$syscalls" >>"$results"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$scenario" "$3" "$rps" "$p50" "$p99" "$errors" \
+    "$((after - before))" "$requests" "$switches" "$syscalls" "$((user_after - user_before))" >>"$results"
   printf '  round %s %-5s %-11s %10s req/s  p50 %-9s p99 %-9s errors %s\n' "$3" "$scenario" "$target" "$rps" "$p50" "$p99" "$errors"
 }
 
@@ -293,10 +294,11 @@ cells = defaultdict(list)
 def number(text):
     return None if text == "-" else float(text)
 
-for target, scenario, _round, rps, p50, p99, errors, cpu, requests, switches, syscalls in rows:
+for target, scenario, _round, rps, p50, p99, errors, cpu, requests, switches, syscalls, user in rows:
     cpu_us = int(cpu) * 1e6 / ticks / max(int(requests), 1)
+    user_us = int(user) * 1e6 / ticks / max(int(requests), 1)
     cells[(target, scenario)].append(
-        (float(rps), millis(p50), millis(p99), int(errors), cpu_us, number(switches), number(syscalls)))
+        (float(rps), millis(p50), millis(p99), int(errors), cpu_us, number(switches), number(syscalls), user_us))
 
 targets = list(dict.fromkeys(r[0] for r in rows))
 scenarios = list(dict.fromkeys(r[1] for r in rows))
@@ -310,15 +312,16 @@ def ratio(value, base):
     return f" ({value / base:.2f}x)" if value is not None and base else ""
 print()
 print(f"medians of {len(rows) // max(len(cells), 1)} rounds; ratio to {reference} in the same run")
-print("| target | scenario | req/s | p50 ms | p99 ms | errors | CPU us/req | ctx switches/req | syscalls/req | peak RSS MiB |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| target | scenario | req/s | p50 ms | p99 ms | errors | CPU us/req | of which user | ctx switches/req | syscalls/req | peak RSS MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for target in targets:
     for scenario in scenarios:
-        rps, p50, p99, errors, cpu, switches, syscalls = summary[(target, scenario)]
+        rps, p50, p99, errors, cpu, switches, syscalls, user = summary[(target, scenario)]
         base = summary.get((reference, scenario))
         fmt = lambda v, digits: "-" if v is None else f"{v:.{digits}f}"
         print(f"| {target} | {scenario} | {rps:,.0f}{ratio(rps, base[0])} | {fmt(p50, 2)}{ratio(p50, base[1])} "
               f"| {fmt(p99, 2)}{ratio(p99, base[2])} | {errors:.0f} | {cpu:.1f}{ratio(cpu, base[4])} "
+              f"| {user:.1f}{ratio(user, base[7])} "
               f"| {fmt(switches, 3)} | {fmt(syscalls, 2)} "
               f"| {rss[target] / 1024:.1f}{ratio(rss[target], rss.get(reference))} |")
 print("(h2c p50 is h2load's mean time per request; h2load gives no percentiles)")
