@@ -7,6 +7,8 @@
 //! (decay over 10 s, ejections, breaker windows), so a few milliseconds of
 //! resolution change nothing. Latencies and request durations, which need
 //! precision, are measured with `Instant` where they are taken.
+//!
+//! Also here: wall-clock dates as logs and messages write them.
 
 use std::sync::OnceLock;
 
@@ -26,11 +28,44 @@ fn coarse_monotonic_nanos() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
+/// `YYYY-MM-DDTHH:MM:SS` for seconds since the Unix epoch, in UTC (the civil
+/// date from days, after Howard Hinnant's `civil_from_days`).
+pub fn utc_date_time(seconds: u64) -> [u8; 19] {
+    let days = (seconds / 86_400) as i64;
+    let time = seconds % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 { shifted_month + 3 } else { shifted_month - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    let mut text = [0u8; 19];
+    let mut out = std::io::Cursor::new(&mut text[..]);
+    use std::io::Write as _;
+    let _ = write!(out, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", time / 3600, time % 3600 / 60, time % 60);
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+
+    #[test]
+    fn dates_are_civil_utc() {
+        for (seconds, expected) in [
+            (0, "1970-01-01T00:00:00"),
+            (951_782_400, "2000-02-29T00:00:00"),
+            (1_764_265_681, "2025-11-27T17:48:01"),
+            (4_102_531_199, "2100-01-01T23:59:59"),
+        ] {
+            assert_eq!(std::str::from_utf8(&utc_date_time(seconds)).unwrap(), expected);
+        }
+    }
 
     #[test]
     fn follows_the_precise_clock_within_its_resolution() {

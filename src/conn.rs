@@ -31,6 +31,8 @@ pub struct ConnInfo {
     pub client_ip_header: HeaderValue,
     /// Where an upgraded connection (WebSocket) goes on living.
     pub tunnels: Option<TunnelHome>,
+    /// The client came over TLS (`X-Forwarded-Proto: https`).
+    pub tls: bool,
 }
 
 impl ConnInfo {
@@ -38,7 +40,7 @@ impl ConnInfo {
     /// are spawned on their own.
     pub fn new(client: SocketAddr, listener: Arc<str>) -> Self {
         let client_ip_header = HeaderValue::try_from(client.ip().to_string()).expect("an IP is a valid header value");
-        ConnInfo { client, listener, client_ip_header, tunnels: None }
+        ConnInfo { client, listener, client_ip_header, tunnels: None, tls: false }
     }
 }
 

@@ -42,4 +42,5 @@ pub mod retry;
 pub mod route;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;

@@ -36,6 +36,7 @@ pub const QUEUE_REJECTED_TOTAL: &str = "switchyard_queue_rejected_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const CONFIG_GENERATION: &str = "switchyard_config_generation";
 pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
+pub const TLS_HANDSHAKES_TOTAL: &str = "switchyard_tls_handshakes_total";
 
 /// Every metric name the proxy exports.
 pub const ALL: [&str; 15] = [
@@ -179,6 +180,11 @@ impl RequestCounters {
 
 pub fn connections_open(listener: &std::sync::Arc<str>) -> metrics::Gauge {
     metrics::gauge!(CONNECTIONS_OPEN, "listener" => label(listener))
+}
+
+/// A client's TLS handshake ended: `ok`, `failed` or `timeout`.
+pub fn tls_handshake(listener: &str, result: &'static str) {
+    metrics::counter!(TLS_HANDSHAKES_TOTAL, "listener" => listener.to_owned(), "result" => result).increment(1);
 }
 
 pub fn config_reload(success: bool) {

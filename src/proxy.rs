@@ -521,7 +521,8 @@ fn add_forwarding_headers(headers: &mut HeaderMap, conn: &ConnInfo, host: Option
         None => conn.client_ip_header.clone(),
     };
     headers.insert(&X_FORWARDED_FOR, forwarded_for);
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if conn.tls { "https" } else { "http" };
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(host) = host {
         headers.insert(&X_FORWARDED_HOST, host.clone());
     }

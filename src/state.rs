@@ -8,6 +8,7 @@
 //! knows about it.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -68,6 +69,9 @@ pub struct Snapshot {
     pub admin_token: Option<Secret>,
     /// The config this snapshot was compiled from, for `/config`.
     pub config: Arc<Config>,
+    /// TLS for each listener that has it, by configured bind; a listener reads
+    /// it at each accept, so a reload's certificates serve new connections.
+    pub tls: HashMap<SocketAddr, Arc<rustls::ServerConfig>>,
 }
 
 impl Snapshot {
@@ -201,8 +205,23 @@ impl Snapshot {
                 }
             })
             .collect();
+        // An unchanged listener keeps its acceptor, and with it the session
+        // cache and ticket keys its clients resume with.
+        let tls = config
+            .listeners
+            .iter()
+            .filter_map(|listener| {
+                let settings = listener.tls.as_ref()?;
+                let kept = previous.and_then(|p| {
+                    let before = p.config.listeners.iter().find(|l| l.bind == listener.bind)?;
+                    (before.tls.as_ref() == Some(settings)).then(|| p.tls.get(&listener.bind).cloned())?
+                });
+                Some((listener.bind, kept.unwrap_or_else(|| crate::tls::server_config(settings))))
+            })
+            .collect();
         Snapshot {
             generation,
+            tls,
             router: Router::new(routes),
             upstreams,
             limits: config.limits,

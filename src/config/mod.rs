@@ -7,6 +7,7 @@
 //! them are reported at once rather than the first alone.
 
 pub mod raw;
+pub mod tls;
 mod validate;
 pub mod values;
 pub mod watch;
@@ -41,6 +42,9 @@ pub struct Config {
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
+    /// Certificates (read from disk with the config) and ALPN; `None` for
+    /// plain HTTP/1.1 and h2c.
+    pub tls: Option<tls::ListenerTls>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +112,8 @@ pub struct Limits {
     /// An upgraded connection (WebSocket) with no byte either way for this long
     /// is closed (HAProxy's `timeout tunnel`).
     pub tunnel_idle_timeout: Duration,
+    /// Bound on a client's TLS handshake (nginx's `ssl_handshake_timeout`).
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -123,6 +129,7 @@ impl Default for Limits {
             client_body_timeout: Duration::from_secs(60),
             client_send_timeout: Duration::from_secs(60),
             tunnel_idle_timeout: Duration::from_secs(3600),
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }

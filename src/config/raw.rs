@@ -37,6 +37,22 @@ pub struct RawConfig {
 pub struct RawListener {
     pub name: Option<Spanned<String>>,
     pub bind: Spanned<BindAddr>,
+    pub tls: Option<Spanned<RawListenerTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    #[serde(default)]
+    pub certificates: Vec<Spanned<RawCertificate>>,
+    pub alpn: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,6 +100,7 @@ pub struct RawLimits {
     pub client_body_timeout: Option<Spanned<DurationValue>>,
     pub client_send_timeout: Option<Spanned<DurationValue>>,
     pub tunnel_idle_timeout: Option<Spanned<DurationValue>>,
+    pub tls_handshake_timeout: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Debug, Deserialize)]

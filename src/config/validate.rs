@@ -3,15 +3,16 @@
 //! Every error is collected with its position; nothing stops at the first.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
-use std::time::Duration;
-
 use super::raw::{
-    CheckKind, PolicyKind, RawBackend, RawBreaker, RawConfig, RawHealth, RawQueue, RawRetry, RawRoute, RawUpstream,
-    UpstreamProtocol,
+    CheckKind, PolicyKind, RawBackend, RawBreaker, RawConfig, RawHealth, RawListenerTls, RawQueue, RawRetry, RawRoute,
+    RawUpstream, UpstreamProtocol,
 };
+use super::tls::{Alpn, Certificate, CertificateError, ListenerTls};
 use super::values::DurationValue;
 use super::{
     ActiveCheck, AdminConfig, BackendConfig, BreakerConfig, Config, ConfigError, ConfigErrors, HealthConfig, Limits,
@@ -65,7 +66,8 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
             }
             None => format!("listener-{index}"),
         };
-        listeners.push(ListenerConfig { name, bind });
+        let tls = listener.tls.as_ref().and_then(|tls| validate_listener_tls(tls, file, &mut errors));
+        listeners.push(ListenerConfig { name, bind, tls });
     }
 
     let token = raw.admin.token.as_ref().and_then(|token| {
@@ -140,6 +142,46 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
     }
 }
 
+/// Reads and checks a listener's certificates; paths are relative to the
+/// config file's directory.
+fn validate_listener_tls(raw: &Spanned<RawListenerTls>, file: &str, errors: &mut Collector<'_>) -> Option<ListenerTls> {
+    let base = Path::new(file).parent().unwrap_or(Path::new(""));
+    if raw.value.certificates.is_empty() {
+        errors.at(raw.referenced, "tls needs at least one entry under `certificates` (cert and key)");
+    }
+    let mut certificates = Vec::new();
+    let now = std::time::SystemTime::now();
+    for entry in &raw.value.certificates {
+        let (cert, key) = (&entry.value.cert, &entry.value.key);
+        match Certificate::load(&base.join(&cert.value), &base.join(&key.value), now) {
+            Ok(certificate) => certificates.push(certificate),
+            Err(CertificateError::Cert(message)) => errors.at(cert.referenced, message),
+            Err(CertificateError::Key(message)) => errors.at(key.referenced, message),
+        }
+    }
+    let mut alpn = Vec::new();
+    match &raw.value.alpn {
+        None => alpn.extend([Alpn::H2, Alpn::Http11]),
+        Some(list) => {
+            if list.is_empty() {
+                errors.at(raw.referenced, "alpn cannot be empty: list h2, http/1.1 or both");
+            }
+            for protocol in list {
+                match Alpn::parse(&protocol.value) {
+                    Some(parsed) if !alpn.contains(&parsed) => alpn.push(parsed),
+                    Some(_) => errors.at(protocol.referenced, format!("alpn lists `{}` twice", protocol.value)),
+                    None => errors.at(
+                        protocol.referenced,
+                        format!("unknown ALPN protocol `{}`: use h2 or http/1.1", protocol.value),
+                    ),
+                }
+            }
+        }
+    }
+    (certificates.len() == raw.value.certificates.len() && !certificates.is_empty())
+        .then_some(ListenerTls { certificates, alpn })
+}
+
 fn validate_limits(raw: &RawConfig, errors: &mut Collector<'_>) -> Limits {
     let defaults = Limits::default();
     let raw = &raw.limits;
@@ -165,6 +207,12 @@ fn validate_limits(raw: &RawConfig, errors: &mut Collector<'_>) -> Limits {
             &raw.tunnel_idle_timeout,
             "tunnel_idle_timeout",
             defaults.tunnel_idle_timeout,
+            errors,
+        ),
+        tls_handshake_timeout: duration(
+            &raw.tls_handshake_timeout,
+            "tls_handshake_timeout",
+            defaults.tls_handshake_timeout,
             errors,
         ),
         ..defaults

@@ -35,6 +35,7 @@ use crate::config::Limits;
 use crate::conn::{ConnInfo, ConnectionSlot, SendTimeoutIo, TunnelHome};
 use crate::observe::{ObservedBody, RequestNotes};
 use crate::state::Live;
+use crate::tls::ClientStream;
 use stack::ProxyStack;
 use workers::Workers;
 
@@ -61,6 +62,9 @@ fn bind_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::
 /// over the workers and no accepted connection changes threads.
 #[derive(Debug)]
 pub struct BoundListener {
+    /// The bind as configured (port 0 stays 0): the listener's key in the
+    /// config and the snapshot.
+    pub configured: SocketAddr,
     pub local_addr: SocketAddr,
     sockets: Vec<std::net::TcpListener>,
 }
@@ -74,7 +78,7 @@ pub fn bind_for_workers(addr: SocketAddr, count: usize) -> std::io::Result<Bound
     for _ in 1..count.max(1) {
         sockets.push(bind_socket(local_addr, true)?);
     }
-    Ok(BoundListener { local_addr, sockets })
+    Ok(BoundListener { configured: addr, local_addr, sockets })
 }
 
 /// A running listener; dropping the handle does not stop it, [`Self::stop`] does.
@@ -109,6 +113,7 @@ pub struct ServeContext {
 /// Serves `bound` on every worker: worker `i` accepts on socket `i`.
 pub fn spawn(name: Arc<str>, bound: BoundListener, context: &ServeContext, workers: &Workers) -> ListenerHandle {
     let (stop, stopped) = watch::channel(false);
+    let configured = bound.configured;
     let tasks = bound
         .sockets
         .into_iter()
@@ -118,7 +123,7 @@ pub fn spawn(name: Arc<str>, bound: BoundListener, context: &ServeContext, worke
             let (name, context, stopped) = (Arc::clone(&name), context.clone(), stopped.clone());
             worker.spawn(async move {
                 match TcpListener::from_std(socket) {
-                    Ok(listener) => accept_loop(name, listener, stack, context, stopped).await,
+                    Ok(listener) => accept_loop(name, configured, listener, stack, context, stopped).await,
                     Err(error) => tracing::error!(listener = %name, %error, "cannot serve listener socket"),
                 }
             })
@@ -127,7 +132,7 @@ pub fn spawn(name: Arc<str>, bound: BoundListener, context: &ServeContext, worke
     ListenerHandle { name, local_addr: bound.local_addr, stop, tasks }
 }
 
-fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+fn connection_builder(limits: &Limits) -> Arc<auto::Builder<TokioExecutor>> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -139,11 +144,12 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    builder
+    Arc::new(builder)
 }
 
 async fn accept_loop(
     name: Arc<str>,
+    configured: SocketAddr,
     listener: TcpListener,
     stack: ProxyStack,
     context: ServeContext,
@@ -185,12 +191,14 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let current = context.live.load().limits;
+        let (current, tls) = {
+            let snapshot = context.live.load();
+            (snapshot.limits, snapshot.tls.get(&configured).cloned())
+        };
         if current != limits {
             limits = current;
             builder = connection_builder(&limits);
         }
-        let activity = Arc::new(Activity::new());
         let mut info = ConnInfo::new(client, Arc::clone(&name));
         info.tunnels = Some(TunnelHome {
             slot: Arc::new(ConnectionSlot::new(permit, open.clone())),
@@ -199,14 +207,30 @@ async fn accept_loop(
             shutdown_grace: limits.shutdown_grace,
             idle_timeout: limits.tunnel_idle_timeout,
         });
-        let service = TowerToHyperService::new(WithConnInfo {
-            inner: stack.clone(),
-            info: Arc::new(info),
-            activity: Arc::clone(&activity),
+        let (builder, stack, stopped) = (Arc::clone(&builder), stack.clone(), stopped.clone());
+        connections.spawn(async move {
+            // The handshake runs on the connection's own task, so a slow
+            // client never holds up the accept loop.
+            let stream = match tls {
+                None => ClientStream::Plain(stream),
+                Some(config) => match handshake(config, stream, limits.tls_handshake_timeout, &info.listener).await {
+                    Some(stream) => {
+                        info.tls = true;
+                        stream
+                    }
+                    None => return,
+                },
+            };
+            let activity = Arc::new(Activity::new());
+            let service = TowerToHyperService::new(WithConnInfo {
+                inner: stack,
+                info: Arc::new(info),
+                activity: Arc::clone(&activity),
+            });
+            let io = TokioIo::new(SendTimeoutIo::new(stream, limits.client_send_timeout));
+            let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
+            drive_connection(connection, activity, limits.idle_timeout, stopped).await;
         });
-        let io = TokioIo::new(SendTimeoutIo::new(stream, limits.client_send_timeout));
-        let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
-        connections.spawn(drive_connection(connection, activity, limits.idle_timeout, stopped.clone()));
     }
     drop(listener);
     tunnels.close();
@@ -222,6 +246,27 @@ async fn accept_loop(
         // Tunnels end themselves at the same grace (see `proxy::tunnel`).
         let _ = tokio::time::timeout(Duration::from_secs(1), tunnels.wait()).await;
     }
+}
+
+/// The server side of a TLS handshake, bounded by `timeout`; `None` (and the
+/// connection closed) when it fails or takes too long.
+async fn handshake(
+    config: Arc<rustls::ServerConfig>,
+    stream: tokio::net::TcpStream,
+    timeout: Duration,
+    listener: &str,
+) -> Option<ClientStream> {
+    let accepted = tokio::time::timeout(timeout, tokio_rustls::TlsAcceptor::from(config).accept(stream)).await;
+    let (result, stream) = match accepted {
+        Ok(Ok(stream)) => ("ok", Some(ClientStream::Tls(Box::new(stream)))),
+        Ok(Err(error)) => {
+            tracing::debug!(listener, %error, "TLS handshake failed");
+            ("failed", None)
+        }
+        Err(_) => ("timeout", None),
+    };
+    crate::metrics::tls_handshake(listener, result);
+    stream
 }
 
 /// After a failed `accept` (out of file descriptors, most often), waits before
@@ -282,7 +327,7 @@ async fn drive_connection(
 /// One client connection as hyper-util's auto builder serves it.
 type ClientConnection = auto::UpgradeableConnection<
     'static,
-    TokioIo<SendTimeoutIo<tokio::net::TcpStream>>,
+    TokioIo<SendTimeoutIo<ClientStream>>,
     TowerToHyperService<WithConnInfo>,
     TokioExecutor,
 >;

@@ -18,3 +18,4 @@ mod resilience;
 mod robot;
 mod streaming;
 mod stuck;
+mod tls;

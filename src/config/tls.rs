@@ -1,0 +1,176 @@
+//! Listener certificates as the config names them: read from disk whenever a
+//! config is loaded (start, every reload, `check`), so a replaced file is
+//! served after the next reload, and checked there, so a certificate that
+//! cannot be served is a config error with the position of its key.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+
+/// A listener's TLS settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// Chosen by SNI; the first is served to clients without SNI or with a
+    /// name no certificate has.
+    pub certificates: Vec<Certificate>,
+    /// In the server's order of preference.
+    pub alpn: Vec<Alpn>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    H2,
+    Http11,
+}
+
+impl Alpn {
+    pub fn parse(text: &str) -> Option<Alpn> {
+        match text {
+            "h2" => Some(Alpn::H2),
+            "http/1.1" => Some(Alpn::Http11),
+            _ => None,
+        }
+    }
+
+    pub fn id(self) -> &'static [u8] {
+        match self {
+            Alpn::H2 => b"h2",
+            Alpn::Http11 => b"http/1.1",
+        }
+    }
+}
+
+/// A certificate chain with its key, ready to serve.
+#[derive(Clone)]
+pub struct Certificate {
+    pub cert_path: PathBuf,
+    /// DNS names it is valid for (subjectAltName, else the subject's CN),
+    /// lower case; `*.example.com` for a wildcard.
+    pub names: Vec<String>,
+    pub not_after: SystemTime,
+    pub certified: Arc<CertifiedKey>,
+    /// What the files held, so that a reload can tell a changed certificate.
+    files: Arc<(Vec<u8>, Vec<u8>)>,
+}
+
+impl PartialEq for Certificate {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert_path == other.cert_path && self.files == other.files
+    }
+}
+
+impl Eq for Certificate {}
+
+impl std::fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Certificate")
+            .field("cert_path", &self.cert_path)
+            .field("names", &self.names)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+/// Why a certificate cannot be served, told against the `cert` or the `key`.
+#[derive(Debug)]
+pub enum CertificateError {
+    Cert(String),
+    Key(String),
+}
+
+impl Certificate {
+    /// Reads and checks a PEM certificate chain and its PEM private key
+    /// (PKCS#8, PKCS#1 or SEC1): the chain parses, the leaf is valid at `now`,
+    /// and the key is the leaf's.
+    pub fn load(cert_path: &Path, key_path: &Path, now: SystemTime) -> Result<Certificate, CertificateError> {
+        let shown = cert_path.display();
+        let cert_pem = std::fs::read(cert_path)
+            .map_err(|error| CertificateError::Cert(format!("cannot read certificate {shown}: {error}")))?;
+        let key_pem = std::fs::read(key_path).map_err(|error| {
+            CertificateError::Key(format!("cannot read private key {}: {error}", key_path.display()))
+        })?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|error| CertificateError::Cert(format!("certificate {shown} is not valid PEM: {error}")))?;
+        let Some(leaf) = chain.first() else {
+            return Err(CertificateError::Cert(format!("{shown} holds no PEM certificate")));
+        };
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|error| CertificateError::Cert(format!("certificate {shown} does not parse as X.509: {error}")))?;
+        let validity = parsed.validity();
+        let not_after = unix_time(validity.not_after.timestamp());
+        let not_before = unix_time(validity.not_before.timestamp());
+        if now > not_after {
+            return Err(CertificateError::Cert(format!("certificate {shown} expired on {}", date(not_after))));
+        }
+        if now < not_before {
+            return Err(CertificateError::Cert(format!(
+                "certificate {shown} is not valid before {}",
+                date(not_before)
+            )));
+        }
+        let names = names(&parsed);
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|error| {
+            CertificateError::Key(format!("private key {} is not a PEM private key: {error}", key_path.display()))
+        })?;
+        let provider = rustls::crypto::ring::default_provider();
+        let signing_key = provider.key_provider.load_private_key(key).map_err(|error| {
+            CertificateError::Key(format!("private key {} cannot be used: {error}", key_path.display()))
+        })?;
+        let certified = CertifiedKey::new(chain, signing_key);
+        if certified.keys_match().is_err() {
+            return Err(CertificateError::Key(format!(
+                "private key {} does not match certificate {shown}",
+                key_path.display()
+            )));
+        }
+        Ok(Certificate {
+            cert_path: cert_path.to_owned(),
+            names,
+            not_after,
+            certified: Arc::new(certified),
+            files: Arc::new((cert_pem, key_pem)),
+        })
+    }
+}
+
+/// `2021-01-01T00:00:00Z`.
+pub fn date(time: SystemTime) -> String {
+    let seconds = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+    format!("{}Z", String::from_utf8_lossy(&crate::clock::utc_date_time(seconds)))
+}
+
+fn unix_time(seconds: i64) -> SystemTime {
+    match u64::try_from(seconds) {
+        Ok(after) => SystemTime::UNIX_EPOCH + Duration::from_secs(after),
+        Err(_) => SystemTime::UNIX_EPOCH,
+    }
+}
+
+fn names(certificate: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let mut names: Vec<String> = match certificate.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    if names.is_empty() {
+        names.extend(
+            certificate.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(str::to_ascii_lowercase),
+        );
+    }
+    names
+}

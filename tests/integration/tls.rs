@@ -1,0 +1,293 @@
+//! TLS on listeners with real TLS on both ends: certificates made at run time
+//! (rcgen), the proxy's rustls server, a rustls client (tokio-rustls) speaking
+//! HTTP/1.1 or HTTP/2 through hyper, and `switchyard check` on bad files.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::support::*;
+
+/// A test certificate authority.
+struct Authority {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate with its key, as PEM, and the leaf's DER to compare with.
+struct Issued {
+    cert_pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+}
+
+impl Authority {
+    fn new() -> Authority {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Authority { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
+    }
+
+    fn issue(&self, names: &[&str]) -> Issued {
+        self.issue_with(names, |_| {})
+    }
+
+    fn issue_with(&self, names: &[&str], adjust: impl FnOnce(&mut CertificateParams)) -> Issued {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        adjust(&mut params);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
+    }
+
+    fn client(&self, alpn: &[&[u8]], sni: bool) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.enable_sni = sni;
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+fn write(dir: &Path, name: &str, issued: &Issued) {
+    std::fs::write(dir.join(format!("{name}.pem")), &issued.cert_pem).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), &issued.key_pem).unwrap();
+}
+
+/// A TLS listener serving `bots.pem` (the default) and `api.pem` from the
+/// config's directory.
+fn tls_config(backend: &Backend, alpn: &str) -> String {
+    format!(
+        "listeners:\n  - name: secure\n    bind: \"127.0.0.1:0\"\n    tls:\n      certificates:\n        - {{ cert: bots.pem, key: bots.key }}\n        - {{ cert: api.pem, key: api.key }}\n{alpn}routes:\n  - upstream: pool\nupstreams:\n  pool:\n    backends: [{{ address: \"{}\" }}]\n",
+        backend.addr
+    )
+}
+
+/// Starts a file-based proxy whose directory holds the certificates.
+async fn start(authority: &Authority, backend: &Backend, alpn: &str) -> (FileProxy, Issued, Issued) {
+    let dir = tempfile::tempdir().unwrap();
+    let (bots, api) =
+        (authority.issue(&["bots.example.test"]), authority.issue(&["api.example.test", "*.api.example.test"]));
+    write(dir.path(), "bots", &bots);
+    write(dir.path(), "api", &api);
+    let path = dir.path().join("switchyard.yaml");
+    std::fs::write(&path, with_test_admin(&tls_config(backend, alpn))).unwrap();
+    (FileProxy::start_at(dir, path).await, bots, api)
+}
+
+/// A TLS connection to the proxy asking for `name`: the certificate it was
+/// served, the protocol ALPN chose, and the stream.
+async fn connect(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    name: &str,
+) -> std::io::Result<(CertificateDer<'static>, Option<Vec<u8>>, tokio_rustls::client::TlsStream<TcpStream>)> {
+    let tcp = TcpStream::connect(addr).await?;
+    let stream = connector.connect(ServerName::try_from(name.to_owned()).unwrap(), tcp).await?;
+    let (_, session) = stream.get_ref();
+    let served = session.peer_certificates().expect("a server certificate")[0].clone();
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    Ok((served, alpn, stream))
+}
+
+/// One GET over an established TLS stream, HTTP/1.1 or HTTP/2 as negotiated.
+async fn get_over(stream: tokio_rustls::client::TlsStream<TcpStream>, h2: bool, host: &str) -> (u16, String) {
+    let io = TokioIo::new(stream);
+    let request = Request::get("/who").header("host", host).body(Empty::<bytes::Bytes>::new()).unwrap();
+    let response = if h2 {
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(connection);
+        let request = Request::get(format!("https://{host}/who")).body(Empty::<bytes::Bytes>::new()).unwrap();
+        sender.send_request(request).await.unwrap()
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    };
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn sni_chooses_the_certificate_and_a_client_without_sni_gets_the_first() {
+    let authority = Authority::new();
+    let backend = Backend::start("a").await;
+    let (proxy, bots, api) = start(&authority, &backend, "").await;
+    let client = authority.client(&[b"http/1.1"], true);
+
+    let (served, _, stream) = connect(&client, proxy.addr, "api.example.test").await.unwrap();
+    assert_eq!(served, api.der, "SNI api.example.test gets the api certificate");
+    let (status, body) = get_over(stream, false, "api.example.test").await;
+    assert_eq!((status, body.as_str()), (200, "a"));
+    let (served, _, _) = connect(&client, proxy.addr, "jobs.api.example.test").await.unwrap();
+    assert_eq!(served, api.der, "a wildcard name matches one level down");
+    let (served, _, _) = connect(&client, proxy.addr, "bots.example.test").await.unwrap();
+    assert_eq!(served, bots.der);
+
+    // No SNI (or a name no certificate has): the first certificate.
+    let (served, _, _) = connect(&authority.client(&[], false), proxy.addr, "bots.example.test").await.unwrap();
+    assert_eq!(served, bots.der, "a client without SNI gets the default certificate");
+    let unknown = connect(&client, proxy.addr, "other.example.test").await;
+    assert!(unknown.is_err(), "a name no certificate has gets the default, which the client rejects");
+
+    // The backend was told the client came over TLS.
+    let headers = backend.stats.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(headers["x-forwarded-proto"], "https");
+}
+
+#[tokio::test]
+async fn alpn_negotiates_h2_or_http1_and_both_serve_the_routes() {
+    let authority = Authority::new();
+    let backend = Backend::start("a").await;
+    let (proxy, _, _) = start(&authority, &backend, "").await;
+
+    let (_, alpn, stream) =
+        connect(&authority.client(&[b"h2", b"http/1.1"], true), proxy.addr, "bots.example.test").await.unwrap();
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]), "h2 is preferred by default");
+    assert_eq!(get_over(stream, true, "bots.example.test").await, (200, "a".to_owned()));
+
+    let (_, alpn, stream) =
+        connect(&authority.client(&[b"http/1.1"], true), proxy.addr, "bots.example.test").await.unwrap();
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(get_over(stream, false, "bots.example.test").await, (200, "a".to_owned()));
+
+    // A listener that offers only http/1.1 never agrees to h2.
+    let (proxy, _, _) = start(&authority, &backend, "      alpn: [http/1.1]\n").await;
+    let (_, alpn, stream) =
+        connect(&authority.client(&[b"h2", b"http/1.1"], true), proxy.addr, "bots.example.test").await.unwrap();
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(get_over(stream, false, "bots.example.test").await, (200, "a".to_owned()));
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_serves_after_a_reload_and_a_broken_one_keeps_the_old() {
+    let authority = Authority::new();
+    let backend = Backend::start("a").await;
+    let (proxy, bots, _) = start(&authority, &backend, "").await;
+    let connector = authority.client(&[b"http/1.1"], true);
+    let addr = proxy.addr;
+
+    // A client making new TLS connections all along.
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let traffic = tokio::spawn({
+        let (connector, running) = (connector.clone(), Arc::clone(&running));
+        async move {
+            let (mut ok, mut failed) = (0, 0);
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = match connect(&connector, addr, "bots.example.test").await {
+                    Ok((_, _, stream)) => get_over(stream, false, "bots.example.test").await.0,
+                    Err(_) => 0,
+                };
+                if status == 200 {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            (ok, failed)
+        }
+    });
+
+    let renewed = authority.issue(&["bots.example.test"]);
+    write(proxy.dir.path(), "bots", &renewed);
+    assert_eq!(proxy.post_reload().await.status, 200);
+    let (served, _, _) = connect(&connector, addr, "bots.example.test").await.unwrap();
+    assert_eq!(served, renewed.der, "the new certificate serves after the reload");
+    assert_ne!(served, bots.der);
+
+    // A broken replacement: the reload fails and the last good one serves on.
+    std::fs::write(proxy.dir.path().join("bots.pem"), "not a certificate").unwrap();
+    let answer = proxy.post_reload().await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(answer.body.contains("bots.pem"), "the failed reload names the file: {}", answer.body);
+    let (served, _, _) = connect(&connector, addr, "bots.example.test").await.unwrap();
+    assert_eq!(served, renewed.der);
+
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(ok > 0);
+    assert_eq!(failed, 0, "no request failed across the reloads");
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_handshake_is_closed() {
+    let authority = Authority::new();
+    let backend = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "bots", &authority.issue(&["bots.example.test"]));
+    write(dir.path(), "api", &authority.issue(&["api.example.test"]));
+    let path = dir.path().join("switchyard.yaml");
+    let yaml = format!("limits: {{ tls_handshake_timeout: 300ms }}\n{}", tls_config(&backend, ""));
+    std::fs::write(&path, with_test_admin(&yaml)).unwrap();
+    let proxy = FileProxy::start_at(dir, path).await;
+
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut silent, &mut buf))
+        .await
+        .expect("the proxy closes a silent handshake within its timeout");
+    assert!(matches!(closed, Ok(0) | Err(_)), "closed without a byte: {closed:?}");
+}
+
+#[test]
+fn check_refuses_expired_mismatched_and_garbage_certificates_with_positions() {
+    let authority = Authority::new();
+    let good = authority.issue(&["bots.example.test"]);
+    let other = authority.issue(&["bots.example.test"]);
+    let expired = authority.issue_with(&["bots.example.test"], |params| {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "good", &good);
+    write(dir.path(), "expired", &expired);
+    std::fs::write(dir.path().join("other.key"), &other.key_pem).unwrap();
+    std::fs::write(dir.path().join("garbage.pem"), "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+    std::fs::write(dir.path().join("empty.pem"), "nothing here\n").unwrap();
+
+    let tail = "routes:\n  - upstream: pool\nupstreams:\n  pool:\n    backends: [{ address: \"127.0.0.1:9000\" }]\n";
+    let config = |cert: &str, key: &str| {
+        format!("listeners:\n  - bind: \"127.0.0.1:8443\"\n    tls:\n      certificates:\n        - {{ cert: {cert}, key: {key} }}\n{tail}")
+    };
+    // (case, config, line, column, words): `cert` values start at column 19,
+    // `key` values 7 columns after the cert value's end.
+    let cases = [
+        ("expired", config("expired.pem", "expired.key"), 5, 19, "expired on 2021-01-01T00:00:00Z"),
+        ("key of another certificate", config("good.pem", "other.key"), 5, 34, "does not match certificate"),
+        ("garbage", config("garbage.pem", "good.key"), 5, 19, "garbage.pem is not valid PEM"),
+        ("no certificate in the file", config("empty.pem", "good.key"), 5, 19, "holds no PEM certificate"),
+        ("missing file", config("missing.pem", "good.key"), 5, 19, "cannot read certificate"),
+    ];
+    for (case, text, line, column, words) in cases {
+        let path = dir.path().join(format!("{}.yaml", case.replace(' ', "-")));
+        std::fs::write(&path, &text).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{case}: {stderr}");
+        let position = format!("{}:{line}:{column}: ", path.display());
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&position) && l.contains(words)),
+            "{case}: expected `{position}...{words}` in:\n{stderr}"
+        );
+    }
+    let path = dir.path().join("good.yaml");
+    std::fs::write(&path, config("good.pem", "good.key")).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+}
