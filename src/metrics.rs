@@ -37,6 +37,7 @@ pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const CONFIG_GENERATION: &str = "switchyard_config_generation";
 pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
 pub const TLS_HANDSHAKES_TOTAL: &str = "switchyard_tls_handshakes_total";
+pub const CERTIFICATE_EXPIRY_SECONDS: &str = "switchyard_certificate_expiry_seconds";
 
 /// Every metric name the proxy exports.
 pub const ALL: [&str; 15] = [
@@ -277,6 +278,11 @@ pub fn refresh_gauges(snapshot: &Snapshot) {
         // The listener task keeps the count; touching it keeps the series from
         // expiring while the listener is configured but quiet.
         metrics::gauge!(CONNECTIONS_OPEN, "listener" => listener.name.clone()).increment(0.0);
+        for certificate in listener.tls.iter().flat_map(|tls| &tls.certificates) {
+            let left = certificate.expires_in_seconds(std::time::SystemTime::now());
+            metrics::gauge!(CERTIFICATE_EXPIRY_SECONDS, "listener" => listener.name.clone(), "name" => certificate.label())
+                .set(left as f64);
+        }
     }
     for upstream in &snapshot.upstreams {
         for backend in &upstream.backends {

@@ -333,7 +333,14 @@ impl Runtime {
             .listener_addrs()
             .await
             .into_iter()
-            .map(|(name, addr)| ListenerStatus { name: name.to_string(), address: addr })
+            .map(|(name, addr)| {
+                let tls = snapshot.config.listeners.iter().find(|l| *l.name == *name).and_then(|l| l.tls.as_ref());
+                ListenerStatus {
+                    name: name.to_string(),
+                    address: addr,
+                    certificates: tls.map(|tls| tls.certificates.iter().map(CertificateStatus::of).collect()),
+                }
+            })
             .collect();
         let upstreams = snapshot
             .upstreams
@@ -438,6 +445,30 @@ pub struct ReloadCounts {
 pub struct ListenerStatus {
     pub name: String,
     pub address: SocketAddr,
+    /// The listener's TLS certificates in the config's order (the first is
+    /// the default); `null` for a plain listener.
+    pub certificates: Option<Vec<CertificateStatus>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CertificateStatus {
+    pub cert: String,
+    pub names: Vec<String>,
+    /// `2027-01-01T00:00:00Z`.
+    pub not_after: String,
+    /// Negative once it has expired.
+    pub expires_in_seconds: i64,
+}
+
+impl CertificateStatus {
+    fn of(certificate: &crate::config::tls::Certificate) -> Self {
+        CertificateStatus {
+            cert: certificate.cert_path.display().to_string(),
+            names: certificate.names.clone(),
+            not_after: crate::config::tls::date(certificate.not_after),
+            expires_in_seconds: certificate.expires_in_seconds(std::time::SystemTime::now()),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

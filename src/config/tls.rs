@@ -76,6 +76,21 @@ impl std::fmt::Debug for Certificate {
     }
 }
 
+impl Certificate {
+    /// Seconds from `now` until the certificate expires; negative after.
+    pub fn expires_in_seconds(&self, now: SystemTime) -> i64 {
+        match self.not_after.duration_since(now) {
+            Ok(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// The name it is known by in metrics: its first DNS name, else its file.
+    pub fn label(&self) -> String {
+        self.names.first().cloned().unwrap_or_else(|| self.cert_path.display().to_string())
+    }
+}
+
 /// Why a certificate cannot be served, told against the `cert` or the `key`.
 #[derive(Debug)]
 pub enum CertificateError {

@@ -291,3 +291,54 @@ fn check_refuses_expired_mismatched_and_garbage_certificates_with_positions() {
     let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
 }
+
+#[tokio::test]
+async fn status_and_metrics_show_each_certificate_and_its_expiry() {
+    let authority = Authority::new();
+    let backend = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    // 2030-01-01T00:00:00Z
+    let expiring = authority.issue_with(&["bots.example.test"], |params| {
+        params.not_after = rcgen::date_time_ymd(2030, 1, 1);
+    });
+    write(dir.path(), "bots", &expiring);
+    write(dir.path(), "api", &authority.issue(&["api.example.test"]));
+    let path = dir.path().join("switchyard.yaml");
+    // A listener name of its own: metrics are process-wide in this test binary.
+    let yaml = tls_config(&backend, "").replace("name: secure", "name: expiring");
+    std::fs::write(&path, with_test_admin(&yaml)).unwrap();
+    let proxy = FileProxy::start_at(dir, path).await;
+    let left =
+        1_893_456_000 - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+
+    let status = proxy.status().await;
+    let certificates = &status["listeners"][0]["certificates"];
+    assert_eq!(certificates[0]["names"], serde_json::json!(["bots.example.test"]));
+    assert_eq!(certificates[0]["not_after"], "2030-01-01T00:00:00Z");
+    assert!((certificates[0]["expires_in_seconds"].as_i64().unwrap() - left).abs() < 60, "{certificates}");
+    assert_eq!(certificates[1]["names"], serde_json::json!(["api.example.test"]));
+
+    let client = authority.client(&[b"http/1.1"], true);
+    let (_, _, stream) = connect(&client, proxy.addr, "bots.example.test").await.unwrap();
+    assert_eq!(get_over(stream, false, "bots.example.test").await.0, 200);
+    // A client that rejects the certificate it is given: a failed handshake.
+    assert!(connect(&client, proxy.addr, "other.example.test").await.is_err());
+
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+    wait_until_async("the handshakes to be counted", || async {
+        let scrape = scrape(&metrics_url).await;
+        let count = |result| {
+            metric_value(&scrape, "switchyard_tls_handshakes_total", &[("listener", "expiring"), ("result", result)])
+        };
+        count("ok") == Some(1.0) && count("failed") == Some(1.0)
+    })
+    .await;
+    let scrape = scrape(&metrics_url).await;
+    let expiry = metric_value(
+        &scrape,
+        "switchyard_certificate_expiry_seconds",
+        &[("listener", "expiring"), ("name", "bots.example.test")],
+    )
+    .expect("an expiry gauge per certificate");
+    assert!((expiry as i64 - left).abs() < 60, "expiry gauge {expiry} against {left}");
+}
