@@ -34,6 +34,7 @@ impl Authority {
     fn new() -> Authority {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "Switchyard test CA");
         Authority { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
     }
 
@@ -44,6 +45,8 @@ impl Authority {
     fn issue_with(&self, names: &[&str], adjust: impl FnOnce(&mut CertificateParams)) -> Issued {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        // A subject of its own: OpenSSL takes a leaf named like its issuer for self-signed.
+        params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
         adjust(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
@@ -341,4 +344,86 @@ async fn status_and_metrics_show_each_certificate_and_its_expiry() {
     )
     .expect("an expiry gauge per certificate");
     assert!((expiry as i64 - left).abs() < 60, "expiry gauge {expiry} against {left}");
+}
+
+/// Runs a command to its end off the async runtime; (exit success, stdout + stderr).
+async fn run(program: &str, args: Vec<String>, stdin: Vec<u8>) -> (bool, String) {
+    let program = program.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = Command::new(&program)
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} (scripts/install-test-deps installs it): {e}"));
+        child.stdin.take().unwrap().write_all(&stdin).unwrap();
+        let output = child.wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), text)
+    })
+    .await
+    .unwrap()
+}
+
+/// `openssl s_client` with `version` (`-tls1`, `-tls1_1`, `-tls1_2`, `-tls1_3`)
+/// and SNI `name`: whether the handshake succeeded, and the PEM it was served.
+async fn s_client(addr: SocketAddr, name: &str, version: &str) -> (bool, String) {
+    // SECLEVEL=0: the client itself must be willing to speak TLS 1.0 and 1.1,
+    // so that a refusal is the proxy's.
+    let args =
+        ["s_client", "-connect", &addr.to_string(), "-servername", name, version, "-cipher", "DEFAULT:@SECLEVEL=0"];
+    let (_, text) = run("openssl", args.iter().map(|a| a.to_string()).collect(), b"Q\n".to_vec()).await;
+    let pem = text.find("-----BEGIN CERTIFICATE-----").and_then(|start| {
+        text[start..].find("-----END CERTIFICATE-----").map(|end| text[start..start + end + 25].to_owned())
+    });
+    (pem.is_some(), pem.unwrap_or(text))
+}
+
+#[tokio::test]
+async fn openssl_curl_and_nghttp_see_sni_alpn_and_no_old_protocols() {
+    let authority = Authority::new();
+    let backend = Backend::start("a").await;
+    let (proxy, _, _) = start(&authority, &backend, "").await;
+
+    // SNI with openssl: the certificate for the name asked.
+    let (ok, pem) = s_client(proxy.addr, "api.example.test", "-tls1_2").await;
+    assert!(ok, "TLS 1.2 handshake: {pem}");
+    let (_, names) =
+        run("openssl", vec!["x509".into(), "-noout".into(), "-ext".into(), "subjectAltName".into()], pem.into_bytes())
+            .await;
+    assert!(names.contains("DNS:api.example.test"), "{names}");
+    let (ok, text) = s_client(proxy.addr, "bots.example.test", "-tls1_3").await;
+    assert!(ok, "TLS 1.3 handshake: {text}");
+    for old in ["-tls1", "-tls1_1"] {
+        let (ok, text) = s_client(proxy.addr, "bots.example.test", old).await;
+        assert!(!ok, "{old} must be refused: {text}");
+        // An alert from the server (protocol version, or handshake failure for
+        // TLS 1.0 hellos that offer nothing it has), not the client refusing.
+        assert!(text.contains("SSL alert number"), "{old}: the proxy's refusal, not the client's: {text}");
+    }
+
+    // ALPN with curl and nghttp.
+    let ca = proxy.dir.path().join("ca.pem");
+    std::fs::write(&ca, authority.issuer.pem()).unwrap();
+    let port = proxy.addr.port();
+    let url = format!("https://bots.example.test:{port}/");
+    let curl = |http: &str| {
+        vec![
+            "-sS".to_owned(),
+            http.to_owned(),
+            "--cacert".to_owned(),
+            ca.display().to_string(),
+            "--resolve".to_owned(),
+            format!("bots.example.test:{port}:127.0.0.1"),
+            "-w".to_owned(),
+            " %{http_version}".to_owned(),
+            url.clone(),
+        ]
+    };
+    assert_eq!(run("curl", curl("--http2"), Vec::new()).await, (true, "a 2".to_owned()));
+    assert_eq!(run("curl", curl("--http1.1"), Vec::new()).await, (true, "a 1.1".to_owned()));
+    let (ok, text) = run("nghttp", vec!["-v".into(), format!("https://127.0.0.1:{port}/")], Vec::new()).await;
+    assert!(ok && text.contains("negotiated protocol: h2"), "{text}");
 }
