@@ -37,7 +37,14 @@ impl RunningProxy {
     pub async fn start_from_file(path: &Path) -> Result<RunningProxy, ReloadError> {
         let config = config::load(path)?;
         let runtime = Runtime::start(&config, Some(path.to_path_buf())).await?;
-        let watch = match config::watch::watch(path) {
+        let certificate_files: Vec<std::path::PathBuf> = config
+            .listeners
+            .iter()
+            .filter_map(|listener| listener.tls.as_ref())
+            .flat_map(|tls| &tls.certificates)
+            .flat_map(|certificate| [certificate.cert_path.clone(), certificate.key_path.clone()])
+            .collect();
+        let watch = match config::watch::watch(path, &certificate_files) {
             Ok((watch, mut changes)) => {
                 let weak = Arc::downgrade(&runtime);
                 tokio::spawn(async move {

@@ -222,11 +222,18 @@ impl Runtime {
         let text = config::read(path)?;
         let text_digest = digest(&text);
         let previous = self.live.load_full();
-        if trigger == ReloadTrigger::FileChange && bound.last_digest == Some(text_digest) {
+        let same_text = trigger == ReloadTrigger::FileChange && bound.last_digest == Some(text_digest);
+        let has_tls = previous.config.listeners.iter().any(|l| l.tls.is_some());
+        if same_text && !has_tls {
             return Ok(ReloadSummary::unchanged(previous.generation));
         }
         bound.last_digest = Some(text_digest);
         let config = config::parse(&text, &path.display().to_string())?;
+        // The same text can name certificate files whose content changed (a
+        // renewal): only the listeners can differ then, with their files.
+        if same_text && config.listeners == previous.config.listeners {
+            return Ok(ReloadSummary::unchanged(previous.generation));
+        }
 
         // Bind first: a port that is taken fails the reload before anything changes.
         let mut new_sockets = Vec::new();

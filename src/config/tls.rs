@@ -48,6 +48,7 @@ impl Alpn {
 #[derive(Clone)]
 pub struct Certificate {
     pub cert_path: PathBuf,
+    pub key_path: PathBuf,
     /// DNS names it is valid for (subjectAltName, else the subject's CN),
     /// lower case; `*.example.com` for a wildcard.
     pub names: Vec<String>,
@@ -59,7 +60,7 @@ pub struct Certificate {
 
 impl PartialEq for Certificate {
     fn eq(&self, other: &Self) -> bool {
-        self.cert_path == other.cert_path && self.files == other.files
+        self.cert_path == other.cert_path && self.key_path == other.key_path && self.files == other.files
     }
 }
 
@@ -147,6 +148,7 @@ impl Certificate {
         }
         Ok(Certificate {
             cert_path: cert_path.to_owned(),
+            key_path: key_path.to_owned(),
             names,
             not_after,
             certified: Arc::new(certified),

@@ -6,6 +6,11 @@
 //! *directory* is watched (and, if the config path is a symlink into another
 //! directory, that one too), events are debounced, and one notification is sent
 //! per burst. The receiver decides whether the content really changed.
+//!
+//! The directories of the listeners' certificate and key files are watched
+//! the same way (a Kubernetes Secret volume swaps a `..data` symlink too), so a
+//! renewed certificate triggers a reload; they are the files named by the
+//! config the proxy started with.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,9 +27,9 @@ pub struct ConfigWatch {
     _watcher: RecommendedWatcher,
 }
 
-/// Starts watching `path`; each burst of changes around it sends one `()`.
-/// Must be called inside a tokio runtime.
-pub fn watch(path: &Path) -> notify::Result<(ConfigWatch, mpsc::Receiver<()>)> {
+/// Starts watching `path` and the `also` files; each burst of changes around
+/// them sends one `()`. Must be called inside a tokio runtime.
+pub fn watch(path: &Path, also: &[PathBuf]) -> notify::Result<(ConfigWatch, mpsc::Receiver<()>)> {
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Access events (reads, including our own) are not changes.
@@ -32,8 +37,15 @@ pub fn watch(path: &Path) -> notify::Result<(ConfigWatch, mpsc::Receiver<()>)> {
             let _ = raw_tx.send(());
         }
     })?;
-    for directory in directories_to_watch(path) {
-        watcher.watch(&directory, RecursiveMode::NonRecursive)?;
+    let mut directories: Vec<PathBuf> = Vec::new();
+    for file in std::iter::once(path).chain(also.iter().map(PathBuf::as_path)) {
+        for directory in directories_to_watch(file) {
+            let key = std::fs::canonicalize(&directory).unwrap_or_else(|_| directory.clone());
+            if !directories.contains(&key) {
+                directories.push(key);
+                watcher.watch(&directory, RecursiveMode::NonRecursive)?;
+            }
+        }
     }
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {

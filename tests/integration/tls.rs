@@ -427,3 +427,49 @@ async fn openssl_curl_and_nghttp_see_sni_alpn_and_no_old_protocols() {
     let (ok, text) = run("nghttp", vec!["-v".into(), format!("https://127.0.0.1:{port}/")], Vec::new()).await;
     assert!(ok && text.contains("negotiated protocol: h2"), "{text}");
 }
+
+#[tokio::test]
+async fn a_certificate_renewed_in_a_kubernetes_style_secret_volume_serves_without_a_manual_reload() {
+    let authority = Authority::new();
+    let backend = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    // A Secret volume: certs/tls.crt -> ..data/tls.crt, ..data -> ..v1; the
+    // kubelet writes ..v2 and swaps ..data in one rename.
+    let certs = dir.path().join("certs");
+    let version = |name: &str, issued: &Issued| {
+        let versioned = certs.join(name);
+        std::fs::create_dir_all(&versioned).unwrap();
+        std::fs::write(versioned.join("tls.crt"), &issued.cert_pem).unwrap();
+        std::fs::write(versioned.join("tls.key"), &issued.key_pem).unwrap();
+    };
+    let first = authority.issue(&["bots.example.test"]);
+    version("..v1", &first);
+    std::os::unix::fs::symlink("..v1", certs.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.crt", certs.join("tls.crt")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.key", certs.join("tls.key")).unwrap();
+    let yaml = format!(
+        "listeners:\n  - bind: \"127.0.0.1:0\"\n    tls:\n      certificates: [{{ cert: certs/tls.crt, key: certs/tls.key }}]\nroutes:\n  - upstream: pool\nupstreams:\n  pool:\n    backends: [{{ address: \"{}\" }}]\n",
+        backend.addr
+    );
+    let path = dir.path().join("switchyard.yaml");
+    std::fs::write(&path, with_test_admin(&yaml)).unwrap();
+    let proxy = FileProxy::start_at(dir, path).await;
+    let client = authority.client(&[b"http/1.1"], true);
+    assert_eq!(connect(&client, proxy.addr, "bots.example.test").await.unwrap().0, first.der);
+
+    let renewed = authority.issue(&["bots.example.test"]);
+    version("..v2", &renewed);
+    std::os::unix::fs::symlink("..v2", certs.join("..data_tmp")).unwrap();
+    std::fs::rename(certs.join("..data_tmp"), certs.join("..data")).unwrap();
+
+    proxy.wait_for_generation(2).await;
+    assert_eq!(connect(&client, proxy.addr, "bots.example.test").await.unwrap().0, renewed.der);
+    // The config file itself did not change: touching it does not reload again.
+    std::fs::write(&proxy.path, std::fs::read(&proxy.path).unwrap()).unwrap();
+    let unchanged = proxy.status().await["reloads"]["unchanged"].as_u64().unwrap();
+    wait_until_async("the touch to be seen as unchanged", || async {
+        proxy.status().await["reloads"]["unchanged"].as_u64().unwrap() > unchanged
+    })
+    .await;
+    assert_eq!(proxy.generation().await, 2);
+}
