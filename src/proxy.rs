@@ -195,7 +195,7 @@ async fn forward(
         let started = Instant::now();
         let per_try = policy.and_then(|p| p.config.per_try_timeout);
         let try_deadline = per_try.map_or(deadline, |limit| deadline.min(tokio::time::Instant::now() + limit));
-        let sent = clients.send(upstream.protocol, &backend.address, &backend.authority, outgoing);
+        let sent = clients.send(upstream.protocol, upstream.config.tls.as_ref(), backend, outgoing);
         let result = tokio::time::timeout_at(try_deadline, sent).await;
         let took = started.elapsed();
         backend.upstream_duration.record(took.as_secs_f64());
@@ -553,6 +553,11 @@ fn backend_uri(uri: Uri, authority: &http::uri::Authority) -> Result<Uri, ProxyE
 fn classify(error: SendError, backend: &str, limit: u64) -> (ProxyError, Option<RetryOn>) {
     let error = match error {
         SendError::Connect(source) => {
+            // A certificate problem is configuration, not a passing failure:
+            // say which one, once per failed connection.
+            if let Some(failed) = source.downcast_ref::<crate::client::TlsHandshakeFailed>() {
+                tracing::warn!(backend, error = %failed, "cannot connect to backend over TLS");
+            }
             let error = ProxyError::UpstreamConnect { backend: backend.to_owned(), source };
             return (error, Some(RetryOn::ConnectFailure));
         }
@@ -561,6 +566,16 @@ fn classify(error: SendError, backend: &str, limit: u64) -> (ProxyError, Option<
     let mut refused = false;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
     while let Some(cause) = source {
+        if let Some(alert) = tls_refusal(cause) {
+            // With TLS 1.3 a backend refuses our client certificate only after
+            // the client's side of the handshake is done, at the first read:
+            // nothing was processed, so it is a failure to connect.
+            tracing::warn!(backend, error = %alert, "cannot connect to backend over TLS: it refused the handshake");
+            return (
+                ProxyError::UpstreamConnect { backend: backend.to_owned(), source: error },
+                Some(RetryOn::ConnectFailure),
+            );
+        }
         if cause.is::<http_body_util::LengthLimitError>() {
             return (ProxyError::BodyTooLarge { limit }, None);
         }
@@ -575,6 +590,28 @@ fn classify(error: SendError, backend: &str, limit: u64) -> (ProxyError, Option<
     }
     let reason = if refused { RetryOn::Refused } else { RetryOn::Reset };
     (ProxyError::UpstreamReset { backend: backend.to_owned(), source: error }, Some(reason))
+}
+
+/// The alert a backend sent to end the TLS handshake (a client certificate
+/// missing or refused, no common parameters), if that is what `cause` is.
+fn tls_refusal<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    use rustls::AlertDescription as Alert;
+    let io = cause.downcast_ref::<std::io::Error>()?;
+    let tls = io.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match tls {
+        rustls::Error::AlertReceived(
+            Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnsupportedCertificate
+            | Alert::CertificateRevoked
+            | Alert::CertificateExpired
+            | Alert::CertificateUnknown
+            | Alert::UnknownCA
+            | Alert::AccessDenied
+            | Alert::HandshakeFailure,
+        ) => Some(tls),
+        _ => None,
+    }
 }
 
 /// Reports one exchange's outcome to passive health detection and the breaker.

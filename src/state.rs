@@ -150,9 +150,14 @@ impl Snapshot {
                             .as_ref()
                             .map(|check| Arc::clone(checks.entry((b.address.as_str(), check)).or_default()));
                         let address: Arc<str> = b.address.as_str().into();
+                        let pool_key = match &u.tls {
+                            Some(tls) => format!("{address}#tls-{:016x}", tls.fingerprint).into(),
+                            None => Arc::clone(&address),
+                        };
                         Arc::new(Backend {
                             upstream_duration: crate::metrics::upstream_duration(&upstream_name, &address),
                             address,
+                            pool_key,
                             authority: b.address.parse().expect("validated backend address"),
                             weight: b.weight,
                             max_concurrency: b.max_concurrency.unwrap_or(u32::MAX),

@@ -1,6 +1,6 @@
 //! TLS on listeners: the rustls server side built from a listener's
-//! certificates (see `config::tls`), and the client stream that is either
-//! plain TCP or TLS over it.
+//! certificates (see `config::tls`), and the stream that is either plain TCP
+//! or TLS over it (for clients here, for backends in `client`).
 //!
 //! TLS 1.2 and 1.3 only (rustls has nothing older), the certificate chosen by
 //! SNI (exact name, then a wildcard one level up, then the first certificate),
@@ -82,26 +82,29 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// A client connection, plain or TLS.
-pub enum ClientStream {
+/// A connection, plain TCP or TLS over it (`T`: the server or client side).
+pub enum Stream<T> {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<T>),
 }
 
-impl AsyncRead for ClientStream {
+/// A client's connection to a listener.
+pub type ClientStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            ClientStream::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
+            Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Stream::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            ClientStream::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
+            Stream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Stream::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
         }
     }
 
@@ -111,29 +114,29 @@ impl AsyncWrite for ClientStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            ClientStream::Tls(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Stream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Stream::Tls(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            ClientStream::Plain(stream) => stream.is_write_vectored(),
-            ClientStream::Tls(stream) => stream.is_write_vectored(),
+            Stream::Plain(stream) => stream.is_write_vectored(),
+            Stream::Tls(stream) => stream.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            ClientStream::Tls(stream) => Pin::new(stream).poll_flush(cx),
+            Stream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Stream::Tls(stream) => Pin::new(stream).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            ClientStream::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
+            Stream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Stream::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
         }
     }
 }

@@ -52,6 +52,10 @@ impl Upstream {
 pub struct Backend {
     /// `host:port` as configured; the backend's identity in metrics and logs.
     pub address: Arc<str>,
+    /// Its connections' key in the worker pools: the address, plus the
+    /// upstream's TLS settings when it has them (a plain connection never
+    /// serves a TLS upstream, nor one TLS setting another's).
+    pub pool_key: Arc<str>,
     /// `switchyard_upstream_duration_seconds` for this backend, registered once.
     pub upstream_duration: metrics::Histogram,
     /// The same address, pre-parsed for building request URIs without reparsing.
@@ -132,6 +136,7 @@ impl Backend {
         Backend {
             upstream_duration: metrics::Histogram::noop(),
             address: config.address.as_str().into(),
+            pool_key: config.address.as_str().into(),
             authority: config.address.parse().expect("a valid backend address"),
             weight: config.weight,
             max_concurrency: config.max_concurrency.unwrap_or(u32::MAX),

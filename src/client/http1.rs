@@ -22,10 +22,12 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use tower::Service;
+use hyper_util::rt::TokioIo;
 
 use super::{SendError, TimedConnector};
 use crate::body::ProxyBody;
+use crate::config::tls::UpstreamTls;
+use crate::upstream::Backend;
 
 /// Idle connections are swept every `SWEEP`; one left idle for `MAX_IDLE_SWEEPS`
 /// sweeps (40-50 s) is closed, before backends commonly close theirs (60 s+).
@@ -63,22 +65,23 @@ impl Http1Pool {
         })
     }
 
-    /// Sends `request` (origin-form target, `Host` set) to `backend` at
-    /// `authority`, on a pooled connection or a new one.
+    /// Sends `request` (origin-form target, `Host` set) to `backend`, on a
+    /// pooled connection or a new one (over TLS with `tls`).
     pub async fn send(
         &self,
-        backend: &Arc<str>,
-        authority: &http::uri::Authority,
+        backend: &Backend,
+        tls: Option<&UpstreamTls>,
         mut request: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let key = &backend.pool_key;
         loop {
-            let (mut sender, pooled) = match self.checkout(backend) {
+            let (mut sender, pooled) = match self.checkout(key) {
                 Some(sender) => (sender, true),
-                None => (self.connect(authority).await?, false),
+                None => (self.connect(&backend.authority, tls).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    let home = self.me.upgrade().map(|pool| (pool, Arc::clone(backend), sender));
+                    let home = self.me.upgrade().map(|pool| (pool, Arc::clone(key), sender));
                     return Ok(response.map(|body| UpstreamBody { inner: body, home }));
                 }
                 Err(mut error) => match error.take_message() {
@@ -115,16 +118,14 @@ impl Http1Pool {
         self.idle.lock().expect("never poisoned").entry(backend).or_default().push(Idle { sender, since_sweep });
     }
 
-    async fn connect(&self, authority: &http::uri::Authority) -> Result<SendRequest<ProxyBody>, SendError> {
-        let uri = http::Uri::builder()
-            .scheme("http")
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|error| SendError::Connect(Box::new(error)))?;
-        let io = self.connector.clone().call(uri).await.map_err(SendError::Connect)?;
+    async fn connect(
+        &self,
+        authority: &http::uri::Authority,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<SendRequest<ProxyBody>, SendError> {
+        let stream = super::connect(&self.connector, authority, tls).await?;
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .handshake(io)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|error| SendError::Connect(Box::new(error)))?;
         tokio::spawn(async move {

@@ -1,11 +1,15 @@
 //! Pooled HTTP clients towards backends, one set per worker thread.
 //!
-//! HTTP/1.1 goes through this crate's own per-worker pool (`http1`); h2c
-//! through hyper-util's client, whose HTTP/2 connections multiplex. The clients
+//! HTTP/1.1 (plain or over TLS) goes through this crate's own per-worker pool
+//! (`http1`); h2c through hyper-util's client, whose HTTP/2 connections
+//! multiplex; HTTP/2 over TLS through one multiplexed connection per backend
+//! and TLS setting (`h2`). A TLS handshake is part of connecting: it is bounded
+//! by `connect_timeout`, and its failure is a connect failure. The clients
 //! live for the whole process, outside the config snapshot, so a reload keeps
 //! every warm keep-alive connection; pools are keyed by backend address, so
 //! removed backends' idle connections simply expire.
 
+mod h2;
 mod http1;
 
 pub use http1::UpstreamBody;
@@ -22,7 +26,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::{BoxError, ProxyBody};
+use crate::config::tls::UpstreamTls;
 use crate::config::UpstreamProtocol;
+use crate::upstream::Backend;
 
 /// Idle pooled connections are closed after this; backends commonly close idle
 /// keep-alive connections after 60 s or more, so the proxy lets go first.
@@ -34,6 +40,7 @@ pub type HttpClient = Client<TimedConnector, ProxyBody>;
 pub struct UpstreamClients {
     http1: Arc<http1::Http1Pool>,
     h2c: HttpClient,
+    h2: Arc<h2::H2Connections>,
     connect_timeout: ConnectTimeout,
 }
 
@@ -56,29 +63,31 @@ impl UpstreamClients {
         let mut builder = Client::builder(TokioExecutor::new());
         builder.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(POOL_IDLE_TIMEOUT);
         let http1 = http1::Http1Pool::new(connector.clone());
+        let h2 = h2::H2Connections::new(connector.clone());
         let h2c = builder
             .http2_only(true)
             // Pings keep a long-idle h2 connection from being silently dropped by NAT.
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_adaptive_window(true)
             .build(connector);
-        UpstreamClients { http1, h2c, connect_timeout }
+        UpstreamClients { http1, h2c, h2, connect_timeout }
     }
 
-    /// Sends `request` to the backend `address` (`authority`). For HTTP/1.1
-    /// the request target must be in origin form, with `Host` set; for HTTP/2
-    /// the URI is absolute.
+    /// Sends `request` to `backend` with the upstream's `protocol` and `tls`.
+    /// For HTTP/1.1 the request target must be in origin form, with `Host`
+    /// set; for HTTP/2 the URI is absolute.
     pub async fn send(
         &self,
         protocol: UpstreamProtocol,
-        address: &Arc<str>,
-        authority: &http::uri::Authority,
+        tls: Option<&UpstreamTls>,
+        backend: &Backend,
         request: http::Request<ProxyBody>,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
-        match protocol {
-            UpstreamProtocol::Http1 => self.http1.send(address, authority, request).await,
-            // `h2` (TLS) is rejected by config validation until upstream TLS exists.
-            UpstreamProtocol::H2c | UpstreamProtocol::H2 => match self.h2c.request(request).await {
+        match (protocol, tls) {
+            (UpstreamProtocol::Http1, _) => self.http1.send(backend, tls, request).await,
+            (UpstreamProtocol::H2, Some(tls)) => self.h2.send(backend, tls, request).await,
+            // Validation pairs `h2` with `tls` and `h2c` without it.
+            (UpstreamProtocol::H2c | UpstreamProtocol::H2, _) => match self.h2c.request(request).await {
                 Ok(response) => Ok(response.map(UpstreamBody::unpooled)),
                 Err(error) if error.is_connect() => Err(SendError::Connect(Box::new(error))),
                 Err(error) => Err(SendError::Request(Box::new(error))),
@@ -147,3 +156,44 @@ impl tower::Service<http::Uri> for TimedConnector {
         })
     }
 }
+
+/// A TCP connection to `authority` within the connect timeout, then TLS over
+/// it when the upstream has it, within the same timeout: the connection the
+/// HTTP/1.1 pool and the HTTP/2 connections are made on.
+async fn connect(
+    connector: &TimedConnector,
+    authority: &http::uri::Authority,
+    tls: Option<&UpstreamTls>,
+) -> Result<BackendStream, SendError> {
+    let uri = http::Uri::builder()
+        .scheme("http")
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|error| SendError::Connect(Box::new(error)))?;
+    let tcp = tower::Service::call(&mut connector.clone(), uri).await.map_err(SendError::Connect)?.into_inner();
+    let Some(tls) = tls else {
+        return Ok(BackendStream::Plain(tcp));
+    };
+    let name = match &tls.server_name {
+        Some(name) => name.clone(),
+        None => rustls::pki_types::ServerName::try_from(authority.host().to_owned())
+            .map_err(|error| SendError::Connect(Box::new(error)))?,
+    };
+    let limit = connector.timeout.get();
+    let handshake = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client_config)).connect(name, tcp);
+    match tokio::time::timeout(limit, handshake).await {
+        Ok(Ok(stream)) => Ok(BackendStream::Tls(Box::new(stream))),
+        Ok(Err(error)) => Err(SendError::Connect(Box::new(TlsHandshakeFailed(error)))),
+        Err(_) => Err(SendError::Connect(Box::new(ConnectTimedOut(limit)))),
+    }
+}
+
+/// Why a backend's TLS handshake failed (unknown CA, name mismatch, expired
+/// certificate, a client certificate refused), as rustls says it.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS handshake failed: {0}")]
+pub struct TlsHandshakeFailed(std::io::Error);
+
+/// A connection to a backend, plain or TLS.
+type BackendStream = crate::tls::Stream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;

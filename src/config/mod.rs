@@ -214,6 +214,8 @@ pub struct UpstreamConfig {
     pub policy: PolicyConfig,
     pub backends: Vec<BackendConfig>,
     pub protocol: UpstreamProtocol,
+    /// TLS towards the backends (HTTPS/1.1, or HTTP/2 over TLS for `h2`).
+    pub tls: Option<tls::UpstreamTls>,
     pub health: HealthConfig,
     pub circuit_breaker: Option<BreakerConfig>,
     pub queue: Option<QueueConfig>,

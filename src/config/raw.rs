@@ -166,9 +166,19 @@ pub struct RawUpstream {
     pub backends: Spanned<Vec<Spanned<RawBackend>>>,
     #[serde(default)]
     pub protocol: Option<Spanned<UpstreamProtocol>>,
+    pub tls: Option<Spanned<RawUpstreamTls>>,
     pub health: Option<RawHealth>,
     pub circuit_breaker: Option<Spanned<RawBreaker>>,
     pub queue: Option<RawQueue>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: Option<Spanned<String>>,
+    pub client_cert: Option<Spanned<String>>,
+    pub client_key: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::CertifiedKey;
 
 /// A listener's TLS settings.
@@ -190,4 +190,130 @@ fn names(certificate: &x509_parser::certificate::X509Certificate<'_>) -> Vec<Str
         );
     }
     names
+}
+
+/// What an upstream's `tls:` names, resolved against the config's directory.
+pub struct UpstreamTlsFiles {
+    pub ca: Option<PathBuf>,
+    pub client: Option<(PathBuf, PathBuf)>,
+    pub server_name: Option<ServerName<'static>>,
+    pub protocol: crate::config::UpstreamProtocol,
+}
+
+/// TLS towards an upstream's backends, ready to connect with.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub client_config: Arc<rustls::ClientConfig>,
+    /// Checked against the backend's certificate and sent as SNI instead of
+    /// the backend's host.
+    pub server_name: Option<ServerName<'static>>,
+    /// Equal for equal settings and file contents: connections made with one
+    /// are pooled apart from those made with another.
+    pub fingerprint: u64,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.fingerprint == other.fingerprint
+    }
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("server_name", &self.server_name)
+            .field("fingerprint", &format_args!("{:016x}", self.fingerprint))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamTlsError {
+    #[error("{0}")]
+    Ca(String),
+    #[error("{0}")]
+    ClientCert(String),
+    #[error("{0}")]
+    ClientKey(String),
+    #[error("{0}")]
+    Roots(String),
+}
+
+impl UpstreamTls {
+    pub fn load(files: UpstreamTlsFiles, now: SystemTime) -> Result<UpstreamTls, UpstreamTlsError> {
+        let mut fingerprint = xxhash_rust::xxh3::Xxh3::new();
+        let mut roots = rustls::RootCertStore::empty();
+        match &files.ca {
+            Some(path) => {
+                let shown = path.display();
+                let pem = std::fs::read(path)
+                    .map_err(|error| UpstreamTlsError::Ca(format!("cannot read CA bundle {shown}: {error}")))?;
+                fingerprint.update(&pem);
+                for certificate in CertificateDer::pem_slice_iter(&pem) {
+                    let certificate = certificate.map_err(|error| {
+                        UpstreamTlsError::Ca(format!("CA bundle {shown} is not valid PEM: {error}"))
+                    })?;
+                    roots.add(certificate).map_err(|error| {
+                        UpstreamTlsError::Ca(format!("CA bundle {shown} holds an unusable certificate: {error}"))
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(UpstreamTlsError::Ca(format!("CA bundle {shown} holds no PEM certificate")));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+                if roots.is_empty() {
+                    return Err(UpstreamTlsError::Roots(
+                        "no system CA certificates found (install ca-certificates, or set `ca`)".to_owned(),
+                    ));
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .expect("the ring provider supports TLS 1.2 and 1.3")
+            .with_root_certificates(roots);
+        let mut config = match &files.client {
+            Some((cert_path, key_path)) => {
+                let certificate = Certificate::load(cert_path, key_path, now).map_err(|error| match error {
+                    CertificateError::Cert(message) => UpstreamTlsError::ClientCert(message),
+                    CertificateError::Key(message) => UpstreamTlsError::ClientKey(message),
+                })?;
+                fingerprint.update(&certificate.files.0);
+                fingerprint.update(&certificate.files.1);
+                builder.with_client_cert_resolver(Arc::new(AlwaysResolves(Arc::clone(&certificate.certified))))
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = match files.protocol {
+            crate::config::UpstreamProtocol::H2 | crate::config::UpstreamProtocol::H2c => vec![b"h2".to_vec()],
+            crate::config::UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+        };
+        if let Some(name) = &files.server_name {
+            fingerprint.update(name.to_str().as_bytes());
+        }
+        fingerprint.update(&config.alpn_protocols.concat());
+        Ok(UpstreamTls {
+            client_config: Arc::new(config),
+            server_name: files.server_name,
+            fingerprint: fingerprint.digest(),
+        })
+    }
+}
+
+/// The upstream's one client certificate, whatever the server asks.
+#[derive(Debug)]
+struct AlwaysResolves(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for AlwaysResolves {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }

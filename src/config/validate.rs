@@ -10,9 +10,9 @@ use serde_saphyr::{Location, Spanned};
 
 use super::raw::{
     CheckKind, PolicyKind, RawBackend, RawBreaker, RawConfig, RawHealth, RawListenerTls, RawQueue, RawRetry, RawRoute,
-    RawUpstream, UpstreamProtocol,
+    RawUpstream, RawUpstreamTls, UpstreamProtocol,
 };
-use super::tls::{Alpn, Certificate, CertificateError, ListenerTls};
+use super::tls::{Alpn, Certificate, CertificateError, ListenerTls, UpstreamTls, UpstreamTlsError, UpstreamTlsFiles};
 use super::values::DurationValue;
 use super::{
     ActiveCheck, AdminConfig, BackendConfig, BreakerConfig, Config, ConfigError, ConfigErrors, HealthConfig, Limits,
@@ -105,7 +105,7 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
 
     let mut upstreams = Vec::new();
     for (name, upstream) in &raw.upstreams {
-        if let Some(upstream) = validate_upstream(name, upstream, &mut errors) {
+        if let Some(upstream) = validate_upstream(name, upstream, file, &mut errors) {
             upstreams.push(upstream);
         }
     }
@@ -293,6 +293,7 @@ fn validate_route(
 fn validate_upstream(
     name: &str,
     upstream: &Spanned<RawUpstream>,
+    file: &str,
     errors: &mut Collector<'_>,
 ) -> Option<UpstreamConfig> {
     let location = upstream.referenced;
@@ -310,17 +311,31 @@ fn validate_upstream(
         }
     }
 
-    let protocol = match &upstream.protocol {
-        Some(protocol) if protocol.value == UpstreamProtocol::H2 => {
-            errors.at(
-                protocol.referenced,
-                "protocol `h2` (HTTP/2 over TLS to backends) is not supported yet; use `http1` or `h2c`",
-            );
-            protocol.value
+    let protocol = upstream.protocol.as_ref().map_or(UpstreamProtocol::Http1, |p| p.value);
+    let protocol_location = upstream.protocol.as_ref().map_or(location, |p| p.referenced);
+    let tls = match (&upstream.tls, protocol) {
+        (None, UpstreamProtocol::H2) => {
+            errors.at(protocol_location, "protocol `h2` is HTTP/2 over TLS: add `tls:` (or use `h2c` without TLS)");
+            None
         }
-        Some(protocol) => protocol.value,
-        None => UpstreamProtocol::Http1,
+        (Some(tls), UpstreamProtocol::H2c) => {
+            errors.at(
+                tls.referenced,
+                "`tls` with protocol `h2c` (HTTP/2 without TLS): use protocol `h2` for HTTP/2 over TLS",
+            );
+            None
+        }
+        (Some(tls), _) => validate_upstream_tls(tls, protocol, file, errors),
+        (None, _) => None,
     };
+    if let (Some(tls), Some(health)) = (&upstream.tls, &upstream.health) {
+        if health.active.is_some() {
+            errors.at(
+                tls.referenced,
+                "active health checks over TLS are not supported yet: use passive health (`health.passive`) for a TLS upstream",
+            );
+        }
+    }
 
     let balance = &upstream.balance;
     let kind = balance.policy.as_ref().map_or(PolicyKind::RoundRobin, |p| p.value);
@@ -364,10 +379,64 @@ fn validate_upstream(
         policy,
         backends,
         protocol,
+        tls,
         health,
         circuit_breaker,
         queue,
     })
+}
+
+/// Reads an upstream's CA bundle and client certificate; paths are relative
+/// to the config file's directory.
+fn validate_upstream_tls(
+    raw: &Spanned<RawUpstreamTls>,
+    protocol: UpstreamProtocol,
+    file: &str,
+    errors: &mut Collector<'_>,
+) -> Option<UpstreamTls> {
+    let base = Path::new(file).parent().unwrap_or(Path::new(""));
+    let raw_tls = &raw.value;
+    let before = errors.errors.len();
+    let server_name = raw_tls.server_name.as_ref().and_then(|name| {
+        match rustls::pki_types::ServerName::try_from(name.value.clone()) {
+            Ok(parsed) => Some(parsed),
+            Err(_) => {
+                errors.at(name.referenced, format!("server_name `{}` is not a DNS name or IP address", name.value));
+                None
+            }
+        }
+    });
+    let client = match (&raw_tls.client_cert, &raw_tls.client_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (Some(cert), None) => {
+            errors.at(cert.referenced, "client_cert needs client_key");
+            None
+        }
+        (None, Some(key)) => {
+            errors.at(key.referenced, "client_key needs client_cert");
+            None
+        }
+        (None, None) => None,
+    };
+    let settings = UpstreamTlsFiles {
+        ca: raw_tls.ca.as_ref().map(|ca| base.join(&ca.value)),
+        client: client.map(|(cert, key)| (base.join(&cert.value), base.join(&key.value))),
+        server_name,
+        protocol,
+    };
+    match UpstreamTls::load(settings, std::time::SystemTime::now()) {
+        Ok(tls) => (errors.errors.len() == before).then_some(tls),
+        Err(error) => {
+            let at = match error {
+                UpstreamTlsError::Ca(_) => raw_tls.ca.as_ref().map(|s| s.referenced),
+                UpstreamTlsError::ClientCert(_) => raw_tls.client_cert.as_ref().map(|s| s.referenced),
+                UpstreamTlsError::ClientKey(_) => raw_tls.client_key.as_ref().map(|s| s.referenced),
+                UpstreamTlsError::Roots(_) => None,
+            };
+            errors.at(at.unwrap_or(raw.referenced), error.to_string());
+            None
+        }
+    }
 }
 
 fn count(value: &Option<Spanned<u32>>, key: &str, default: u32, errors: &mut Collector<'_>) -> u32 {

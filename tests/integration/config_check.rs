@@ -70,7 +70,7 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
         ("YAML syntax error", format!("{HEAD}{routes}upstreams:\n  pool:\n    backends: [{{ address: \"127.0.0.1:9000\" }}\n"), 7, 15, "unclosed bracket"),
         ("duplicate upstream", format!("{HEAD}{routes}{}  pool:\n    backends: {ok_backends}\n", upstream(ok_backends)), 8, 3, "duplicate mapping key"),
         ("no listeners", format!("listeners: []\n{routes}{}", upstream(ok_backends)), 1, 1, "no listeners"),
-        ("protocol h2 not supported yet", format!("{HEAD}{routes}{}    protocol: h2\n", upstream(ok_backends)), 8, 15, "not supported yet"),
+        ("protocol h2 without tls", format!("{HEAD}{routes}{}    protocol: h2\n", upstream(ok_backends)), 8, 15, "HTTP/2 over TLS: add `tls:`"),
         ("negative body limit", format!("{HEAD}{routes}{}limits: {{ max_body_bytes: -1 }}\n", upstream(ok_backends)), 8, 27, "cannot be negative"),
     ]
 }

@@ -32,9 +32,13 @@ struct Issued {
 
 impl Authority {
     fn new() -> Authority {
+        Authority::named("Switchyard test CA")
+    }
+
+    fn named(name: &str) -> Authority {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "Switchyard test CA");
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
         Authority { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
     }
 
@@ -472,4 +476,192 @@ async fn a_certificate_renewed_in_a_kubernetes_style_secret_volume_serves_withou
     })
     .await;
     assert_eq!(proxy.generation().await, 2);
+}
+
+/// A backend that speaks only TLS (HTTP/1.1 and HTTP/2 by ALPN) with a
+/// certificate from `authority` for `bots.example.test`, and, with
+/// `require_client_cert`, only to clients with a certificate from it. Answers
+/// with the HTTP version it saw and whether the client showed a certificate.
+async fn tls_backend(authority: &Authority, require_client_cert: bool) -> SocketAddr {
+    let issued = authority.issue(&["bots.example.test"]);
+    let chain = vec![issued.der.clone()];
+    let key = <rustls::pki_types::PrivateKeyDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+        issued.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = if require_client_cert {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(authority.issuer.der().clone()).unwrap();
+        builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap(),
+        )
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_single_cert(chain, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else { return };
+                let client_cert = stream.get_ref().1.peer_certificates().is_some();
+                let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| async move {
+                    let text = format!("{:?} client-cert={client_cert}", request.version());
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(text),
+                    )))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A plain listener in front of one TLS upstream with `tls` settings, files in `dir`.
+fn upstream_tls_config(backend: SocketAddr, protocol: &str, tls: &str) -> String {
+    format!(
+        "listeners:\n  - bind: \"127.0.0.1:0\"\nroutes:\n  - upstream: secure\nupstreams:\n  secure:\n    protocol: {protocol}\n    tls: {tls}\n    backends: [{{ address: \"{backend}\" }}]\n"
+    )
+}
+
+async fn start_in(dir: tempfile::TempDir, yaml: &str) -> FileProxy {
+    let path = dir.path().join("switchyard.yaml");
+    std::fs::write(&path, with_test_admin(yaml)).unwrap();
+    FileProxy::start_at(dir, path).await
+}
+
+#[tokio::test]
+async fn https_and_http2_over_tls_to_backends_with_a_pinned_ca_and_server_name() {
+    let authority = Authority::new();
+    let backend = tls_backend(&authority, false).await;
+    for (protocol, version) in [("http1", "HTTP/1.1"), ("h2", "HTTP/2.0")] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), authority.issuer.pem()).unwrap();
+        let tls = "{ ca: ca.pem, server_name: bots.example.test }";
+        let proxy = start_in(dir, &upstream_tls_config(backend, protocol, tls)).await;
+        for _ in 0..3 {
+            let answer = get(&client(), &proxy.url("/")).await;
+            assert_eq!(answer.status, 200, "{protocol}: {}", answer.body);
+            assert_eq!(answer.body, format!("{version} client-cert=false"), "{protocol}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_to_a_backend_that_requires_a_client_certificate() {
+    let authority = Authority::new();
+    let backend = tls_backend(&authority, true).await;
+    let client_cert = authority.issue(&["switchyard.example.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), authority.issuer.pem()).unwrap();
+    write(dir.path(), "client", &client_cert);
+    let tls = "{ ca: ca.pem, server_name: bots.example.test, client_cert: client.pem, client_key: client.key }";
+    let proxy = start_in(dir, &upstream_tls_config(backend, "http1", tls)).await;
+    let answer = get(&client(), &proxy.url("/")).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body, "HTTP/1.1 client-cert=true");
+
+    // Without the client certificate the backend refuses the handshake.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), authority.issuer.pem()).unwrap();
+    let proxy =
+        start_in(dir, &upstream_tls_config(backend, "http1", "{ ca: ca.pem, server_name: bots.example.test }")).await;
+    let answer = get(&client(), &proxy.url("/")).await;
+    assert_eq!(answer.status, 502, "{}", answer.body);
+    assert_eq!(answer.error_code(), Some("upstream_connect"));
+}
+
+#[tokio::test]
+async fn a_backend_certificate_from_another_ca_is_a_502_and_a_log_line_that_says_why() {
+    let authority = Authority::new();
+    let stranger = Authority::named("Some other CA");
+    let backend = tls_backend(&stranger, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), authority.issuer.pem()).unwrap();
+    let port = free_port();
+    let yaml = upstream_tls_config(backend, "http1", "{ ca: ca.pem, server_name: bots.example.test }")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let path = dir.path().join("switchyard.yaml");
+    std::fs::write(&path, with_test_admin(&yaml)).unwrap();
+    let log = dir.path().join("proxy.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("run")
+        .arg("-c")
+        .arg(&path)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Killed however the test ends, so a failure never leaves it running.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Stop(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_until_async("the proxy to listen", || async { TcpStream::connect(addr).await.is_ok() }).await;
+    let answer = get(&client(), &format!("http://{addr}/")).await;
+    let line = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap();
+            if let Some(line) = text.lines().find(|l| l.contains("cannot connect to backend over TLS")) {
+                break line.to_owned();
+            }
+            assert!(std::time::Instant::now() < deadline, "no TLS failure line in:\n{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert_eq!(answer.status, 502, "{}", answer.body);
+    assert_eq!(answer.error_code(), Some("upstream_connect"));
+    assert!(line.contains("UnknownIssuer") && line.contains(&backend.to_string()), "{line}");
+}
+
+#[test]
+fn check_refuses_upstream_tls_settings_that_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty.pem"), "nothing\n").unwrap();
+    let head = "listeners:\n  - bind: \"127.0.0.1:8080\"\nroutes:\n  - upstream: pool\nupstreams:\n  pool:\n";
+    let backends = "    backends: [{ address: \"127.0.0.1:9443\" }]\n";
+    // (case, upstream keys, line, column, words)
+    let cases = [
+        ("h2 without tls", "    protocol: h2\n", 7, 15, "add `tls:`"),
+        ("tls with h2c", "    protocol: h2c\n    tls: {}\n", 8, 10, "use protocol `h2`"),
+        ("client_cert without key", "    tls: { client_cert: c.pem }\n", 7, 25, "client_cert needs client_key"),
+        ("a CA bundle without certificates", "    tls: { ca: empty.pem }\n", 7, 16, "holds no PEM certificate"),
+        ("a missing CA bundle", "    tls: { ca: missing.pem }\n", 7, 16, "cannot read CA bundle"),
+        (
+            "active checks over TLS",
+            "    tls: {}\n    health: { active: { kind: tcp, interval: 1s } }\n",
+            7,
+            10,
+            "active health checks over TLS",
+        ),
+    ];
+    for (case, keys, line, column, words) in cases {
+        let path = dir.path().join(format!("{}.yaml", case.replace(' ', "-")));
+        std::fs::write(&path, format!("{head}{keys}{backends}")).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{case}: {stderr}");
+        let position = format!("{}:{line}:{column}: ", path.display());
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&position) && l.contains(words)),
+            "{case}: expected `{position}...{words}` in:\n{stderr}"
+        );
+    }
 }
