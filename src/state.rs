@@ -99,12 +99,15 @@ impl Snapshot {
         let unchanged: HashMap<&str, &Arc<Upstream>> = previous_upstreams.iter().map(|u| (&*u.name, u)).collect();
         // One check status per (address, check), shared by every upstream that
         // checks that address that way, and carried over from the last snapshot.
-        let mut checks: HashMap<(&str, &ActiveCheck), Arc<CheckStatus>> = HashMap::new();
+        // The upstream's TLS setting is part of the check: the same address
+        // checked with TLS and without is two checks.
+        let mut checks: HashMap<(&str, &ActiveCheck, Option<u64>), Arc<CheckStatus>> = HashMap::new();
         for upstream in previous_upstreams {
             if let Some(check) = &upstream.config.health.active {
+                let tls = upstream.config.tls.as_ref().map(|t| t.fingerprint);
                 for backend in &upstream.backends {
                     if let Some(status) = &backend.check {
-                        checks.insert((&backend.address, check), Arc::clone(status));
+                        checks.insert((&backend.address, check, tls), Arc::clone(status));
                     }
                 }
             }
@@ -144,11 +147,10 @@ impl Snapshot {
                             None if first_generation => Arc::default(),
                             None => Arc::new(BackendState::added_now()),
                         };
-                        let check = u
-                            .health
-                            .active
-                            .as_ref()
-                            .map(|check| Arc::clone(checks.entry((b.address.as_str(), check)).or_default()));
+                        let check = u.health.active.as_ref().map(|check| {
+                            let tls = u.tls.as_ref().map(|t| t.fingerprint);
+                            Arc::clone(checks.entry((b.address.as_str(), check, tls)).or_default())
+                        });
                         let address: Arc<str> = b.address.as_str().into();
                         let pool_key = match &u.tls {
                             Some(tls) => format!("{address}#tls-{:016x}", tls.fingerprint).into(),

@@ -328,14 +328,6 @@ fn validate_upstream(
         (Some(tls), _) => validate_upstream_tls(tls, protocol, file, errors),
         (None, _) => None,
     };
-    if let (Some(tls), Some(health)) = (&upstream.tls, &upstream.health) {
-        if health.active.is_some() {
-            errors.at(
-                tls.referenced,
-                "active health checks over TLS are not supported yet: use passive health (`health.passive`) for a TLS upstream",
-            );
-        }
-    }
 
     let balance = &upstream.balance;
     let kind = balance.policy.as_ref().map_or(PolicyKind::RoundRobin, |p| p.value);

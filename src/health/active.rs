@@ -1,5 +1,7 @@
-//! Active health checks: one checker task per (backend address, check), probing
-//! on an interval with jitter, feeding a shared [`CheckStatus`].
+//! Active health checks: one checker task per (backend address, check, TLS
+//! setting), probing on an interval with jitter, feeding a shared
+//! [`CheckStatus`]. A TLS upstream's backends are checked over TLS, with the
+//! upstream's CA, client certificate and server name.
 //!
 //! [`Checkers`] reconciles the running checkers with each new snapshot: checks
 //! that appear start, checks that disappear stop, checks that stay keep running
@@ -21,13 +23,18 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use super::{describe, CheckStatus, Transition};
+use crate::config::tls::UpstreamTls;
 use crate::config::{ActiveCheck, Probe};
 use crate::state::Snapshot;
 
 /// A health check response body is read up to this size when `expect_body` is set.
 const MAX_CHECK_BODY: usize = 64 * 1024;
 
-type Key = (Arc<str>, ActiveCheck);
+/// Backend address, check, and the upstream's TLS setting (by fingerprint).
+type Key = (Arc<str>, ActiveCheck, Option<u64>);
+
+/// A check a snapshot needs: its status, the upstreams listing it, its TLS.
+type Wanted = (Arc<CheckStatus>, Vec<Arc<str>>, Option<UpstreamTls>);
 
 struct Checker {
     status: Arc<CheckStatus>,
@@ -97,25 +104,26 @@ impl Drop for Checkers {
 impl Checkers {
     /// Makes the running checkers exactly those `snapshot` needs.
     pub fn sync(&mut self, snapshot: &Snapshot) {
-        let mut wanted: HashMap<Key, (Arc<CheckStatus>, Vec<Arc<str>>)> = HashMap::new();
+        let mut wanted: HashMap<Key, Wanted> = HashMap::new();
         for upstream in &snapshot.upstreams {
             let Some(check) = &upstream.config.health.active else { continue };
+            let tls = &upstream.config.tls;
             for backend in &upstream.backends {
                 let status = backend.check.as_ref().expect("backends of a checked upstream have a status");
                 let entry = wanted
-                    .entry((Arc::clone(&backend.address), check.clone()))
-                    .or_insert_with(|| (Arc::clone(status), Vec::new()));
+                    .entry((Arc::clone(&backend.address), check.clone(), tls.as_ref().map(|t| t.fingerprint)))
+                    .or_insert_with(|| (Arc::clone(status), Vec::new(), tls.clone()));
                 entry.1.push(Arc::clone(&upstream.name));
             }
         }
         self.running.retain(|key, checker| {
-            let keep = wanted.get(key).is_some_and(|(status, _)| Arc::ptr_eq(status, &checker.status));
+            let keep = wanted.get(key).is_some_and(|(status, _, _)| Arc::ptr_eq(status, &checker.status));
             if !keep {
                 checker.task.abort();
             }
             keep
         });
-        for (key, (status, upstreams)) in wanted {
+        for (key, (status, upstreams, tls)) in wanted {
             if let Some(checker) = self.running.get(&key) {
                 let mut counters = checker.counters.lock().expect("never poisoned");
                 if counters.upstreams != upstreams {
@@ -126,7 +134,7 @@ impl Checkers {
             let counters = Arc::new(Mutex::new(Arc::new(CheckCounters::new(&key.0, upstreams))));
             let thread = self.thread.get_or_insert_with(CheckerThread::start);
             let task =
-                thread.handle.spawn(run(key.0.clone(), key.1.clone(), Arc::clone(&status), Arc::clone(&counters)));
+                thread.handle.spawn(run(key.0.clone(), key.1.clone(), tls, Arc::clone(&status), Arc::clone(&counters)));
             self.running.insert(key, Checker { status, counters, task });
         }
     }
@@ -143,6 +151,7 @@ impl Checkers {
 async fn run(
     address: Arc<str>,
     check: ActiveCheck,
+    tls: Option<UpstreamTls>,
     status: Arc<CheckStatus>,
     counters: Arc<Mutex<Arc<CheckCounters>>>,
 ) {
@@ -153,7 +162,7 @@ async fn run(
         check.interval,
     ))
     .await;
-    let mut prober = Prober::new(Arc::clone(&address), &check.probe);
+    let mut prober = Prober::new(Arc::clone(&address), &check.probe, tls.as_ref());
     loop {
         let (passed, reason) = match tokio::time::timeout(check.timeout, prober.probe(&check.probe)).await {
             Ok(Ok(reason)) => (true, reason),
@@ -207,6 +216,8 @@ fn batched(deadline: tokio::time::Instant, interval: Duration) -> tokio::time::I
 /// probed on a fresh one.
 pub struct Prober {
     address: Arc<str>,
+    /// TLS as the upstream has it, with ALPN for the check's protocol.
+    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
     /// The HTTP check's target and `Host`, validated once.
     request: Option<(http::uri::PathAndQuery, http::HeaderValue)>,
     http1: Option<(hyper::client::conn::http1::SendRequest<Empty<Bytes>>, AbortOnDrop)>,
@@ -214,7 +225,20 @@ pub struct Prober {
 }
 
 impl Prober {
-    pub fn new(address: Arc<str>, probe: &Probe) -> Self {
+    pub fn new(address: Arc<str>, probe: &Probe, tls: Option<&UpstreamTls>) -> Self {
+        let tls = tls.and_then(|tls| {
+            let mut config = (*tls.client_config).clone();
+            config.alpn_protocols = match probe {
+                Probe::Grpc { .. } => vec![b"h2".to_vec()],
+                _ => vec![b"http/1.1".to_vec()],
+            };
+            let host = address.rsplit_once(':').map_or(&*address, |(host, _)| host).trim_matches(['[', ']']);
+            let name = match &tls.server_name {
+                Some(name) => name.clone(),
+                None => rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?,
+            };
+            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+        });
         let request = match probe {
             Probe::Http { path, host, .. } => {
                 // Validated config: path starts with `/`, host is a valid header value.
@@ -224,7 +248,7 @@ impl Prober {
             }
             _ => None,
         };
-        Prober { address, request, http1: None, http2: None }
+        Prober { address, tls, request, http1: None, http2: None }
     }
 
     pub fn disconnect(&mut self) {
@@ -235,9 +259,8 @@ impl Prober {
     /// One probe: `Ok(reason)` if it passed, `Err(reason)` if not.
     pub async fn probe(&mut self, probe: &Probe) -> Result<String, String> {
         match probe {
-            Probe::Tcp => {
-                TcpStream::connect(&*self.address).await.map(|_| "connected".to_owned()).map_err(|e| io_reason(&e))
-            }
+            // With TLS, a TCP check passes on a completed handshake.
+            Probe::Tcp => self.open().await.map(|_| "connected".to_owned()),
             Probe::Http { expect_status, expect_body, .. } => {
                 self.http_probe(expect_status, expect_body.as_deref()).await
             }
@@ -269,8 +292,7 @@ impl Prober {
             self.http1 = None;
         }
         if self.http1.is_none() {
-            let stream = TcpStream::connect(&*self.address).await.map_err(|e| Exchange::Refused(io_reason(&e)))?;
-            let _ = stream.set_nodelay(true);
+            let stream = self.open().await.map_err(Exchange::Refused)?;
             let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| Exchange::Transport(e.to_string()))?;
@@ -310,13 +332,25 @@ impl Prober {
         Ok(format!("status {status}"))
     }
 
+    /// A connection to the backend: TCP, then TLS when the upstream has it.
+    async fn open(&self) -> Result<ProbeStream, String> {
+        let stream = TcpStream::connect(&*self.address).await.map_err(|e| io_reason(&e))?;
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => Ok(ProbeStream::Plain(stream)),
+            Some((connector, name)) => match connector.connect(name.clone(), stream).await {
+                Ok(stream) => Ok(ProbeStream::Tls(Box::new(stream))),
+                Err(error) => Err(format!("TLS handshake failed: {error}")),
+            },
+        }
+    }
+
     async fn http2_sender(&mut self) -> Result<&mut hyper::client::conn::http2::SendRequest<Full<Bytes>>, String> {
         if self.http2.as_ref().is_some_and(|(sender, _)| sender.is_closed()) {
             self.http2 = None;
         }
         if self.http2.is_none() {
-            let stream = TcpStream::connect(&*self.address).await.map_err(|e| io_reason(&e))?;
-            let _ = stream.set_nodelay(true);
+            let stream = self.open().await?;
             let (sender, connection) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                     .await
@@ -331,11 +365,12 @@ impl Prober {
         Ok(sender)
     }
 
-    /// `grpc.health.v1.Health/Check` over h2c. The two messages are tiny, so they
+    /// `grpc.health.v1.Health/Check` over HTTP/2 (h2c, or over TLS). The two messages are tiny, so they
     /// are encoded by hand: `HealthCheckRequest { string service = 1; }` and
     /// `HealthCheckResponse { ServingStatus status = 1; }` with SERVING = 1.
     async fn grpc_probe(&mut self, service: &str) -> Result<String, String> {
-        let request = Request::post(format!("http://{}/grpc.health.v1.Health/Check", self.address))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let request = Request::post(format!("{scheme}://{}/grpc.health.v1.Health/Check", self.address))
             .header(header::CONTENT_TYPE, "application/grpc")
             .header(header::TE, "trailers")
             .header(header::USER_AGENT, "switchyard-health-check")
@@ -395,6 +430,8 @@ fn io_reason(error: &std::io::Error) -> String {
         _ => error.to_string(),
     }
 }
+
+type ProbeStream = crate::tls::Stream<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// Aborts the connection task when its owner drops it.
 struct AbortOnDrop(JoinHandle<()>);

@@ -644,13 +644,6 @@ fn check_refuses_upstream_tls_settings_that_cannot_work() {
         ("client_cert without key", "    tls: { client_cert: c.pem }\n", 7, 25, "client_cert needs client_key"),
         ("a CA bundle without certificates", "    tls: { ca: empty.pem }\n", 7, 16, "holds no PEM certificate"),
         ("a missing CA bundle", "    tls: { ca: missing.pem }\n", 7, 16, "cannot read CA bundle"),
-        (
-            "active checks over TLS",
-            "    tls: {}\n    health: { active: { kind: tcp, interval: 1s } }\n",
-            7,
-            10,
-            "active health checks over TLS",
-        ),
     ];
     for (case, keys, line, column, words) in cases {
         let path = dir.path().join(format!("{}.yaml", case.replace(' ', "-")));
@@ -664,4 +657,38 @@ fn check_refuses_upstream_tls_settings_that_cannot_work() {
             "{case}: expected `{position}...{words}` in:\n{stderr}"
         );
     }
+}
+
+#[tokio::test]
+async fn active_checks_of_a_tls_upstream_go_over_tls_with_its_ca() {
+    let authority = Authority::new();
+    let backend = tls_backend(&authority, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), authority.issuer.pem()).unwrap();
+    std::fs::write(dir.path().join("other-ca.pem"), Authority::named("Some other CA").issuer.pem()).unwrap();
+    // The same backend in two upstreams: one trusts its CA, one does not.
+    let check = "    health: { active: { kind: http, path: /, interval: 200ms, timeout: 200ms, healthy_after: 1, unhealthy_after: 1 } }\n";
+    let yaml = format!(
+        "listeners:\n  - bind: \"127.0.0.1:0\"\nroutes:\n  - upstream: trusted\nupstreams:\n  trusted:\n    tls: {{ ca: ca.pem, server_name: bots.example.test }}\n{check}    backends: [{{ address: \"{backend}\" }}]\n  untrusted:\n    tls: {{ ca: other-ca.pem, server_name: bots.example.test }}\n{check}    backends: [{{ address: \"{backend}\" }}]\n"
+    );
+    let proxy = start_in(dir, &yaml).await;
+    let check_of = |status: &serde_json::Value, upstream: &str| {
+        let upstreams = status["upstreams"].as_array().unwrap().clone();
+        let found = upstreams.into_iter().find(|u| u["name"] == upstream).unwrap();
+        found["backends"][0]["active_check"].clone()
+    };
+    wait_until_async("both checks to report", || async {
+        let status = proxy.status().await;
+        check_of(&status, "trusted")["last_reason"].is_string()
+            && check_of(&status, "untrusted")["last_reason"].is_string()
+    })
+    .await;
+    let status = proxy.status().await;
+    let (trusted, untrusted) = (check_of(&status, "trusted"), check_of(&status, "untrusted"));
+    assert_eq!(trusted["healthy"], true, "{trusted}");
+    assert_eq!(trusted["last_reason"], "status 200", "{trusted}");
+    assert_eq!(untrusted["healthy"], false, "{untrusted}");
+    assert!(untrusted["last_reason"].as_str().unwrap().contains("UnknownIssuer"), "{untrusted}");
+    let answer = get(&client(), &proxy.url("/")).await;
+    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "HTTP/1.1 client-cert=false"));
 }
