@@ -28,6 +28,16 @@ async fn grpc_unary_and_streaming_calls_pass_through_with_trailers() {
         .connect()
         .await
         .expect("h2c connection to the proxy");
+    exercise_health_calls(channel, &reporter).await;
+}
+
+/// Unary (success and an error carried only in trailers) and server-streaming
+/// calls of tonic's health service through `channel`, with `reporter` driving
+/// the stream.
+pub async fn exercise_health_calls(
+    channel: tonic::transport::Channel,
+    reporter: &tonic_health::server::HealthReporter,
+) {
     let mut client = HealthClient::new(channel);
 
     // Unary, success: the status comes in the grpc-status trailer.

@@ -692,3 +692,41 @@ async fn active_checks_of_a_tls_upstream_go_over_tls_with_its_ca() {
     let answer = get(&client(), &proxy.url("/")).await;
     assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "HTTP/1.1 client-cert=false"));
 }
+
+#[tokio::test]
+async fn grpc_over_tls_end_to_end_unary_and_streaming_with_trailers() {
+    let authority = Authority::new();
+    // The bot service: tonic's health service over TLS only.
+    let backend_cert = authority.issue(&["grpc.example.test"]);
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter.set_service_status("bots.Runner", tonic_health::ServingStatus::Serving).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let identity = tonic::transport::Identity::from_pem(&backend_cert.cert_pem, &backend_cert.key_pem);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .unwrap()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    // The proxy: TLS listener, `protocol: h2` with TLS towards the service.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "bots", &authority.issue(&["bots.example.test"]));
+    std::fs::write(dir.path().join("ca.pem"), authority.issuer.pem()).unwrap();
+    let yaml = format!(
+        "listeners:\n  - bind: \"127.0.0.1:0\"\n    tls:\n      certificates: [{{ cert: bots.pem, key: bots.key }}]\nroutes:\n  - upstream: grpc\nupstreams:\n  grpc:\n    protocol: h2\n    tls: {{ ca: ca.pem, server_name: grpc.example.test }}\n    backends: [{{ address: \"{backend_addr}\" }}]\n"
+    );
+    let proxy = start_in(dir, &yaml).await;
+
+    let ca = tonic::transport::Certificate::from_pem(authority.issuer.pem());
+    let channel = tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{}", proxy.addr.port()))
+        .unwrap()
+        .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca).domain_name("bots.example.test"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("a TLS connection to the proxy, ALPN h2");
+    crate::grpc::exercise_health_calls(channel, &reporter).await;
+}
