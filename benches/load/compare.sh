@@ -16,6 +16,9 @@
 #        FEATURES=1 benches/load/compare.sh  (Switchyard alone, plain and with one
 #                                          feature each: access log, retries, breaker,
 #                                          least_loaded, consistent_hash, queue; c64)
+#        TLS=1 benches/load/compare.sh      (TLS on the proxies' listeners: keep-alive c64,
+#                                          and a new connection and full handshake per
+#                                          request; ECDSA P-256 certificate, TLS 1.3)
 #        ALT_BIN=/path/to/switchyard TARGETS="switchyard switchyard@alt haproxy" ...
 #                                         (`switchyard@alt` is the plain config run by
 #                                          another build, e.g. other release settings)
@@ -31,6 +34,8 @@ if [ "$FEATURES" = 1 ]; then
   TARGETS=${TARGETS:-"switchyard switchyard+access switchyard+retry switchyard+breaker switchyard+least_loaded switchyard+consistent_hash switchyard+queue"}
   SCENARIOS=${SCENARIOS:-c64}
 fi
+TLS=${TLS:-0}
+[ "$TLS" = 1 ] && SCENARIOS=${SCENARIOS:-"tls-c64 tls-new"}
 TARGETS=${TARGETS:-"haproxy nginx switchyard"}
 SCENARIOS=${SCENARIOS:-"c64 c256 h2c"}
 
@@ -88,8 +93,12 @@ nginx -c "$work/backend.conf" -p "$work"
 wait_port "$b1"; wait_port "$b2"; wait_port "$b3"
 
 # --- the three proxies ------------------------------------------------------------
-declare -A H1_PORT H2_PORT
-for target in $TARGETS; do H1_PORT[$target]=$(free_port); H2_PORT[$target]=$(free_port); done
+declare -A H1_PORT H2_PORT TLS_PORT
+for target in $TARGETS; do H1_PORT[$target]=$(free_port); H2_PORT[$target]=$(free_port); TLS_PORT[$target]=$(free_port); done
+# One certificate for every proxy's TLS listener.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+  -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$work/tls.key" -out "$work/tls.pem" 2>/dev/null
+cat "$work/tls.pem" "$work/tls.key" >"$work/tls-combined.pem"
 
 # Switchyard targets: `switchyard` is the plain config; `switchyard+FEATURE`
 # adds one feature to it, to measure what each costs (FEATURES=1 runs them all).
@@ -111,7 +120,9 @@ switchyard_config() { # target
   cat >"$work/$1.yaml" <<YAML
 admin: { bind: "127.0.0.1:$(free_port)" }
 log: { level: warn, access: $access }
-listeners: [{ name: bench, bind: "127.0.0.1:${H1_PORT[$1]}" }]
+listeners:
+  - { name: bench, bind: "127.0.0.1:${H1_PORT[$1]}" }
+  - { name: bench-tls, bind: "127.0.0.1:${TLS_PORT[$1]}", tls: { certificates: [{ cert: "$work/tls.pem", key: "$work/tls.key" }], alpn: [http/1.1] } }
 routes: [{ name: all, upstream: pool$route }]
 upstreams:
   pool:
@@ -142,6 +153,7 @@ defaults
 frontend web
   bind 127.0.0.1:${H1_PORT[haproxy]}
   bind 127.0.0.1:${H2_PORT[haproxy]} proto h2
+  bind 127.0.0.1:${TLS_PORT[haproxy]} ssl crt $work/tls-combined.pem alpn http/1.1
   default_backend pool
 backend pool
   balance roundrobin
@@ -164,6 +176,9 @@ http {
   server {
     listen 127.0.0.1:${H1_PORT[nginx]};
     listen 127.0.0.1:${H2_PORT[nginx]} http2;
+    listen 127.0.0.1:${TLS_PORT[nginx]} ssl;
+    ssl_certificate $work/tls.pem;
+    ssl_certificate_key $work/tls.key;
     location / { proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
@@ -180,6 +195,7 @@ start_target() {
   esac
   wait_port "${H1_PORT[$1]}"
   wait_port "${H2_PORT[$1]}"
+  wait_port "${TLS_PORT[$1]}"
 }
 
 # Every process of a target: its main process and its children (nginx workers).
@@ -212,6 +228,7 @@ ticks_per_second=$(getconf CLK_TCK)
 # Warm-up: every target, every scenario, briefly.
 for target in $TARGETS; do
   wrk -t2 -c64 -d2s "http://127.0.0.1:${H1_PORT[$target]}/" >/dev/null
+  [ "$TLS" = 1 ] && wrk -t2 -c64 -d1s "https://127.0.0.1:${TLS_PORT[$target]}/" >/dev/null
   h2load -c16 -m16 -D 2 "http://127.0.0.1:${H2_PORT[$target]}/" >/dev/null
 done
 
@@ -234,8 +251,13 @@ run() { # target scenario round
   if [ "$PERF" = 1 ]; then perf_window "$target" >"$work/perf.out" & perf_pid=$!; fi
   before=$(cpu_ticks "$target"); user_before=$(cpu_ticks "$target" user)
   case $scenario in
-    c64 | c256)
-      wrk -t2 "-${scenario}" -d"${DURATION}s" --latency "http://127.0.0.1:${H1_PORT[$target]}/" >"$out"
+    c64 | c256 | tls-c64 | tls-new)
+      case $scenario in
+        c64 | c256) wrk -t2 "-${scenario}" -d"${DURATION}s" --latency "http://127.0.0.1:${H1_PORT[$target]}/" >"$out" ;;
+        tls-c64) wrk -t2 -c64 -d"${DURATION}s" --latency "https://127.0.0.1:${TLS_PORT[$target]}/" >"$out" ;;
+        # A new connection, and a full handshake, for every request.
+        tls-new) wrk -t2 -c16 -d"${DURATION}s" --latency -H "Connection: close" "https://127.0.0.1:${TLS_PORT[$target]}/" >"$out" ;;
+      esac
       after=$(cpu_ticks "$target"); user_after=$(cpu_ticks "$target" user)
       requests=$(awk '/requests in/ { print $1 }' "$out")
       rps=$(awk '/^Requests\/sec/ { print $2 }' "$out")
