@@ -730,3 +730,19 @@ async fn grpc_over_tls_end_to_end_unary_and_streaming_with_trailers() {
         .expect("a TLS connection to the proxy, ALPN h2");
     crate::grpc::exercise_health_calls(channel, &reporter).await;
 }
+
+#[tokio::test]
+async fn a_returning_client_resumes_its_session() {
+    let authority = Authority::new();
+    let backend = Backend::start("a").await;
+    let (proxy, _, _) = start(&authority, &backend, "").await;
+    // One client config, hence one session store, for both connections.
+    let client = authority.client(&[b"http/1.1"], true);
+    for expected in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
+        let (_, _, stream) = connect(&client, proxy.addr, "bots.example.test").await.unwrap();
+        let kind = stream.get_ref().1.handshake_kind();
+        // The ticket arrives after the handshake: one exchange lets the client keep it.
+        assert_eq!(get_over(stream, false, "bots.example.test").await.0, 200);
+        assert_eq!(kind, Some(expected));
+    }
+}
