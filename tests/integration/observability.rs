@@ -449,17 +449,7 @@ async fn access_log_lines_carry_every_field_and_never_the_token() {
     let answer = get_with(&client(), &format!("http://{addr}/jobs/7?secret=no"), &[("x-request-id", "req-42")]).await;
     assert_eq!(answer.status, 200);
     admin_get(format!("127.0.0.1:{admin_port}").parse().unwrap(), "/status", Some(token)).await;
-    let line = {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap();
-            if let Some(line) = text.lines().find(|l| l.contains("req-42")) {
-                break line.to_owned();
-            }
-            assert!(std::time::Instant::now() < deadline, "no access line in:\n{text}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    let line = wait_for_log_line(&log, "req-42").await;
     let _ = child.kill();
     let _ = child.wait();
     let entry: Value = serde_json::from_str(&line).expect("a JSON log line");

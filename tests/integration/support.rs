@@ -556,3 +556,31 @@ pub async fn resetting_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     });
     (addr, requests)
 }
+
+/// The first line of the log file at `path` that contains `needle`, waiting
+/// for the process writing it (up to 10 s).
+pub async fn wait_for_log_line(path: &std::path::Path, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no line with `{needle}` in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `switchyard check` on `path` and asserts it exits 1 with a line
+/// `path:line:column: ...words...`.
+pub fn assert_check_reports(path: &std::path::Path, case: &str, line: usize, column: usize, words: &str) {
+    let output =
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{case}: {stderr}");
+    let position = format!("{}:{line}:{column}: ", path.display());
+    assert!(
+        stderr.lines().any(|l| l.starts_with(&position) && l.contains(words)),
+        "{case}: expected `{position}...{words}` in:\n{stderr}"
+    );
+}

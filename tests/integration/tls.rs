@@ -284,14 +284,7 @@ fn check_refuses_expired_mismatched_and_garbage_certificates_with_positions() {
     for (case, text, line, column, words) in cases {
         let path = dir.path().join(format!("{}.yaml", case.replace(' ', "-")));
         std::fs::write(&path, &text).unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{case}: {stderr}");
-        let position = format!("{}:{line}:{column}: ", path.display());
-        assert!(
-            stderr.lines().any(|l| l.starts_with(&position) && l.contains(words)),
-            "{case}: expected `{position}...{words}` in:\n{stderr}"
-        );
+        assert_check_reports(&path, case, line, column, words);
     }
     let path = dir.path().join("good.yaml");
     std::fs::write(&path, config("good.pem", "good.key")).unwrap();
@@ -615,17 +608,7 @@ async fn a_backend_certificate_from_another_ca_is_a_502_and_a_log_line_that_says
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_until_async("the proxy to listen", || async { TcpStream::connect(addr).await.is_ok() }).await;
     let answer = get(&client(), &format!("http://{addr}/")).await;
-    let line = {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap();
-            if let Some(line) = text.lines().find(|l| l.contains("cannot connect to backend over TLS")) {
-                break line.to_owned();
-            }
-            assert!(std::time::Instant::now() < deadline, "no TLS failure line in:\n{text}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    let line = wait_for_log_line(&log, "cannot connect to backend over TLS").await;
     assert_eq!(answer.status, 502, "{}", answer.body);
     assert_eq!(answer.error_code(), Some("upstream_connect"));
     assert!(line.contains("UnknownIssuer") && line.contains(&backend.to_string()), "{line}");
@@ -648,14 +631,7 @@ fn check_refuses_upstream_tls_settings_that_cannot_work() {
     for (case, keys, line, column, words) in cases {
         let path = dir.path().join(format!("{}.yaml", case.replace(' ', "-")));
         std::fs::write(&path, format!("{head}{keys}{backends}")).unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{case}: {stderr}");
-        let position = format!("{}:{line}:{column}: ", path.display());
-        assert!(
-            stderr.lines().any(|l| l.starts_with(&position) && l.contains(words)),
-            "{case}: expected `{position}...{words}` in:\n{stderr}"
-        );
+        assert_check_reports(&path, case, line, column, words);
     }
 }
 
