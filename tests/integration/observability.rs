@@ -437,21 +437,14 @@ async fn access_log_lines_carry_every_field_and_never_the_token() {
     )
     .unwrap();
     let log = dir.path().join("proxy.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("run")
-        .arg("-c")
-        .arg(&path)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let proxy = LoggingProxy::start(&path, &log);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_until_async("the proxy to listen", || async { tokio::net::TcpStream::connect(addr).await.is_ok() }).await;
     let answer = get_with(&client(), &format!("http://{addr}/jobs/7?secret=no"), &[("x-request-id", "req-42")]).await;
     assert_eq!(answer.status, 200);
     admin_get(format!("127.0.0.1:{admin_port}").parse().unwrap(), "/status", Some(token)).await;
     let line = wait_for_log_line(&log, "req-42").await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(proxy);
     let entry: Value = serde_json::from_str(&line).expect("a JSON log line");
     let fields = &entry["fields"];
     assert_eq!(fields["method"], "GET");

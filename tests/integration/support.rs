@@ -584,3 +584,27 @@ pub fn assert_check_reports(path: &std::path::Path, case: &str, line: usize, col
         "{case}: expected `{position}...{words}` in:\n{stderr}"
     );
 }
+
+/// `switchyard run -c config` as a child process writing its log to `log`;
+/// killed when dropped, however the test ends.
+pub struct LoggingProxy(std::process::Child);
+
+impl LoggingProxy {
+    pub fn start(config: &std::path::Path, log: &std::path::Path) -> LoggingProxy {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("run")
+            .arg("-c")
+            .arg(config)
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        LoggingProxy(child)
+    }
+}
+
+impl Drop for LoggingProxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -589,22 +589,7 @@ async fn a_backend_certificate_from_another_ca_is_a_502_and_a_log_line_that_says
     let path = dir.path().join("switchyard.yaml");
     std::fs::write(&path, with_test_admin(&yaml)).unwrap();
     let log = dir.path().join("proxy.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("run")
-        .arg("-c")
-        .arg(&path)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    // Killed however the test ends, so a failure never leaves it running.
-    struct Stop(std::process::Child);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Stop(child);
+    let _proxy = LoggingProxy::start(&path, &log);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_until_async("the proxy to listen", || async { TcpStream::connect(addr).await.is_ok() }).await;
     let answer = get(&client(), &format!("http://{addr}/")).await;
