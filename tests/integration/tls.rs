@@ -677,9 +677,14 @@ async fn grpc_over_tls_end_to_end_unary_and_streaming_with_trailers() {
     write(dir.path(), "bots", &authority.issue(&["bots.example.test"]));
     std::fs::write(dir.path().join("ca.pem"), authority.issuer.pem()).unwrap();
     let yaml = format!(
-        "listeners:\n  - bind: \"127.0.0.1:0\"\n    tls:\n      certificates: [{{ cert: bots.pem, key: bots.key }}]\nroutes:\n  - upstream: grpc\nupstreams:\n  grpc:\n    protocol: h2\n    tls: {{ ca: ca.pem, server_name: grpc.example.test }}\n    backends: [{{ address: \"{backend_addr}\" }}]\n"
+        "listeners:\n  - bind: \"127.0.0.1:0\"\n    tls:\n      certificates: [{{ cert: bots.pem, key: bots.key }}]\nroutes:\n  - upstream: grpc\nupstreams:\n  grpc:\n    protocol: h2\n    tls: {{ ca: ca.pem, server_name: grpc.example.test }}\n    health: {{ active: {{ kind: grpc, service: bots.Runner, interval: 200ms, timeout: 200ms, healthy_after: 1 }} }}\n    backends: [{{ address: \"{backend_addr}\" }}]\n"
     );
     let proxy = start_in(dir, &yaml).await;
+    // Its gRPC health check goes over TLS too.
+    wait_until_async("the gRPC check over TLS to pass", || async {
+        proxy.status().await["upstreams"][0]["backends"][0]["active_check"]["last_reason"] == "SERVING"
+    })
+    .await;
 
     let ca = tonic::transport::Certificate::from_pem(authority.issuer.pem());
     let channel = tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{}", proxy.addr.port()))
