@@ -31,8 +31,8 @@ use crate::upstream::Backend;
 
 /// Idle connections are swept every `SWEEP`; one left idle for `MAX_IDLE_SWEEPS`
 /// sweeps (40-50 s) is closed, before backends commonly close theirs (60 s+).
-const SWEEP: Duration = Duration::from_secs(10);
-const MAX_IDLE_SWEEPS: u64 = 4;
+pub(super) const SWEEP: Duration = Duration::from_secs(10);
+pub(super) const MAX_IDLE_SWEEPS: u64 = 4;
 
 pub struct Http1Pool {
     me: Weak<Http1Pool>,
