@@ -103,7 +103,8 @@ cat "$work/tls.pem" "$work/tls.key" >"$work/tls-combined.pem"
 # Switchyard targets: `switchyard` is the plain config; `switchyard+FEATURE`
 # adds one feature to it, to measure what each costs (FEATURES=1 runs them all).
 switchyard_config() { # target
-  local feature=${1#switchyard} access=false policy="{ policy: round_robin }" route="" upstream=""
+  local feature=${1#switchyard} access=false policy="{ policy: round_robin }" route="" upstream="" tls_listener=""
+  [ "$TLS" = 1 ] && tls_listener="  - { name: bench-tls, bind: \"127.0.0.1:${TLS_PORT[$1]}\", tls: { certificates: [{ cert: \"$work/tls.pem\", key: \"$work/tls.key\" }], alpn: [http/1.1] } }"
   [ "$feature" = "@alt" ] && feature=""
   case $feature in
     "") ;;
@@ -122,7 +123,7 @@ admin: { bind: "127.0.0.1:$(free_port)" }
 log: { level: warn, access: $access }
 listeners:
   - { name: bench, bind: "127.0.0.1:${H1_PORT[$1]}" }
-  - { name: bench-tls, bind: "127.0.0.1:${TLS_PORT[$1]}", tls: { certificates: [{ cert: "$work/tls.pem", key: "$work/tls.key" }], alpn: [http/1.1] } }
+$tls_listener
 routes: [{ name: all, upstream: pool$route }]
 upstreams:
   pool:
@@ -153,7 +154,7 @@ defaults
 frontend web
   bind 127.0.0.1:${H1_PORT[haproxy]}
   bind 127.0.0.1:${H2_PORT[haproxy]} proto h2
-  bind 127.0.0.1:${TLS_PORT[haproxy]} ssl crt $work/tls-combined.pem alpn http/1.1
+$([ "$TLS" = 1 ] && echo "  bind 127.0.0.1:${TLS_PORT[haproxy]} ssl crt $work/tls-combined.pem alpn http/1.1")
   default_backend pool
 backend pool
   balance roundrobin
@@ -176,9 +177,7 @@ http {
   server {
     listen 127.0.0.1:${H1_PORT[nginx]};
     listen 127.0.0.1:${H2_PORT[nginx]} http2;
-    listen 127.0.0.1:${TLS_PORT[nginx]} ssl;
-    ssl_certificate $work/tls.pem;
-    ssl_certificate_key $work/tls.key;
+$([ "$TLS" = 1 ] && printf '    listen 127.0.0.1:%s ssl;\n    ssl_certificate %s;\n    ssl_certificate_key %s;' "${TLS_PORT[nginx]}" "$work/tls.pem" "$work/tls.key")
     location / { proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
@@ -195,7 +194,7 @@ start_target() {
   esac
   wait_port "${H1_PORT[$1]}"
   wait_port "${H2_PORT[$1]}"
-  wait_port "${TLS_PORT[$1]}"
+  if [ "$TLS" = 1 ]; then wait_port "${TLS_PORT[$1]}"; fi
 }
 
 # Every process of a target: its main process and its children (nginx workers).
