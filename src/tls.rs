@@ -91,6 +91,9 @@ pub enum Stream<T> {
 /// A client's connection to a listener.
 pub type ClientStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
 
+/// The proxy's connection to a backend (requests and health checks).
+pub type BackendStream = Stream<tokio_rustls::client::TlsStream<TcpStream>>;
+
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {

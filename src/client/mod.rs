@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::body::{BoxError, ProxyBody};
 use crate::config::tls::UpstreamTls;
 use crate::config::UpstreamProtocol;
+use crate::tls::BackendStream;
 use crate::upstream::Backend;
 
 /// Idle pooled connections are closed after this; backends commonly close idle
@@ -175,11 +176,7 @@ async fn connect(
     let Some(tls) = tls else {
         return Ok(BackendStream::Plain(tcp));
     };
-    let name = match &tls.server_name {
-        Some(name) => name.clone(),
-        None => rustls::pki_types::ServerName::try_from(authority.host().to_owned())
-            .map_err(|error| SendError::Connect(Box::new(error)))?,
-    };
+    let name = tls.name_for(authority.host()).map_err(|error| SendError::Connect(Box::new(error)))?;
     let limit = connector.timeout.get();
     let handshake = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client_config)).connect(name, tcp);
     match tokio::time::timeout(limit, handshake).await {
@@ -194,6 +191,3 @@ async fn connect(
 #[derive(Debug, thiserror::Error)]
 #[error("TLS handshake failed: {0}")]
 pub struct TlsHandshakeFailed(std::io::Error);
-
-/// A connection to a backend, plain or TLS.
-type BackendStream = crate::tls::Stream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;

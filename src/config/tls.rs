@@ -240,6 +240,16 @@ pub enum UpstreamTlsError {
 }
 
 impl UpstreamTls {
+    /// The name checked against the certificate of a backend at `host` (its
+    /// address's host, IPv6 in brackets or not), also sent as SNI:
+    /// `server_name` when set.
+    pub fn name_for(&self, host: &str) -> Result<ServerName<'static>, rustls::pki_types::InvalidDnsNameError> {
+        match &self.server_name {
+            Some(name) => Ok(name.clone()),
+            None => ServerName::try_from(host.trim_matches(['[', ']']).to_owned()),
+        }
+    }
+
     pub fn load(files: UpstreamTlsFiles, now: SystemTime) -> Result<UpstreamTls, UpstreamTlsError> {
         let mut fingerprint = xxhash_rust::xxh3::Xxh3::new();
         let mut roots = rustls::RootCertStore::empty();

@@ -26,6 +26,7 @@ use super::{describe, CheckStatus, Transition};
 use crate::config::tls::UpstreamTls;
 use crate::config::{ActiveCheck, Probe};
 use crate::state::Snapshot;
+use crate::tls::BackendStream;
 
 /// A health check response body is read up to this size when `expect_body` is set.
 const MAX_CHECK_BODY: usize = 64 * 1024;
@@ -217,7 +218,7 @@ fn batched(deadline: tokio::time::Instant, interval: Duration) -> tokio::time::I
 pub struct Prober {
     address: Arc<str>,
     /// TLS as the upstream has it, with ALPN for the check's protocol.
-    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
+    tls: Option<(tokio_rustls::TlsConnector, Result<rustls::pki_types::ServerName<'static>, String>)>,
     /// The HTTP check's target and `Host`, validated once.
     request: Option<(http::uri::PathAndQuery, http::HeaderValue)>,
     http1: Option<(hyper::client::conn::http1::SendRequest<Empty<Bytes>>, AbortOnDrop)>,
@@ -226,18 +227,19 @@ pub struct Prober {
 
 impl Prober {
     pub fn new(address: Arc<str>, probe: &Probe, tls: Option<&UpstreamTls>) -> Self {
-        let tls = tls.and_then(|tls| {
+        let tls = tls.map(|tls| {
             let mut config = (*tls.client_config).clone();
             config.alpn_protocols = match probe {
                 Probe::Grpc { .. } => vec![b"h2".to_vec()],
                 _ => vec![b"http/1.1".to_vec()],
             };
-            let host = address.rsplit_once(':').map_or(&*address, |(host, _)| host).trim_matches(['[', ']']);
-            let name = match &tls.server_name {
-                Some(name) => name.clone(),
-                None => rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?,
+            // An unusable name fails every probe with the reason; it never
+            // falls back to plain TCP.
+            let name = match address.parse::<http::uri::Authority>() {
+                Ok(authority) => tls.name_for(authority.host()).map_err(|e| format!("no TLS server name: {e}")),
+                Err(e) => Err(format!("no TLS server name: {e}")),
             };
-            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+            (tokio_rustls::TlsConnector::from(Arc::new(config)), name)
         });
         let request = match probe {
             Probe::Http { path, host, .. } => {
@@ -333,13 +335,13 @@ impl Prober {
     }
 
     /// A connection to the backend: TCP, then TLS when the upstream has it.
-    async fn open(&self) -> Result<ProbeStream, String> {
+    async fn open(&self) -> Result<BackendStream, String> {
         let stream = TcpStream::connect(&*self.address).await.map_err(|e| io_reason(&e))?;
         let _ = stream.set_nodelay(true);
         match &self.tls {
-            None => Ok(ProbeStream::Plain(stream)),
-            Some((connector, name)) => match connector.connect(name.clone(), stream).await {
-                Ok(stream) => Ok(ProbeStream::Tls(Box::new(stream))),
+            None => Ok(BackendStream::Plain(stream)),
+            Some((connector, name)) => match connector.connect(name.clone()?, stream).await {
+                Ok(stream) => Ok(BackendStream::Tls(Box::new(stream))),
                 Err(error) => Err(format!("TLS handshake failed: {error}")),
             },
         }
@@ -430,8 +432,6 @@ fn io_reason(error: &std::io::Error) -> String {
         _ => error.to_string(),
     }
 }
-
-type ProbeStream = crate::tls::Stream<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// Aborts the connection task when its owner drops it.
 struct AbortOnDrop(JoinHandle<()>);
