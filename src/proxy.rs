@@ -24,8 +24,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::{Pick, PickRequest};
-use crate::body::{BoxError, ClientBody, ClientBodyError, ClientBodyTimeout, Guarded, ProxyBody};
-use crate::client::{SendError, UpstreamBody, UpstreamClients};
+use crate::body::{ClientBody, ClientBodyError, ClientBodyTimeout, Guarded, ProxyBody};
+use crate::client::{SendError, Upgraded, UpstreamBody, UpstreamClients};
 use crate::config::{RetryOn, UpstreamProtocol};
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
@@ -331,7 +331,7 @@ fn client_body_failure(error: &(dyn std::error::Error + 'static)) -> Option<Prox
 /// sent, without the backend slot attached (it was given back already).
 fn unguarded(mut response: Response<UpstreamBody>) -> Response<ProxyBody> {
     strip_hop_by_hop(response.headers_mut(), false);
-    response.map(|body| body.map_err(BoxError::from).boxed_unsync())
+    response.map(|body| body.boxed_unsync())
 }
 
 fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
@@ -427,9 +427,8 @@ fn respond(
     conn: &Arc<ConnInfo>,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let backend_upgrade = hyper::upgrade::on(&mut response);
-            let tunnel = tunnel(client_upgrade, backend_upgrade, guard, Arc::clone(conn));
+        if let (Some(client_upgrade), Some(backend)) = (client_upgrade, response.body_mut().take_upgrade()) {
+            let tunnel = tunnel(client_upgrade, backend, guard, Arc::clone(conn));
             match &conn.tunnels {
                 // Tracked, so that the listener's drain waits for it.
                 Some(home) => drop(home.tracker.spawn(tunnel)),
@@ -439,7 +438,7 @@ fn respond(
         }
     }
     strip_hop_by_hop(response.headers_mut(), false);
-    response.map(|body| Guarded::new(body, guard).map_err(BoxError::from).boxed_unsync())
+    response.map(|body| Guarded::new(body, guard).boxed_unsync())
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -652,14 +651,9 @@ impl Drop for Outcome<'_> {
 /// or the listener stops and its `shutdown_grace` runs out. Holds the backend's
 /// slot and, through `conn`, the client connection's place under
 /// `max_connections` until then.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    backend: hyper::upgrade::OnUpgrade,
-    _slot: InFlightGuard,
-    conn: Arc<ConnInfo>,
-) {
-    let (client, backend) = match tokio::try_join!(client, backend) {
-        Ok(pair) => pair,
+async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: Upgraded, _slot: InFlightGuard, conn: Arc<ConnInfo>) {
+    let client = match client.await {
+        Ok(client) => client,
         Err(error) => {
             tracing::debug!(%error, "upgrade failed");
             return;
@@ -669,7 +663,7 @@ async fn tunnel(
     let idle_timeout = home.map_or(crate::config::Limits::default().tunnel_idle_timeout, |h| h.idle_timeout);
     let last_read = Arc::new(AtomicU64::new(crate::clock::nanos_since_epoch()));
     let mut client = ReadActivity { inner: TokioIo::new(client), last_read: Arc::clone(&last_read) };
-    let mut backend = ReadActivity { inner: TokioIo::new(backend), last_read: Arc::clone(&last_read) };
+    let mut backend = ReadActivity { inner: backend, last_read: Arc::clone(&last_read) };
     let idle = async {
         loop {
             let quiet = crate::clock::nanos_since_epoch().saturating_sub(last_read.load(Ordering::Relaxed));

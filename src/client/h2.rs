@@ -62,7 +62,8 @@ impl H2Connections {
         let mut sender = match open {
             Some(sender) => sender,
             None => {
-                let sender = self.connect(backend, tls).await?;
+                // Boxed: the rare path, kept out of every request's future.
+                let sender = Box::pin(self.connect(backend, tls)).await?;
                 self.open
                     .lock()
                     .expect("never poisoned")
@@ -75,7 +76,7 @@ impl H2Connections {
         };
         sender.ready().await.map_err(|error| SendError::Request(Box::new(error)))?;
         match sender.send_request(request).await {
-            Ok(response) => Ok(response.map(UpstreamBody::unpooled)),
+            Ok(response) => Ok(response.map(UpstreamBody::http2)),
             Err(error) => Err(SendError::Request(Box::new(error))),
         }
     }

@@ -1,6 +1,6 @@
 //! Pooled HTTP clients towards backends, one set per worker thread.
 //!
-//! HTTP/1.1 (plain or over TLS) goes through this crate's own per-worker pool
+//! HTTP/1.1 (plain or over TLS) is this crate's own client, pooled per worker
 //! (`http1`); h2c through hyper-util's client, whose HTTP/2 connections
 //! multiplex; HTTP/2 over TLS through one multiplexed connection per backend
 //! and TLS setting (`h2`). A TLS handshake is part of connecting: it is bounded
@@ -12,7 +12,7 @@
 mod h2;
 mod http1;
 
-pub use http1::UpstreamBody;
+pub use http1::{Upgraded, UpstreamBody};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -89,7 +89,7 @@ impl UpstreamClients {
             (UpstreamProtocol::H2, Some(tls)) => self.h2.send(backend, tls, request).await,
             // Validation pairs `h2` with `tls` and `h2c` without it.
             (UpstreamProtocol::H2c | UpstreamProtocol::H2, _) => match self.h2c.request(request).await {
-                Ok(response) => Ok(response.map(UpstreamBody::unpooled)),
+                Ok(response) => Ok(response.map(UpstreamBody::http2)),
                 Err(error) if error.is_connect() => Err(SendError::Connect(Box::new(error))),
                 Err(error) => Err(SendError::Request(Box::new(error))),
             },

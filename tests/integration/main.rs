@@ -3,6 +3,7 @@
 
 mod support;
 
+mod backend_http1;
 mod config_check;
 mod connections;
 mod demo;
