@@ -14,6 +14,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 
+/// Each request as received: its head, then its decoded body.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// What the scripted backend does with one request.
 struct Reply {
     /// Written one after another, each flushed on its own.
@@ -45,8 +48,7 @@ impl Reply {
 struct ScriptedBackend {
     addr: std::net::SocketAddr,
     connections: Arc<AtomicUsize>,
-    /// Each request as received: head, then the decoded body.
-    requests: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    requests: Received,
     /// Connections this backend has closed itself.
     closed: Arc<AtomicUsize>,
 }
@@ -92,7 +94,7 @@ impl ScriptedBackend {
 async fn serve_scripted(
     mut stream: TcpStream,
     script: fn(&str) -> Reply,
-    requests: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    requests: Received,
     idle_close: Option<Duration>,
 ) {
     let mut buf = Vec::new();
