@@ -60,7 +60,13 @@ impl tower::Service<Request<Incoming>> for Forward {
     }
 
     fn call(&mut self, request: Request<Incoming>) -> ForwardFuture {
-        Box::pin(forward(Arc::clone(&self.clients), Arc::clone(&self.live), request))
+        // The rewriting before the first await runs here, outside the future:
+        // what it needs on the way (the original request) is then not kept
+        // in the future, which is boxed and moved for every request.
+        match Prepared::new(request) {
+            Ok(prepared) => Box::pin(forward(Arc::clone(&self.clients), Arc::clone(&self.live), prepared)),
+            Err(error) => Box::pin(std::future::ready(Err(error))),
+        }
     }
 }
 
@@ -75,185 +81,232 @@ static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// them again; larger or unsized (chunked) bodies stream, and are not retried.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
-async fn forward(
+/// A request rewritten for backends (steps 1 and 2 of `forward`), with what
+/// the tries need from the client's side.
+struct Prepared {
+    notes: Arc<RequestNotes>,
+    conn: Arc<ConnInfo>,
+    /// Method, target and headers every try starts from; the last try takes it.
+    template: Option<http::request::Parts>,
+    body: Option<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    original_host: Option<HeaderValue>,
+}
+
+impl Prepared {
+    fn new(mut request: Request<Incoming>) -> Result<Prepared, ProxyError> {
+        let notes = request.extensions_mut().remove::<Arc<RequestNotes>>().expect("the observe layer attaches notes");
+        let (snapshot, _) = notes.route().expect("the route layer runs first");
+        let conn = Arc::clone(notes.conn().expect("the listener attaches the connection"));
+
+        // 1. Refuse a body that declares itself too large before touching a backend.
+        let limit = snapshot.limits.max_body_bytes;
+        if content_length(request.headers()).is_some_and(|length| length > limit) {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+
+        // 2. Rewrite what is the same for every try: forwarding headers, no hop-by-hop.
+        let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let (mut template, body) = request.into_parts();
+        let original_host = template
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| template.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        strip_hop_by_hop(&mut template.headers, client_upgrade.is_some());
+        add_forwarding_headers(&mut template.headers, &conn, original_host.as_ref());
+        Ok(Prepared { notes, conn, template: Some(template), body: Some(body), client_upgrade, original_host })
+    }
+}
+
+/// One try's request: a copy of the template, or the template itself for the
+/// last try, in the form the backend takes.
+fn next_try(
+    template: &mut Option<http::request::Parts>,
+    last: bool,
+    upstream: &Upstream,
+    backend: &crate::upstream::Backend,
+    original_host: Option<&HeaderValue>,
+    body: ProxyBody,
+) -> Result<Request<ProxyBody>, ProxyError> {
+    let parts = if last {
+        template.take().expect("present until the last try")
+    } else {
+        clone_parts(template.as_ref().expect("present until the last try"))
+    };
+    let parts = for_backend(parts, upstream, backend, original_host)?;
+    Ok(Request::from_parts(parts, body))
+}
+
+// Not an `async fn`: its arguments would be copied into the future next to
+// their originals; the `async move` block uses `prepared`'s fields in place.
+#[allow(clippy::manual_async_fn)]
+fn forward(
     clients: Arc<UpstreamClients>,
     live: WorkerLive,
-    mut request: Request<Incoming>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let notes = request.extensions_mut().remove::<Arc<RequestNotes>>().expect("the observe layer attaches notes");
-    let (snapshot, index) = notes.route().expect("the route layer runs first");
-    let conn = Arc::clone(notes.conn().expect("the listener attaches the connection"));
-    let route = &snapshot.router.routes()[index];
-    // The upstream tries go to; a reload can replace it under a waiting request.
-    let mut upstream = Arc::clone(&route.upstream);
-    let mut reroutes = 0;
-    let limits = &snapshot.limits;
-    // One deadline for the whole exchange up to the response head: queueing,
-    // every try and every backoff. Each try's timer is cut to it, so a timeout
-    // is one event, seen by the try it ends and charged to that try's backend.
-    let deadline = tokio::time::Instant::now() + route.timeout;
+    mut prepared: Prepared,
+) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send {
+    async move {
+        let (snapshot, index) = prepared.notes.route().expect("the route layer runs first");
+        let route = &snapshot.router.routes()[index];
+        // The upstream tries go to; a reload can replace it under a waiting request.
+        let mut upstream = Arc::clone(&route.upstream);
+        let mut reroutes = 0;
+        let limits = &snapshot.limits;
+        let limit = limits.max_body_bytes;
+        // One deadline for the whole exchange up to the response head: queueing,
+        // every try and every backoff. Each try's timer is cut to it, so a timeout
+        // is one event, seen by the try it ends and charged to that try's backend.
+        let deadline = tokio::time::Instant::now() + route.timeout;
 
-    // 1. Refuse a body that declares itself too large before touching a backend.
-    let limit = limits.max_body_bytes;
-    if content_length(request.headers()).is_some_and(|length| length > limit) {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-
-    // 2. Rewrite what is the same for every try: forwarding headers, no hop-by-hop.
-    let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-    let (mut parts, body) = request.into_parts();
-    let original_host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-    strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
-    add_forwarding_headers(&mut parts.headers, &conn, original_host.as_ref());
-
-    // 3. Whether this request can be retried: a retry policy, no upgrade, and a
-    //    body small enough to keep for replay.
-    let policy = route.retry.as_ref().filter(|_| client_upgrade.is_none());
-    let body = ClientBody::new(body, limits.client_body_timeout);
-    let mut body = match policy {
-        Some(_) => RequestBody::replayable(body, deadline).await?,
-        // No body (most GETs): nothing to stream, and an empty body costs no allocation.
-        None if body.is_end_stream() => RequestBody::Replay(Bytes::new()),
-        None => RequestBody::Streaming(Some(body)),
-    };
-    let attempts = match (policy, &body) {
-        (Some(policy), RequestBody::Replay(_)) => policy.config.attempts,
-        _ => 1,
-    };
-    if let Some(policy) = policy {
-        policy.budget.record_request();
-    }
-
-    let mut tried: Vec<usize> = Vec::new();
-    let mut template = Some(parts);
-    // The last try's answer, given to the client if no further try can start.
-    let mut previous: Option<Result<Response<ProxyBody>, ProxyError>> = None;
-    let mut attempts_made = 0u32;
-    loop {
-        let attempt = attempts_made + 1;
-        let last = attempt >= attempts;
-
-        // 4. Pick a backend (waiting in the upstream's queue when every one is
-        //    busy); the pick reserves its in-flight slot. A request that waited
-        //    through a reload which replaced its upstream (its old backends are
-        //    retired) goes on with the new one.
-        let parts = template.as_ref().expect("kept until the last try");
-        let picked = pick_backend(&upstream, parts, &conn, &tried, deadline, &notes).await;
-        if let Err(ProxyError::NoHealthyBackend { .. } | ProxyError::CircuitOpen { .. }) = &picked {
-            if let Some(replacement) = reroute(&live, &upstream).filter(|_| reroutes < MAX_REROUTES) {
-                reroutes += 1;
-                upstream = replacement;
-                tried.clear();
-                notes.rerouted();
-                continue;
-            }
+        // 3. Whether this request can be retried: a retry policy, no upgrade, and a
+        //    body small enough to keep for replay.
+        let policy = route.retry.as_ref().filter(|_| prepared.client_upgrade.is_none());
+        let client_body = ClientBody::new(prepared.body.take().expect("taken once"), limits.client_body_timeout);
+        let mut body = match policy {
+            // Boxed: collecting a body is rare, and would make every request's future larger.
+            Some(_) => Box::pin(RequestBody::replayable(client_body, deadline)).await?,
+            None => RequestBody::streaming(client_body),
+        };
+        let attempts = match (policy, &body) {
+            (Some(policy), RequestBody::Replay(_)) => policy.config.attempts,
+            _ => 1,
+        };
+        if let Some(policy) = policy {
+            policy.budget.record_request();
         }
-        let pick = match (picked, previous.take()) {
-            (Ok(pick), _) => pick,
-            (Err(_), Some(previous)) => return previous,
-            (Err(error), None) => return Err(error),
-        };
-        let backend = &upstream.backends[pick.index];
-        notes.tried(pick.index, reroutes > 0, &backend.address);
-        let outcome = Outcome { upstream: &upstream, index: pick.index, reported: false };
 
-        // 5. This try's request: absolute URI for the backend, its protocol.
-        let mut parts = if last {
-            template.take().expect("present until the last try")
-        } else {
-            clone_parts(template.as_ref().expect("present until the last try"))
-        };
-        match upstream.protocol {
-            UpstreamProtocol::Http1 => {
-                // Origin form on the wire; the host travels in `Host`.
-                parts.uri = origin_form(parts.uri);
-                parts.version = Version::HTTP_11;
-                if !parts.headers.contains_key(header::HOST) {
-                    let host = original_host.clone().unwrap_or_else(|| {
-                        HeaderValue::from_str(backend.authority.as_str()).expect("an authority is a valid header value")
-                    });
-                    parts.headers.insert(header::HOST, host);
+        let mut tried: Vec<usize> = Vec::new();
+        // The last try's answer, given to the client if no further try can start.
+        let mut previous: Option<Result<Response<ProxyBody>, ProxyError>> = None;
+        let mut attempts_made = 0u32;
+        loop {
+            let attempt = attempts_made + 1;
+            let last = attempt >= attempts;
+
+            // 4. Pick a backend (waiting in the upstream's queue when every one is
+            //    busy); the pick reserves its in-flight slot. A request that waited
+            //    through a reload which replaced its upstream (its old backends are
+            //    retired) goes on with the new one.
+            let template = prepared.template.as_ref().expect("kept until the last try");
+            let picked = pick_backend(&upstream, template, &prepared.conn, &tried, deadline, &prepared.notes).await;
+            if let Err(ProxyError::NoHealthyBackend { .. } | ProxyError::CircuitOpen { .. }) = &picked {
+                if let Some(replacement) = reroute(&live, &upstream).filter(|_| reroutes < MAX_REROUTES) {
+                    reroutes += 1;
+                    upstream = replacement;
+                    tried.clear();
+                    prepared.notes.rerouted();
+                    continue;
                 }
             }
-            UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
-                // HTTP/2 carries the authority in the URI; the original host
-                // travels in X-Forwarded-Host.
-                parts.uri = backend_uri(parts.uri, &backend.authority)?;
-                parts.version = Version::HTTP_2;
-                parts.headers.remove(header::HOST);
-            }
-        }
-        let method = parts.method.clone();
-        let outgoing = Request::from_parts(parts, body.for_try(limit));
-
-        // 6. Send, bounded by the per-try timeout cut to the route's deadline;
-        //    time to response head feeds the latency estimate.
-        let started = Instant::now();
-        let per_try = policy.and_then(|p| p.config.per_try_timeout);
-        let try_deadline = per_try.map_or(deadline, |limit| deadline.min(tokio::time::Instant::now() + limit));
-        let sent = clients.send(upstream.protocol, upstream.config.tls.as_ref(), backend, outgoing);
-        let result = tokio::time::timeout_at(try_deadline, sent).await;
-        let took = started.elapsed();
-        backend.upstream_duration.record(took.as_secs_f64());
-        let result = match result {
-            Ok(Ok(response)) => {
-                pick.guard.state().latency.observe(took);
-                outcome.report(response.status().is_server_error());
-                let retry_as = matches!(response.status().as_u16(), 502..=504).then_some(RetryOn::GatewayError);
-                Try { answer: Ok(response), retry_as }
-            }
-            Ok(Err(error)) => {
-                let (error, retry_as) = classify(error, &backend.address, limit);
-                if error.is_backend_failure() {
-                    outcome.report(true);
-                }
-                Try { answer: Err(error), retry_as }
-            }
-            Err(_elapsed) => {
-                outcome.report(true);
-                let route_deadline = try_deadline >= deadline;
-                let retry_as = (!route_deadline).then_some(RetryOn::Timeout);
-                Try { answer: Err(ProxyError::UpstreamTimeout), retry_as }
-            }
-        };
-
-        // 7. Retry if the policy, the method and the budget all allow it.
-        let retry = match (policy, result.retry_as) {
-            (Some(policy), Some(reason)) if !last && retry::allows(&policy.config, reason, &method) => {
-                if policy.budget.try_withdraw(policy.config.budget_ratio, policy.config.budget_min_per_second) {
-                    crate::metrics::retry(&route.name, &upstream.name, reason);
-                    Some((policy, reason))
-                } else {
-                    crate::metrics::retry_budget_exhausted(&route.name, &upstream.name);
-                    None
-                }
-            }
-            _ => None,
-        };
-        let Some((policy, reason)) = retry else {
-            return match result.answer {
-                Ok(response) => Ok(respond(response, pick.guard, client_upgrade, &conn)),
-                Err(error) => Err(error),
+            let pick = match (picked, previous.take()) {
+                (Ok(pick), _) => pick,
+                (Err(_), Some(previous)) => return previous,
+                (Err(error), None) => return Err(error),
             };
-        };
-        tracing::debug!(backend = %backend.address, attempt, reason = retry::reason_label(reason), "retrying");
-        tried.push(pick.index);
-        attempts_made += 1;
-        // Give the slot back before waiting: the backoff is not the backend's time.
-        drop(pick);
-        let answer = result.answer.map(unguarded);
-        let resume = tokio::time::Instant::now() + retry::backoff(&policy.config, attempt - 1);
-        if resume >= deadline {
-            // No try could start in time: the client gets this one's answer now.
-            return answer;
+            let backend = &upstream.backends[pick.index];
+            prepared.notes.tried(pick.index, reroutes > 0, &backend.address);
+            let outcome = Outcome { upstream: &upstream, index: pick.index, reported: false };
+
+            // 5. This try's request: the backend's target form and protocol.
+            let method = prepared.template.as_ref().expect("present until the last try").method.clone();
+            let host = prepared.original_host.as_ref();
+            // 6. Send, bounded by the per-try timeout cut to the route's deadline;
+            //    time to response head feeds the latency estimate.
+            let started = Instant::now();
+            let per_try = policy.and_then(|p| p.config.per_try_timeout);
+            let try_deadline = per_try.map_or(deadline, |limit| deadline.min(tokio::time::Instant::now() + limit));
+            // Built in the call: a named request would stay in the future after it is sent.
+            let outgoing = next_try(&mut prepared.template, last, &upstream, backend, host, body.for_try(limit));
+            let sent = clients.send(upstream.protocol, upstream.config.tls.as_ref(), backend, outgoing?);
+            let result = tokio::time::timeout_at(try_deadline, sent).await;
+            let took = started.elapsed();
+            backend.upstream_duration.record(took.as_secs_f64());
+            let result = match result {
+                Ok(Ok(response)) => {
+                    pick.guard.state().latency.observe(took);
+                    outcome.report(response.status().is_server_error());
+                    let retry_as = matches!(response.status().as_u16(), 502..=504).then_some(RetryOn::GatewayError);
+                    Try { answer: Ok(response), retry_as }
+                }
+                Ok(Err(error)) => {
+                    let (error, retry_as) = classify(error, &backend.address, limit);
+                    if error.is_backend_failure() {
+                        outcome.report(true);
+                    }
+                    Try { answer: Err(error), retry_as }
+                }
+                Err(_elapsed) => {
+                    outcome.report(true);
+                    let route_deadline = try_deadline >= deadline;
+                    let retry_as = (!route_deadline).then_some(RetryOn::Timeout);
+                    Try { answer: Err(ProxyError::UpstreamTimeout), retry_as }
+                }
+            };
+
+            // 7. Retry if the policy, the method and the budget all allow it.
+            let retry = match (policy, result.retry_as) {
+                (Some(policy), Some(reason)) if !last && retry::allows(&policy.config, reason, &method) => {
+                    if policy.budget.try_withdraw(policy.config.budget_ratio, policy.config.budget_min_per_second) {
+                        crate::metrics::retry(&route.name, &upstream.name, reason);
+                        Some((policy, reason))
+                    } else {
+                        crate::metrics::retry_budget_exhausted(&route.name, &upstream.name);
+                        None
+                    }
+                }
+                _ => None,
+            };
+            let Some((policy, reason)) = retry else {
+                return match result.answer {
+                    Ok(response) => Ok(respond(response, pick.guard, prepared.client_upgrade.take(), &prepared.conn)),
+                    Err(error) => Err(error),
+                };
+            };
+            tracing::debug!(backend = %backend.address, attempt, reason = retry::reason_label(reason), "retrying");
+            tried.push(pick.index);
+            attempts_made += 1;
+            // Give the slot back before waiting: the backoff is not the backend's time.
+            drop(pick);
+            let answer = result.answer.map(unguarded);
+            let resume = tokio::time::Instant::now() + retry::backoff(&policy.config, attempt - 1);
+            if resume >= deadline {
+                // No try could start in time: the client gets this one's answer now.
+                return answer;
+            }
+            previous = Some(answer);
+            tokio::time::sleep_until(resume).await;
         }
-        previous = Some(answer);
-        tokio::time::sleep_until(resume).await;
     }
+}
+
+/// One try's request head as `backend` takes it: origin form and `Host` over
+/// HTTP/1.1, the absolute URI over HTTP/2 (the original host travels in
+/// X-Forwarded-Host).
+fn for_backend(
+    mut parts: http::request::Parts,
+    upstream: &Upstream,
+    backend: &crate::upstream::Backend,
+    original_host: Option<&HeaderValue>,
+) -> Result<http::request::Parts, ProxyError> {
+    match upstream.protocol {
+        UpstreamProtocol::Http1 => {
+            parts.uri = origin_form(parts.uri);
+            parts.version = Version::HTTP_11;
+            if !parts.headers.contains_key(header::HOST) {
+                let host = original_host.cloned().unwrap_or_else(|| {
+                    HeaderValue::from_str(backend.authority.as_str()).expect("an authority is a valid header value")
+                });
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
+            parts.uri = backend_uri(parts.uri, &backend.authority)?;
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    Ok(parts)
 }
 
 /// How many times one request may move to a reloaded upstream.
@@ -278,6 +331,16 @@ enum RequestBody {
 }
 
 impl RequestBody {
+    /// Streams the body, unless there is none (most GETs): an empty body costs
+    /// no allocation.
+    fn streaming(body: ClientBody) -> RequestBody {
+        if body.is_end_stream() {
+            RequestBody::Replay(Bytes::new())
+        } else {
+            RequestBody::Streaming(Some(body))
+        }
+    }
+
     /// Keeps the body in memory if it is empty or declares a small length;
     /// otherwise it streams (and the request will not be retried).
     async fn replayable(body: ClientBody, deadline: tokio::time::Instant) -> Result<RequestBody, ProxyError> {

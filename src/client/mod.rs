@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -76,23 +77,30 @@ impl UpstreamClients {
 
     /// Sends `request` to `backend` with the upstream's `protocol` and `tls`.
     /// For HTTP/1.1 the request target must be in origin form, with `Host`
-    /// set; for HTTP/2 the URI is absolute.
-    pub async fn send(
-        &self,
+    /// set; for HTTP/2 the URI is absolute. Over HTTP/1.1 the future is
+    /// returned as it is; the HTTP/2 ones are boxed, so that the larger of
+    /// them does not size every request's future.
+    pub fn send<'a>(
+        &'a self,
         protocol: UpstreamProtocol,
-        tls: Option<&UpstreamTls>,
-        backend: &Backend,
+        tls: Option<&'a UpstreamTls>,
+        backend: &'a Backend,
         request: http::Request<ProxyBody>,
-    ) -> Result<http::Response<UpstreamBody>, SendError> {
+    ) -> impl Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + 'a {
+        type Boxed<'a> = Pin<Box<dyn Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + 'a>>;
         match (protocol, tls) {
-            (UpstreamProtocol::Http1, _) => self.http1.send(backend, tls, request).await,
-            (UpstreamProtocol::H2, Some(tls)) => self.h2.send(backend, tls, request).await,
+            (UpstreamProtocol::Http1, _) => Either::Left(self.http1.send(backend, tls, request)),
+            (UpstreamProtocol::H2, Some(tls)) => {
+                Either::Right(Box::pin(self.h2.send(backend, tls, request)) as Boxed<'a>)
+            }
             // Validation pairs `h2` with `tls` and `h2c` without it.
-            (UpstreamProtocol::H2c | UpstreamProtocol::H2, _) => match self.h2c.request(request).await {
-                Ok(response) => Ok(response.map(UpstreamBody::http2)),
-                Err(error) if error.is_connect() => Err(SendError::Connect(Box::new(error))),
-                Err(error) => Err(SendError::Request(Box::new(error))),
-            },
+            (UpstreamProtocol::H2c | UpstreamProtocol::H2, _) => Either::Right(Box::pin(async move {
+                match self.h2c.request(request).await {
+                    Ok(response) => Ok(response.map(UpstreamBody::http2)),
+                    Err(error) if error.is_connect() => Err(SendError::Connect(Box::new(error))),
+                    Err(error) => Err(SendError::Request(Box::new(error))),
+                }
+            }) as Boxed<'a>),
         }
     }
 

@@ -20,7 +20,7 @@
 mod codec;
 
 use std::collections::HashMap;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -102,53 +102,58 @@ impl Http1Pool {
 
     /// Sends `request` (origin-form target, `Host` set) to `backend`, on a
     /// pooled connection or a new one (over TLS with `tls`).
-    pub async fn send(
-        &self,
-        backend: &Backend,
-        tls: Option<&UpstreamTls>,
+    pub fn send<'a>(
+        &'a self,
+        backend: &'a Backend,
+        tls: Option<&'a UpstreamTls>,
         request: Request<ProxyBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let key = &backend.pool_key;
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
+        // Not an `async fn`: its arguments would be copied into the future
+        // next to their originals, and the request taken apart in it would
+        // be held twice; the `async move` block holds the parts once.
         let (parts, body) = request.into_parts();
         let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
         let framing = RequestFraming::choose(&parts.method, declared, body.is_end_stream(), body.size_hint().exact());
-        let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
         let mut writer = BodyWriter::new(body, framing);
-        loop {
-            let (connection, pooled) = match self.checkout(key) {
-                Some(connection) => (connection, true),
-                // Boxed: connecting is the rare path, and its state would
-                // otherwise make every request's future kilobytes larger.
-                None => (Box::pin(self.connect(&backend.authority, tls)).await?, false),
-            };
-            let mut exchange = Exchange { connection, writer, written: 0, started: false, sent: false };
-            exchange.connection.write_buf.clear();
-            codec::encode_request_head(
-                &mut exchange.connection.write_buf,
-                &parts.method,
-                target,
-                &parts.headers,
-                framing,
-            );
-            match poll_fn(|cx| exchange.poll_head(cx, &parts.method)).await {
-                Ok(head) => {
-                    let Exchange { connection, sent, .. } = exchange;
-                    let home = self.me.upgrade().map(|pool| (pool, Arc::clone(key)));
-                    let reusable = head.keep_alive && sent;
-                    let body = Http1Body::new(connection, head.framing, reusable, home);
-                    let mut response = Response::new(UpstreamBody { inner: Inner::Http1(body) });
-                    *response.status_mut() = head.status;
-                    *response.version_mut() = head.version;
-                    *response.headers_mut() = head.headers;
-                    return Ok(response);
+        async move {
+            let key = &backend.pool_key;
+            let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
+            loop {
+                let (connection, pooled) = match self.checkout(key) {
+                    Some(connection) => (connection, true),
+                    // Boxed: connecting is the rare path, and its state would
+                    // otherwise make every request's future kilobytes larger.
+                    None => (Box::pin(self.connect(&backend.authority, tls)).await?, false),
+                };
+                let mut exchange = Exchange { connection, writer, written: 0, started: false, sent: false };
+                exchange.connection.write_buf.clear();
+                codec::encode_request_head(
+                    &mut exchange.connection.write_buf,
+                    &parts.method,
+                    target,
+                    &parts.headers,
+                    framing,
+                );
+                match poll_fn(|cx| exchange.poll_head(cx, &parts.method)).await {
+                    Ok(head) => {
+                        let Exchange { connection, sent, .. } = exchange;
+                        let home = self.me.upgrade().map(|pool| (pool, Arc::clone(key)));
+                        let reusable = head.keep_alive && sent;
+                        let body = Http1Body::new(connection, head.framing, reusable, home);
+                        let mut response = Response::new(UpstreamBody { inner: Inner::Http1(body) });
+                        *response.status_mut() = head.status;
+                        *response.version_mut() = head.version;
+                        *response.headers_mut() = head.headers;
+                        return Ok(response);
+                    }
+                    // A pooled connection that failed before any byte of the
+                    // request left: nothing reached the backend, so the request
+                    // goes out again on a new one.
+                    Err(Http1Error::Io(_)) if pooled && !exchange.started && exchange.writer.resendable() => {
+                        writer = exchange.writer;
+                    }
+                    Err(error) => return Err(SendError::Request(Box::new(error))),
                 }
-                // A pooled connection that failed before any byte of the
-                // request left: nothing reached the backend, so the request
-                // goes out again on a new one.
-                Err(Http1Error::Io(_)) if pooled && !exchange.started && exchange.writer.resendable() => {
-                    writer = exchange.writer;
-                }
-                Err(error) => return Err(SendError::Request(Box::new(error))),
             }
         }
     }
