@@ -514,4 +514,38 @@ mod tests {
         let mut buf = BytesMut::from(&[b'1'; MAX_CHUNK_LINE + 1][..]);
         assert_eq!(decoder.decode(&mut buf).unwrap_err(), Malformed::Chunk);
     }
+
+    /// Arbitrary and mangled bytes from a backend never panic the parser or
+    /// the chunk decoder (a smoke test of mutated messages, not a fuzzer).
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let seeds: [&[u8]; 3] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.0 101 Switching\r\nConnection: keep-alive, close\r\n\r\n",
+            b"5;a=b\r\nhello\r\n0\r\nX: y\r\n\r\n",
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for round in 0..20_000 {
+            let mut input = seeds[round % seeds.len()].to_vec();
+            for _ in 0..rng.usize(0..6) {
+                let at = rng.usize(0..=input.len());
+                match rng.u8(0..3) {
+                    0 if at < input.len() => input[at] = rng.u8(..),
+                    1 => input.insert(at, rng.u8(..)),
+                    _ => input.truncate(at),
+                }
+            }
+            for method in [Method::GET, Method::HEAD] {
+                let _ = parse_response_head(&mut BytesMut::from(&input[..]), &method);
+            }
+            let mut decoder = ChunkedDecoder::default();
+            let mut buf = BytesMut::from(&input[..]);
+            for _ in 0..64 {
+                match decoder.decode(&mut buf) {
+                    Ok(Chunk::Data(_) | Chunk::Trailers(_)) => {}
+                    _ => break,
+                }
+            }
+        }
+    }
 }
