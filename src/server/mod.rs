@@ -15,11 +15,12 @@ pub mod workers;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -164,10 +165,22 @@ async fn accept_loop(
     let open = crate::metrics::connections_open(&name);
     // Present from the start, at whatever count this listener name has.
     open.increment(0.0);
+    // The open connections, judged idle here on one timer for all of them
+    // rather than on a timer and a shutdown watch polled in every connection.
+    let mut watched: Vec<Watched> = Vec::new();
+    let idle_tick = tokio::time::sleep(limits.idle_timeout / IDLE_TICKS);
+    tokio::pin!(idle_tick);
+    let next_tick =
+        |context: &ServeContext| tokio::time::Instant::now() + context.live.load().limits.idle_timeout / IDLE_TICKS;
     'accepting: loop {
         let (stream, client) = tokio::select! {
             _ = stopped.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            () = &mut idle_tick => {
+                close_idle(&mut watched);
+                idle_tick.as_mut().reset(next_tick(&context));
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
@@ -187,6 +200,11 @@ async fn accept_loop(
             tokio::select! {
                 _ = stopped.changed() => break 'accepting,
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                // Idle connections are what frees a place.
+                () = &mut idle_tick => {
+                    close_idle(&mut watched);
+                    idle_tick.as_mut().reset(next_tick(&context));
+                }
                 permit = &mut acquire => break permit.expect("semaphore never closed"),
             }
         };
@@ -207,7 +225,9 @@ async fn accept_loop(
             shutdown_grace: limits.shutdown_grace,
             idle_timeout: limits.tunnel_idle_timeout,
         });
-        let (builder, stack, stopped) = (Arc::clone(&builder), stack.clone(), stopped.clone());
+        let activity = Arc::new(Activity::new());
+        watched.push(Watched { activity: Arc::clone(&activity), finished_before: 0, quiet_ticks: 0 });
+        let (builder, stack) = (Arc::clone(&builder), stack.clone());
         connections.spawn(async move {
             // The handshake runs on the connection's own task, so a slow
             // client never holds up the accept loop.
@@ -221,7 +241,6 @@ async fn accept_loop(
                     None => return,
                 },
             };
-            let activity = Arc::new(Activity::new());
             let service = TowerToHyperService::new(WithConnInfo {
                 inner: stack,
                 info: Arc::new(info),
@@ -229,10 +248,13 @@ async fn accept_loop(
             });
             let io = TokioIo::new(SendTimeoutIo::new(stream, limits.client_send_timeout));
             let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
-            drive_connection(connection, activity, limits.idle_timeout, stopped).await;
+            drive_connection(connection, activity).await;
         });
     }
     drop(listener);
+    for connection in &watched {
+        connection.activity.ask_to_close();
+    }
     tunnels.close();
     let grace = context.live.load().limits.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
@@ -276,52 +298,64 @@ pub async fn accept_failed(listener: &str, error: &std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// Serves one connection until it ends, asking it to finish gracefully (complete
-/// the request in progress, then close) when the listener stops or when no
-/// request has been active for `idle_timeout`.
-async fn drive_connection(
-    connection: ClientConnection,
-    activity: Arc<Activity>,
-    idle_timeout: Duration,
-    mut stopped: watch::Receiver<bool>,
-) {
+/// Serves one connection until it ends, asking it to finish gracefully
+/// (complete the request in progress, then close) when the accept loop says
+/// so: the listener stops, or no request has been active for `idle_timeout`.
+/// Per wake this costs one flag read: the waker is handed over once.
+async fn drive_connection(connection: ClientConnection, activity: Arc<Activity>) {
     let mut connection = std::pin::pin!(connection);
     let mut closing = false;
-    // Idle is judged on a grid of a quarter of the timeout, from counts the
-    // requests keep, so requests themselves never read the clock for it: a
-    // connection is closed after 4 ticks in a row with nothing running and
-    // nothing finished, i.e. between 1 and 1.25 x idle_timeout after its last
-    // request.
-    let tick = idle_timeout / IDLE_TICKS;
-    let mut quiet_ticks = 0;
-    let mut finished_before = activity.finished();
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "connection ended with an error");
-                }
-                return;
+    let mut registered: Option<Waker> = None;
+    let result = std::future::poll_fn(|cx| {
+        if !closing {
+            // Registered before the flag is read: a close asked in between still wakes us.
+            if !registered.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+                activity.waker.register(cx.waker());
+                registered = Some(cx.waker().clone());
             }
-            _ = stopped.changed(), if !closing => {
+            if activity.close.load(Ordering::Acquire) {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = tokio::time::sleep(tick), if !closing => {
-                let finished = activity.finished();
-                if activity.is_idle() && finished == finished_before {
-                    quiet_ticks += 1;
-                } else {
-                    quiet_ticks = 0;
-                }
-                finished_before = finished;
-                if quiet_ticks >= IDLE_TICKS {
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
         }
+        std::future::Future::poll(connection.as_mut(), cx)
+    })
+    .await;
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection ended with an error");
     }
+}
+
+/// A connection as its accept loop watches it for idleness.
+struct Watched {
+    activity: Arc<Activity>,
+    finished_before: usize,
+    quiet_ticks: u32,
+}
+
+/// One idle tick (a quarter of `idle_timeout`): a connection with nothing
+/// running and nothing finished for `IDLE_TICKS` ticks in a row is asked to
+/// close, i.e. between 1 and 1.25 x `idle_timeout` after its last request;
+/// requests themselves never read the clock for it. Ended connections are
+/// let go.
+fn close_idle(watched: &mut Vec<Watched>) {
+    watched.retain_mut(|connection| {
+        if Arc::strong_count(&connection.activity) == 1 {
+            return false;
+        }
+        let finished = connection.activity.finished();
+        if connection.activity.is_idle() && finished == connection.finished_before {
+            connection.quiet_ticks += 1;
+        } else {
+            connection.quiet_ticks = 0;
+        }
+        connection.finished_before = finished;
+        if connection.quiet_ticks >= IDLE_TICKS {
+            connection.activity.ask_to_close();
+            return false;
+        }
+        true
+    });
 }
 
 /// One client connection as hyper-util's auto builder serves it.
@@ -332,19 +366,33 @@ type ClientConnection = auto::UpgradeableConnection<
     TokioExecutor,
 >;
 
-/// Whether a connection has a request in progress, and since when it has not.
+/// Whether a connection has a request in progress and how many it finished,
+/// and the accept loop's way to ask it to close.
 struct Activity {
     active: AtomicUsize,
     /// Requests finished so far.
     finished: AtomicUsize,
+    close: AtomicBool,
+    waker: AtomicWaker,
 }
 
-/// Idle ticks per `idle_timeout` (see `drive_connection`).
+/// Idle ticks per `idle_timeout` (see `close_idle`).
 const IDLE_TICKS: u32 = 4;
 
 impl Activity {
     fn new() -> Self {
-        Activity { active: AtomicUsize::new(0), finished: AtomicUsize::new(0) }
+        Activity {
+            active: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+            close: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    /// Has the connection finish its request in progress, then close.
+    fn ask_to_close(&self) {
+        self.close.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     fn request_started(&self) {

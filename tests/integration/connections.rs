@@ -1,4 +1,5 @@
-//! Connection lifecycle: idle timeout, and draining on shutdown.
+//! Connection lifecycle: idle timeout (also freeing a place under
+//! `max_connections`), and draining on shutdown.
 
 use std::time::Duration;
 
@@ -52,4 +53,31 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
     backend.release_held();
     assert_eq!(held.await.unwrap().status, 200, "the in-flight request completed");
     tokio::time::timeout(Duration::from_secs(20), shutdown).await.expect("shutdown finishes once drained").unwrap();
+}
+
+#[tokio::test]
+async fn at_max_connections_an_idle_connection_makes_way_for_a_waiting_client() {
+    let backend = Backend::start("a").await;
+    // One worker, so both clients land on the accept loop that holds the place.
+    let yaml = format!(
+        "workers: 1\n{}limits: {{ max_connections: 1, idle_timeout: 300ms, header_read_timeout: 120s }}\n",
+        simple_config("{ policy: round_robin }", &[&backend], "")
+    );
+    let proxy = start_proxy(&yaml).await;
+    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
+    first.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut buffer = vec![0u8; 4096];
+    let n = first.read(&mut buffer).await.unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
+    // The only place is taken by a connection that now sits idle; the next
+    // client waits for it, and gets in when the idle timeout closes it.
+    let mut second = TcpStream::connect(proxy.addr).await.unwrap();
+    second.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(20), second.read(&mut buffer))
+        .await
+        .expect("the waiting client is served once the idle one is closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
+    let closed = tokio::time::timeout(Duration::from_secs(20), first.read(&mut buffer)).await;
+    assert_eq!(closed.expect("the idle connection was closed").unwrap(), 0);
 }

@@ -50,6 +50,64 @@ async fn sigterm_drains_in_flight_refuses_new_connections_and_exits_0() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// One HTTP/1.1 connection to `addr` and the task driving it, which ends when
+/// the connection closes.
+async fn kept_alive(
+    addr: std::net::SocketAddr,
+) -> (hyper::client::conn::http1::SendRequest<TestBody>, tokio::task::JoinHandle<()>) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    (sender, tokio::spawn(async move { drop(connection.await) }))
+}
+
+#[tokio::test]
+async fn sigterm_closes_idle_connections_at_once_and_busy_ones_after_their_response() {
+    let backend = Backend::start("a").await;
+    // A grace far longer than the waits below: connections must be closed by
+    // the drain itself, not when the grace runs out.
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\nlimits: {{ shutdown_grace: 120s, header_read_timeout: 120s, idle_timeout: 120s }}\nroutes: [{{ upstream: pool }}]\nupstreams:\n  pool:\n    backends: [{{ address: \"{}\" }}]\n",
+        backend.addr
+    );
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let (mut idle, idle_connection) = kept_alive(proxy.addr).await;
+    let answer = idle.send_request(Request::get("/").header("host", "x").body(full("")).unwrap()).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    answer.into_body().collect().await.unwrap();
+    let (mut busy, busy_connection) = kept_alive(proxy.addr).await;
+    let held = tokio::spawn(async move {
+        let response = busy.send_request(Request::get("/hold").header("host", "x").body(full("")).unwrap()).await;
+        let response = response.unwrap();
+        let closing = response.headers().get("connection").is_some_and(|v| v == "close");
+        (response.status(), closing)
+    });
+    wait_until("the held request", Duration::from_secs(10), || backend.in_flight() == 1).await;
+
+    proxy.signal("TERM");
+    tokio::time::timeout(Duration::from_secs(30), idle_connection)
+        .await
+        .expect("the idle kept-alive connection is closed by the drain")
+        .unwrap();
+    assert!(!busy_connection.is_finished(), "the busy connection stays for its response");
+    backend.release_held();
+    let (status, closing) = held.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(closing, "the last response says the connection closes");
+    tokio::time::timeout(Duration::from_secs(30), busy_connection)
+        .await
+        .expect("the busy connection closes after its response")
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = proxy.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not exit once its connections closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
 #[tokio::test]
 async fn a_listener_that_cannot_bind_exits_3() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
