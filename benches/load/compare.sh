@@ -22,6 +22,12 @@
 #        ALT_BIN=/path/to/switchyard TARGETS="switchyard switchyard@alt haproxy" ...
 #                                         (`switchyard@alt` is the plain config run by
 #                                          another build, e.g. other release settings)
+#        INSTRUCTIONS=1 ALT_BIN=... benches/load/compare.sh
+#                                         (Switchyard builds only, under valgrind's
+#                                          callgrind: user-space instructions per request
+#                                          over N=20000 requests, HTTP/1.1 c16 and h2c;
+#                                          repeatable to ~1%, for changes too small for
+#                                          the timings' noise)
 # Installs haproxy, nginx, wrk and h2load (Debian packages) when missing.
 # Never run it beside a build or another benchmark.
 set -euo pipefail
@@ -36,6 +42,12 @@ if [ "$FEATURES" = 1 ]; then
 fi
 TLS=${TLS:-0}
 [ "$TLS" = 1 ] && SCENARIOS=${SCENARIOS:-"tls-c64 tls-new"}
+INSTRUCTIONS=${INSTRUCTIONS:-0}
+if [ "$INSTRUCTIONS" = 1 ]; then
+  TARGETS=${TARGETS:-"switchyard${ALT_BIN:+ switchyard@alt}"}
+  SCENARIOS=${SCENARIOS:-"c16 h2c"}
+  REQUESTS=${REQUESTS:-20000}
+fi
 TARGETS=${TARGETS:-"haproxy nginx switchyard"}
 SCENARIOS=${SCENARIOS:-"c64 c256 h2c"}
 
@@ -44,6 +56,7 @@ command -v haproxy >/dev/null || need+=(haproxy)
 command -v nginx >/dev/null || need+=(nginx)
 command -v wrk >/dev/null || need+=(wrk)
 command -v h2load >/dev/null || need+=(nghttp2-client)
+[ "$INSTRUCTIONS" = 1 ] && { command -v valgrind >/dev/null || need+=(valgrind); }
 if [ ${#need[@]} -gt 0 ]; then
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
@@ -185,10 +198,12 @@ EOF
 fi
 
 start_target() {
+  local under=()
+  [ "$INSTRUCTIONS" = 1 ] && under=(valgrind --tool=callgrind "--callgrind-out-file=$work/$1.callgrind")
   case $1 in
     # Logs (access lines with +access) go to a file, as an operator's would.
-    switchyard@alt) "${ALT_BIN:?ALT_BIN names the other build}" run -c "$work/$1.yaml" 2>"$work/$1.log" & echo $! >"$work/$1.pid" ;;
-    switchyard*) "$SWITCHYARD" run -c "$work/$1.yaml" 2>"$work/$1.log" & echo $! >"$work/$1.pid" ;;
+    switchyard@alt) "${under[@]}" "${ALT_BIN:?ALT_BIN names the other build}" run -c "$work/$1.yaml" 2>"$work/$1.log" & echo $! >"$work/$1.pid" ;;
+    switchyard*) "${under[@]}" "$SWITCHYARD" run -c "$work/$1.yaml" 2>"$work/$1.log" & echo $! >"$work/$1.pid" ;;
     haproxy) haproxy -D -f "$work/haproxy.cfg" ;;
     nginx) nginx -c "$work/nginx.conf" -p "$work" ;;
   esac
@@ -223,6 +238,35 @@ peak_rss_kib() {
 for target in $TARGETS; do start_target "$target"; done
 sleep 1
 ticks_per_second=$(getconf CLK_TCK)
+
+if [ "$INSTRUCTIONS" = 1 ]; then
+  # Counters zeroed, N requests, counters dumped: the dump holds those requests' instructions.
+  instructions() { # target scenario
+    local pid load
+    pid=$(cat "$work/$1.pid")
+    case $2 in
+      c16) load=(h2load --h1 -c16) ;;
+      h2c) load=(h2load -c16 -m16) ;;
+      *) echo "INSTRUCTIONS=1 runs the c16 and h2c scenarios" >&2; exit 2 ;;
+    esac
+    "${load[@]}" -n 2000 "http://127.0.0.1:${H1_PORT[$1]}/" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    "${load[@]}" -n "$REQUESTS" "http://127.0.0.1:${H1_PORT[$1]}/" >"$work/out"
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    local dump total
+    dump=$(ls -t "$work/$1.callgrind".* | head -1)
+    total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+    grep -q "$REQUESTS succeeded" "$work/out" || { echo "$1 $2: not every request succeeded" >&2; exit 1; }
+    echo "$((total / REQUESTS))"
+  }
+  echo "instructions per request (user space, callgrind), $REQUESTS requests each"
+  echo "| target | scenario | instructions/request |"
+  echo "|---|---|---|"
+  for scenario in $SCENARIOS; do
+    for target in $TARGETS; do echo "| $target | $scenario | $(instructions "$target" "$scenario") |"; done
+  done
+  exit 0
+fi
 
 # Warm-up: every target, every scenario, briefly.
 for target in $TARGETS; do
