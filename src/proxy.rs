@@ -534,45 +534,51 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// (RFC 9110 section 7.6.1), including any named in `Connection`. `TE: trailers`
 /// survives because gRPC requires it end to end.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of these (or only `Connection: keep-alive`):
-    // one pass over the names is cheaper than a dozen hashed removals.
-    let is_hop_by_hop = |name: &HeaderName| {
-        name == header::CONNECTION
-            || name == header::UPGRADE
-            || name == KEEP_ALIVE
-            || name == PROXY_CONNECTION
-            || name == HTTP2_SETTINGS
-            || name == header::TRANSFER_ENCODING
-            || name == header::TRAILER
-            || name == header::PROXY_AUTHENTICATE
-            || name == header::PROXY_AUTHORIZATION
-            || name == header::TE
-    };
-    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names finds which are present (most messages carry
+    // none, or only `Connection: keep-alive`); only those are removed, each
+    // removal being a hashed lookup.
+    let hop_by_hop: [&HeaderName; 10] = [
+        &header::CONNECTION,
+        &header::UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &HTTP2_SETTINGS,
+        &header::TRANSFER_ENCODING,
+        &header::TRAILER,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+    ];
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(index) = hop_by_hop.iter().position(|hop| *hop == name) {
+            present |= 1 << index;
+        }
+    }
+    if present == 0 && !keep_upgrade {
         return;
     }
-    let listed: Vec<HeaderName> = connection_tokens(headers)
-        .filter(|token| !["keep-alive", "close", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t)))
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    if present & 1 != 0 {
+        let listed: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|token| !["keep-alive", "close", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t)))
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    if !keep_upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    } else {
+    if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        present &= !0b11;
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(&HTTP2_SETTINGS);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::TRAILER);
-    headers.remove(header::PROXY_AUTHENTICATE);
-    headers.remove(header::PROXY_AUTHORIZATION);
-    if headers.get(header::TE).is_some_and(|te| te != "trailers") {
-        headers.remove(header::TE);
+    for (index, name) in hop_by_hop.iter().enumerate() {
+        if present & (1 << index) == 0 {
+            continue;
+        }
+        if **name == header::TE && headers.get(header::TE).is_none_or(|te| te == "trailers") {
+            continue;
+        }
+        headers.remove(*name);
     }
 }
 

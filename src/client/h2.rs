@@ -20,7 +20,8 @@ use crate::upstream::Backend;
 pub struct H2Connections {
     me: Weak<H2Connections>,
     connector: TimedConnector,
-    open: Mutex<HashMap<Arc<str>, Open>>,
+    /// Keyed as the HTTP/1.1 pool is (see there).
+    open: Mutex<HashMap<Arc<str>, Open, foldhash::fast::RandomState>>,
     sweeps: AtomicU64,
     sweeping: AtomicBool,
 }

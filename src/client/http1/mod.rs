@@ -56,7 +56,9 @@ const LOW_SPACE: usize = 1024;
 
 pub struct Http1Pool {
     me: Weak<Http1Pool>,
-    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+    /// Keyed by backend (address and TLS setting); hashed with foldhash, not
+    /// SipHash: the keys come from the config, not from clients.
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle>, foldhash::fast::RandomState>>,
     connector: TimedConnector,
     /// Sweeps done so far; idle connections remember the count they came back at.
     sweeps: AtomicU64,
