@@ -2,9 +2,8 @@
 //! (`switchyard_requests_total`, `switchyard_request_duration_seconds`) and the
 //! access log line.
 //!
-//! The outermost proxy layer, [`Observe`], gives every request a
-//! [`RequestNotes`] that inner layers fill in (route, backend, attempts, queue
-//! wait), and wraps the response body so the record is made when the body ends
+//! Every request carries a [`RequestNotes`] (made by the listener) that inner
+//! layers fill in (route, backend, attempts, queue wait); [`Observe`] wraps the response body so the record is made when the body ends
 //! (or the client goes away): durations are what the client observed, streaming
 //! included. With `log.access: false` no access-log field is even captured.
 
@@ -25,9 +24,17 @@ use crate::body::{BoxError, ProxyBody};
 use crate::conn::ConnInfo;
 use crate::state::{SnapshotShare, WorkerLive};
 
-/// What the layers a request passes through know of it, in the one request
-/// extension the proxy adds: the client connection (from the listener), the
-/// route (from routing), and what forwarding did.
+/// A request on its way through the proxy's layers, with the notes they
+/// share. The notes travel beside the request rather than in its extensions:
+/// that would cost three allocations and hashed lookups per request.
+pub struct NotedRequest {
+    pub request: Request<Incoming>,
+    pub notes: Arc<RequestNotes>,
+}
+
+/// What the layers a request passes through know of it: the client
+/// connection (from the listener), the route (from routing), and what
+/// forwarding did.
 pub struct RequestNotes {
     /// The client connection; `None` only outside a listener (tests, benches).
     conn: Option<Arc<ConnInfo>>,
@@ -45,12 +52,6 @@ pub struct RequestNotes {
 const NONE: usize = usize::MAX;
 /// The last try went to a rerouted upstream's backend (see `rerouted_to`).
 const REROUTED: usize = usize::MAX - 1;
-
-impl Default for RequestNotes {
-    fn default() -> Self {
-        RequestNotes::new(None)
-    }
-}
 
 impl RequestNotes {
     pub fn new(conn: Option<Arc<ConnInfo>>) -> Self {
@@ -128,9 +129,9 @@ struct Record {
     access: Option<AccessFields>,
 }
 
-impl<S> Service<Request<Incoming>> for Observe<S>
+impl<S> Service<NotedRequest> for Observe<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = std::convert::Infallible>,
+    S: Service<NotedRequest, Response = Response<ProxyBody>, Error = std::convert::Infallible>,
 {
     type Response = Response<ObservedBody>;
     type Error = std::convert::Infallible;
@@ -140,16 +141,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        // The listener attaches the notes; a stack used on its own gets fresh ones.
-        let notes = match request.extensions().get::<Arc<RequestNotes>>() {
-            Some(notes) => Arc::clone(notes),
-            None => {
-                let notes = Arc::new(RequestNotes::default());
-                request.extensions_mut().insert(Arc::clone(&notes));
-                notes
-            }
-        };
+    fn call(&mut self, noted: NotedRequest) -> Self::Future {
+        let (request, notes) = (&noted.request, Arc::clone(&noted.notes));
         let access = self.live.load().access_log.then(|| AccessFields {
             client: notes.conn().map(|c| c.client),
             method: request.method().clone(),
@@ -157,7 +150,7 @@ where
             request_id: request.headers().get("x-request-id").cloned(),
         });
         let record = Record { notes, started: Instant::now(), access };
-        ObserveFuture { inner: self.inner.call(request), record: Some(record) }
+        ObserveFuture { inner: self.inner.call(noted), record: Some(record) }
     }
 }
 

@@ -29,7 +29,7 @@ use crate::client::{SendError, Upgraded, UpstreamBody, UpstreamClients};
 use crate::config::{RetryOn, UpstreamProtocol};
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
-use crate::observe::RequestNotes;
+use crate::observe::{NotedRequest, RequestNotes};
 use crate::queue::Priority;
 use crate::retry;
 use crate::state::WorkerLive;
@@ -50,7 +50,7 @@ impl Forward {
 
 type ForwardFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
 
-impl tower::Service<Request<Incoming>> for Forward {
+impl tower::Service<NotedRequest> for Forward {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
     type Future = ForwardFuture;
@@ -59,7 +59,7 @@ impl tower::Service<Request<Incoming>> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> ForwardFuture {
+    fn call(&mut self, request: NotedRequest) -> ForwardFuture {
         // The rewriting before the first await runs here, outside the future:
         // what it needs on the way (the original request) is then not kept
         // in the future, which is boxed and moved for every request.
@@ -94,8 +94,8 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn new(mut request: Request<Incoming>) -> Result<Prepared, ProxyError> {
-        let notes = request.extensions_mut().remove::<Arc<RequestNotes>>().expect("the observe layer attaches notes");
+    fn new(noted: NotedRequest) -> Result<Prepared, ProxyError> {
+        let NotedRequest { mut request, notes } = noted;
         let (snapshot, _) = notes.route().expect("the route layer runs first");
         let conn = Arc::clone(notes.conn().expect("the listener attaches the connection"));
 

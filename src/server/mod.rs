@@ -34,7 +34,7 @@ use tower::Service;
 
 use crate::config::Limits;
 use crate::conn::{ConnInfo, ConnectionSlot, SendTimeoutIo, TunnelHome};
-use crate::observe::{ObservedBody, RequestNotes};
+use crate::observe::{NotedRequest, ObservedBody, RequestNotes};
 use crate::state::Live;
 use crate::tls::ClientStream;
 use stack::ProxyStack;
@@ -424,16 +424,19 @@ struct WithConnInfo {
 impl Service<Request<Incoming>> for WithConnInfo {
     type Response = Response<ObservedBody>;
     type Error = Infallible;
-    type Future = TrackActivity<<ProxyStack as Service<Request<Incoming>>>::Future>;
+    type Future = TrackActivity<<ProxyStack as Service<NotedRequest>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        request.extensions_mut().insert(Arc::new(RequestNotes::new(Some(Arc::clone(&self.info)))));
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let notes = Arc::new(RequestNotes::new(Some(Arc::clone(&self.info))));
         self.activity.request_started();
-        TrackActivity { inner: self.inner.call(request), activity: Some(Arc::clone(&self.activity)) }
+        TrackActivity {
+            inner: self.inner.call(NotedRequest { request, notes }),
+            activity: Some(Arc::clone(&self.activity)),
+        }
     }
 }
 

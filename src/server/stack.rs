@@ -14,9 +14,9 @@
 //!    fails with `NoHealthyBackend` (503), `UpstreamConnect` / `UpstreamReset`
 //!    (502), `UpstreamTimeout` (504) or `BodyTooLarge` (413).
 //!
-//! Layers pass context down in one request extension, `observe::RequestNotes`
-//! (made by the listener with its `ConnInfo`, given the route by routing), so
-//! a request costs one extension allocation; they use named futures rather
+//! Layers pass context down beside the request, in `observe::RequestNotes`
+//! (made by the listener with its `ConnInfo`, given the route by routing: a
+//! [`NotedRequest`] is what each layer takes); they use named futures rather
 //! than boxed ones where the logic is a simple mapping.
 
 use std::convert::Infallible;
@@ -26,15 +26,14 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use futures_util::future::{Either, Ready};
-use http::{HeaderName, HeaderValue, Request, Response};
-use hyper::body::Incoming;
+use http::{HeaderName, HeaderValue, Response};
 use tower::{Service, ServiceBuilder};
 
 use super::admission;
 use crate::body::ProxyBody;
 use crate::client::UpstreamClients;
 use crate::error::ProxyError;
-use crate::observe::{Observe, RequestNotes};
+use crate::observe::{NotedRequest, Observe};
 use crate::proxy::Forward;
 use crate::state::{Live, WorkerLive};
 
@@ -60,9 +59,9 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Clone, Debug)]
 pub struct RequestId<S>(S);
 
-impl<S, B> Service<Request<Incoming>> for RequestId<S>
+impl<S, B> Service<NotedRequest> for RequestId<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    S: Service<NotedRequest, Response = Response<B>, Error = Infallible>,
 {
     type Response = Response<B>;
     type Error = Infallible;
@@ -72,16 +71,16 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        let id = match request.headers().get(&X_REQUEST_ID) {
+    fn call(&mut self, mut noted: NotedRequest) -> Self::Future {
+        let id = match noted.request.headers().get(&X_REQUEST_ID) {
             Some(id) => id.clone(),
             None => {
                 let id = new_request_id();
-                request.headers_mut().insert(&X_REQUEST_ID, id.clone());
+                noted.request.headers_mut().insert(&X_REQUEST_ID, id.clone());
                 id
             }
         };
-        WithRequestId { inner: self.0.call(request), id: Some(id) }
+        WithRequestId { inner: self.0.call(noted), id: Some(id) }
     }
 }
 
@@ -125,9 +124,9 @@ impl<B, F: Future<Output = Result<Response<B>, Infallible>>> Future for WithRequ
 #[derive(Clone, Debug)]
 pub struct ErrorResponse<S>(S);
 
-impl<S> Service<Request<Incoming>> for ErrorResponse<S>
+impl<S> Service<NotedRequest> for ErrorResponse<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S: Service<NotedRequest, Response = Response<ProxyBody>, Error = ProxyError>,
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
@@ -141,8 +140,8 @@ where
         })
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        ErrorToResponse { inner: self.0.call(request) }
+    fn call(&mut self, noted: NotedRequest) -> Self::Future {
+        ErrorToResponse { inner: self.0.call(noted) }
     }
 }
 
@@ -175,9 +174,9 @@ pub struct RouteService<S> {
     live: WorkerLive,
 }
 
-impl<S> Service<Request<Incoming>> for RouteService<S>
+impl<S> Service<NotedRequest> for RouteService<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S: Service<NotedRequest, Response = Response<ProxyBody>, Error = ProxyError>,
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
@@ -187,17 +186,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        if let Err(error) = admission::admit(&mut request) {
+    fn call(&mut self, mut noted: NotedRequest) -> Self::Future {
+        if let Err(error) = admission::admit(&mut noted.request) {
             return Either::Left(futures_util::future::ready(Err(error)));
         }
         // One load per request: this request sees this snapshot to its end.
         let snapshot = crate::state::current(&self.live);
-        let Some(index) = snapshot.router.find_index(&request) else {
+        let Some(index) = snapshot.router.find_index(&noted.request) else {
             return Either::Left(futures_util::future::ready(Err(ProxyError::NoRoute)));
         };
-        let notes = request.extensions().get::<Arc<RequestNotes>>().expect("the observe layer attaches notes");
-        notes.set_route(snapshot, index);
-        Either::Right(self.inner.call(request))
+        noted.notes.set_route(snapshot, index);
+        Either::Right(self.inner.call(noted))
     }
 }
