@@ -39,14 +39,7 @@ async fn sigterm_drains_in_flight_refuses_new_connections_and_exits_0() {
     assert!(proxy.child.try_wait().unwrap().is_none(), "the process waits for the in-flight request");
     backend.release_held();
     assert_eq!(held.await.unwrap().status, 200, "the in-flight request completed");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = proxy.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(std::time::Instant::now() < deadline, "did not exit within the grace period");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = proxy.wait_for_exit(Duration::from_secs(20), "did not exit within the grace period").await;
     assert_eq!(status.code(), Some(0));
 }
 
@@ -97,14 +90,7 @@ async fn sigterm_closes_idle_connections_at_once_and_busy_ones_after_their_respo
         .await
         .expect("the busy connection closes after its response")
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = proxy.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(std::time::Instant::now() < deadline, "did not exit once its connections closed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = proxy.wait_for_exit(Duration::from_secs(30), "did not exit once its connections closed").await;
     assert_eq!(status.code(), Some(0));
 }
 

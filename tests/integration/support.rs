@@ -406,6 +406,18 @@ impl ProxyProcess {
         assert!(status.success());
     }
 
+    /// The process's exit status, waiting up to `limit` (failing with `why`).
+    pub async fn wait_for_exit(&mut self, limit: Duration, why: &str) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{why}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Resets the peak-RSS counter (VmHWM) so a later read covers only what follows.
     pub fn reset_peak(&self) {
         std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").unwrap();
