@@ -72,8 +72,11 @@ where
     }
 
     fn call(&mut self, mut noted: NotedRequest) -> Self::Future {
-        let id = match noted.request.headers().get(&X_REQUEST_ID) {
-            Some(id) => id.clone(),
+        let id = match noted.request.headers_mut().get_mut(&X_REQUEST_ID) {
+            Some(id) => {
+                id.set_sensitive(true);
+                id.clone()
+            }
             None => {
                 let id = new_request_id();
                 noted.request.headers_mut().insert(&X_REQUEST_ID, id.clone());
@@ -95,7 +98,13 @@ fn new_request_id() -> HeaderValue {
     }
     // One allocation, shared by the request's and the response's copies (a
     // `Vec`-backed value would allocate again on its first clone).
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).expect("hex digits are a valid header value")
+    let mut id =
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).expect("hex digits are a valid header value");
+    // Over HTTP/2, HPACK leaves a "sensitive" value out of its table: each id
+    // is new, and indexing it only cost work and evicted the entries (server,
+    // content type) that later responses would have reused.
+    id.set_sensitive(true);
+    id
 }
 
 pin_project_lite::pin_project! {

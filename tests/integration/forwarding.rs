@@ -189,3 +189,27 @@ async fn backend_connections_are_kept_alive_and_reused_whatever_the_body() {
     assert_eq!(backend.hits(), 80);
     assert_eq!(backend.stats.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one kept-alive connection");
 }
+
+/// Over HTTP/2 the request id goes out "never indexed": HPACK keeps a value
+/// that is new on every response out of its table, where it would only
+/// evict the entries later responses reuse. `nghttp` marks such headers
+/// "sensitive" as it decodes them.
+#[tokio::test]
+async fn request_ids_are_never_indexed_over_http2() {
+    let backend = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config("{ policy: round_robin }", &[&backend], "")).await;
+    let url = proxy.url("/");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("nghttp")
+            .args(["-nv", "-m", "3", &url])
+            .output()
+            .unwrap_or_else(|e| panic!("nghttp (scripts/install-test-deps installs it): {e}"))
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    let ids: Vec<&str> = text.lines().filter(|line| line.contains(") x-request-id: ")).collect();
+    assert_eq!(ids.len(), 3, "{text}");
+    assert!(ids.iter().all(|line| line.contains(", sensitive) x-request-id: ")), "{text}");
+}
