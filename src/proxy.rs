@@ -211,14 +211,14 @@ fn forward(
             // 5. This try's request: the backend's target form and protocol.
             let method = prepared.template.as_ref().expect("present until the last try").method.clone();
             let host = prepared.original_host.as_ref();
+            let outgoing = next_try(&mut prepared.template, last, &upstream, backend, host, body.for_try(limit))?;
+
             // 6. Send, bounded by the per-try timeout cut to the route's deadline;
             //    time to response head feeds the latency estimate.
             let started = Instant::now();
             let per_try = policy.and_then(|p| p.config.per_try_timeout);
             let try_deadline = per_try.map_or(deadline, |limit| deadline.min(tokio::time::Instant::now() + limit));
-            // Built in the call: a named request would stay in the future after it is sent.
-            let outgoing = next_try(&mut prepared.template, last, &upstream, backend, host, body.for_try(limit));
-            let sent = clients.send(upstream.protocol, upstream.config.tls.as_ref(), backend, outgoing?);
+            let sent = clients.send(upstream.protocol, upstream.config.tls.as_ref(), backend, outgoing);
             let result = tokio::time::timeout_at(try_deadline, sent).await;
             let took = started.elapsed();
             backend.upstream_duration.record(took.as_secs_f64());

@@ -124,26 +124,27 @@ impl Http1Pool {
         let mut writer = BodyWriter::new(body, framing);
         let mut pooled = self.checkout(key);
         // A new connection takes this buffer as its own.
-        let mut head = pooled.as_mut().map_or_else(|| Vec::with_capacity(512), |c| std::mem::take(&mut c.write_buf));
-        head.clear();
+        let mut request_head =
+            pooled.as_mut().map_or_else(|| Vec::with_capacity(512), |c| std::mem::take(&mut c.write_buf));
+        request_head.clear();
         let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
-        codec::encode_request_head(&mut head, &parts.method, target, &parts.headers, framing);
+        codec::encode_request_head(&mut request_head, &parts.method, target, &parts.headers, framing);
         let method = parts.method;
         async move {
-            let mut head = Some(head);
+            let mut request_head = Some(request_head);
             loop {
                 let (mut connection, was_pooled) = match pooled.take() {
                     Some(connection) => (connection, true),
                     // Boxed: connecting is the rare path, and its state would
                     // otherwise make every request's future kilobytes larger.
-                    None => (Box::pin(self.connect(&backend.authority, tls)).await?, false),
+                    None => (Box::pin(self.connect(key, &backend.authority, tls)).await?, false),
                 };
-                connection.write_buf = head.take().expect("the head goes with one connection at a time");
+                connection.write_buf = request_head.take().expect("the head goes with one connection at a time");
                 let mut exchange = Exchange { connection, writer, written: 0, started: false, sent: false };
                 match poll_fn(|cx| exchange.poll_head(cx, &method)).await {
                     Ok(head) => {
                         let Exchange { connection, sent, .. } = exchange;
-                        let home = self.me.upgrade().map(|pool| (pool, Arc::clone(key)));
+                        let home = self.me.upgrade();
                         let reusable = head.keep_alive && sent;
                         let body = Http1Body::new(connection, head.framing, reusable, home);
                         let mut response = Response::new(UpstreamBody { inner: Inner::Http1(body) });
@@ -157,7 +158,7 @@ impl Http1Pool {
                     // (its head and any body framing queued, untouched) goes
                     // out again on another connection.
                     Err(Http1Error::Io(_)) if was_pooled && !exchange.started => {
-                        head = Some(std::mem::take(&mut exchange.connection.write_buf));
+                        request_head = Some(std::mem::take(&mut exchange.connection.write_buf));
                         writer = exchange.writer;
                         pooled = self.checkout(key);
                     }
@@ -178,13 +179,23 @@ impl Http1Pool {
         None
     }
 
-    fn put(&self, backend: Arc<str>, connection: Box<Connection>) {
+    fn put(&self, connection: Box<Connection>) {
         let since_sweep = self.sweeps.load(Ordering::Relaxed);
-        self.idle.lock().expect("never poisoned").entry(backend).or_default().push(Idle { connection, since_sweep });
+        let mut idle = self.idle.lock().expect("never poisoned");
+        // Looked up by reference: cloning the key would touch a count that
+        // every worker's requests to this backend share.
+        match idle.get_mut(&*connection.backend) {
+            Some(connections) => connections.push(Idle { connection, since_sweep }),
+            None => {
+                let backend = Arc::clone(&connection.backend);
+                idle.insert(backend, vec![Idle { connection, since_sweep }]);
+            }
+        }
     }
 
     async fn connect(
         &self,
+        backend: &Arc<str>,
         authority: &http::uri::Authority,
         tls: Option<&UpstreamTls>,
     ) -> Result<Box<Connection>, SendError> {
@@ -192,7 +203,13 @@ impl Http1Pool {
         if !self.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(self.me.clone()));
         }
-        Ok(Box::new(Connection { io: stream, read_buf: BytesMut::new(), write_buf: Vec::new(), read_size: MIN_READ }))
+        Ok(Box::new(Connection {
+            io: stream,
+            backend: Arc::clone(backend),
+            read_buf: BytesMut::new(),
+            write_buf: Vec::new(),
+            read_size: MIN_READ,
+        }))
     }
 }
 
@@ -213,6 +230,8 @@ async fn sweep(pool: Weak<Http1Pool>) {
 /// One connection to a backend with its buffers, which live as long as it.
 struct Connection {
     io: BackendStream,
+    /// The pool key of its backend (address and TLS setting).
+    backend: Arc<str>,
     read_buf: BytesMut,
     /// The request head, then chunk framing; reused for every request.
     write_buf: Vec<u8>,
@@ -431,7 +450,7 @@ pub struct Http1Body {
     connection: Option<Box<Connection>>,
     decoding: Decoding,
     reusable: bool,
-    home: Option<(Arc<Http1Pool>, Arc<str>)>,
+    home: Option<Arc<Http1Pool>>,
 }
 
 enum Decoding {
@@ -448,7 +467,7 @@ impl Http1Body {
         connection: Box<Connection>,
         framing: ResponseFraming,
         reusable: bool,
-        home: Option<(Arc<Http1Pool>, Arc<str>)>,
+        home: Option<Arc<Http1Pool>>,
     ) -> Self {
         let decoding = match framing {
             ResponseFraming::Empty => Decoding::Length(0),
@@ -466,8 +485,8 @@ impl Http1Body {
         let Some(connection) = self.connection.take() else { return };
         // Bytes after the response were never asked for: the connection is out of step.
         if self.reusable && connection.read_buf.is_empty() {
-            if let Some((pool, backend)) = self.home.take() {
-                pool.put(backend, connection);
+            if let Some(pool) = self.home.take() {
+                pool.put(connection);
             }
         }
     }
