@@ -166,15 +166,19 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
     // Offsets fit in u32: the head is at most MAX_HEAD_BYTES.
     let base = buf.as_ptr() as usize;
     let offset = |at: *const u8| (at as usize - base) as u32;
-    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    // Uninitialised, like httparse's slots: zeroing 1.6 KiB per response
+    // showed up as a fifth of all cache-line writes a request caused.
+    let mut spans = [const { std::mem::MaybeUninit::<[u32; 4]>::uninit() }; MAX_HEADERS];
     let count = response.headers.len();
     for (span, line) in spans.iter_mut().zip(response.headers.iter()) {
         let (name, value) = (offset(line.name.as_ptr()), offset(line.value.as_ptr()));
-        *span = [name, name + line.name.len() as u32, value, value + line.value.len() as u32];
+        span.write([name, name + line.name.len() as u32, value, value + line.value.len() as u32]);
     }
     let head = buf.split_to(length).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    for &[name_start, name_end, value_start, value_end] in &spans[..count] {
+    for span in &spans[..count] {
+        // SAFETY: the loop above wrote the first `count` spans.
+        let [name_start, name_end, value_start, value_end] = unsafe { span.assume_init() };
         let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
             .map_err(|_| Malformed::Head("header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
