@@ -4,7 +4,7 @@
 //! message be read two ways: conflicting lengths, a bad chunk size or a
 //! malformed head end the exchange, and the connection is never reused.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
@@ -296,7 +296,7 @@ impl ChunkedDecoder {
             match self.state {
                 ChunkState::Size => match httparse::parse_chunk_size(buf) {
                     Ok(httparse::Status::Complete((used, size))) => {
-                        let _ = buf.split_to(used);
+                        buf.advance(used);
                         self.state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
                     }
                     Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => return Err(Malformed::Chunk),
@@ -320,7 +320,7 @@ impl ChunkedDecoder {
                     if &buf[..2] != b"\r\n" {
                         return Err(Malformed::Chunk);
                     }
-                    let _ = buf.split_to(2);
+                    buf.advance(2);
                     self.state = ChunkState::Size;
                 }
                 ChunkState::Trailers => {
@@ -328,7 +328,7 @@ impl ChunkedDecoder {
                         return Ok(Chunk::Incomplete);
                     }
                     if buf.starts_with(b"\r\n") {
-                        let _ = buf.split_to(2);
+                        buf.advance(2);
                         self.state = ChunkState::Done;
                         return Ok(Chunk::End);
                     }
@@ -342,7 +342,7 @@ impl ChunkedDecoder {
                                 let value = HeaderValue::from_bytes(line.value).map_err(|_| Malformed::Trailers)?;
                                 trailers.append(name, value);
                             }
-                            let _ = buf.split_to(used);
+                            buf.advance(used);
                             self.state = ChunkState::Done;
                             return Ok(Chunk::Trailers(trailers));
                         }
