@@ -6,9 +6,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use switchyard::backend::Backend;
 use switchyard::balance::{Balancer, PickRequest};
 use switchyard::config::{BackendConfig, PolicyConfig};
-use switchyard::upstream::Backend;
 
 fn fleet(n: usize) -> Vec<BackendConfig> {
     (0..n)

@@ -46,7 +46,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (cpu, checks, failures) = runtime.block_on(async {
         let snapshot = switchyard::state::Snapshot::compile(&config, None, 1);
-        let mut checkers = switchyard::health::active::Checkers::default();
+        let mut checkers = switchyard::probe::Checkers::default();
         checkers.sync(&snapshot);
         assert_eq!(checkers.len(), BACKENDS);
         // Every checker's first probe lands within one interval; let them settle.

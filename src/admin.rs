@@ -19,7 +19,24 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::reload::{ReloadTrigger, Runtime};
+use futures_util::future::BoxFuture;
+
+use crate::state::Live;
+
+/// What the admin API needs from the running proxy; `runtime::Runtime`
+/// implements it. A trait, so that the admin listener (which the runtime
+/// starts) does not depend on the runtime in turn.
+pub trait Control: Send + Sync + 'static {
+    /// The live snapshot: admin token, effective config, `/explain`, gauges.
+    fn live(&self) -> &Live;
+    /// Shutting down: `/readyz` answers 503.
+    fn is_draining(&self) -> bool;
+    /// `GET /status`, rendered with [`render_json`].
+    fn status(&self) -> BoxFuture<'_, Vec<u8>>;
+    /// `POST /reload`: what changed, rendered with [`render_json`], or why
+    /// nothing did.
+    fn reload(&self) -> BoxFuture<'_, Result<Vec<u8>, String>>;
+}
 
 /// How long an admin client has to send a request head (and, for HTTP/1.1,
 /// how long a kept-alive admin connection may sit idle).
@@ -38,7 +55,7 @@ impl AdminHandle {
     }
 }
 
-pub fn spawn(listener: TcpListener, runtime: Weak<Runtime>) -> std::io::Result<AdminHandle> {
+pub fn spawn(listener: TcpListener, runtime: Weak<dyn Control>) -> std::io::Result<AdminHandle> {
     let local_addr = listener.local_addr()?;
     let accept_task = tokio::spawn(async move {
         loop {
@@ -67,11 +84,11 @@ pub fn spawn(listener: TcpListener, runtime: Weak<Runtime>) -> std::io::Result<A
     Ok(AdminHandle { local_addr, accept_task })
 }
 
-async fn answer(runtime: Weak<Runtime>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let Some(runtime) = runtime.upgrade() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "stopped\n");
     };
-    if let Some(token) = &runtime.live.load().admin_token {
+    if let Some(token) = &runtime.live().load().admin_token {
         let presented = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -92,9 +109,9 @@ async fn answer(runtime: Weak<Runtime>, request: Request<Incoming>) -> Response<
                 text(StatusCode::OK, "ready\n")
             }
         }
-        (&Method::GET, "/status") => json(StatusCode::OK, &runtime.status().await),
+        (&Method::GET, "/status") => json_response(StatusCode::OK, runtime.status().await),
         (&Method::GET, "/config") => {
-            let config = crate::explain::effective_config(&runtime.live.load().config);
+            let config = crate::explain::effective_config(&runtime.live().load().config);
             match serde_saphyr::to_string(&config) {
                 Ok(yaml) => {
                     let mut response = text(StatusCode::OK, &yaml);
@@ -108,14 +125,14 @@ async fn answer(runtime: Weak<Runtime>, request: Request<Incoming>) -> Response<
         }
         (&Method::GET, "/explain") => {
             match crate::explain::Described::from_query(request.uri().query().unwrap_or("")) {
-                Ok(described) => json(StatusCode::OK, &crate::explain::explain(&runtime.live.load(), &described)),
+                Ok(described) => json(StatusCode::OK, &crate::explain::explain(&runtime.live().load(), &described)),
                 Err(error) => text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
             }
         }
         (&Method::GET, "/metrics") => match crate::metrics::install() {
             Some(handle) => {
                 // Gauges are read from the live state right before rendering.
-                crate::metrics::refresh_gauges(&runtime.live.load());
+                crate::gauges::refresh_gauges(&runtime.live().load());
                 let mut response = Response::new(Full::from(handle.render()));
                 response
                     .headers_mut()
@@ -124,8 +141,8 @@ async fn answer(runtime: Weak<Runtime>, request: Request<Incoming>) -> Response<
             }
             None => text(StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n"),
         },
-        (&Method::POST, "/reload") => match runtime.reload(ReloadTrigger::Admin).await {
-            Ok(summary) => json(StatusCode::OK, &summary),
+        (&Method::POST, "/reload") => match runtime.reload().await {
+            Ok(summary) => json_response(StatusCode::OK, summary),
             Err(error) => text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
         },
         (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload" | "/config" | "/explain") => {
@@ -142,9 +159,18 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     response
 }
 
-fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+/// How every admin answer in JSON is written: pretty, with a final newline.
+pub fn render_json(value: &impl serde::Serialize) -> Vec<u8> {
     let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
     body.push(b'\n');
+    body
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    json_response(status, render_json(value))
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::{self, Config};
-use crate::reload::{ReloadError, ReloadTrigger, Runtime};
+use crate::runtime::{ReloadError, ReloadTrigger, Runtime};
 use crate::state::Live;
 
 /// Process exit codes, as documented in the contract.

@@ -10,11 +10,11 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::backend::Backend;
 use crate::balance::{Balancer, PickRequest};
 use crate::clock::nanos_since_epoch;
 use crate::config::{Config, HostPattern, PolicyConfig, Probe, RetryOn};
 use crate::state::Snapshot;
-use crate::upstream::Backend;
 
 /// Whether a backend can take a request now, and why (or why not) in words.
 pub fn backend_verdict(backend: &Backend, now: u64) -> (bool, String) {

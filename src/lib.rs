@@ -12,18 +12,24 @@
 //! - `proxy` forwards: `balance` picks among `upstream` backends (policies in
 //!   `balance/`), `queue` holds requests while every bot is busy, `retry` decides
 //!   and budgets retries, `client` holds the pooled connections (plain or TLS).
-//! - What the proxy learns about backends lives in `upstream::BackendState`:
-//!   in-flight count, latency, `health` (active checks, passive ejection, slow
+//! - What the proxy learns about backends lives in `backend::BackendState`:
+//!   in-flight count, latency, `health` (check verdicts, passive ejection, slow
 //!   start) and the `breaker`. It survives reloads. Its time comes from `clock`
-//!   (a coarse monotonic clock: seconds matter there, not microseconds).
+//!   (a coarse monotonic clock: seconds matter there, not microseconds). `probe`
+//!   runs the active checks that feed `health`.
 //! - `config` parses and validates the YAML (and reads the certificates it
-//!   names, `config::tls`); `state` compiles it into the
-//!   snapshot behind one `ArcSwap`; `reload` owns listeners, the admin listener
-//!   (`admin`, with `explain`) and hot reload; `app` composes it all; `metrics`
-//!   names every metric.
+//!   names, `config::tls`); `state` compiles it into the snapshot behind one
+//!   `ArcSwap`; `runtime` starts listeners, the admin listener (`admin`, with
+//!   `explain`) and housekeeping, reloads (`runtime::reload`) and reports
+//!   (`runtime::status`); `app` composes it all; `metrics` names every metric
+//!   and `gauges` derives series from the snapshot.
+//!
+//! Dependencies between these modules point one way; docs/architecture.md
+//! gives the layers and `tests/architecture.rs` checks them.
 
 pub mod admin;
 pub mod app;
+pub mod backend;
 pub mod balance;
 pub mod body;
 pub mod breaker;
@@ -34,15 +40,17 @@ pub mod conn;
 pub mod demo;
 pub mod error;
 pub mod explain;
+pub mod gauges;
 pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
+pub mod probe;
 pub mod proxy;
 pub mod queue;
-pub mod reload;
 pub mod retry;
 pub mod route;
+pub mod runtime;
 pub mod server;
 pub mod state;
 pub mod tls;

@@ -19,8 +19,6 @@ use metrics::{Counter, Histogram, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 
-use crate::state::Snapshot;
-
 pub const REQUESTS_TOTAL: &str = "switchyard_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "switchyard_request_duration_seconds";
 pub const UPSTREAM_DURATION_SECONDS: &str = "switchyard_upstream_duration_seconds";
@@ -81,7 +79,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-fn label(value: &std::sync::Arc<str>) -> SharedString {
+pub fn label(value: &std::sync::Arc<str>) -> SharedString {
     SharedString::from_shared(std::sync::Arc::clone(value))
 }
 
@@ -206,9 +204,9 @@ pub fn backend_ejected(upstream: &str, backend: &str) {
         .increment(1);
 }
 
-pub fn retry(route: &str, upstream: &str, reason: crate::config::RetryOn) {
+pub fn retry(route: &str, upstream: &str, reason: &'static str) {
     metrics::counter!(RETRIES_TOTAL, "route" => route.to_owned(), "upstream" => upstream.to_owned(),
-        "reason" => crate::retry::reason_label(reason))
+        "reason" => reason)
     .increment(1);
 }
 
@@ -221,42 +219,6 @@ pub fn queue_rejected(upstream: &str, reason: &'static str) {
     metrics::counter!(QUEUE_REJECTED_TOTAL, "upstream" => upstream.to_owned(), "reason" => reason).increment(1);
 }
 
-/// Makes every counter whose labels the config determines exist at 0, so that
-/// dashboards and alerts see a series from startup (or from the reload that
-/// added its config), not from its first event. Called at start and after
-/// every reload that changed the config.
-pub fn register_config_series(snapshot: &Snapshot) {
-    metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => "success").increment(0);
-    metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => "error").increment(0);
-    for upstream in &snapshot.upstreams {
-        let config = &upstream.config;
-        if config.health.passive.is_some() {
-            for backend in &upstream.backends {
-                metrics::counter!(BACKEND_EJECTIONS_TOTAL, "upstream" => label(&upstream.name),
-                    "backend" => label(&backend.address))
-                .increment(0);
-            }
-        }
-        if config.queue.is_some() {
-            for reason in ["full", "timeout"] {
-                metrics::counter!(QUEUE_REJECTED_TOTAL, "upstream" => label(&upstream.name), "reason" => reason)
-                    .increment(0);
-            }
-        }
-    }
-    for route in snapshot.router.routes() {
-        let Some(retry) = &route.retry else { continue };
-        let upstream = &route.upstream.name;
-        metrics::counter!(RETRY_BUDGET_EXHAUSTED_TOTAL, "route" => label(&route.name), "upstream" => label(upstream))
-            .increment(0);
-        for reason in &retry.config.on {
-            metrics::counter!(RETRIES_TOTAL, "route" => label(&route.name), "upstream" => label(upstream),
-                "reason" => crate::retry::reason_label(*reason))
-            .increment(0);
-        }
-    }
-}
-
 /// Folds the histogram samples recorded since the last call into their
 /// buckets. The exporter keeps each raw sample until this runs (or a scrape
 /// renders), so without it an unscraped proxy's memory grows with every
@@ -264,38 +226,5 @@ pub fn register_config_series(snapshot: &Snapshot) {
 pub fn upkeep() {
     if let Some(handle) = install() {
         handle.run_upkeep();
-    }
-}
-
-/// Sets every per-backend and per-upstream gauge from `snapshot`: health,
-/// circuit state, in-flight, queue depth. Called every second and before each
-/// scrape; gauges of backends no longer in the snapshot are not refreshed and
-/// expire.
-pub fn refresh_gauges(snapshot: &Snapshot) {
-    let now = crate::clock::nanos_since_epoch();
-    config_generation(snapshot.generation);
-    for listener in &snapshot.config.listeners {
-        // The listener task keeps the count; touching it keeps the series from
-        // expiring while the listener is configured but quiet.
-        metrics::gauge!(CONNECTIONS_OPEN, "listener" => listener.name.clone()).increment(0.0);
-        for certificate in listener.tls.iter().flat_map(|tls| &tls.certificates) {
-            let left = certificate.expires_in_seconds(std::time::SystemTime::now());
-            metrics::gauge!(CERTIFICATE_EXPIRY_SECONDS, "listener" => listener.name.clone(), "name" => certificate.label())
-                .set(left as f64);
-        }
-    }
-    for upstream in &snapshot.upstreams {
-        for backend in &upstream.backends {
-            let labels = [("upstream", label(&upstream.name)), ("backend", label(&backend.address))];
-            let healthy = if backend.is_healthy(now) { 1.0 } else { 0.0 };
-            metrics::gauge!(BACKEND_HEALTHY, &labels).set(healthy);
-            metrics::gauge!(IN_FLIGHT, &labels).set(f64::from(backend.in_flight()));
-            if backend.breaker.is_some() {
-                metrics::gauge!(CIRCUIT_STATE, &labels).set(backend.state.breaker.phase().gauge());
-            }
-        }
-        if let Some(queue) = &upstream.queue {
-            metrics::gauge!(QUEUE_WAITING, "upstream" => label(&upstream.name)).set(queue.waiting() as f64);
-        }
     }
 }

@@ -23,6 +23,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use crate::backend::InFlightGuard;
 use crate::balance::{Pick, PickRequest};
 use crate::body::{ClientBody, ClientBodyError, ClientBodyTimeout, Guarded, ProxyBody};
 use crate::client::{SendError, Upgraded, UpstreamBody, UpstreamClients};
@@ -33,7 +34,7 @@ use crate::observe::{NotedRequest, RequestNotes};
 use crate::queue::Priority;
 use crate::retry;
 use crate::state::WorkerLive;
-use crate::upstream::{InFlightGuard, Unavailable, Upstream};
+use crate::upstream::{Unavailable, Upstream};
 
 #[derive(Clone, Debug)]
 pub struct Forward {
@@ -125,7 +126,7 @@ fn next_try(
     template: &mut Option<http::request::Parts>,
     last: bool,
     upstream: &Upstream,
-    backend: &crate::upstream::Backend,
+    backend: &crate::backend::Backend,
     original_host: Option<&HeaderValue>,
     body: ProxyBody,
 ) -> Result<Request<ProxyBody>, ProxyError> {
@@ -248,7 +249,7 @@ fn forward(
             let retry = match (policy, result.retry_as) {
                 (Some(policy), Some(reason)) if !last && retry::allows(&policy.config, reason, &method) => {
                     if policy.budget.try_withdraw(policy.config.budget_ratio, policy.config.budget_min_per_second) {
-                        crate::metrics::retry(&route.name, &upstream.name, reason);
+                        crate::metrics::retry(&route.name, &upstream.name, retry::reason_label(reason));
                         Some((policy, reason))
                     } else {
                         crate::metrics::retry_budget_exhausted(&route.name, &upstream.name);
@@ -286,7 +287,7 @@ fn forward(
 fn for_backend(
     mut parts: http::request::Parts,
     upstream: &Upstream,
-    backend: &crate::upstream::Backend,
+    backend: &crate::backend::Backend,
     original_host: Option<&HeaderValue>,
 ) -> Result<http::request::Parts, ProxyError> {
     match upstream.protocol {
@@ -712,7 +713,7 @@ impl Outcome<'_> {
     }
 
     fn record(&self, failed: bool) {
-        crate::health::passive::record(self.upstream, self.index, failed);
+        self.upstream.record_outcome(self.index, failed);
         let backend = &self.upstream.backends[self.index];
         if let Some(config) = &backend.breaker {
             backend.state.breaker.on_result(config, crate::clock::nanos_since_epoch(), failed);

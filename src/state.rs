@@ -13,13 +13,14 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::backend::{Backend, BackendState};
 use crate::balance::Balancer;
 use crate::config::{ActiveCheck, Config, Limits, Secret};
 use crate::health::CheckStatus;
 use crate::queue::WaitQueue;
 use crate::retry::RetryBudget;
 use crate::route::{Route, RoutePolicy, Router};
-use crate::upstream::{Backend, BackendState, Upstream};
+use crate::upstream::Upstream;
 
 /// The live configuration, read lock-free by every request.
 pub type Live = Arc<ArcSwap<Snapshot>>;

@@ -1,21 +1,14 @@
-//! Upstreams and their backends: what a balancer chooses among.
-//!
-//! A [`Backend`] is one entry of the current config (address, weight, limit). What
-//! the proxy *learns* about it (in-flight count, latency estimate) lives in
-//! [`BackendState`], behind an `Arc` keyed by (upstream, address) so that a reload
-//! that keeps the backend hands the same state to the new snapshot. Every field of
-//! `BackendState` is an atomic: the request path never locks to read or update it.
+//! Upstreams: a named set of backends (see `backend`), the policy that picks
+//! among them (`balance`), their wait queue, and the passive-ejection decision
+//! that weighs one backend against its siblings.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::backend::Backend;
 use crate::balance::Balancer;
-use crate::breaker::Breaker;
 use crate::clock::nanos_since_epoch;
-use crate::config::{BreakerConfig, UpstreamConfig, UpstreamProtocol};
-use crate::health::passive::PassiveState;
-use crate::health::{slow_start_factor, CheckStatus};
+use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::queue::WaitQueue;
 
 /// One upstream: a named set of backends and the policy that picks among them.
@@ -34,6 +27,41 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// Records the outcome of one request to backend `index` (passive outlier
+    /// detection, see `health::passive`), ejecting it if that was one failure
+    /// too many and the upstream's `max_ejection_percent` allows. Returns the
+    /// ejection time if it ejected.
+    pub fn record_outcome(&self, index: usize, failed: bool) -> Option<Duration> {
+        let config = self.config.health.passive.as_ref()?;
+        let backend = &self.backends[index];
+        let state = &backend.state.passive;
+        if !failed {
+            state.record_success();
+            return None;
+        }
+        if !state.record_failure(config.consecutive_failures) {
+            return None;
+        }
+        // Rare path: one ejection decision at a time per upstream, so concurrent
+        // failures on different backends cannot together exceed the cap.
+        let _decision = self.ejection_lock.lock().expect("never poisoned");
+        let now = nanos_since_epoch();
+        if state.is_ejected(now) {
+            return None;
+        }
+        let ejected = self.backends.iter().filter(|b| b.state.passive.is_ejected(now)).count();
+        let allowed = self.backends.len() * config.max_ejection_percent as usize / 100;
+        if ejected + 1 > allowed {
+            tracing::warn!(upstream = %self.name, backend = %backend.address, ejected, allowed,
+                "backend keeps failing but max_ejection_percent is reached; not ejecting");
+            return None;
+        }
+        let duration = state.eject(config, now);
+        crate::metrics::backend_ejected(&self.name, &backend.address);
+        tracing::warn!(upstream = %self.name, backend = %backend.address, ?duration, "backend ejected after consecutive failures");
+        Some(duration)
+    }
+
     /// Why no backend could take a request just now (called after a failed pick).
     pub fn unavailable(&self) -> Unavailable {
         let now = nanos_since_epoch();
@@ -48,76 +76,6 @@ impl Upstream {
     }
 }
 
-#[derive(Debug)]
-pub struct Backend {
-    /// `host:port` as configured; the backend's identity in metrics and logs.
-    pub address: Arc<str>,
-    /// Its connections' key in the worker pools: the address, plus the
-    /// upstream's TLS settings when it has them (a plain connection never
-    /// serves a TLS upstream, nor one TLS setting another's).
-    pub pool_key: Arc<str>,
-    /// `switchyard_upstream_duration_seconds` for this backend, registered once.
-    pub upstream_duration: metrics::Histogram,
-    /// The same address, pre-parsed for building request URIs without reparsing.
-    pub authority: http::uri::Authority,
-    pub weight: u32,
-    /// `u32::MAX` when the config sets no limit.
-    pub max_concurrency: u32,
-    pub state: Arc<BackendState>,
-    /// The active check's verdict, shared with other upstreams checking the same
-    /// address the same way; `None` without an active check.
-    pub check: Option<Arc<CheckStatus>>,
-    pub slow_start: Option<Duration>,
-    pub breaker: Option<BreakerConfig>,
-    /// The upstream's wait queue, told when this backend frees a slot.
-    pub queue: Option<Arc<WaitQueue>>,
-    /// The upstream's running in-flight total, kept only when a policy needs
-    /// it (bounded load).
-    pub load: Option<Arc<UpstreamLoad>>,
-}
-
-/// An upstream's total in-flight count and how many of its backends can serve,
-/// so that bounded load's mean costs O(1) per pick, not a walk over every
-/// backend. The total is exact (kept by every slot taken and given back); the
-/// serving count is recounted at most every [`UpstreamLoad::RECOUNT`].
-#[derive(Debug, Default)]
-pub struct UpstreamLoad {
-    in_flight: AtomicU64,
-    /// Backends that can serve, and the in-flight requests on those that cannot
-    /// (still finishing), as of `counted_at`.
-    serving: AtomicU64,
-    not_serving_in_flight: AtomicU64,
-    counted_at: AtomicU64,
-}
-
-impl UpstreamLoad {
-    /// How stale the serving count may get: health changes reach the mean
-    /// within this.
-    pub const RECOUNT: Duration = Duration::from_millis(100);
-
-    /// (in-flight on serving backends, serving backends), recounting the
-    /// latter if it is older than [`Self::RECOUNT`].
-    pub fn serving_load(&self, backends: &[Arc<Backend>]) -> (u64, u64) {
-        let now = nanos_since_epoch();
-        let counted_at = self.counted_at.load(Ordering::Relaxed);
-        if counted_at == 0 || now.saturating_sub(counted_at) > Self::RECOUNT.as_nanos() as u64 {
-            let (mut serving, mut elsewhere) = (0, 0);
-            for backend in backends {
-                if backend.is_healthy(now) && backend.circuit_allows(now) {
-                    serving += 1;
-                } else {
-                    elsewhere += u64::from(backend.in_flight());
-                }
-            }
-            self.serving.store(serving, Ordering::Relaxed);
-            self.not_serving_in_flight.store(elsewhere, Ordering::Relaxed);
-            self.counted_at.store(now.max(1), Ordering::Relaxed);
-        }
-        let total = self.in_flight.load(Ordering::Relaxed);
-        (total.saturating_sub(self.not_serving_in_flight.load(Ordering::Relaxed)), self.serving.load(Ordering::Relaxed))
-    }
-}
-
 /// Why no backend of an upstream could take a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unavailable {
@@ -127,272 +85,4 @@ pub enum Unavailable {
     CircuitOpen,
     /// Some backend could serve, but all such are at `max_concurrency`.
     AllBusy,
-}
-
-impl Backend {
-    /// A backend with fresh state and no health checks, breaker, queue or
-    /// metrics: for benchmarks and tests of the policies on their own.
-    pub fn detached(config: &crate::config::BackendConfig) -> Backend {
-        Backend {
-            upstream_duration: metrics::Histogram::noop(),
-            address: config.address.as_str().into(),
-            pool_key: config.address.as_str().into(),
-            authority: config.address.parse().expect("a valid backend address"),
-            weight: config.weight,
-            max_concurrency: config.max_concurrency.unwrap_or(u32::MAX),
-            state: Arc::default(),
-            check: None,
-            slow_start: None,
-            breaker: None,
-            queue: None,
-            load: None,
-        }
-    }
-
-    /// Reserves one request slot if the backend is healthy, not ejected, and
-    /// below both its own `max_concurrency` and `cap` (a policy's extra bound,
-    /// such as bounded load). The slot is held until the returned guard drops.
-    pub fn try_acquire(self: &Arc<Self>, cap: u32) -> Option<InFlightGuard> {
-        if !self.is_healthy_now() {
-            return None;
-        }
-        let limit = self.max_concurrency.min(cap);
-        let in_flight = &self.state.in_flight;
-        // A compare-and-swap, not load-then-add: two requests racing for the last
-        // slot of a one-job bot must not both get it.
-        in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).ok()?;
-        // The breaker is asked last: in half-open, admitting takes a probe slot,
-        // which must only happen for a request that will really be sent.
-        if let Some(config) = &self.breaker {
-            if !self.state.breaker.admit(config, nanos_since_epoch()) {
-                // Given back without waking the queue: no capacity was freed, and
-                // a wake here would send waiters round in circles.
-                in_flight.fetch_sub(1, Ordering::AcqRel);
-                return None;
-            }
-        }
-        if let Some(load) = &self.load {
-            load.in_flight.fetch_add(1, Ordering::Relaxed);
-        }
-        // One reference count for the whole slot: the backend holds its state,
-        // queue and upstream total.
-        Some(InFlightGuard { backend: Arc::clone(self) })
-    }
-
-    /// Whether the circuit breaker (if any) would let a request through now.
-    pub fn circuit_allows(&self, now: u64) -> bool {
-        self.breaker.is_none() || self.state.breaker.would_admit(now)
-    }
-
-    pub fn in_flight(&self) -> u32 {
-        self.state.in_flight.load(Ordering::Acquire)
-    }
-
-    /// Healthy by its active check (if any), not ejected, and still in the
-    /// config.
-    pub fn is_healthy(&self, now: u64) -> bool {
-        self.check.as_ref().is_none_or(|c| c.is_healthy())
-            && !self.state.passive.is_ejected(now)
-            && !self.state.is_retired()
-    }
-
-    /// [`Self::is_healthy`] at the current time, reading the clock only when
-    /// the backend has ever been ejected (the clock is the costly part).
-    pub fn is_healthy_now(&self) -> bool {
-        self.check.as_ref().is_none_or(|c| c.is_healthy())
-            && !self.state.is_retired()
-            && (self.state.passive.ejected_until() == 0 || !self.state.passive.is_ejected(nanos_since_epoch()))
-    }
-
-    /// Whether a policy may pick this backend now: healthy, circuit letting
-    /// requests through, and below its limit.
-    pub fn is_available(&self) -> bool {
-        self.in_flight() < self.max_concurrency
-            && self.is_healthy_now()
-            && (self.breaker.is_none() || self.circuit_allows(nanos_since_epoch()))
-    }
-
-    /// The share of its weight the backend gets now (below 1 during slow start).
-    pub fn ramp(&self, now: u64) -> f64 {
-        if self.slow_start.is_none() {
-            return 1.0;
-        }
-        let healthy_since = self.check.as_ref().map_or(0, |c| c.healthy_since());
-        let ejection_end = self.state.passive.ejected_until();
-        let since = self.state.added_at.max(healthy_since).max(ejection_end);
-        slow_start_factor(self.slow_start, since, now)
-    }
-
-    pub fn effective_weight(&self, now: u64) -> f64 {
-        f64::from(self.weight) * self.ramp(now)
-    }
-}
-
-/// What the proxy has learned about a backend; survives reloads that keep it.
-#[derive(Debug, Default)]
-pub struct BackendState {
-    in_flight: AtomicU32,
-    pub latency: PeakEwma,
-    pub passive: PassiveState,
-    pub breaker: Breaker,
-    /// When a reload added the backend (ns since epoch), for slow start; 0 for
-    /// backends present from the start.
-    pub added_at: u64,
-    /// Set when a reload removed the backend: requests still running on an
-    /// older snapshot (queued, or between retries) must not start a new try on it.
-    retired: AtomicBool,
-}
-
-impl BackendState {
-    pub fn added_now() -> Self {
-        BackendState { added_at: nanos_since_epoch(), ..BackendState::default() }
-    }
-
-    pub fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
-    }
-
-    pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Acquire)
-    }
-}
-
-/// Holds one in-flight slot of a backend; releases it on drop, which happens when
-/// the response body has been fully sent (or the exchange failed).
-#[derive(Debug)]
-pub struct InFlightGuard {
-    /// The backend as the snapshot that picked it has it: its state (carried
-    /// across reloads), and that snapshot's queue and upstream total.
-    backend: Arc<Backend>,
-}
-
-impl InFlightGuard {
-    pub fn state(&self) -> &BackendState {
-        &self.backend.state
-    }
-}
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        let backend = &self.backend;
-        backend.state.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if let Some(load) = &backend.load {
-            load.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
-        if let Some(queue) = &backend.queue {
-            queue.slot_freed();
-        }
-    }
-}
-
-/// Peak-sensitive exponentially weighted moving average of response latency, as in
-/// Finagle's and linkerd's `PeakEwma` balancer: a sample above the current estimate
-/// replaces it at once (so a backend that turns slow is avoided at once), samples
-/// below it pull it down gradually, and the estimate decays over time so that a
-/// backend that was slow once is tried again later.
-#[derive(Debug, Default)]
-pub struct PeakEwma {
-    /// Estimate in nanoseconds as `f64` bits; 0 means no sample yet.
-    estimate_bits: AtomicU64,
-    /// When the estimate was last updated, in nanoseconds since [`epoch`].
-    updated_at: AtomicU64,
-}
-
-/// How quickly old samples lose weight (linkerd's default decay).
-const EWMA_DECAY: Duration = Duration::from_secs(10);
-
-impl PeakEwma {
-    pub fn observe(&self, sample: Duration) {
-        let now = nanos_since_epoch();
-        let sample = sample.as_nanos() as f64;
-        let current = self.decayed(now);
-        let next = if current == 0.0 || sample > current {
-            sample
-        } else {
-            // Weight of the old estimate after `elapsed`; with no time elapsed the old
-            // estimate is kept whole, so a burst of samples cannot jump it around.
-            let elapsed = now.saturating_sub(self.updated_at.load(Ordering::Relaxed)) as f64;
-            let keep = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
-            current * keep + sample * (1.0 - keep)
-        };
-        // Racing updates may lose one sample; an estimate does not need every one.
-        self.estimate_bits.store(next.max(1.0).to_bits(), Ordering::Relaxed);
-        self.updated_at.store(now, Ordering::Relaxed);
-    }
-
-    /// The current estimate in nanoseconds, or `None` before the first sample.
-    pub fn estimate(&self) -> Option<f64> {
-        self.estimate_at(nanos_since_epoch())
-    }
-
-    /// [`Self::estimate`] at `now` (ns since epoch), for callers that have it.
-    pub fn estimate_at(&self, now: u64) -> Option<f64> {
-        let value = self.decayed(now);
-        (value > 0.0).then_some(value)
-    }
-
-    fn decayed(&self, now: u64) -> f64 {
-        let estimate = f64::from_bits(self.estimate_bits.load(Ordering::Relaxed));
-        if estimate == 0.0 {
-            return 0.0;
-        }
-        let elapsed = now.saturating_sub(self.updated_at.load(Ordering::Relaxed)) as f64;
-        // Floor at 1ns so a known-but-decayed backend never reads as "no sample".
-        (estimate * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()).max(1.0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn backend(max: u32) -> Arc<Backend> {
-        Arc::new(Backend::detached(&crate::config::BackendConfig {
-            address: "127.0.0.1:1".into(),
-            weight: 1,
-            max_concurrency: Some(max),
-        }))
-    }
-
-    #[test]
-    fn acquire_respects_limits_and_releases_on_drop() {
-        let b = backend(2);
-        let first = b.try_acquire(u32::MAX).unwrap();
-        let _second = b.try_acquire(u32::MAX).unwrap();
-        assert!(b.try_acquire(u32::MAX).is_none());
-        assert!(!b.is_available());
-        drop(first);
-        assert!(b.try_acquire(1).is_none(), "the policy cap applies too");
-        assert!(b.try_acquire(3).is_some());
-    }
-
-    #[tokio::test]
-    async fn a_breaker_refusal_frees_the_slot_without_waking_the_queue() {
-        let config = BreakerConfig { consecutive_failures: 1, ..BreakerConfig::default() };
-        let queue = Arc::new(WaitQueue::default());
-        let b = Arc::new(Backend {
-            breaker: Some(config),
-            queue: Some(Arc::clone(&queue)),
-            ..Arc::into_inner(backend(1)).unwrap()
-        });
-        b.state.breaker.on_result(&config, nanos_since_epoch(), true);
-        let ticket = queue.join(crate::queue::Priority::Normal, 10, false).unwrap();
-        assert!(b.try_acquire(u32::MAX).is_none(), "the open circuit refuses");
-        assert_eq!(b.in_flight(), 0, "the slot was given back");
-        let mut waiting = Box::pin(ticket.wait());
-        assert!(futures_util::FutureExt::now_or_never(&mut waiting).is_none(), "nobody was woken for nothing");
-    }
-
-    #[test]
-    fn peak_ewma_jumps_up_and_decays_down() {
-        let ewma = PeakEwma::default();
-        assert_eq!(ewma.estimate(), None);
-        ewma.observe(Duration::from_millis(10));
-        let first = ewma.estimate().unwrap();
-        ewma.observe(Duration::from_millis(100));
-        let peak = ewma.estimate().unwrap();
-        assert!(peak > 9.0e7, "a slower sample is taken at once: {peak}");
-        ewma.observe(Duration::from_millis(1));
-        assert!(ewma.estimate().unwrap() > first, "a fast sample right after does not erase the peak");
-    }
 }

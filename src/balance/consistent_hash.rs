@@ -18,8 +18,8 @@ use std::sync::Arc;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::{acquire, acquire_unramped, extract_key, first_available_from, Pick, PickRequest, Policy, RoundRobin};
+use crate::backend::{Backend, UpstreamLoad};
 use crate::config::{BackendConfig, KeySpec};
-use crate::upstream::{Backend, UpstreamLoad};
 
 /// Enough points per unit of weight for an even spread (a standard deviation of
 /// about 10% of the mean share with 100 points).

@@ -19,8 +19,8 @@
 use std::sync::Arc;
 
 use super::{acquire, first_available_from, Pick, PickRequest, Policy};
+use crate::backend::Backend;
 use crate::clock::nanos_since_epoch;
-use crate::upstream::Backend;
 
 #[derive(Debug, Default)]
 pub struct LeastLoaded;
@@ -134,7 +134,7 @@ mod tests {
         let (configs, _) = backends(&[(1, None), (1, None)]);
         let ramping = Arc::new(Backend {
             slow_start: Some(Duration::from_secs(100)),
-            state: Arc::new(crate::upstream::BackendState::added_now()),
+            state: Arc::new(crate::backend::BackendState::added_now()),
             ..Backend::detached(&configs[0])
         });
         let runtime = vec![ramping, Arc::new(Backend::detached(&configs[1]))];

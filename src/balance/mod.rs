@@ -17,8 +17,8 @@ mod round_robin;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::backend::{Backend, InFlightGuard};
 use crate::config::{BackendConfig, PolicyConfig};
-use crate::upstream::{Backend, InFlightGuard};
 
 pub use consistent_hash::ConsistentHash;
 pub use key::extract_key;
@@ -88,7 +88,7 @@ impl Balancer {
 
     /// The running in-flight total the upstream's backends must keep for this
     /// policy, if it needs one (`consistent_hash` with `bounded_load`).
-    pub fn upstream_load(&self) -> Option<Arc<crate::upstream::UpstreamLoad>> {
+    pub fn upstream_load(&self) -> Option<Arc<crate::backend::UpstreamLoad>> {
         match self {
             Balancer::ConsistentHash(policy) => policy.upstream_load().cloned(),
             _ => None,

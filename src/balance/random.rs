@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use super::{acquire, first_available_from, Pick, PickRequest, Policy};
+use crate::backend::Backend;
 use crate::config::BackendConfig;
-use crate::upstream::Backend;
 
 /// Random draws before giving up on luck and scanning for any free backend.
 const DRAWS: usize = 3;

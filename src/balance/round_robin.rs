@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{acquire, first_available_from, Pick, PickRequest, Policy};
+use crate::backend::Backend;
 use crate::config::BackendConfig;
-use crate::upstream::Backend;
 
 /// Sequences longer than this are built from proportionally scaled-down weights,
 /// which keeps the table at a few MiB even for 10,000 heavy backends.

@@ -13,9 +13,9 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::{SendError, TimedConnector, UpstreamBody};
+use crate::backend::Backend;
 use crate::body::ProxyBody;
 use crate::config::tls::UpstreamTls;
-use crate::upstream::Backend;
 
 pub struct H2Connections {
     me: Weak<H2Connections>,

@@ -26,11 +26,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use crate::backend::Backend;
 use crate::body::{BoxError, ProxyBody};
 use crate::config::tls::UpstreamTls;
 use crate::config::UpstreamProtocol;
 use crate::tls::BackendStream;
-use crate::upstream::Backend;
 
 /// Idle pooled connections are closed after this; backends commonly close idle
 /// keep-alive connections after 60 s or more, so the proxy lets go first.

@@ -1,5 +1,6 @@
-//! Backend health: active checks ([`active`]), passive outlier detection from
-//! real traffic ([`passive`]), and slow start.
+//! Backend health as state: the active checks' verdicts ([`CheckStatus`], fed
+//! by the checkers in `probe`), passive outlier detection from real traffic
+//! ([`passive`]), and slow start.
 //!
 //! A backend is *eligible* when its active check (if any) says healthy and it is
 //! not ejected. All of it is state the proxy learned, so it lives outside the
@@ -16,7 +17,6 @@
 //! (Envoy's panic threshold). A bot that fails its check cannot run the job; a
 //! fast 503 lets the client retry or queue elsewhere, and `/status` says why.
 
-pub mod active;
 pub mod passive;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -12,9 +12,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::clock::nanos_since_epoch;
 use crate::config::PassiveConfig;
-use crate::upstream::Upstream;
 
 /// Ejection time grows to at most this multiple of `ejection_time`.
 const MAX_EJECTION_MULTIPLIER: u32 = 10;
@@ -49,7 +47,7 @@ impl PassiveState {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
 
-    fn record_success(&self) {
+    pub fn record_success(&self) {
         // Read first: most requests succeed, and an unconditional store would
         // bounce this cache line between cores on every request.
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
@@ -58,12 +56,12 @@ impl PassiveState {
     }
 
     /// Counts a failure; true when the streak has reached `threshold`.
-    fn record_failure(&self, threshold: u32) -> bool {
+    pub fn record_failure(&self, threshold: u32) -> bool {
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed).saturating_add(1) >= threshold
     }
 
     /// Ejects until `now + duration` where duration follows the back-off.
-    fn eject(&self, config: &PassiveConfig, now: u64) -> Duration {
+    pub fn eject(&self, config: &PassiveConfig, now: u64) -> Duration {
         let previous_end = self.ejected_until.load(Ordering::Acquire);
         let quiet_for = now.saturating_sub(previous_end);
         let reset_after = config.ejection_time.as_nanos() as u64 * u64::from(MAX_EJECTION_MULTIPLIER);
@@ -77,39 +75,6 @@ impl PassiveState {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         duration
     }
-}
-
-/// Records the outcome of one request to backend `index` of `upstream`, ejecting
-/// it if that was one failure too many. Returns the ejection time if it ejected.
-pub fn record(upstream: &Upstream, index: usize, failed: bool) -> Option<Duration> {
-    let config = upstream.config.health.passive.as_ref()?;
-    let backend = &upstream.backends[index];
-    let state = &backend.state.passive;
-    if !failed {
-        state.record_success();
-        return None;
-    }
-    if !state.record_failure(config.consecutive_failures) {
-        return None;
-    }
-    // Rare path: one ejection decision at a time per upstream, so concurrent
-    // failures on different backends cannot together exceed the cap.
-    let _decision = upstream.ejection_lock.lock().expect("never poisoned");
-    let now = nanos_since_epoch();
-    if state.is_ejected(now) {
-        return None;
-    }
-    let ejected = upstream.backends.iter().filter(|b| b.state.passive.is_ejected(now)).count();
-    let allowed = upstream.backends.len() * config.max_ejection_percent as usize / 100;
-    if ejected + 1 > allowed {
-        tracing::warn!(upstream = %upstream.name, backend = %backend.address, ejected, allowed,
-            "backend keeps failing but max_ejection_percent is reached; not ejecting");
-        return None;
-    }
-    let duration = state.eject(config, now);
-    crate::metrics::backend_ejected(&upstream.name, &backend.address);
-    tracing::warn!(upstream = %upstream.name, backend = %backend.address, ?duration, "backend ejected after consecutive failures");
-    Some(duration)
 }
 
 #[cfg(test)]

@@ -36,10 +36,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use self::codec::{Chunk, ChunkedDecoder, Malformed, RequestFraming, ResponseFraming};
 use super::{SendError, TimedConnector};
+use crate::backend::Backend;
 use crate::body::{BoxError, ProxyBody};
 use crate::config::tls::UpstreamTls;
 use crate::tls::{BackendStream, Stream};
-use crate::upstream::Backend;
 
 /// Idle connections are swept every `SWEEP`; one left idle for `MAX_IDLE_SWEEPS`
 /// sweeps (40-50 s) is closed, before backends commonly close theirs (60 s+).

@@ -22,9 +22,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use super::{describe, CheckStatus, Transition};
 use crate::config::tls::UpstreamTls;
 use crate::config::{ActiveCheck, Probe};
+use crate::health::{describe, CheckStatus, Transition};
 use crate::state::Snapshot;
 use crate::tls::BackendStream;
 

@@ -1,0 +1,82 @@
+//! The live snapshot as Prometheus series: the counters whose labels the
+//! config determines, made to exist at 0, and the gauges of backend and
+//! upstream state, refreshed every second and before each scrape (see
+//! `metrics` for the names and why gauges expire).
+
+use metrics::gauge;
+
+use crate::metrics::{
+    config_generation, label, BACKEND_EJECTIONS_TOTAL, BACKEND_HEALTHY, CERTIFICATE_EXPIRY_SECONDS, CIRCUIT_STATE,
+    CONFIG_RELOADS_TOTAL, CONNECTIONS_OPEN, IN_FLIGHT, QUEUE_REJECTED_TOTAL, QUEUE_WAITING, RETRIES_TOTAL,
+    RETRY_BUDGET_EXHAUSTED_TOTAL,
+};
+use crate::state::Snapshot;
+
+/// Makes every counter whose labels the config determines exist at 0, so that
+/// dashboards and alerts see a series from startup (or from the reload that
+/// added its config), not from its first event. Called at start and after
+/// every reload that changed the config.
+pub fn register_config_series(snapshot: &Snapshot) {
+    metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => "success").increment(0);
+    metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => "error").increment(0);
+    for upstream in &snapshot.upstreams {
+        let config = &upstream.config;
+        if config.health.passive.is_some() {
+            for backend in &upstream.backends {
+                metrics::counter!(BACKEND_EJECTIONS_TOTAL, "upstream" => label(&upstream.name),
+                    "backend" => label(&backend.address))
+                .increment(0);
+            }
+        }
+        if config.queue.is_some() {
+            for reason in ["full", "timeout"] {
+                metrics::counter!(QUEUE_REJECTED_TOTAL, "upstream" => label(&upstream.name), "reason" => reason)
+                    .increment(0);
+            }
+        }
+    }
+    for route in snapshot.router.routes() {
+        let Some(retry) = &route.retry else { continue };
+        let upstream = &route.upstream.name;
+        metrics::counter!(RETRY_BUDGET_EXHAUSTED_TOTAL, "route" => label(&route.name), "upstream" => label(upstream))
+            .increment(0);
+        for reason in &retry.config.on {
+            metrics::counter!(RETRIES_TOTAL, "route" => label(&route.name), "upstream" => label(upstream),
+                "reason" => crate::retry::reason_label(*reason))
+            .increment(0);
+        }
+    }
+}
+
+/// Sets every per-backend and per-upstream gauge from `snapshot`: health,
+/// circuit state, in-flight, queue depth. Called every second and before each
+/// scrape; gauges of backends no longer in the snapshot are not refreshed and
+/// expire.
+pub fn refresh_gauges(snapshot: &Snapshot) {
+    let now = crate::clock::nanos_since_epoch();
+    config_generation(snapshot.generation);
+    for listener in &snapshot.config.listeners {
+        // The listener task keeps the count; touching it keeps the series from
+        // expiring while the listener is configured but quiet.
+        gauge!(CONNECTIONS_OPEN, "listener" => listener.name.clone()).increment(0.0);
+        for certificate in listener.tls.iter().flat_map(|tls| &tls.certificates) {
+            let left = certificate.expires_in_seconds(std::time::SystemTime::now());
+            gauge!(CERTIFICATE_EXPIRY_SECONDS, "listener" => listener.name.clone(), "name" => certificate.label())
+                .set(left as f64);
+        }
+    }
+    for upstream in &snapshot.upstreams {
+        for backend in &upstream.backends {
+            let labels = [("upstream", label(&upstream.name)), ("backend", label(&backend.address))];
+            let healthy = if backend.is_healthy(now) { 1.0 } else { 0.0 };
+            gauge!(BACKEND_HEALTHY, &labels).set(healthy);
+            gauge!(IN_FLIGHT, &labels).set(f64::from(backend.in_flight()));
+            if backend.breaker.is_some() {
+                gauge!(CIRCUIT_STATE, &labels).set(backend.state.breaker.phase().gauge());
+            }
+        }
+        if let Some(queue) = &upstream.queue {
+            gauge!(QUEUE_WAITING, "upstream" => label(&upstream.name)).set(queue.waiting() as f64);
+        }
+    }
+}

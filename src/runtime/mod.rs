@@ -1,0 +1,219 @@
+//! The running proxy: its request workers, listeners and admin listener, the
+//! one live snapshot, housekeeping (gauges, metrics upkeep, retired snapshots)
+//! and shutdown. Hot reload is in [`reload`], the `/status` view in
+//! [`status`]; the admin API reaches the runtime through [`admin::Control`].
+
+mod reload;
+mod status;
+
+pub use reload::{ReloadError, ReloadSummary, ReloadTrigger};
+pub use status::Status;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use futures_util::future::BoxFuture;
+use tokio::sync::Semaphore;
+
+use crate::admin::{self, AdminHandle};
+use crate::client::UpstreamClients;
+use crate::config::{self, Config};
+use crate::probe::Checkers;
+use crate::server::workers::Workers;
+use crate::server::{self, ListenerHandle, ServeContext};
+use crate::state::{Live, Snapshot};
+
+/// Sockets and bookkeeping that only reloads change.
+struct Bound {
+    listeners: HashMap<SocketAddr, ListenerHandle>,
+    admin: Option<AdminHandle>,
+    admin_bind: SocketAddr,
+    max_connections: usize,
+    /// Hash of the file content last read, so that a watcher event for an
+    /// unchanged file (an editor's swap file, a touch) does not reload.
+    last_digest: Option<u64>,
+    /// Snapshots replaced by reloads, kept until no request holds them, so that
+    /// freeing a large snapshot happens here and never on a request's path.
+    retired: Vec<Arc<Snapshot>>,
+    checkers: Checkers,
+}
+
+impl Bound {
+    fn free_unused_snapshots(&mut self) {
+        self.retired.retain(|snapshot| Arc::strong_count(snapshot) > 1);
+    }
+}
+
+/// How often housekeeping runs: releasing retired snapshots and refreshing the
+/// backend health gauges (ejections end by the clock, not by an event).
+const HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Default)]
+struct ReloadStats {
+    success: AtomicU64,
+    error: AtomicU64,
+    unchanged: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+pub struct Runtime {
+    pub live: Live,
+    /// Handed to admin listeners, which must not keep the runtime alive.
+    me: std::sync::Weak<Runtime>,
+    config_path: Option<PathBuf>,
+    serve: ServeContext,
+    /// The request workers; every listener is served on each of them.
+    workers: Workers,
+    bound: tokio::sync::Mutex<Bound>,
+    stats: ReloadStats,
+    draining: AtomicBool,
+}
+
+impl Runtime {
+    /// Binds everything `config` asks for and starts serving. `config_path` is
+    /// the file reloads read; `None` for a config given as text.
+    pub async fn start(config: &Config, config_path: Option<PathBuf>) -> Result<Arc<Runtime>, ReloadError> {
+        crate::metrics::install();
+        let live: Live = Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::compile(config, None, 1)));
+        let digest = config_path.as_deref().and_then(|p| config::read(p).ok()).map(|text| digest(&text));
+        let connect_timeout = config.limits.connect_timeout;
+        let workers = Workers::start(config.workers, || UpstreamClients::new(connect_timeout))
+            .map_err(|source| ReloadError::Workers { source })?;
+        let mut sockets = Vec::new();
+        for listener in &config.listeners {
+            sockets.push((listener, bind_for_workers(&listener.name, listener.bind, workers.len())?));
+        }
+        let admin_socket = bind("admin", config.admin.bind)?;
+        let serve = ServeContext {
+            live: Arc::clone(&live),
+            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+        };
+        let runtime = Arc::new_cyclic(|me| Runtime {
+            me: me.clone(),
+            live,
+            config_path,
+            serve,
+            workers,
+            bound: tokio::sync::Mutex::new(Bound {
+                listeners: HashMap::new(),
+                admin: None,
+                admin_bind: config.admin.bind,
+                max_connections: config.limits.max_connections,
+                last_digest: digest,
+                retired: Vec::new(),
+                checkers: Checkers::default(),
+            }),
+            stats: ReloadStats::default(),
+            draining: AtomicBool::new(false),
+        });
+        {
+            let mut bound = runtime.bound.lock().await;
+            let snapshot = runtime.live.load_full();
+            bound.checkers.sync(&snapshot);
+            for (listener, socket) in sockets {
+                let handle = server::spawn(listener.name.as_str().into(), socket, &runtime.serve, &runtime.workers);
+                bound.listeners.insert(listener.bind, handle);
+            }
+            bound.admin = Some(
+                admin::spawn(admin_socket, Arc::downgrade(&runtime) as Weak<dyn admin::Control>)
+                    .map_err(|source| ReloadError::Bind { name: "admin".into(), bind: config.admin.bind, source })?,
+            );
+        }
+        crate::metrics::config_generation(1);
+        crate::gauges::register_config_series(&runtime.live.load());
+        let weak = Arc::downgrade(&runtime);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOUSEKEEPING);
+            loop {
+                tick.tick().await;
+                let Some(runtime) = weak.upgrade() else { return };
+                let snapshot = runtime.live.load();
+                crate::gauges::refresh_gauges(&snapshot);
+                crate::metrics::upkeep();
+                // Capacity can also appear without a slot being freed (a backend
+                // recovers, a circuit half-opens, a reload adds backends): the
+                // first waiter of each queue gets a look every tick.
+                for queue in snapshot.upstreams.iter().filter_map(|u| u.queue.as_ref()) {
+                    queue.slot_freed();
+                }
+                // A reload in progress sweeps for itself.
+                if let Ok(mut bound) = runtime.bound.try_lock() {
+                    bound.free_unused_snapshots();
+                };
+            }
+        });
+        Ok(runtime)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// The address each listener actually bound, by configured bind.
+    pub async fn listener_addrs(&self) -> Vec<(Arc<str>, SocketAddr)> {
+        let bound = self.bound.lock().await;
+        let mut addrs: Vec<_> = bound.listeners.values().map(|l| (Arc::clone(&l.name), l.local_addr)).collect();
+        addrs.sort_by_key(|(_, addr)| *addr);
+        addrs
+    }
+
+    pub async fn admin_addr(&self) -> Option<SocketAddr> {
+        self.bound.lock().await.admin.as_ref().map(|a| a.local_addr)
+    }
+
+    /// Stops accepting everywhere and drains in-flight requests up to
+    /// `shutdown_grace`. The admin listener stays up (answering `/readyz` with
+    /// 503) until the drain is over.
+    pub async fn shutdown(&self) {
+        self.draining.store(true, Ordering::Release);
+        let mut bound = self.bound.lock().await;
+        let listeners: Vec<ListenerHandle> = bound.listeners.drain().map(|(_, l)| l).collect();
+        futures_util::future::join_all(listeners.into_iter().map(ListenerHandle::stop)).await;
+        if let Some(admin) = bound.admin.take() {
+            admin.stop();
+        }
+        bound.checkers = Checkers::default();
+    }
+}
+
+fn bind_for_workers(name: &str, addr: SocketAddr, workers: usize) -> Result<server::BoundListener, ReloadError> {
+    server::bind_for_workers(addr, workers).map_err(|source| ReloadError::Bind {
+        name: name.to_owned(),
+        bind: addr,
+        source,
+    })
+}
+
+fn bind(name: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ReloadError> {
+    server::bind(addr).map_err(|source| ReloadError::Bind { name: name.to_owned(), bind: addr, source })
+}
+
+fn digest(text: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+}
+
+impl admin::Control for Runtime {
+    fn live(&self) -> &Live {
+        &self.live
+    }
+
+    fn is_draining(&self) -> bool {
+        Runtime::is_draining(self)
+    }
+
+    fn status(&self) -> BoxFuture<'_, Vec<u8>> {
+        Box::pin(async move { admin::render_json(&Runtime::status(self).await) })
+    }
+
+    fn reload(&self) -> BoxFuture<'_, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            match Runtime::reload(self, ReloadTrigger::Admin).await {
+                Ok(summary) => Ok(admin::render_json(&summary)),
+                Err(error) => Err(error.to_string()),
+            }
+        })
+    }
+}
