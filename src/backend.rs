@@ -202,7 +202,9 @@ pub struct BackendState {
 
 impl BackendState {
     pub fn added_now() -> Self {
-        BackendState { added_at: nanos_since_epoch(), ..BackendState::default() }
+        // At least 1: 0 means present from the start, and the clock reads 0
+        // within its first tick.
+        BackendState { added_at: nanos_since_epoch().max(1), ..BackendState::default() }
     }
 
     pub fn retire(&self) {

@@ -90,52 +90,17 @@ impl Snapshot {
     }
 
     pub fn compile(config: &Config, previous: Option<&Snapshot>, generation: u64) -> Snapshot {
-        let previous_upstreams = previous.map_or(&[][..], |p| &p.upstreams[..]);
-        let mut carried: HashMap<(&str, &str), &Arc<BackendState>> = HashMap::new();
-        for upstream in previous_upstreams {
-            for backend in &upstream.backends {
-                carried.insert((&upstream.name, &backend.address), &backend.state);
-            }
-        }
-        let unchanged: HashMap<&str, &Arc<Upstream>> = previous_upstreams.iter().map(|u| (&*u.name, u)).collect();
-        // One check status per (address, check), shared by every upstream that
-        // checks that address that way, and carried over from the last snapshot.
-        // The upstream's TLS setting is part of the check: the same address
-        // checked with TLS and without is two checks.
-        let mut checks: HashMap<(&str, &ActiveCheck, Option<u64>), Arc<CheckStatus>> = HashMap::new();
-        for upstream in previous_upstreams {
-            if let Some(check) = &upstream.config.health.active {
-                let tls = upstream.config.tls.as_ref().map(|t| t.fingerprint);
-                for backend in &upstream.backends {
-                    if let Some(status) = &backend.check {
-                        checks.insert((&backend.address, check, tls), Arc::clone(status));
-                    }
-                }
-            }
-        }
-        let first_generation = previous.is_none();
-        let mut queues: HashMap<&str, Arc<WaitQueue>> = HashMap::new();
-        for upstream in previous_upstreams {
-            if let Some(queue) = &upstream.queue {
-                queues.insert(&upstream.name, Arc::clone(queue));
-            }
-        }
-        let mut budgets: HashMap<&str, Arc<RetryBudget>> = HashMap::new();
-        for route in previous.map_or(&[][..], |p| p.router.routes()) {
-            if let Some(retry) = &route.retry {
-                budgets.insert(&route.name, Arc::clone(&retry.budget));
-            }
-        }
+        let carried = Carried::from(previous);
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| {
                 // An upstream whose config did not change is reused whole (balancer
                 // tables included), so a reload costs what it changes.
-                if let Some(previous) = unchanged.get(u.name.as_str()).filter(|p| p.config == *u) {
-                    return Arc::clone(previous);
+                if let Some(previous) = carried.unchanged_upstream(u) {
+                    return previous;
                 }
-                let queue = u.queue.as_ref().map(|_| queues.get(u.name.as_str()).cloned().unwrap_or_default());
+                let queue = u.queue.as_ref().map(|_| carried.queue(&u.name));
                 let upstream_name: Arc<str> = u.name.as_str().into();
                 let balancer = Balancer::new(&u.policy, &u.backends);
                 let load = balancer.upstream_load();
@@ -143,14 +108,9 @@ impl Snapshot {
                     .backends
                     .iter()
                     .map(|b| {
-                        let state = match carried.get(&(u.name.as_str(), b.address.as_str())) {
-                            Some(state) => Arc::clone(state),
-                            None if first_generation => Arc::default(),
-                            None => Arc::new(BackendState::added_now()),
-                        };
+                        let state = carried.backend_state(&u.name, &b.address);
                         let check = u.health.active.as_ref().map(|check| {
-                            let tls = u.tls.as_ref().map(|t| t.fingerprint);
-                            Arc::clone(checks.entry((b.address.as_str(), check, tls)).or_default())
+                            carried.check_status(&b.address, check, u.tls.as_ref().map(|t| t.fingerprint))
                         });
                         let address: Arc<str> = b.address.as_str().into();
                         let pool_key = match &u.tls {
@@ -205,10 +165,7 @@ impl Snapshot {
                     headers: r.headers.clone(),
                     upstream: Arc::clone(upstream),
                     timeout: r.timeout,
-                    retry: r.retry.clone().map(|config| RoutePolicy {
-                        budget: budgets.get(r.name.as_str()).cloned().unwrap_or_default(),
-                        config,
-                    }),
+                    retry: r.retry.clone().map(|config| RoutePolicy { budget: carried.retry_budget(&r.name), config }),
                     name,
                 }
             })
@@ -237,5 +194,142 @@ impl Snapshot {
             admin_token: config.admin.token.clone(),
             config: Arc::new(config.clone()),
         }
+    }
+}
+
+/// What a new snapshot takes over from the one before it, by name: each kept
+/// backend's learned state (by upstream and address), each active check's
+/// status (by address, check and TLS setting, shared by every upstream that
+/// checks an address the same way), each upstream's wait queue, each route's
+/// retry budget, and whole upstreams whose config did not change. What is not
+/// found starts fresh.
+struct Carried<'a> {
+    /// True for the first snapshot: its backends start as if always there (no
+    /// slow start), where a backend a reload adds starts its slow start.
+    first_generation: bool,
+    backends: HashMap<(&'a str, &'a str), &'a Arc<BackendState>>,
+    checks: std::cell::RefCell<HashMap<(String, ActiveCheck, Option<u64>), Arc<CheckStatus>>>,
+    queues: HashMap<&'a str, &'a Arc<WaitQueue>>,
+    budgets: HashMap<&'a str, &'a Arc<RetryBudget>>,
+    upstreams: HashMap<&'a str, &'a Arc<Upstream>>,
+}
+
+impl<'a> Carried<'a> {
+    fn from(previous: Option<&'a Snapshot>) -> Self {
+        let upstreams = previous.map_or(&[][..], |p| &p.upstreams[..]);
+        let mut carried = Carried {
+            first_generation: previous.is_none(),
+            backends: HashMap::new(),
+            checks: Default::default(),
+            queues: HashMap::new(),
+            budgets: HashMap::new(),
+            upstreams: upstreams.iter().map(|u| (&*u.name, u)).collect(),
+        };
+        for upstream in upstreams {
+            let check = upstream.config.health.active.as_ref();
+            let tls = upstream.config.tls.as_ref().map(|t| t.fingerprint);
+            for backend in &upstream.backends {
+                carried.backends.insert((&upstream.name, &backend.address), &backend.state);
+                if let (Some(check), Some(status)) = (check, &backend.check) {
+                    carried
+                        .checks
+                        .get_mut()
+                        .insert((backend.address.to_string(), check.clone(), tls), Arc::clone(status));
+                }
+            }
+            if let Some(queue) = &upstream.queue {
+                carried.queues.insert(&upstream.name, queue);
+            }
+        }
+        for route in previous.map_or(&[][..], |p| p.router.routes()) {
+            if let Some(retry) = &route.retry {
+                carried.budgets.insert(&route.name, &retry.budget);
+            }
+        }
+        carried
+    }
+
+    /// The previous snapshot's upstream of this name if its config is the
+    /// same: reused whole (balancer tables included), so a reload costs what it
+    /// changes.
+    fn unchanged_upstream(&self, config: &crate::config::UpstreamConfig) -> Option<Arc<Upstream>> {
+        self.upstreams.get(config.name.as_str()).filter(|u| u.config == *config).map(|u| Arc::clone(u))
+    }
+
+    fn backend_state(&self, upstream: &str, address: &str) -> Arc<BackendState> {
+        match self.backends.get(&(upstream, address)) {
+            Some(state) => Arc::clone(state),
+            None if self.first_generation => Arc::default(),
+            None => Arc::new(BackendState::added_now()),
+        }
+    }
+
+    fn check_status(&self, address: &str, check: &ActiveCheck, tls: Option<u64>) -> Arc<CheckStatus> {
+        let mut checks = self.checks.borrow_mut();
+        Arc::clone(checks.entry((address.to_owned(), check.clone(), tls)).or_default())
+    }
+
+    fn queue(&self, upstream: &str) -> Arc<WaitQueue> {
+        self.queues.get(upstream).map(|q| Arc::clone(q)).unwrap_or_default()
+    }
+
+    fn retry_budget(&self, route: &str) -> Arc<RetryBudget> {
+        self.budgets.get(route).map(|b| Arc::clone(b)).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(yaml: &str, previous: Option<&Snapshot>) -> Snapshot {
+        let config = crate::config::parse(yaml, "test.yaml").expect("a valid config");
+        Snapshot::compile(&config, previous, previous.map_or(1, |p| p.generation + 1))
+    }
+
+    fn config(backends: &[&str], weight: u32) -> String {
+        let list: Vec<String> = backends.iter().map(|b| format!("{{ address: \"{b}\", weight: {weight} }}")).collect();
+        format!(
+            "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: bots, retry: {{ attempts: 2 }} }}]\n\
+             upstreams:\n  bots:\n    health: {{ active: {{ kind: http, path: /health }} }}\n    queue: {{ max_waiting: 10 }}\n    \
+             backends: [{}]\n",
+            list.join(", ")
+        )
+    }
+
+    fn backend<'a>(snapshot: &'a Snapshot, address: &str) -> Option<&'a Arc<Backend>> {
+        snapshot.upstreams[0].backends.iter().find(|b| &*b.address == address)
+    }
+
+    #[test]
+    fn a_kept_backend_keeps_its_state_a_removed_one_is_retired_an_added_one_starts_fresh() {
+        let first = compile(&config(&["10.0.0.1:80", "10.0.0.2:80"], 1), None);
+        let kept = Arc::clone(&backend(&first, "10.0.0.1:80").unwrap().state);
+        let removed = Arc::clone(&backend(&first, "10.0.0.2:80").unwrap().state);
+        let kept_check = Arc::clone(backend(&first, "10.0.0.1:80").unwrap().check.as_ref().unwrap());
+        assert!(!kept.is_retired() && kept.added_at == 0, "the first snapshot's backends start as if always there");
+
+        // A weight change rebuilds the upstream: the carry-forward is what keeps state.
+        let second = compile(&config(&["10.0.0.1:80", "10.0.0.3:80"], 2), Some(&first));
+        first.retire_removed(&second);
+        let still = backend(&second, "10.0.0.1:80").unwrap();
+        assert!(Arc::ptr_eq(&still.state, &kept), "same upstream and address: the same state object");
+        assert!(Arc::ptr_eq(still.check.as_ref().unwrap(), &kept_check), "and the same check status");
+        assert!(backend(&second, "10.0.0.2:80").is_none());
+        assert!(removed.is_retired(), "a removed backend is retired: nothing new starts on it");
+        assert!(!kept.is_retired());
+        let added = backend(&second, "10.0.0.3:80").unwrap();
+        assert!(!Arc::ptr_eq(&added.state, &kept) && !Arc::ptr_eq(&added.state, &removed));
+        assert!(added.state.added_at != 0, "a backend a reload adds starts fresh, in slow start");
+
+        let (first_upstream, second_upstream) = (&first.upstreams[0], &second.upstreams[0]);
+        assert!(!Arc::ptr_eq(first_upstream, second_upstream), "a changed upstream is rebuilt");
+        assert!(Arc::ptr_eq(first_upstream.queue.as_ref().unwrap(), second_upstream.queue.as_ref().unwrap()));
+        let budget = |s: &Snapshot| Arc::clone(&s.router.routes()[0].retry.as_ref().unwrap().budget);
+        assert!(Arc::ptr_eq(&budget(&first), &budget(&second)), "the route's retry budget is carried");
+
+        // Unchanged config: the upstream is reused whole.
+        let third = compile(&config(&["10.0.0.1:80", "10.0.0.3:80"], 2), Some(&second));
+        assert!(Arc::ptr_eq(&second.upstreams[0], &third.upstreams[0]));
     }
 }

@@ -45,7 +45,8 @@ pub struct CheckResult {
     pub passed: bool,
     /// Why, in words: `status 200`, `status 503`, `timeout after 1s`, `connection refused`.
     pub reason: String,
-    /// Seconds since the check completed, filled in when reported.
+    /// When the check completed, in ns on `clock`'s coarse clock (`/status`
+    /// shows how long ago, in seconds).
     #[serde(skip)]
     pub at_nanos: u64,
 }

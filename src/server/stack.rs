@@ -128,7 +128,7 @@ impl<B, F: Future<Output = Result<Response<B>, Infallible>>> Future for WithRequ
     }
 }
 
-// ---- 2. error response ---------------------------------------------------------
+// ---- 3. error response (2 is `Observe`, in observe.rs) ----------------------
 
 #[derive(Clone, Debug)]
 pub struct ErrorResponse<S>(S);
@@ -175,7 +175,7 @@ impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for Err
     }
 }
 
-// ---- 3. routing ------------------------------------------------------------------
+// ---- 4. routing (5, `Forward`, is in proxy.rs) -----------------------------
 
 #[derive(Clone, Debug)]
 pub struct RouteService<S> {
