@@ -197,6 +197,10 @@ impl Snapshot {
     }
 }
 
+/// An active check's identity: address, check, and the upstream's TLS
+/// fingerprint (the same address checked with TLS and without is two checks).
+type CheckKey = (String, ActiveCheck, Option<u64>);
+
 /// What a new snapshot takes over from the one before it, by name: each kept
 /// backend's learned state (by upstream and address), each active check's
 /// status (by address, check and TLS setting, shared by every upstream that
@@ -208,7 +212,7 @@ struct Carried<'a> {
     /// slow start), where a backend a reload adds starts its slow start.
     first_generation: bool,
     backends: HashMap<(&'a str, &'a str), &'a Arc<BackendState>>,
-    checks: std::cell::RefCell<HashMap<(String, ActiveCheck, Option<u64>), Arc<CheckStatus>>>,
+    checks: std::cell::RefCell<HashMap<CheckKey, Arc<CheckStatus>>>,
     queues: HashMap<&'a str, &'a Arc<WaitQueue>>,
     budgets: HashMap<&'a str, &'a Arc<RetryBudget>>,
     upstreams: HashMap<&'a str, &'a Arc<Upstream>>,
