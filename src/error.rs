@@ -4,7 +4,7 @@
 
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::body::{full, BoxError, ProxyBody};
+use crate::body::{full, BoxError, ClientBodyError, ClientBodyTimeout, ProxyBody};
 
 pub const ERROR_HEADER: &str = "x-switchyard-error";
 
@@ -103,6 +103,22 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// What the client is told when reading its own request body failed: the
+/// client's fault, never the backend's. `None` when the error came from elsewhere.
+pub fn client_body_failure(error: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if let Some(ClientBodyTimeout(idle)) = cause.downcast_ref::<ClientBodyTimeout>() {
+            return Some(ProxyError::ClientTimeout(*idle));
+        }
+        if cause.is::<ClientBodyError>() {
+            return Some(ProxyError::BadRequest("request body was malformed or cut off"));
+        }
+        source = cause.source();
+    }
+    None
 }
 
 #[cfg(test)]

@@ -146,6 +146,68 @@ impl Drop for Ticket<'_> {
     }
 }
 
+/// Why a queued wait ended without a pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnded {
+    /// `max_waiting` requests were already waiting.
+    Full,
+    /// The queue's own `timeout` ran out.
+    Timeout,
+    /// The request's own deadline (the route's `timeout`) came first.
+    Deadline,
+    /// Capacity is not merely busy: nothing could serve (unhealthy, circuit open).
+    Unavailable,
+}
+
+impl WaitQueue {
+    /// The wait protocol: `pick` first, unless others are already waiting (a
+    /// newcomer queues behind them rather than taking the slot the first of them
+    /// was woken for); while `all_busy` says the only obstacle is busy backends,
+    /// wait in line for a slot to free, then pick again. Bounded by `timeout`
+    /// from joining and by `deadline`. Returns what was picked and, if the
+    /// request queued at all, for how long (the clock is read only then).
+    pub async fn pick_or_wait<P>(
+        &self,
+        priority: Priority,
+        max_waiting: usize,
+        timeout: std::time::Duration,
+        deadline: tokio::time::Instant,
+        mut pick: impl FnMut() -> Option<P>,
+        all_busy: impl Fn() -> bool,
+    ) -> (Result<P, WaitEnded>, Option<std::time::Duration>) {
+        let mut joined: Option<tokio::time::Instant> = None;
+        let mut woken = false;
+        let outcome = loop {
+            if woken || self.waiting() == 0 {
+                if let Some(picked) = pick() {
+                    break Ok(picked);
+                }
+                if !all_busy() {
+                    break Err(WaitEnded::Unavailable);
+                }
+            }
+            let joined_at = *joined.get_or_insert_with(tokio::time::Instant::now);
+            let queue_deadline = joined_at + timeout;
+            let until = queue_deadline.min(deadline);
+            let Some(ticket) = self.join(priority, max_waiting, woken) else {
+                break Err(WaitEnded::Full);
+            };
+            // Alone in the queue: a slot may have freed between the failed pick
+            // and joining, with nobody there to be woken for it.
+            if self.waiting() == 1 {
+                if let Some(picked) = pick() {
+                    break Ok(picked);
+                }
+            }
+            if tokio::time::timeout_at(until, ticket.wait()).await.is_err() {
+                break Err(if until < queue_deadline { WaitEnded::Deadline } else { WaitEnded::Timeout });
+            }
+            woken = true;
+        };
+        (outcome, joined.map(|joined| joined.elapsed()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! Retry policy of a route: which failures are retried, how long to wait
-//! between tries, and the budget that keeps retries from multiplying load on a
-//! struggling upstream.
+//! between tries, the budget that keeps retries from multiplying load on a
+//! struggling upstream, and the request body kept so that a try can be sent
+//! again ([`RequestBody`]).
 //!
 //! Methods matter: an idempotent request (GET, HEAD, OPTIONS, TRACE, PUT,
 //! DELETE) may be retried on any listed condition; any other request only when
@@ -15,8 +16,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+
+use crate::body::{ClientBody, ProxyBody};
 use crate::clock::nanos_since_epoch;
 use crate::config::{RetryConfig, RetryOn};
+use crate::error::ProxyError;
 
 const WINDOW_SECONDS: u64 = 10;
 
@@ -109,6 +116,60 @@ impl RetryBudget {
 fn now_second() -> u64 {
     // +1 so that second 0 never equals a fresh bucket's zero.
     nanos_since_epoch() / 1_000_000_000 + 1
+}
+
+/// Request bodies up to this size are kept in memory so that a retry can send
+/// them again; larger or unsized (chunked) bodies stream, and are not retried.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// The request body, either kept for replay or streamed once.
+pub enum RequestBody {
+    Replay(Bytes),
+    Streaming(Option<ClientBody>),
+}
+
+impl RequestBody {
+    /// Streams the body, unless there is none (most GETs): an empty body costs
+    /// no allocation.
+    pub fn streaming(body: ClientBody) -> RequestBody {
+        if body.is_end_stream() {
+            RequestBody::Replay(Bytes::new())
+        } else {
+            RequestBody::Streaming(Some(body))
+        }
+    }
+
+    /// Keeps the body in memory if it is empty or declares a small length;
+    /// otherwise it streams (and the request will not be retried).
+    pub async fn replayable(body: ClientBody, deadline: tokio::time::Instant) -> Result<RequestBody, ProxyError> {
+        if body.is_end_stream() {
+            return Ok(RequestBody::Replay(Bytes::new()));
+        }
+        match body.size_hint().exact() {
+            Some(length) if length <= MAX_REPLAY_BODY => {
+                let collect = Limited::new(body, MAX_REPLAY_BODY as usize).collect();
+                match tokio::time::timeout_at(deadline, collect).await {
+                    Ok(Ok(collected)) => Ok(RequestBody::Replay(collected.to_bytes())),
+                    Ok(Err(error)) => Err(crate::error::client_body_failure(&*error)
+                        .unwrap_or(ProxyError::BadRequest("request body was malformed or cut off"))),
+                    Err(_) => Err(ProxyError::UpstreamTimeout),
+                }
+            }
+            _ => Ok(RequestBody::Streaming(Some(body))),
+        }
+    }
+
+    pub fn for_try(&mut self, limit: u64) -> ProxyBody {
+        match self {
+            // `Empty` is zero-sized: boxing it allocates nothing.
+            RequestBody::Replay(bytes) if bytes.is_empty() => crate::body::empty(),
+            RequestBody::Replay(bytes) => crate::body::full(bytes.clone()),
+            RequestBody::Streaming(body) => {
+                let body = body.take().expect("a streamed body is sent once");
+                Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed_unsync()
+            }
+        }
+    }
 }
 
 #[cfg(test)]

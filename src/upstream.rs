@@ -27,6 +27,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The outcome of the try about to go to backend `index`, to be reported once.
+    pub fn outcome(&self, index: usize) -> Outcome<'_> {
+        Outcome { upstream: self, index, reported: false }
+    }
+
     /// Records the outcome of one request to backend `index` (passive outlier
     /// detection, see `health::passive`), ejecting it if that was one failure
     /// too many and the upstream's `max_ejection_percent` allows. Returns the
@@ -85,4 +90,38 @@ pub enum Unavailable {
     CircuitOpen,
     /// Some backend could serve, but all such are at `max_concurrency`.
     AllBusy,
+}
+
+/// Reports one exchange's outcome to passive health detection and the breaker.
+/// Dropped without a report (the client left, or the client's own body failed),
+/// it gives no verdict: that says nothing about the backend.
+pub struct Outcome<'a> {
+    upstream: &'a Upstream,
+    index: usize,
+    reported: bool,
+}
+
+impl Outcome<'_> {
+    /// The try's verdict: `failed` counts against the backend.
+    pub fn report(mut self, failed: bool) {
+        self.reported = true;
+        self.record(failed);
+    }
+
+    fn record(&self, failed: bool) {
+        self.upstream.record_outcome(self.index, failed);
+        let backend = &self.upstream.backends[self.index];
+        if let Some(config) = &backend.breaker {
+            backend.state.breaker.on_result(config, crate::clock::nanos_since_epoch(), failed);
+        }
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.reported {
+            // No verdict, but a half-open probe slot is freed.
+            self.upstream.backends[self.index].state.breaker.on_abandoned();
+        }
+    }
 }

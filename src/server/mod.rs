@@ -265,7 +265,7 @@ async fn accept_loop(
         tracing::warn!(listener = %name, open = connections.len(), tunnels = tunnels.len(),
             "shutdown grace period over; closing remaining connections");
         connections.abort_all();
-        // Tunnels end themselves at the same grace (see `proxy::tunnel`).
+        // Tunnels end themselves at the same grace (see `proxy/tunnel.rs`).
         let _ = tokio::time::timeout(Duration::from_secs(1), tunnels.wait()).await;
     }
 }

@@ -1,7 +1,10 @@
 //! The innermost service: pick a backend, rewrite the request, forward it, and
 //! stream the response back.
 //!
-//! Reads top to bottom as one function, `forward`, with a comment per step.
+//! Reads top to bottom as one function, `forward`, with a comment per step;
+//! header rewriting is in `rewrite`, WebSocket tunnels in `tunnel`, the
+//! replayable body with the retry policy (`retry`), the queue's wait protocol in
+//! `queue`, and the verdict on a try in `upstream::Outcome`.
 //! Bodies are never buffered: the request body streams to the backend through a
 //! size limit, the response body streams back holding the backend's in-flight slot
 //! until its last byte. `Upgrade` requests (WebSocket) become a byte tunnel after
@@ -9,32 +12,33 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::Bytes;
-
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
-use http_body::Body as _;
-use http_body_util::{BodyExt, Limited};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use crate::backend::InFlightGuard;
 use crate::balance::{Pick, PickRequest};
-use crate::body::{ClientBody, ClientBodyError, ClientBodyTimeout, Guarded, ProxyBody};
-use crate::client::{SendError, Upgraded, UpstreamBody, UpstreamClients};
-use crate::config::{RetryOn, UpstreamProtocol};
+use crate::body::{ClientBody, Guarded, ProxyBody};
+use crate::client::{SendError, UpstreamBody, UpstreamClients};
+use crate::config::RetryOn;
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
 use crate::observe::{NotedRequest, RequestNotes};
-use crate::queue::Priority;
-use crate::retry;
+use crate::queue::{Priority, WaitEnded};
+use crate::retry::{self, RequestBody};
 use crate::state::WorkerLive;
 use crate::upstream::{Unavailable, Upstream};
+
+mod rewrite;
+mod tunnel;
+
+use rewrite::{add_forwarding_headers, clone_parts, content_length, for_backend, is_upgrade, strip_hop_by_hop};
+use tunnel::tunnel;
 
 #[derive(Clone, Debug)]
 pub struct Forward {
@@ -70,17 +74,6 @@ impl tower::Service<NotedRequest> for Forward {
         }
     }
 }
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
-
-/// Request bodies up to this size are kept in memory so that a retry can send
-/// them again; larger or unsized (chunked) bodies stream, and are not retried.
-pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
 /// A request rewritten for backends (steps 1 and 2 of `forward`), with what
 /// the tries need from the client's side.
@@ -207,7 +200,7 @@ fn forward(
             };
             let backend = &upstream.backends[pick.index];
             prepared.notes.tried(pick.index, reroutes > 0, &backend.address);
-            let outcome = Outcome { upstream: &upstream, index: pick.index, reported: false };
+            let outcome = upstream.outcome(pick.index);
 
             // 5. This try's request: the backend's target form and protocol.
             let method = prepared.template.as_ref().expect("present until the last try").method.clone();
@@ -281,35 +274,6 @@ fn forward(
     }
 }
 
-/// One try's request head as `backend` takes it: origin form and `Host` over
-/// HTTP/1.1, the absolute URI over HTTP/2 (the original host travels in
-/// X-Forwarded-Host).
-fn for_backend(
-    mut parts: http::request::Parts,
-    upstream: &Upstream,
-    backend: &crate::backend::Backend,
-    original_host: Option<&HeaderValue>,
-) -> Result<http::request::Parts, ProxyError> {
-    match upstream.protocol {
-        UpstreamProtocol::Http1 => {
-            parts.uri = origin_form(parts.uri);
-            parts.version = Version::HTTP_11;
-            if !parts.headers.contains_key(header::HOST) {
-                let host = original_host.cloned().unwrap_or_else(|| {
-                    HeaderValue::from_str(backend.authority.as_str()).expect("an authority is a valid header value")
-                });
-                parts.headers.insert(header::HOST, host);
-            }
-        }
-        UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
-            parts.uri = backend_uri(parts.uri, &backend.authority)?;
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(header::HOST);
-        }
-    }
-    Ok(parts)
-}
-
 /// How many times one request may move to a reloaded upstream.
 const MAX_REROUTES: u32 = 3;
 
@@ -325,86 +289,11 @@ struct Try {
     retry_as: Option<RetryOn>,
 }
 
-/// The request body, either kept for replay or streamed once.
-enum RequestBody {
-    Replay(Bytes),
-    Streaming(Option<ClientBody>),
-}
-
-impl RequestBody {
-    /// Streams the body, unless there is none (most GETs): an empty body costs
-    /// no allocation.
-    fn streaming(body: ClientBody) -> RequestBody {
-        if body.is_end_stream() {
-            RequestBody::Replay(Bytes::new())
-        } else {
-            RequestBody::Streaming(Some(body))
-        }
-    }
-
-    /// Keeps the body in memory if it is empty or declares a small length;
-    /// otherwise it streams (and the request will not be retried).
-    async fn replayable(body: ClientBody, deadline: tokio::time::Instant) -> Result<RequestBody, ProxyError> {
-        if body.is_end_stream() {
-            return Ok(RequestBody::Replay(Bytes::new()));
-        }
-        match body.size_hint().exact() {
-            Some(length) if length <= MAX_REPLAY_BODY => {
-                let collect = Limited::new(body, MAX_REPLAY_BODY as usize).collect();
-                match tokio::time::timeout_at(deadline, collect).await {
-                    Ok(Ok(collected)) => Ok(RequestBody::Replay(collected.to_bytes())),
-                    Ok(Err(error)) => Err(client_body_failure(&*error)
-                        .unwrap_or(ProxyError::BadRequest("request body was malformed or cut off"))),
-                    Err(_) => Err(ProxyError::UpstreamTimeout),
-                }
-            }
-            _ => Ok(RequestBody::Streaming(Some(body))),
-        }
-    }
-
-    fn for_try(&mut self, limit: u64) -> ProxyBody {
-        match self {
-            // `Empty` is zero-sized: boxing it allocates nothing.
-            RequestBody::Replay(bytes) if bytes.is_empty() => crate::body::empty(),
-            RequestBody::Replay(bytes) => crate::body::full(bytes.clone()),
-            RequestBody::Streaming(body) => {
-                let body = body.take().expect("a streamed body is sent once");
-                Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed_unsync()
-            }
-        }
-    }
-}
-
-/// What the client is told when reading its own request body failed: the
-/// client's fault, never the backend's. `None` when the error came from elsewhere.
-fn client_body_failure(error: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
-    let mut source = Some(error);
-    while let Some(cause) = source {
-        if let Some(ClientBodyTimeout(idle)) = cause.downcast_ref::<ClientBodyTimeout>() {
-            return Some(ProxyError::ClientTimeout(*idle));
-        }
-        if cause.is::<ClientBodyError>() {
-            return Some(ProxyError::BadRequest("request body was malformed or cut off"));
-        }
-        source = cause.source();
-    }
-    None
-}
-
 /// A response for the client built from a try that will not be the last one
 /// sent, without the backend slot attached (it was given back already).
 fn unguarded(mut response: Response<UpstreamBody>) -> Response<ProxyBody> {
     strip_hop_by_hop(response.headers_mut(), false);
     response.map(|body| body.boxed_unsync())
-}
-
-fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
-    let mut request = Request::new(());
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = parts.uri.clone();
-    *request.version_mut() = parts.version;
-    *request.headers_mut() = parts.headers.clone();
-    request.into_parts().0
 }
 
 /// Picks a backend for the request, excluding those already tried while any
@@ -439,47 +328,25 @@ async fn pick_backend(
         return try_pick().ok_or_else(unavailable);
     };
     let priority = Priority::from_header(config.priority_header.as_ref().and_then(|h| parts.headers.get(h)));
-    let mut joined: Option<tokio::time::Instant> = None;
-    let mut woken = false;
-    let outcome = loop {
-        // While others wait, a newcomer queues behind them instead of taking
-        // the slot the first of them was woken for.
-        if woken || queue.waiting() == 0 {
-            if let Some(pick) = try_pick() {
-                break Ok(pick);
-            }
-            if upstream.unavailable() != Unavailable::AllBusy {
-                break Err(unavailable());
-            }
-        }
-        let joined_at = *joined.get_or_insert_with(tokio::time::Instant::now);
-        let queue_deadline = joined_at + config.timeout;
-        let deadline = queue_deadline.min(route_deadline);
-        let Some(ticket) = queue.join(priority, config.max_waiting as usize, woken) else {
-            crate::metrics::queue_rejected(&upstream.name, "full");
-            break Err(ProxyError::QueueFull { upstream: upstream.name.to_string() });
-        };
-        // Alone in the queue: a slot may have freed between the failed pick
-        // and joining, with nobody there to be woken for it.
-        if queue.waiting() == 1 {
-            if let Some(pick) = try_pick() {
-                break Ok(pick);
-            }
-        }
-        if tokio::time::timeout_at(deadline, ticket.wait()).await.is_err() {
-            if deadline < queue_deadline {
-                break Err(ProxyError::UpstreamTimeout);
-            }
-            crate::metrics::queue_rejected(&upstream.name, "timeout");
-            break Err(ProxyError::QueueTimeout { upstream: upstream.name.to_string() });
-        }
-        woken = true;
-    };
-    // The clock is read only by requests that really queued.
-    if let Some(joined) = joined {
-        notes.queued(joined.elapsed());
+    let all_busy = || upstream.unavailable() == Unavailable::AllBusy;
+    let (picked, queued_for) = queue
+        .pick_or_wait(priority, config.max_waiting as usize, config.timeout, route_deadline, try_pick, all_busy)
+        .await;
+    if let Some(waited) = queued_for {
+        notes.queued(waited);
     }
-    outcome
+    picked.map_err(|ended| match ended {
+        WaitEnded::Unavailable => unavailable(),
+        WaitEnded::Deadline => ProxyError::UpstreamTimeout,
+        WaitEnded::Full => {
+            crate::metrics::queue_rejected(&upstream.name, "full");
+            ProxyError::QueueFull { upstream: upstream.name.to_string() }
+        }
+        WaitEnded::Timeout => {
+            crate::metrics::queue_rejected(&upstream.name, "timeout");
+            ProxyError::QueueTimeout { upstream: upstream.name.to_string() }
+        }
+    })
 }
 
 /// The response for the client: a tunnel for a 101, else the backend's
@@ -503,131 +370,6 @@ fn respond(
     }
     strip_hop_by_hop(response.headers_mut(), false);
     response.map(|body| Guarded::new(body, guard).boxed_unsync())
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-/// Whether the request asks for a protocol switch the proxy tunnels: WebSocket
-/// only. Any other `Upgrade` (notably `h2c`, which would hand the client a raw
-/// HTTP/2 connection to the backend, past routing) is stripped as hop-by-hop.
-fn is_upgrade<B>(request: &Request<B>) -> bool {
-    let mut upgrades = request.headers().get_all(header::UPGRADE).iter();
-    let websocket = upgrades.next().is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    request.version() == Version::HTTP_11
-        && websocket
-        && upgrades.next().is_none()
-        && connection_tokens(request.headers()).any(|token| token.eq_ignore_ascii_case("upgrade"))
-}
-
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .filter(|token| !token.is_empty())
-}
-
-/// Removes the headers that describe one connection rather than the message
-/// (RFC 9110 section 7.6.1), including any named in `Connection`. `TE: trailers`
-/// survives because gRPC requires it end to end.
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the names finds which are present (most messages carry
-    // none, or only `Connection: keep-alive`); only those are removed, each
-    // removal being a hashed lookup.
-    let hop_by_hop: [&HeaderName; 10] = [
-        &header::CONNECTION,
-        &header::UPGRADE,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &HTTP2_SETTINGS,
-        &header::TRANSFER_ENCODING,
-        &header::TRAILER,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-    ];
-    let mut present = 0u16;
-    for name in headers.keys() {
-        // A match on the text (its length first) rather than ten comparisons
-        // of header names: this runs for every header of every message.
-        let index = match name.as_str() {
-            "connection" => 0,
-            "upgrade" => 1,
-            "keep-alive" => 2,
-            "proxy-connection" => 3,
-            "http2-settings" => 4,
-            "transfer-encoding" => 5,
-            "trailer" => 6,
-            "proxy-authenticate" => 7,
-            "proxy-authorization" => 8,
-            "te" => 9,
-            _ => continue,
-        };
-        debug_assert_eq!(hop_by_hop[index], name);
-        present |= 1 << index;
-    }
-    if present == 0 && !keep_upgrade {
-        return;
-    }
-    if present & 1 != 0 {
-        let listed: Vec<HeaderName> = connection_tokens(headers)
-            .filter(|token| !["keep-alive", "close", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t)))
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
-    }
-    if keep_upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        present &= !0b11;
-    }
-    for (index, name) in hop_by_hop.iter().enumerate() {
-        if present & (1 << index) == 0 {
-            continue;
-        }
-        if **name == header::TE && headers.get(header::TE).is_none_or(|te| te == "trailers") {
-            continue;
-        }
-        headers.remove(*name);
-    }
-}
-
-fn add_forwarding_headers(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => HeaderValue::try_from(format!("{previous}, {}", conn.client.ip()))
-            .unwrap_or_else(|_| conn.client_ip_header.clone()),
-        None => conn.client_ip_header.clone(),
-    };
-    headers.insert(&X_FORWARDED_FOR, forwarded_for);
-    let proto = if conn.tls { "https" } else { "http" };
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    if let Some(host) = host {
-        headers.insert(&X_FORWARDED_HOST, host.clone());
-    }
-}
-
-/// The path and query alone: what an HTTP/1.1 request line carries to an
-/// origin server.
-fn origin_form(uri: Uri) -> Uri {
-    if uri.scheme().is_none() && uri.authority().is_none() {
-        return uri;
-    }
-    uri.path_and_query().map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()))
-}
-
-fn backend_uri(uri: Uri, authority: &http::uri::Authority) -> Result<Uri, ProxyError> {
-    let mut parts = uri.into_parts();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority.clone());
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    }
-    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
 }
 
 /// Maps a client failure to what the client is told and the retry condition
@@ -662,7 +404,7 @@ fn classify(error: SendError, backend: &str, limit: u64) -> (ProxyError, Option<
         if cause.is::<http_body_util::LengthLimitError>() {
             return (ProxyError::BodyTooLarge { limit }, None);
         }
-        if let Some(error) = client_body_failure(cause) {
+        if let Some(error) = crate::error::client_body_failure(cause) {
             return (error, None);
         }
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
@@ -694,159 +436,5 @@ fn tls_refusal<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a r
             | Alert::HandshakeFailure,
         ) => Some(tls),
         _ => None,
-    }
-}
-
-/// Reports one exchange's outcome to passive health detection and the breaker.
-/// Dropped without a report (the client left, or the client's own body failed),
-/// it gives no verdict: that says nothing about the backend.
-struct Outcome<'a> {
-    upstream: &'a Upstream,
-    index: usize,
-    reported: bool,
-}
-
-impl Outcome<'_> {
-    fn report(mut self, failed: bool) {
-        self.reported = true;
-        self.record(failed);
-    }
-
-    fn record(&self, failed: bool) {
-        self.upstream.record_outcome(self.index, failed);
-        let backend = &self.upstream.backends[self.index];
-        if let Some(config) = &backend.breaker {
-            backend.state.breaker.on_result(config, crate::clock::nanos_since_epoch(), failed);
-        }
-    }
-}
-
-impl Drop for Outcome<'_> {
-    fn drop(&mut self) {
-        if !self.reported {
-            // No verdict, but a half-open probe slot is freed.
-            self.upstream.backends[self.index].state.breaker.on_abandoned();
-        }
-    }
-}
-
-/// Copies bytes both ways between an upgraded client connection and its
-/// backend until either side closes, nothing moves for `tunnel_idle_timeout`,
-/// or the listener stops and its `shutdown_grace` runs out. Holds the backend's
-/// slot and, through `conn`, the client connection's place under
-/// `max_connections` until then.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: Upgraded, _slot: InFlightGuard, conn: Arc<ConnInfo>) {
-    let client = match client.await {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::debug!(%error, "upgrade failed");
-            return;
-        }
-    };
-    let home = conn.tunnels.as_ref();
-    let idle_timeout = home.map_or(crate::config::Limits::default().tunnel_idle_timeout, |h| h.idle_timeout);
-    let last_read = Arc::new(AtomicU64::new(crate::clock::nanos_since_epoch()));
-    let mut client = ReadActivity { inner: TokioIo::new(client), last_read: Arc::clone(&last_read) };
-    let mut backend = ReadActivity { inner: backend, last_read: Arc::clone(&last_read) };
-    let idle = async {
-        loop {
-            let quiet = crate::clock::nanos_since_epoch().saturating_sub(last_read.load(Ordering::Relaxed));
-            let quiet = Duration::from_nanos(quiet);
-            if quiet >= idle_timeout {
-                return;
-            }
-            tokio::time::sleep(idle_timeout - quiet).await;
-        }
-    };
-    let stopped = async {
-        match home {
-            Some(home) => {
-                let mut stopped = home.stopped.clone();
-                let _ = stopped.wait_for(|stopped| *stopped).await;
-                tokio::time::sleep(home.shutdown_grace).await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
-            if let Err(error) = copied {
-                tracing::debug!(%error, "upgraded connection ended with an error");
-            }
-        }
-        () = idle => tracing::debug!(client = %conn.client, ?idle_timeout, "tunnel idle; closing it"),
-        () = stopped => tracing::debug!(client = %conn.client, "shutdown grace over; closing tunnel"),
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Notes when bytes last arrived, for a tunnel's idle timeout. Reads suffice:
-    /// every byte a tunnel writes was first read from the other side.
-    struct ReadActivity<T> {
-        #[pin]
-        inner: T,
-        last_read: Arc<AtomicU64>,
-    }
-}
-
-impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for ReadActivity<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let poll = this.inner.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.last_read.store(crate::clock::nanos_since_epoch(), Ordering::Relaxed);
-        }
-        poll
-    }
-}
-
-impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for ReadActivity<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_removed_but_te_trailers_stays() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
-        headers.insert("x-secret", "1".parse().unwrap());
-        headers.insert("keep-alive", "timeout=5".parse().unwrap());
-        headers.insert(header::TE, "trailers".parse().unwrap());
-        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
-        headers.insert("x-kept", "1".parse().unwrap());
-        strip_hop_by_hop(&mut headers, false);
-        let names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, vec!["te", "x-kept"]);
-    }
-
-    #[test]
-    fn forwarded_for_appends() {
-        let conn = ConnInfo::new("10.1.2.3:5555".parse().unwrap(), "web".into());
-        let mut headers = HeaderMap::new();
-        add_forwarding_headers(&mut headers, &conn, None);
-        assert_eq!(headers[&X_FORWARDED_FOR], "10.1.2.3");
-        headers.insert(&X_FORWARDED_FOR, "1.1.1.1".parse().unwrap());
-        add_forwarding_headers(&mut headers, &conn, Some(&HeaderValue::from_static("bots")));
-        assert_eq!(headers[&X_FORWARDED_FOR], "1.1.1.1, 10.1.2.3");
-        assert_eq!(headers[&X_FORWARDED_HOST], "bots");
-        assert_eq!(headers[&X_FORWARDED_PROTO], "http");
     }
 }
