@@ -8,6 +8,9 @@
 //! resolution change nothing. Latencies and request durations, which need
 //! precision, are measured with `Instant` where they are taken.
 //!
+//! Unit tests read tokio's clock instead (see `monotonic_nanos`), so that
+//! time-driven state can be tested on paused time.
+//!
 //! Also here: wall-clock dates as logs and messages write them.
 
 use std::sync::OnceLock;
@@ -15,8 +18,29 @@ use std::sync::OnceLock;
 /// Monotonic nanoseconds since the first call, at the coarse clock's resolution.
 pub fn nanos_since_epoch() -> u64 {
     static EPOCH: OnceLock<u64> = OnceLock::new();
-    let now = coarse_monotonic_nanos();
+    let now = monotonic_nanos();
     now.saturating_sub(*EPOCH.get_or_init(|| now))
+}
+
+#[cfg(not(test))]
+fn monotonic_nanos() -> u64 {
+    coarse_monotonic_nanos()
+}
+
+/// Unit tests read tokio's clock instead, so that a test on paused time
+/// (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) moves
+/// backend state's time together with its timers; outside a paused runtime it
+/// is the precise monotonic clock.
+#[cfg(test)]
+fn monotonic_nanos() -> u64 {
+    // A base a minute before the first reading: a paused runtime's clock starts
+    // at its creation, which may precede the first reading in another test.
+    static BASE: OnceLock<std::time::Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        let now = std::time::Instant::now();
+        now.checked_sub(std::time::Duration::from_secs(60)).unwrap_or(now)
+    });
+    tokio::time::Instant::now().into_std().saturating_duration_since(base).as_nanos() as u64
 }
 
 fn coarse_monotonic_nanos() -> u64 {
@@ -71,9 +95,9 @@ mod tests {
     fn follows_the_precise_clock_within_its_resolution() {
         // Each coarse reading is taken between two precise ones, so a thread
         // preempted in between widens the bounds instead of failing the test.
-        let (before_start, coarse_start, after_start) = (Instant::now(), nanos_since_epoch(), Instant::now());
+        let (before_start, coarse_start, after_start) = (Instant::now(), coarse_monotonic_nanos(), Instant::now());
         std::thread::sleep(Duration::from_millis(50));
-        let (before_end, coarse_end, after_end) = (Instant::now(), nanos_since_epoch(), Instant::now());
+        let (before_end, coarse_end, after_end) = (Instant::now(), coarse_monotonic_nanos(), Instant::now());
         let coarse = coarse_end - coarse_start;
         let shortest = before_end.duration_since(after_start).as_nanos() as u64;
         let longest = after_end.duration_since(before_start).as_nanos() as u64;

@@ -284,6 +284,8 @@ impl<'a> Carried<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn compile(yaml: &str, previous: Option<&Snapshot>) -> Snapshot {
@@ -335,5 +337,142 @@ mod tests {
         // Unchanged config: the upstream is reused whole.
         let third = compile(&config(&["10.0.0.1:80", "10.0.0.3:80"], 2), Some(&second));
         assert!(Arc::ptr_eq(&second.upstreams[0], &third.upstreams[0]));
+    }
+
+    // ---- time-driven state on paused time --------------------------------------
+    // `clock` reads tokio's clock in unit tests, so `tokio::time::advance` moves
+    // backend state's time with the timers: exact, and no test waits for real.
+
+    fn upstream_yaml(upstream_extra: &str, backends: &[&str]) -> String {
+        let list: Vec<String> = backends.iter().map(|b| format!("{{ address: \"{b}\" }}")).collect();
+        format!(
+            "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: bots }}]\n\
+             upstreams:\n  bots:\n    {upstream_extra}\n    backends: [{}]\n",
+            list.join(", ")
+        )
+    }
+
+    async fn advance(by: std::time::Duration) {
+        tokio::time::advance(by).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn passive_ejection_lasts_its_time_then_backs_off_on_paused_time() {
+        let yaml = upstream_yaml(
+            "health: { passive: { consecutive_failures: 2, ejection_time: 10s, max_ejection_percent: 50 } }",
+            &["10.0.0.1:80", "10.0.0.2:80"],
+        );
+        let snapshot = compile(&yaml, None);
+        let upstream = &snapshot.upstreams[0];
+        let bot = &upstream.backends[0];
+        assert_eq!(upstream.record_outcome(0, true), None, "one failure is not enough");
+        assert_eq!(upstream.record_outcome(0, true), Some(Duration::from_secs(10)));
+        assert!(!bot.is_healthy_now());
+        advance(Duration::from_millis(9_990)).await;
+        assert!(!bot.is_healthy_now(), "still out just before ejection_time");
+        advance(Duration::from_millis(20)).await;
+        assert!(bot.is_healthy_now(), "back once ejection_time has passed");
+        upstream.record_outcome(0, true);
+        assert_eq!(upstream.record_outcome(0, true), Some(Duration::from_secs(20)), "soon again: twice as long");
+        // Only one of two backends may be out (50%).
+        upstream.record_outcome(1, true);
+        assert_eq!(upstream.record_outcome(1, true), None, "max_ejection_percent holds the second one in");
+        advance(Duration::from_secs(20) + Duration::from_secs(101)).await;
+        upstream.record_outcome(0, true);
+        assert_eq!(upstream.record_outcome(0, true), Some(Duration::from_secs(10)), "a quiet 10x resets the back-off");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_a_backend_added_by_a_reload_on_paused_time() {
+        let first = compile(&upstream_yaml("health: { slow_start: 10s }", &["10.0.0.1:80"]), None);
+        advance(Duration::from_secs(60)).await;
+        let second =
+            compile(&upstream_yaml("health: { slow_start: 10s }", &["10.0.0.1:80", "10.0.0.2:80"]), Some(&first));
+        let (old, new) = (&second.upstreams[0].backends[0], &second.upstreams[0].backends[1]);
+        let now = crate::clock::nanos_since_epoch;
+        assert_eq!(old.ramp(now()), 1.0, "a kept backend is not ramped again");
+        assert!((new.ramp(now()) - crate::health::SLOW_START_FLOOR).abs() < 1e-9, "starts at the floor");
+        advance(Duration::from_secs(5)).await;
+        assert!((new.ramp(now()) - 0.5).abs() < 0.01, "halfway through the window: {}", new.ramp(now()));
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(new.ramp(now()), 1.0, "the whole weight once the window is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_opens_refuses_for_open_for_then_lets_probes_through_on_paused_time() {
+        let yaml = upstream_yaml(
+            "circuit_breaker: { consecutive_failures: 3, open_for: 10s, half_open_requests: 1 }",
+            &["10.0.0.1:80"],
+        );
+        let snapshot = compile(&yaml, None);
+        let upstream = &snapshot.upstreams[0];
+        let bot = &upstream.backends[0];
+        for _ in 0..3 {
+            let slot = bot.try_acquire(u32::MAX).expect("closed: admitted");
+            upstream.outcome(0).report(true);
+            drop(slot);
+        }
+        assert!(bot.try_acquire(u32::MAX).is_none(), "open: refused");
+        advance(Duration::from_millis(9_990)).await;
+        assert!(bot.try_acquire(u32::MAX).is_none(), "still open just before open_for");
+        advance(Duration::from_millis(20)).await;
+        let probe = bot.try_acquire(u32::MAX).expect("half-open: one probe");
+        assert!(bot.try_acquire(u32::MAX).is_none(), "only half_open_requests probes at once");
+        upstream.outcome(0).report(false);
+        drop(probe);
+        assert!(bot.try_acquire(u32::MAX).is_some(), "a successful probe closes the circuit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_budget_slides_with_its_window_on_paused_time() {
+        let budget = RetryBudget::default();
+        for _ in 0..100 {
+            budget.record_request();
+        }
+        // 10% of 100 requests plus 1 per second over the 10 s window.
+        let withdrawn = (0..100).take_while(|_| budget.try_withdraw(0.1, 1)).count();
+        assert_eq!(withdrawn, 20);
+        advance(Duration::from_secs(5)).await;
+        assert!(!budget.try_withdraw(0.1, 1), "the same window: spent");
+        advance(Duration::from_secs(6)).await;
+        let withdrawn = (0..100).take_while(|_| budget.try_withdraw(0.1, 1)).count();
+        assert_eq!(withdrawn, 10, "the requests and retries left the window: the floor remains");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_request_waits_exactly_the_queue_timeout_or_its_deadline_on_paused_time() {
+        let queue = WaitQueue::default();
+        let started = tokio::time::Instant::now();
+        let far = started + Duration::from_secs(3600);
+        let (ended, waited) = queue
+            .pick_or_wait(crate::queue::Priority::Normal, 10, Duration::from_secs(30), far, || None::<()>, || true)
+            .await;
+        assert_eq!(ended, Err(crate::queue::WaitEnded::Timeout));
+        assert_eq!(waited, Some(Duration::from_secs(30)));
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+
+        let near = tokio::time::Instant::now() + Duration::from_secs(5);
+        let (ended, waited) = queue
+            .pick_or_wait(crate::queue::Priority::Normal, 10, Duration::from_secs(30), near, || None::<()>, || true)
+            .await;
+        assert_eq!(ended, Err(crate::queue::WaitEnded::Deadline), "the route's deadline came first");
+        assert_eq!(waited, Some(Duration::from_secs(5)));
+
+        let (ended, waited) = queue
+            .pick_or_wait(crate::queue::Priority::Normal, 10, Duration::from_secs(30), far, || None::<()>, || false)
+            .await;
+        assert_eq!((ended, waited), (Err(crate::queue::WaitEnded::Unavailable), None), "not busy: no wait at all");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_estimates_decay_on_paused_time() {
+        let snapshot = compile(&upstream_yaml("", &["10.0.0.1:80"]), None);
+        let latency = &snapshot.upstreams[0].backends[0].state.latency;
+        latency.observe(Duration::from_millis(400));
+        let peak = latency.estimate().unwrap();
+        assert_eq!(peak, 400e6, "a peak replaces the estimate at once");
+        advance(Duration::from_secs(10)).await;
+        let later = latency.estimate().unwrap();
+        assert!((later / peak - (-1.0f64).exp()).abs() < 1e-6, "decays by 1/e over 10 s: {peak} then {later}");
     }
 }
