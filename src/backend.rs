@@ -44,6 +44,30 @@ pub struct Backend {
     pub load: Option<Arc<UpstreamLoad>>,
 }
 
+/// Why a backend cannot take a request now (see [`Backend::ineligible`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ineligible {
+    /// Its active check fails.
+    CheckFailing,
+    /// A reload removed it; requests still on an older snapshot start nothing new on it.
+    Retired,
+    /// Passive detection ejected it, until this time (ns, `clock`).
+    Ejected { until: u64 },
+    /// Its circuit breaker refuses requests now: open, or half-open with every
+    /// probe slot taken.
+    CircuitOpen,
+    /// At `max_concurrency`.
+    Full,
+}
+
+impl Ineligible {
+    /// Out for its health (check, reload, ejection), not for being busy or
+    /// for its breaker.
+    pub fn is_unhealthy(self) -> bool {
+        matches!(self, Ineligible::CheckFailing | Ineligible::Retired | Ineligible::Ejected { .. })
+    }
+}
+
 /// An upstream's total in-flight count and how many of its backends can serve,
 /// so that bounded load's mean costs O(1) per pick, not a walk over every
 /// backend. The total is exact (kept by every slot taken and given back); the
@@ -145,28 +169,53 @@ impl Backend {
         self.state.in_flight.load(Ordering::Acquire)
     }
 
+    /// Why the backend cannot take a request now, or `None` if it can: the one
+    /// definition of eligible. `now` is called only when a condition needs the
+    /// time (an ejection ever happened, a breaker is configured): the clock is
+    /// the costly part of asking.
+    pub fn ineligible(&self, now: impl Fn() -> u64) -> Option<Ineligible> {
+        if let Some(reason) = self.unhealthy(&now) {
+            return Some(reason);
+        }
+        if self.breaker.is_some() && !self.state.breaker.would_admit(now()) {
+            return Some(Ineligible::CircuitOpen);
+        }
+        if self.in_flight() >= self.max_concurrency {
+            return Some(Ineligible::Full);
+        }
+        None
+    }
+
+    /// The health part of [`Self::ineligible`]: its active check, a reload, an
+    /// ejection.
+    fn unhealthy(&self, now: &impl Fn() -> u64) -> Option<Ineligible> {
+        if self.check.as_ref().is_some_and(|c| !c.is_healthy()) {
+            return Some(Ineligible::CheckFailing);
+        }
+        if self.state.is_retired() {
+            return Some(Ineligible::Retired);
+        }
+        let until = self.state.passive.ejected_until();
+        if until != 0 && now() < until {
+            return Some(Ineligible::Ejected { until });
+        }
+        None
+    }
+
     /// Healthy by its active check (if any), not ejected, and still in the
     /// config.
     pub fn is_healthy(&self, now: u64) -> bool {
-        self.check.as_ref().is_none_or(|c| c.is_healthy())
-            && !self.state.passive.is_ejected(now)
-            && !self.state.is_retired()
+        self.unhealthy(&|| now).is_none()
     }
 
-    /// [`Self::is_healthy`] at the current time, reading the clock only when
-    /// the backend has ever been ejected (the clock is the costly part).
+    /// [`Self::is_healthy`] at the current time.
     pub fn is_healthy_now(&self) -> bool {
-        self.check.as_ref().is_none_or(|c| c.is_healthy())
-            && !self.state.is_retired()
-            && (self.state.passive.ejected_until() == 0 || !self.state.passive.is_ejected(nanos_since_epoch()))
+        self.unhealthy(&nanos_since_epoch).is_none()
     }
 
-    /// Whether a policy may pick this backend now: healthy, circuit letting
-    /// requests through, and below its limit.
+    /// Whether a policy may pick this backend now (see [`Self::ineligible`]).
     pub fn is_available(&self) -> bool {
-        self.in_flight() < self.max_concurrency
-            && self.is_healthy_now()
-            && (self.breaker.is_none() || self.circuit_allows(nanos_since_epoch()))
+        self.ineligible(nanos_since_epoch).is_none()
     }
 
     /// The share of its weight the backend gets now (below 1 during slow start).
@@ -311,6 +360,30 @@ mod tests {
             weight: 1,
             max_concurrency: Some(max),
         }))
+    }
+
+    #[test]
+    fn ineligible_names_the_first_reason_and_policies_agree() {
+        let bot = backend(1);
+        let now = nanos_since_epoch() + 1_000_000_000;
+        assert_eq!(bot.ineligible(|| now), None);
+        let slot = bot.try_acquire(u32::MAX).unwrap();
+        assert_eq!(bot.ineligible(|| now), Some(Ineligible::Full));
+        assert!(!bot.is_available() && bot.is_healthy(now), "busy is not unhealthy");
+        let config = crate::config::PassiveConfig {
+            consecutive_failures: 1,
+            ejection_time: Duration::from_secs(10),
+            max_ejection_percent: 100,
+        };
+        bot.state.passive.eject(&config, now);
+        let reason = bot.ineligible(|| now);
+        assert!(matches!(reason, Some(Ineligible::Ejected { .. })), "health comes before being full: {reason:?}");
+        assert!(reason.unwrap().is_unhealthy() && !bot.is_healthy(now));
+        assert_eq!(bot.ineligible(|| now + 11_000_000_000), Some(Ineligible::Full), "the ejection ends");
+        drop(slot);
+        bot.state.retire();
+        assert_eq!(bot.ineligible(|| now), Some(Ineligible::Retired));
+        assert!(bot.try_acquire(u32::MAX).is_none(), "try_acquire agrees");
     }
 
     #[test]

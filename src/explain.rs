@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Ineligible};
 use crate::balance::{Balancer, PickRequest};
 use crate::clock::nanos_since_epoch;
 use crate::config::{Config, HostPattern, PolicyConfig, Probe, RetryOn};
@@ -18,29 +18,28 @@ use crate::state::Snapshot;
 
 /// Whether a backend can take a request now, and why (or why not) in words.
 pub fn backend_verdict(backend: &Backend, now: u64) -> (bool, String) {
-    if let Some(check) = &backend.check {
-        if !check.is_healthy() {
-            let reason = check.last().map_or_else(|| "no result yet".to_owned(), |l| l.reason);
+    let in_flight = backend.in_flight();
+    match backend.ineligible(|| now) {
+        None => {}
+        Some(Ineligible::CheckFailing) => {
+            let check = backend.check.as_ref().and_then(|c| c.last());
+            let reason = check.map_or_else(|| "no result yet".to_owned(), |last| last.reason);
             return (false, format!("unhealthy: active check failing ({reason})"));
         }
-    }
-    let ejected_until = backend.state.passive.ejected_until();
-    if ejected_until > now {
-        let left = Duration::from_nanos(ejected_until - now).as_secs_f64();
-        return (false, format!("ejected for {left:.1}s more after consecutive failed requests"));
-    }
-    if backend.breaker.is_some() {
-        let breaker = backend.state.breaker.snapshot();
-        if let Some(left) = breaker.open_remaining(now) {
-            return (false, format!("circuit open for {:.1}s more", left.as_secs_f64()));
+        Some(Ineligible::Retired) => return (false, "removed by a reload".to_owned()),
+        Some(Ineligible::Ejected { until }) => {
+            let left = Duration::from_nanos(until - now).as_secs_f64();
+            return (false, format!("ejected for {left:.1}s more after consecutive failed requests"));
         }
-        if breaker.phase() == crate::breaker::Phase::HalfOpen && !backend.state.breaker.would_admit(now) {
-            return (false, "circuit half-open, probe requests already in flight".to_owned());
+        Some(Ineligible::CircuitOpen) => {
+            return match backend.state.breaker.snapshot().open_remaining(now) {
+                Some(left) => (false, format!("circuit open for {:.1}s more", left.as_secs_f64())),
+                None => (false, "circuit half-open, probe requests already in flight".to_owned()),
+            };
         }
-    }
-    let in_flight = backend.in_flight();
-    if in_flight >= backend.max_concurrency {
-        return (false, format!("at max_concurrency ({in_flight}/{} in flight)", backend.max_concurrency));
+        Some(Ineligible::Full) => {
+            return (false, format!("at max_concurrency ({in_flight}/{} in flight)", backend.max_concurrency));
+        }
     }
     let ramp = backend.ramp(now);
     let load = if backend.max_concurrency == u32::MAX {

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Ineligible};
 use crate::balance::Balancer;
 use crate::clock::nanos_since_epoch;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
@@ -70,10 +70,11 @@ impl Upstream {
     /// Why no backend could take a request just now (called after a failed pick).
     pub fn unavailable(&self) -> Unavailable {
         let now = nanos_since_epoch();
-        let healthy: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| b.is_healthy(now)).collect();
-        if healthy.is_empty() {
+        let reasons = self.backends.iter().map(|b| b.ineligible(|| now));
+        let mut healthy = reasons.filter(|reason| !reason.is_some_and(Ineligible::is_unhealthy)).peekable();
+        if healthy.peek().is_none() {
             Unavailable::NoHealthy
-        } else if healthy.iter().all(|b| !b.circuit_allows(now)) {
+        } else if healthy.all(|reason| reason == Some(Ineligible::CircuitOpen)) {
             Unavailable::CircuitOpen
         } else {
             Unavailable::AllBusy
