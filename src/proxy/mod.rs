@@ -31,8 +31,9 @@ use crate::error::ProxyError;
 use crate::observe::{NotedRequest, RequestNotes};
 use crate::queue::{Priority, WaitEnded};
 use crate::retry::{self, RequestBody};
+use crate::route::{Route, RoutePolicy};
 use crate::state::WorkerLive;
-use crate::upstream::{Unavailable, Upstream};
+use crate::upstream::{Outcome, Unavailable, Upstream};
 
 mod rewrite;
 mod tunnel;
@@ -216,41 +217,12 @@ fn forward(
             let result = tokio::time::timeout_at(try_deadline, sent).await;
             let took = started.elapsed();
             backend.upstream_duration.record(took.as_secs_f64());
-            let result = match result {
-                Ok(Ok(response)) => {
-                    pick.guard.state().latency.observe(took);
-                    outcome.report(response.status().is_server_error());
-                    let retry_as = matches!(response.status().as_u16(), 502..=504).then_some(RetryOn::GatewayError);
-                    Try { answer: Ok(response), retry_as }
-                }
-                Ok(Err(error)) => {
-                    let (error, retry_as) = classify(error, &backend.address, limit);
-                    if error.is_backend_failure() {
-                        outcome.report(true);
-                    }
-                    Try { answer: Err(error), retry_as }
-                }
-                Err(_elapsed) => {
-                    outcome.report(true);
-                    let route_deadline = try_deadline >= deadline;
-                    let retry_as = (!route_deadline).then_some(RetryOn::Timeout);
-                    Try { answer: Err(ProxyError::UpstreamTimeout), retry_as }
-                }
-            };
+            let result = judge(result, outcome, &pick, took, try_deadline >= deadline, &backend.address, limit);
 
             // 7. Retry if the policy, the method and the budget all allow it.
-            let retry = match (policy, result.retry_as) {
-                (Some(policy), Some(reason)) if !last && retry::allows(&policy.config, reason, &method) => {
-                    if policy.budget.try_withdraw(policy.config.budget_ratio, policy.config.budget_min_per_second) {
-                        crate::metrics::retry(&route.name, &upstream.name, retry::reason_label(reason));
-                        Some((policy, reason))
-                    } else {
-                        crate::metrics::retry_budget_exhausted(&route.name, &upstream.name);
-                        None
-                    }
-                }
-                _ => None,
-            };
+            let retry = policy.zip(result.retry_as).filter(|(policy, reason)| {
+                !last && retry::allows(&policy.config, *reason, &method) && granted(policy, *reason, route, &upstream)
+            });
             let Some((policy, reason)) = retry else {
                 return match result.answer {
                     Ok(response) => Ok(respond(response, pick.guard, prepared.client_upgrade.take(), &prepared.conn)),
@@ -271,6 +243,53 @@ fn forward(
             previous = Some(answer);
             tokio::time::sleep_until(resume).await;
         }
+    }
+}
+
+/// Step 6's verdict on a try: what the client would get, whether it may be
+/// retried, and the outcome reported for the backend (a response's latency
+/// feeds its estimate; a 5xx, a failure of the backend's own or a timeout
+/// count against it; a failure of the client's own body says nothing).
+fn judge(
+    result: Result<Result<Response<UpstreamBody>, SendError>, tokio::time::error::Elapsed>,
+    outcome: Outcome<'_>,
+    pick: &Pick,
+    took: std::time::Duration,
+    at_route_deadline: bool,
+    backend: &str,
+    limit: u64,
+) -> Try {
+    match result {
+        Ok(Ok(response)) => {
+            pick.guard.state().latency.observe(took);
+            outcome.report(response.status().is_server_error());
+            let retry_as = matches!(response.status().as_u16(), 502..=504).then_some(RetryOn::GatewayError);
+            Try { answer: Ok(response), retry_as }
+        }
+        Ok(Err(error)) => {
+            let (error, retry_as) = classify(error, backend, limit);
+            if error.is_backend_failure() {
+                outcome.report(true);
+            }
+            Try { answer: Err(error), retry_as }
+        }
+        Err(_elapsed) => {
+            outcome.report(true);
+            // The route's deadline ends the request; a per-try timeout may be retried.
+            Try { answer: Err(ProxyError::UpstreamTimeout), retry_as: (!at_route_deadline).then_some(RetryOn::Timeout) }
+        }
+    }
+}
+
+/// Step 7's budget: takes one retry from the route's budget, counting it (or
+/// its refusal) in the metrics.
+fn granted(policy: &RoutePolicy, reason: RetryOn, route: &Route, upstream: &Upstream) -> bool {
+    if policy.budget.try_withdraw(policy.config.budget_ratio, policy.config.budget_min_per_second) {
+        crate::metrics::retry(&route.name, &upstream.name, retry::reason_label(reason));
+        true
+    } else {
+        crate::metrics::retry_budget_exhausted(&route.name, &upstream.name);
+        false
     }
 }
 
