@@ -172,7 +172,7 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
     let how = match &upstream.balancer {
         Balancer::RoundRobin(_) => "the next eligible backend in the smooth weighted round-robin order".to_owned(),
         Balancer::LeastLoaded(_) => {
-            "the eligible backend with the lowest (in_flight + 1) x latency / weight; a real request compares two at random"
+            "the cheaper of two eligible backends drawn at random, by in_flight x latency / weight (this is one such draw)"
                 .to_owned()
         }
         Balancer::Random(_) => "a weighted random draw among eligible backends (this is one such draw)".to_owned(),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use super::{acquire, acquire_unramped, extract_key, first_available_from, Pick, PickRequest, Policy, RoundRobin};
+use super::{extract_key, offer_all_from, Candidate, PickRequest, Policy, RoundRobin};
 use crate::backend::{Backend, UpstreamLoad};
 use crate::config::{BackendConfig, KeySpec};
 
@@ -74,26 +74,28 @@ impl ConsistentHash {
 }
 
 impl ConsistentHash {
-    /// Asks each distinct backend once, in ring order from `start`.
-    fn walk_from(
+    /// Offers each distinct backend once, in ring order from `start`.
+    fn offer_ring_from<T>(
         &self,
         start: usize,
         backends: &[Arc<Backend>],
-        mut take: impl FnMut(usize) -> Option<Pick>,
-    ) -> Option<Pick> {
-        let mut asked = vec![false; backends.len()];
+        cap: u32,
+        ramped: bool,
+        take: &mut impl FnMut(Candidate) -> Option<T>,
+    ) -> Option<T> {
+        let mut offered = vec![false; backends.len()];
         let mut remaining = backends.len();
         for step in 0..self.ring.len() {
             if remaining == 0 {
                 break;
             }
             let index = self.ring[(start + step) % self.ring.len()].1 as usize;
-            if std::mem::replace(&mut asked[index], true) {
+            if std::mem::replace(&mut offered[index], true) {
                 continue;
             }
             remaining -= 1;
-            if let Some(pick) = take(index) {
-                return Some(pick);
+            if let Some(taken) = take(Candidate { index, cap, ramped }) {
+                return Some(taken);
             }
         }
         None
@@ -106,18 +108,6 @@ pub fn hash_key(key: &[u8]) -> u64 {
 }
 
 impl ConsistentHash {
-    /// Where a request with this key would go now, without reserving: the ring
-    /// walk of [`Policy::pick`] with availability checks instead of acquisitions.
-    /// `None` for a request without the key (it would be balanced round robin).
-    pub fn peek(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<usize> {
-        let key_hash = extract_key(&self.key, request, hash_key)?;
-        let cap = self.load_cap(backends);
-        let start = self.first_point(key_hash);
-        (0..self.ring.len())
-            .map(|step| self.ring[(start + step) % self.ring.len()].1 as usize)
-            .find(|&index| backends[index].is_available() && backends[index].in_flight() < cap)
-    }
-
     pub fn key(&self) -> &KeySpec {
         &self.key
     }
@@ -129,25 +119,33 @@ impl ConsistentHash {
 }
 
 impl Policy for ConsistentHash {
-    fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
+    fn walk<T>(
+        &self,
+        backends: &[Arc<Backend>],
+        request: &PickRequest<'_>,
+        advance: bool,
+        mut take: impl FnMut(Candidate) -> Option<T>,
+    ) -> Option<T> {
         if self.ring.is_empty() {
             return None;
         }
         let Some(key_hash) = extract_key(&self.key, request, hash_key) else {
-            return self.keyless.pick(backends, request);
+            return self.keyless.walk(backends, request, advance, take);
         };
         let start = self.first_point(key_hash);
         let cap = self.load_cap(backends);
         let owner = self.ring[start].1 as usize;
-        if let Some(pick) = acquire(backends, request, owner, cap) {
-            return Some(pick);
+        if let Some(taken) = take(Candidate { index: owner, cap, ramped: true }) {
+            return Some(taken);
         }
-        // Walk clockwise, asking each distinct backend once; then once more
+        // Walk clockwise, offering each distinct backend once; then once more
         // without slow start's thinning, still under the cap: with bounded load,
         // a full ring means no backend may take the request (it queues or fails).
-        self.walk_from(start, backends, |index| acquire(backends, request, index, cap))
-            .or_else(|| self.walk_from(start, backends, |index| acquire_unramped(backends, request, index, cap)))
-            .or_else(|| if self.bounded_load.is_none() { first_available_from(backends, request, owner) } else { None })
+        self.offer_ring_from(start, backends, cap, true, &mut take)
+            .or_else(|| self.offer_ring_from(start, backends, cap, false, &mut take))
+            .or_else(
+                || if self.bounded_load.is_none() { offer_all_from(backends, owner, u32::MAX, take) } else { None },
+            )
     }
 }
 

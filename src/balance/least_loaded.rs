@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use super::{acquire, first_available_from, Pick, PickRequest, Policy};
+use super::{offer_all_from, Candidate, PickRequest, Policy};
 use crate::backend::Backend;
 use crate::clock::nanos_since_epoch;
 
@@ -26,37 +26,27 @@ use crate::clock::nanos_since_epoch;
 pub struct LeastLoaded;
 
 impl Policy for LeastLoaded {
-    fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
+    fn walk<T>(
+        &self,
+        backends: &[Arc<Backend>],
+        _request: &PickRequest<'_>,
+        _advance: bool,
+        mut take: impl FnMut(Candidate) -> Option<T>,
+    ) -> Option<T> {
         let n = backends.len();
         if n <= 1 {
-            return first_available_from(backends, request, 0);
+            return offer_all_from(backends, 0, u32::MAX, take);
         }
         let a = fastrand::usize(..n);
         let b = (a + 1 + fastrand::usize(..n - 1)) % n;
         let now = nanos_since_epoch();
         let (first, second) = if prefer(&backends[b], &backends[a], now) { (b, a) } else { (a, b) };
-        // Slow start also thins a ramping winner's turns (see `acquire`), so it
-        // ramps up even while it is idle and would win every comparison.
-        acquire(backends, request, first, u32::MAX)
-            .or_else(|| acquire(backends, request, second, u32::MAX))
-            .or_else(|| first_available_from(backends, request, a))
+        // Slow start also thins a ramping winner's turns (see `Candidate::ramped`),
+        // so it ramps up even while it is idle and would win every comparison.
+        take(Candidate { index: first, cap: u32::MAX, ramped: true })
+            .or_else(|| take(Candidate { index: second, cap: u32::MAX, ramped: true }))
+            .or_else(|| offer_all_from(backends, a, u32::MAX, take))
     }
-}
-
-/// The available backend with the lowest cost, for `/explain`.
-pub fn cheapest(backends: &[Arc<Backend>]) -> Option<usize> {
-    let now = nanos_since_epoch();
-    let mut best: Option<(usize, f64)> = None;
-    for (index, backend) in backends.iter().enumerate() {
-        if !backend.is_available() {
-            continue;
-        }
-        let cost = cost(backend, now, backend.state.latency.estimate_at(now));
-        if best.is_none_or(|(_, lowest)| cost < lowest) {
-            best = Some((index, cost));
-        }
-    }
-    best.map(|(index, _)| index)
 }
 
 /// `in_flight * latency / effective weight`; without a latency, `in_flight /

@@ -2,11 +2,16 @@
 //!
 //! A policy is *built* from the upstream's backend list when a config is compiled
 //! (precomputing sequences, rings and prefix sums there, not per request), then
-//! asked to [`Policy::pick`] for each request. A pick is also a reservation: the
-//! returned [`Pick`] holds an in-flight slot, taken with a compare-and-swap, so a
-//! backend at `max_concurrency` is never chosen by any policy, even under races.
-//! One file per policy; [`Balancer`] dispatches by enum so the set is closed and
-//! matches are checked for exhaustiveness.
+//! *walked* for each request ([`Policy::walk`]): it offers candidates in its
+//! order until one is taken (Pingora's selector shape). A pick is the first
+//! candidate not yet tried that admits the request, and a pick is also a
+//! reservation: the returned [`Pick`] holds an in-flight slot, taken with a
+//! compare-and-swap, so a backend at `max_concurrency` is never chosen by any
+//! policy, even under races. `/explain` walks the same candidates without
+//! reserving or moving the policy's state ([`Balancer::peek`]), and both judge
+//! a backend by `Backend::ineligible`. One file per policy; [`Balancer`]
+//! dispatches by enum so the set is closed and matches are checked for
+//! exhaustiveness.
 
 mod consistent_hash;
 mod key;
@@ -43,10 +48,37 @@ pub struct Pick {
     pub guard: InFlightGuard,
 }
 
+/// One backend as a policy offers it for a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub index: usize,
+    /// The policy's own bound on its in-flight count (bounded load), below
+    /// `max_concurrency`'s.
+    pub cap: u32,
+    /// Whether slow start may pass this turn on: a backend at a fraction of its
+    /// ramp takes a preferred turn with that probability, which scales its share
+    /// for every policy. Fallback candidates are not thinned: a ramping backend
+    /// is better than none.
+    pub ramped: bool,
+}
+
 pub trait Policy {
-    /// Picks and reserves a backend among those available, or `None` when every
-    /// backend is at its limit.
-    fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick>;
+    /// Offers candidates for `request` in this policy's order until `take`
+    /// returns something, and returns that. `advance`: a real pick, which moves
+    /// the policy's state (round robin's cursor); `/explain`'s look does not.
+    fn walk<T>(
+        &self,
+        backends: &[Arc<Backend>],
+        request: &PickRequest<'_>,
+        advance: bool,
+        take: impl FnMut(Candidate) -> Option<T>,
+    ) -> Option<T>;
+
+    /// Picks and reserves the first candidate not yet tried that admits the
+    /// request, or `None` when every backend is out or at its limit.
+    fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
+        self.walk(backends, request, true, |candidate| admit(backends, request.exclude, candidate))
+    }
 }
 
 #[derive(Debug)]
@@ -70,19 +102,20 @@ impl Balancer {
     }
 
     /// The backend a request like this would get now, without reserving it or
-    /// moving any balancer state (for `/explain`). Exact for `consistent_hash`
-    /// and `round_robin`; `least_loaded` names the cheapest backend (a real
-    /// request compares two at random); `random` draws one.
+    /// moving any balancer state (for `/explain`): the same walk as a pick, with
+    /// eligibility asked instead of a slot taken. `least_loaded` and `random`
+    /// draw as a real request does, so their answer is one draw.
     pub fn peek(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<usize> {
-        let available = |index: usize| backends[index].is_available();
+        let now = crate::clock::nanos_since_epoch();
+        let eligible = |candidate: Candidate| {
+            let backend = &backends[candidate.index];
+            (backend.ineligible(|| now).is_none() && backend.in_flight() < candidate.cap).then_some(candidate.index)
+        };
         match self {
-            Balancer::RoundRobin(policy) => policy.peek(backends),
-            Balancer::ConsistentHash(policy) => policy.peek(backends, request),
-            Balancer::LeastLoaded(_) => least_loaded::cheapest(backends),
-            Balancer::Random(_) => {
-                let eligible: Vec<usize> = (0..backends.len()).filter(|&i| available(i)).collect();
-                (!eligible.is_empty()).then(|| eligible[fastrand::usize(..eligible.len())])
-            }
+            Balancer::RoundRobin(policy) => policy.walk(backends, request, false, eligible),
+            Balancer::LeastLoaded(policy) => policy.walk(backends, request, false, eligible),
+            Balancer::ConsistentHash(policy) => policy.walk(backends, request, false, eligible),
+            Balancer::Random(policy) => policy.walk(backends, request, false, eligible),
         }
     }
 
@@ -95,44 +128,53 @@ impl Balancer {
         }
     }
 
+    /// Picks and reserves a backend (see [`Policy::pick`]). A retry prefers the
+    /// backends it has not tried; when none of those can take it, a tried one
+    /// may (a second walk, on retries only).
     pub fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
-        match self {
+        let pick = |request: &PickRequest<'_>| match self {
             Balancer::RoundRobin(policy) => policy.pick(backends, request),
             Balancer::LeastLoaded(policy) => policy.pick(backends, request),
             Balancer::ConsistentHash(policy) => policy.pick(backends, request),
             Balancer::Random(policy) => policy.pick(backends, request),
-        }
+        };
+        pick(request).or_else(|| {
+            if request.exclude.is_empty() {
+                None
+            } else {
+                pick(&PickRequest { exclude: &[], ..*request })
+            }
+        })
     }
 }
 
-/// Reserves backend `index` if it is available and below `cap`. A backend in
-/// slow start passes its turn with probability `1 - ramp`, which scales its
-/// share by its ramp for every policy that picks by position.
-fn acquire(backends: &[Arc<Backend>], request: &PickRequest<'_>, index: usize, cap: u32) -> Option<Pick> {
+/// Reserves `candidate` unless the request tried it already, slow start passes
+/// its turn on, or it cannot take the request (`Backend::try_acquire`).
+fn admit(backends: &[Arc<Backend>], tried: &[usize], candidate: Candidate) -> Option<Pick> {
+    let Candidate { index, cap, ramped } = candidate;
+    if tried.contains(&index) {
+        return None;
+    }
     let backend = &backends[index];
-    if backend.slow_start.is_some() {
+    if ramped && backend.slow_start.is_some() {
         let ramp = backend.ramp(crate::clock::nanos_since_epoch());
         if ramp < 1.0 && fastrand::f64() >= ramp {
             return None;
         }
     }
-    acquire_unramped(backends, request, index, cap)
+    backend.try_acquire(cap).map(|guard| Pick { index, guard })
 }
 
-/// Reserves backend `index` if it is available and below `cap`, slow start aside.
-fn acquire_unramped(backends: &[Arc<Backend>], request: &PickRequest<'_>, index: usize, cap: u32) -> Option<Pick> {
-    if request.exclude.contains(&index) {
-        return None;
-    }
-    backends[index].try_acquire(cap).map(|guard| Pick { index, guard })
-}
-
-/// The fallback of every policy when its preferred candidates are full: the first
-/// backend, going round from `start`, that can take the request. Slow start does
-/// not apply here: a ramping backend is better than none.
-fn first_available_from(backends: &[Arc<Backend>], request: &PickRequest<'_>, start: usize) -> Option<Pick> {
+/// The fallback every policy ends its walk with: each backend once, going
+/// round from `start`, under `cap`, not thinned by slow start.
+fn offer_all_from<T>(
+    backends: &[Arc<Backend>],
+    start: usize,
+    cap: u32,
+    mut take: impl FnMut(Candidate) -> Option<T>,
+) -> Option<T> {
     let n = backends.len();
-    (0..n).find_map(|step| acquire_unramped(backends, request, (start + step) % n, u32::MAX))
+    (0..n).find_map(|step| take(Candidate { index: (start + step) % n, cap, ramped: false }))
 }
 
 #[cfg(test)]
@@ -155,5 +197,58 @@ pub(crate) mod test_support {
 
     pub fn request<'a>(headers: &'a http::HeaderMap, uri: &'a http::Uri) -> PickRequest<'a> {
         PickRequest { headers, uri, client_ip: IpAddr::from([127, 0, 0, 1]), exclude: &[] }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{backends, request};
+    use super::*;
+
+    fn key_headers(key: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-job-id", key.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn peek_names_what_the_next_pick_takes_and_moves_nothing() {
+        let (configs, runtime) = backends(&[(1, None), (2, None), (1, Some(1))]);
+        let uri = http::Uri::from_static("/");
+        for policy in [
+            PolicyConfig::RoundRobin,
+            PolicyConfig::ConsistentHash { key: "header:x-job-id".parse().unwrap(), bounded_load: Some(1.25) },
+        ] {
+            let balancer = Balancer::new(&policy, &configs);
+            let mut held = Vec::new();
+            for job in 0..40 {
+                let headers = key_headers(&format!("job-{job}"));
+                let named = balancer.peek(&runtime, &request(&headers, &uri));
+                assert_eq!(named, balancer.peek(&runtime, &request(&headers, &uri)), "a peek moves nothing");
+                let picked = balancer.pick(&runtime, &request(&headers, &uri)).map(|p| p.index);
+                assert_eq!(named, picked, "{policy:?}, job {job}");
+                // Keep the one-slot backend full half the time, so peeks must see it full.
+                if job % 2 == 0 {
+                    held.extend(balancer.pick(&runtime, &request(&headers, &uri)));
+                } else {
+                    held.clear();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_retry_goes_to_an_untried_backend_and_to_a_tried_one_only_when_no_other_can_take_it() {
+        let (configs, runtime) = backends(&[(1, None), (1, None), (1, Some(1))]);
+        let (headers, uri) = (http::HeaderMap::new(), http::Uri::from_static("/"));
+        let balancer = Balancer::new(&PolicyConfig::RoundRobin, &configs);
+        for _ in 0..20 {
+            let retry = PickRequest { exclude: &[0, 1], ..request(&headers, &uri) };
+            let pick = balancer.pick(&runtime, &retry).unwrap();
+            assert_eq!(pick.index, 2, "the one backend not tried yet");
+            // Backend 2 is now full: the retry goes back to a tried one rather than nowhere.
+            let fallback = balancer.pick(&runtime, &retry).unwrap();
+            assert!(fallback.index < 2);
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::{acquire, first_available_from, Pick, PickRequest, Policy};
+use super::{offer_all_from, Candidate, PickRequest, Policy};
 use crate::backend::Backend;
 use crate::config::BackendConfig;
 
@@ -38,13 +38,19 @@ impl WeightedRandom {
 }
 
 impl Policy for WeightedRandom {
-    fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
+    fn walk<T>(
+        &self,
+        backends: &[Arc<Backend>],
+        _request: &PickRequest<'_>,
+        _advance: bool,
+        mut take: impl FnMut(Candidate) -> Option<T>,
+    ) -> Option<T> {
         if backends.is_empty() {
             return None;
         }
         (0..DRAWS)
-            .find_map(|_| acquire(backends, request, self.draw(), u32::MAX))
-            .or_else(|| first_available_from(backends, request, fastrand::usize(..backends.len())))
+            .find_map(|_| take(Candidate { index: self.draw(), cap: u32::MAX, ramped: true }))
+            .or_else(|| offer_all_from(backends, fastrand::usize(..backends.len()), u32::MAX, take))
     }
 }
 

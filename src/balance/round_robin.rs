@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{acquire, first_available_from, Pick, PickRequest, Policy};
+use super::{offer_all_from, Candidate, PickRequest, Policy};
 use crate::backend::Backend;
 use crate::config::BackendConfig;
 
@@ -34,31 +34,28 @@ impl RoundRobin {
     }
 }
 
-impl RoundRobin {
-    /// The next backend in the rotation that is available, without advancing.
-    pub fn peek(&self, backends: &[Arc<Backend>]) -> Option<usize> {
-        let start = self.cursor.load(Ordering::Relaxed);
-        (0..self.sequence.len())
-            .map(|step| self.sequence[(start + step) % self.sequence.len()] as usize)
-            .find(|&index| backends[index].is_available())
-    }
-}
-
 impl Policy for RoundRobin {
-    fn pick(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>) -> Option<Pick> {
+    fn walk<T>(
+        &self,
+        backends: &[Arc<Backend>],
+        _request: &PickRequest<'_>,
+        advance: bool,
+        mut take: impl FnMut(Candidate) -> Option<T>,
+    ) -> Option<T> {
         if self.sequence.is_empty() {
             return None;
         }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let start =
+            if advance { self.cursor.fetch_add(1, Ordering::Relaxed) } else { self.cursor.load(Ordering::Relaxed) };
         // A full backend's turn passes to the next in the sequence, which keeps the
         // others' proportions; after a few rounds of misses, a plain scan is cheaper.
-        let tries = self.sequence.len().min(4 * backends.len());
-        (0..tries)
+        let turns = self.sequence.len().min(4 * backends.len());
+        (0..turns)
             .find_map(|step| {
                 let index = self.sequence[(start + step) % self.sequence.len()] as usize;
-                acquire(backends, request, index, u32::MAX)
+                take(Candidate { index, cap: u32::MAX, ramped: true })
             })
-            .or_else(|| first_available_from(backends, request, start % backends.len()))
+            .or_else(|| offer_all_from(backends, start % backends.len(), u32::MAX, take))
     }
 }
 

@@ -326,17 +326,8 @@ async fn pick_backend(
     route_deadline: tokio::time::Instant,
     notes: &RequestNotes,
 ) -> Result<Pick, ProxyError> {
-    let request =
-        |exclude| PickRequest { headers: &parts.headers, uri: &parts.uri, client_ip: conn.client.ip(), exclude };
-    let try_pick = || {
-        upstream.balancer.pick(&upstream.backends, &request(tried)).or_else(|| {
-            if tried.is_empty() {
-                None
-            } else {
-                upstream.balancer.pick(&upstream.backends, &request(&[]))
-            }
-        })
-    };
+    let request = PickRequest { headers: &parts.headers, uri: &parts.uri, client_ip: conn.client.ip(), exclude: tried };
+    let try_pick = || upstream.balancer.pick(&upstream.backends, &request);
     let unavailable = || match upstream.unavailable() {
         Unavailable::CircuitOpen => ProxyError::CircuitOpen { upstream: upstream.name.to_string() },
         Unavailable::NoHealthy | Unavailable::AllBusy => {
