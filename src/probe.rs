@@ -103,6 +103,15 @@ impl Drop for Checkers {
 }
 
 impl Checkers {
+    /// Checkers on the test's own runtime rather than a thread of their own,
+    /// so that they run on its paused clock.
+    #[cfg(test)]
+    fn on_current_runtime() -> Self {
+        let thread =
+            CheckerThread { handle: tokio::runtime::Handle::current(), _stop: tokio::sync::oneshot::channel().0 };
+        Checkers { running: HashMap::new(), thread: Some(thread) }
+    }
+
     /// Makes the running checkers exactly those `snapshot` needs.
     pub fn sync(&mut self, snapshot: &Snapshot) {
         let mut wanted: HashMap<Key, Wanted> = HashMap::new();
@@ -528,5 +537,41 @@ mod tests {
         assert_eq!(grpc_serving_status(Bytes::from_static(&[0, 0, 0, 0, 4, 0x12, 1, b'x', 0x08])), None);
         assert_eq!(grpc_serving_status(Bytes::from_static(&[1, 0, 0, 0, 0])), None);
         assert_eq!(grpc_serving_status(Bytes::from_static(&[0, 0, 0, 0, 9, 0x08])), None);
+    }
+
+    /// The health thresholds on paused time: a backend that refuses
+    /// connections goes down after `unhealthy_after` failed checks, that is
+    /// between two and three intervals after the first one (which lands
+    /// anywhere in the first interval), with the interval's jitter.
+    #[tokio::test(start_paused = true)]
+    async fn unhealthy_after_consecutive_failed_checks_on_paused_time() {
+        // A port nothing listens on: every check fails at once, connection refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let yaml = format!(
+            "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: bots }}]\nupstreams:\n  bots:\n    \
+             health: {{ active: {{ kind: tcp, interval: 10s, timeout: 1s, unhealthy_after: 3 }} }}\n    \
+             backends: [{{ address: \"{closed}\" }}]\n"
+        );
+        let config = crate::config::parse(&yaml, "test.yaml").unwrap();
+        let snapshot = Arc::new(Snapshot::compile(&config, None, 1));
+        let bot = Arc::clone(&snapshot.upstreams[0].backends[0]);
+        let mut checkers = Checkers::on_current_runtime();
+        checkers.sync(&snapshot);
+        let started = tokio::time::Instant::now();
+        let mut went_down = None;
+        while went_down.is_none() && started.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if !bot.is_healthy_now() {
+                went_down = Some(started.elapsed());
+            }
+        }
+        let went_down = went_down.expect("down within 60 s of paused time");
+        assert!(
+            went_down >= Duration::from_secs(17) && went_down <= Duration::from_secs(34),
+            "three checks 9-11 s apart, the first within the first 10 s: down after {went_down:?}"
+        );
+        // Refused, as a rule; a connect whose refusal the kernel is slow to
+        // report meets the paused clock's timeout instead, a failure all the same.
+        assert!(!bot.check.as_ref().unwrap().last().unwrap().passed);
     }
 }
