@@ -3,7 +3,7 @@
 //! for a client that stops reading.
 //!
 //! [`ConnInfo`] (one `Arc` per connection) rides with every request in its
-//! `observe::RequestNotes`. It owns the connection's [`ConnectionSlot`], so a WebSocket
+//! `notes::RequestNotes`. It owns the connection's [`ConnectionSlot`], so a WebSocket
 //! tunnel that outlives hyper's connection keeps the slot (and the
 //! `switchyard_connections_open` count) until the tunnel itself ends, and it
 //! carries what a tunnel needs to join the listener's drain.

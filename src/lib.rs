@@ -5,8 +5,9 @@
 //! - `server` accepts connections and assembles the one tower stack
 //!   (`server::stack`): `observe` (metrics, access log) -> `error` (the one
 //!   mapping to client responses) -> admission checks and `route` -> `proxy`
-//!   (which holds the route's deadline). `conn` is what a client connection
-//!   means to the rest: its `ConnInfo`, its slot under `max_connections`, the
+//!   (which holds the route's deadline); each layer takes a `notes::NotedRequest`,
+//!   the request with what the layers note about it. `conn` is what a client
+//!   connection means to the rest: its `ConnInfo`, its slot under `max_connections`, the
 //!   bound on a client that stops reading. `tls` is the listeners' rustls side
 //!   (certificate by SNI) and the plain-or-TLS stream both directions use.
 //! - `proxy` forwards: `balance` picks among `upstream` backends (policies in
@@ -44,6 +45,7 @@ pub mod gauges;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod notes;
 pub mod observe;
 pub mod probe;
 pub mod proxy;

@@ -2,105 +2,25 @@
 //! (`switchyard_requests_total`, `switchyard_request_duration_seconds`) and the
 //! access log line.
 //!
-//! Every request carries a [`RequestNotes`] (made by the listener) that inner
-//! layers fill in (route, backend, attempts, queue wait); [`Observe`] wraps the response body so the record is made when the body ends
+//! Every request carries a `notes::RequestNotes` (made by the listener) that
+//! inner layers fill in (route, backend, attempts, queue wait); [`Observe`] wraps the response body so the record is made when the body ends
 //! (or the client goes away): durations are what the client observed, streaming
 //! included. With `log.access: false` no access-log field is even captured.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use http::{Request, Response};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tower::Service;
 
 use crate::body::{BoxError, ProxyBody};
-use crate::conn::ConnInfo;
-use crate::state::{SnapshotShare, WorkerLive};
-
-/// A request on its way through the proxy's layers, with the notes they
-/// share. The notes travel beside the request rather than in its extensions:
-/// that would cost three allocations and hashed lookups per request.
-pub struct NotedRequest {
-    pub request: Request<Incoming>,
-    pub notes: Arc<RequestNotes>,
-}
-
-/// What the layers a request passes through know of it: the client
-/// connection (from the listener), the route (from routing), and what
-/// forwarding did.
-pub struct RequestNotes {
-    /// The client connection; `None` only outside a listener (tests, benches).
-    conn: Option<Arc<ConnInfo>>,
-    /// The snapshot the request runs on and its route's index there.
-    route: OnceLock<(SnapshotShare, usize)>,
-    /// Index of the last backend tried in the route's upstream; `NONE` if none.
-    backend: AtomicUsize,
-    attempts: AtomicU32,
-    queue_wait_micros: AtomicU64,
-    /// The backend of the last try when the request moved to a reloaded
-    /// upstream (rare: only then is this lock taken).
-    rerouted_to: std::sync::Mutex<Option<Arc<str>>>,
-}
-
-const NONE: usize = usize::MAX;
-/// The last try went to a rerouted upstream's backend (see `rerouted_to`).
-const REROUTED: usize = usize::MAX - 1;
-
-impl RequestNotes {
-    pub fn new(conn: Option<Arc<ConnInfo>>) -> Self {
-        RequestNotes {
-            conn,
-            route: OnceLock::new(),
-            backend: AtomicUsize::new(NONE),
-            attempts: AtomicU32::new(0),
-            queue_wait_micros: AtomicU64::new(0),
-            rerouted_to: std::sync::Mutex::new(None),
-        }
-    }
-
-    pub fn set_route(&self, snapshot: SnapshotShare, index: usize) {
-        let _ = self.route.set((snapshot, index));
-    }
-
-    /// The snapshot the request runs on and the index of its route there.
-    pub fn route(&self) -> Option<(&SnapshotShare, usize)> {
-        self.route.get().map(|(snapshot, index)| (snapshot, *index))
-    }
-
-    pub fn conn(&self) -> Option<&Arc<ConnInfo>> {
-        self.conn.as_ref()
-    }
-
-    /// A try went to backend `index` of the route's upstream.
-    /// A try went to backend `index` of the route's upstream (`address`); after
-    /// a reroute the index is of the replacement upstream, so the address is
-    /// kept instead.
-    pub fn tried(&self, index: usize, rerouted: bool, address: &Arc<str>) {
-        if rerouted {
-            *self.rerouted_to.lock().expect("never poisoned") = Some(Arc::clone(address));
-            self.backend.store(REROUTED, Ordering::Relaxed);
-        } else {
-            self.backend.store(index, Ordering::Relaxed);
-        }
-        self.attempts.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The request moved to a reloaded upstream; no backend of it tried yet.
-    pub fn rerouted(&self) {
-        self.backend.store(NONE, Ordering::Relaxed);
-    }
-
-    pub fn queued(&self, waited: Duration) {
-        self.queue_wait_micros.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-    }
-}
+use crate::notes::{NotedRequest, RequestNotes};
+use crate::state::WorkerLive;
 
 #[derive(Clone)]
 pub struct Observe<S> {
@@ -232,11 +152,11 @@ impl Body for ObservedBody {
 impl Record {
     fn finish(self, status: Option<u16>) {
         let elapsed = self.started.elapsed();
-        let route = self.notes.route.get().map(|(snapshot, index)| &snapshot.router.routes()[*index]);
-        let backend_index = self.notes.backend.load(Ordering::Relaxed);
-        let rerouted_to = (backend_index == REROUTED)
-            .then(|| self.notes.rerouted_to.lock().expect("never poisoned").clone())
-            .flatten();
+        let route = self.notes.route().map(|(snapshot, index)| &snapshot.router.routes()[index]);
+        let (backend_index, rerouted_to) = match self.notes.last_backend() {
+            Ok(index) => (index.unwrap_or(usize::MAX), None),
+            Err(address) => (usize::MAX, address),
+        };
         let backend = match &rerouted_to {
             Some(address) => Some(address),
             None => route.and_then(|r| r.upstream.backends.get(backend_index)).map(|b| &b.address),
@@ -263,8 +183,8 @@ impl Record {
                 upstream,
                 backend: backend.map_or("-", |b| &**b),
                 status,
-                attempts: self.notes.attempts.load(Ordering::Relaxed),
-                queue_wait_ms: self.notes.queue_wait_micros.load(Ordering::Relaxed) as f64 / 1000.0,
+                attempts: self.notes.attempts(),
+                queue_wait_ms: self.notes.queue_wait().as_micros() as f64 / 1000.0,
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 request_id: access.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
             });

@@ -28,7 +28,7 @@ use crate::client::{SendError, UpstreamBody, UpstreamClients};
 use crate::config::RetryOn;
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
-use crate::observe::{NotedRequest, RequestNotes};
+use crate::notes::{NotedRequest, RequestNotes};
 use crate::queue::{Priority, WaitEnded};
 use crate::retry::{self, RequestBody};
 use crate::route::{Route, RoutePolicy};

@@ -34,7 +34,8 @@ use tower::Service;
 
 use crate::config::Limits;
 use crate::conn::{ConnInfo, ConnectionSlot, SendTimeoutIo, TunnelHome};
-use crate::observe::{NotedRequest, ObservedBody, RequestNotes};
+use crate::notes::{NotedRequest, RequestNotes};
+use crate::observe::ObservedBody;
 use crate::state::Live;
 use crate::tls::ClientStream;
 use stack::ProxyStack;

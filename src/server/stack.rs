@@ -14,7 +14,7 @@
 //!    fails with `NoHealthyBackend` (503), `UpstreamConnect` / `UpstreamReset`
 //!    (502), `UpstreamTimeout` (504) or `BodyTooLarge` (413).
 //!
-//! Layers pass context down beside the request, in `observe::RequestNotes`
+//! Layers pass context down beside the request, in `notes::RequestNotes`
 //! (made by the listener with its `ConnInfo`, given the route by routing: a
 //! [`NotedRequest`] is what each layer takes); they use named futures rather
 //! than boxed ones where the logic is a simple mapping.
@@ -33,7 +33,8 @@ use super::admission;
 use crate::body::ProxyBody;
 use crate::client::UpstreamClients;
 use crate::error::ProxyError;
-use crate::observe::{NotedRequest, Observe};
+use crate::notes::NotedRequest;
+use crate::observe::Observe;
 use crate::proxy::Forward;
 use crate::state::{Live, WorkerLive};
 
