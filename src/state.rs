@@ -424,6 +424,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_breakers_failure_rate_counts_only_its_window_on_paused_time() {
+        let yaml = upstream_yaml(
+            "circuit_breaker: { consecutive_failures: 100, failure_rate: 0.5, min_requests: 4, window: 10s }",
+            &["10.0.0.1:80"],
+        );
+        let snapshot = compile(&yaml, None);
+        let upstream = &snapshot.upstreams[0];
+        let open = || !upstream.backends[0].circuit_allows(crate::clock::nanos_since_epoch());
+        upstream.outcome(0).report(true);
+        upstream.outcome(0).report(true);
+        assert!(!open(), "two requests are fewer than min_requests");
+        advance(Duration::from_secs(11)).await;
+        for failed in [false, false, true] {
+            upstream.outcome(0).report(failed);
+        }
+        assert!(!open(), "the first two failures left the window: 1 of 3 failed");
+        upstream.outcome(0).report(true);
+        assert!(open(), "2 of 4 in the window failed: the rate is reached");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_retry_budget_slides_with_its_window_on_paused_time() {
         let budget = RetryBudget::default();
         for _ in 0..100 {
