@@ -154,22 +154,10 @@ fn forward(
         // is one event, seen by the try it ends and charged to that try's backend.
         let deadline = tokio::time::Instant::now() + route.timeout;
 
-        // 3. Whether this request can be retried: a retry policy, no upgrade, and a
-        //    body small enough to keep for replay.
-        let policy = route.retry.as_ref().filter(|_| prepared.client_upgrade.is_none());
+        // 3. Whether this request can be retried (see `plan_tries`).
+        let upgrade = prepared.client_upgrade.is_some();
         let client_body = ClientBody::new(prepared.body.take().expect("taken once"), limits.client_body_timeout);
-        let mut body = match policy {
-            // Boxed: collecting a body is rare, and would make every request's future larger.
-            Some(_) => Box::pin(RequestBody::replayable(client_body, deadline)).await?,
-            None => RequestBody::streaming(client_body),
-        };
-        let attempts = match (policy, &body) {
-            (Some(policy), RequestBody::Replay(_)) => policy.config.attempts,
-            _ => 1,
-        };
-        if let Some(policy) = policy {
-            policy.budget.record_request();
-        }
+        let (policy, mut body, attempts) = plan_tries(route, upgrade, client_body, deadline).await?;
 
         let mut tried: Vec<usize> = Vec::new();
         // The last try's answer, given to the client if no further try can start.
@@ -244,6 +232,32 @@ fn forward(
             tokio::time::sleep_until(resume).await;
         }
     }
+}
+
+/// Step 3: how many tries a request may have and the body they send. Retries
+/// need a retry policy, no upgrade, and a body small enough to keep for replay
+/// (collected here, within the deadline); otherwise one try streams the body.
+/// A request with a policy counts toward its retry budget.
+async fn plan_tries(
+    route: &Route,
+    upgrade: bool,
+    client_body: ClientBody,
+    deadline: tokio::time::Instant,
+) -> Result<(Option<&RoutePolicy>, RequestBody, u32), ProxyError> {
+    let policy = route.retry.as_ref().filter(|_| !upgrade);
+    let body = match policy {
+        // Boxed: collecting a body is rare, and would make every request's future larger.
+        Some(_) => Box::pin(RequestBody::replayable(client_body, deadline)).await?,
+        None => RequestBody::streaming(client_body),
+    };
+    let attempts = match (policy, &body) {
+        (Some(policy), RequestBody::Replay(_)) => policy.config.attempts,
+        _ => 1,
+    };
+    if let Some(policy) = policy {
+        policy.budget.record_request();
+    }
+    Ok((policy, body, attempts))
 }
 
 /// Step 6's verdict on a try: what the client would get, whether it may be
