@@ -108,6 +108,13 @@ pub fn hash_key(key: &[u8]) -> u64 {
 }
 
 impl ConsistentHash {
+    /// The backend that owns a key on the ring (its index in the backend
+    /// list the policy was built from), load and health aside: what every
+    /// replica with the same backends maps the key to. `None` with no backends.
+    pub fn owner_of(&self, key: &[u8]) -> Option<usize> {
+        (!self.ring.is_empty()).then(|| self.ring[self.first_point(hash_key(key))].1 as usize)
+    }
+
     pub fn key(&self) -> &KeySpec {
         &self.key
     }

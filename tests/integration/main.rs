@@ -15,6 +15,7 @@ mod lifecycle;
 mod observability;
 mod policies;
 mod reload;
+mod replicas;
 mod resilience;
 mod robot;
 mod streaming;
