@@ -55,5 +55,6 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod state;
+pub mod text;
 pub mod tls;
 pub mod upstream;

@@ -237,18 +237,8 @@ fn push_client(out: &mut Vec<u8>, client: Option<SocketAddr>) {
     }
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut value: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+fn push_decimal(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(crate::text::decimal(value, &mut [0; 20]));
 }
 
 /// `value` as `f64`'s `Debug` writes it; zero (no queue wait, most often) by hand.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Lowest first. A module may use any module of a lower layer, and modules of
 /// its own layer as long as no cycle forms. Every module must be listed here.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("foundations", &["clock", "body", "metrics", "config", "tls", "error", "logging"]),
+    ("foundations", &["clock", "text", "body", "metrics", "config", "tls", "error", "logging"]),
     ("what the proxy learns about backends", &["breaker", "health", "retry", "queue", "backend"]),
     ("choosing a backend", &["balance", "upstream", "route"]),
     ("the compiled snapshot", &["state"]),

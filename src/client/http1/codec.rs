@@ -87,25 +87,12 @@ pub fn encode_request_head(
         RequestFraming::NoBody | RequestFraming::Length { add_header: false, .. } => {}
         RequestFraming::Length { length, add_header: true } => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa_u64(length, &mut [0; 20]));
+            out.extend_from_slice(crate::text::decimal(length, &mut [0; 20]));
             out.extend_from_slice(b"\r\n");
         }
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// The decimal digits of `value`, written at the end of `scratch`.
-fn itoa_u64(mut value: u64, scratch: &mut [u8; 20]) -> &[u8] {
-    let mut at = scratch.len();
-    loop {
-        at -= 1;
-        scratch[at] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            return &scratch[at..];
-        }
-    }
 }
 
 /// The prefix of one chunk of `length` bytes: its size in hex and CRLF.
