@@ -6,15 +6,16 @@
 //! and updates that state through atomics; the breaker's window is the one
 //! lock, taken once per response when a breaker is configured.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::breaker::Breaker;
 use crate::clock::nanos_since_epoch;
 use crate::config::BreakerConfig;
 use crate::health::passive::PassiveState;
 use crate::health::{slow_start_factor, CheckStatus};
 use crate::queue::WaitQueue;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Debug)]
 pub struct Backend {
@@ -95,7 +96,8 @@ impl UpstreamLoad {
         if counted_at == 0 || now.saturating_sub(counted_at) > Self::RECOUNT.as_nanos() as u64 {
             let (mut serving, mut elsewhere) = (0, 0);
             for backend in backends {
-                if backend.is_healthy(now) && backend.circuit_allows(now) {
+                // Serving: eligible, or merely full.
+                if matches!(backend.ineligible(|| now), None | Some(Ineligible::Full)) {
                     serving += 1;
                 } else {
                     elsewhere += u64::from(backend.in_flight());
