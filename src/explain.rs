@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::backend::{Backend, Ineligible};
 use crate::balance::{Balancer, PickRequest};
 use crate::clock::nanos_since_epoch;
-use crate::config::{Config, HostPattern, PolicyConfig, Probe, RetryOn};
+use crate::config::{Config, DiscoverySource, HostPattern, PolicyConfig, Probe, RetryOn};
 use crate::state::Snapshot;
 
 /// Whether a backend can take a request now, and why (or why not) in words.
@@ -281,16 +281,13 @@ pub fn effective_config(config: &Config) -> Value {
                 merge(&mut value, probe);
                 value
             });
-            let value = json!({
+            let mut value = json!({
                 "balance": balance,
                 "protocol": match u.protocol {
                     crate::config::UpstreamProtocol::Http1 => "http1",
                     crate::config::UpstreamProtocol::H2c => "h2c",
                     crate::config::UpstreamProtocol::H2 => "h2",
                 },
-                "backends": u.backends.iter().map(|b| json!({
-                    "address": b.address, "weight": b.weight, "max_concurrency": b.max_concurrency,
-                })).collect::<Vec<_>>(),
                 "health": {
                     "active": active,
                     "passive": u.health.passive.map(|p| json!({
@@ -314,12 +311,37 @@ pub fn effective_config(config: &Config) -> Value {
                     "priority_header": q.priority_header.as_ref().map(|h| h.as_str()),
                 })),
             });
+            // A discovered set changes without the file changing: `/status`
+            // lists it, and the config shows where it comes from.
+            let source = match &u.discovery {
+                Some(discovery) => json!({
+                    "discovery": match &discovery.source {
+                        DiscoverySource::Dns { name, port } => {
+                            json!({ "dns": format!("{name}:{port}"), "refresh": duration(discovery.refresh) })
+                        }
+                        DiscoverySource::Srv { name } => json!({ "srv": name, "refresh": duration(discovery.refresh) }),
+                    },
+                    "backend_defaults": {
+                        "weight": discovery.defaults.weight,
+                        "max_concurrency": discovery.defaults.max_concurrency,
+                    },
+                }),
+                None => json!({
+                    "backends": u.backends.iter().map(|b| json!({
+                        "address": b.address, "weight": b.weight, "max_concurrency": b.max_concurrency,
+                    })).collect::<Vec<_>>(),
+                }),
+            };
+            merge(&mut value, source);
             (u.name.clone(), value)
         })
         .collect();
     let limits = &config.limits;
     json!({
         "workers": config.workers,
+        "resolver": (!config.resolver.servers.is_empty()).then(|| json!({
+            "servers": config.resolver.servers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })),
         "listeners": listeners,
         "admin": {
             "bind": config.admin.bind.to_string(),

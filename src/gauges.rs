@@ -7,8 +7,8 @@ use metrics::gauge;
 
 use crate::metrics::{
     config_generation, label, BACKEND_EJECTIONS_TOTAL, BACKEND_HEALTHY, CERTIFICATE_EXPIRY_SECONDS, CIRCUIT_STATE,
-    CONFIG_RELOADS_TOTAL, CONNECTIONS_OPEN, IN_FLIGHT, QUEUE_REJECTED_TOTAL, QUEUE_WAITING, RETRIES_TOTAL,
-    RETRY_BUDGET_EXHAUSTED_TOTAL,
+    CONFIG_RELOADS_TOTAL, CONNECTIONS_OPEN, DISCOVERED_BACKENDS, DISCOVERY_LOOKUPS_TOTAL, IN_FLIGHT,
+    QUEUE_REJECTED_TOTAL, QUEUE_WAITING, RETRIES_TOTAL, RETRY_BUDGET_EXHAUSTED_TOTAL,
 };
 use crate::state::Snapshot;
 
@@ -26,6 +26,12 @@ pub fn register_config_series(snapshot: &Snapshot) {
                 metrics::counter!(BACKEND_EJECTIONS_TOTAL, "upstream" => label(&upstream.name),
                     "backend" => label(&backend.address))
                 .increment(0);
+            }
+        }
+        if config.discovery.is_some() {
+            for result in ["success", "error"] {
+                metrics::counter!(DISCOVERY_LOOKUPS_TOTAL, "upstream" => label(&upstream.name), "result" => result)
+                    .increment(0);
             }
         }
         if config.queue.is_some() {
@@ -74,6 +80,10 @@ pub fn refresh_gauges(snapshot: &Snapshot) {
             if backend.breaker.is_some() {
                 gauge!(CIRCUIT_STATE, &labels).set(backend.state.breaker.phase().gauge());
             }
+        }
+        if upstream.config.discovery.is_some() {
+            // What the request path serves: the last good set, not the last answer.
+            gauge!(DISCOVERED_BACKENDS, "upstream" => label(&upstream.name)).set(upstream.backends.len() as f64);
         }
         if let Some(queue) = &upstream.queue {
             gauge!(QUEUE_WAITING, "upstream" => label(&upstream.name)).set(queue.waiting() as f64);

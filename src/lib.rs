@@ -17,7 +17,8 @@
 //!   in-flight count, latency, `health` (check verdicts, passive ejection, slow
 //!   start) and the `breaker`. It survives reloads. Its time comes from `clock`
 //!   (a coarse monotonic clock: seconds matter there, not microseconds). `probe`
-//!   runs the active checks that feed `health`.
+//!   runs the active checks that feed `health`; `discovery` follows DNS for
+//!   upstreams whose backends come from it.
 //! - `config` parses and validates the YAML (and reads the certificates it
 //!   names, `config::tls`); `state` compiles it into the snapshot behind one
 //!   `ArcSwap`; `runtime` starts listeners, the admin listener (`admin`, with
@@ -39,6 +40,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod discovery;
 pub mod error;
 pub mod explain;
 pub mod gauges;

@@ -36,6 +36,8 @@ pub const CONFIG_GENERATION: &str = "switchyard_config_generation";
 pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
 pub const TLS_HANDSHAKES_TOTAL: &str = "switchyard_tls_handshakes_total";
 pub const CERTIFICATE_EXPIRY_SECONDS: &str = "switchyard_certificate_expiry_seconds";
+pub const DISCOVERY_LOOKUPS_TOTAL: &str = "switchyard_discovery_lookups_total";
+pub const DISCOVERED_BACKENDS: &str = "switchyard_discovered_backends";
 
 /// Every metric name the proxy exports.
 pub const ALL: [&str; 15] = [
@@ -192,6 +194,13 @@ pub fn config_reload(success: bool) {
 
 pub fn config_generation(generation: u64) {
     metrics::gauge!(CONFIG_GENERATION).set(generation as f64);
+}
+
+/// One DNS lookup of an upstream's `discovery` ended.
+pub fn discovery_lookup(upstream: &str, success: bool) {
+    metrics::counter!(DISCOVERY_LOOKUPS_TOTAL, "upstream" => upstream.to_owned(),
+        "result" => if success { "success" } else { "error" })
+    .increment(1);
 }
 
 pub fn health_check_counter(upstream: &str, backend: &str, passed: bool) -> Counter {

@@ -7,6 +7,7 @@
 //! (upstream name, address), so a reload that keeps a backend keeps what the proxy
 //! knows about it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use arc_swap::ArcSwap;
 
 use crate::backend::{Backend, BackendState};
 use crate::balance::Balancer;
-use crate::config::{ActiveCheck, Config, Limits, Secret};
+use crate::config::{ActiveCheck, BackendConfig, Config, Limits, Secret, UpstreamConfig};
 use crate::health::CheckStatus;
 use crate::queue::WaitQueue;
 use crate::retry::RetryBudget;
@@ -89,12 +90,28 @@ impl Snapshot {
         }
     }
 
+    /// Compiles `config` whose upstreams all list their backends, or whose
+    /// discovered upstreams have found none yet.
     pub fn compile(config: &Config, previous: Option<&Snapshot>, generation: u64) -> Snapshot {
+        Snapshot::compile_discovered(config, &Discovered::new(), previous, generation)
+    }
+
+    /// Compiles `config` with each discovered upstream's backends taken from
+    /// `discovered` (none when it has no entry): the one path by which a
+    /// reload and a changed DNS answer both reach the request path, so a
+    /// backend that stays keeps its state either way.
+    pub fn compile_discovered(
+        config: &Config,
+        discovered: &Discovered,
+        previous: Option<&Snapshot>,
+        generation: u64,
+    ) -> Snapshot {
         let carried = Carried::from(previous);
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| {
+                let u = &*with_discovered(u, discovered);
                 // An upstream whose config did not change is reused whole (balancer
                 // tables included), so a reload costs what it changes.
                 if let Some(previous) = carried.unchanged_upstream(u) {
@@ -195,6 +212,18 @@ impl Snapshot {
             config: Arc::new(config.clone()),
         }
     }
+}
+
+/// The backends discovery found last, by upstream name.
+pub type Discovered = HashMap<String, Vec<BackendConfig>>;
+
+/// `upstream` with its discovered backends in place of its (empty) list.
+fn with_discovered<'a>(upstream: &'a UpstreamConfig, discovered: &Discovered) -> Cow<'a, UpstreamConfig> {
+    if upstream.discovery.is_none() {
+        return Cow::Borrowed(upstream);
+    }
+    let backends = discovered.get(&upstream.name).cloned().unwrap_or_default();
+    Cow::Owned(UpstreamConfig { backends, ..upstream.clone() })
 }
 
 /// An active check's identity: address, check, and the upstream's TLS

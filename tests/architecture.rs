@@ -15,7 +15,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("the compiled snapshot", &["state"]),
     (
         "the request path and views of the snapshot",
-        &["conn", "notes", "client", "observe", "proxy", "explain", "gauges", "probe"],
+        &["conn", "notes", "client", "observe", "proxy", "explain", "gauges", "probe", "discovery"],
     ),
     ("listeners", &["server", "admin"]),
     ("the running process", &["runtime"]),

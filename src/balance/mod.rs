@@ -238,6 +238,23 @@ mod tests {
     }
 
     #[test]
+    fn every_policy_over_no_backends_picks_none() {
+        // A discovered upstream whose first lookup failed has no backends yet.
+        let (headers, uri) = (key_headers("job-1"), http::Uri::from_static("/"));
+        for policy in [
+            PolicyConfig::RoundRobin,
+            PolicyConfig::LeastLoaded,
+            PolicyConfig::Random,
+            PolicyConfig::ConsistentHash { key: "header:x-job-id".parse().unwrap(), bounded_load: Some(1.25) },
+            PolicyConfig::ConsistentHash { key: "header:x-job-id".parse().unwrap(), bounded_load: None },
+        ] {
+            let balancer = Balancer::new(&policy, &[]);
+            assert!(balancer.pick(&[], &request(&headers, &uri)).is_none(), "{policy:?}");
+            assert!(balancer.peek(&[], &request(&headers, &uri)).is_none(), "{policy:?}");
+        }
+    }
+
+    #[test]
     fn a_retry_goes_to_an_untried_backend_and_to_a_tried_one_only_when_no_other_can_take_it() {
         let (configs, runtime) = backends(&[(1, None), (1, None), (1, Some(1))]);
         let (headers, uri) = (http::HeaderMap::new(), http::Uri::from_static("/"));

@@ -34,8 +34,16 @@ pub struct Config {
     /// Request worker threads (each with its own runtime, sockets and pools);
     /// read at start, a reload does not change it.
     pub workers: usize,
+    /// The DNS servers `discovery` asks.
+    pub resolver: ResolverConfig,
     pub routes: Vec<RouteConfig>,
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// `resolver:`. No servers: the system's `/etc/resolv.conf`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolverConfig {
+    pub servers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,13 +220,62 @@ pub struct QueueConfig {
 pub struct UpstreamConfig {
     pub name: String,
     pub policy: PolicyConfig,
+    /// As listed, or (with `discovery`) the set found last: empty in the
+    /// config as parsed, filled in when a snapshot is compiled.
     pub backends: Vec<BackendConfig>,
+    pub discovery: Option<DiscoveryConfig>,
     pub protocol: UpstreamProtocol,
     /// TLS towards the backends (HTTPS/1.1, or HTTP/2 over TLS for `h2`).
     pub tls: Option<tls::UpstreamTls>,
     pub health: HealthConfig,
     pub circuit_breaker: Option<BreakerConfig>,
     pub queue: Option<QueueConfig>,
+}
+
+/// `discovery:` of an upstream: its backends come from DNS, looked up again
+/// every `refresh` (or when the answer's TTL runs out, if later).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DiscoveryConfig {
+    pub source: DiscoverySource,
+    pub refresh: Duration,
+    /// `backend_defaults:`: the weight (for `dns`; SRV records carry their
+    /// own) and `max_concurrency` each discovered backend gets.
+    pub defaults: BackendDefaults,
+}
+
+impl DiscoveryConfig {
+    pub const DEFAULT_REFRESH: Duration = Duration::from_secs(10);
+    /// Lookups more often than this would load the DNS server for nothing.
+    pub const MIN_REFRESH: Duration = Duration::from_millis(100);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DiscoverySource {
+    /// A and AAAA records of `name`; every address serves on `port`.
+    Dns { name: String, port: u16 },
+    /// SRV records of `name`: targets, ports and weights.
+    Srv { name: String },
+}
+
+impl fmt::Display for DiscoverySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiscoverySource::Dns { name, port } => write!(f, "dns {name}:{port}"),
+            DiscoverySource::Srv { name } => write!(f, "srv {name}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackendDefaults {
+    pub weight: u32,
+    pub max_concurrency: Option<u32>,
+}
+
+impl Default for BackendDefaults {
+    fn default() -> Self {
+        BackendDefaults { weight: 1, max_concurrency: None }
+    }
 }
 
 /// `health:` of an upstream. Everything is off unless configured.

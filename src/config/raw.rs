@@ -26,6 +26,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub limits: RawLimits,
     pub workers: Option<Spanned<u32>>,
+    pub resolver: Option<Spanned<RawResolver>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
@@ -163,13 +164,39 @@ pub struct RawMatch {
 pub struct RawUpstream {
     #[serde(default)]
     pub balance: RawBalance,
-    pub backends: Spanned<Vec<Spanned<RawBackend>>>,
+    pub backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+    pub discovery: Option<Spanned<RawDiscovery>>,
+    pub backend_defaults: Option<Spanned<RawBackendDefaults>>,
     #[serde(default)]
     pub protocol: Option<Spanned<UpstreamProtocol>>,
     pub tls: Option<Spanned<RawUpstreamTls>>,
     pub health: Option<RawHealth>,
     pub circuit_breaker: Option<Spanned<RawBreaker>>,
     pub queue: Option<RawQueue>,
+}
+
+/// `resolver:`: the DNS servers `discovery` asks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResolver {
+    pub servers: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `discovery:` of an upstream: exactly one of `dns` and `srv`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscovery {
+    pub dns: Option<Spanned<String>>,
+    pub srv: Option<Spanned<String>>,
+    pub refresh: Option<Spanned<DurationValue>>,
+}
+
+/// `backend_defaults:`: what each discovered backend gets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackendDefaults {
+    pub weight: Option<Weight>,
+    pub max_concurrency: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,21 +3,22 @@
 //! Every error is collected with its position; nothing stops at the first.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
 use super::raw::{
-    CheckKind, PolicyKind, RawBackend, RawBreaker, RawConfig, RawHealth, RawListenerTls, RawQueue, RawRetry, RawRoute,
-    RawUpstream, RawUpstreamTls, UpstreamProtocol,
+    CheckKind, PolicyKind, RawBackend, RawBreaker, RawConfig, RawDiscovery, RawHealth, RawListenerTls, RawQueue,
+    RawResolver, RawRetry, RawRoute, RawUpstream, RawUpstreamTls, UpstreamProtocol,
 };
 use super::tls::{Alpn, Certificate, CertificateError, ListenerTls, UpstreamTls, UpstreamTlsError, UpstreamTlsFiles};
 use super::values::DurationValue;
 use super::{
-    ActiveCheck, AdminConfig, BackendConfig, BreakerConfig, Config, ConfigError, ConfigErrors, HealthConfig, Limits,
-    ListenerConfig, LogConfig, LogFormat, LogLevel, PassiveConfig, PolicyConfig, Probe, QueueConfig, RetryConfig,
-    RouteConfig, Secret, UpstreamConfig,
+    ActiveCheck, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, Config, ConfigError, ConfigErrors,
+    DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig, LogFormat, LogLevel,
+    PassiveConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryConfig, RouteConfig, Secret, UpstreamConfig,
 };
 
 /// Shorter admin tokens are too easy to guess.
@@ -102,6 +103,7 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
     };
 
     let limits = validate_limits(&raw, &mut errors);
+    let resolver = validate_resolver(&raw.resolver, &mut errors);
 
     let mut upstreams = Vec::new();
     for (name, upstream) in &raw.upstreams {
@@ -135,7 +137,7 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
     };
 
     if errors.errors.is_empty() {
-        Ok(Config { listeners, admin, log, limits, workers, routes, upstreams })
+        Ok(Config { listeners, admin, log, limits, workers, resolver, routes, upstreams })
     } else {
         errors.errors.sort_by_key(|e| (e.line, e.column));
         Err(ConfigErrors(errors.errors))
@@ -300,16 +302,35 @@ fn validate_upstream(
     let upstream = &upstream.value;
     let before = errors.errors.len();
 
-    if upstream.backends.value.is_empty() {
-        errors.at(upstream.backends.referenced, format!("upstream `{name}` has no backends"));
-    }
     let mut seen: HashMap<&str, Location> = HashMap::new();
     let mut backends = Vec::new();
-    for backend in &upstream.backends.value {
-        if let Some(backend) = validate_backend(backend, &mut seen, errors) {
-            backends.push(backend);
+    match (&upstream.backends, &upstream.discovery) {
+        (Some(_), Some(discovery)) => errors.at(
+            discovery.referenced,
+            format!("upstream `{name}` has both `backends` and `discovery`: its backends come from one of them"),
+        ),
+        (None, None) => {
+            errors.at(location, format!("upstream `{name}` has no backends: list `backends` or set `discovery`"))
         }
+        (Some(listed), None) if listed.value.is_empty() => {
+            errors.at(listed.referenced, format!("upstream `{name}` has no backends"))
+        }
+        (Some(listed), None) => {
+            for backend in &listed.value {
+                if let Some(backend) = validate_backend(backend, &mut seen, errors) {
+                    backends.push(backend);
+                }
+            }
+        }
+        (None, Some(_)) => {}
     }
+    if let (Some(defaults), None) = (&upstream.backend_defaults, &upstream.discovery) {
+        errors.at(
+            defaults.referenced,
+            "`backend_defaults` applies to discovered backends; set weight and max_concurrency on each listed backend",
+        );
+    }
+    let discovery = upstream.discovery.as_ref().and_then(|d| validate_discovery(d, upstream, errors));
 
     let protocol = upstream.protocol.as_ref().map_or(UpstreamProtocol::Http1, |p| p.value);
     let protocol_location = upstream.protocol.as_ref().map_or(location, |p| p.referenced);
@@ -370,12 +391,106 @@ fn validate_upstream(
         name: name.to_owned(),
         policy,
         backends,
+        discovery,
         protocol,
         tls,
         health,
         circuit_breaker,
         queue,
     })
+}
+
+fn validate_discovery(
+    raw: &Spanned<RawDiscovery>,
+    upstream: &RawUpstream,
+    errors: &mut Collector<'_>,
+) -> Option<DiscoveryConfig> {
+    let before = errors.errors.len();
+    let source = match (&raw.value.dns, &raw.value.srv) {
+        (Some(dns), None) => match dns.value.rsplit_once(':') {
+            Some((name, port)) => {
+                let port = port.parse::<u16>().ok().filter(|p| *p != 0);
+                if port.is_none() {
+                    errors
+                        .at(dns.referenced, format!("dns `{}` needs a port from 1 to 65535 after the name", dns.value));
+                }
+                if let Err(message) = check_dns_name(name) {
+                    errors.at(dns.referenced, message);
+                }
+                DiscoverySource::Dns { name: name.to_owned(), port: port.unwrap_or(1) }
+            }
+            None => {
+                errors
+                    .at(dns.referenced, format!("dns `{}` is not NAME:PORT (A/AAAA records carry no port)", dns.value));
+                return None;
+            }
+        },
+        (None, Some(srv)) => {
+            if let Err(message) = check_dns_name(&srv.value) {
+                errors.at(srv.referenced, message);
+            }
+            DiscoverySource::Srv { name: srv.value.clone() }
+        }
+        _ => {
+            errors.at(raw.referenced, "discovery needs exactly one of `dns: NAME:PORT` and `srv: NAME`");
+            return None;
+        }
+    };
+    let refresh = duration(&raw.value.refresh, "refresh", DiscoveryConfig::DEFAULT_REFRESH, errors);
+    if refresh < DiscoveryConfig::MIN_REFRESH {
+        let at = raw.value.refresh.as_ref().map_or(raw.referenced, |r| r.referenced);
+        errors.at(at, format!("refresh must be at least {:?}", DiscoveryConfig::MIN_REFRESH));
+    }
+    let defaults = match &upstream.backend_defaults {
+        Some(defaults) => {
+            let max_concurrency = defaults.value.max_concurrency.as_ref().map(|limit| {
+                if limit.value == 0 {
+                    errors.at(limit.referenced, "max_concurrency must be at least 1 (omit it for no limit)");
+                }
+                limit.value
+            });
+            BackendDefaults { weight: defaults.value.weight.map_or(1, |w| w.0), max_concurrency }
+        }
+        None => BackendDefaults::default(),
+    };
+    (errors.errors.len() == before).then_some(DiscoveryConfig { source, refresh, defaults })
+}
+
+/// A DNS name as discovery may ask for it: dot-separated labels of letters,
+/// digits, `-` and `_` (SRV names start with `_service._proto`), a final dot
+/// allowed.
+fn check_dns_name(name: &str) -> Result<(), String> {
+    let labels = name.strip_suffix('.').unwrap_or(name);
+    let valid_label = |label: &str| {
+        (1..=63).contains(&label.len()) && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if labels.is_empty() || name.len() > 253 || !labels.split('.').all(valid_label) {
+        return Err(format!("`{name}` is not a DNS name"));
+    }
+    Ok(())
+}
+
+/// `resolver.servers`: each an IP address, with a port or on 53.
+fn validate_resolver(raw: &Option<Spanned<RawResolver>>, errors: &mut Collector<'_>) -> ResolverConfig {
+    let Some(servers) = raw.as_ref().and_then(|r| r.value.servers.as_ref()) else {
+        return ResolverConfig::default();
+    };
+    if servers.value.is_empty() {
+        errors.at(servers.referenced, "resolver.servers is empty: list servers, or remove it for /etc/resolv.conf");
+    }
+    let mut parsed = Vec::new();
+    for server in &servers.value {
+        let text = server.value.trim();
+        let address = text
+            .parse::<SocketAddr>()
+            .ok()
+            .or_else(|| text.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+        match address {
+            Some(address) => parsed.push(address),
+            None => errors.at(server.referenced, format!("resolver server `{text}` is not IP or IP:PORT")),
+        }
+    }
+    ResolverConfig { servers: parsed }
 }
 
 /// Reads an upstream's CA bundle and client certificate; paths are relative

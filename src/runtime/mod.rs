@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use futures_util::future::BoxFuture;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::admin::{self, AdminHandle};
 use crate::client::UpstreamClients;
 use crate::config::{self, Config};
+use crate::discovery::Discovery;
 use crate::probe::Checkers;
 use crate::server::workers::Workers;
 use crate::server::{self, ListenerHandle, ServeContext};
@@ -39,6 +40,8 @@ struct Bound {
     /// freeing a large snapshot happens here and never on a request's path.
     retired: Vec<Arc<Snapshot>>,
     checkers: Checkers,
+    /// The DNS lookups of upstreams with `discovery`, and what they found.
+    discovery: Discovery,
 }
 
 impl Bound {
@@ -77,7 +80,11 @@ impl Runtime {
     /// the file reloads read; `None` for a config given as text.
     pub async fn start(config: &Config, config_path: Option<PathBuf>) -> Result<Arc<Runtime>, ReloadError> {
         crate::metrics::install();
-        let live: Live = Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::compile(config, None, 1)));
+        let discovered_changed = Arc::new(Notify::new());
+        let mut discovery = Discovery::new(&config.resolver, Arc::clone(&discovered_changed));
+        discovery.sync(config).await;
+        let first = Snapshot::compile_discovered(config, &discovery.discovered(), None, 1);
+        let live: Live = Arc::new(arc_swap::ArcSwap::from_pointee(first));
         let digest = config_path.as_deref().and_then(|p| config::read(p).ok()).map(|text| digest(&text));
         let connect_timeout = config.limits.connect_timeout;
         let workers = Workers::start(config.workers, || UpstreamClients::new(connect_timeout))
@@ -105,6 +112,7 @@ impl Runtime {
                 last_digest: digest,
                 retired: Vec::new(),
                 checkers: Checkers::default(),
+                discovery,
             }),
             stats: ReloadStats::default(),
             draining: AtomicBool::new(false),
@@ -124,6 +132,14 @@ impl Runtime {
         }
         crate::metrics::config_generation(1);
         crate::gauges::register_config_series(&runtime.live.load());
+        let weak = Arc::downgrade(&runtime);
+        tokio::spawn(async move {
+            loop {
+                discovered_changed.notified().await;
+                let Some(runtime) = weak.upgrade() else { return };
+                runtime.apply_discovered().await;
+            }
+        });
         let weak = Arc::downgrade(&runtime);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HOUSEKEEPING);
@@ -176,6 +192,42 @@ impl Runtime {
             admin.stop();
         }
         bound.checkers = Checkers::default();
+        bound.discovery.stop();
+    }
+
+    /// Serves the sets discovery found last: the running config compiled
+    /// again with them, as a reload would, when any upstream's set changed.
+    async fn apply_discovered(&self) {
+        let mut bound = self.bound.lock().await;
+        let previous = self.live.load_full();
+        let discovered = bound.discovery.discovered();
+        // The generation counts configs; a new DNS answer is not one.
+        let snapshot =
+            Snapshot::compile_discovered(&previous.config, &discovered, Some(&previous), previous.generation);
+        let unchanged = snapshot.upstreams.iter().zip(&previous.upstreams).all(|(new, old)| Arc::ptr_eq(new, old));
+        if unchanged {
+            return;
+        }
+        let summary = ReloadSummary::between(&previous, &snapshot);
+        tracing::info!(
+            added = summary.backends_added,
+            removed = summary.backends_removed,
+            kept = summary.backends_kept,
+            "serving a changed discovered set"
+        );
+        self.install(&mut bound, previous, snapshot);
+    }
+
+    /// Makes `snapshot` live in place of `previous`: retires what it dropped,
+    /// registers its series and starts the checks it needs.
+    fn install(&self, bound: &mut Bound, previous: Arc<Snapshot>, snapshot: Snapshot) {
+        let snapshot = Arc::new(snapshot);
+        self.live.store(Arc::clone(&snapshot));
+        previous.retire_removed(&snapshot);
+        crate::gauges::register_config_series(&snapshot);
+        bound.checkers.sync(&snapshot);
+        bound.retired.push(previous);
+        bound.free_unused_snapshots();
     }
 }
 

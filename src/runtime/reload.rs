@@ -10,7 +10,6 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -110,15 +109,13 @@ impl Runtime {
         let new_admin_socket =
             if config.admin.bind != bound.admin_bind { Some(bind("admin", config.admin.bind)?) } else { None };
 
-        let snapshot = Snapshot::compile(&config, Some(&previous), previous.generation + 1);
+        // Nothing fails from here on. A new discovery is looked up first, so
+        // its upstream starts with backends.
+        bound.discovery.sync(&config).await;
+        let discovered = bound.discovery.discovered();
+        let snapshot = Snapshot::compile_discovered(&config, &discovered, Some(&previous), previous.generation + 1);
         let mut summary = ReloadSummary::between(&previous, &snapshot);
-        let snapshot = Arc::new(snapshot);
-        self.live.store(Arc::clone(&snapshot));
-        previous.retire_removed(&snapshot);
-        crate::gauges::register_config_series(&snapshot);
-        bound.checkers.sync(&snapshot);
-        bound.retired.push(previous);
-        bound.free_unused_snapshots();
+        self.install(bound, previous, snapshot);
 
         for (listener, socket) in new_sockets {
             let handle = server::spawn(listener.name.as_str().into(), socket, &self.serve, &self.workers);
@@ -184,7 +181,7 @@ impl ReloadSummary {
         }
     }
 
-    fn between(old: &Snapshot, new: &Snapshot) -> Self {
+    pub(super) fn between(old: &Snapshot, new: &Snapshot) -> Self {
         let keys = |s: &Snapshot| -> HashSet<(String, String)> {
             s.upstreams
                 .iter()

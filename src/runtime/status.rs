@@ -10,6 +10,7 @@ use super::Runtime;
 use crate::backend::Backend;
 use crate::breaker::Phase;
 use crate::clock::nanos_since_epoch;
+use crate::discovery::DiscoveryStatus;
 
 impl Runtime {
     pub async fn status(&self) -> Status {
@@ -28,6 +29,10 @@ impl Runtime {
                 }
             })
             .collect();
+        let (health_checkers, mut discovery) = {
+            let bound = self.bound.lock().await;
+            (bound.checkers.len(), bound.discovery.status())
+        };
         let upstreams = snapshot
             .upstreams
             .iter()
@@ -35,10 +40,10 @@ impl Runtime {
                 name: u.name.to_string(),
                 policy: u.config.policy.name(),
                 queue_waiting: u.queue.as_ref().map(|q| q.waiting()),
+                discovery: discovery.remove(&*u.name),
                 backends: u.backends.iter().map(|b| BackendStatus::of(b, now)).collect(),
             })
             .collect();
-        let health_checkers = self.bound.lock().await.checkers.len();
         Status {
             generation: snapshot.generation,
             draining: self.is_draining(),
@@ -114,6 +119,9 @@ pub struct UpstreamStatus {
     pub policy: &'static str,
     /// Requests waiting for a free backend; `null` without a queue.
     pub queue_waiting: Option<usize>,
+    /// Where the backends come from and how the last lookups went; `null`
+    /// for listed backends.
+    pub discovery: Option<DiscoveryStatus>,
     pub backends: Vec<BackendStatus>,
 }
 

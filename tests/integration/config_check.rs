@@ -71,6 +71,26 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
         ("duplicate upstream", format!("{HEAD}{routes}{}  pool:\n    backends: {ok_backends}\n", upstream(ok_backends)), 8, 3, "duplicate mapping key"),
         ("no listeners", format!("listeners: []\n{routes}{}", upstream(ok_backends)), 1, 1, "no listeners"),
         ("protocol h2 without tls", format!("{HEAD}{routes}{}    protocol: h2\n", upstream(ok_backends)), 8, 15, "HTTP/2 over TLS: add `tls:`"),
+        (
+            "backends and discovery both",
+            format!("{HEAD}{routes}{}    discovery: {{ dns: \"bots.svc:80\" }}\n", upstream(ok_backends)),
+            8,
+            16,
+            "has both `backends` and `discovery`",
+        ),
+        ("no backends nor discovery", format!("{HEAD}{routes}upstreams:\n  pool:\n    protocol: h2c\n"), 7, 5, "list `backends` or set `discovery`"),
+        ("dns without port", format!("{HEAD}{routes}upstreams:\n  pool:\n    discovery: {{ dns: bots.svc }}\n"), 7, 23, "is not NAME:PORT"),
+        ("dns and srv both", format!("{HEAD}{routes}upstreams:\n  pool:\n    discovery: {{ dns: \"a:1\", srv: b }}\n"), 7, 16, "exactly one of"),
+        ("not a DNS name", format!("{HEAD}{routes}upstreams:\n  pool:\n    discovery: {{ srv: \"bots svc\" }}\n"), 7, 23, "is not a DNS name"),
+        ("refresh too short", format!("{HEAD}{routes}upstreams:\n  pool:\n    discovery: {{ srv: b, refresh: 10ms }}\n"), 7, 35, "refresh must be at least"),
+        (
+            "backend_defaults without discovery",
+            format!("{HEAD}{routes}{}    backend_defaults: {{ weight: 2 }}\n", upstream(ok_backends)),
+            8,
+            23,
+            "applies to discovered backends",
+        ),
+        ("resolver server not an IP", format!("resolver: {{ servers: [dns.local] }}\n{HEAD}{routes}{}", upstream(ok_backends)), 1, 23, "not IP or IP:PORT"),
         ("negative body limit", format!("{HEAD}{routes}{}limits: {{ max_body_bytes: -1 }}\n", upstream(ok_backends)), 8, 27, "cannot be negative"),
     ]
 }
@@ -96,6 +116,20 @@ fn check_reports_file_line_column_for_each_broken_config() {
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn check_needs_no_dns() {
+    // Nothing answers DNS on the discard port: `check` must not ask.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("discovered.yaml");
+    let text = format!(
+        "resolver: {{ servers: [\"127.0.0.1:9\"] }}\n{HEAD}routes:\n  - upstream: pool\nupstreams:\n  pool:\n    \
+         discovery: {{ srv: _bot._tcp.bots.service.consul, refresh: 5s }}\n    backend_defaults: {{ max_concurrency: 1 }}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
 #[test]

@@ -1,12 +1,14 @@
 //! Integration tests: real servers and the real proxy on loopback.
 //! One test binary (modules below) keeps link time down on small CI machines.
 
+mod dns;
 mod support;
 
 mod backend_http1;
 mod config_check;
 mod connections;
 mod demo;
+mod discovery;
 mod forwarding;
 mod grpc;
 mod health;
