@@ -148,10 +148,14 @@ async fn a_records_are_followed_under_load_without_failing_a_request_for_a_stayi
     let (port, bots) = backends_on_one_port(3).await;
     let dns = DnsServer::start().await;
     dns.set_addresses("bots.test", &ips(&[&bots[0], &bots[1]]));
+    // A slow first answer: the proxy waits for it before it serves, so no
+    // request meets an empty upstream.
+    dns.set_delay(Duration::from_millis(500));
     let proxy =
         FileProxy::start(&dns_config(&dns, &format!("{{ dns: \"bots.test:{port}\", refresh: 200ms }}"), "")).await;
-    // The first lookup is made before the proxy serves: no request meets an empty upstream.
     assert_eq!(served(&proxy.status().await), addresses(&[&bots[0], &bots[1]]));
+    assert_eq!(get(&client(), &proxy.url("/")).await.status, 200);
+    dns.set_delay(Duration::ZERO);
 
     let load = SteadyLoad::start(proxy.url("/"), 4);
     load.wait_for_answers_from(&bots[1], 50).await;
@@ -253,6 +257,11 @@ async fn srv_records_bring_targets_ports_and_weights_and_are_followed_under_load
         &failures[..failures.len().min(5)]
     );
     assert_eq!(bots[3].hits(), 0, "the lower-priority spare was never used");
+
+    // An answer whose only target is "." (the service is not offered here)
+    // would empty the upstream: it is a failure, and the set is kept.
+    dns.set_services(service, &[Srv { priority: 1, weight: 1, port: 1, target: "." }]);
+    expect_failure(&proxy, "no records", &[&bots[0], &bots[2]]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,6 +400,7 @@ async fn a_reload_that_adds_discovery_serves_the_discovered_set_at_once() {
         bots[0].addr
     );
     let proxy = FileProxy::start(&listed).await;
+    dns.set_delay(Duration::from_millis(500));
     std::fs::write(
         &proxy.path,
         with_test_admin(&dns_config(&dns, &format!("{{ dns: \"bots.test:{port}\", refresh: 10s }}"), "")),

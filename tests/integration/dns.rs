@@ -32,6 +32,8 @@ struct Zone {
     ttl: u32,
     /// Glue A records for SRV targets in the additional section.
     glue: bool,
+    /// How long each answer takes.
+    delay: Duration,
 }
 
 struct Handler {
@@ -95,6 +97,11 @@ impl DnsServer {
         self.zone.lock().unwrap().failing = failing;
     }
 
+    /// Answers only after `delay`, as a slow or distant server would.
+    pub fn set_delay(&self, delay: Duration) {
+        self.zone.lock().unwrap().delay = delay;
+    }
+
     pub fn set_ttl(&self, ttl: u32) {
         self.zone.lock().unwrap().ttl = ttl;
     }
@@ -138,6 +145,8 @@ impl RequestHandler for Handler {
         let query_name: Name = info.query.name().into();
         let query_type = info.query.query_type();
         self.queries.lock().unwrap().entry(query_name.clone()).or_default().push(Instant::now());
+        let delay = self.zone.lock().unwrap().delay;
+        tokio::time::sleep(delay).await;
 
         let (code, answers, additionals) = {
             let zone = self.zone.lock().unwrap();
