@@ -375,7 +375,13 @@ async fn an_admin_token_is_required_and_never_shown() {
     );
     let proxy = start_proxy(&yaml).await;
     let admin = proxy.running.admin_addr().await;
-    for path in ["/healthz", "/status", "/metrics", "/config", "/explain?path=/"] {
+    // Liveness and readiness probes answer without it: a kubelet cannot hold a secret.
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(admin_get(admin, path, None).await.status, 200, "{path} without a token");
+        assert_eq!(admin_get(admin, path, Some(token)).await.status, 200, "{path} with the token");
+    }
+    assert_eq!(admin_get(admin, "/healthz/../status", None).await.status, 401, "only the probe paths are open");
+    for path in ["/status", "/metrics", "/config", "/explain?path=/"] {
         assert_eq!(admin_get(admin, path, None).await.status, 401, "{path} without a token");
         assert_eq!(
             admin_get(admin, path, Some("wrong-token-wrong-token")).await.status,
