@@ -61,6 +61,9 @@ pub struct RawCertificate {
 pub struct RawAdmin {
     pub bind: Option<Spanned<BindAddr>>,
     pub token: Option<Spanned<String>>,
+    /// A file holding the token (a mounted Kubernetes Secret), relative to
+    /// the config file's directory.
+    pub token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

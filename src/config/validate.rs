@@ -71,16 +71,32 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
         listeners.push(ListenerConfig { name, bind, tls });
     }
 
-    let token = raw.admin.token.as_ref().and_then(|token| {
+    let token_text = match (&raw.admin.token, &raw.admin.token_file) {
+        (Some(_), Some(path)) => {
+            errors.at(path.referenced, "admin has both `token` and `token_file`: give one");
+            None
+        }
+        (Some(token), None) => Some((token.value.clone(), token.referenced)),
+        (None, Some(path)) => {
+            let full = Path::new(file).parent().unwrap_or(Path::new("")).join(&path.value);
+            match std::fs::read_to_string(&full) {
+                // A file written by `echo` or a Secret ends in a newline that is not part of the token.
+                Ok(text) => Some((text.trim_end_matches(['\n', '\r']).to_owned(), path.referenced)),
+                Err(error) => {
+                    errors.at(path.referenced, format!("cannot read admin token_file {}: {error}", full.display()));
+                    None
+                }
+            }
+        }
+        (None, None) => None,
+    };
+    let token = token_text.and_then(|(token, at)| {
         // The message never repeats the token: error output may end up in logs.
-        if token.value.len() < MIN_TOKEN_LENGTH || token.value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            errors.at(
-                token.referenced,
-                format!("admin token must be at least {MIN_TOKEN_LENGTH} characters without spaces"),
-            );
+        if token.len() < MIN_TOKEN_LENGTH || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            errors.at(at, format!("admin token must be at least {MIN_TOKEN_LENGTH} characters without spaces"));
             None
         } else {
-            Some(Secret::new(token.value.clone()))
+            Some(Secret::new(token))
         }
     });
     let admin = match &raw.admin.bind {
@@ -88,10 +104,10 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
             let addr = bind.value.0;
             // The admin API can reload the config: other hosts may reach it
             // only with a token.
-            if !addr.ip().is_loopback() && raw.admin.token.is_none() {
+            if !addr.ip().is_loopback() && raw.admin.token.is_none() && raw.admin.token_file.is_none() {
                 errors.at(
                     bind.referenced,
-                    format!("admin bind `{addr}` is not a loopback address, so `token` is required"),
+                    format!("admin bind `{addr}` is not a loopback address, so `token` (or `token_file`) is required"),
                 );
             }
             if binds.contains(&addr) {

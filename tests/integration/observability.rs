@@ -423,7 +423,33 @@ async fn an_admin_token_is_required_and_never_shown() {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&output.stderr).contains("so `token` is required"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("so `token` (or `token_file`) is required"));
+}
+
+#[tokio::test]
+async fn the_admin_token_can_come_from_a_file() {
+    // As a Kubernetes Secret mounts it: a file beside (or below) the config, with a final newline.
+    let backend = Backend::start("a").await;
+    let token = "token-from-a-secret-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin-token"), format!("{token}\n")).unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "admin: {{ bind: \"127.0.0.1:0\", token_file: admin-token }}\n{}",
+            simple_config("{}", &[&backend], "")
+        ),
+    )
+    .unwrap();
+    let proxy = switchyard::app::RunningProxy::start_from_file(&path).await.expect("proxy starts");
+    let admin = proxy.admin_addr().await;
+    assert_eq!(admin_get(admin, "/status", None).await.status, 401);
+    assert_eq!(admin_get(admin, "/status", Some(token)).await.status, 200);
+
+    // A missing file is a config error at its line and column, and says which file.
+    std::fs::remove_file(dir.path().join("admin-token")).unwrap();
+    assert_check_reports(&path, "missing token_file", 1, 43, "cannot read admin token_file");
 }
 
 #[tokio::test]
