@@ -9,10 +9,11 @@ COPY tests ./tests
 RUN cargo build --release --locked --bin switchyard
 
 FROM debian:bookworm-slim
-RUN useradd --system --no-create-home switchyard
+# A numeric user, so that Kubernetes' runAsNonRoot can verify it (deploy/kubernetes).
+RUN useradd --system --no-create-home --uid 10001 switchyard
 COPY --from=build /src/target/release/switchyard /usr/local/bin/switchyard
 COPY config/switchyard.yaml /etc/switchyard/switchyard.yaml
-USER switchyard
+USER 10001
 EXPOSE 8080
 ENTRYPOINT ["switchyard"]
 CMD ["run", "-c", "/etc/switchyard/switchyard.yaml"]

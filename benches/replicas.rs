@@ -9,7 +9,8 @@
 //!   which it was given the backends;
 //! - after 1% of the backends change (half of them leave, as many new ones
 //!   join), the share of keys that moved, against the floor a perfect
-//!   mapping would move (the keys of the leavers plus the new ones' share);
+//!   mapping would move (the keys of the leavers plus the new ones' share),
+//!   and every replica still agrees on every key;
 //! - with `bounded_load: 1.25`, no backend of a replica holds more requests
 //!   than 1.25 x the mean (rounded up), with every request held.
 
@@ -65,17 +66,29 @@ fn main() {
 
     // 2. Churn: 1% of the backends change, half leaving, as many joining.
     let changed = backends / 100;
+    // Seeded, and deduplicated in draw order, so every run churns the same backends.
     let mut rng = fastrand::Rng::with_seed(42);
-    let leaving: HashSet<usize> = std::iter::repeat_with(|| rng.usize(..backends))
-        .take(4 * changed)
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .take(changed / 2)
-        .collect();
+    let mut drawn = HashSet::new();
+    let leaving: HashSet<usize> =
+        std::iter::repeat_with(|| rng.usize(..backends)).filter(|i| drawn.insert(*i)).take(changed / 2).collect();
     let mut churned: Vec<BackendConfig> =
         fleet.iter().enumerate().filter(|(i, _)| !leaving.contains(i)).map(|(_, b)| b.clone()).collect();
     churned.extend((backends..backends + changed / 2).map(backend));
     let after = replica_mapping(&churned, &keys, 7);
+    // Every replica agrees after the churn too, each with its own order of the new set.
+    let started = Instant::now();
+    let mut disagreements = 0usize;
+    for replica in 0..replicas {
+        let mapping = replica_mapping(&churned, &keys, 1_000 + replica as u64);
+        disagreements += mapping.iter().zip(&after).filter(|(a, b)| a != b).count();
+    }
+    println!(
+        "after the churn, {replicas} replicas x {} backends x {} keys: {disagreements} disagreements ({:.1} s)",
+        churned.len(),
+        keys.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(disagreements, 0, "replicas must map every key alike after a churn");
     let moved = after.iter().zip(&reference).filter(|(a, b)| a != b).count();
     let left: HashSet<Arc<str>> = leaving.iter().map(|&i| Arc::from(fleet[i].address.as_str())).collect();
     let orphaned = reference.iter().filter(|owner| left.contains(*owner)).count();

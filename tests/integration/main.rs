@@ -8,6 +8,7 @@ mod backend_http1;
 mod config_check;
 mod connections;
 mod demo;
+mod deploy;
 mod discovery;
 mod forwarding;
 mod grpc;

@@ -1,0 +1,89 @@
+//! The deployment examples in `deploy/` stay true: the Switchyard configs they
+//! carry validate as `switchyard check` would, and the Kubernetes manifests
+//! keep what docs/discovery.md promises of them (a headless Service for the
+//! bots, two or more replicas, probes on `/readyz` and `/healthz`, the config
+//! from a ConfigMap and the admin token from a Secret).
+
+use serde_json::Value;
+
+fn deploy_file(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/deploy/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+fn manifests(path: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(&deploy_file(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn find<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    documents
+        .iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// Validates `yaml` as `switchyard check` would, with `files` (path relative
+/// to the config's directory, content) beside it.
+fn validate(yaml: &str, files: &[(&str, &str)]) -> switchyard::config::Config {
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    for (path, content) in files {
+        let full = config_dir.join(path);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(full, content).unwrap();
+    }
+    let path = config_dir.join("switchyard.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    switchyard::config::load(&path).unwrap_or_else(|e| panic!("the example config does not validate:\n{e}"))
+}
+
+#[test]
+fn the_kubernetes_example_fronts_a_headless_service_with_two_replicas() {
+    let bots = manifests("kubernetes/bots.yaml");
+    let service = find(&bots, "Service", "robots");
+    assert_eq!(service["spec"]["clusterIP"], "None", "a headless Service: DNS names the pods");
+    let port = &service["spec"]["ports"][0];
+    assert_eq!((port["name"].as_str(), port["port"].as_u64()), (Some("robot"), Some(8270)));
+
+    let switchyard = manifests("kubernetes/switchyard.yaml");
+    let deployment = find(&switchyard, "Deployment", "switchyard");
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let config_path = container["args"][2].as_str().unwrap();
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let mounted_at = |volume: &str| mounts.iter().find(|m| m["name"] == volume).unwrap()["mountPath"].clone();
+    assert_eq!(format!("{}/switchyard.yaml", mounted_at("config").as_str().unwrap()), config_path);
+    let volumes = pod["volumes"].as_array().unwrap();
+    let config_map = volumes.iter().find(|v| v["name"] == "config").unwrap()["configMap"]["name"].clone();
+    assert_eq!(config_map, "switchyard");
+
+    // The config in the ConfigMap validates, with the Secret's token where the pod mounts it.
+    let yaml = find(&switchyard, "ConfigMap", "switchyard")["data"]["switchyard.yaml"].as_str().unwrap().to_owned();
+    let config = validate(&yaml, &[("../admin/token", "a-token-from-the-secret-0123456789\n")]);
+    assert_eq!(mounted_at("admin-token"), "/etc/switchyard/admin", "token_file: ../admin/token must find it");
+    let robots = config.upstreams.iter().find(|u| u.name == "robots").unwrap();
+    let discovery = robots.discovery.as_ref().expect("the bots come from DNS");
+    assert_eq!(
+        discovery.source.to_string(),
+        "dns robots.bots.svc.cluster.local:8270",
+        "the headless Service's name in the bots' namespace, on its port"
+    );
+    assert!(matches!(robots.policy, switchyard::config::PolicyConfig::ConsistentHash { .. }));
+
+    // The drain fits in the pod's grace period.
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(grace > config.limits.shutdown_grace.as_secs() + 5, "{grace} s");
+}
+
+#[test]
+fn the_consul_example_asks_the_agent_for_srv_records() {
+    let config = validate(&deploy_file("consul/switchyard.yaml"), &[]);
+    assert_eq!(config.resolver.servers, ["127.0.0.1:8600".parse().unwrap()]);
+    let robots = config.upstreams.iter().find(|u| u.name == "robots").unwrap();
+    let discovery = robots.discovery.as_ref().unwrap();
+    assert_eq!(discovery.source.to_string(), "srv _robot._tcp.service.consul");
+    assert!(deploy_file("consul/robot.hcl").contains("name = \"robot\""), "the registered service is `robot`");
+}
