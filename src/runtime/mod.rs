@@ -1,6 +1,7 @@
 //! The running proxy: its request workers, listeners and admin listener, the
-//! one live snapshot, housekeeping (gauges, metrics upkeep, retired snapshots)
-//! and shutdown. Hot reload is in [`reload`], the `/status` view in
+//! one live snapshot, the discovery lookups (a changed set is compiled in as a
+//! reload would), housekeeping (gauges, metrics upkeep, retired snapshots) and
+//! shutdown. Hot reload is in [`reload`], the `/status` view in
 //! [`status`]; the admin API reaches the runtime through [`admin::Control`].
 
 mod reload;
