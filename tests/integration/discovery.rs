@@ -132,14 +132,20 @@ impl SteadyLoad {
         .await;
     }
 
-    /// Stops the clients; returns how many requests were sent and the failures.
-    async fn finish(self) -> (usize, Vec<String>) {
+    /// Stops the clients, and fails the test if any request failed.
+    async fn finish_without_failures(self) {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             task.await.unwrap();
         }
-        let failures = self.failures.lock().unwrap().clone();
-        (self.sent.load(Ordering::Relaxed), failures)
+        let failures = self.failures.lock().unwrap();
+        let sent = self.sent.load(Ordering::Relaxed);
+        assert!(
+            failures.is_empty(),
+            "{} of {sent} requests failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
     }
 }
 
@@ -175,13 +181,7 @@ async fn a_records_are_followed_under_load_without_failing_a_request_for_a_stayi
     dns.set_addresses("bots.test", &ips(&[&bots[0], &bots[1], &bots[2]]));
     wait_for_set(&proxy, &[&bots[0], &bots[1], &bots[2]]).await;
     load.wait_for_answers_from(&bots[0], load.answered_by(&bots[0]) + 50).await;
-    let (sent, failures) = load.finish().await;
-    assert!(
-        failures.is_empty(),
-        "{} of {sent} requests failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    load.finish_without_failures().await;
     assert!(bot0_after_removal > 0 && bots[0].hits() > bot0_after_removal, "bot0 served again after it came back");
 
     let status = proxy.status().await;
@@ -252,13 +252,7 @@ async fn srv_records_bring_targets_ports_and_weights_and_are_followed_under_load
     wait_for_set(&proxy, &[&bots[0], &bots[2]]).await;
     assert!(dns.queries_for(service) <= asked + 2, "followed within one refresh");
     load.wait_for_answers_from(&bots[2], 50).await;
-    let (sent, failures) = load.finish().await;
-    assert!(
-        failures.is_empty(),
-        "{} of {sent} requests failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    load.finish_without_failures().await;
     assert_eq!(bots[3].hits(), 0, "the lower-priority spare was never used");
 
     // An answer whose only target is "." (the service is not offered here)
