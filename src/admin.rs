@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`, `/config`,
-//! `/explain`, `/reload`; with `admin.token` set, every call needs the bearer
+//! `/explain`, `/reload`, and the per-backend `drain`, `disable` and `enable`;
+//! with `admin.token` set, every call but the two probes needs the bearer
 //! token (compared in constant time) or gets 401.
 //!
 //! A small HTTP/1.1 server on its own socket, separate from the proxy listeners
@@ -21,7 +22,8 @@ use tokio::task::JoinHandle;
 
 use futures_util::future::BoxFuture;
 
-use crate::state::Live;
+use crate::backend::AdminState;
+use crate::state::{Live, Snapshot};
 
 /// What the admin API needs from the running proxy; `runtime::Runtime`
 /// implements it. A trait, so that the admin listener (which the runtime
@@ -148,11 +150,82 @@ async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Respo
             Ok(summary) => json_response(StatusCode::OK, summary),
             Err(error) => text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
         },
+        (method, path) if path.starts_with("/upstreams/") => {
+            if method != Method::POST {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use POST\n");
+            }
+            backend_action(&runtime.live().load(), path)
+        }
         (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload" | "/config" | "/explain") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "unknown admin path\n"),
     }
+}
+
+/// `POST /upstreams/{name}/backends/{address}/{drain|disable|enable}`: sets
+/// the operator's override on one backend of one upstream. It lives in the
+/// backend's state, so it lasts while the backend stays in the config.
+fn backend_action(snapshot: &Snapshot, path: &str) -> Response<Full<Bytes>> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["upstreams", upstream, "backends", address, action] = parts[..] else {
+        return text(StatusCode::NOT_FOUND, "expected /upstreams/{name}/backends/{address}/{drain|disable|enable}\n");
+    };
+    let (upstream, address) = (percent_decoded(upstream), percent_decoded(address));
+    let state = match action {
+        "drain" => AdminState::Draining,
+        "disable" => AdminState::Disabled,
+        "enable" => AdminState::Enabled,
+        _ => return text(StatusCode::NOT_FOUND, &format!("unknown action `{action}`: drain, disable or enable\n")),
+    };
+    let Some(found) = snapshot.upstreams.iter().find(|u| *u.name == upstream) else {
+        return text(StatusCode::NOT_FOUND, &format!("no upstream `{upstream}`\n"));
+    };
+    let Some(backend) = found.backends.iter().find(|b| *b.address == address) else {
+        return text(StatusCode::NOT_FOUND, &format!("upstream `{upstream}` has no backend `{address}`\n"));
+    };
+    let before = backend.state.admin();
+    backend.state.set_admin(state);
+    if state == AdminState::Enabled {
+        // Waiters may take it at once rather than at the next housekeeping tick.
+        if let Some(queue) = &found.queue {
+            queue.slot_freed();
+        }
+    }
+    tracing::info!(upstream, backend = address, ?before, after = ?state, "backend override set by the admin API");
+    let in_flight = backend.in_flight();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "upstream": upstream,
+            "backend": address,
+            "admin_state": state,
+            "in_flight": in_flight,
+            "drained": (state == AdminState::Draining).then_some(in_flight == 0),
+        }),
+    )
+}
+
+/// A path segment with `%XX` escapes decoded (an IPv6 address's brackets);
+/// undecodable input is kept as written, and then names nothing.
+fn percent_decoded(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| segment.to_owned())
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -6,7 +6,7 @@
 //! and updates that state through atomics; the breaker's window is the one
 //! lock, taken once per response when a breaker is configured.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,13 +59,47 @@ pub enum Ineligible {
     CircuitOpen,
     /// At `max_concurrency`.
     Full,
+    /// Taken out by the operator (`drain` or `disable` on the admin API).
+    Admin(AdminState),
 }
 
 impl Ineligible {
-    /// Out for its health (check, reload, ejection), not for being busy or
-    /// for its breaker.
+    /// Out for its health (check, reload, ejection) or by the operator, not
+    /// for being busy or for its breaker: nothing a queue could wait for.
     pub fn is_unhealthy(self) -> bool {
-        matches!(self, Ineligible::CheckFailing | Ineligible::Retired | Ineligible::Ejected { .. })
+        matches!(
+            self,
+            Ineligible::CheckFailing | Ineligible::Retired | Ineligible::Ejected { .. } | Ineligible::Admin(_)
+        )
+    }
+}
+
+/// The operator's override of a backend, set through the admin API and kept
+/// with its state across reloads while the backend stays in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Takes requests as its health and limits allow.
+    Enabled,
+    /// Takes no new request; those in flight finish.
+    Draining,
+    /// Out at once, for maintenance; those in flight still finish (the proxy
+    /// never cuts a running job).
+    Disabled,
+}
+
+impl AdminState {
+    /// `switchyard_backend_admin_state`: 0 enabled, 1 draining, 2 disabled.
+    pub fn gauge(self) -> f64 {
+        f64::from(self as u8)
+    }
+
+    fn from_u8(value: u8) -> AdminState {
+        match value {
+            1 => AdminState::Draining,
+            2 => AdminState::Disabled,
+            _ => AdminState::Enabled,
+        }
     }
 }
 
@@ -136,7 +170,7 @@ impl Backend {
     /// below both its own `max_concurrency` and `cap` (a policy's extra bound,
     /// such as bounded load). The slot is held until the returned guard drops.
     pub fn try_acquire(self: &Arc<Self>, cap: u32) -> Option<InFlightGuard> {
-        if !self.is_healthy_now() {
+        if !self.is_healthy_now() || self.state.admin() != AdminState::Enabled {
             return None;
         }
         let limit = self.max_concurrency.min(cap);
@@ -176,6 +210,10 @@ impl Backend {
     /// time (an ejection ever happened, a breaker is configured): the clock is
     /// the costly part of asking.
     pub fn ineligible(&self, now: impl Fn() -> u64) -> Option<Ineligible> {
+        match self.state.admin() {
+            AdminState::Enabled => {}
+            out => return Some(Ineligible::Admin(out)),
+        }
         if let Some(reason) = self.unhealthy(&now) {
             return Some(reason);
         }
@@ -249,6 +287,8 @@ pub struct BackendState {
     /// Set when a reload removed the backend: requests still running on an
     /// older snapshot (queued, or between retries) must not start a new try on it.
     retired: AtomicBool,
+    /// An [`AdminState`], as its discriminant.
+    admin: AtomicU8,
 }
 
 impl BackendState {
@@ -264,6 +304,14 @@ impl BackendState {
 
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
+    }
+
+    pub fn admin(&self) -> AdminState {
+        AdminState::from_u8(self.admin.load(Ordering::Acquire))
+    }
+
+    pub fn set_admin(&self, state: AdminState) {
+        self.admin.store(state as u8, Ordering::Release);
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::backend::{Backend, Ineligible};
+use crate::backend::{AdminState, Backend, Ineligible};
 use crate::balance::{Balancer, PickRequest};
 use crate::clock::nanos_since_epoch;
 use crate::config::{Config, DiscoverySource, HostPattern, PolicyConfig, Probe, RetryOn};
@@ -40,6 +40,13 @@ pub fn backend_verdict(backend: &Backend, now: u64) -> (bool, String) {
         Some(Ineligible::Full) => {
             return (false, format!("at max_concurrency ({in_flight}/{} in flight)", backend.max_concurrency));
         }
+        Some(Ineligible::Admin(AdminState::Draining)) if in_flight > 0 => {
+            return (false, format!("draining (admin): no new requests, {in_flight} in flight to finish"));
+        }
+        Some(Ineligible::Admin(AdminState::Draining)) => {
+            return (false, "drained (admin): no new requests, none in flight".to_owned());
+        }
+        Some(Ineligible::Admin(_)) => return (false, "disabled (admin)".to_owned()),
     }
     let ramp = backend.ramp(now);
     let load = if backend.max_concurrency == u32::MAX {

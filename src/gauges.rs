@@ -6,9 +6,10 @@
 use metrics::gauge;
 
 use crate::metrics::{
-    config_generation, label, BACKEND_EJECTIONS_TOTAL, BACKEND_HEALTHY, CERTIFICATE_EXPIRY_SECONDS, CIRCUIT_STATE,
-    CONFIG_RELOADS_TOTAL, CONNECTIONS_OPEN, DISCOVERED_BACKENDS, DISCOVERY_LOOKUPS_TOTAL, IN_FLIGHT,
-    QUEUE_REJECTED_TOTAL, QUEUE_WAITING, RETRIES_TOTAL, RETRY_BUDGET_EXHAUSTED_TOTAL,
+    config_generation, label, BACKEND_ADMIN_STATE, BACKEND_EJECTIONS_TOTAL, BACKEND_HEALTHY,
+    CERTIFICATE_EXPIRY_SECONDS, CIRCUIT_STATE, CONFIG_RELOADS_TOTAL, CONNECTIONS_OPEN, DISCOVERED_BACKENDS,
+    DISCOVERY_LOOKUPS_TOTAL, IN_FLIGHT, QUEUE_REJECTED_TOTAL, QUEUE_WAITING, RETRIES_TOTAL,
+    RETRY_BUDGET_EXHAUSTED_TOTAL,
 };
 use crate::state::Snapshot;
 
@@ -77,6 +78,7 @@ pub fn refresh_gauges(snapshot: &Snapshot) {
             let healthy = if backend.is_healthy(now) { 1.0 } else { 0.0 };
             gauge!(BACKEND_HEALTHY, &labels).set(healthy);
             gauge!(IN_FLIGHT, &labels).set(f64::from(backend.in_flight()));
+            gauge!(BACKEND_ADMIN_STATE, &labels).set(backend.state.admin().gauge());
             if backend.breaker.is_some() {
                 gauge!(CIRCUIT_STATE, &labels).set(backend.state.breaker.phase().gauge());
             }

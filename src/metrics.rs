@@ -25,6 +25,7 @@ pub const UPSTREAM_DURATION_SECONDS: &str = "switchyard_upstream_duration_second
 pub const IN_FLIGHT: &str = "switchyard_in_flight";
 pub const BACKEND_HEALTHY: &str = "switchyard_backend_healthy";
 pub const BACKEND_EJECTIONS_TOTAL: &str = "switchyard_backend_ejections_total";
+pub const BACKEND_ADMIN_STATE: &str = "switchyard_backend_admin_state";
 pub const HEALTH_CHECKS_TOTAL: &str = "switchyard_health_checks_total";
 pub const CIRCUIT_STATE: &str = "switchyard_circuit_state";
 pub const RETRIES_TOTAL: &str = "switchyard_retries_total";
@@ -40,13 +41,14 @@ pub const DISCOVERY_LOOKUPS_TOTAL: &str = "switchyard_discovery_lookups_total";
 pub const DISCOVERED_BACKENDS: &str = "switchyard_discovered_backends";
 
 /// Every metric name the proxy exports.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     REQUESTS_TOTAL,
     REQUEST_DURATION_SECONDS,
     UPSTREAM_DURATION_SECONDS,
     IN_FLIGHT,
     BACKEND_HEALTHY,
     BACKEND_EJECTIONS_TOTAL,
+    BACKEND_ADMIN_STATE,
     HEALTH_CHECKS_TOTAL,
     CIRCUIT_STATE,
     RETRIES_TOTAL,

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use super::Runtime;
-use crate::backend::Backend;
+use crate::backend::{AdminState, Backend};
 use crate::breaker::Phase;
 use crate::clock::nanos_since_epoch;
 use crate::discovery::DiscoveryStatus;
@@ -133,6 +133,11 @@ pub struct BackendStatus {
     pub effective_weight: f64,
     pub max_concurrency: Option<u32>,
     pub in_flight: u32,
+    /// The operator's override: `enabled`, `draining` or `disabled`.
+    pub admin_state: AdminState,
+    /// While draining: true once nothing is in flight (safe to stop the bot);
+    /// `null` otherwise.
+    pub drained: Option<bool>,
     pub latency_ms: Option<f64>,
     /// Eligible by health: the active check passes (or there is none) and not ejected.
     pub healthy: bool,
@@ -174,6 +179,8 @@ impl BackendStatus {
             effective_weight: backend.effective_weight(now),
             max_concurrency: (backend.max_concurrency != u32::MAX).then_some(backend.max_concurrency),
             in_flight: backend.in_flight(),
+            admin_state: backend.state.admin(),
+            drained: (backend.state.admin() == AdminState::Draining).then(|| backend.in_flight() == 0),
             latency_ms: backend.state.latency.estimate().map(|ns| ns / 1e6),
             healthy: backend.is_healthy(now),
             ejected_for_seconds: (ejected_until > now).then(|| seconds(ejected_until - now)),

@@ -16,6 +16,7 @@ mod health;
 mod hostile;
 mod lifecycle;
 mod observability;
+mod operations;
 mod policies;
 mod reload;
 mod replicas;

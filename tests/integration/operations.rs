@@ -1,0 +1,165 @@
+//! Day-two operations: taking one bot out through the admin API (drain,
+//! disable, enable) while its job finishes, and keeping that through reloads.
+
+use std::time::Duration;
+
+use http::Request;
+use serde_json::Value;
+
+use crate::support::*;
+
+async fn backend_action(proxy: &FileProxy, upstream: &str, address: &str, action: &str) -> Answer {
+    let url = format!("http://{}/upstreams/{upstream}/backends/{address}/{action}", proxy.admin);
+    send(&client(), Request::post(url).body(full("")).unwrap()).await
+}
+
+fn backend_status(status: &Value, address: &str) -> Value {
+    status["upstreams"][0]["backends"].as_array().unwrap().iter().find(|b| b["address"] == address).unwrap().clone()
+}
+
+async fn admin_state_metric(proxy: &FileProxy, address: &str) -> Option<f64> {
+    let scrape = scrape(&format!("http://{}/metrics", proxy.admin)).await;
+    metric_value(&scrape, "switchyard_backend_admin_state", &[("upstream", "pool"), ("backend", address)])
+}
+
+/// Answers of `count` plain requests, by the backend that served them.
+async fn served_by(proxy: &FileProxy, count: usize) -> Vec<String> {
+    let client = client();
+    let mut names = Vec::new();
+    for _ in 0..count {
+        let answer = get(&client, &proxy.url("/")).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        names.push(answer.headers["x-backend"].to_str().unwrap().to_owned());
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_bot_finishes_its_job_gets_no_new_one_and_keeps_the_override_through_a_reload() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let config = |route_timeout: &str| {
+        simple_config("{ policy: round_robin }", &[&a, &b], "")
+            .replace("  - upstream: pool\n", &format!("  - upstream: pool\n    timeout: {route_timeout}\n"))
+    };
+    let proxy = FileProxy::start(&config("60s")).await;
+    let (a_address, b_address) = (a.addr.to_string(), b.addr.to_string());
+
+    // A job running on each bot.
+    let mut jobs = Vec::new();
+    while a.in_flight() == 0 || b.in_flight() == 0 {
+        assert!(jobs.len() < 10, "round robin never reached both bots");
+        let url = proxy.url("/hold");
+        jobs.push(tokio::spawn(async move { get(&client(), &url).await }));
+        wait_until("the job to start", Duration::from_secs(10), || a.in_flight() + b.in_flight() == jobs.len()).await;
+    }
+
+    let answer = backend_action(&proxy, "pool", &a_address, "drain").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let body: Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!((body["admin_state"].as_str(), body["drained"].as_bool()), (Some("draining"), Some(false)));
+
+    // No new request reaches it; its job is still running.
+    let hits = a.hits();
+    assert!(served_by(&proxy, 20).await.iter().all(|name| name == "b"));
+    assert_eq!(a.hits(), hits);
+    assert_eq!(a.in_flight(), 1);
+    let status = proxy.status().await;
+    let drained = backend_status(&status, &a_address);
+    assert_eq!(drained["admin_state"], "draining");
+    assert_eq!(drained["drained"], false);
+    assert!(drained["why"].as_str().unwrap().contains("draining (admin)"), "{drained}");
+    let explain = get(&client(), &format!("http://{}/explain?path=/", proxy.admin)).await.body;
+    assert!(explain.contains("draining (admin)"), "{explain}");
+    assert_eq!(admin_state_metric(&proxy, &a_address).await, Some(1.0));
+
+    // A reload that keeps the bot keeps the override.
+    proxy.replace_config(&config("90s"));
+    proxy.wait_for_generation(2).await;
+    assert_eq!(backend_status(&proxy.status().await, &a_address)["admin_state"], "draining");
+    assert!(served_by(&proxy, 10).await.iter().all(|name| name == "b"));
+
+    // The running jobs finish normally, and the bot reports drained.
+    a.release_held();
+    b.release_held();
+    for job in jobs {
+        assert_eq!(job.await.unwrap().status, 200);
+    }
+    let status = proxy.status().await;
+    assert_eq!(backend_status(&status, &a_address)["drained"], true);
+    assert!(backend_status(&status, &a_address)["why"].as_str().unwrap().starts_with("drained"));
+
+    // Enabled: it takes requests again.
+    assert_eq!(backend_action(&proxy, "pool", &a_address, "enable").await.status, 200);
+    let names = served_by(&proxy, 10).await;
+    assert!(names.iter().any(|name| name == "a") && names.iter().any(|name| name == "b"), "{names:?}");
+    assert_eq!(admin_state_metric(&proxy, &a_address).await, Some(0.0));
+
+    // Disabled: out at once.
+    assert_eq!(backend_action(&proxy, "pool", &b_address, "disable").await.status, 200);
+    assert!(served_by(&proxy, 10).await.iter().all(|name| name == "a"));
+    assert_eq!(backend_status(&proxy.status().await, &b_address)["why"], "disabled (admin)");
+    assert_eq!(admin_state_metric(&proxy, &b_address).await, Some(2.0));
+    assert_eq!(backend_action(&proxy, "pool", &a_address, "disable").await.status, 200);
+    let answer = get(&client(), &proxy.url("/")).await;
+    assert_eq!((answer.status.as_u16(), answer.error_code()), (503, Some("no_healthy_backend")));
+
+    // A bot removed from the config and added back starts afresh: the override
+    // lasts only while it stays.
+    proxy.replace_config(&simple_config("{ policy: round_robin }", &[&a], ""));
+    proxy.wait_for_generation(3).await;
+    proxy.replace_config(&simple_config("{ policy: round_robin }", &[&a, &b], ""));
+    proxy.wait_for_generation(4).await;
+    assert_eq!(backend_status(&proxy.status().await, &b_address)["admin_state"], "enabled");
+    assert_eq!(backend_status(&proxy.status().await, &a_address)["admin_state"], "disabled");
+}
+
+#[tokio::test]
+async fn backend_actions_name_what_they_act_on_and_need_the_token() {
+    let a = Backend::start("a").await;
+    let token = "an-admin-token-for-actions-0123";
+    let proxy = FileProxy::start(&format!(
+        "admin: {{ bind: \"127.0.0.1:0\", token: \"{token}\" }}\n{}",
+        simple_config("{}", &[&a], "")
+    ))
+    .await;
+    let address = a.addr.to_string();
+    let post = |path: String, token: Option<&'static str>| {
+        let mut request = Request::post(format!("http://{}{path}", proxy.admin));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        send_owned(request.body(full("")).unwrap())
+    };
+    assert_eq!(post(format!("/upstreams/pool/backends/{address}/drain"), None).await.status, 401);
+    assert_eq!(backend_status(&status_with(&proxy, token).await, &address)["admin_state"], "enabled");
+    let bearer = Some("an-admin-token-for-actions-0123");
+    assert_eq!(post(format!("/upstreams/pool/backends/{address}/drain"), bearer).await.status, 200);
+    assert_eq!(post(format!("/upstreams/nope/backends/{address}/drain"), bearer).await.status, 404);
+    assert_eq!(post("/upstreams/pool/backends/10.9.9.9:1/drain".to_owned(), bearer).await.status, 404);
+    assert_eq!(post(format!("/upstreams/pool/backends/{address}/pause"), bearer).await.status, 404);
+    // An address may be written percent-encoded (an IPv6 address's brackets).
+    let encoded = address.replace(':', "%3A");
+    assert_eq!(post(format!("/upstreams/pool/backends/{encoded}/enable"), bearer).await.status, 200);
+    let get = send(
+        &client(),
+        Request::get(format!("http://{}/upstreams/pool/backends/{address}/drain", proxy.admin))
+            .header("authorization", format!("Bearer {token}"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(get.status, 405);
+    assert_eq!(backend_status(&status_with(&proxy, token).await, &address)["admin_state"], "enabled");
+}
+
+async fn send_owned(request: Request<TestBody>) -> Answer {
+    send(&client(), request).await
+}
+
+async fn status_with(proxy: &FileProxy, token: &str) -> Value {
+    let request = Request::get(format!("http://{}/status", proxy.admin))
+        .header("authorization", format!("Bearer {token}"))
+        .body(full(""))
+        .unwrap();
+    serde_json::from_str(&send(&client(), request).await.body).unwrap()
+}
