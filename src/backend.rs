@@ -278,6 +278,11 @@ impl Backend {
 #[derive(Debug, Default)]
 pub struct BackendState {
     in_flight: AtomicU32,
+    /// Tries with a verdict, and those that failed (connect failure, reset,
+    /// timeout, 5xx), since the backend joined: the status page's counts. Next
+    /// to `in_flight`, whose cache line every request takes anyway.
+    tries: AtomicU64,
+    failed_tries: AtomicU64,
     pub latency: PeakEwma,
     pub passive: PassiveState,
     pub breaker: Breaker,
@@ -304,6 +309,19 @@ impl BackendState {
 
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
+    }
+
+    /// A try's verdict, for the counts.
+    pub fn count_try(&self, failed: bool) {
+        self.tries.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.failed_tries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (tries, failed tries) since the backend joined.
+    pub fn tries(&self) -> (u64, u64) {
+        (self.tries.load(Ordering::Relaxed), self.failed_tries.load(Ordering::Relaxed))
     }
 
     pub fn admin(&self) -> AdminState {

@@ -61,7 +61,7 @@ pub async fn run(proxy_port: u16, bots_only: bool) -> i32 {
         let addr = proxy.listener_addrs().await[0].1;
         let admin = proxy.admin_addr().await;
         println!("  proxy   http://{addr}");
-        println!("  admin   http://{admin}/status");
+        println!("  admin   http://{admin}/        (status page; JSON at /status)");
         println!();
         println!("Try:");
         println!("  curl -s http://{addr}/robot/run -d '{{\"task\":\"invoice\"}}'     # round robin over the 3 bots");

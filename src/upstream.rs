@@ -112,6 +112,7 @@ impl Outcome<'_> {
     fn record(&self, failed: bool) {
         self.upstream.record_outcome(self.index, failed);
         let backend = &self.upstream.backends[self.index];
+        backend.state.count_try(failed);
         if let Some(config) = &backend.breaker {
             backend.state.breaker.on_result(config, crate::clock::nanos_since_epoch(), failed);
         }

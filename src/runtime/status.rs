@@ -133,6 +133,10 @@ pub struct BackendStatus {
     pub effective_weight: f64,
     pub max_concurrency: Option<u32>,
     pub in_flight: u32,
+    /// Tries sent to it since it joined (kept across reloads), and those that
+    /// failed: connect failures, resets, timeouts and 5xx answers.
+    pub requests: u64,
+    pub failed_requests: u64,
     /// The operator's override: `enabled`, `draining` or `disabled`.
     pub admin_state: AdminState,
     /// While draining: true once nothing is in flight (safe to stop the bot);
@@ -179,6 +183,8 @@ impl BackendStatus {
             effective_weight: backend.effective_weight(now),
             max_concurrency: (backend.max_concurrency != u32::MAX).then_some(backend.max_concurrency),
             in_flight: backend.in_flight(),
+            requests: backend.state.tries().0,
+            failed_requests: backend.state.tries().1,
             admin_state: backend.state.admin(),
             drained: (backend.state.admin() == AdminState::Draining).then(|| backend.in_flight() == 0),
             latency_ms: backend.state.latency.estimate().map(|ns| ns / 1e6),

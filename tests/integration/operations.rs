@@ -163,3 +163,109 @@ async fn status_with(proxy: &FileProxy, token: &str) -> Value {
         .unwrap();
     serde_json::from_str(&send(&client(), request).await.body).unwrap()
 }
+
+/// Loads `url` in headless Chromium and returns the DOM once its scripts have
+/// run (`--virtual-time-budget` lets the page's fetches and timers complete
+/// before the dump), at a phone's window size.
+fn browser_dom(url: &str) -> String {
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .expect("Chromium is installed by scripts/install-test-deps (Debian package `chromium`)");
+    let profile = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=390,844",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output()
+        .expect("Chromium runs");
+    assert!(output.status.success(), "chromium failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The `data-state` of the page's row for `address`.
+fn row_state(dom: &str, address: &str) -> Option<String> {
+    let row = &dom[dom.find(&format!("data-backend=\"{address}\""))?..];
+    let row = &row[..row.find('>')?];
+    let state = &row[row.find("data-state=\"")? + "data-state=\"".len()..];
+    Some(state[..state.find('"')?].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_a_killed_bot_as_down_in_a_real_browser() {
+    let (up, doomed, drained) = (Backend::start("up").await, Backend::start("doomed").await, Backend::start("d").await);
+    let yaml = simple_config("{ policy: round_robin }", &[&up, &doomed, &drained], ", max_concurrency: 4").replace(
+        "    backends:\n",
+        "    health:\n      active: { path: /healthz, interval: 100ms, timeout: 80ms, healthy_after: 1, unhealthy_after: 1 }\n    backends:\n",
+    );
+    let proxy = FileProxy::start(&yaml).await;
+    for _ in 0..6 {
+        assert_eq!(get(&client(), &proxy.url("/")).await.status, 200);
+    }
+    assert_eq!(backend_action(&proxy, "pool", &drained.addr.to_string(), "drain").await.status, 200);
+    doomed.kill();
+    let doomed_address = doomed.addr.to_string();
+    wait_until_async("the killed bot to be marked down", || async {
+        backend_status(&proxy.status().await, &doomed_address)["healthy"] == false
+    })
+    .await;
+
+    let page = get(&client(), &format!("http://{}/", proxy.admin)).await;
+    assert_eq!(page.status, 200);
+    assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.body.contains("name=\"viewport\""), "made for phones too");
+    for external in ["src=\"http", "href=\"http", "@import", "url("] {
+        assert!(!page.body.contains(external), "the page loads nothing from elsewhere ({external})");
+    }
+
+    let url = format!("http://{}/", proxy.admin);
+    let dom = tokio::task::spawn_blocking(move || browser_dom(&url)).await.unwrap();
+    assert_eq!(row_state(&dom, &doomed_address).as_deref(), Some("down"), "the killed bot:\n{dom}");
+    assert_eq!(row_state(&dom, &up.addr.to_string()).as_deref(), Some("up"));
+    assert_eq!(row_state(&dom, &drained.addr.to_string()).as_deref(), Some("drained"));
+    assert!(dom.contains("2 not up"), "the summary counts them");
+    assert!(dom.contains("connection refused"), "the check's reason is shown");
+    assert!(dom.contains("/ 4"), "in flight against max_concurrency");
+}
+
+#[tokio::test]
+async fn with_a_token_the_status_page_takes_it_as_a_basic_password() {
+    use base64::Engine as _;
+    let a = Backend::start("a").await;
+    let token = "a-token-for-the-page-0123456789";
+    let proxy = FileProxy::start(&format!(
+        "admin: {{ bind: \"127.0.0.1:0\", token: \"{token}\" }}\n{}",
+        simple_config("{}", &[&a], "")
+    ))
+    .await;
+    let admin_get = |path: &'static str, authorization: Option<String>| {
+        let mut request = Request::get(format!("http://{}{path}", proxy.admin));
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        send_owned(request.body(full("")).unwrap())
+    };
+    let refused = admin_get("/", None).await;
+    assert_eq!(refused.status, 401);
+    let challenge = refused.headers["www-authenticate"].to_str().unwrap();
+    assert!(challenge.contains("Basic realm="), "a browser asks for the token: {challenge}");
+    let basic = |password: &str| {
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("ops:{password}")))
+    };
+    assert_eq!(admin_get("/", Some(basic(token))).await.status, 200);
+    assert_eq!(admin_get("/status", Some(basic(token))).await.status, 200);
+    assert_eq!(admin_get("/status", Some(basic("wrong-token-wrong-token"))).await.status, 401);
+    assert_eq!(admin_get("/status", Some("Basic !!!".to_owned())).await.status, 401);
+}

@@ -1,7 +1,8 @@
-//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`, `/config`,
-//! `/explain`, `/reload`, and the per-backend `drain`, `disable` and `enable`;
-//! with `admin.token` set, every call but the two probes needs the bearer
-//! token (compared in constant time) or gets 401.
+//! The admin listener: the status page (`/`), `/healthz`, `/readyz`,
+//! `/status`, `/metrics`, `/config`, `/explain`, `/reload`, and the
+//! per-backend `drain`, `disable` and `enable`; with `admin.token` set, every
+//! call but the two probes needs the token (bearer, or as a Basic password for
+//! browsers; compared in constant time) or gets 401.
 //!
 //! A small HTTP/1.1 server on its own socket, separate from the proxy listeners
 //! so that operators can always reach it, whatever the proxy's routes say. It
@@ -94,18 +95,32 @@ async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Respo
     // say only "up" and "ready".
     let probe = request.method() == Method::GET && matches!(request.uri().path(), "/healthz" | "/readyz");
     if let Some(token) = runtime.live().load().admin_token.as_ref().filter(|_| !probe) {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
-            .unwrap_or_default();
-        if !token.matches(presented) {
+        if !presents(request.headers(), token) {
             let mut response = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            // A browser asks for the token as a password (any user name) and
+            // sends it with the status page's own requests.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer, Basic realm=\"switchyard admin\", charset=\"UTF-8\""),
+            );
             return response;
         }
     }
     match (request.method(), request.uri().path()) {
+        (&Method::GET, "/") => {
+            let mut response = Response::new(Full::from(STATUS_PAGE));
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+            // Everything the page needs is in it: no other origin is ever asked.
+            headers.insert(
+                header::CONTENT_SECURITY_POLICY,
+                header::HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+                ),
+            );
+            headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+            response
+        }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
             if runtime.is_draining() {
@@ -161,6 +176,30 @@ async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Respo
         }
         _ => text(StatusCode::NOT_FOUND, "unknown admin path\n"),
     }
+}
+
+/// The status page: one self-contained HTML file that renders `/status`
+/// every two seconds.
+const STATUS_PAGE: &str = include_str!("page.html");
+
+/// Whether the request carries the admin token: `Authorization: Bearer TOKEN`,
+/// or HTTP Basic with the token as the password (what a browser sends).
+fn presents(headers: &http::HeaderMap, token: &crate::config::Secret) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()) else {
+        return false;
+    };
+    if let Some(bearer) = value.strip_prefix(b"Bearer ") {
+        return token.matches(bearer);
+    }
+    let Some(basic) = value.strip_prefix(b"Basic ") else {
+        return false;
+    };
+    use base64::Engine as _;
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic.trim_ascii()) else {
+        return false;
+    };
+    let password = decoded.iter().position(|&b| b == b':').map_or(&[][..], |colon| &decoded[colon + 1..]);
+    token.matches(password)
 }
 
 /// `POST /upstreams/{name}/backends/{address}/{drain|disable|enable}`: sets
