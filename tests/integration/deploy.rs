@@ -2,7 +2,9 @@
 //! carry validate as `switchyard check` would, and the Kubernetes manifests
 //! keep what docs/discovery.md promises of them (a headless Service for the
 //! bots, two or more replicas, probes on `/readyz` and `/healthz`, the config
-//! from a ConfigMap and the admin token from a Secret).
+//! from a ConfigMap and the admin token from a Secret), the manifests validate
+//! against the Kubernetes API schemas, and the Dockerfile builds from what its
+//! context holds.
 
 use serde_json::Value;
 
@@ -86,4 +88,81 @@ fn the_consul_example_asks_the_agent_for_srv_records() {
     let discovery = robots.discovery.as_ref().unwrap();
     assert_eq!(discovery.source.to_string(), "srv _robot._tcp.service.consul");
     assert!(deploy_file("consul/robot.hcl").contains("name = \"robot\""), "the registered service is `robot`");
+}
+
+#[test]
+fn the_kubernetes_manifests_validate_against_the_api_schemas() {
+    // kubernetes-validate (PyPI, installed by scripts/install-test-deps) holds
+    // the API's JSON schemas; --strict refuses unknown fields, so a typo fails.
+    let dir = format!("{}/deploy/kubernetes", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(files.len() >= 2);
+    let output = std::process::Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--kubernetes-version", "1.33.0"])
+        .args(&files)
+        .output()
+        .expect("python3 runs");
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the manifests do not validate:\n{report}");
+    assert!(report.matches("passed").count() >= 7, "every resource was checked:\n{report}");
+}
+
+/// What `.dockerignore` lets into the build context: it ignores everything,
+/// then lets back in the paths it names with `!`.
+fn in_build_context(path: &str) -> bool {
+    let ignore = deploy_file("../.dockerignore");
+    let allowed: Vec<&str> =
+        ignore.lines().filter_map(|line| line.trim().strip_prefix('!')).map(|p| p.trim_end_matches('/')).collect();
+    assert!(ignore.lines().any(|line| line.trim() == "*"), ".dockerignore starts from nothing");
+    let path = path.trim_end_matches('/');
+    allowed.iter().any(|allowed| path == *allowed || path.starts_with(&format!("{allowed}/")))
+}
+
+#[test]
+fn the_image_builds_from_the_locked_sources_alone_and_runs_as_non_root() {
+    // No container engine runs here, so `docker build` itself cannot be
+    // tried: this checks what the build depends on instead.
+    let dockerfile = deploy_file("../Dockerfile");
+    let root = env!("CARGO_MANIFEST_DIR");
+    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from=")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for source in &words[1..words.len() - 1] {
+            assert!(std::path::Path::new(root).join(source).exists(), "COPY {source}: no such file");
+            assert!(in_build_context(source), "COPY {source}: .dockerignore leaves it out of the context");
+        }
+    }
+    for needless in ["target", ".git", "tests", "benches", "fuzz", "docs"] {
+        assert!(!in_build_context(needless), "{needless} is sent to the Docker daemon for nothing");
+    }
+    assert!(dockerfile.contains("cargo build --release --locked"), "built from Cargo.lock");
+    let user = dockerfile.lines().rev().find_map(|l| l.strip_prefix("USER ")).expect("a USER for the final stage");
+    assert!(user.split(':').next().unwrap().parse::<u32>().is_ok_and(|uid| uid != 0), "non-root, numeric: {user}");
+    let kubernetes = manifests("kubernetes/switchyard.yaml");
+    let pod = &find(&kubernetes, "Deployment", "switchyard")["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsUser"].to_string(), user.split(':').next().unwrap());
+
+    // The build drops the test and bench targets, whose files are not in the
+    // context; what is left must be a manifest that still matches Cargo.lock.
+    let trim = dockerfile.lines().find(|l| l.contains("sed -i")).expect("the manifest trim");
+    assert!(trim.contains(r"'/^\[\[test\]\]/,$d' Cargo.toml"), "{trim}");
+    let manifest = deploy_file("../Cargo.toml");
+    let cut = manifest.find("\n[[test]]").expect("the targets are last in Cargo.toml") + 1;
+    let (kept, dropped) = manifest.split_at(cut);
+    assert!(
+        dropped.lines().filter(|l| l.starts_with('[')).all(|l| l == "[[test]]" || l == "[[bench]]"),
+        "the trim drops only test and bench targets"
+    );
+    let context = tempfile::tempdir().unwrap();
+    std::fs::write(context.path().join("Cargo.toml"), kept).unwrap();
+    std::fs::copy(format!("{root}/Cargo.lock"), context.path().join("Cargo.lock")).unwrap();
+    std::fs::create_dir(context.path().join("src")).unwrap();
+    std::fs::write(context.path().join("src/main.rs"), "fn main() {}").unwrap();
+    std::fs::write(context.path().join("src/lib.rs"), "").unwrap();
+    let output = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .current_dir(context.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
