@@ -43,6 +43,7 @@ pub mod demo;
 pub mod discovery;
 pub mod error;
 pub mod explain;
+pub mod fuzzing;
 pub mod gauges;
 pub mod health;
 pub mod logging;

@@ -19,7 +19,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("listeners", &["server", "admin"]),
     ("the running process", &["runtime"]),
-    ("entry points", &["app", "demo"]),
+    ("entry points", &["app", "demo", "fuzzing"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -10,7 +10,7 @@
 //! removed backends' idle connections simply expire.
 
 mod h2;
-mod http1;
+pub(crate) mod http1;
 
 pub use http1::{Upgraded, UpstreamBody};
 

@@ -35,7 +35,7 @@ use crate::route::{Route, RoutePolicy};
 use crate::state::WorkerLive;
 use crate::upstream::{Outcome, Unavailable, Upstream};
 
-mod rewrite;
+pub(crate) mod rewrite;
 mod tunnel;
 
 use rewrite::{add_forwarding_headers, clone_parts, content_length, for_backend, is_upgrade, strip_hop_by_hop};

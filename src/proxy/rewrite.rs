@@ -20,7 +20,7 @@ static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// One try's request head as `backend` takes it: origin form and `Host` over
 /// HTTP/1.1, the absolute URI over HTTP/2 (the original host travels in
 /// X-Forwarded-Host).
-pub(super) fn for_backend(
+pub(crate) fn for_backend(
     mut parts: http::request::Parts,
     upstream: &Upstream,
     backend: &crate::backend::Backend,
@@ -46,7 +46,7 @@ pub(super) fn for_backend(
     Ok(parts)
 }
 
-pub(super) fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+pub(crate) fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
     let mut request = Request::new(());
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = parts.uri.clone();
@@ -55,14 +55,14 @@ pub(super) fn clone_parts(parts: &http::request::Parts) -> http::request::Parts 
     request.into_parts().0
 }
 
-pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// Whether the request asks for a protocol switch the proxy tunnels: WebSocket
 /// only. Any other `Upgrade` (notably `h2c`, which would hand the client a raw
 /// HTTP/2 connection to the backend, past routing) is stripped as hop-by-hop.
-pub(super) fn is_upgrade<B>(request: &Request<B>) -> bool {
+pub(crate) fn is_upgrade<B>(request: &Request<B>) -> bool {
     let mut upgrades = request.headers().get_all(header::UPGRADE).iter();
     let websocket = upgrades.next().is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"));
     request.version() == Version::HTTP_11
@@ -71,7 +71,7 @@ pub(super) fn is_upgrade<B>(request: &Request<B>) -> bool {
         && connection_tokens(request.headers()).any(|token| token.eq_ignore_ascii_case("upgrade"))
 }
 
-pub(super) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
@@ -84,7 +84,7 @@ pub(super) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &st
 /// Removes the headers that describe one connection rather than the message
 /// (RFC 9110 section 7.6.1), including any named in `Connection`. `TE: trailers`
 /// survives because gRPC requires it end to end.
-pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names finds which are present (most messages carry
     // none, or only `Connection: keep-alive`); only those are removed, each
     // removal being a hashed lookup.
@@ -140,14 +140,30 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         if present & (1 << index) == 0 {
             continue;
         }
-        if **name == header::TE && headers.get(header::TE).is_none_or(|te| te == "trailers") {
+        if **name == header::TE {
+            // Only `trailers` travels end to end (gRPC needs it), and only as
+            // that one value: `TE: gzip` beside it is this hop's business, and
+            // an HTTP/2 backend refuses a request that carries it.
+            let mut values = headers.get_all(header::TE).iter();
+            if values.next().is_some_and(|te| te == "trailers") && values.next().is_none() {
+                continue;
+            }
+            let trailers = headers
+                .get_all(header::TE)
+                .iter()
+                .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+            headers.remove(header::TE);
+            if trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
             continue;
         }
         headers.remove(*name);
     }
 }
 
-pub(super) fn add_forwarding_headers(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
+pub(crate) fn add_forwarding_headers(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(previous) => HeaderValue::try_from(format!("{previous}, {}", conn.client.ip()))
             .unwrap_or_else(|_| conn.client_ip_header.clone()),
@@ -163,14 +179,14 @@ pub(super) fn add_forwarding_headers(headers: &mut HeaderMap, conn: &ConnInfo, h
 
 /// The path and query alone: what an HTTP/1.1 request line carries to an
 /// origin server.
-pub(super) fn origin_form(uri: Uri) -> Uri {
+pub(crate) fn origin_form(uri: Uri) -> Uri {
     if uri.scheme().is_none() && uri.authority().is_none() {
         return uri;
     }
     uri.path_and_query().map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()))
 }
 
-pub(super) fn backend_uri(uri: Uri, authority: &http::uri::Authority) -> Result<Uri, ProxyError> {
+pub(crate) fn backend_uri(uri: Uri, authority: &http::uri::Authority) -> Result<Uri, ProxyError> {
     let mut parts = uri.into_parts();
     parts.scheme = Some(http::uri::Scheme::HTTP);
     parts.authority = Some(authority.clone());

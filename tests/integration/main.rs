@@ -11,6 +11,7 @@ mod demo;
 mod deploy;
 mod discovery;
 mod forwarding;
+mod fuzzing;
 mod grpc;
 mod health;
 mod hostile;

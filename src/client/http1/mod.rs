@@ -17,7 +17,7 @@
 //! connection the backend closed (or sent anything on) is noticed from the
 //! socket's readiness when it is taken, without a system call, and let go.
 
-mod codec;
+pub(crate) mod codec;
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};

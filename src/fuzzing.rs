@@ -1,0 +1,144 @@
+//! Entry points for the fuzz targets in `fuzz/`: each takes arbitrary bytes,
+//! drives one piece of the proxy that meets untrusted input, and asserts what
+//! must hold whatever the input (a panic is a finding). `cargo +nightly fuzz`
+//! runs them coverage-guided; `tests/integration/fuzzing.rs` replays their seed
+//! corpora and every regression input on the stable toolchain, so a crash once
+//! found stays fixed.
+
+use bytes::BytesMut;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request};
+
+use crate::balance::{extract_key, PickRequest};
+use crate::client::http1::codec::{parse_response_head, Chunk, ChunkedDecoder, ResponseFraming};
+use crate::config::KeySpec;
+use crate::conn::ConnInfo;
+use crate::proxy::rewrite;
+
+/// A config file: parsing and validation return the config or errors with
+/// positions, never panic or run away (alias bombs, deep nesting).
+pub fn config_parse(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Err(errors) = crate::config::parse(text, "fuzz.yaml") {
+        assert!(!errors.0.is_empty());
+        for error in &errors.0 {
+            assert!(error.line >= 1 && error.column >= 1);
+        }
+    }
+}
+
+/// A key spec, a request target and a header value (one per line) through key
+/// parsing and extraction: whatever a client sends, no panic.
+pub fn route_and_key(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(3, '\n');
+    let (spec, target, value) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"), parts.next().unwrap_or(""));
+    let Ok(spec) = spec.parse::<KeySpec>() else { return };
+    let Ok(uri) = target.parse::<http::Uri>() else { return };
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(header::COOKIE, value.clone());
+        headers.insert("x-job-id", value);
+    }
+    let client_ip = std::net::IpAddr::from([10, 0, 0, 1]);
+    let request = PickRequest { headers: &headers, uri: &uri, client_ip, exclude: &[] };
+    let _ = extract_key(&spec, &request, |bytes| bytes.len());
+}
+
+/// A request head (`METHOD TARGET` then `name: value` lines) through the
+/// header rewriting every forwarded request gets: hop-by-hop headers and those
+/// named in `Connection` never reach a backend, `TE` only as `trailers`, and
+/// `X-Forwarded-For` ends with the client.
+pub fn header_rewrite(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.split('\n');
+    let mut request_line = lines.next().unwrap_or("").split(' ');
+    let Ok(method) = Method::from_bytes(request_line.next().unwrap_or("").as_bytes()) else { return };
+    let Ok(uri) = request_line.next().unwrap_or("/").parse::<http::Uri>() else { return };
+    let mut request = Request::builder().method(method).uri(uri).body(()).expect("valid parts");
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value.trim())) {
+            request.headers_mut().append(name, value);
+        }
+    }
+    let keep_upgrade = rewrite::is_upgrade(&request);
+    let named: Vec<HeaderName> = rewrite::connection_tokens(request.headers())
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect();
+    let (mut parts, ()) = request.into_parts();
+    let host = parts.headers.get(header::HOST).cloned();
+    rewrite::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
+
+    let headers = &parts.headers;
+    let always_hop_by_hop =
+        ["keep-alive", "proxy-connection", "http2-settings", "transfer-encoding", "trailer", "proxy-authenticate"];
+    for name in always_hop_by_hop.iter().chain(&["proxy-authorization"]) {
+        assert!(!headers.contains_key(*name), "{name} reached the backend");
+    }
+    for te in headers.get_all(header::TE) {
+        assert_eq!(te, "trailers", "TE other than trailers reached the backend");
+    }
+    if keep_upgrade {
+        assert_eq!(headers.get(header::CONNECTION).unwrap(), "upgrade");
+        assert!(headers.get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket")));
+    } else {
+        assert!(!headers.contains_key(header::CONNECTION) && !headers.contains_key(header::UPGRADE));
+        for name in &named {
+            assert!(!headers.contains_key(name), "{name}, named in Connection, reached the backend");
+        }
+    }
+
+    let conn = ConnInfo::new("192.0.2.7:40000".parse().unwrap(), "fuzz".into());
+    rewrite::add_forwarding_headers(&mut parts.headers, &conn, host.as_ref());
+    let forwarded = parts.headers.get("x-forwarded-for").expect("always set").to_str().expect("ASCII");
+    assert!(forwarded == "192.0.2.7" || forwarded.ends_with(", 192.0.2.7"), "X-Forwarded-For {forwarded}");
+
+    let origin = rewrite::origin_form(parts.uri.clone());
+    assert!(origin.scheme().is_none() && origin.authority().is_none(), "{origin} is not in origin form");
+    let authority: http::uri::Authority = "10.0.0.1:8080".parse().unwrap();
+    if let Ok(absolute) = rewrite::backend_uri(parts.uri, &authority) {
+        assert_eq!(absolute.authority(), Some(&authority), "an HTTP/2 request goes to the backend, not elsewhere");
+    }
+}
+
+/// Bytes from a backend, through the HTTP/1.1 client's response parser and
+/// chunked decoder, split where the first byte says: a head is complete or
+/// refused, never misread, and a body never yields more than arrived.
+pub fn backend_response(data: &[u8]) {
+    let Some((&split, data)) = data.split_first() else { return };
+    let method = if split & 1 == 0 { Method::GET } else { Method::HEAD };
+    // The bytes arrive in two reads, as they would over a socket.
+    let cut = usize::from(split).min(data.len());
+    let mut buf = BytesMut::from(&data[..cut]);
+    let mut parsed = parse_response_head(&mut buf, &method);
+    buf.extend_from_slice(&data[cut..]);
+    if let Ok(None) = parsed {
+        parsed = parse_response_head(&mut buf, &method);
+    }
+    let Ok(Some(head)) = parsed else { return };
+    let reads_a_body = !matches!(head.framing, ResponseFraming::Empty | ResponseFraming::Upgrade);
+    if reads_a_body && head.headers.contains_key(header::TRANSFER_ENCODING) {
+        // A body read by its encoding must not reach the client with a length too.
+        assert!(!head.headers.contains_key(header::CONTENT_LENGTH), "read two ways: Content-Length kept");
+    }
+    if method == Method::HEAD {
+        assert!(matches!(head.framing, ResponseFraming::Empty | ResponseFraming::Upgrade));
+    }
+    if head.framing != ResponseFraming::Chunked {
+        return;
+    }
+    let available = buf.len();
+    let mut decoder = ChunkedDecoder::default();
+    let mut decoded = 0usize;
+    loop {
+        match decoder.decode(&mut buf) {
+            Ok(Chunk::Data(bytes)) => {
+                assert!(!bytes.is_empty(), "an empty data chunk would end the body early");
+                decoded += bytes.len();
+                assert!(decoded <= available, "decoded {decoded} bytes of {available}");
+            }
+            Ok(Chunk::Trailers(_)) => {}
+            Ok(Chunk::Incomplete) | Ok(Chunk::End) | Err(_) => return,
+        }
+    }
+}
