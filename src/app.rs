@@ -2,7 +2,8 @@
 //!
 //! [`RunningProxy`] starts a [`Runtime`] (listeners, admin, reload) for library
 //! users and tests; [`run`] is the `switchyard run` command, which adds logging,
-//! signals (SIGHUP reloads, SIGTERM/SIGINT drain and exit) and the file watcher.
+//! signals (SIGHUP reloads, SIGTERM/SIGINT drain and exit), the file watcher
+//! and binary upgrades (`upgrade`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,7 +11,9 @@ use std::sync::Arc;
 
 use crate::config::{self, Config};
 use crate::runtime::{ReloadError, ReloadTrigger, Runtime};
+use crate::server::Inherited;
 use crate::state::Live;
+use crate::upgrade::{self, UpgradeError, UpgradeListener};
 
 /// Process exit codes, as documented in the contract.
 pub mod exit {
@@ -35,8 +38,14 @@ impl RunningProxy {
 
     /// Serves the config file at `path` and reloads it when it changes on disk.
     pub async fn start_from_file(path: &Path) -> Result<RunningProxy, ReloadError> {
+        RunningProxy::start_from_file_inheriting(path, Inherited::default()).await
+    }
+
+    /// [`Self::start_from_file`] on the sockets a previous process handed
+    /// over, where the config binds the same addresses (a binary upgrade).
+    pub async fn start_from_file_inheriting(path: &Path, inherited: Inherited) -> Result<RunningProxy, ReloadError> {
         let config = config::load(path)?;
-        let runtime = Runtime::start(&config, Some(path.to_path_buf())).await?;
+        let runtime = Runtime::start_inheriting(&config, Some(path.to_path_buf()), inherited).await?;
         let certificate_files: Vec<std::path::PathBuf> = config
             .listeners
             .iter()
@@ -83,8 +92,18 @@ impl RunningProxy {
     }
 }
 
-/// `switchyard run`: serve until SIGTERM or SIGINT. Returns the exit code.
-pub async fn run(path: &Path) -> i32 {
+/// How `switchyard run` starts: on its own, or taking over from a running
+/// process (`--upgrade`).
+pub struct RunOptions {
+    pub upgrade: bool,
+    /// Where processes of this config meet for an upgrade; by default
+    /// [`upgrade::socket_path`] of the config file.
+    pub upgrade_socket: Option<std::path::PathBuf>,
+}
+
+/// `switchyard run`: serve until SIGTERM or SIGINT, or until a new process
+/// has taken over. Returns the exit code.
+pub async fn run(path: &Path, options: RunOptions) -> i32 {
     let config = match config::load(path) {
         Ok(config) => config,
         Err(errors) => {
@@ -93,7 +112,30 @@ pub async fn run(path: &Path) -> i32 {
         }
     };
     crate::logging::init(&config.log);
-    let proxy = match RunningProxy::start_from_file(path).await {
+    let socket = options.upgrade_socket.unwrap_or_else(|| upgrade::socket_path(path));
+    // Taking over first: a failure here leaves the running process as it was.
+    let (inherited, handover, waiting) = if options.upgrade {
+        match upgrade::take_over(&socket) {
+            Ok((inherited, handover)) => (inherited, Some(handover), None),
+            Err(error) => {
+                eprintln!("{error}");
+                return exit::CANNOT_SERVE;
+            }
+        }
+    } else {
+        match UpgradeListener::bind(&socket) {
+            Ok(listener) => (Inherited::default(), None, Some(listener)),
+            Err(error @ UpgradeError::AlreadyServing(_)) => {
+                eprintln!("{error}");
+                return exit::CANNOT_SERVE;
+            }
+            Err(error) => {
+                tracing::warn!(%error, socket = %socket.display(), "cannot listen for upgrades; `run --upgrade` will not find this process");
+                (Inherited::default(), None, None)
+            }
+        }
+    };
+    let proxy = match RunningProxy::start_from_file_inheriting(path, inherited).await {
         Ok(proxy) => proxy,
         Err(ReloadError::Config(errors)) => {
             // The file changed between the check above and the start.
@@ -110,21 +152,43 @@ pub async fn run(path: &Path) -> i32 {
         tracing::info!(listener = %name, %addr, "listening");
     }
     tracing::info!(addr = %proxy.admin_addr().await, "admin listening");
-    serve_signals(&proxy.runtime).await;
+    let waiting = match handover {
+        Some(handover) => {
+            if let Err(error) = handover.ready() {
+                // The old process is gone already; this one serves regardless.
+                tracing::warn!(%error, "could not tell the previous process that this one serves");
+            }
+            tracing::info!("took over the listening sockets; the previous process drains");
+            UpgradeListener::replace(&socket)
+                .inspect_err(|error| tracing::warn!(%error, "cannot listen for the next upgrade"))
+                .ok()
+        }
+        None => waiting,
+    };
+    serve_signals(&proxy.runtime, waiting.as_ref()).await;
     tracing::info!(grace = ?proxy.live().load().limits.shutdown_grace, "stopping: draining in-flight requests");
     proxy.shutdown().await;
     exit::OK
 }
 
-/// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
-async fn serve_signals(runtime: &Runtime) {
+/// Reloads on SIGHUP; returns on SIGTERM or SIGINT, or once a new process
+/// has taken the listening sockets over.
+async fn serve_signals(runtime: &Runtime, upgrades: Option<&UpgradeListener>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
     let mut hangup = signal(SignalKind::hangup()).expect("can install a SIGHUP handler");
+    let handed_over = async {
+        match upgrades {
+            Some(listener) => listener.hand_over(runtime).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(handed_over);
     loop {
         tokio::select! {
             _ = terminate.recv() => return,
             _ = tokio::signal::ctrl_c() => return,
+            () = &mut handed_over => return,
             _ = hangup.recv() => {
                 let _ = runtime.reload(ReloadTrigger::Signal).await;
             }

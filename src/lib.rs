@@ -60,4 +60,5 @@ pub mod server;
 pub mod state;
 pub mod text;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;

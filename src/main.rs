@@ -18,7 +18,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve traffic (the default).
-    Run,
+    Run {
+        /// Take the listening sockets over from the running process of this
+        /// config, which then drains and exits 0 (zero-downtime upgrade).
+        #[arg(long)]
+        upgrade: bool,
+        /// Where processes of this config meet for an upgrade (default:
+        /// /tmp/switchyard-<hash of the config's absolute path>.sock).
+        #[arg(long)]
+        upgrade_socket: Option<PathBuf>,
+    },
     /// Validate the config file; exit 0, or 1 with file:line:col and what is wrong.
     Check,
     /// Start three sample bots on loopback and the proxy in front of them.
@@ -41,7 +50,7 @@ fn main() {
             std::process::exit(code);
         }
     };
-    let code = match cli.command.unwrap_or(Command::Run) {
+    let code = match cli.command.unwrap_or(Command::Run { upgrade: false, upgrade_socket: None }) {
         Command::Check => match switchyard::config::load(&cli.config) {
             Ok(_) => {
                 println!("{}: ok", cli.config.display());
@@ -52,7 +61,9 @@ fn main() {
                 exit::BAD_CONFIG
             }
         },
-        Command::Run => runtime().block_on(app::run(&cli.config)),
+        Command::Run { upgrade, upgrade_socket } => {
+            runtime().block_on(app::run(&cli.config, app::RunOptions { upgrade, upgrade_socket }))
+        }
         Command::Demo { port, bots_only } => runtime().block_on(switchyard::demo::run(port, bots_only)),
     };
     std::process::exit(code);

@@ -18,7 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["conn", "notes", "client", "observe", "proxy", "explain", "gauges", "probe", "discovery"],
     ),
     ("listeners", &["server", "admin"]),
-    ("the running process", &["runtime"]),
+    ("the running process", &["runtime", "upgrade"]),
     ("entry points", &["app", "demo", "fuzzing"]),
 ];
 

@@ -48,6 +48,8 @@ pub const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::
 pub struct AdminHandle {
     pub local_addr: SocketAddr,
     accept_task: JoinHandle<()>,
+    /// A duplicate of the listening socket, for a binary upgrade.
+    pub socket: Option<std::os::fd::OwnedFd>,
 }
 
 impl AdminHandle {
@@ -60,6 +62,7 @@ impl AdminHandle {
 
 pub fn spawn(listener: TcpListener, runtime: Weak<dyn Control>) -> std::io::Result<AdminHandle> {
     let local_addr = listener.local_addr()?;
+    let socket = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned().ok();
     let accept_task = tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
@@ -84,7 +87,7 @@ pub fn spawn(listener: TcpListener, runtime: Weak<dyn Control>) -> std::io::Resu
             });
         }
     });
-    Ok(AdminHandle { local_addr, accept_task })
+    Ok(AdminHandle { local_addr, accept_task, socket })
 }
 
 async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Response<Full<Bytes>> {

@@ -25,7 +25,7 @@ use crate::config::{self, Config};
 use crate::discovery::Discovery;
 use crate::probe::Checkers;
 use crate::server::workers::Workers;
-use crate::server::{self, ListenerHandle, ServeContext};
+use crate::server::{self, Inherited, ListenerHandle, ServeContext};
 use crate::state::{Live, Snapshot};
 
 /// Sockets and bookkeeping that only reloads change.
@@ -80,6 +80,17 @@ impl Runtime {
     /// Binds everything `config` asks for and starts serving. `config_path` is
     /// the file reloads read; `None` for a config given as text.
     pub async fn start(config: &Config, config_path: Option<PathBuf>) -> Result<Arc<Runtime>, ReloadError> {
+        Runtime::start_inheriting(config, config_path, Inherited::default()).await
+    }
+
+    /// [`Self::start`], serving on the sockets a previous process handed over
+    /// (a binary upgrade) where the config binds the same address; the rest
+    /// are bound as usual.
+    pub async fn start_inheriting(
+        config: &Config,
+        config_path: Option<PathBuf>,
+        mut inherited: Inherited,
+    ) -> Result<Arc<Runtime>, ReloadError> {
         crate::metrics::install();
         let discovered_changed = Arc::new(Notify::new());
         let mut discovery = Discovery::new(&config.resolver, Arc::clone(&discovered_changed));
@@ -92,9 +103,23 @@ impl Runtime {
             .map_err(|source| ReloadError::Workers { source })?;
         let mut sockets = Vec::new();
         for listener in &config.listeners {
-            sockets.push((listener, bind_for_workers(&listener.name, listener.bind, workers.len())?));
+            let bound = match inherited.listeners.remove(&listener.bind) {
+                Some(handed) => server::BoundListener::inherited(listener.bind, handed, workers.len())
+                    .map_err(|source| ReloadError::Bind { name: listener.name.clone(), bind: listener.bind, source })?,
+                None => bind_for_workers(&listener.name, listener.bind, workers.len())?,
+            };
+            sockets.push((listener, bound));
         }
-        let admin_socket = bind("admin", config.admin.bind)?;
+        let admin_socket = match inherited.admin.take().filter(|(bind, _)| *bind == config.admin.bind) {
+            Some((_, socket)) => socket
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(socket))
+                .map_err(|source| ReloadError::Bind { name: "admin".into(), bind: config.admin.bind, source })?,
+            None => bind("admin", config.admin.bind)?,
+        };
+        // Sockets of listeners this config no longer has close here; the
+        // previous process still serves what it accepted on them.
+        drop(inherited);
         let serve = ServeContext {
             live: Arc::clone(&live),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
@@ -177,6 +202,23 @@ impl Runtime {
         addrs
     }
 
+    /// Duplicates of every listening socket, for a new process taking over
+    /// (a binary upgrade): each proxy listener's sockets by configured bind,
+    /// and the admin listener's.
+    pub async fn handover_sockets(&self) -> std::io::Result<HandedSockets> {
+        let bound = self.bound.lock().await;
+        let mut listeners = Vec::new();
+        for (bind, handle) in &bound.listeners {
+            let sockets = handle.sockets.iter().map(|s| s.try_clone()).collect::<std::io::Result<Vec<_>>>()?;
+            listeners.push((*bind, sockets));
+        }
+        let admin = match bound.admin.as_ref().and_then(|a| a.socket.as_ref()) {
+            Some(socket) => Some((bound.admin_bind, socket.try_clone()?)),
+            None => None,
+        };
+        Ok(HandedSockets { listeners, admin })
+    }
+
     pub async fn admin_addr(&self) -> Option<SocketAddr> {
         self.bound.lock().await.admin.as_ref().map(|a| a.local_addr)
     }
@@ -230,6 +272,13 @@ impl Runtime {
         bound.retired.push(previous);
         bound.free_unused_snapshots();
     }
+}
+
+/// Listening sockets on their way to a new process: proxy listeners by
+/// configured bind, then the admin listener's.
+pub struct HandedSockets {
+    pub listeners: Vec<(SocketAddr, Vec<std::os::fd::OwnedFd>)>,
+    pub admin: Option<(SocketAddr, std::os::fd::OwnedFd)>,
 }
 
 fn bind_for_workers(name: &str, addr: SocketAddr, workers: usize) -> Result<server::BoundListener, ReloadError> {

@@ -83,20 +83,59 @@ pub fn bind_for_workers(addr: SocketAddr, count: usize) -> std::io::Result<Bound
     Ok(BoundListener { configured: addr, local_addr, sockets })
 }
 
+impl BoundListener {
+    /// A listener from sockets another process was serving (a binary
+    /// upgrade): the same sockets, so connections waiting in their queues are
+    /// accepted here. With more workers than sockets, the extra workers get
+    /// sockets of their own in the same `SO_REUSEPORT` group; with fewer, some
+    /// workers accept on more than one.
+    pub fn inherited(
+        configured: SocketAddr,
+        sockets: Vec<std::net::TcpListener>,
+        workers: usize,
+    ) -> std::io::Result<BoundListener> {
+        let local_addr = sockets.first().ok_or(std::io::ErrorKind::InvalidInput)?.local_addr()?;
+        let mut sockets = sockets;
+        for socket in &sockets {
+            socket.set_nonblocking(true)?;
+        }
+        while sockets.len() < workers {
+            sockets.push(bind_socket(local_addr, true)?);
+        }
+        Ok(BoundListener { configured, local_addr, sockets })
+    }
+}
+
+/// Listening sockets handed from one process to the next in a binary
+/// upgrade, by configured bind.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub listeners: std::collections::HashMap<SocketAddr, Vec<std::net::TcpListener>>,
+    /// The admin listener's socket and its configured bind.
+    pub admin: Option<(SocketAddr, std::net::TcpListener)>,
+}
+
 /// A running listener; dropping the handle does not stop it, [`Self::stop`] does.
 pub struct ListenerHandle {
     pub name: Arc<str>,
     pub local_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Duplicates of the listening sockets, for handing them to a new process
+    /// in a binary upgrade.
+    pub sockets: Vec<std::os::fd::OwnedFd>,
 }
 
 impl ListenerHandle {
     /// Stops accepting on every worker, lets open connections finish their
     /// requests for up to `shutdown_grace`, then closes whatever is left.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        futures_util::future::join_all(self.tasks).await;
+        let ListenerHandle { stop, tasks, sockets, .. } = self;
+        // The duplicates kept for an upgrade would keep the socket listening,
+        // and connections would queue where nothing accepts them any more.
+        drop(sockets);
+        let _ = stop.send(true);
+        futures_util::future::join_all(tasks).await;
     }
 }
 
@@ -112,14 +151,29 @@ pub struct ServeContext {
     pub connections: Arc<Semaphore>,
 }
 
-/// Serves `bound` on every worker: worker `i` accepts on socket `i`.
+/// Serves `bound` on every worker: worker `i` accepts on socket `i` (and on
+/// `i + workers`, and so on, when inherited sockets outnumber the workers).
 pub fn spawn(name: Arc<str>, bound: BoundListener, context: &ServeContext, workers: &Workers) -> ListenerHandle {
     let (stop, stopped) = watch::channel(false);
     let configured = bound.configured;
+    let sockets = bound
+        .sockets
+        .iter()
+        .filter_map(|socket| {
+            use std::os::fd::AsFd;
+            socket
+                .as_fd()
+                .try_clone_to_owned()
+                .inspect_err(|error| {
+                    tracing::warn!(listener = %name, %error, "cannot keep a listening socket for a binary upgrade");
+                })
+                .ok()
+        })
+        .collect();
     let tasks = bound
         .sockets
         .into_iter()
-        .zip(workers.iter())
+        .zip(workers.iter().cycle())
         .map(|(socket, (worker, clients))| {
             let stack = stack::build(Arc::clone(&context.live), Arc::clone(clients));
             let (name, context, stopped) = (Arc::clone(&name), context.clone(), stopped.clone());
@@ -131,7 +185,7 @@ pub fn spawn(name: Arc<str>, bound: BoundListener, context: &ServeContext, worke
             })
         })
         .collect();
-    ListenerHandle { name, local_addr: bound.local_addr, stop, tasks }
+    ListenerHandle { name, local_addr: bound.local_addr, stop, tasks, sockets }
 }
 
 fn connection_builder(limits: &Limits) -> Arc<auto::Builder<TokioExecutor>> {
@@ -169,11 +223,13 @@ async fn accept_loop(
     // The open connections, judged idle here on one timer for all of them
     // rather than on a timer and a shutdown watch polled in every connection.
     let mut watched: Vec<Watched> = Vec::new();
+    // Set once accepting stops: HTTP/1.1 responses then carry `Connection: close`.
+    let draining = Arc::new(AtomicBool::new(false));
     let idle_tick = tokio::time::sleep(limits.idle_timeout / IDLE_TICKS);
     tokio::pin!(idle_tick);
     let next_tick =
         |context: &ServeContext| tokio::time::Instant::now() + context.live.load().limits.idle_timeout / IDLE_TICKS;
-    'accepting: loop {
+    loop {
         let (stream, client) = tokio::select! {
             _ = stopped.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
@@ -197,9 +253,16 @@ async fn accept_loop(
         // everything beyond waits in the kernel's backlog.
         let acquire = Arc::clone(&context.connections).acquire_owned();
         tokio::pin!(acquire);
+        let mut stopping = false;
         let permit = loop {
             tokio::select! {
-                _ = stopped.changed() => break 'accepting,
+                // Dropping the connection would reset a client the kernel
+                // already accepted for us: it is served, over the cap, as the
+                // listener drains.
+                _ = stopped.changed() => {
+                    stopping = true;
+                    break Arc::new(Semaphore::new(1)).acquire_owned().await.expect("a fresh semaphore");
+                }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 // Idle connections are what frees a place.
                 () = &mut idle_tick => {
@@ -228,7 +291,7 @@ async fn accept_loop(
         });
         let activity = Arc::new(Activity::new());
         watched.push(Watched { activity: Arc::clone(&activity), finished_before: 0, quiet_ticks: 0 });
-        let (builder, stack) = (Arc::clone(&builder), stack.clone());
+        let (builder, stack, draining) = (Arc::clone(&builder), stack.clone(), Arc::clone(&draining));
         connections.spawn(async move {
             // The handshake runs on the connection's own task, so a slow
             // client never holds up the accept loop.
@@ -246,18 +309,36 @@ async fn accept_loop(
                 inner: stack,
                 info: Arc::new(info),
                 activity: Arc::clone(&activity),
+                draining,
             });
             let io = TokioIo::new(SendTimeoutIo::new(stream, limits.client_send_timeout));
             let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
             drive_connection(connection, activity).await;
         });
+        if stopping {
+            break;
+        }
     }
     drop(listener);
+    // A keep-alive client is told to go elsewhere on a response (`Connection:
+    // close`) rather than by a close that can cross its next request on the
+    // wire: its request in flight, or the next one it sends within the
+    // linger, gets that answer. Then whatever is still open is closed
+    // gracefully (HTTP/2 gets GOAWAY).
+    draining.store(true, Ordering::Release);
+    let grace = context.live.load().limits.shutdown_grace;
+    let linger = tokio::time::sleep(DRAIN_LINGER.min(grace / 2));
+    tokio::pin!(linger);
+    while !connections.is_empty() {
+        tokio::select! {
+            () = &mut linger => break,
+            _ = connections.join_next() => {}
+        }
+    }
     for connection in &watched {
         connection.activity.ask_to_close();
     }
     tunnels.close();
-    let grace = context.live.load().limits.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
         while connections.join_next().await.is_some() {}
         tunnels.wait().await;
@@ -377,6 +458,10 @@ struct Activity {
     waker: AtomicWaker,
 }
 
+/// How long a stopping listener lets keep-alive connections send one more
+/// request, answered with `Connection: close`, before it closes them.
+const DRAIN_LINGER: Duration = Duration::from_secs(2);
+
 /// Idle ticks per `idle_timeout` (see `close_idle`).
 const IDLE_TICKS: u32 = 4;
 
@@ -420,6 +505,8 @@ struct WithConnInfo {
     inner: ProxyStack,
     info: Arc<ConnInfo>,
     activity: Arc<Activity>,
+    /// The listener stopped accepting (see the end of `accept_loop`).
+    draining: Arc<AtomicBool>,
 }
 
 impl Service<Request<Incoming>> for WithConnInfo {
@@ -434,9 +521,11 @@ impl Service<Request<Incoming>> for WithConnInfo {
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let notes = Arc::new(RequestNotes::new(Some(Arc::clone(&self.info))));
         self.activity.request_started();
+        let http1 = request.version() < http::Version::HTTP_2;
         TrackActivity {
             inner: self.inner.call(NotedRequest { request, notes }),
             activity: Some(Arc::clone(&self.activity)),
+            draining: http1.then(|| Arc::clone(&self.draining)),
         }
     }
 }
@@ -448,6 +537,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         activity: Option<Arc<Activity>>,
+        // An HTTP/1 request's listener's drain flag.
+        draining: Option<Arc<AtomicBool>>,
     }
 
     impl<F> PinnedDrop for TrackActivity<F> {
@@ -459,14 +550,24 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F: std::future::Future> std::future::Future for TrackActivity<F> {
+impl<F, B> std::future::Future for TrackActivity<F>
+where
+    F: std::future::Future<Output = Result<Response<B>, Infallible>>,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let output = std::task::ready!(this.inner.poll(cx));
+        let mut output = std::task::ready!(this.inner.poll(cx));
         if let Some(activity) = this.activity.take() {
             activity.request_finished();
+        }
+        if this.draining.as_ref().is_some_and(|draining| draining.load(Ordering::Acquire)) {
+            if let Some(response) = output.as_mut().ok().filter(|r| r.status() != http::StatusCode::SWITCHING_PROTOCOLS)
+            {
+                // hyper closes the connection after a response that says so.
+                response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
         }
         Poll::Ready(output)
     }

@@ -68,7 +68,7 @@ impl Workers {
     }
 
     /// Each worker's runtime and its upstream clients.
-    pub fn iter(&self) -> impl Iterator<Item = (&Handle, &Arc<UpstreamClients>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&Handle, &Arc<UpstreamClients>)> + Clone {
         self.workers.iter().map(|w| (&w.handle, &w.clients))
     }
 }

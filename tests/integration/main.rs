@@ -26,3 +26,4 @@ mod robot;
 mod streaming;
 mod stuck;
 mod tls;
+mod upgrade;

@@ -1,0 +1,185 @@
+//! Zero-downtime binary upgrades (`switchyard run --upgrade`): real processes
+//! hand their listening sockets over under load, and no client sees a failure.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Request;
+
+use crate::support::*;
+
+/// `switchyard run -c PATH --upgrade`, taking over from the process serving PATH.
+fn upgrade(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--upgrade", "-c"])
+        .arg(config)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("switchyard binary runs")
+}
+
+async fn exit_of(child: &mut Child, why: &str) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Clients until stopped: `keep_alive` of them reuse connections, `fresh` of
+/// them open a new connection for every request.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: String, keep_alive: usize, fresh: usize) -> Load {
+        let (stop, sent): (Arc<AtomicBool>, Arc<AtomicUsize>) = (Arc::default(), Arc::default());
+        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+        let tasks = (0..keep_alive + fresh)
+            .map(|i| {
+                let (stop, sent, failures, url) =
+                    (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&failures), url.clone());
+                tokio::spawn(async move {
+                    let client = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut request = Request::get(&url);
+                        if i >= keep_alive {
+                            request = request.header("connection", "close");
+                        }
+                        let answer = send(&client, request.body(full("")).unwrap()).await;
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if answer.status != 200 {
+                            failures.lock().unwrap().push(format!("{} {}", answer.status, answer.body));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, sent, failures, tasks }
+    }
+
+    fn sent(&self) -> usize {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    async fn finish_without_failures(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let failures = self.failures.lock().unwrap();
+        let sent = self.sent.load(Ordering::Relaxed);
+        assert!(
+            failures.is_empty(),
+            "{} of {sent} requests failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        sent
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_upgrades_under_steady_load_lose_no_request_and_each_old_process_exits_0() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let yaml = simple_config("{ policy: round_robin }", &[&a, &b], "")
+        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
+        .replace("listeners:\n", "limits: { shutdown_grace: 10s }\nlisteners:\n");
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let load = Load::start(proxy.url("/"), 4, 2);
+    for round in 1..=10 {
+        let before = load.sent();
+        wait_until("traffic", Duration::from_secs(30), || load.sent() > before + 50).await;
+        let mut old = std::mem::replace(&mut proxy.child, upgrade(&proxy.path));
+        let status = exit_of(&mut old, &format!("upgrade {round}: the old process never exited")).await;
+        assert_eq!(status.code(), Some(0), "upgrade {round}: the old process exits 0");
+        assert!(proxy.child.try_wait().unwrap().is_none(), "upgrade {round}: the new process serves");
+    }
+    let before = load.sent();
+    wait_until("traffic after the last upgrade", Duration::from_secs(30), || load.sent() > before + 50).await;
+    let sent = load.finish_without_failures().await;
+    eprintln!("10 upgrades, {sent} requests, none failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_in_the_listen_queue_at_the_hand_over_are_served() {
+    // One worker with room for one connection: the bot's job holds it, and the
+    // next connections wait in the kernel's queue while the upgrade happens.
+    // Handed-over sockets keep that queue; a new socket beside the old one
+    // would leave them to be reset when the old one closed.
+    let bot = Backend::start("bot").await;
+    let yaml = simple_config("{}", &[&bot], "")
+        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
+        .replace("listeners:\n", "workers: 1\nlimits: { max_connections: 1, shutdown_grace: 30s }\nlisteners:\n");
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let held = {
+        let url = proxy.url("/hold");
+        tokio::spawn(async move { get(&client(), &url).await })
+    };
+    wait_until("the held job", Duration::from_secs(10), || bot.in_flight() == 1).await;
+    let queued: Vec<_> = (0..10)
+        .map(|_| {
+            let url = proxy.url("/");
+            tokio::spawn(async move {
+                let request = Request::get(&url).header("connection", "close").body(full("")).unwrap();
+                send(&client(), request).await
+            })
+        })
+        .collect();
+    // Their connections are established (by the kernel) and their requests sent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bot.hits(), 1, "the queued requests are still waiting");
+
+    let mut old = std::mem::replace(&mut proxy.child, upgrade(&proxy.path));
+    for request in queued {
+        let answer = request.await.unwrap();
+        assert_eq!(answer.status, 200, "a queued connection was lost: {}", answer.body);
+    }
+    assert_eq!(bot.hits(), 11);
+    bot.release_held();
+    assert_eq!(held.await.unwrap().status, 200, "the old process finished the job it had");
+    assert_eq!(exit_of(&mut old, "the old process never exited").await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_fails_leaves_the_old_one_serving() {
+    let bot = Backend::start("bot").await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let yaml = simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"");
+    let mut proxy = ProxyProcess::start(&yaml).await;
+
+    // A plain second `run` of the same config refuses: the first one serves it.
+    let second = Command::new(env!("CARGO_BIN_EXE_switchyard")).args(["run", "-c"]).arg(&proxy.path).output().unwrap();
+    assert_eq!(second.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("use --upgrade"));
+
+    // The new binary's config asks for a port that is taken: it fails after
+    // receiving the sockets, before it serves.
+    let good = std::fs::read_to_string(&proxy.path).unwrap();
+    let broken = good.replace(
+        "listeners:\n",
+        &format!("listeners:\n  - {{ name: extra, bind: \"{}\" }}\n", taken.local_addr().unwrap()),
+    );
+    std::fs::write(&proxy.path, &broken).unwrap();
+    let mut failed = upgrade(&proxy.path);
+    assert_eq!(exit_of(&mut failed, "the failing new process never exited").await.code(), Some(3));
+    std::fs::write(&proxy.path, &good).unwrap();
+    assert!(proxy.child.try_wait().unwrap().is_none(), "the old process still runs");
+    for _ in 0..20 {
+        assert_eq!(get(&client(), &proxy.url("/")).await.status, 200, "and still serves");
+    }
+
+    // A later upgrade works.
+    let mut old = std::mem::replace(&mut proxy.child, upgrade(&proxy.path));
+    assert_eq!(exit_of(&mut old, "the old process never exited").await.code(), Some(0));
+    assert_eq!(get(&client(), &proxy.url("/")).await.status, 200);
+}
