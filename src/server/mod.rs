@@ -223,8 +223,6 @@ async fn accept_loop(
     // The open connections, judged idle here on one timer for all of them
     // rather than on a timer and a shutdown watch polled in every connection.
     let mut watched: Vec<Watched> = Vec::new();
-    // Set once accepting stops: HTTP/1.1 responses then carry `Connection: close`.
-    let draining = Arc::new(AtomicBool::new(false));
     let idle_tick = tokio::time::sleep(limits.idle_timeout / IDLE_TICKS);
     tokio::pin!(idle_tick);
     let next_tick =
@@ -291,7 +289,7 @@ async fn accept_loop(
         });
         let activity = Arc::new(Activity::new());
         watched.push(Watched { activity: Arc::clone(&activity), finished_before: 0, quiet_ticks: 0 });
-        let (builder, stack, draining) = (Arc::clone(&builder), stack.clone(), Arc::clone(&draining));
+        let (builder, stack) = (Arc::clone(&builder), stack.clone());
         connections.spawn(async move {
             // The handshake runs on the connection's own task, so a slow
             // client never holds up the accept loop.
@@ -309,7 +307,6 @@ async fn accept_loop(
                 inner: stack,
                 info: Arc::new(info),
                 activity: Arc::clone(&activity),
-                draining,
             });
             let io = TokioIo::new(SendTimeoutIo::new(stream, limits.client_send_timeout));
             let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
@@ -325,7 +322,9 @@ async fn accept_loop(
     // wire: its request in flight, or the next one it sends within the
     // linger, gets that answer. Then whatever is still open is closed
     // gracefully (HTTP/2 gets GOAWAY).
-    draining.store(true, Ordering::Release);
+    for connection in &watched {
+        connection.activity.draining.store(true, Ordering::Release);
+    }
     let grace = context.live.load().limits.shutdown_grace;
     let linger = tokio::time::sleep(DRAIN_LINGER.min(grace / 2));
     tokio::pin!(linger);
@@ -455,6 +454,9 @@ struct Activity {
     /// Requests finished so far.
     finished: AtomicUsize,
     close: AtomicBool,
+    /// Its listener stopped accepting: HTTP/1.1 responses carry
+    /// `Connection: close` (see the end of `accept_loop`).
+    draining: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -471,6 +473,7 @@ impl Activity {
             active: AtomicUsize::new(0),
             finished: AtomicUsize::new(0),
             close: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         }
     }
@@ -505,8 +508,6 @@ struct WithConnInfo {
     inner: ProxyStack,
     info: Arc<ConnInfo>,
     activity: Arc<Activity>,
-    /// The listener stopped accepting (see the end of `accept_loop`).
-    draining: Arc<AtomicBool>,
 }
 
 impl Service<Request<Incoming>> for WithConnInfo {
@@ -525,7 +526,7 @@ impl Service<Request<Incoming>> for WithConnInfo {
         TrackActivity {
             inner: self.inner.call(NotedRequest { request, notes }),
             activity: Some(Arc::clone(&self.activity)),
-            draining: http1.then(|| Arc::clone(&self.draining)),
+            http1,
         }
     }
 }
@@ -537,8 +538,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         activity: Option<Arc<Activity>>,
-        // An HTTP/1 request's listener's drain flag.
-        draining: Option<Arc<AtomicBool>>,
+        http1: bool,
     }
 
     impl<F> PinnedDrop for TrackActivity<F> {
@@ -559,10 +559,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let mut output = std::task::ready!(this.inner.poll(cx));
-        if let Some(activity) = this.activity.take() {
-            activity.request_finished();
-        }
-        if this.draining.as_ref().is_some_and(|draining| draining.load(Ordering::Acquire)) {
+        let Some(activity) = this.activity.take() else { return Poll::Ready(output) };
+        activity.request_finished();
+        if *this.http1 && activity.draining.load(Ordering::Acquire) {
             if let Some(response) = output.as_mut().ok().filter(|r| r.status() != http::StatusCode::SWITCHING_PROTOCOLS)
             {
                 // hyper closes the connection after a response that says so.
