@@ -138,14 +138,7 @@ impl SteadyLoad {
         for task in self.tasks {
             task.await.unwrap();
         }
-        let failures = self.failures.lock().unwrap();
-        let sent = self.sent.load(Ordering::Relaxed);
-        assert!(
-            failures.is_empty(),
-            "{} of {sent} requests failed: {:?}",
-            failures.len(),
-            &failures[..failures.len().min(5)]
-        );
+        assert_no_failures(self.sent.load(Ordering::Relaxed), &self.failures.lock().unwrap());
     }
 }
 
@@ -273,27 +266,14 @@ async fn a_staying_backends_ejection_survives_a_change_of_the_set() {
     let client = client();
     wait_until_async("bot0 to be ejected", || async {
         let _ = get(&client, &proxy.url("/")).await;
-        let status = proxy.status().await;
-        let bot0 = status["upstreams"][0]["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["address"] == bots[0].addr.to_string())
-            .cloned();
+        let bot0 = backend_in_status(&proxy.status().await, &bots[0].addr.to_string());
         bot0.is_some_and(|b| !b["ejected_for_seconds"].is_null())
     })
     .await;
 
     dns.set_addresses("bots.test", &ips(&[&bots[0], &bots[1], &bots[2]]));
     wait_for_set(&proxy, &[&bots[0], &bots[1], &bots[2]]).await;
-    let status = proxy.status().await;
-    let bot0 = status["upstreams"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["address"] == bots[0].addr.to_string())
-        .unwrap()
-        .clone();
+    let bot0 = backend_in_status(&proxy.status().await, &bots[0].addr.to_string()).unwrap();
     let left = bot0["ejected_for_seconds"].as_f64().expect("still ejected after the set changed");
     assert!(left > 30.0, "the ejection kept its time: {left} s left");
     assert!(!bot0["healthy"].as_bool().unwrap());

@@ -14,7 +14,7 @@ async fn backend_action(proxy: &FileProxy, upstream: &str, address: &str, action
 }
 
 fn backend_status(status: &Value, address: &str) -> Value {
-    status["upstreams"][0]["backends"].as_array().unwrap().iter().find(|b| b["address"] == address).unwrap().clone()
+    backend_in_status(status, address).unwrap_or_else(|| panic!("no backend {address} in /status"))
 }
 
 async fn admin_state_metric(proxy: &FileProxy, address: &str) -> Option<f64> {
@@ -117,11 +117,7 @@ async fn a_drained_bot_finishes_its_job_gets_no_new_one_and_keeps_the_override_t
 async fn backend_actions_name_what_they_act_on_and_need_the_token() {
     let a = Backend::start("a").await;
     let token = "an-admin-token-for-actions-0123";
-    let proxy = FileProxy::start(&format!(
-        "admin: {{ bind: \"127.0.0.1:0\", token: \"{token}\" }}\n{}",
-        simple_config("{}", &[&a], "")
-    ))
-    .await;
+    let proxy = proxy_with_token(&a, token).await;
     let address = a.addr.to_string();
     let post = |path: String, token: Option<&'static str>| {
         let mut request = Request::post(format!("http://{}{path}", proxy.admin));
@@ -150,6 +146,12 @@ async fn backend_actions_name_what_they_act_on_and_need_the_token() {
     .await;
     assert_eq!(get.status, 405);
     assert_eq!(backend_status(&status_with(&proxy, token).await, &address)["admin_state"], "enabled");
+}
+
+/// A proxy in front of `backend` whose admin API needs `token`.
+async fn proxy_with_token(backend: &Backend, token: &str) -> FileProxy {
+    let yaml = simple_config("{}", &[backend], "");
+    FileProxy::start(&format!("admin: {{ bind: \"127.0.0.1:0\", token: \"{token}\" }}\n{yaml}")).await
 }
 
 async fn send_owned(request: Request<TestBody>) -> Answer {
@@ -245,11 +247,7 @@ async fn with_a_token_the_status_page_takes_it_as_a_basic_password() {
     use base64::Engine as _;
     let a = Backend::start("a").await;
     let token = "a-token-for-the-page-0123456789";
-    let proxy = FileProxy::start(&format!(
-        "admin: {{ bind: \"127.0.0.1:0\", token: \"{token}\" }}\n{}",
-        simple_config("{}", &[&a], "")
-    ))
-    .await;
+    let proxy = proxy_with_token(&a, token).await;
     let admin_get = |path: &'static str, authorization: Option<String>| {
         let mut request = Request::get(format!("http://{}{path}", proxy.admin));
         if let Some(value) = authorization {

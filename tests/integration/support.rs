@@ -620,3 +620,18 @@ impl Drop for LoggingProxy {
         let _ = self.0.wait();
     }
 }
+
+/// Fails the test when any of `sent` requests failed, showing the first few.
+pub fn assert_no_failures(sent: usize, failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+/// The backend with `address` in the first upstream of a `/status` answer.
+pub fn backend_in_status(status: &serde_json::Value, address: &str) -> Option<serde_json::Value> {
+    status["upstreams"][0]["backends"].as_array()?.iter().find(|b| b["address"] == address).cloned()
+}

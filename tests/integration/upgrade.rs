@@ -76,14 +76,8 @@ impl Load {
         for task in self.tasks {
             task.await.unwrap();
         }
-        let failures = self.failures.lock().unwrap();
         let sent = self.sent.load(Ordering::Relaxed);
-        assert!(
-            failures.is_empty(),
-            "{} of {sent} requests failed: {:?}",
-            failures.len(),
-            &failures[..failures.len().min(5)]
-        );
+        assert_no_failures(sent, &self.failures.lock().unwrap());
         sent
     }
 }
