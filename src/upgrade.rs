@@ -69,6 +69,7 @@ pub enum UpgradeError {
 pub fn take_over(path: &Path) -> Result<(Inherited, Handover), UpgradeError> {
     let stream =
         UnixStream::connect(path).map_err(|source| UpgradeError::NoOldProcess { path: path.to_owned(), source })?;
+    same_user(&stream)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     (&stream).write_all(REQUEST)?;
     let mut bytes = vec![0u8; 64 * 1024];
@@ -182,6 +183,7 @@ impl UpgradeListener {
 /// The old process's side of one hand-over: the request, the sockets, and
 /// the wait for `ready`.
 fn send_sockets(stream: UnixStream, sockets: HandedSockets) -> std::io::Result<()> {
+    same_user(&stream).map_err(|e| std::io::Error::other(e.to_string()))?;
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(&stream);
@@ -218,6 +220,32 @@ fn send_sockets(stream: UnixStream, sockets: HandedSockets) -> std::io::Result<(
     reader.read_until(b'\n', &mut ready)?;
     if ready != READY {
         return Err(std::io::Error::other("the new process ended before it served"));
+    }
+    Ok(())
+}
+
+/// Refuses a peer run by another user: the socket's path is in `/tmp`, and
+/// listening sockets must only ever pass between processes of one user.
+fn same_user(stream: &UnixStream) -> Result<(), UpgradeError> {
+    let mut credentials = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `credentials` and `length` are valid for writes of the sizes given.
+    let result = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut credentials as *mut libc::ucred).cast(),
+            &mut length,
+        )
+    };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if credentials.uid != me {
+        return Err(UpgradeError::Protocol(format!("the peer runs as user {}, this process as {me}", credentials.uid)));
     }
     Ok(())
 }
