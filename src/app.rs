@@ -165,15 +165,19 @@ pub async fn run(path: &Path, options: RunOptions) -> i32 {
         }
         None => waiting,
     };
-    serve_signals(&proxy.runtime, waiting.as_ref()).await;
+    let handed_over = serve_signals(&proxy.runtime, waiting.as_ref()).await;
+    // After a hand-over the path is the successor's (or about to be).
+    if let Some(listener) = waiting.filter(|_| !handed_over) {
+        listener.remove();
+    }
     tracing::info!(grace = ?proxy.live().load().limits.shutdown_grace, "stopping: draining in-flight requests");
     proxy.shutdown().await;
     exit::OK
 }
 
-/// Reloads on SIGHUP; returns on SIGTERM or SIGINT, or once a new process
-/// has taken the listening sockets over.
-async fn serve_signals(runtime: &Runtime, upgrades: Option<&UpgradeListener>) {
+/// Reloads on SIGHUP; returns on SIGTERM or SIGINT (false), or once a new
+/// process has taken the listening sockets over (true).
+async fn serve_signals(runtime: &Runtime, upgrades: Option<&UpgradeListener>) -> bool {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
     let mut hangup = signal(SignalKind::hangup()).expect("can install a SIGHUP handler");
@@ -186,9 +190,9 @@ async fn serve_signals(runtime: &Runtime, upgrades: Option<&UpgradeListener>) {
     tokio::pin!(handed_over);
     loop {
         tokio::select! {
-            _ = terminate.recv() => return,
-            _ = tokio::signal::ctrl_c() => return,
-            () = &mut handed_over => return,
+            _ = terminate.recv() => return false,
+            _ = tokio::signal::ctrl_c() => return false,
+            () = &mut handed_over => return true,
             _ = hangup.recv() => {
                 let _ = runtime.reload(ReloadTrigger::Signal).await;
             }

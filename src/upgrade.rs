@@ -112,6 +112,9 @@ impl Handover {
 /// The Unix socket on which a running process waits for its successor.
 pub struct UpgradeListener {
     listener: tokio::net::UnixListener,
+    path: PathBuf,
+    /// The socket file's inode: the path is ours while it names this file.
+    inode: Option<u64>,
 }
 
 impl UpgradeListener {
@@ -124,7 +127,8 @@ impl UpgradeListener {
             }
             std::fs::remove_file(path)?;
         }
-        Ok(UpgradeListener { listener: tokio::net::UnixListener::bind(path)? })
+        let listener = tokio::net::UnixListener::bind(path)?;
+        Ok(UpgradeListener { listener, path: path.to_owned(), inode: inode(path) })
     }
 
     /// Listens at `path` in place of the process this one took over from: a
@@ -137,7 +141,15 @@ impl UpgradeListener {
         let _ = std::fs::remove_file(&temporary);
         let listener = tokio::net::UnixListener::bind(&temporary)?;
         std::fs::rename(&temporary, path)?;
-        Ok(UpgradeListener { listener })
+        Ok(UpgradeListener { listener, path: path.to_owned(), inode: inode(path) })
+    }
+
+    /// Removes the socket file when the process stops without a successor
+    /// (the inode check covers a file replaced by hand meanwhile).
+    pub fn remove(self) {
+        if self.inode.is_some() && inode(&self.path) == self.inode {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 
     /// Serves successors until one takes over: returns once a new process
@@ -248,4 +260,9 @@ fn same_user(stream: &UnixStream) -> Result<(), UpgradeError> {
         return Err(UpgradeError::Protocol(format!("the peer runs as user {}, this process as {me}", credentials.uid)));
     }
     Ok(())
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|metadata| metadata.ino())
 }

@@ -102,6 +102,13 @@ async fn ten_upgrades_under_steady_load_lose_no_request_and_each_old_process_exi
     wait_until("traffic after the last upgrade", Duration::from_secs(30), || load.sent() > before + 50).await;
     let sent = load.finish_without_failures().await;
     eprintln!("10 upgrades, {sent} requests, none failed");
+
+    // The last process owns the upgrade socket, and removes it when it stops.
+    let socket = switchyard::upgrade::socket_path(&proxy.path);
+    assert!(socket.exists(), "{} is where the next upgrade finds this process", socket.display());
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_for_exit(Duration::from_secs(60), "SIGTERM").await.code(), Some(0));
+    assert!(!socket.exists(), "a stopped process leaves no socket file behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
