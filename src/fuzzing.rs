@@ -6,7 +6,7 @@
 //! found stays fixed.
 
 use bytes::BytesMut;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request};
+use http::{header, HeaderName, HeaderValue, Method, Request};
 
 use crate::balance::{extract_key, PickRequest};
 use crate::client::http1::codec::{parse_response_head, Chunk, ChunkedDecoder, ResponseFraming};
@@ -26,22 +26,67 @@ pub fn config_parse(data: &[u8]) {
     }
 }
 
-/// A key spec, a request target and a header value (one per line) through key
-/// parsing and extraction: whatever a client sends, no panic.
+/// Routes the fuzzed requests are matched against: exact and wildcard hosts,
+/// path prefixes, methods and a header, then a catch-all.
+const ROUTES: &str = r#"
+listeners: [{ bind: "127.0.0.1:0" }]
+routes:
+  - { match: { host: "bots.internal", path_prefix: "/robot/", methods: [POST], headers: { x-tenant: acme } }, upstream: u }
+  - { match: { host: "*.bots", path_prefix: "/jobs/" }, upstream: u }
+  - { match: { path_prefix: "/api/", methods: [GET, HEAD] }, upstream: u }
+  - { upstream: u }
+upstreams:
+  u: { backends: [{ address: "10.0.0.1:80" }] }
+"#;
+
+/// A key spec, a request target, a header value and a host (one per line)
+/// through routing and key extraction: whatever a client sends, the first
+/// matching route is found (the catch-all at worst) and no panic.
 pub fn route_and_key(data: &[u8]) {
+    static SNAPSHOT: std::sync::OnceLock<crate::state::Snapshot> = std::sync::OnceLock::new();
+    let snapshot = SNAPSHOT.get_or_init(|| {
+        let config = crate::config::parse(ROUTES, "routes.yaml").expect("the fuzz routes are valid");
+        crate::state::Snapshot::compile(&config, None, 1)
+    });
     let text = String::from_utf8_lossy(data);
-    let mut parts = text.splitn(3, '\n');
+    let mut parts = text.splitn(4, '\n');
     let (spec, target, value) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"), parts.next().unwrap_or(""));
-    let Ok(spec) = spec.parse::<KeySpec>() else { return };
+    let host = parts.next();
     let Ok(uri) = target.parse::<http::Uri>() else { return };
-    let mut headers = HeaderMap::new();
+    let mut request = Request::builder().uri(uri).body(()).expect("valid parts");
+    *request.method_mut() = if target.len() % 2 == 0 { Method::GET } else { Method::POST };
     if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(header::COOKIE, value.clone());
-        headers.insert("x-job-id", value);
+        request.headers_mut().insert(header::COOKIE, value.clone());
+        request.headers_mut().insert("x-tenant", value.clone());
+        request.headers_mut().insert("x-job-id", value);
     }
+    if let Some(Ok(host)) = host.map(HeaderValue::from_str) {
+        request.headers_mut().insert(header::HOST, host);
+    }
+    let _ = crate::route::request_host(&request);
+    let Some(found) = snapshot.router.find_index(&request) else {
+        // Only a target without a path (authority form, which the listener
+        // refuses before routing anyway) escapes the catch-all: 404.
+        assert!(!request.uri().path().starts_with('/'), "no route for {}", request.uri());
+        return;
+    };
+    // What each route asks, checked apart from the router's own matching.
+    let path = request.uri().path();
+    let host = crate::route::request_host(&request).unwrap_or("");
+    let tenant = request.headers().get("x-tenant").is_some_and(|v| v == "acme");
+    let first = host.eq_ignore_ascii_case("bots.internal")
+        && request.method() == Method::POST
+        && path.starts_with("/robot/")
+        && tenant;
+    assert_eq!(found == 0, first, "route 0 for {host} {} {path}", request.method());
+    if found == 2 {
+        assert!(path.starts_with("/api/") && request.method() == Method::GET);
+    }
+
+    let Ok(spec) = spec.parse::<KeySpec>() else { return };
     let client_ip = std::net::IpAddr::from([10, 0, 0, 1]);
-    let request = PickRequest { headers: &headers, uri: &uri, client_ip, exclude: &[] };
-    let _ = extract_key(&spec, &request, |bytes| bytes.len());
+    let pick = PickRequest { headers: request.headers(), uri: request.uri(), client_ip, exclude: &[] };
+    let _ = extract_key(&spec, &pick, |bytes| bytes.len());
 }
 
 /// A request head (`METHOD TARGET` then `name: value` lines) through the
