@@ -55,10 +55,17 @@ impl Load {
                         if i >= keep_alive {
                             request = request.header("connection", "close");
                         }
-                        let answer = send(&client, request.body(full("")).unwrap()).await;
+                        // A connection queued where nothing accepts it would hang, not fail.
+                        let answer = tokio::time::timeout(
+                            Duration::from_secs(20),
+                            send(&client, request.body(full("")).unwrap()),
+                        )
+                        .await;
                         sent.fetch_add(1, Ordering::Relaxed);
-                        if answer.status != 200 {
-                            failures.lock().unwrap().push(format!("{} {}", answer.status, answer.body));
+                        match answer {
+                            Ok(answer) if answer.status == 200 => {}
+                            Ok(answer) => failures.lock().unwrap().push(format!("{} {}", answer.status, answer.body)),
+                            Err(_) => failures.lock().unwrap().push("no answer within 20 s".to_owned()),
                         }
                     }
                 })
@@ -183,4 +190,35 @@ async fn a_new_process_that_fails_leaves_the_old_one_serving() {
     let mut old = std::mem::replace(&mut proxy.child, upgrade(&proxy.path));
     assert_eq!(exit_of(&mut old, "the old process never exited").await.code(), Some(0));
     assert_eq!(get(&client(), &proxy.url("/")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_binary_with_another_worker_count_serves_every_inherited_socket() {
+    // Two workers hand over two sockets per listener: a successor with one
+    // worker must accept on both (the kernel spreads new connections over
+    // them), and one with three binds a third beside them.
+    let bot = Backend::start("bot").await;
+    let yaml = |workers: usize| {
+        simple_config("{}", &[&bot], "")
+            .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
+            .replace("listeners:\n", &format!("workers: {workers}\nlisteners:\n"))
+    };
+    let mut proxy = ProxyProcess::start(&yaml(2)).await;
+    let port = proxy.addr.port().to_string();
+    let load = Load::start(proxy.url("/"), 2, 4);
+    let mut previous = 2;
+    for workers in [1, 3, 2] {
+        let config = std::fs::read_to_string(&proxy.path).unwrap();
+        let changed = config.replace(&format!("workers: {previous}"), &format!("workers: {workers}"));
+        assert!(changed.contains(&format!("workers: {workers}")) && changed.contains(&port));
+        previous = workers;
+        std::fs::write(&proxy.path, changed).unwrap();
+        let before = load.sent();
+        wait_until("traffic", Duration::from_secs(30), || load.sent() > before + 100).await;
+        let mut old = std::mem::replace(&mut proxy.child, upgrade(&proxy.path));
+        assert_eq!(exit_of(&mut old, "the old process never exited").await.code(), Some(0));
+        let before = load.sent();
+        wait_until("traffic after the upgrade", Duration::from_secs(30), || load.sent() > before + 200).await;
+    }
+    load.finish_without_failures().await;
 }
