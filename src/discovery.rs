@@ -126,7 +126,7 @@ impl Discovery {
         self.watches = kept;
         let first_lookups = started.iter().map(|(name, config, found)| {
             let resolver = self.resolver.built.clone();
-            async move { found.look(&resolver, name, config).await }
+            async move { found.look(&resolver, name, config).await.0 }
         });
         let waits = join_all(first_lookups).await;
         for ((name, config, found), wait) in started.into_iter().zip(waits) {
@@ -207,9 +207,9 @@ async fn follow(
 ) {
     loop {
         tokio::time::sleep(wait).await;
-        let before = found.set();
-        wait = found.look(&resolver, &upstream, &config).await;
-        if found.set() != before {
+        let changed_set;
+        (wait, changed_set) = found.look(&resolver, &upstream, &config).await;
+        if changed_set {
             changed.notify_one();
         }
     }
@@ -220,13 +220,14 @@ impl Found {
         self.state.lock().expect("never poisoned").backends.clone()
     }
 
-    /// One lookup: records its result and returns how long to wait for the next.
+    /// One lookup: records its result and returns how long to wait for the
+    /// next, and whether the set changed.
     async fn look(
         &self,
         resolver: &Result<Arc<TokioResolver>, String>,
         upstream: &str,
         config: &DiscoveryConfig,
-    ) -> Duration {
+    ) -> (Duration, bool) {
         let result = match resolver {
             Ok(resolver) => lookup(resolver, config).await,
             Err(reason) => Err(reason.clone()),
@@ -234,10 +235,12 @@ impl Found {
         crate::metrics::discovery_lookup(upstream, result.is_ok());
         let now = (Instant::now(), SystemTime::now());
         let mut state = self.state.lock().expect("never poisoned");
+        let mut changed = false;
         let wait = match result {
             Ok((backends, valid_until)) => {
                 if state.backends.as_ref() != Some(&backends) {
                     tracing::info!(upstream, source = %config.source, backends = backends.len(), "discovered backends changed");
+                    changed = true;
                 }
                 state.backends = Some(backends);
                 state.last_success = Some(now);
@@ -253,7 +256,7 @@ impl Found {
             }
         };
         state.next_lookup = Some(now.0 + wait);
-        wait
+        (wait, changed)
     }
 }
 

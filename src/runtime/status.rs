@@ -174,6 +174,7 @@ impl BackendStatus {
     fn of(backend: &Backend, now: u64) -> Self {
         let seconds = |ns: u64| ns as f64 / 1e9;
         let ejected_until = backend.state.passive.ejected_until();
+        let (requests, failed_requests) = backend.state.tries();
         let (eligible, why) = crate::explain::backend_verdict(backend, now);
         BackendStatus {
             eligible,
@@ -183,8 +184,8 @@ impl BackendStatus {
             effective_weight: backend.effective_weight(now),
             max_concurrency: (backend.max_concurrency != u32::MAX).then_some(backend.max_concurrency),
             in_flight: backend.in_flight(),
-            requests: backend.state.tries().0,
-            failed_requests: backend.state.tries().1,
+            requests,
+            failed_requests,
             admin_state: backend.state.admin(),
             drained: (backend.state.admin() == AdminState::Draining).then(|| backend.in_flight() == 0),
             latency_ms: backend.state.latency.estimate().map(|ns| ns / 1e6),
