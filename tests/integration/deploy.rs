@@ -153,16 +153,45 @@ fn the_image_builds_from_the_locked_sources_alone_and_runs_as_non_root() {
         dropped.lines().filter(|l| l.starts_with('[')).all(|l| l == "[[test]]" || l == "[[bench]]"),
         "the trim drops only test and bench targets"
     );
-    let context = tempfile::tempdir().unwrap();
-    std::fs::write(context.path().join("Cargo.toml"), kept).unwrap();
-    std::fs::copy(format!("{root}/Cargo.lock"), context.path().join("Cargo.lock")).unwrap();
-    std::fs::create_dir(context.path().join("src")).unwrap();
-    std::fs::write(context.path().join("src/main.rs"), "fn main() {}").unwrap();
-    std::fs::write(context.path().join("src/lib.rs"), "").unwrap();
-    let output = std::process::Command::new(env!("CARGO"))
-        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
-        .current_dir(context.path())
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let matches_lock = |manifest: &str| {
+        let context = tempfile::tempdir().unwrap();
+        std::fs::write(context.path().join("Cargo.toml"), manifest).unwrap();
+        std::fs::copy(format!("{root}/Cargo.lock"), context.path().join("Cargo.lock")).unwrap();
+        std::fs::create_dir(context.path().join("src")).unwrap();
+        std::fs::write(context.path().join("src/main.rs"), "fn main() {}").unwrap();
+        std::fs::write(context.path().join("src/lib.rs"), "").unwrap();
+        // Resolved for this host only: a plain `cargo metadata` downloads the
+        // crates of every platform in Cargo.lock (Windows, wasm, Android),
+        // which a Linux build never fetches, so `--offline` would pass or fail
+        // by what the cargo cache happens to hold. `--locked` still compares
+        // the whole resolution, every platform's entries included, with
+        // Cargo.lock; only the download is limited to the host's crates, which
+        // building this test already fetched.
+        let output = std::process::Command::new(env!("CARGO"))
+            .args(["metadata", "--locked", "--offline", "--format-version", "1", "--filter-platform", host_triple()])
+            .current_dir(context.path())
+            .output()
+            .unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (matches, why) = matches_lock(kept);
+    assert!(matches, "the trimmed manifest does not match Cargo.lock:\n{why}");
+    // The check can fail: a trim that also dropped a dev-dependency leaves
+    // Cargo.lock with packages the manifest no longer needs.
+    let overtrimmed: String = kept.lines().filter(|l| !l.starts_with("criterion ")).map(|l| format!("{l}\n")).collect();
+    assert_ne!(overtrimmed, kept, "criterion is a dev-dependency of Cargo.toml");
+    let (matches, why) = matches_lock(&overtrimmed);
+    assert!(!matches && why.contains("--locked"), "a manifest that no longer matches Cargo.lock passed:\n{why}");
+}
+
+/// The target triple this test was built for, as `rustc -vV` names it.
+fn host_triple() -> &'static str {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        // The rustc beside the cargo running this test: the same toolchain.
+        let rustc = std::path::Path::new(env!("CARGO")).with_file_name("rustc");
+        let output = std::process::Command::new(rustc).arg("-vV").output().expect("rustc runs");
+        let version = String::from_utf8(output.stdout).unwrap();
+        version.lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc -vV names the host").to_owned()
+    })
 }

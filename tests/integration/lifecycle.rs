@@ -30,7 +30,7 @@ async fn sigterm_drains_in_flight_refuses_new_connections_and_exits_0() {
         async move { get(&client(), &url).await }
     });
     wait_until("the held request", Duration::from_secs(10), || backend.in_flight() == 1).await;
-    proxy.signal("TERM");
+    proxy.signal(libc::SIGTERM);
     let addr = proxy.addr;
     wait_until("new connections to be refused", Duration::from_secs(20), || {
         std::net::TcpStream::connect(addr).is_err()
@@ -76,7 +76,7 @@ async fn sigterm_closes_idle_connections_at_once_and_busy_ones_after_their_respo
     });
     wait_until("the held request", Duration::from_secs(10), || backend.in_flight() == 1).await;
 
-    proxy.signal("TERM");
+    proxy.signal(libc::SIGTERM);
     tokio::time::timeout(Duration::from_secs(30), idle_connection)
         .await
         .expect("the idle kept-alive connection is closed by the drain")

@@ -170,9 +170,11 @@ async fn status_with(proxy: &FileProxy, token: &str) -> Value {
 /// run (`--virtual-time-budget` lets the page's fetches and timers complete
 /// before the dump), at a phone's window size.
 fn browser_dom(url: &str) -> String {
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|path| std::path::Path::new(path).exists())
+    // The `chromium` on PATH: what scripts/install-test-deps looks for and installs.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let chromium = std::env::split_paths(&path)
+        .map(|dir| dir.join("chromium"))
+        .find(|candidate| candidate.is_file())
         .expect("Chromium is installed by scripts/install-test-deps (Debian package `chromium`)");
     let profile = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(chromium)
@@ -210,7 +212,10 @@ async fn the_status_page_shows_a_killed_bot_as_down_in_a_real_browser() {
     let (up, doomed, drained) = (Backend::start("up").await, Backend::start("doomed").await, Backend::start("d").await);
     let yaml = simple_config("{ policy: round_robin }", &[&up, &doomed, &drained], ", max_concurrency: 4").replace(
         "    backends:\n",
-        "    health:\n      active: { path: /healthz, interval: 100ms, timeout: 80ms, healthy_after: 1, unhealthy_after: 1 }\n    backends:\n",
+        // Checks with room to spare: the browser's start loads both cores, and a
+        // healthy bot's check must not time out under it. The killed bot's
+        // refused connection fails its check at once all the same.
+        "    health:\n      active: { path: /healthz, interval: 1s, timeout: 1s, healthy_after: 1, unhealthy_after: 1 }\n    backends:\n",
     );
     let proxy = FileProxy::start(&yaml).await;
     for _ in 0..6 {

@@ -276,13 +276,13 @@ async fn sighup_reloads_and_reload_results_are_counted_in_metrics() {
     assert_eq!(metric_value(&scrape(&metrics_url).await, "switchyard_config_generation", &[]), Some(1.0));
 
     // SIGHUP reloads even an unchanged file.
-    proxy.signal("HUP");
+    proxy.signal(libc::SIGHUP);
     wait_until_async("generation 2 after SIGHUP", || async { generation().await == 2 }).await;
 
     // A broken file is refused and counted; the good one after it is applied.
     let port = proxy.addr.port().to_string();
     std::fs::write(&proxy.path, config(&b).replace("{port}", &port).replace("backends:", "backendz:")).unwrap();
-    proxy.signal("HUP");
+    proxy.signal(libc::SIGHUP);
     wait_until_async("the error to be counted", || async {
         metric_value(&scrape(&metrics_url).await, "switchyard_config_reloads_total", &[("result", "error")]).is_some()
     })

@@ -347,9 +347,44 @@ pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut()
     }
 }
 
-/// A free loopback port: bound, then released for a child process to take.
+/// A free loopback port for a child process to bind. It is taken below the
+/// kernel's ephemeral range, where no connection's local port and no other
+/// `bind(:0)` lands, so it stays free between this check and the child's
+/// bind; and each port is handed out once per test run, so two tests never
+/// get the same one. (A port from `bind(:0)`, released, could be given to
+/// anything in between: a proxy with `SO_REUSEPORT` would even share it.)
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const LOW: u32 = 10_000;
+    if ephemeral_low < LOW + 1_000 {
+        // No room below the range: the kernel's choice is the best left.
+        return std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    }
+    let span = ephemeral_low - LOW;
+    // Each run starts elsewhere, away from ports a previous run may have left in TIME_WAIT.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    let _ = NEXT.compare_exchange(0, start + 1, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let port = LOW + (NEXT.fetch_add(1, Ordering::Relaxed) - 1) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port in {LOW}..{ephemeral_low}");
+}
+
+/// The switchyard binary as a child process, with its log level the
+/// config's: a `RUST_LOG` in the test's environment would hide (or bury) the
+/// lines tests wait for.
+pub fn switchyard_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command.env_remove("RUST_LOG");
+    command
 }
 
 /// The proxy as a separate process (for measuring its memory, or its CLI).
@@ -368,7 +403,7 @@ impl ProxyProcess {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.yaml");
         std::fs::write(&path, with_test_admin(&yaml.replace("{port}", &port.to_string()))).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let child = switchyard_command()
             .args(["run", "-c"])
             .arg(&path)
             .stderr(std::process::Stdio::null())
@@ -397,13 +432,11 @@ impl ProxyProcess {
             .unwrap_or_else(|| panic!("no {field} in /proc status"))
     }
 
-    pub fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "kill: {}", std::io::Error::last_os_error());
     }
 
     /// The process's exit status, waiting up to `limit` (failing with `why`).
@@ -603,7 +636,7 @@ pub struct LoggingProxy(std::process::Child);
 
 impl LoggingProxy {
     pub fn start(config: &std::path::Path, log: &std::path::Path) -> LoggingProxy {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let child = switchyard_command()
             .arg("run")
             .arg("-c")
             .arg(config)

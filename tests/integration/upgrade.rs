@@ -113,7 +113,7 @@ async fn ten_upgrades_under_steady_load_lose_no_request_and_each_old_process_exi
     // The last process owns the upgrade socket, and removes it when it stops.
     let socket = switchyard::upgrade::socket_path(&proxy.path);
     assert!(socket.exists(), "{} is where the next upgrade finds this process", socket.display());
-    proxy.signal("TERM");
+    proxy.signal(libc::SIGTERM);
     assert_eq!(proxy.wait_for_exit(Duration::from_secs(60), "SIGTERM").await.code(), Some(0));
     assert!(!socket.exists(), "a stopped process leaves no socket file behind");
 }
