@@ -319,6 +319,12 @@ impl BackendState {
         }
     }
 
+    /// A try already counted as a success failed after all (its response
+    /// body stalled).
+    pub fn count_late_failure(&self) {
+        self.failed_tries.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// (tries, failed tries) since the backend joined.
     pub fn tries(&self) -> (u64, u64) {
         (self.tries.load(Ordering::Relaxed), self.failed_tries.load(Ordering::Relaxed))

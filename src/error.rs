@@ -78,8 +78,31 @@ impl ProxyError {
         })
     }
 
+    /// The one line the client reads: what went wrong, in words that name
+    /// no backend address or upstream (those are for the log, which has
+    /// this error's `Display`).
+    fn public_message(&self) -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed(match self {
+            ProxyError::NoRoute => "no route matches this request\n",
+            ProxyError::NoHealthyBackend { .. } => "no backend can take this request now\n",
+            ProxyError::UpstreamConnect { .. } => "could not connect to a backend\n",
+            ProxyError::UpstreamReset { .. } => "the backend closed or reset the connection\n",
+            ProxyError::CircuitOpen { .. } => "every backend for this request has its circuit open\n",
+            ProxyError::QueueFull { .. } => "the backends are busy and the queue is full\n",
+            ProxyError::QueueTimeout { .. } => "the backends stayed busy for the whole queue timeout\n",
+            ProxyError::UpstreamTimeout => "no response within the route timeout\n",
+            ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => {
+                return std::borrow::Cow::Owned(format!("{self}\n"))
+            }
+            ProxyError::ClientTimeout(_) => "the request body stopped arriving\n",
+        })
+    }
+
     pub fn into_response(self) -> Response<ProxyBody> {
-        let mut response = Response::new(full(format!("{self}\n")));
+        let mut response = Response::new(match self.public_message() {
+            std::borrow::Cow::Borrowed(line) => full(line),
+            std::borrow::Cow::Owned(line) => full(line),
+        });
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
@@ -145,6 +168,24 @@ mod tests {
             let response = error.into_response();
             assert_eq!(response.status().as_u16(), status);
             assert_eq!(response.headers().get(ERROR_HEADER).map(|v| v.to_str().unwrap()), code);
+        }
+    }
+
+    #[test]
+    fn the_body_names_no_backend_address_or_upstream() {
+        let (backend, upstream) = ("10.9.8.7:8270", "payroll-bots");
+        let errors = [
+            ProxyError::UpstreamConnect { backend: backend.into(), source: "refused".into() },
+            ProxyError::UpstreamReset { backend: backend.into(), source: "reset".into() },
+            ProxyError::NoHealthyBackend { upstream: upstream.into() },
+            ProxyError::CircuitOpen { upstream: upstream.into() },
+            ProxyError::QueueFull { upstream: upstream.into() },
+            ProxyError::QueueTimeout { upstream: upstream.into() },
+        ];
+        for error in errors {
+            let line = error.public_message();
+            assert!(!line.contains(backend) && !line.contains(upstream), "{line}");
+            assert!(error.to_string().contains(backend) || error.to_string().contains(upstream), "the log keeps it");
         }
     }
 }

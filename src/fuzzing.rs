@@ -91,7 +91,7 @@ pub fn route_and_key(data: &[u8]) {
 
 /// A request head (`METHOD TARGET` then `name: value` lines) through the
 /// header rewriting every forwarded request gets: hop-by-hop headers and those
-/// named in `Connection` never reach a backend, `TE` only as `trailers`, and
+/// named in `Connection` never reach a backend (nor does `Expect`), `TE` only as `trailers`, and
 /// `X-Forwarded-For` ends with the client.
 pub fn header_rewrite(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
@@ -117,7 +117,7 @@ pub fn header_rewrite(data: &[u8]) {
     let headers = &parts.headers;
     let always_hop_by_hop =
         ["keep-alive", "proxy-connection", "http2-settings", "transfer-encoding", "trailer", "proxy-authenticate"];
-    for name in always_hop_by_hop.iter().chain(&["proxy-authorization"]) {
+    for name in always_hop_by_hop.iter().chain(&["proxy-authorization", "expect"]) {
         assert!(!headers.contains_key(*name), "{name} reached the backend");
     }
     for te in headers.get_all(header::TE) {
@@ -133,10 +133,24 @@ pub fn header_rewrite(data: &[u8]) {
         }
     }
 
+    // The same head from an untrusted client and from a trusted proxy.
     let conn = ConnInfo::new("192.0.2.7:40000".parse().unwrap(), "fuzz".into());
-    rewrite::add_forwarding_headers(&mut parts.headers, &conn, host.as_ref());
-    let forwarded = parts.headers.get("x-forwarded-for").expect("always set").to_str().expect("ASCII");
-    assert!(forwarded == "192.0.2.7" || forwarded.ends_with(", 192.0.2.7"), "X-Forwarded-For {forwarded}");
+    let mut from_proxy = parts.headers.clone();
+    assert_eq!(rewrite::add_forwarding_headers(&mut parts.headers, &conn, host.as_ref(), &[]), None);
+    let forwarded = parts.headers.get_all("x-forwarded-for").iter().collect::<Vec<_>>();
+    assert_eq!(forwarded, ["192.0.2.7"], "an untrusted client's X-Forwarded-For is replaced");
+    for claimed in parts.headers.get_all("x-real-ip") {
+        assert_eq!(claimed, "192.0.2.7", "an untrusted client's X-Real-IP is replaced");
+    }
+    for claimed in parts.headers.get_all(header::FORWARDED) {
+        assert!(claimed.to_str().is_ok_and(|c| c.starts_with("for=192.0.2.7;")), "Forwarded {claimed:?}");
+    }
+    assert_eq!(parts.headers.get("x-forwarded-host"), host.as_ref(), "X-Forwarded-Host is the request's own");
+    let trusted = ["192.0.2.0/24".parse().expect("a CIDR")];
+    let client = rewrite::add_forwarding_headers(&mut from_proxy, &conn, host.as_ref(), &trusted);
+    let chain = from_proxy.get("x-forwarded-for").expect("always set").to_str().expect("ASCII");
+    assert!(chain == "192.0.2.7" || chain.ends_with(", 192.0.2.7"), "X-Forwarded-For {chain}");
+    assert_ne!(client, Some(conn.client.ip()), "a named client is someone else than the peer");
 
     let origin = rewrite::origin_form(parts.uri.clone());
     assert!(origin.scheme().is_none() && origin.authority().is_none(), "{origin} is not in origin form");

@@ -37,6 +37,8 @@ pub struct RequestNotes {
     /// The backend of the last try when the request moved to a reloaded
     /// upstream (rare: only then is this lock taken).
     rerouted_to: std::sync::Mutex<Option<Arc<str>>>,
+    /// The client a trusted proxy named, when it is not the peer.
+    forwarded_client: OnceLock<std::net::IpAddr>,
 }
 
 const NONE: usize = usize::MAX;
@@ -52,6 +54,7 @@ impl RequestNotes {
             attempts: AtomicU32::new(0),
             queue_wait_micros: AtomicU64::new(0),
             rerouted_to: std::sync::Mutex::new(None),
+            forwarded_client: OnceLock::new(),
         }
     }
 
@@ -66,6 +69,21 @@ impl RequestNotes {
 
     pub fn conn(&self) -> Option<&Arc<ConnInfo>> {
         self.conn.as_ref()
+    }
+
+    /// A trusted proxy in front named the client (see `proxy::rewrite`).
+    pub fn set_forwarded_client(&self, client: std::net::IpAddr) {
+        let _ = self.forwarded_client.set(client);
+    }
+
+    /// The client as the access log names it: whom a trusted proxy named
+    /// (its port unknown: 0), else the connection's peer (the PROXY
+    /// protocol's client on a listener that has it).
+    pub fn client(&self) -> Option<std::net::SocketAddr> {
+        match self.forwarded_client.get() {
+            Some(ip) => Some(std::net::SocketAddr::new(*ip, 0)),
+            None => self.conn.as_ref().map(|conn| conn.client),
+        }
     }
 
     /// A try went to backend `index` of the route's upstream.

@@ -8,7 +8,6 @@
 //! included. With `log.access: false` no access-log field is even captured.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -36,7 +35,6 @@ impl<S> Observe<S> {
 
 /// The request fields of an access log line, captured only when it is on.
 struct AccessFields {
-    client: Option<SocketAddr>,
     method: http::Method,
     path: String,
     request_id: Option<http::HeaderValue>,
@@ -64,7 +62,6 @@ where
     fn call(&mut self, noted: NotedRequest) -> Self::Future {
         let (request, notes) = (&noted.request, Arc::clone(&noted.notes));
         let access = self.live.load().access_log.then(|| AccessFields {
-            client: notes.conn().map(|c| c.client),
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
             request_id: request.headers().get("x-request-id").cloned(),
@@ -101,6 +98,7 @@ where
         let this = self.project();
         let Ok(response) = ready!(this.inner.poll(cx));
         let record = this.record.take().expect("polled after completion");
+        crate::stream_timeout::note(crate::stream_timeout::StreamEvent::HeadReady);
         let status = response.status().as_u16();
         // Not boxed again: the client's body is this wrapper around the one box.
         Poll::Ready(Ok(response.map(|body| ObservedBody { inner: body, record: Some((record, status)) })))
@@ -132,9 +130,14 @@ impl Body for ObservedBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = frame {
-            if let Some((record, status)) = this.record.take() {
-                record.finish(Some(status));
+        // For an HTTP/2 stream's bound on its client (see `stream_timeout`).
+        match &frame {
+            Poll::Ready(Some(Ok(_))) => crate::stream_timeout::note(crate::stream_timeout::StreamEvent::Handed),
+            Poll::Pending => crate::stream_timeout::note(crate::stream_timeout::StreamEvent::AwaitingBackend),
+            Poll::Ready(None | Some(Err(_))) => {
+                if let Some((record, status)) = this.record.take() {
+                    record.finish(Some(status));
+                }
             }
         }
         frame
@@ -176,7 +179,8 @@ impl Record {
         let (route_name, upstream) = route.map_or(("-", "-"), |r| (&*r.name, &*r.upstream.name));
         if let Some(access) = self.access {
             crate::logging::access(&crate::logging::AccessLine {
-                client: access.client,
+                // Read now: forwarding may have learnt it from a trusted proxy.
+                client: self.notes.client(),
                 method: access.method.as_str(),
                 path: &access.path,
                 route: route_name,

@@ -67,6 +67,18 @@ impl Upstream {
         Some(duration)
     }
 
+    /// A response whose head came (and was counted a success) but whose body
+    /// then stalled past `backend_read_timeout`: the try is failed after
+    /// all, for passive health, the breaker and the backend's counts.
+    pub fn charge_stalled_body(&self, index: usize) {
+        self.record_outcome(index, true);
+        let backend = &self.backends[index];
+        backend.state.count_late_failure();
+        if let Some(config) = &backend.breaker {
+            backend.state.breaker.on_result(config, nanos_since_epoch(), true);
+        }
+    }
+
     /// Why no backend could take a request just now (called after a failed pick).
     pub fn unavailable(&self) -> Unavailable {
         let now = nanos_since_epoch();

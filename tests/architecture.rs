@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 /// Lowest first. A module may use any module of a lower layer, and modules of
 /// its own layer as long as no cycle forms. Every module must be listed here.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("foundations", &["clock", "text", "body", "metrics", "config", "tls", "error", "logging"]),
+    ("foundations", &["clock", "text", "path", "body", "metrics", "config", "tls", "error", "logging"]),
     ("what the proxy learns about backends", &["breaker", "health", "retry", "queue", "backend"]),
     ("choosing a backend", &["balance", "upstream", "route"]),
     ("the compiled snapshot", &["state"]),
     (
         "the request path and views of the snapshot",
-        &["conn", "notes", "client", "observe", "proxy", "explain", "gauges", "probe", "discovery"],
+        &["conn", "stream_timeout", "notes", "client", "observe", "proxy", "explain", "gauges", "probe", "discovery"],
     ),
     ("listeners", &["server", "admin"]),
     ("the running process", &["runtime", "upgrade"]),

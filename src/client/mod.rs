@@ -36,6 +36,13 @@ use crate::tls::BackendStream;
 /// keep-alive connections after 60 s or more, so the proxy lets go first.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
+/// TCP keepalive on backend connections: the first probe after this much
+/// silence, then one every `KEEPALIVE_INTERVAL`, and the connection is
+/// declared dead after `KEEPALIVE_PROBES` unanswered ones (30 + 3 x 10 s).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+
 pub type HttpClient = Client<TimedConnector, ProxyBody>;
 
 #[derive(Clone, Debug)]
@@ -59,6 +66,12 @@ impl UpstreamClients {
     pub fn new(connect_timeout: Duration) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
+        // A backend host that vanishes (powered off, partitioned) sends no
+        // FIN or RST: probes find out within about a minute, for idle pooled
+        // connections and for those waiting on a long job alike.
+        http.set_keepalive(Some(KEEPALIVE_IDLE));
+        http.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
+        http.set_keepalive_retries(Some(KEEPALIVE_PROBES));
         http.enforce_http(true);
         let connect_timeout = ConnectTimeout::new(connect_timeout);
         let connector = TimedConnector { http, timeout: connect_timeout.clone() };
@@ -199,3 +212,23 @@ async fn connect(
 #[derive(Debug, thiserror::Error)]
 #[error("TLS handshake failed: {0}")]
 pub struct TlsHandshakeFailed(std::io::Error);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn backend_connections_probe_a_silent_peer_with_tcp_keepalive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: http::uri::Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let clients = UpstreamClients::new(Duration::from_secs(5));
+        let Ok(BackendStream::Plain(tcp)) = connect(&clients.http1.connector, &authority, None).await else {
+            panic!("a plain connection")
+        };
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+    }
+}

@@ -36,8 +36,20 @@ pub struct Config {
     pub workers: usize,
     /// The DNS servers `discovery` asks.
     pub resolver: ResolverConfig,
+    /// Peers whose `X-Forwarded-For`, `Forwarded` and `X-Real-IP` are kept
+    /// (see `proxy::rewrite`); from anyone else they are replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub paths: PathsConfig,
     pub routes: Vec<RouteConfig>,
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// `paths:`: how request paths are normalised before routing (dot segments
+/// are always removed; see `path`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathsConfig {
+    /// Runs of slashes become one (`//a///b` is `/a/b`).
+    pub merge_slashes: bool,
 }
 
 /// `resolver:`. No servers: the system's `/etc/resolv.conf`.
@@ -53,6 +65,9 @@ pub struct ListenerConfig {
     /// Certificates (read from disk with the config) and ALPN; `None` for
     /// plain HTTP/1.1 and h2c.
     pub tls: Option<tls::ListenerTls>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from
+    /// an L4 balancer, which names the client.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +137,11 @@ pub struct Limits {
     pub tunnel_idle_timeout: Duration,
     /// Bound on a client's TLS handshake (nginx's `ssl_handshake_timeout`).
     pub tls_handshake_timeout: Duration,
+    /// Bound on each wait for a backend's next bytes of a response body
+    /// (nginx's `proxy_read_timeout`; the head is the route's `timeout`).
+    pub backend_read_timeout: Duration,
+    /// Streams one HTTP/2 client connection may have open at once.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for Limits {
@@ -138,6 +158,8 @@ impl Default for Limits {
             client_send_timeout: Duration::from_secs(60),
             tunnel_idle_timeout: Duration::from_secs(3600),
             tls_handshake_timeout: Duration::from_secs(10),
+            backend_read_timeout: Duration::from_secs(60),
+            max_concurrent_streams: 100,
         }
     }
 }

@@ -28,9 +28,19 @@ pub struct RawConfig {
     pub workers: Option<Spanned<u32>>,
     pub resolver: Option<Spanned<RawResolver>>,
     #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub paths: RawPaths,
+    #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPaths {
+    pub merge_slashes: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +49,7 @@ pub struct RawListener {
     pub name: Option<Spanned<String>>,
     pub bind: Spanned<BindAddr>,
     pub tls: Option<Spanned<RawListenerTls>>,
+    pub proxy_protocol: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +116,8 @@ pub struct RawLimits {
     pub client_send_timeout: Option<Spanned<DurationValue>>,
     pub tunnel_idle_timeout: Option<Spanned<DurationValue>>,
     pub tls_handshake_timeout: Option<Spanned<DurationValue>>,
+    pub backend_read_timeout: Option<Spanned<DurationValue>>,
+    pub max_concurrent_streams: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -18,7 +18,8 @@ use super::values::DurationValue;
 use super::{
     ActiveCheck, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, Config, ConfigError, ConfigErrors,
     DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig, LogFormat, LogLevel,
-    PassiveConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryConfig, RouteConfig, Secret, UpstreamConfig,
+    PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryConfig, RouteConfig, Secret,
+    UpstreamConfig,
 };
 
 /// Shorter admin tokens are too easy to guess.
@@ -68,7 +69,8 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
             None => format!("listener-{index}"),
         };
         let tls = listener.tls.as_ref().and_then(|tls| validate_listener_tls(tls, file, &mut errors));
-        listeners.push(ListenerConfig { name, bind, tls });
+        let proxy_protocol = listener.proxy_protocol.unwrap_or(false);
+        listeners.push(ListenerConfig { name, bind, tls, proxy_protocol });
     }
 
     let token_text = match (&raw.admin.token, &raw.admin.token_file) {
@@ -120,6 +122,8 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
 
     let limits = validate_limits(&raw, &mut errors);
     let resolver = validate_resolver(&raw.resolver, &mut errors);
+    let trusted_proxies = validate_trusted_proxies(&raw.trusted_proxies, &mut errors);
+    let paths = PathsConfig { merge_slashes: raw.paths.merge_slashes.unwrap_or(false) };
 
     let mut upstreams = Vec::new();
     for (name, upstream) in &raw.upstreams {
@@ -153,7 +157,7 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
     };
 
     if errors.errors.is_empty() {
-        Ok(Config { listeners, admin, log, limits, workers, resolver, routes, upstreams })
+        Ok(Config { listeners, admin, log, limits, workers, resolver, trusted_proxies, paths, routes, upstreams })
     } else {
         errors.errors.sort_by_key(|e| (e.line, e.column));
         Err(ConfigErrors(errors.errors))
@@ -233,6 +237,12 @@ fn validate_limits(raw: &RawConfig, errors: &mut Collector<'_>) -> Limits {
             defaults.tls_handshake_timeout,
             errors,
         ),
+        backend_read_timeout: duration(
+            &raw.backend_read_timeout,
+            "backend_read_timeout",
+            defaults.backend_read_timeout,
+            errors,
+        ),
         ..defaults
     };
     if let Some(bytes) = &raw.max_header_bytes {
@@ -247,6 +257,13 @@ fn validate_limits(raw: &RawConfig, errors: &mut Collector<'_>) -> Limits {
             errors.at(count.referenced, "max_connections must be at least 1");
         } else {
             limits.max_connections = count.value as usize;
+        }
+    }
+    if let Some(count) = &raw.max_concurrent_streams {
+        if count.value == 0 {
+            errors.at(count.referenced, "max_concurrent_streams must be at least 1");
+        } else {
+            limits.max_concurrent_streams = count.value;
         }
     }
     limits
@@ -484,6 +501,23 @@ fn check_dns_name(name: &str) -> Result<(), String> {
         return Err(format!("`{name}` is not a DNS name"));
     }
     Ok(())
+}
+
+/// `trusted_proxies`: each a CIDR block, or one address.
+fn validate_trusted_proxies(raw: &[Spanned<String>], errors: &mut Collector<'_>) -> Vec<ipnet::IpNet> {
+    let mut parsed = Vec::new();
+    for entry in raw {
+        let text = entry.value.trim();
+        match text.parse::<ipnet::IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+            // Stored without host bits, so `10.1.2.3/8` means 10.0.0.0/8 as written.
+            Ok(net) => parsed.push(net.trunc()),
+            Err(_) => errors.at(
+                entry.referenced,
+                format!("trusted proxy `{text}` is not a CIDR block (10.0.0.0/8, fd00::/8) or an IP address"),
+            ),
+        }
+    }
+    parsed
 }
 
 /// `resolver.servers`: each an IP address, with a port or on 53.

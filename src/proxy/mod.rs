@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 
 use crate::backend::InFlightGuard;
 use crate::balance::{Pick, PickRequest};
-use crate::body::{ClientBody, Guarded, ProxyBody};
+use crate::body::{ClientBody, ProxyBody};
 use crate::client::{SendError, UpstreamBody, UpstreamClients};
 use crate::config::RetryOn;
 use crate::conn::ConnInfo;
@@ -35,8 +35,11 @@ use crate::route::{Route, RoutePolicy};
 use crate::state::WorkerLive;
 use crate::upstream::{Outcome, Unavailable, Upstream};
 
+mod response;
 pub(crate) mod rewrite;
 mod tunnel;
+
+pub use response::BackendReadTimeout;
 
 use rewrite::{add_forwarding_headers, clone_parts, content_length, for_backend, is_upgrade, strip_hop_by_hop};
 use tunnel::tunnel;
@@ -81,6 +84,8 @@ impl tower::Service<NotedRequest> for Forward {
 struct Prepared {
     notes: Arc<RequestNotes>,
     conn: Arc<ConnInfo>,
+    /// The client: the connection's peer, or whom a trusted proxy names.
+    client_ip: std::net::IpAddr,
     /// Method, target and headers every try starts from; the last try takes it.
     template: Option<http::request::Parts>,
     body: Option<Incoming>,
@@ -109,8 +114,21 @@ impl Prepared {
             .cloned()
             .or_else(|| template.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         strip_hop_by_hop(&mut template.headers, client_upgrade.is_some());
-        add_forwarding_headers(&mut template.headers, &conn, original_host.as_ref());
-        Ok(Prepared { notes, conn, template: Some(template), body: Some(body), client_upgrade, original_host })
+        let trusted = &snapshot.config.trusted_proxies;
+        let forwarded_client = add_forwarding_headers(&mut template.headers, &conn, original_host.as_ref(), trusted);
+        if let Some(client) = forwarded_client {
+            notes.set_forwarded_client(client);
+        }
+        let client_ip = forwarded_client.unwrap_or_else(|| conn.client.ip());
+        Ok(Prepared {
+            notes,
+            conn,
+            client_ip,
+            template: Some(template),
+            body: Some(body),
+            client_upgrade,
+            original_host,
+        })
     }
 }
 
@@ -172,7 +190,7 @@ fn forward(
             //    through a reload which replaced its upstream (its old backends are
             //    retired) goes on with the new one.
             let template = prepared.template.as_ref().expect("kept until the last try");
-            let picked = pick_backend(&upstream, template, &prepared.conn, &tried, deadline, &prepared.notes).await;
+            let picked = pick_backend(&upstream, template, prepared.client_ip, &tried, deadline, &prepared.notes).await;
             if let Err(ProxyError::NoHealthyBackend { .. } | ProxyError::CircuitOpen { .. }) = &picked {
                 if let Some(replacement) = reroute(&live, &upstream).filter(|_| reroutes < MAX_REROUTES) {
                     reroutes += 1;
@@ -213,7 +231,16 @@ fn forward(
             });
             let Some((policy, reason)) = retry else {
                 return match result.answer {
-                    Ok(response) => Ok(respond(response, pick.guard, prepared.client_upgrade.take(), &prepared.conn)),
+                    Ok(response) => {
+                        let held = Held { guard: pick.guard, upstream: &upstream, index: pick.index };
+                        Ok(respond(
+                            response,
+                            held,
+                            limits.backend_read_timeout,
+                            prepared.client_upgrade.take(),
+                            &prepared.conn,
+                        ))
+                    }
                     Err(error) => Err(error),
                 };
             };
@@ -335,12 +362,12 @@ fn unguarded(mut response: Response<UpstreamBody>) -> Response<ProxyBody> {
 async fn pick_backend(
     upstream: &Upstream,
     parts: &http::request::Parts,
-    conn: &ConnInfo,
+    client_ip: std::net::IpAddr,
     tried: &[usize],
     route_deadline: tokio::time::Instant,
     notes: &RequestNotes,
 ) -> Result<Pick, ProxyError> {
-    let request = PickRequest { headers: &parts.headers, uri: &parts.uri, client_ip: conn.client.ip(), exclude: tried };
+    let request = PickRequest { headers: &parts.headers, uri: &parts.uri, client_ip, exclude: tried };
     let try_pick = || upstream.balancer.pick(&upstream.backends, &request);
     let unavailable = || match upstream.unavailable() {
         Unavailable::CircuitOpen => ProxyError::CircuitOpen { upstream: upstream.name.to_string() },
@@ -373,14 +400,24 @@ async fn pick_backend(
     })
 }
 
+/// The backend slot a response holds, and whose backend it is.
+struct Held<'a> {
+    guard: InFlightGuard,
+    upstream: &'a Arc<Upstream>,
+    index: usize,
+}
+
 /// The response for the client: a tunnel for a 101, else the backend's
-/// response streaming back while holding the backend's slot.
+/// response streaming back while holding the backend's slot, each wait for
+/// its next bytes bounded by `read_timeout`.
 fn respond(
     mut response: Response<UpstreamBody>,
-    guard: InFlightGuard,
+    held: Held<'_>,
+    read_timeout: std::time::Duration,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     conn: &Arc<ConnInfo>,
 ) -> Response<ProxyBody> {
+    let Held { guard, upstream, index } = held;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let (Some(client_upgrade), Some(backend)) = (client_upgrade, response.body_mut().take_upgrade()) {
             let tunnel = tunnel(client_upgrade, backend, guard, Arc::clone(conn));
@@ -393,7 +430,8 @@ fn respond(
         }
     }
     strip_hop_by_hop(response.headers_mut(), false);
-    response.map(|body| Guarded::new(body, guard).boxed_unsync())
+    let upstream = Arc::clone(upstream);
+    response.map(|body| response::ResponseBody::new(body, guard, upstream, index, read_timeout).boxed_unsync())
 }
 
 /// Maps a client failure to what the client is told and the retry condition

@@ -2,6 +2,8 @@
 //! hop-by-hop headers removed, the forwarding headers added, the target in the
 //! form the backend's protocol takes, and which `Upgrade`s are tunnelled.
 
+use std::net::IpAddr;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Uri, Version};
 
@@ -13,6 +15,7 @@ use crate::upstream::Upstream;
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
@@ -84,11 +87,18 @@ pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &st
 /// Removes the headers that describe one connection rather than the message
 /// (RFC 9110 section 7.6.1), including any named in `Connection`. `TE: trailers`
 /// survives because gRPC requires it end to end.
+///
+/// `Expect` goes too, as nginx and Envoy drop it: the proxy answers `100
+/// Continue` to its client itself (hyper does, when the body is first read)
+/// and sends the body at once. Forwarded, it would let a backend answer
+/// (417, 401) without reading the body and then read that body from the
+/// pooled connection as a request of its own, whose answer a later client
+/// would get.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names finds which are present (most messages carry
     // none, or only `Connection: keep-alive`); only those are removed, each
     // removal being a hashed lookup.
-    let hop_by_hop: [&HeaderName; 10] = [
+    let hop_by_hop: [&HeaderName; 11] = [
         &header::CONNECTION,
         &header::UPGRADE,
         &KEEP_ALIVE,
@@ -99,6 +109,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         &header::PROXY_AUTHENTICATE,
         &header::PROXY_AUTHORIZATION,
         &header::TE,
+        &header::EXPECT,
     ];
     let mut present = 0u16;
     for name in headers.keys() {
@@ -115,6 +126,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             "proxy-authenticate" => 7,
             "proxy-authorization" => 8,
             "te" => 9,
+            "expect" => 10,
             _ => continue,
         };
         debug_assert_eq!(hop_by_hop[index], name);
@@ -163,17 +175,110 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-pub(crate) fn add_forwarding_headers(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => HeaderValue::try_from(format!("{previous}, {}", conn.client.ip()))
-            .unwrap_or_else(|_| conn.client_ip_header.clone()),
-        None => conn.client_ip_header.clone(),
-    };
-    headers.insert(&X_FORWARDED_FOR, forwarded_for);
-    let proto = if conn.tls { "https" } else { "http" };
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+/// Sets the forwarding headers for the backend, and says who the client is.
+///
+/// From a peer in `trusted` (a balancer or proxy in front), what it says is
+/// kept: `X-Forwarded-For` and `Forwarded` get this hop appended,
+/// `X-Real-IP`, `X-Forwarded-Proto` and `X-Forwarded-Host` pass as they
+/// are (set here only when absent), and the client is the last address of
+/// the `X-Forwarded-For` chain that is not itself trusted (else `X-Real-IP`),
+/// which is returned. From anyone else, what the client claims is replaced:
+/// `X-Forwarded-For`, `-Proto` and `-Host` are this proxy's, and an
+/// `X-Real-IP` or `Forwarded` it sent becomes the peer's address.
+pub(crate) fn add_forwarding_headers(
+    headers: &mut HeaderMap,
+    conn: &ConnInfo,
+    host: Option<&HeaderValue>,
+    trusted: &[ipnet::IpNet],
+) -> Option<IpAddr> {
+    let peer = conn.client.ip();
+    let scheme = if conn.tls { "https" } else { "http" };
+    let proto = HeaderValue::from_static(scheme);
+    if !is_trusted(trusted, peer) {
+        headers.insert(&X_FORWARDED_FOR, conn.client_ip_header.clone());
+        headers.insert(&X_FORWARDED_PROTO, proto);
+        match host {
+            Some(host) => drop(headers.insert(&X_FORWARDED_HOST, host.clone())),
+            None => drop(headers.remove(&X_FORWARDED_HOST)),
+        }
+        if headers.contains_key(&X_REAL_IP) {
+            headers.insert(&X_REAL_IP, conn.client_ip_header.clone());
+        }
+        if headers.contains_key(header::FORWARDED) {
+            let element = format!("{};proto={scheme}", forwarded_for(peer));
+            headers.insert(header::FORWARDED, HeaderValue::try_from(element).expect("an address is a valid value"));
+        }
+        return None;
+    }
+    let client = chain_client(headers, peer, trusted);
+    let chain = joined(headers, &X_FORWARDED_FOR).and_then(|previous| format!("{previous}, {peer}").try_into().ok());
+    headers.insert(&X_FORWARDED_FOR, chain.unwrap_or_else(|| conn.client_ip_header.clone()));
+    if let Some(previous) = joined(headers, &header::FORWARDED) {
+        if let Ok(value) = HeaderValue::try_from(format!("{previous}, {}", forwarded_for(peer))) {
+            headers.insert(header::FORWARDED, value);
+        }
+    }
+    headers.entry(&X_FORWARDED_PROTO).or_insert(proto);
     if let Some(host) = host {
-        headers.insert(&X_FORWARDED_HOST, host.clone());
+        headers.entry(&X_FORWARDED_HOST).or_insert_with(|| host.clone());
+    }
+    client.filter(|client| *client != peer)
+}
+
+fn is_trusted(trusted: &[ipnet::IpNet], address: IpAddr) -> bool {
+    // An IPv4 peer on a dual-stack socket arrives as ::ffff:a.b.c.d.
+    let address = match address {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+        v4 => v4,
+    };
+    trusted.iter().any(|net| net.contains(&address))
+}
+
+/// Every value of `name`, joined as one list; `None` without any (or with
+/// one that is not text).
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut values = headers.get_all(name).iter();
+    let mut list = values.next()?.to_str().ok()?.to_owned();
+    for value in values {
+        list.push_str(", ");
+        list.push_str(value.to_str().ok()?);
+    }
+    Some(list)
+}
+
+/// The client behind a trusted `peer`: walking `X-Forwarded-For` from its
+/// end, the first address that is not trusted (each trusted hop vouches for
+/// the one before it); where an entry is not an address the walk stops at
+/// the last trusted one. Without the header, `X-Real-IP`.
+fn chain_client(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
+    let mut client = peer;
+    let mut chain = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if chain.peek().is_none() {
+        return headers.get(&X_REAL_IP).and_then(|v| address(v.to_str().ok()?));
+    }
+    let entries: Vec<&str> = chain.filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).collect();
+    for entry in entries.into_iter().rev() {
+        let Some(hop) = address(entry) else { break };
+        client = hop;
+        if !is_trusted(trusted, hop) {
+            break;
+        }
+    }
+    Some(client)
+}
+
+/// An address as forwarding headers write one: `1.2.3.4`, `2001:db8::1`,
+/// with a port or not (`1.2.3.4:80`, `[2001:db8::1]:80`).
+fn address(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    text.parse().ok().or_else(|| text.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+}
+
+/// A `Forwarded` element's `for=` (RFC 7239: an IPv6 address is bracketed and quoted).
+fn forwarded_for(address: IpAddr) -> String {
+    match address {
+        IpAddr::V4(v4) => format!("for={v4}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
     }
 }
 
@@ -209,21 +314,71 @@ mod tests {
         headers.insert(header::TE, "trailers".parse().unwrap());
         headers.insert(header::UPGRADE, "websocket".parse().unwrap());
         headers.insert("x-kept", "1".parse().unwrap());
+        headers.insert(header::EXPECT, "100-continue".parse().unwrap());
         strip_hop_by_hop(&mut headers, false);
-        let names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        let mut names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
         assert_eq!(names, vec!["te", "x-kept"]);
     }
 
-    #[test]
-    fn forwarded_for_appends() {
-        let conn = ConnInfo::new("10.1.2.3:5555".parse().unwrap(), "web".into());
+    fn spoofed() -> HeaderMap {
         let mut headers = HeaderMap::new();
-        add_forwarding_headers(&mut headers, &conn, None);
-        assert_eq!(headers[&X_FORWARDED_FOR], "10.1.2.3");
-        headers.insert(&X_FORWARDED_FOR, "1.1.1.1".parse().unwrap());
-        add_forwarding_headers(&mut headers, &conn, Some(&HeaderValue::from_static("bots")));
-        assert_eq!(headers[&X_FORWARDED_FOR], "1.1.1.1, 10.1.2.3");
-        assert_eq!(headers[&X_FORWARDED_HOST], "bots");
+        headers.insert(&X_FORWARDED_FOR, "6.6.6.6".parse().unwrap());
+        headers.append(&X_FORWARDED_FOR, "7.7.7.7, 10.0.0.9".parse().unwrap());
+        headers.insert(&X_REAL_IP, "6.6.6.6".parse().unwrap());
+        headers.insert(header::FORWARDED, "for=6.6.6.6;proto=https".parse().unwrap());
+        headers.insert(&X_FORWARDED_PROTO, "https".parse().unwrap());
+        headers.insert(&X_FORWARDED_HOST, "evil.example".parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn what_an_untrusted_client_says_of_itself_is_replaced() {
+        let conn = ConnInfo::new("10.1.2.3:5555".parse().unwrap(), "web".into());
+        let mut headers = spoofed();
+        let trusted: Vec<ipnet::IpNet> = vec!["192.168.0.0/16".parse().unwrap()];
+        assert_eq!(add_forwarding_headers(&mut headers, &conn, None, &trusted), None);
+        assert_eq!(headers.get_all(&X_FORWARDED_FOR).iter().collect::<Vec<_>>(), ["10.1.2.3"]);
+        assert_eq!(headers[&X_REAL_IP], "10.1.2.3");
+        assert_eq!(headers[header::FORWARDED], "for=10.1.2.3;proto=http");
         assert_eq!(headers[&X_FORWARDED_PROTO], "http");
+        assert!(!headers.contains_key(&X_FORWARDED_HOST), "an HTTP/1.0 request without Host passes no client's host");
+        let mut headers = HeaderMap::new();
+        add_forwarding_headers(&mut headers, &conn, Some(&HeaderValue::from_static("bots")), &[]);
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.1.2.3");
+        assert_eq!(headers[&X_FORWARDED_HOST], "bots");
+        assert!(!headers.contains_key(&X_REAL_IP) && !headers.contains_key(header::FORWARDED), "not added");
+        let v6 = ConnInfo::new("[2001:db8::5]:80".parse().unwrap(), "web".into());
+        let mut headers = spoofed();
+        add_forwarding_headers(&mut headers, &v6, None, &[]);
+        assert_eq!(headers[header::FORWARDED], "for=\"[2001:db8::5]\";proto=http");
+    }
+
+    #[test]
+    fn a_trusted_proxy_is_appended_to_and_names_the_client() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let conn = ConnInfo::new("10.1.2.3:5555".parse().unwrap(), "web".into());
+        let mut headers = spoofed();
+        // 6.6.6.6 and 7.7.7.7 are both untrusted: the last of them is the client.
+        let client = add_forwarding_headers(&mut headers, &conn, Some(&HeaderValue::from_static("bots")), &trusted);
+        assert_eq!(client, Some("7.7.7.7".parse().unwrap()));
+        assert_eq!(headers[&X_FORWARDED_FOR], "6.6.6.6, 7.7.7.7, 10.0.0.9, 10.1.2.3");
+        assert_eq!(headers[&X_REAL_IP], "6.6.6.6");
+        assert_eq!(headers[header::FORWARDED], "for=6.6.6.6;proto=https, for=10.1.2.3");
+        assert_eq!(headers[&X_FORWARDED_PROTO], "https");
+        assert_eq!(headers[&X_FORWARDED_HOST], "evil.example");
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_FORWARDED_FOR, "garbage, 10.0.0.7".parse().unwrap());
+        assert_eq!(add_forwarding_headers(&mut headers, &conn, None, &trusted), Some("10.0.0.7".parse().unwrap()));
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_REAL_IP, "8.8.8.8".parse().unwrap());
+        assert_eq!(add_forwarding_headers(&mut headers, &conn, None, &trusted), Some("8.8.8.8".parse().unwrap()));
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.1.2.3");
+        let mapped = ConnInfo::new("[::ffff:10.1.2.3]:1".parse().unwrap(), "web".into());
+        let mut headers = spoofed();
+        assert!(
+            add_forwarding_headers(&mut headers, &mapped, None, &trusted).is_some(),
+            "v4-mapped peers match v4 blocks"
+        );
     }
 }

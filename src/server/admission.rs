@@ -8,13 +8,20 @@
 //!   or several, is 400. A target in absolute form wins over `Host` (section
 //!   3.2.2): `Host` is rewritten to the target's authority, so routing, the
 //!   backend and `X-Forwarded-Host` all see the same host.
+//! - The path is normalised (dot segments, `%2e` included; runs of slashes
+//!   with `paths.merge_slashes`: see `path`), so routing and the backend see
+//!   the same path: `/public/../admin` is `/admin` for both. A path that
+//!   climbs above the root is 400.
 
-use http::{header, HeaderValue, Method, Request, Version};
+use http::uri::PathAndQuery;
+use http::{header, HeaderValue, Method, Request, Uri, Version};
 
 use crate::error::ProxyError;
+use crate::path::PathError;
 
-/// Checks `request` and normalises its host; an error is the client's answer.
-pub fn admit<B>(request: &mut Request<B>) -> Result<(), ProxyError> {
+/// Checks `request` and normalises its host and path; an error is the
+/// client's answer.
+pub fn admit<B>(request: &mut Request<B>, merge_slashes: bool) -> Result<(), ProxyError> {
     if request.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed("CONNECT"));
     }
@@ -36,7 +43,24 @@ pub fn admit<B>(request: &mut Request<B>) -> Result<(), ProxyError> {
         }
         None => {}
     }
+    match crate::path::normalize(request.uri().path(), merge_slashes) {
+        Ok(None) => {}
+        Ok(Some(path)) => *request.uri_mut() = with_path(request.uri(), path)?,
+        Err(PathError::AboveRoot) => return Err(ProxyError::BadRequest("the path climbs above the root")),
+    }
     Ok(())
+}
+
+/// `uri` with its path replaced (its query kept).
+fn with_path(uri: &Uri, path: String) -> Result<Uri, ProxyError> {
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(target).map_err(|_| ProxyError::BadRequest("the path cannot be normalised"))?);
+    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("the path cannot be normalised"))
 }
 
 #[cfg(test)]
@@ -52,9 +76,20 @@ mod tests {
     }
 
     fn verdict(mut request: Request<()>) -> Result<Option<String>, u16> {
-        admit(&mut request)
+        admit(&mut request, false)
             .map(|()| request.headers().get(header::HOST).map(|h| h.to_str().unwrap().to_owned()))
             .map_err(|e| e.status().as_u16())
+    }
+
+    #[test]
+    fn the_path_is_normalised_with_its_query_and_authority_kept() {
+        let mut relative = request(Method::GET, "/public/%2e%2e/admin/?a=/../b", Version::HTTP_11, &["h"]);
+        admit(&mut relative, false).unwrap();
+        assert_eq!(relative.uri(), "/admin/?a=/../b");
+        let mut absolute = request(Method::GET, "http://h:81/a/./b//c", Version::HTTP_2, &[]);
+        admit(&mut absolute, true).unwrap();
+        assert_eq!(absolute.uri(), "http://h:81/a/b/c");
+        assert_eq!(verdict(request(Method::GET, "/a/../../etc/passwd", Version::HTTP_11, &["h"])), Err(400));
     }
 
     #[test]

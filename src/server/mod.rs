@@ -9,6 +9,7 @@
 //! instead of being accepted and dropped.
 
 mod admission;
+mod proxy_protocol;
 pub mod stack;
 pub mod workers;
 
@@ -23,7 +24,7 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -37,6 +38,7 @@ use crate::conn::{ConnInfo, ConnectionSlot, SendTimeoutIo, TunnelHome};
 use crate::notes::{NotedRequest, RequestNotes};
 use crate::observe::ObservedBody;
 use crate::state::Live;
+use crate::stream_timeout::StreamExecutor;
 use crate::tls::ClientStream;
 use stack::ProxyStack;
 use workers::Workers;
@@ -188,8 +190,8 @@ pub fn spawn(name: Arc<str>, bound: BoundListener, context: &ServeContext, worke
     ListenerHandle { name, local_addr: bound.local_addr, stop, tasks, sockets }
 }
 
-fn connection_builder(limits: &Limits) -> Arc<auto::Builder<TokioExecutor>> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn connection_builder(limits: &Limits) -> Arc<auto::Builder<StreamExecutor>> {
+    let mut builder = auto::Builder::new(StreamExecutor { send_timeout: limits.client_send_timeout });
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -199,6 +201,7 @@ fn connection_builder(limits: &Limits) -> Arc<auto::Builder<TokioExecutor>> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_concurrent_streams)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     Arc::new(builder)
 }
@@ -271,28 +274,44 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (current, tls) = {
+        let (current, tls, proxy_protocol) = {
             let snapshot = context.live.load();
-            (snapshot.limits, snapshot.tls.get(&configured).cloned())
+            let listener = snapshot.config.listeners.iter().find(|listener| listener.bind == configured);
+            (snapshot.limits, snapshot.tls.get(&configured).cloned(), listener.is_some_and(|l| l.proxy_protocol))
         };
         if current != limits {
             limits = current;
             builder = connection_builder(&limits);
         }
-        let mut info = ConnInfo::new(client, Arc::clone(&name));
-        info.tunnels = Some(TunnelHome {
+        let home = TunnelHome {
             slot: Arc::new(ConnectionSlot::new(permit, open.clone())),
             tracker: tunnels.clone(),
             stopped: stopped.clone(),
             shutdown_grace: limits.shutdown_grace,
             idle_timeout: limits.tunnel_idle_timeout,
-        });
+        };
         let activity = Arc::new(Activity::new());
         watched.push(Watched { activity: Arc::clone(&activity), finished_before: 0, quiet_ticks: 0 });
-        let (builder, stack) = (Arc::clone(&builder), stack.clone());
+        let (builder, stack, name) = (Arc::clone(&builder), stack.clone(), Arc::clone(&name));
         connections.spawn(async move {
-            // The handshake runs on the connection's own task, so a slow
-            // client never holds up the accept loop.
+            // The PROXY header and the TLS handshake are read on the
+            // connection's own task, so a slow client never holds up the
+            // accept loop; both are bounded.
+            let mut stream = stream;
+            let mut client = client;
+            if proxy_protocol {
+                match proxy_protocol::read_header(&mut stream, limits.header_read_timeout).await {
+                    Ok(Some(named)) => client = named,
+                    // The balancer's own connection (its health check).
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::debug!(listener = %name, peer = %client, %error, "connection refused: no PROXY header");
+                        return;
+                    }
+                }
+            }
+            let mut info = ConnInfo::new(client, name);
+            info.tunnels = Some(home);
             let stream = match tls {
                 None => ClientStream::Plain(stream),
                 Some(config) => match handshake(config, stream, limits.tls_handshake_timeout, &info.listener).await {
@@ -444,7 +463,7 @@ type ClientConnection = auto::UpgradeableConnection<
     'static,
     TokioIo<SendTimeoutIo<ClientStream>>,
     TowerToHyperService<WithConnInfo>,
-    TokioExecutor,
+    StreamExecutor,
 >;
 
 /// Whether a connection has a request in progress and how many it finished,

@@ -197,11 +197,11 @@ where
     }
 
     fn call(&mut self, mut noted: NotedRequest) -> Self::Future {
-        if let Err(error) = admission::admit(&mut noted.request) {
-            return Either::Left(futures_util::future::ready(Err(error)));
-        }
         // One load per request: this request sees this snapshot to its end.
         let snapshot = crate::state::current(&self.live);
+        if let Err(error) = admission::admit(&mut noted.request, snapshot.config.paths.merge_slashes) {
+            return Either::Left(futures_util::future::ready(Err(error)));
+        }
         let Some(index) = snapshot.router.find_index(&noted.request) else {
             return Either::Left(futures_util::future::ready(Err(ProxyError::NoRoute)));
         };

@@ -27,7 +27,8 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
     assert_eq!(generated_id.len(), 32);
 
     let seen = backend.stats.last_headers.lock().unwrap().clone().unwrap();
-    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    // Not a trusted proxy (`trusted_proxies` is empty): its claim is replaced.
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert_eq!(seen["x-forwarded-host"], "bots.example:8080");
     assert_eq!(seen["host"], "bots.example:8080");

@@ -21,6 +21,7 @@ mod operations;
 mod policies;
 mod reload;
 mod replicas;
+mod request_path;
 mod resilience;
 mod robot;
 mod streaming;

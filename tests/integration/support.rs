@@ -33,6 +33,8 @@ pub struct BackendStats {
     pub peak_in_flight: AtomicUsize,
     pub bytes_received: AtomicU64,
     pub last_headers: Mutex<Option<http::HeaderMap>>,
+    /// The target (path and query) of the last request, as it arrived.
+    pub last_target: Mutex<Option<String>>,
     /// Requests to `/hold` wait until this is notified (or `release_all` is set).
     pub release: Notify,
     pub release_all: AtomicBool,
@@ -184,6 +186,7 @@ async fn handle(
     stats.peak_in_flight.fetch_max(now, Ordering::SeqCst);
     let _in_flight = InFlight(&stats);
     *stats.last_headers.lock().unwrap() = Some(request.headers().clone());
+    *stats.last_target.lock().unwrap() = request.uri().path_and_query().map(|target| target.to_string());
 
     let path = request.uri().path().to_owned();
     let delay = query_param(&request, "delay_ms").and_then(|d| d.parse().ok()).unwrap_or(0)

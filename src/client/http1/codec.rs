@@ -29,7 +29,13 @@ pub enum Malformed {
     Chunk,
     #[error("malformed trailers")]
     Trailers,
+    #[error("more than {MAX_INTERIM} interim (1xx) responses before the final one")]
+    TooManyInterim,
 }
+
+/// Interim responses (100 Continue, 103 Early Hints) read before the final
+/// one; a backend that sends more is not answering, it is stalling the proxy.
+pub const MAX_INTERIM: u8 = 16;
 
 /// How the request body is delimited on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,6 +288,10 @@ impl ChunkedDecoder {
         loop {
             match self.state {
                 ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                    // httparse reads a line without a digit (`\r\n`, `;x\r\n`)
+                    // as size 0, the last chunk: the body would end early and
+                    // what follows would be read as the next response.
+                    Ok(httparse::Status::Complete(_)) if !buf[0].is_ascii_hexdigit() => return Err(Malformed::Chunk),
                     Ok(httparse::Status::Complete((used, size))) => {
                         buf.advance(used);
                         self.state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
@@ -489,7 +499,8 @@ mod tests {
 
     #[test]
     fn bad_chunks_are_refused() {
-        for wire in [&b"zz\r\n"[..], b"3\r\nabcX\r\n", b"11111111111111111\r\n"] {
+        let no_digits = [&b"\r\n\r\n"[..], b";ext\r\n\r\n", b" \r\n\r\n", b"3\r\nabc\r\n\r\n\r\n"];
+        for wire in [&b"zz\r\n"[..], b"3\r\nabcX\r\n", b"11111111111111111\r\n"].into_iter().chain(no_digits) {
             let mut decoder = ChunkedDecoder::default();
             let mut buf = BytesMut::from(wire);
             let mut result = Ok(Chunk::Incomplete);

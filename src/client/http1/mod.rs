@@ -61,7 +61,7 @@ pub struct Http1Pool {
     /// Keyed by backend (address and TLS setting); hashed with foldhash, not
     /// SipHash: the keys come from the config, not from clients.
     idle: Mutex<HashMap<Arc<str>, Vec<Idle>, foldhash::fast::RandomState>>,
-    connector: TimedConnector,
+    pub(super) connector: TimedConnector,
     /// Sweeps done so far; idle connections remember the count they came back at.
     sweeps: AtomicU64,
     sweeping: AtomicBool,
@@ -140,7 +140,7 @@ impl Http1Pool {
                     None => (Box::pin(self.connect(key, &backend.authority, tls)).await?, false),
                 };
                 connection.write_buf = request_head.take().expect("the head goes with one connection at a time");
-                let mut exchange = Exchange { connection, writer, written: 0, started: false, sent: false };
+                let mut exchange = Exchange { connection, writer, written: 0, started: false, sent: false, interim: 0 };
                 match poll_fn(|cx| exchange.poll_head(cx, &method)).await {
                     Ok(head) => {
                         let Exchange { connection, sent, .. } = exchange;
@@ -299,6 +299,8 @@ struct Exchange {
     started: bool,
     /// The whole request is out.
     sent: bool,
+    /// Interim (1xx) responses read so far.
+    interim: u8,
 }
 
 impl Exchange {
@@ -318,6 +320,10 @@ impl Exchange {
                 if let Some(head) = codec::parse_response_head(&mut connection.read_buf, method)? {
                     if head.status.is_informational() && head.framing != ResponseFraming::Upgrade {
                         // 100 Continue, 103 Early Hints: the final response follows.
+                        self.interim += 1;
+                        if self.interim > codec::MAX_INTERIM {
+                            return Poll::Ready(Err(Malformed::TooManyInterim.into()));
+                        }
                         continue;
                     }
                     return Poll::Ready(Ok(head));

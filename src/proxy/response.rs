@@ -1,0 +1,133 @@
+//! A backend's response body on its way to the client: it holds the backend's
+//! in-flight slot until its last byte, and bounds each wait for the backend's
+//! next bytes by `limits.backend_read_timeout` (nginx's `proxy_read_timeout`).
+//!
+//! The route's `timeout` ends at the response head, because an RPA job may
+//! work for minutes before it answers; after the head, a backend that stops
+//! sending would otherwise hold its slot (for a one-job bot, the bot) for as
+//! long as the client waits. When the bound is reached the body fails: the
+//! client's connection is cut (its response is already under way, there is
+//! no status left to send), the backend connection is dropped, the slot is
+//! freed, and the stall counts against the backend as a timeout does.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
+
+use crate::backend::InFlightGuard;
+use crate::body::BoxError;
+use crate::client::UpstreamBody;
+use crate::upstream::Upstream;
+
+/// The backend sent nothing of its response body for this long.
+#[derive(Debug, thiserror::Error)]
+#[error("backend {backend} sent nothing of its response body for {idle:?} (limits.backend_read_timeout)")]
+pub struct BackendReadTimeout {
+    pub backend: Arc<str>,
+    pub idle: Duration,
+}
+
+pin_project_lite::pin_project! {
+    /// See the module's documentation.
+    pub struct ResponseBody {
+        #[pin]
+        inner: UpstreamBody,
+        // Present until the body ends, fails or is dropped.
+        held: Option<Held>,
+        idle: Duration,
+        // Made at the first wait for the backend and reset at each later
+        // one: a body that arrives whole with its head never makes one, and
+        // one that streams makes one (inside the body's own allocation).
+        #[pin]
+        waiting: Option<Sleep>,
+        // Whether `waiting` times the current wait (it is kept, disarmed,
+        // between waits).
+        armed: bool,
+    }
+}
+
+/// What the body holds for the backend while it streams.
+struct Held {
+    /// Kept for its drop, which frees the slot.
+    _slot: InFlightGuard,
+    upstream: Arc<Upstream>,
+    index: usize,
+}
+
+impl ResponseBody {
+    pub fn new(
+        inner: UpstreamBody,
+        guard: InFlightGuard,
+        upstream: Arc<Upstream>,
+        index: usize,
+        idle: Duration,
+    ) -> Self {
+        ResponseBody { inner, held: Some(Held { _slot: guard, upstream, index }), idle, waiting: None, armed: false }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let Some(held) = this.held.as_ref() else { return Poll::Ready(None) };
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.armed = false;
+                if matches!(frame, None | Some(Err(_))) {
+                    // Released as soon as the backend is done, not when hyper drops the body.
+                    this.held.take();
+                }
+                Poll::Ready(frame)
+            }
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + *this.idle;
+                match this.waiting.as_mut().as_pin_mut() {
+                    Some(timer) if *this.armed => {
+                        if timer.poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    }
+                    Some(mut timer) => {
+                        timer.as_mut().reset(deadline);
+                        *this.armed = true;
+                        if timer.poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    }
+                    None => {
+                        this.waiting.set(Some(tokio::time::sleep_until(deadline)));
+                        *this.armed = true;
+                        let timer = this.waiting.as_mut().as_pin_mut().expect("just set");
+                        if timer.poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                let backend = Arc::clone(&held.upstream.backends[held.index].address);
+                tracing::warn!(upstream = %held.upstream.name, %backend, idle = ?this.idle,
+                    "backend stalled in the middle of a response body; cutting the response");
+                let held = this.held.take().expect("checked above");
+                held.upstream.charge_stalled_body(held.index);
+                drop(held);
+                Poll::Ready(Some(Err(Box::new(BackendReadTimeout { backend, idle: *this.idle }))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
