@@ -92,6 +92,11 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
         ),
         ("resolver server not an IP", format!("resolver: {{ servers: [dns.local] }}\n{HEAD}{routes}{}", upstream(ok_backends)), 1, 23, "not IP or IP:PORT"),
         ("negative body limit", format!("{HEAD}{routes}{}limits: {{ max_body_bytes: -1 }}\n", upstream(ok_backends)), 8, 27, "cannot be negative"),
+        ("trusted proxy not a CIDR", format!("trusted_proxies: [10.0.0.0/8, 10.0.0.0/33]\n{HEAD}{routes}{}", upstream(ok_backends)), 1, 31, "not a CIDR block"),
+        ("no HTTP/2 streams", format!("{HEAD}{routes}{}limits: {{ max_concurrent_streams: 0 }}\n", upstream(ok_backends)), 8, 35, "at least 1"),
+        ("zero backend read timeout", format!("{HEAD}{routes}{}limits: {{ backend_read_timeout: 0s }}\n", upstream(ok_backends)), 8, 33, "backend_read_timeout"),
+        ("typo in paths", format!("paths: {{ merge_slash: true }}\n{HEAD}{routes}{}", upstream(ok_backends)), 1, 10, "unknown field `merge_slash`"),
+        ("proxy_protocol not a boolean", format!("listeners:\n  - {{ bind: \"127.0.0.1:80\", proxy_protocol: sometimes }}\n{routes}{}", upstream(ok_backends)), 2, 45, "invalid boolean"),
     ]
 }
 
