@@ -6,14 +6,19 @@
 //! `/public/` route while the backend resolves them to `/admin`. Only what
 //! makes a segment a dot segment is decoded: `%2f` and every other escape
 //! stay as the client sent them, so the backend decodes exactly what it would
-//! have. A clean path (the common case) is recognised in one pass and left
-//! alone, without an allocation.
+//! have. A segment that is a dot segment before a `;` (`..;jsessionid=1`) is
+//! one too, as Tomcat and Jetty read it. A raw backslash is refused: it is
+//! not a URI character (RFC 3986), and Windows backends take it for a `/`.
+//! A clean path (the common case) is recognised in one pass and left alone,
+//! without an allocation.
 
 /// Why a path cannot be forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
     /// `..` segments climb above the root (`/a/../../etc`).
     AboveRoot,
+    /// A raw `\`.
+    Backslash,
 }
 
 /// The normalised form of `path` (which starts with `/`), or `None` when it
@@ -21,6 +26,9 @@ pub enum PathError {
 pub fn normalize(path: &str, merge_slashes: bool) -> Result<Option<String>, PathError> {
     if !path.starts_with('/') || is_normal(path.as_bytes(), merge_slashes) {
         return Ok(None);
+    }
+    if path.contains('\\') {
+        return Err(PathError::Backslash);
     }
     let mut out = String::with_capacity(path.len());
     // Segments after the leading '/'; each is pushed with its leading '/'.
@@ -60,7 +68,8 @@ fn is_normal(path: &[u8], merge_slashes: bool) -> bool {
     let mut start = 1;
     for end in (1..=path.len()).filter(|&i| i == path.len() || path[i] == b'/') {
         let segment = &path[start..end];
-        if dots_in(segment) != 0 || (merge_slashes && segment.is_empty() && end < path.len()) {
+        let unusual = dots_in(segment) != 0 || segment.contains(&b'\\');
+        if unusual || (merge_slashes && segment.is_empty() && end < path.len()) {
             return false;
         }
         start = end + 1;
@@ -68,12 +77,14 @@ fn is_normal(path: &[u8], merge_slashes: bool) -> bool {
     true
 }
 
-/// 1 for `.`, 2 for `..` (either dot possibly written `%2e`), else 0.
+/// 1 for `.`, 2 for `..` (either dot possibly written `%2e`, and perhaps
+/// followed by `;` and parameters), else 0.
 fn dots(segment: &str) -> u8 {
     dots_in(segment.as_bytes())
 }
 
 fn dots_in(segment: &[u8]) -> u8 {
+    let segment = segment.split(|&b| b == b';').next().unwrap_or(segment);
     // At most two dots of at most three bytes each: anything longer is a name.
     if segment.is_empty() || segment.len() > 6 {
         return 0;
@@ -128,6 +139,16 @@ mod tests {
         assert_eq!(normal("/public/..%2fadmin"), Ok("/public/..%2fadmin".into()), "%2f is not a separator");
         assert_eq!(normal("/a%2eb/...x/.../%2e%2e%2e"), Ok("/a%2eb/...x/.../%2e%2e%2e".into()));
         assert_eq!(normal("/%252e%252e/x"), Ok("/%252e%252e/x".into()), "double encoding stays");
+    }
+
+    #[test]
+    fn path_parameters_do_not_hide_a_dot_segment_and_a_backslash_is_refused() {
+        assert_eq!(normal("/public/..;/admin"), Ok("/admin".into()));
+        assert_eq!(normal("/public/..;jsessionid=1/admin"), Ok("/admin".into()));
+        assert_eq!(normal("/public/.;x/a"), Ok("/public/a".into()));
+        assert_eq!(normal("/a;b/c;d=1"), Ok("/a;b/c;d=1".into()), "other parameters stay");
+        assert_eq!(normal("/public\\..\\admin"), Err(PathError::Backslash));
+        assert_eq!(normal("/public/%5c..%5cadmin"), Ok("/public/%5c..%5cadmin".into()), "an escape stays an escape");
     }
 
     #[test]

@@ -509,8 +509,10 @@ fn validate_trusted_proxies(raw: &[Spanned<String>], errors: &mut Collector<'_>)
     for entry in raw {
         let text = entry.value.trim();
         match text.parse::<ipnet::IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
-            // Stored without host bits, so `10.1.2.3/8` means 10.0.0.0/8 as written.
-            Ok(net) => parsed.push(net.trunc()),
+            // Stored without host bits, so `10.1.2.3/8` means 10.0.0.0/8 as
+            // written, and an IPv4-mapped block (::ffff:10.0.0.0/104) as the
+            // IPv4 block it is, which is how peers are compared.
+            Ok(net) => parsed.push(canonical(net.trunc())),
             Err(_) => errors.at(
                 entry.referenced,
                 format!("trusted proxy `{text}` is not a CIDR block (10.0.0.0/8, fd00::/8) or an IP address"),
@@ -518,6 +520,16 @@ fn validate_trusted_proxies(raw: &[Spanned<String>], errors: &mut Collector<'_>)
         }
     }
     parsed
+}
+
+fn canonical(net: ipnet::IpNet) -> ipnet::IpNet {
+    match net {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, ipnet::IpNet::V4),
+            None => net,
+        },
+        other => other,
+    }
 }
 
 /// `resolver.servers`: each an IP address, with a port or on 53.

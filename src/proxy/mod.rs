@@ -249,7 +249,7 @@ fn forward(
             attempts_made += 1;
             // Give the slot back before waiting: the backoff is not the backend's time.
             drop(pick);
-            let answer = result.answer.map(unguarded);
+            let answer = result.answer.map(|response| unguarded(response, limits.backend_read_timeout));
             let resume = tokio::time::Instant::now() + retry::backoff(&policy.config, attempt - 1);
             if resume >= deadline {
                 // No try could start in time: the client gets this one's answer now.
@@ -350,10 +350,11 @@ struct Try {
 }
 
 /// A response for the client built from a try that will not be the last one
-/// sent, without the backend slot attached (it was given back already).
-fn unguarded(mut response: Response<UpstreamBody>) -> Response<ProxyBody> {
+/// sent, without the backend slot attached (it was given back already), its
+/// body's reads bounded all the same.
+fn unguarded(mut response: Response<UpstreamBody>, read_timeout: std::time::Duration) -> Response<ProxyBody> {
     strip_hop_by_hop(response.headers_mut(), false);
-    response.map(|body| body.boxed_unsync())
+    response.map(|body| response::ResponseBody::without_slot(body, read_timeout).boxed_unsync())
 }
 
 /// Picks a backend for the request, excluding those already tried while any

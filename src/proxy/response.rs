@@ -8,7 +8,8 @@
 //! long as the client waits. When the bound is reached the body fails: the
 //! client's connection is cut (its response is already under way, there is
 //! no status left to send), the backend connection is dropped, the slot is
-//! freed, and the stall counts against the backend as a timeout does.
+//! freed, and the stall counts against the backend as a timeout does (over
+//! HTTP/1.1; see [`stalled`] for HTTP/2).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,13 +24,15 @@ use tokio::time::Sleep;
 use crate::backend::InFlightGuard;
 use crate::body::BoxError;
 use crate::client::UpstreamBody;
+use crate::config::UpstreamProtocol;
 use crate::upstream::Upstream;
 
 /// The backend sent nothing of its response body for this long.
 #[derive(Debug, thiserror::Error)]
-#[error("backend {backend} sent nothing of its response body for {idle:?} (limits.backend_read_timeout)")]
+#[error("backend {} sent nothing of its response body for {idle:?} (limits.backend_read_timeout)", backend.as_deref().unwrap_or("-"))]
 pub struct BackendReadTimeout {
-    pub backend: Arc<str>,
+    /// `None` for an answer whose slot was no longer held.
+    pub backend: Option<Arc<str>>,
     pub idle: Duration,
 }
 
@@ -38,8 +41,11 @@ pin_project_lite::pin_project! {
     pub struct ResponseBody {
         #[pin]
         inner: UpstreamBody,
-        // Present until the body ends, fails or is dropped.
+        // The slot, and whom a stall is charged to; `None` for an answer
+        // whose slot was given back before it was chosen, and once the body
+        // is over.
         held: Option<Held>,
+        ended: bool,
         idle: Duration,
         // Made at the first wait for the backend and reset at each later
         // one: a body that arrives whole with its head never makes one, and
@@ -68,7 +74,14 @@ impl ResponseBody {
         index: usize,
         idle: Duration,
     ) -> Self {
-        ResponseBody { inner, held: Some(Held { _slot: guard, upstream, index }), idle, waiting: None, armed: false }
+        let held = Some(Held { _slot: guard, upstream, index });
+        ResponseBody { inner, held, ended: false, idle, waiting: None, armed: false }
+    }
+
+    /// A body whose backend slot is no longer held (an earlier try's answer,
+    /// given to the client when no further try could start).
+    pub fn without_slot(inner: UpstreamBody, idle: Duration) -> Self {
+        ResponseBody { inner, held: None, ended: false, idle, waiting: None, armed: false }
     }
 }
 
@@ -78,56 +91,63 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        let Some(held) = this.held.as_ref() else { return Poll::Ready(None) };
+        if *this.ended {
+            return Poll::Ready(None);
+        }
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
                 *this.armed = false;
                 if matches!(frame, None | Some(Err(_))) {
                     // Released as soon as the backend is done, not when hyper drops the body.
+                    *this.ended = true;
                     this.held.take();
                 }
                 Poll::Ready(frame)
             }
             Poll::Pending => {
-                let deadline = tokio::time::Instant::now() + *this.idle;
-                match this.waiting.as_mut().as_pin_mut() {
-                    Some(timer) if *this.armed => {
-                        if timer.poll(cx).is_pending() {
-                            return Poll::Pending;
-                        }
-                    }
+                let timer = match this.waiting.as_mut().as_pin_mut() {
+                    Some(timer) if *this.armed => timer,
                     Some(mut timer) => {
-                        timer.as_mut().reset(deadline);
-                        *this.armed = true;
-                        if timer.poll(cx).is_pending() {
-                            return Poll::Pending;
-                        }
+                        timer.as_mut().reset(tokio::time::Instant::now() + *this.idle);
+                        timer
                     }
                     None => {
-                        this.waiting.set(Some(tokio::time::sleep_until(deadline)));
-                        *this.armed = true;
-                        let timer = this.waiting.as_mut().as_pin_mut().expect("just set");
-                        if timer.poll(cx).is_pending() {
-                            return Poll::Pending;
-                        }
+                        this.waiting.set(Some(tokio::time::sleep(*this.idle)));
+                        this.waiting.as_mut().as_pin_mut().expect("just set")
                     }
+                };
+                *this.armed = true;
+                if timer.poll(cx).is_pending() {
+                    return Poll::Pending;
                 }
-                let backend = Arc::clone(&held.upstream.backends[held.index].address);
-                tracing::warn!(upstream = %held.upstream.name, %backend, idle = ?this.idle,
-                    "backend stalled in the middle of a response body; cutting the response");
-                let held = this.held.take().expect("checked above");
-                held.upstream.charge_stalled_body(held.index);
-                drop(held);
+                *this.ended = true;
+                let backend = this.held.take().map(stalled);
                 Poll::Ready(Some(Err(Box::new(BackendReadTimeout { backend, idle: *this.idle }))))
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_none() || self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A stall past the bound: logged, and charged to the backend when it is
+/// surely the backend's. Over HTTP/2 it may not be: the connection's flow
+/// control window is shared by its streams, and a client that stops reading
+/// one response leaves that window full for all the others.
+fn stalled(held: Held) -> Arc<str> {
+    let Held { _slot, upstream, index } = held;
+    let backend = Arc::clone(&upstream.backends[index].address);
+    let charged = upstream.protocol == UpstreamProtocol::Http1;
+    tracing::warn!(upstream = %upstream.name, %backend, charged,
+        "backend stalled in the middle of a response body; cutting the response");
+    if charged {
+        upstream.charge_stalled_body(index);
+    }
+    backend
 }

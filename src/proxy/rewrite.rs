@@ -179,10 +179,11 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 ///
 /// From a peer in `trusted` (a balancer or proxy in front), what it says is
 /// kept: `X-Forwarded-For` and `Forwarded` get this hop appended,
-/// `X-Real-IP`, `X-Forwarded-Proto` and `X-Forwarded-Host` pass as they
-/// are (set here only when absent), and the client is the last address of
-/// the `X-Forwarded-For` chain that is not itself trusted (else `X-Real-IP`),
-/// which is returned. From anyone else, what the client claims is replaced:
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` pass as they are (set here
+/// only when absent), and the client is the last address of the
+/// `X-Forwarded-For` chain that is not itself trusted (else `X-Real-IP`),
+/// which is returned. An `X-Real-IP` is set to that client: a balancer that
+/// appends to `X-Forwarded-For` passes a client's own `X-Real-IP` untouched. From anyone else, what the client claims is replaced:
 /// `X-Forwarded-For`, `-Proto` and `-Host` are this proxy's, and an
 /// `X-Real-IP` or `Forwarded` it sent becomes the peer's address.
 pub(crate) fn add_forwarding_headers(
@@ -211,6 +212,9 @@ pub(crate) fn add_forwarding_headers(
         return None;
     }
     let client = chain_client(headers, peer, trusted);
+    if let Some(client) = client.filter(|_| headers.contains_key(&X_REAL_IP)) {
+        headers.insert(&X_REAL_IP, HeaderValue::try_from(client.to_string()).expect("an address is a valid value"));
+    }
     let chain = joined(headers, &X_FORWARDED_FOR).and_then(|previous| format!("{previous}, {peer}").try_into().ok());
     headers.insert(&X_FORWARDED_FOR, chain.unwrap_or_else(|| conn.client_ip_header.clone()));
     if let Some(previous) = joined(headers, &header::FORWARDED) {
@@ -226,11 +230,9 @@ pub(crate) fn add_forwarding_headers(
 }
 
 fn is_trusted(trusted: &[ipnet::IpNet], address: IpAddr) -> bool {
-    // An IPv4 peer on a dual-stack socket arrives as ::ffff:a.b.c.d.
-    let address = match address {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
-        v4 => v4,
-    };
+    // An IPv4 peer on a dual-stack socket arrives as ::ffff:a.b.c.d (the
+    // config's blocks are stored the same way: see `config`).
+    let address = address.to_canonical();
     trusted.iter().any(|net| net.contains(&address))
 }
 
@@ -252,26 +254,31 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 /// the last trusted one. Without the header, `X-Real-IP`.
 fn chain_client(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
     let mut client = peer;
-    let mut chain = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    if chain.peek().is_none() {
+    let mut lines = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if lines.peek().is_none() {
         return headers.get(&X_REAL_IP).and_then(|v| address(v.to_str().ok()?));
     }
-    let entries: Vec<&str> = chain.filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).collect();
-    for entry in entries.into_iter().rev() {
-        let Some(hop) = address(entry) else { break };
-        client = hop;
-        if !is_trusted(trusted, hop) {
-            break;
+    // From the last line back; a line that is not text ends the walk like
+    // an entry that is not an address.
+    for line in lines.collect::<Vec<_>>().into_iter().rev() {
+        let Ok(line) = line.to_str() else { break };
+        for entry in line.rsplit(',') {
+            let Some(hop) = address(entry) else { return Some(client) };
+            client = hop;
+            if !is_trusted(trusted, hop) {
+                return Some(client);
+            }
         }
     }
     Some(client)
 }
 
 /// An address as forwarding headers write one: `1.2.3.4`, `2001:db8::1`,
-/// with a port or not (`1.2.3.4:80`, `[2001:db8::1]:80`).
+/// `[2001:db8::1]`, with a port or not (`1.2.3.4:80`, `[2001:db8::1]:80`).
 fn address(text: &str) -> Option<IpAddr> {
     let text = text.trim();
-    text.parse().ok().or_else(|| text.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+    let bare = text.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')).unwrap_or(text);
+    bare.parse().ok().or_else(|| text.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// A `Forwarded` element's `for=` (RFC 7239: an IPv6 address is bracketed and quoted).
@@ -363,7 +370,7 @@ mod tests {
         let client = add_forwarding_headers(&mut headers, &conn, Some(&HeaderValue::from_static("bots")), &trusted);
         assert_eq!(client, Some("7.7.7.7".parse().unwrap()));
         assert_eq!(headers[&X_FORWARDED_FOR], "6.6.6.6, 7.7.7.7, 10.0.0.9, 10.1.2.3");
-        assert_eq!(headers[&X_REAL_IP], "6.6.6.6");
+        assert_eq!(headers[&X_REAL_IP], "7.7.7.7", "a client's own X-Real-IP does not pass a balancer");
         assert_eq!(headers[header::FORWARDED], "for=6.6.6.6;proto=https, for=10.1.2.3");
         assert_eq!(headers[&X_FORWARDED_PROTO], "https");
         assert_eq!(headers[&X_FORWARDED_HOST], "evil.example");
@@ -374,6 +381,17 @@ mod tests {
         headers.insert(&X_REAL_IP, "8.8.8.8".parse().unwrap());
         assert_eq!(add_forwarding_headers(&mut headers, &conn, None, &trusted), Some("8.8.8.8".parse().unwrap()));
         assert_eq!(headers[&X_FORWARDED_FOR], "10.1.2.3");
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_FORWARDED_FOR, "8.8.8.8".parse().unwrap());
+        headers.append(&X_FORWARDED_FOR, HeaderValue::from_bytes(b"\xff").unwrap());
+        assert_eq!(
+            add_forwarding_headers(&mut headers, &conn, None, &trusted),
+            None,
+            "a line that is not text stops the walk at the peer, as it stops the chain"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_FORWARDED_FOR, "[2001:db8::1], 10.0.0.5".parse().unwrap());
+        assert_eq!(add_forwarding_headers(&mut headers, &conn, None, &trusted), Some("2001:db8::1".parse().unwrap()));
         let mapped = ConnInfo::new("[::ffff:10.1.2.3]:1".parse().unwrap(), "web".into());
         let mut headers = spoofed();
         assert!(

@@ -47,6 +47,7 @@ pub fn admit<B>(request: &mut Request<B>, merge_slashes: bool) -> Result<(), Pro
         Ok(None) => {}
         Ok(Some(path)) => *request.uri_mut() = with_path(request.uri(), path)?,
         Err(PathError::AboveRoot) => return Err(ProxyError::BadRequest("the path climbs above the root")),
+        Err(PathError::Backslash) => return Err(ProxyError::BadRequest("a backslash in the path")),
     }
     Ok(())
 }

@@ -215,6 +215,10 @@ async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut limits = context.live.load().limits;
+    // Read again at each accept (a reload may turn it on or off); this is
+    // the answer for a listener the live config no longer has (it is being
+    // stopped): what it was started with, never a silent "off".
+    let mut proxy_protocol = proxy_protocol_of(&context.live.load().config, configured).unwrap_or(false);
     let mut builder = connection_builder(&limits);
     let mut connections = JoinSet::new();
     // Upgraded connections (WebSocket) outlive hyper's connection task; the
@@ -274,11 +278,11 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (current, tls, proxy_protocol) = {
+        let (current, tls, listener_proxy_protocol) = {
             let snapshot = context.live.load();
-            let listener = snapshot.config.listeners.iter().find(|listener| listener.bind == configured);
-            (snapshot.limits, snapshot.tls.get(&configured).cloned(), listener.is_some_and(|l| l.proxy_protocol))
+            (snapshot.limits, snapshot.tls.get(&configured).cloned(), proxy_protocol_of(&snapshot.config, configured))
         };
+        proxy_protocol = listener_proxy_protocol.unwrap_or(proxy_protocol);
         if current != limits {
             limits = current;
             builder = connection_builder(&limits);
@@ -329,7 +333,7 @@ async fn accept_loop(
             });
             let io = TokioIo::new(SendTimeoutIo::new(stream, limits.client_send_timeout));
             let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
-            drive_connection(connection, activity).await;
+            drive_connection(connection, activity, limits.client_send_timeout).await;
         });
         if stopping {
             break;
@@ -370,6 +374,12 @@ async fn accept_loop(
     }
 }
 
+/// Whether the live config's listener at `configured` takes PROXY headers;
+/// `None` when the live config has no such listener.
+fn proxy_protocol_of(config: &crate::config::Config, configured: SocketAddr) -> Option<bool> {
+    config.listeners.iter().find(|listener| listener.bind == configured).map(|l| l.proxy_protocol)
+}
+
 /// The server side of a TLS handshake, bounded by `timeout`; `None` (and the
 /// connection closed) when it fails or takes too long.
 async fn handshake(
@@ -402,10 +412,18 @@ pub async fn accept_failed(listener: &str, error: &std::io::Error) {
 /// (complete the request in progress, then close) when the accept loop says
 /// so: the listener stops, or no request has been active for `idle_timeout`.
 /// Per wake this costs one flag read: the waker is handed over once.
-async fn drive_connection(connection: ClientConnection, activity: Arc<Activity>) {
+///
+/// A connection asked to close that has no response of ours in progress but
+/// does not end is closed outright after `linger` (`client_send_timeout`):
+/// an HTTP/2 client that gives its streams no window keeps their last bytes
+/// in the connection's send buffers, and a graceful shutdown would wait for
+/// them for ever.
+async fn drive_connection(connection: ClientConnection, activity: Arc<Activity>, linger: Duration) {
     let mut connection = std::pin::pin!(connection);
     let mut closing = false;
     let mut registered: Option<Waker> = None;
+    // Made only for a connection that lingers after it was asked to close.
+    let mut cut: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let result = std::future::poll_fn(|cx| {
         if !closing {
             // Registered before the flag is read: a close asked in between still wakes us.
@@ -418,7 +436,21 @@ async fn drive_connection(connection: ClientConnection, activity: Arc<Activity>)
                 closing = true;
             }
         }
-        std::future::Future::poll(connection.as_mut(), cx)
+        if let Poll::Ready(result) = std::future::Future::poll(connection.as_mut(), cx) {
+            return Poll::Ready(result);
+        }
+        if !(closing && activity.is_idle()) {
+            cut = None;
+            return Poll::Pending;
+        }
+        let timer = cut.get_or_insert_with(|| Box::pin(tokio::time::sleep(linger)));
+        match std::future::Future::poll(timer.as_mut(), cx) {
+            Poll::Ready(()) => {
+                tracing::debug!(?linger, "a closing connection's client took nothing more; closing it");
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     })
     .await;
     if let Err(error) = result {
@@ -530,7 +562,7 @@ struct WithConnInfo {
 }
 
 impl Service<Request<Incoming>> for WithConnInfo {
-    type Response = Response<ObservedBody>;
+    type Response = Response<ActivityBody>;
     type Error = Infallible;
     type Future = TrackActivity<<ProxyStack as Service<NotedRequest>>::Future>;
 
@@ -551,8 +583,9 @@ impl Service<Request<Incoming>> for WithConnInfo {
 }
 
 pin_project_lite::pin_project! {
-    /// Marks the request finished when its response head is ready or the
-    /// request is dropped (client gone).
+    /// Hands the request's place in its connection's activity to the
+    /// response body ([`ActivityBody`]), or gives it up if the request is
+    /// dropped before a response (client gone).
     struct TrackActivity<F> {
         #[pin]
         inner: F,
@@ -569,24 +602,69 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, B> std::future::Future for TrackActivity<F>
+impl<F> std::future::Future for TrackActivity<F>
 where
-    F: std::future::Future<Output = Result<Response<B>, Infallible>>,
+    F: std::future::Future<Output = Result<Response<ObservedBody>, Infallible>>,
 {
-    type Output = F::Output;
+    type Output = Result<Response<ActivityBody>, Infallible>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut output = std::task::ready!(this.inner.poll(cx));
-        let Some(activity) = this.activity.take() else { return Poll::Ready(output) };
-        activity.request_finished();
-        if *this.http1 && activity.draining.load(Ordering::Acquire) {
-            if let Some(response) = output.as_mut().ok().filter(|r| r.status() != http::StatusCode::SWITCHING_PROTOCOLS)
-            {
-                // hyper closes the connection after a response that says so.
-                response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
+        let activity = this.activity.take().expect("polled after completion");
+        if *this.http1
+            && activity.draining.load(Ordering::Acquire)
+            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            // hyper closes the connection after a response that says so.
+            response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        Poll::Ready(Ok(response.map(|body| ActivityBody { inner: body, activity: Some(activity) })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request active in its connection's
+    /// [`Activity`] until the body ends or is dropped: a connection with a
+    /// download in progress is not idle.
+    pub struct ActivityBody {
+        #[pin]
+        inner: ObservedBody,
+        activity: Option<Arc<Activity>>,
+    }
+
+    impl PinnedDrop for ActivityBody {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(activity) = this.project().activity.take() {
+                activity.request_finished();
             }
         }
-        Poll::Ready(output)
+    }
+}
+
+impl http_body::Body for ActivityBody {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = frame {
+            if let Some(activity) = this.activity.take() {
+                activity.request_finished();
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -19,9 +19,10 @@ use proxy_header::{ParseConfig, ProxyHeader};
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::TcpStream;
 
-/// Larger than any header a balancer sends (a v2 header with the TLVs AWS
-/// and GCP add is a few hundred bytes); a longer one is refused.
-const MAX_HEADER: usize = 1024;
+/// Larger than any header a balancer sends (a v2 header with the TLVs AWS,
+/// GCP or HAProxy's `send-proxy-v2-ssl-cn` add is a few hundred bytes); a
+/// longer one is refused.
+const MAX_HEADER: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyHeaderError {
@@ -47,9 +48,16 @@ pub async fn read_header(stream: &mut TcpStream, timeout: Duration) -> Result<Op
 
 async fn read(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     let config = ParseConfig { include_tlvs: false, allow_v1: true, allow_v2: true };
-    let mut buf = [0u8; MAX_HEADER];
+    // On the heap: an array here would sit in every connection's future,
+    // PROXY listener or not, for the connection's whole life.
+    let mut buf = vec![0u8; MAX_HEADER];
     loop {
-        stream.readable().await?;
+        let ready = stream.ready(Interest::READABLE).await?;
+        // A client that sent part of a header and then shut its side: the
+        // socket stays readable (at its end) however often it is peeked, so
+        // without this the loop would never wait, and never let the
+        // worker's other connections run.
+        let closing = ready.is_read_closed();
         let peeked = stream.try_io(Interest::READABLE, || {
             let seen = peek(stream, &mut buf)?;
             if seen == 0 {
@@ -57,6 +65,7 @@ async fn read(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHeaderE
             }
             match ProxyHeader::parse(&buf[..seen], config) {
                 Ok((header, length)) => Ok(Ok((header.proxied_address().map(|a| a.source), length))),
+                Err(proxy_header::Error::BufferTooShort) if closing => Ok(Err(ProxyHeaderError::Closed)),
                 // More is on its way: wait for it (the readiness is cleared).
                 Err(proxy_header::Error::BufferTooShort) if seen < MAX_HEADER => Err(io::ErrorKind::WouldBlock.into()),
                 Err(error) => Ok(Err(ProxyHeaderError::Invalid(error))),
@@ -136,6 +145,28 @@ mod tests {
             let mut rest = [0u8; 5];
             server.read_exact(&mut rest).await.unwrap();
             assert_eq!(&rest, b"after");
+        }
+    }
+
+    /// The reader runs on a thread of its own and is waited for from this
+    /// one with a deadline: a reader that spins never yields to any timer of
+    /// its runtime, so only another thread can tell.
+    #[test]
+    fn a_client_that_shuts_its_side_mid_header_is_refused_at_once() {
+        for partial in [&b"PROXY TCP4 1"[..], &b"\r\n\r\n\0\r\nQUIT\n\x21"[..]] {
+            let (done, result) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let outcome = runtime.block_on(async {
+                    let (mut client, mut server) = pair().await;
+                    client.write_all(partial).await.unwrap();
+                    client.shutdown().await.unwrap();
+                    read_header(&mut server, Duration::from_secs(60)).await
+                });
+                let _ = done.send(format!("{outcome:?}"));
+            });
+            let outcome = result.recv_timeout(Duration::from_secs(20)).expect("the reader returns instead of spinning");
+            assert!(outcome.starts_with("Err(Closed"), "{outcome}");
         }
     }
 

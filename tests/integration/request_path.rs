@@ -168,6 +168,32 @@ async fn an_http2_stream_the_client_gives_no_window_is_reset_and_frees_its_bot()
 }
 
 #[tokio::test]
+async fn an_http2_connection_left_holding_unsent_bytes_is_closed_when_idle() {
+    let bot = Backend::start("bot").await;
+    let yaml = simple_config("{}", &[&bot], "")
+        .replace("listeners:", "limits: { idle_timeout: 1s, client_send_timeout: 1s }\nlisteners:");
+    let proxy = start_proxy(&yaml).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    // A window of one byte: the whole body is handed over at once, the
+    // stream is done on the proxy's side, and two bytes wait in h2's buffer
+    // for a window the client never opens.
+    let (h2, connection) =
+        h2::client::Builder::new().initial_window_size(1).handshake::<_, bytes::Bytes>(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let (answer, _) = h2.send_request(http::Request::get("http://bots/").body(()).unwrap(), true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let _unread = answer.into_body();
+    let _still_open = h2;
+    tokio::time::timeout(Duration::from_secs(30), connection)
+        .await
+        .expect("the idle connection is closed, not kept for its unsent bytes")
+        .unwrap()
+        .ok();
+}
+
+#[tokio::test]
 async fn http2_clients_get_at_most_max_concurrent_streams() {
     let bot = Backend::start("bot").await;
     let yaml =
