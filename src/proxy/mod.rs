@@ -232,7 +232,7 @@ fn forward(
             let Some((policy, reason)) = retry else {
                 return match result.answer {
                     Ok(response) => {
-                        let held = Held { guard: pick.guard, upstream: &upstream, index: pick.index };
+                        let held = Held { guard: pick.guard, notes: &prepared.notes };
                         Ok(respond(
                             response,
                             held,
@@ -401,11 +401,11 @@ async fn pick_backend(
     })
 }
 
-/// The backend slot a response holds, and whose backend it is.
+/// The backend slot a response holds, and the request's notes, which say
+/// whose backend it is.
 struct Held<'a> {
     guard: InFlightGuard,
-    upstream: &'a Arc<Upstream>,
-    index: usize,
+    notes: &'a Arc<RequestNotes>,
 }
 
 /// The response for the client: a tunnel for a 101, else the backend's
@@ -418,7 +418,7 @@ fn respond(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     conn: &Arc<ConnInfo>,
 ) -> Response<ProxyBody> {
-    let Held { guard, upstream, index } = held;
+    let Held { guard, notes } = held;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let (Some(client_upgrade), Some(backend)) = (client_upgrade, response.body_mut().take_upgrade()) {
             let tunnel = tunnel(client_upgrade, backend, guard, Arc::clone(conn));
@@ -431,8 +431,8 @@ fn respond(
         }
     }
     strip_hop_by_hop(response.headers_mut(), false);
-    let upstream = Arc::clone(upstream);
-    response.map(|body| response::ResponseBody::new(body, guard, upstream, index, read_timeout).boxed_unsync())
+    let notes = Arc::clone(notes);
+    response.map(|body| response::ResponseBody::new(body, guard, notes, read_timeout).boxed_unsync())
 }
 
 /// Maps a client failure to what the client is told and the retry condition

@@ -25,7 +25,7 @@ use crate::backend::InFlightGuard;
 use crate::body::BoxError;
 use crate::client::UpstreamBody;
 use crate::config::UpstreamProtocol;
-use crate::upstream::Upstream;
+use crate::notes::RequestNotes;
 
 /// The backend sent nothing of its response body for this long.
 #[derive(Debug, thiserror::Error)]
@@ -62,19 +62,15 @@ pin_project_lite::pin_project! {
 struct Held {
     /// Kept for its drop, which frees the slot.
     _slot: InFlightGuard,
-    upstream: Arc<Upstream>,
-    index: usize,
+    /// The request's notes lead to its upstream (through its route); a
+    /// count on them is this request's alone, where one on the upstream
+    /// would be shared with every worker's requests.
+    notes: Arc<RequestNotes>,
 }
 
 impl ResponseBody {
-    pub fn new(
-        inner: UpstreamBody,
-        guard: InFlightGuard,
-        upstream: Arc<Upstream>,
-        index: usize,
-        idle: Duration,
-    ) -> Self {
-        let held = Some(Held { _slot: guard, upstream, index });
+    pub fn new(inner: UpstreamBody, guard: InFlightGuard, notes: Arc<RequestNotes>, idle: Duration) -> Self {
+        let held = Some(Held { _slot: guard, notes });
         ResponseBody { inner, held, ended: false, idle, waiting: None, armed: false }
     }
 
@@ -121,7 +117,7 @@ impl Body for ResponseBody {
                     return Poll::Pending;
                 }
                 *this.ended = true;
-                let backend = this.held.take().map(stalled);
+                let backend = this.held.take().and_then(stalled);
                 Poll::Ready(Some(Err(Box::new(BackendReadTimeout { backend, idle: *this.idle }))))
             }
         }
@@ -140,8 +136,17 @@ impl Body for ResponseBody {
 /// surely the backend's. Over HTTP/2 it may not be: the connection's flow
 /// control window is shared by its streams, and a client that stops reading
 /// one response leaves that window full for all the others.
-fn stalled(held: Held) -> Arc<str> {
-    let Held { _slot, upstream, index } = held;
+fn stalled(held: Held) -> Option<Arc<str>> {
+    let Held { _slot, notes } = held;
+    // The route's upstream and the backend of the last try; a request that
+    // moved to a reloaded upstream (rare) names only the address, and is
+    // not charged.
+    let (snapshot, route) = notes.route()?;
+    let upstream = &snapshot.router.routes()[route].upstream;
+    let Ok(Some(index)) = notes.last_backend() else {
+        tracing::warn!(upstream = %upstream.name, "backend stalled in the middle of a response body; cutting the response");
+        return None;
+    };
     let backend = Arc::clone(&upstream.backends[index].address);
     let charged = upstream.protocol == UpstreamProtocol::Http1;
     tracing::warn!(upstream = %upstream.name, %backend, charged,
@@ -149,5 +154,5 @@ fn stalled(held: Held) -> Arc<str> {
     if charged {
         upstream.charge_stalled_body(index);
     }
-    backend
+    Some(backend)
 }
