@@ -67,9 +67,9 @@ pub fn normalize(path: &str, merge_slashes: bool) -> Result<Option<String>, Path
 fn is_normal(path: &[u8], merge_slashes: bool) -> bool {
     // Most paths have no byte that could start a dot segment or be refused:
     // one quick pass says so.
-    if !path.iter().any(|&b| matches!(b, b'.' | b'%' | b'\\'))
-        && !(merge_slashes && path.windows(2).any(|pair| pair == b"//"))
-    {
+    let unusual_byte = path.iter().any(|&b| matches!(b, b'.' | b'%' | b'\\'));
+    let doubled_slash = || path.windows(2).any(|pair| pair == b"//");
+    if !(unusual_byte || merge_slashes && doubled_slash()) {
         return true;
     }
     let mut start = 1;
