@@ -107,8 +107,8 @@ pub enum LogFormat {
 pub struct RawLimits {
     pub max_header_bytes: Option<Spanned<ByteSize>>,
     pub max_body_bytes: Option<ByteSize>,
-    pub header_read_timeout: Option<DurationValue>,
-    pub idle_timeout: Option<DurationValue>,
+    pub header_read_timeout: Option<Spanned<DurationValue>>,
+    pub idle_timeout: Option<Spanned<DurationValue>>,
     pub max_connections: Option<Spanned<u32>>,
     pub shutdown_grace: Option<DurationValue>,
     pub connect_timeout: Option<Spanned<DurationValue>>,

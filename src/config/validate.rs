@@ -209,8 +209,14 @@ fn validate_limits(raw: &RawConfig, errors: &mut Collector<'_>) -> Limits {
     let raw = &raw.limits;
     let mut limits = Limits {
         max_body_bytes: raw.max_body_bytes.map_or(defaults.max_body_bytes, |b| b.0),
-        header_read_timeout: raw.header_read_timeout.map_or(defaults.header_read_timeout, |d| d.0),
-        idle_timeout: raw.idle_timeout.map_or(defaults.idle_timeout, |d| d.0),
+        header_read_timeout: duration(
+            &raw.header_read_timeout,
+            "header_read_timeout",
+            defaults.header_read_timeout,
+            errors,
+        ),
+        // Zero would spin the accept loop's idle tick.
+        idle_timeout: duration(&raw.idle_timeout, "idle_timeout", defaults.idle_timeout, errors),
         shutdown_grace: raw.shutdown_grace.map_or(defaults.shutdown_grace, |d| d.0),
         connect_timeout: duration(&raw.connect_timeout, "connect_timeout", defaults.connect_timeout, errors),
         client_body_timeout: duration(

@@ -13,6 +13,7 @@ mod proxy_protocol;
 pub mod stack;
 pub mod workers;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -229,7 +230,10 @@ async fn accept_loop(
     open.increment(0.0);
     // The open connections, judged idle here on one timer for all of them
     // rather than on a timer and a shutdown watch polled in every connection.
-    let mut watched: Vec<Watched> = Vec::new();
+    // Each leaves the moment its task ends: a record kept until the next
+    // idle tick (up to a quarter of a long `idle_timeout`) would hold the
+    // finished task's memory through its waker, for every short connection.
+    let mut watched: HashMap<tokio::task::Id, Watched> = HashMap::new();
     let idle_tick = tokio::time::sleep(limits.idle_timeout / IDLE_TICKS);
     tokio::pin!(idle_tick);
     let next_tick =
@@ -237,7 +241,10 @@ async fn accept_loop(
     loop {
         let (stream, client) = tokio::select! {
             _ = stopped.changed() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(ended) = connections.join_next_with_id(), if !connections.is_empty() => {
+                forget(&mut watched, ended);
+                continue;
+            }
             () = &mut idle_tick => {
                 close_idle(&mut watched);
                 idle_tick.as_mut().reset(next_tick(&context));
@@ -268,7 +275,7 @@ async fn accept_loop(
                     stopping = true;
                     break Arc::new(Semaphore::new(1)).acquire_owned().await.expect("a fresh semaphore");
                 }
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                Some(ended) = connections.join_next_with_id(), if !connections.is_empty() => forget(&mut watched, ended),
                 // Idle connections are what frees a place.
                 () = &mut idle_tick => {
                     close_idle(&mut watched);
@@ -295,9 +302,9 @@ async fn accept_loop(
             idle_timeout: limits.tunnel_idle_timeout,
         };
         let activity = Arc::new(Activity::new());
-        watched.push(Watched { activity: Arc::clone(&activity), finished_before: 0, quiet_ticks: 0 });
+        let record = Watched { activity: Arc::clone(&activity), finished_before: 0, quiet_ticks: 0 };
         let (builder, stack, name) = (Arc::clone(&builder), stack.clone(), Arc::clone(&name));
-        connections.spawn(async move {
+        let task = connections.spawn(async move {
             // The PROXY header and the TLS handshake are read on the
             // connection's own task, so a slow client never holds up the
             // accept loop; both are bounded.
@@ -335,6 +342,7 @@ async fn accept_loop(
             let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
             drive_connection(connection, activity, limits.client_send_timeout).await;
         });
+        watched.insert(task.id(), record);
         if stopping {
             break;
         }
@@ -345,7 +353,7 @@ async fn accept_loop(
     // wire: its request in flight, or the next one it sends within the
     // linger, gets that answer. Then whatever is still open is closed
     // gracefully (HTTP/2 gets GOAWAY).
-    for connection in &watched {
+    for connection in watched.values() {
         connection.activity.draining.store(true, Ordering::Release);
     }
     let grace = context.live.load().limits.shutdown_grace;
@@ -357,7 +365,7 @@ async fn accept_loop(
             _ = connections.join_next() => {}
         }
     }
-    for connection in &watched {
+    for connection in watched.values() {
         connection.activity.ask_to_close();
     }
     tunnels.close();
@@ -470,8 +478,8 @@ struct Watched {
 /// close, i.e. between 1 and 1.25 x `idle_timeout` after its last request;
 /// requests themselves never read the clock for it. Ended connections are
 /// let go.
-fn close_idle(watched: &mut Vec<Watched>) {
-    watched.retain_mut(|connection| {
+fn close_idle(watched: &mut HashMap<tokio::task::Id, Watched>) {
+    watched.retain(|_, connection| {
         if Arc::strong_count(&connection.activity) == 1 {
             return false;
         }
@@ -488,6 +496,18 @@ fn close_idle(watched: &mut Vec<Watched>) {
         }
         true
     });
+}
+
+/// Lets go of the record of a connection whose task ended, however it ended.
+fn forget(
+    watched: &mut HashMap<tokio::task::Id, Watched>,
+    ended: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+) {
+    let id = match ended {
+        Ok((id, ())) => id,
+        Err(error) => error.id(),
+    };
+    watched.remove(&id);
 }
 
 /// One client connection as hyper-util's auto builder serves it.

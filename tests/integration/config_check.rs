@@ -95,6 +95,8 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
         ("trusted proxy not a CIDR", format!("trusted_proxies: [10.0.0.0/8, 10.0.0.0/33]\n{HEAD}{routes}{}", upstream(ok_backends)), 1, 31, "not a CIDR block"),
         ("no HTTP/2 streams", format!("{HEAD}{routes}{}limits: {{ max_concurrent_streams: 0 }}\n", upstream(ok_backends)), 8, 35, "at least 1"),
         ("zero backend read timeout", format!("{HEAD}{routes}{}limits: {{ backend_read_timeout: 0s }}\n", upstream(ok_backends)), 8, 33, "backend_read_timeout"),
+        ("zero idle timeout", format!("{HEAD}{routes}{}limits: {{ idle_timeout: 0s }}\n", upstream(ok_backends)), 8, 25, "idle_timeout must be greater than zero"),
+        ("zero header read timeout", format!("{HEAD}{routes}{}limits: {{ header_read_timeout: 0ms }}\n", upstream(ok_backends)), 8, 32, "header_read_timeout must be greater"),
         ("typo in paths", format!("paths: {{ merge_slash: true }}\n{HEAD}{routes}{}", upstream(ok_backends)), 1, 10, "unknown field `merge_slash`"),
         ("proxy_protocol not a boolean", format!("listeners:\n  - {{ bind: \"127.0.0.1:80\", proxy_protocol: sometimes }}\n{routes}{}", upstream(ok_backends)), 2, 45, "invalid boolean"),
     ]

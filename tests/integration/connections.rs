@@ -81,3 +81,42 @@ async fn at_max_connections_an_idle_connection_makes_way_for_a_waiting_client() 
     let closed = tokio::time::timeout(Duration::from_secs(20), first.read(&mut buffer)).await;
     assert_eq!(closed.expect("the idle connection was closed").unwrap(), 0);
 }
+
+/// `count` short connections, `parallel` at a time: one request each, closed.
+async fn short_connections(addr: std::net::SocketAddr, count: usize, parallel: usize) {
+    let tasks: Vec<_> = (0..parallel)
+        .map(|_| {
+            tokio::spawn(async move {
+                for _ in 0..count / parallel {
+                    let mut stream = TcpStream::connect(addr).await.unwrap();
+                    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+                    let mut answer = Vec::new();
+                    stream.read_to_end(&mut answer).await.unwrap();
+                    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_flat_over_many_short_connections_with_a_long_idle_timeout() {
+    let backend = Backend::start("a").await;
+    let yaml = simple_config("{}", &[&backend], "")
+        .replace("\"127.0.0.1:0\"", "\"127.0.0.1:{port}\"")
+        .replace("listeners:", "limits: { idle_timeout: 1h }\nlisteners:");
+    let proxy = ProxyProcess::start(&yaml).await;
+    // Warm up: pools, buffers and the allocator's arenas reach their size.
+    short_connections(proxy.addr, 5_000, 8).await;
+    let before = proxy.memory_kib("VmRSS");
+    short_connections(proxy.addr, 50_000, 8).await;
+    let after = proxy.memory_kib("VmRSS");
+    eprintln!("RSS over 50,000 short connections: {before} KiB -> {after} KiB");
+    // Each ended connection's record was once kept until the next idle
+    // tick, 15 minutes away here: about 400 bytes a connection, 20 MiB for
+    // these (measured: +40 MiB over 100,000; +0.1 MiB without the records).
+    assert!(after < before + 8 * 1024, "RSS grew from {before} to {after} KiB");
+}
