@@ -129,6 +129,14 @@ pub async fn run(path: &Path, options: RunOptions) -> i32 {
                 eprintln!("{error}");
                 return exit::CANNOT_SERVE;
             }
+            // Someone else's socket, or a directory others may write to:
+            // serve all the same (a squatter must not keep the proxy down),
+            // without the upgrade path, and say so.
+            Err(error @ (UpgradeError::Squatted { .. } | UpgradeError::NotPrivate { .. })) => {
+                tracing::error!(%error, "not listening for upgrades: `run --upgrade` will not find this process");
+                eprintln!("{error}");
+                (Inherited::default(), None, None)
+            }
             Err(error) => {
                 tracing::warn!(%error, socket = %socket.display(), "cannot listen for upgrades; `run --upgrade` will not find this process");
                 (Inherited::default(), None, None)

@@ -3,7 +3,14 @@
 //! HAProxy's and Pingora's upgrades do.
 //!
 //! Every `switchyard run` listens on a Unix socket whose path follows from
-//! the config file's path ([`socket_path`]; `--upgrade-socket` overrides it).
+//! the config file's path ([`socket_path`]; `--upgrade-socket` overrides it),
+//! in a directory only its user can enter: `$XDG_RUNTIME_DIR/switchyard`, or
+//! `switchyard-<uid>` in the temp dir, created 0700 and checked (owner, mode,
+//! not a link) before use. The socket file is 0600, and a process that
+//! answers on it is believed to serve the config only if it runs as the same
+//! user. A path in a shared directory (`/tmp/switchyard-<hash>.sock` before)
+//! could be computed and squatted by any local user, which blocked every
+//! later `run`.
 //! The new process connects and asks; the old one sends duplicates of its
 //! listening sockets (proxy listeners and admin) with `SCM_RIGHTS`. They are
 //! the same sockets, not new ones bound beside them, so the connections
@@ -37,11 +44,52 @@ const MAX_SOCKETS: usize = 253;
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where `switchyard run -c CONFIG` listens for an upgrade:
-/// `/tmp/switchyard-<hash of the config file's absolute path>.sock`.
+/// `<private directory>/switchyard-<hash of the config file's absolute
+/// path>.sock`, the directory being [`private_directory`]'s.
 pub fn socket_path(config: &Path) -> PathBuf {
     let absolute = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
     let digest = xxhash_rust::xxh3::xxh3_64(absolute.as_os_str().as_bytes());
-    PathBuf::from(format!("/tmp/switchyard-{digest:016x}.sock"))
+    private_directory().join(format!("switchyard-{digest:016x}.sock"))
+}
+
+/// `$XDG_RUNTIME_DIR/switchyard` (the session's own directory, as systemd
+/// makes it), else `switchyard-<uid>` in the temp dir.
+fn private_directory() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|dir| !dir.is_empty()) {
+        Some(runtime) => PathBuf::from(runtime).join("switchyard"),
+        None => std::env::temp_dir().join(format!("switchyard-{}", effective_uid())),
+    }
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Makes `directory` (0700) if it is missing, and checks that it is a
+/// directory of this user's that nobody else may enter: whoever can write
+/// there could put a socket in our path.
+fn ensure_private(directory: &Path) -> Result<(), UpgradeError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(directory) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(error.into()),
+    }
+    let metadata = std::fs::symlink_metadata(directory)?;
+    let why = if !metadata.is_dir() {
+        Some("it is not a directory (or is a link)".to_owned())
+    } else if metadata.uid() != effective_uid() {
+        Some(format!("it belongs to user {}, not to this process's user {}", metadata.uid(), effective_uid()))
+    } else if metadata.mode() & 0o077 != 0 {
+        Some(format!("its mode is {:o}: others may enter it (it must be 0700)", metadata.mode() & 0o777))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(UpgradeError::NotPrivate { directory: directory.to_owned(), why }),
+        None => Ok(()),
+    }
 }
 
 /// What the old process sends with the descriptors, in their order.
@@ -58,6 +106,10 @@ pub enum UpgradeError {
     NoOldProcess { path: PathBuf, source: std::io::Error },
     #[error("another switchyard process serves this config (its upgrade socket is {0}); use --upgrade to replace it")]
     AlreadyServing(PathBuf),
+    #[error("the upgrade socket {path} is held by a process of user {uid}, not this process's user: something else squats it")]
+    Squatted { path: PathBuf, uid: u32 },
+    #[error("the upgrade socket's directory {} is not private: {why}", directory.display())]
+    NotPrivate { directory: PathBuf, why: String },
     #[error("the upgrade hand-over failed: {0}")]
     Protocol(String),
     #[error("{0}")]
@@ -121,13 +173,18 @@ impl UpgradeListener {
     /// Listens at `path`. A socket file left by a process that is gone is
     /// replaced; a live one means another process serves this config.
     pub fn bind(path: &Path) -> Result<UpgradeListener, UpgradeError> {
+        prepare(path)?;
         if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(UpgradeError::AlreadyServing(path.to_owned()));
+            if let Ok(stream) = UnixStream::connect(path) {
+                return Err(match peer_uid(&stream)? {
+                    uid if uid == effective_uid() => UpgradeError::AlreadyServing(path.to_owned()),
+                    uid => UpgradeError::Squatted { path: path.to_owned(), uid },
+                });
             }
             std::fs::remove_file(path)?;
         }
         let listener = tokio::net::UnixListener::bind(path)?;
+        owner_only(path)?;
         Ok(UpgradeListener { listener, path: path.to_owned(), inode: inode(path) })
     }
 
@@ -138,8 +195,10 @@ impl UpgradeListener {
         let mut temporary = path.as_os_str().to_owned();
         temporary.push(format!(".{}", std::process::id()));
         let temporary = PathBuf::from(temporary);
+        prepare(path)?;
         let _ = std::fs::remove_file(&temporary);
         let listener = tokio::net::UnixListener::bind(&temporary)?;
+        owner_only(&temporary)?;
         std::fs::rename(&temporary, path)?;
         Ok(UpgradeListener { listener, path: path.to_owned(), inode: inode(path) })
     }
@@ -236,9 +295,34 @@ fn send_sockets(stream: UnixStream, sockets: HandedSockets) -> std::io::Result<(
     Ok(())
 }
 
-/// Refuses a peer run by another user: the socket's path is in `/tmp`, and
-/// listening sockets must only ever pass between processes of one user.
+/// The default path's directory made private (a path given with
+/// `--upgrade-socket` is the operator's choice, its directory as it is).
+fn prepare(path: &Path) -> Result<(), UpgradeError> {
+    match path.parent() {
+        Some(directory) if directory == private_directory() => ensure_private(directory),
+        _ => Ok(()),
+    }
+}
+
+/// The socket file readable and writable by its owner only.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+/// Refuses a peer run by another user: listening sockets must only ever
+/// pass between processes of one user.
 fn same_user(stream: &UnixStream) -> Result<(), UpgradeError> {
+    let uid = peer_uid(stream)?;
+    let me = effective_uid();
+    if uid != me {
+        return Err(UpgradeError::Protocol(format!("the peer runs as user {uid}, this process as {me}")));
+    }
+    Ok(())
+}
+
+/// The user of the process at the other end (`SO_PEERCRED`).
+fn peer_uid(stream: &UnixStream) -> Result<u32, UpgradeError> {
     let mut credentials = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: `credentials` and `length` are valid for writes of the sizes given.
@@ -254,12 +338,7 @@ fn same_user(stream: &UnixStream) -> Result<(), UpgradeError> {
     if result != 0 {
         return Err(std::io::Error::last_os_error().into());
     }
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if credentials.uid != me {
-        return Err(UpgradeError::Protocol(format!("the peer runs as user {}, this process as {me}", credentials.uid)));
-    }
-    Ok(())
+    Ok(credentials.uid)
 }
 
 fn inode(path: &Path) -> Option<u64> {

@@ -104,12 +104,7 @@ async fn a_listener_that_cannot_bind_exits_3() {
         "listeners: [{{ bind: \"127.0.0.1:{port}\" }}]\nroutes: [{{ upstream: pool }}]\nupstreams:\n  pool:\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n"
     );
     std::fs::write(&path, with_test_admin(&yaml)).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "-c"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let output = switchyard_for(&path).args(["run", "-c"]).arg(&path).stdin(Stdio::null()).output().unwrap();
     assert_eq!(output.status.code(), Some(3), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
@@ -131,6 +126,7 @@ async fn out_of_file_descriptors_the_admin_listener_does_not_spin() {
     std::fs::write(&path, yaml).unwrap();
     // A low descriptor limit, so that a few client connections exhaust it.
     let mut child = std::process::Command::new("sh")
+        .env("XDG_RUNTIME_DIR", dir.path())
         .arg("-c")
         .arg(format!("ulimit -n 48 && exec {} run -c {}", env!("CARGO_BIN_EXE_switchyard"), path.display()))
         .stderr(Stdio::null())

@@ -381,12 +381,15 @@ pub fn free_port() -> u16 {
     panic!("no free port in {LOW}..{ephemeral_low}");
 }
 
-/// The switchyard binary as a child process, with its log level the
-/// config's: a `RUST_LOG` in the test's environment would hide (or bury) the
-/// lines tests wait for.
-pub fn switchyard_command() -> std::process::Command {
+/// `switchyard` serving `config` as a child process, with its log level the
+/// config's (a `RUST_LOG` in the test's environment would hide or bury the
+/// lines tests wait for), and its upgrade socket beside the config, where
+/// the test's temporary directory takes it away (`XDG_RUNTIME_DIR`: every
+/// process of one config, the upgraded ones too, finds it there).
+pub fn switchyard_for(config: &std::path::Path) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command.env_remove("RUST_LOG");
+    command.env("XDG_RUNTIME_DIR", config.parent().expect("a config file in a directory"));
     command
 }
 
@@ -406,7 +409,7 @@ impl ProxyProcess {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.yaml");
         std::fs::write(&path, with_test_admin(&yaml.replace("{port}", &port.to_string()))).unwrap();
-        let child = switchyard_command()
+        let child = switchyard_for(&path)
             .args(["run", "-c"])
             .arg(&path)
             .stderr(std::process::Stdio::null())
@@ -639,7 +642,7 @@ pub struct LoggingProxy(std::process::Child);
 
 impl LoggingProxy {
     pub fn start(config: &std::path::Path, log: &std::path::Path) -> LoggingProxy {
-        let child = switchyard_command()
+        let child = switchyard_for(config)
             .arg("run")
             .arg("-c")
             .arg(config)

@@ -1,7 +1,7 @@
 //! Zero-downtime binary upgrades (`switchyard run --upgrade`): real processes
 //! hand their listening sockets over under load, and no client sees a failure.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use crate::support::*;
 
 /// `switchyard run -c PATH --upgrade`, taking over from the process serving PATH.
 fn upgrade(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+    switchyard_for(config)
         .args(["run", "--upgrade", "-c"])
         .arg(config)
         .stderr(Stdio::null())
@@ -111,7 +111,9 @@ async fn ten_upgrades_under_steady_load_lose_no_request_and_each_old_process_exi
     eprintln!("10 upgrades, {sent} requests, none failed");
 
     // The last process owns the upgrade socket, and removes it when it stops.
-    let socket = switchyard::upgrade::socket_path(&proxy.path);
+    // In $XDG_RUNTIME_DIR/switchyard, the config's directory here (`switchyard_for`).
+    let name = switchyard::upgrade::socket_path(&proxy.path).file_name().unwrap().to_owned();
+    let socket = proxy.path.parent().unwrap().join("switchyard").join(name);
     assert!(socket.exists(), "{} is where the next upgrade finds this process", socket.display());
     proxy.signal(libc::SIGTERM);
     assert_eq!(proxy.wait_for_exit(Duration::from_secs(60), "SIGTERM").await.code(), Some(0));
@@ -166,7 +168,7 @@ async fn a_new_process_that_fails_leaves_the_old_one_serving() {
     let mut proxy = ProxyProcess::start(&yaml).await;
 
     // A plain second `run` of the same config refuses: the first one serves it.
-    let second = Command::new(env!("CARGO_BIN_EXE_switchyard")).args(["run", "-c"]).arg(&proxy.path).output().unwrap();
+    let second = switchyard_for(&proxy.path).args(["run", "-c"]).arg(&proxy.path).output().unwrap();
     assert_eq!(second.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&second.stderr).contains("use --upgrade"));
 
@@ -221,4 +223,106 @@ async fn a_new_binary_with_another_worker_count_serves_every_inherited_socket() 
         wait_until("traffic after the upgrade", Duration::from_secs(30), || load.sent() > before + 200).await;
     }
     load.finish_without_failures().await;
+}
+
+/// The one socket file in `directory`.
+fn socket_in(directory: &std::path::Path) -> std::path::PathBuf {
+    let sockets: Vec<_> = std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "sock"))
+        .collect();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    sockets[0].clone()
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_socket_is_the_users_alone_and_a_shared_directory_is_refused() {
+    let bot = Backend::start("bot").await;
+    let yaml = simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"");
+    let proxy = ProxyProcess::start(&yaml).await;
+    // XDG_RUNTIME_DIR is the config's directory (see `switchyard_for`).
+    let directory = proxy.path.parent().unwrap().join("switchyard");
+    wait_until("the upgrade socket", Duration::from_secs(30), || {
+        directory.exists() && std::fs::read_dir(&directory).unwrap().count() == 1
+    })
+    .await;
+    assert_eq!(mode(&directory), 0o700, "only its user may enter the directory");
+    assert_eq!(mode(&socket_in(&directory)), 0o600, "only its user may connect");
+    drop(proxy);
+
+    // A directory others may write to is not used: the proxy serves, says
+    // why it does not listen for upgrades, and makes no socket there.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, log) = (dir.path().join("switchyard.yaml"), dir.path().join("log"));
+    let port = free_port();
+    std::fs::write(&config, with_test_admin(&yaml.replace("{port}", &port.to_string()))).unwrap();
+    let shared = dir.path().join("switchyard");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let _proxy = LoggingProxy::start(&config, &log);
+    let line = wait_for_log_line(&log, "not private").await;
+    assert!(line.contains("mode is 777"), "{line}");
+    let answer = get(&client(), &format!("http://127.0.0.1:{port}/")).await;
+    assert_eq!(answer.status, 200, "it serves all the same");
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0, "no socket in a shared directory");
+}
+
+/// Whether this test process may act as another user (it runs as root).
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_squatted_by_another_user_does_not_keep_the_proxy_down() {
+    if !is_root() {
+        // Making a second user's socket needs root; the private directory
+        // (checked above) is what keeps other users out in the first place.
+        eprintln!("skipped: not root, so no second user to squat with");
+        return;
+    }
+    let bot = Backend::start("bot").await;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let socket = shared.join("upgrade.sock");
+    // User 65534 (nobody) listens on the path first.
+    let script = format!(
+        "import os, socket, sys, time\nos.setgid(65534)\nos.setuid(65534)\ns = socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen(8)\nprint('listening', flush=True)\ntime.sleep(600)\n",
+        socket.display().to_string()
+    );
+    let mut squatter =
+        std::process::Command::new("python3").arg("-c").arg(script).stdout(Stdio::piped()).spawn().unwrap();
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(squatter.stdout.take().unwrap()), &mut said).unwrap();
+    assert_eq!(said.trim(), "listening");
+
+    let (config, log) = (dir.path().join("switchyard.yaml"), dir.path().join("log"));
+    let port = free_port();
+    let yaml =
+        simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", &format!("bind: \"127.0.0.1:{port}\""));
+    std::fs::write(&config, with_test_admin(&yaml)).unwrap();
+    let mut child = switchyard_for(&config)
+        .args(["run", "--upgrade-socket"])
+        .arg(&socket)
+        .arg("-c")
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let line = wait_for_log_line(&log, "squats").await;
+    assert!(line.contains("user 65534"), "{line}");
+    let answer = get(&client(), &format!("http://127.0.0.1:{port}/")).await;
+    assert_eq!(answer.status, 200, "the squatter did not keep the proxy down");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = squatter.kill();
+    let _ = squatter.wait();
 }
