@@ -8,10 +8,22 @@
 //! so that operators can always reach it, whatever the proxy's routes say. It
 //! holds only a weak reference to the runtime, so it never keeps a stopped proxy
 //! alive.
+//!
+//! A browser must not become an attacker's hand: a state-changing call whose
+//! `Origin` is another origin, or whose `Sec-Fetch-Site` says another site
+//! sent it, is refused (a web page could otherwise post a form at it, with
+//! the browser's Basic credentials attached); on a loopback bind only an IP
+//! literal or `localhost` is accepted as `Host` (a DNS-rebinding page would
+//! otherwise read and drive it as its own origin). Calls without those
+//! headers (curl, scripts) work as before. The listener holds at most
+//! [`ADMIN_MAX_CONNECTIONS`] connections (the rest wait in the kernel's
+//! backlog, using no descriptor of ours), closes idle ones, HTTP/2
+//! included, and lets its connections finish when it stops.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -19,6 +31,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use futures_util::future::BoxFuture;
@@ -43,28 +56,46 @@ pub trait Control: Send + Sync + 'static {
 
 /// How long an admin client has to send a request head (and, for HTTP/1.1,
 /// how long a kept-alive admin connection may sit idle).
-pub const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an admin connection (HTTP/2 included) may have no request in
+/// progress before it is closed.
+pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Admin connections open at once: far more than operators and scrapers
+/// need, far fewer than the descriptors the proxy listeners need.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to finish once asked to close (the
+/// listener stops, or it was idle), before it is dropped.
+const ADMIN_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 pub struct AdminHandle {
     pub local_addr: SocketAddr,
     accept_task: JoinHandle<()>,
+    /// Tells open connections to finish and close.
+    stopping: watch::Sender<bool>,
     /// A duplicate of the listening socket, for a binary upgrade.
     pub socket: Option<std::os::fd::OwnedFd>,
 }
 
 impl AdminHandle {
     /// Stops accepting; requests already being served (such as the `/reload`
-    /// that moved the admin listener) finish on their own.
+    /// that moved the admin listener) finish, then their connections close
+    /// (within [`ADMIN_CLOSE_GRACE`]).
     pub fn stop(self) {
         self.accept_task.abort();
+        let _ = self.stopping.send(true);
     }
 }
 
 pub fn spawn(listener: TcpListener, runtime: Weak<dyn Control>) -> std::io::Result<AdminHandle> {
     let local_addr = listener.local_addr()?;
     let socket = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned().ok();
+    let (stopping, stopped) = watch::channel(false);
+    let places = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
     let accept_task = tokio::spawn(async move {
         loop {
+            // A place first: beyond the cap, connections wait in the
+            // kernel's backlog rather than take descriptors of ours.
+            let place = Arc::clone(&places).acquire_owned().await.expect("never closed");
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(error) => {
@@ -72,28 +103,95 @@ pub fn spawn(listener: TcpListener, runtime: Weak<dyn Control>) -> std::io::Resu
                     continue;
                 }
             };
-            let runtime = runtime.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let runtime = runtime.clone();
-                    async move { Ok::<_, Infallible>(answer(runtime, request).await) }
-                });
-                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                // A client that opens a connection and sends nothing (or a head
-                // byte by byte) must not hold it open forever.
-                builder.http1().timer(TokioTimer::new()).header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
-                builder.http2().timer(TokioTimer::new()).keep_alive_interval(ADMIN_HEADER_READ_TIMEOUT);
-                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-            });
+            tokio::spawn(serve(stream, runtime.clone(), stopped.clone(), place));
         }
     });
-    Ok(AdminHandle { local_addr, accept_task, socket })
+    Ok(AdminHandle { local_addr, accept_task, stopping, socket })
+}
+
+/// One admin connection, until it ends, idles for [`ADMIN_IDLE_TIMEOUT`], or
+/// the listener stops.
+async fn serve(
+    stream: tokio::net::TcpStream,
+    runtime: Weak<dyn Control>,
+    mut stopped: watch::Receiver<bool>,
+    _place: OwnedSemaphorePermit,
+) {
+    let activity = Arc::new(AdminActivity::default());
+    let service = {
+        let activity = Arc::clone(&activity);
+        hyper::service::service_fn(move |request| {
+            let (runtime, activity) = (runtime.clone(), Arc::clone(&activity));
+            async move {
+                let _busy = activity.busy();
+                Ok::<_, Infallible>(answer(runtime, request).await)
+            }
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that opens a connection and sends nothing (or a head
+    // byte by byte) must not hold it open forever.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(ADMIN_HEADER_READ_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let closing = loop {
+        let idle_for = activity.idle_for();
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = stopped.wait_for(|stop| *stop) => break "the admin listener stops",
+            () = tokio::time::sleep(ADMIN_IDLE_TIMEOUT.saturating_sub(idle_for.unwrap_or_default())) => {
+                if activity.idle_for().is_some_and(|idle| idle >= ADMIN_IDLE_TIMEOUT) {
+                    break "idle";
+                }
+            }
+        }
+    };
+    tracing::debug!(why = closing, "closing an admin connection");
+    connection.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(ADMIN_CLOSE_GRACE, connection).await;
+}
+
+/// Requests in progress on one admin connection, and since when it has had none.
+#[derive(Default)]
+struct AdminActivity {
+    in_progress: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl AdminActivity {
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.in_progress.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Busy(Arc::clone(self))
+    }
+
+    /// How long the connection has had no request in progress; `None` while it has one.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_progress.load(std::sync::atomic::Ordering::Acquire) != 0 {
+            return None;
+        }
+        let mut since = self.idle_since.lock().expect("never poisoned");
+        Some(since.get_or_insert_with(tokio::time::Instant::now).elapsed())
+    }
+}
+
+struct Busy(Arc<AdminActivity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().expect("never poisoned") = Some(tokio::time::Instant::now());
+        self.0.in_progress.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let Some(runtime) = runtime.upgrade() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "stopped\n");
     };
+    let bind = runtime.live().load().config.admin.bind;
+    if let Some(refusal) = refuse_foreign(&request, bind) {
+        return refusal;
+    }
     // Probes (a kubelet, an L4 balancer) cannot hold a secret, and these two
     // say only "up" and "ready".
     let probe = request.method() == Method::GET && matches!(request.uri().path(), "/healthz" | "/readyz");
@@ -114,14 +212,23 @@ async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Respo
             let mut response = Response::new(Full::from(STATUS_PAGE));
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
-            // Everything the page needs is in it: no other origin is ever asked.
+            // Its script and data come from here and nowhere else; no inline
+            // script runs; no other page may frame it.
             headers.insert(
                 header::CONTENT_SECURITY_POLICY,
                 header::HeaderValue::from_static(
-                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+                    "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; \
+                     frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
                 ),
             );
-            headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+            page_headers(headers);
+            response
+        }
+        (&Method::GET, "/page.js") => {
+            let mut response = Response::new(Full::from(STATUS_SCRIPT));
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/javascript; charset=utf-8"));
+            page_headers(headers);
             response
         }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -181,9 +288,55 @@ async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Respo
     }
 }
 
-/// The status page: one self-contained HTML file that renders `/status`
-/// every two seconds.
+/// The status page: one HTML file and its script (served apart, so that the
+/// page's policy allows no inline script), rendering `/status` every two
+/// seconds.
 const STATUS_PAGE: &str = include_str!("page.html");
+const STATUS_SCRIPT: &str = include_str!("page.js");
+
+/// What a browser could be made to send by a page of another origin, refused
+/// (see the module's documentation): `Some(403)`, or `None` to go on.
+fn refuse_foreign<B>(request: &Request<B>, bind: SocketAddr) -> Option<Response<Full<Bytes>>> {
+    let host = match request.headers().get(header::HOST) {
+        Some(value) => Some(value.to_str().unwrap_or("\u{fffd}")),
+        None => request.uri().authority().map(|authority| authority.as_str()),
+    };
+    if bind.ip().is_loopback() && host.is_some_and(|host| !is_local_host(host)) {
+        return Some(text(StatusCode::FORBIDDEN, "this admin listener answers to an IP address or localhost only\n"));
+    }
+    if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return None;
+    }
+    // Sent by browsers with every request: another site's page made this one.
+    let site = request.headers().get("sec-fetch-site");
+    if site.is_some_and(|site| site == "cross-site" || site == "same-site") {
+        return Some(text(StatusCode::FORBIDDEN, "refused: sent by another site's page\n"));
+    }
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        let own = host.map(|host| format!("http://{host}"));
+        if own.as_deref().map(str::as_bytes) != Some(origin.as_bytes()) {
+            return Some(text(StatusCode::FORBIDDEN, "refused: sent from another origin\n"));
+        }
+    }
+    None
+}
+
+/// `localhost` or an IP literal, with or without a port: the only names a
+/// loopback admin answers to. Any other name could be an attacker's, made to
+/// resolve to 127.0.0.1 (DNS rebinding).
+fn is_local_host(host: &str) -> bool {
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((address, port)) = rest.split_once(']') else { return false };
+        return address.parse::<std::net::Ipv6Addr>().is_ok()
+            && (port.is_empty() || port.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok()));
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() => name,
+        Some(_) => return false,
+        None => host,
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
 
 /// Whether the request carries the admin token: `Authorization: Bearer TOKEN`,
 /// or HTTP Basic with the token as the password (what a browser sends).
@@ -270,6 +423,14 @@ fn percent_decoded(segment: &str) -> String {
     String::from_utf8(out).unwrap_or_else(|_| segment.to_owned())
 }
 
+/// What the status page and its script are served with: never cached, never
+/// taken for another type, never framed.
+fn page_headers(headers: &mut http::HeaderMap) {
+    headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, header::HeaderValue::from_static("DENY"));
+}
+
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::from(body.to_owned()));
     *response.status_mut() = status;
@@ -293,4 +454,48 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(method: Method, bind: &str, headers: &[(&str, &str)]) -> u16 {
+        let mut request = Request::builder().method(method).uri("/reload");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(()).unwrap();
+        refuse_foreign(&request, bind.parse().unwrap()).map_or(200, |r| r.status().as_u16())
+    }
+
+    #[test]
+    fn a_loopback_admin_answers_only_to_local_names() {
+        let loopback = "127.0.0.1:9901";
+        for host in ["127.0.0.1:9901", "localhost:9901", "LOCALHOST", "[::1]:9901", "[::1]", "10.0.0.1"] {
+            assert_eq!(verdict(Method::GET, loopback, &[("host", host)]), 200, "{host}");
+        }
+        for host in ["rebind.evil.example:9901", "evil.example", "127.0.0.1.nip.io:9901", "[::1]x", "localhost:x"] {
+            assert_eq!(verdict(Method::GET, loopback, &[("host", host)]), 403, "{host}");
+        }
+        // On a public bind (which needs a token) names are the operator's.
+        assert_eq!(verdict(Method::GET, "0.0.0.0:9901", &[("host", "admin.bots.internal:9901")]), 200);
+    }
+
+    #[test]
+    fn a_state_change_from_another_origin_or_site_is_refused() {
+        let local = ("host", "127.0.0.1:9901");
+        assert_eq!(verdict(Method::POST, "127.0.0.1:9901", &[local]), 200, "curl sends neither");
+        assert_eq!(verdict(Method::POST, "127.0.0.1:9901", &[local, ("origin", "http://127.0.0.1:9901")]), 200);
+        assert_eq!(verdict(Method::POST, "127.0.0.1:9901", &[local, ("sec-fetch-site", "same-origin")]), 200);
+        assert_eq!(verdict(Method::POST, "127.0.0.1:9901", &[local, ("origin", "https://evil.example")]), 403);
+        assert_eq!(verdict(Method::POST, "127.0.0.1:9901", &[local, ("origin", "null")]), 403);
+        assert_eq!(verdict(Method::POST, "127.0.0.1:9901", &[local, ("sec-fetch-site", "cross-site")]), 403);
+        assert_eq!(verdict(Method::POST, "127.0.0.1:9901", &[local, ("sec-fetch-site", "same-site")]), 403);
+        assert_eq!(
+            verdict(Method::GET, "127.0.0.1:9901", &[local, ("sec-fetch-site", "cross-site")]),
+            200,
+            "reads are not state changes"
+        );
+    }
 }

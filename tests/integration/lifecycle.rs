@@ -169,6 +169,22 @@ async fn an_admin_connection_that_sends_nothing_is_closed() {
 }
 
 #[tokio::test]
+async fn an_idle_http2_admin_connection_is_closed() {
+    let backend = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config("{ policy: round_robin }", &[&backend], "")).await;
+    let admin = proxy.running.admin_addr().await;
+    let (h2, connection) = h2::client::handshake(TcpStream::connect(admin).await.unwrap()).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let (answer, _) = h2.send_request(http::Request::get("http://127.0.0.1/healthz").body(()).unwrap(), true).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    // It answers the admin's PINGs, but asks nothing more.
+    let _open = h2;
+    let limit = switchyard::admin::ADMIN_IDLE_TIMEOUT + Duration::from_secs(30);
+    tokio::time::timeout(limit, connection).await.expect("the idle HTTP/2 admin connection is closed").unwrap().ok();
+}
+
+#[tokio::test]
 async fn grpc_trailers_after_data_reach_the_client() {
     // A real HTTP/2 server answering like a gRPC server-streaming call that
     // fails after two messages: DATA, DATA, then trailers in their own frame.
@@ -326,4 +342,53 @@ async fn a_health_probe_skips_interim_responses() {
     let check = check().await;
     assert_eq!(check["consecutive_failures"], 0, "{check}");
     assert_eq!(check["last_reason"], "status 200", "{check}");
+}
+
+/// Open file descriptors of process `pid`.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_admin_connections_leave_the_proxy_listener_its_descriptors() {
+    let backend = Backend::start("bot").await;
+    let (admin_port, port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    let yaml = simple_config("{}", &[&backend], "").replace("\"127.0.0.1:0\"", &format!("\"127.0.0.1:{port}\""));
+    std::fs::write(&path, format!("admin: {{ bind: \"127.0.0.1:{admin_port}\" }}\n{yaml}")).unwrap();
+    // 256 descriptors: far fewer than the connections the admin is offered.
+    let child = Killed(
+        std::process::Command::new("sh")
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .arg("-c")
+            .arg(format!("ulimit -n 256 && exec {} run -c {}", env!("CARGO_BIN_EXE_switchyard"), path.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (admin, proxy): (std::net::SocketAddr, std::net::SocketAddr) =
+        (format!("127.0.0.1:{admin_port}").parse().unwrap(), format!("127.0.0.1:{port}").parse().unwrap());
+    wait_until_async("the proxy to serve", || async { TcpStream::connect(proxy).await.is_ok() }).await;
+    let base = open_descriptors(child.0.id());
+
+    // 2,000 connections that send nothing: beyond what the admin takes, the
+    // kernel's backlog holds them, and beyond that their SYNs wait.
+    let idle: Vec<_> = (0..2000)
+        .map(|_| {
+            tokio::spawn(async move { tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(admin)).await })
+        })
+        .collect();
+    let pid = child.0.id();
+    wait_until("the admin to take connections", Duration::from_secs(30), || open_descriptors(pid) >= base + 32).await;
+    let answer = tokio::time::timeout(Duration::from_secs(30), get(&client(), &format!("http://{proxy}/")))
+        .await
+        .expect("the proxy listener still accepts");
+    assert_eq!(answer.status, 200);
+    let held = open_descriptors(pid).saturating_sub(base);
+    drop(child);
+    drop(idle);
+    // The admin holds at most its 64 places (the proxy's own request and
+    // backend connection aside).
+    assert!(held <= 64 + 8, "the admin took {held} descriptors");
 }

@@ -236,6 +236,18 @@ async fn the_status_page_shows_a_killed_bot_as_down_in_a_real_browser() {
     for external in ["src=\"http", "href=\"http", "@import", "url("] {
         assert!(!page.body.contains(external), "the page loads nothing from elsewhere ({external})");
     }
+    // No inline script may run (the script is a file of its own), nothing
+    // may frame the page, and nothing it serves is sniffed into another type.
+    let policy = page.headers["content-security-policy"].to_str().unwrap().to_owned();
+    let script_src = policy.split(';').map(str::trim).find(|d| d.starts_with("script-src")).unwrap();
+    assert_eq!(script_src, "script-src 'self'", "{policy}");
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    assert!(!page.body.contains("<script>"), "no inline script");
+    let script = get(&client(), &format!("http://{}/page.js", proxy.admin)).await;
+    assert_eq!(script.status, 200);
+    for answer in [&page, &script] {
+        assert_eq!(answer.headers["x-content-type-options"], "nosniff");
+    }
 
     let url = format!("http://{}/", proxy.admin);
     let dom = tokio::task::spawn_blocking(move || browser_dom(&url)).await.unwrap();
@@ -271,4 +283,47 @@ async fn with_a_token_the_status_page_takes_it_as_a_basic_password() {
     assert_eq!(admin_get("/status", Some(basic(token))).await.status, 200);
     assert_eq!(admin_get("/status", Some(basic("wrong-token-wrong-token"))).await.status, 401);
     assert_eq!(admin_get("/status", Some("Basic !!!".to_owned())).await.status, 401);
+}
+
+/// A request as a browser sends it when a page of `origin` posts a form.
+async fn posted_from(proxy: &FileProxy, path: &str, origin: &str, site: &str) -> Answer {
+    let request = Request::post(format!("http://{}{path}", proxy.admin))
+        .header("origin", origin)
+        .header("sec-fetch-site", site)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(full(""))
+        .unwrap();
+    send(&client(), request).await
+}
+
+#[tokio::test]
+async fn another_sites_page_cannot_act_on_the_admin_api_and_a_rebinding_name_cannot_read_it() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = FileProxy::start(&simple_config("{ policy: round_robin }", &[&a, &b], "")).await;
+    let address = a.addr.to_string();
+    let disable = format!("/upstreams/pool/backends/{address}/disable");
+
+    // A form post from another site's page: refused, and nothing changes.
+    for (origin, site) in [("https://evil.example", "cross-site"), ("http://evil.example", ""), ("null", "cross-site")]
+    {
+        let answer = posted_from(&proxy, &disable, origin, site).await;
+        assert_eq!(answer.status, 403, "{origin} {site}: {}", answer.body);
+    }
+    let sibling = posted_from(&proxy, &disable, &format!("http://{}", proxy.admin), "same-site").await;
+    assert_eq!(sibling.status, 403, "a sibling site's page is another site's too");
+    assert_eq!(backend_status(&proxy.status().await, &address)["admin_state"], "enabled");
+
+    // The status page's own origin, and tools that send neither header, act.
+    let own = posted_from(&proxy, &disable, &format!("http://{}", proxy.admin), "same-origin").await;
+    assert_eq!(own.status, 200, "{}", own.body);
+    assert_eq!(backend_action(&proxy, "pool", &address, "enable").await.status, 200);
+
+    // A rebinding page reaches the loopback admin under its own name: refused.
+    let status = format!("http://{}/status", proxy.admin);
+    let rebound =
+        get_with(&client(), &status, &[("host", &format!("rebind.evil.example:{}", proxy.admin.port()))]).await;
+    assert_eq!(rebound.status, 403);
+    assert!(!rebound.body.contains(&address), "{}", rebound.body);
+    let local = get_with(&client(), &status, &[("host", &format!("localhost:{}", proxy.admin.port()))]).await;
+    assert_eq!(local.status, 200);
 }

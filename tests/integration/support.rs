@@ -674,3 +674,13 @@ pub fn assert_no_failures(sent: usize, failures: &[String]) {
 pub fn backend_in_status(status: &serde_json::Value, address: &str) -> Option<serde_json::Value> {
     status["upstreams"][0]["backends"].as_array()?.iter().find(|b| b["address"] == address).cloned()
 }
+
+/// A child process killed when dropped, however the test ends.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

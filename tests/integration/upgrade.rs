@@ -299,9 +299,9 @@ async fn a_socket_squatted_by_another_user_does_not_keep_the_proxy_down() {
         socket.display().to_string()
     );
     let mut squatter =
-        std::process::Command::new("python3").arg("-c").arg(script).stdout(Stdio::piped()).spawn().unwrap();
+        Killed(std::process::Command::new("python3").arg("-c").arg(script).stdout(Stdio::piped()).spawn().unwrap());
     let mut said = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(squatter.stdout.take().unwrap()), &mut said).unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(squatter.0.stdout.take().unwrap()), &mut said).unwrap();
     assert_eq!(said.trim(), "listening");
 
     let (config, log) = (dir.path().join("switchyard.yaml"), dir.path().join("log"));
@@ -309,20 +309,18 @@ async fn a_socket_squatted_by_another_user_does_not_keep_the_proxy_down() {
     let yaml =
         simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", &format!("bind: \"127.0.0.1:{port}\""));
     std::fs::write(&config, with_test_admin(&yaml)).unwrap();
-    let mut child = switchyard_for(&config)
-        .args(["run", "--upgrade-socket"])
-        .arg(&socket)
-        .arg("-c")
-        .arg(&config)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let _proxy = Killed(
+        switchyard_for(&config)
+            .args(["run", "--upgrade-socket"])
+            .arg(&socket)
+            .arg("-c")
+            .arg(&config)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let line = wait_for_log_line(&log, "squats").await;
     assert!(line.contains("user 65534"), "{line}");
     let answer = get(&client(), &format!("http://127.0.0.1:{port}/")).await;
     assert_eq!(answer.status, 200, "the squatter did not keep the proxy down");
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = squatter.kill();
-    let _ = squatter.wait();
 }
