@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::join_all;
+use futures_util::StreamExt;
 use hickory_resolver::config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig as DnsServers};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
@@ -24,6 +25,9 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::values::Weight;
 use crate::config::{BackendConfig, Config, DiscoveryConfig, DiscoverySource, ResolverConfig};
 use crate::state::Discovered;
 
@@ -39,6 +43,8 @@ const QUERY_ATTEMPTS: usize = 2;
 /// The lookup loops of one proxy and what they found.
 pub struct Discovery {
     resolver: Resolver,
+    /// The proxy's own listener and admin binds, never taken as backends.
+    own: Arc<[SocketAddr]>,
     watches: HashMap<String, Watch>,
     /// Woken when any upstream's set changes.
     changed: Arc<Notify>,
@@ -79,6 +85,8 @@ struct FoundState {
     last_failure: Option<Failure>,
     consecutive_failures: u32,
     next_lookup: Option<Instant>,
+    /// What the last successful lookup left out.
+    dropped: Dropped,
 }
 
 #[derive(Clone)]
@@ -90,7 +98,7 @@ struct Failure {
 impl Discovery {
     /// `changed` is woken whenever an upstream's set changes.
     pub fn new(settings: &ResolverConfig, changed: Arc<Notify>) -> Self {
-        Discovery { resolver: Resolver::build(settings), watches: HashMap::new(), changed }
+        Discovery { resolver: Resolver::build(settings), own: Arc::from([]), watches: HashMap::new(), changed }
     }
 
     /// Makes the lookup loops exactly those `config` asks for. A new or changed
@@ -99,7 +107,11 @@ impl Discovery {
     /// whose source is unchanged keeps the set it found. A changed `resolver:`
     /// restarts every loop.
     pub async fn sync(&mut self, config: &Config) {
-        let resolver_changed = config.resolver != self.resolver.settings;
+        let own: Vec<SocketAddr> =
+            config.listeners.iter().map(|l| l.bind).chain([config.admin.bind]).filter(|b| b.port() != 0).collect();
+        let own_changed = *own != *self.own;
+        self.own = Arc::from(own);
+        let resolver_changed = config.resolver != self.resolver.settings || own_changed;
         if resolver_changed {
             self.resolver = Resolver::build(&config.resolver);
         }
@@ -125,13 +137,14 @@ impl Discovery {
         // Dropping what is left stops the loops of upstreams no longer discovered.
         self.watches = kept;
         let first_lookups = started.iter().map(|(name, config, found)| {
-            let resolver = self.resolver.built.clone();
-            async move { found.look(&resolver, name, config).await.0 }
+            let (resolver, own) = (self.resolver.built.clone(), Arc::clone(&self.own));
+            async move { found.look(&resolver, name, config, &own).await.0 }
         });
         let waits = join_all(first_lookups).await;
         for ((name, config, found), wait) in started.into_iter().zip(waits) {
             let task = tokio::spawn(follow(
                 self.resolver.built.clone(),
+                Arc::clone(&self.own),
                 name.clone(),
                 config.clone(),
                 Arc::clone(&found),
@@ -199,6 +212,7 @@ impl Resolver {
 /// when the set changed.
 async fn follow(
     resolver: Result<Arc<TokioResolver>, String>,
+    own: Arc<[SocketAddr]>,
     upstream: String,
     config: DiscoveryConfig,
     found: Arc<Found>,
@@ -208,7 +222,7 @@ async fn follow(
     loop {
         tokio::time::sleep(wait).await;
         let changed_set;
-        (wait, changed_set) = found.look(&resolver, &upstream, &config).await;
+        (wait, changed_set) = found.look(&resolver, &upstream, &config, &own).await;
         if changed_set {
             changed.notify_one();
         }
@@ -227,9 +241,10 @@ impl Found {
         resolver: &Result<Arc<TokioResolver>, String>,
         upstream: &str,
         config: &DiscoveryConfig,
+        own: &[SocketAddr],
     ) -> (Duration, bool) {
         let result = match resolver {
-            Ok(resolver) => lookup(resolver, config).await,
+            Ok(resolver) => lookup(resolver, config, own).await,
             Err(reason) => Err(reason.clone()),
         };
         crate::metrics::discovery_lookup(upstream, result.is_ok());
@@ -237,11 +252,19 @@ impl Found {
         let mut state = self.state.lock().expect("never poisoned");
         let mut changed = false;
         let wait = match result {
-            Ok((backends, valid_until)) => {
+            Ok(Answer { backends, valid_until, dropped }) => {
                 if state.backends.as_ref() != Some(&backends) {
                     tracing::info!(upstream, source = %config.source, backends = backends.len(), "discovered backends changed");
                     changed = true;
                 }
+                for (reason, count) in dropped.counts().into_iter().filter(|(_, count)| *count > 0) {
+                    crate::metrics::discovery_dropped(upstream, reason, count);
+                }
+                if dropped.any() && (changed || dropped != state.dropped) {
+                    tracing::error!(upstream, source = %config.source, ?dropped, kept = backends.len(),
+                        "discovery answer held records that are not used");
+                }
+                state.dropped = dropped;
                 state.backends = Some(backends);
                 state.last_success = Some(now);
                 state.consecutive_failures = 0;
@@ -260,28 +283,65 @@ impl Found {
     }
 }
 
-/// The backends `config` names now, sorted by address, and until when the
-/// answer is valid. An empty answer is a failure: it would take every backend
-/// away, which a DNS outage must not do.
-async fn lookup(resolver: &TokioResolver, config: &DiscoveryConfig) -> Result<(Vec<BackendConfig>, Instant), String> {
-    let defaults = config.defaults;
-    let backend = |address: SocketAddr, weight: u32| BackendConfig {
-        address: address.to_string(),
-        weight,
-        max_concurrency: defaults.max_concurrency,
-    };
-    let mut backends: Vec<BackendConfig>;
+/// What a lookup found: the backends `config` names now, sorted by address,
+/// until when the answer is valid, and what it left out.
+struct Answer {
+    backends: Vec<BackendConfig>,
+    valid_until: Instant,
+    dropped: Dropped,
+}
+
+/// What a lookup's answer held that the set does not: whoever controls the
+/// records must not control the proxy.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct Dropped {
+    /// Beyond `max_backends` (a deterministic subset is kept).
+    pub over_max_backends: usize,
+    /// Unspecified, multicast, broadcast or link-local addresses, and port 0.
+    pub unusable_addresses: usize,
+    /// The proxy's own listener or admin addresses.
+    pub own_addresses: usize,
+    /// SRV targets without glue records that did not resolve in time.
+    pub failed_targets: Vec<String>,
+}
+
+impl Dropped {
+    fn any(&self) -> bool {
+        *self != Dropped::default()
+    }
+
+    /// Each reason's count, by its metric label.
+    fn counts(&self) -> [(&'static str, usize); 4] {
+        [
+            ("over_max_backends", self.over_max_backends),
+            ("unusable_address", self.unusable_addresses),
+            ("own_address", self.own_addresses),
+            ("failed_target", self.failed_targets.len()),
+        ]
+    }
+}
+
+/// Bound on resolving all of an SRV answer's targets that came without glue.
+const TARGETS_DEADLINE: Duration = Duration::from_secs(5);
+/// Targets resolved at once.
+const TARGETS_AT_ONCE: usize = 16;
+
+/// The backends `config` names now. An empty answer is a failure: it would
+/// take every backend away, which a DNS outage must not do.
+async fn lookup(resolver: &TokioResolver, config: &DiscoveryConfig, own: &[SocketAddr]) -> Result<Answer, String> {
+    let mut found: Vec<(SocketAddr, u32)>;
+    let mut dropped = Dropped::default();
     let valid_until;
     match &config.source {
         DiscoverySource::Dns { name, port } => {
-            let found = resolver.lookup_ip(name.as_str()).await.map_err(|e| reason(&e))?;
-            valid_until = found.valid_until();
-            backends = found.iter().map(|ip| backend(SocketAddr::new(ip, *port), defaults.weight)).collect();
+            let answer = resolver.lookup_ip(name.as_str()).await.map_err(|e| reason(&e))?;
+            valid_until = answer.valid_until();
+            found = answer.iter().map(|ip| (SocketAddr::new(ip, *port), config.defaults.weight)).collect();
         }
         DiscoverySource::Srv { name } => {
-            let found = resolver.srv_lookup(name.as_str()).await.map_err(|e| reason(&e))?;
-            let mut until = found.valid_until();
-            let records: Vec<_> = found
+            let answer = resolver.srv_lookup(name.as_str()).await.map_err(|e| reason(&e))?;
+            let mut until = answer.valid_until();
+            let records: Vec<_> = answer
                 .answers()
                 .iter()
                 .filter_map(|r| match &r.data {
@@ -292,39 +352,113 @@ async fn lookup(resolver: &TokioResolver, config: &DiscoveryConfig) -> Result<(V
             // RFC 2782: use the lowest-numbered priority present.
             let priority = records.iter().map(|srv| srv.priority).min();
             let wanted: Vec<_> = records.into_iter().filter(|srv| Some(srv.priority) == priority).collect();
-            let mut addresses: HashMap<&Name, Vec<IpAddr>> = HashMap::new();
-            for record in found.additionals() {
+            let mut addresses: HashMap<Name, Vec<IpAddr>> = HashMap::new();
+            for record in answer.additionals() {
                 let ip = match &record.data {
                     RData::A(a) => IpAddr::V4(a.0),
                     RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
                     _ => continue,
                 };
-                addresses.entry(&record.name).or_default().push(ip);
+                addresses.entry(record.name.clone()).or_default().push(ip);
             }
-            backends = Vec::new();
-            for srv in wanted {
-                let ips = match addresses.get(&srv.target) {
-                    Some(ips) => ips.clone(),
-                    // Targets without glue records are looked up themselves.
-                    None => {
-                        let target = resolver.lookup_ip(srv.target.clone()).await.map_err(|e| reason(&e))?;
-                        until = until.min(target.valid_until());
-                        target.iter().collect()
+            // Targets without glue records are looked up themselves: at once,
+            // all under one deadline, and one that fails is left out (and
+            // said) rather than failing the whole set. At most
+            // `max_backends` of them, the same ones on every replica.
+            let mut unglued: Vec<&Name> =
+                wanted.iter().map(|srv| &srv.target).filter(|t| !addresses.contains_key(*t)).collect();
+            unglued.sort_by_key(|target| (xxh3_64(target.to_ascii().as_bytes()), target.to_ascii()));
+            unglued.dedup();
+            let cap = config.max_backends as usize;
+            if unglued.len() > cap {
+                dropped.over_max_backends += unglued.len() - cap;
+                unglued.truncate(cap);
+            }
+            let deadline = tokio::time::Instant::now() + TARGETS_DEADLINE;
+            let lookups = unglued.into_iter().cloned().map(|target: Name| {
+                let lookup = tokio::time::timeout_at(deadline, resolver.lookup_ip(target.clone()));
+                async move { (target, lookup.await) }
+            });
+            let resolved: Vec<_> =
+                futures_util::stream::iter(lookups).buffer_unordered(TARGETS_AT_ONCE).collect().await;
+            for (target, result) in resolved {
+                match result {
+                    Ok(Ok(ips)) => {
+                        until = until.min(ips.valid_until());
+                        addresses.insert(target, ips.iter().collect());
                     }
-                };
-                // Weight 0 is "rarely" in RFC 2782; a backend's weight is at least 1.
-                let weight = u32::from(srv.weight).max(1);
-                backends.extend(ips.into_iter().map(|ip| backend(SocketAddr::new(ip, srv.port), weight)));
+                    Ok(Err(_)) | Err(_) => dropped.failed_targets.push(target.to_ascii()),
+                }
+            }
+            dropped.failed_targets.sort();
+            found = Vec::new();
+            for srv in wanted {
+                let Some(ips) = addresses.get(&srv.target) else { continue };
+                // Weight 0 is "rarely" in RFC 2782: at least 1. Above the
+                // config's own bound it is held to it.
+                let weight = u32::from(srv.weight).clamp(1, Weight::MAX);
+                found.extend(ips.iter().map(|ip| (SocketAddr::new(*ip, srv.port), weight)));
             }
             valid_until = until;
         }
     }
-    backends.sort_by(|a, b| a.address.cmp(&b.address));
-    backends.dedup_by(|a, b| a.address == b.address);
-    if backends.is_empty() {
-        return Err("no records".to_owned());
+    found.retain(|(address, _)| {
+        if unusable(*address, config.allow_link_local) {
+            dropped.unusable_addresses += 1;
+            false
+        } else if is_own(*address, own) {
+            dropped.own_addresses += 1;
+            false
+        } else {
+            true
+        }
+    });
+    found.sort_by_key(|(address, _)| *address);
+    found.dedup_by_key(|(address, _)| *address);
+    // A larger answer keeps the addresses that hash lowest: the same subset
+    // on every replica, and one that changes little as the answer changes.
+    let cap = config.max_backends as usize;
+    if found.len() > cap {
+        dropped.over_max_backends += found.len() - cap;
+        found.sort_by_key(|(address, _)| (xxh3_64(address.to_string().as_bytes()), *address));
+        found.truncate(cap);
+        found.sort_by_key(|(address, _)| *address);
     }
-    Ok((backends, valid_until))
+    if found.is_empty() {
+        return Err(if dropped.any() { format!("no usable records ({dropped:?})") } else { "no records".to_owned() });
+    }
+    let backends = found
+        .into_iter()
+        .map(|(address, weight)| BackendConfig {
+            address: address.to_string(),
+            weight,
+            max_concurrency: config.defaults.max_concurrency,
+        })
+        .collect();
+    Ok(Answer { backends, valid_until, dropped })
+}
+
+/// An address no backend can have: unspecified, multicast or broadcast, port
+/// 0, or link-local (169.254.169.254 is the cloud's metadata service) unless
+/// the discovery allows it.
+fn unusable(address: SocketAddr, allow_link_local: bool) -> bool {
+    let ip = address.ip().to_canonical();
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    address.port() == 0 || ip.is_unspecified() || ip.is_multicast() || broadcast || (link_local && !allow_link_local)
+}
+
+/// One of the proxy's own listening addresses (a listener bound to all
+/// addresses is reachable on loopback too): a backend there would loop
+/// requests back into the proxy.
+fn is_own(address: SocketAddr, own: &[SocketAddr]) -> bool {
+    let ip = address.ip().to_canonical();
+    own.iter().any(|bind| {
+        bind.port() == address.port() && (bind.ip() == ip || (bind.ip().is_unspecified() && ip.is_loopback()))
+    })
 }
 
 /// A failed lookup in the words an operator looks for.
@@ -356,6 +490,8 @@ pub struct DiscoveryStatus {
     /// The last failed lookup, kept after a success so that a flapping DNS shows.
     pub last_failure: Option<FailureStatus>,
     pub next_lookup_in_seconds: Option<f64>,
+    /// What the last successful lookup's answer held that the set does not.
+    pub dropped: Dropped,
 }
 
 /// A past moment: wall-clock time and how long ago.
@@ -390,6 +526,7 @@ impl DiscoveryStatus {
             last_success: state.last_success.map(moment),
             last_failure: state.last_failure.map(|f| FailureStatus { reason: f.reason, when: moment(f.at) }),
             next_lookup_in_seconds: state.next_lookup.map(|at| at.saturating_duration_since(now.0).as_secs_f64()),
+            dropped: state.dropped,
         }
     }
 }

@@ -322,12 +322,7 @@ pub fn effective_config(config: &Config) -> Value {
             // lists it, and the config shows where it comes from.
             let source = match &u.discovery {
                 Some(discovery) => json!({
-                    "discovery": match &discovery.source {
-                        DiscoverySource::Dns { name, port } => {
-                            json!({ "dns": format!("{name}:{port}"), "refresh": duration(discovery.refresh) })
-                        }
-                        DiscoverySource::Srv { name } => json!({ "srv": name, "refresh": duration(discovery.refresh) }),
-                    },
+                    "discovery": discovery_source(discovery),
                     "backend_defaults": {
                         "weight": discovery.defaults.weight,
                         "max_concurrency": discovery.defaults.max_concurrency,
@@ -377,6 +372,23 @@ pub fn effective_config(config: &Config) -> Value {
         "routes": routes,
         "upstreams": upstreams,
     })
+}
+
+/// `discovery:` as the config has it, defaults filled in.
+fn discovery_source(discovery: &crate::config::DiscoveryConfig) -> Value {
+    let mut source = match &discovery.source {
+        DiscoverySource::Dns { name, port } => json!({ "dns": format!("{name}:{port}") }),
+        DiscoverySource::Srv { name } => json!({ "srv": name }),
+    };
+    merge(
+        &mut source,
+        json!({
+            "refresh": duration(discovery.refresh),
+            "max_backends": discovery.max_backends,
+            "allow_link_local": discovery.allow_link_local,
+        }),
+    );
+    source
 }
 
 fn merge(into: &mut Value, from: Value) {

@@ -8,7 +8,7 @@ use metrics::gauge;
 use crate::metrics::{
     config_generation, label, BACKEND_ADMIN_STATE, BACKEND_EJECTIONS_TOTAL, BACKEND_HEALTHY,
     CERTIFICATE_EXPIRY_SECONDS, CIRCUIT_STATE, CONFIG_RELOADS_TOTAL, CONNECTIONS_OPEN, DISCOVERED_BACKENDS,
-    DISCOVERY_LOOKUPS_TOTAL, IN_FLIGHT, QUEUE_REJECTED_TOTAL, QUEUE_WAITING, RETRIES_TOTAL,
+    DISCOVERY_DROPPED_TOTAL, DISCOVERY_LOOKUPS_TOTAL, IN_FLIGHT, QUEUE_REJECTED_TOTAL, QUEUE_WAITING, RETRIES_TOTAL,
     RETRY_BUDGET_EXHAUSTED_TOTAL,
 };
 use crate::state::Snapshot;
@@ -32,6 +32,10 @@ pub fn register_config_series(snapshot: &Snapshot) {
         if config.discovery.is_some() {
             for result in ["success", "error"] {
                 metrics::counter!(DISCOVERY_LOOKUPS_TOTAL, "upstream" => label(&upstream.name), "result" => result)
+                    .increment(0);
+            }
+            for reason in ["over_max_backends", "unusable_address", "own_address", "failed_target"] {
+                metrics::counter!(DISCOVERY_DROPPED_TOTAL, "upstream" => label(&upstream.name), "reason" => reason)
                     .increment(0);
             }
         }

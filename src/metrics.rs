@@ -39,6 +39,7 @@ pub const TLS_HANDSHAKES_TOTAL: &str = "switchyard_tls_handshakes_total";
 pub const CERTIFICATE_EXPIRY_SECONDS: &str = "switchyard_certificate_expiry_seconds";
 pub const DISCOVERY_LOOKUPS_TOTAL: &str = "switchyard_discovery_lookups_total";
 pub const DISCOVERED_BACKENDS: &str = "switchyard_discovered_backends";
+pub const DISCOVERY_DROPPED_TOTAL: &str = "switchyard_discovery_dropped_total";
 
 /// Every metric name the proxy exports.
 pub const ALL: [&str; 16] = [
@@ -203,6 +204,13 @@ pub fn discovery_lookup(upstream: &str, success: bool) {
     metrics::counter!(DISCOVERY_LOOKUPS_TOTAL, "upstream" => upstream.to_owned(),
         "result" => if success { "success" } else { "error" })
     .increment(1);
+}
+
+/// Records a lookup's answer left out, by reason: `over_max_backends`,
+/// `unusable_address`, `own_address`, `failed_target`.
+pub fn discovery_dropped(upstream: &str, reason: &'static str, count: usize) {
+    metrics::counter!(DISCOVERY_DROPPED_TOTAL, "upstream" => upstream.to_owned(), "reason" => reason)
+        .increment(count as u64);
 }
 
 pub fn health_check_counter(upstream: &str, backend: &str, passed: bool) -> Counter {

@@ -26,6 +26,10 @@ use crate::config::{BackendConfig, KeySpec};
 const POINTS_PER_WEIGHT: u32 = 100;
 /// Caps one backend's points, so weights above 100 saturate on the ring.
 const MAX_POINTS_PER_BACKEND: u32 = 10_000;
+/// Caps the whole ring (16 bytes a point: 16 MiB), whatever the backends and
+/// weights (a discovered set is as large as the DNS answer allows). Beyond
+/// it every backend's points are scaled down alike, at least one each.
+const MAX_RING_POINTS: u64 = 1 << 20;
 
 #[derive(Debug)]
 pub struct ConsistentHash {
@@ -40,9 +44,16 @@ pub struct ConsistentHash {
 
 impl ConsistentHash {
     pub fn new(backends: &[BackendConfig], key: KeySpec, bounded_load: Option<f64>) -> Self {
-        let mut ring = Vec::new();
+        let points_of =
+            |backend: &BackendConfig| POINTS_PER_WEIGHT.saturating_mul(backend.weight).min(MAX_POINTS_PER_BACKEND);
+        let total: u64 = backends.iter().map(|b| u64::from(points_of(b))).sum();
+        let scale = |points: u32| match total > MAX_RING_POINTS {
+            true => ((u64::from(points) * MAX_RING_POINTS / total) as u32).max(1),
+            false => points,
+        };
+        let mut ring = Vec::with_capacity(total.min(MAX_RING_POINTS + backends.len() as u64) as usize);
         for (index, backend) in backends.iter().enumerate() {
-            let points = POINTS_PER_WEIGHT.saturating_mul(backend.weight).min(MAX_POINTS_PER_BACKEND);
+            let points = scale(points_of(backend));
             for point in 0..points {
                 ring.push((xxh3_64_with_seed(backend.address.as_bytes(), u64::from(point)), index as u32));
             }
@@ -176,6 +187,21 @@ mod tests {
                 runtime[pick.index].address.to_string()
             })
             .collect()
+    }
+
+    #[test]
+    fn the_ring_has_a_bounded_size_whatever_the_backends_and_weights() {
+        let many: Vec<BackendConfig> = (0..3000)
+            .map(|i| BackendConfig {
+                address: format!("10.{}.{}.1:8270", i / 250, i % 250),
+                weight: 10_000,
+                max_concurrency: None,
+            })
+            .collect();
+        let policy = ConsistentHash::new(&many, "header:x-job-id".parse().unwrap(), None);
+        assert!(policy.ring.len() as u64 <= MAX_RING_POINTS, "{} points", policy.ring.len());
+        let owners: std::collections::HashSet<u32> = policy.ring.iter().map(|(_, index)| *index).collect();
+        assert_eq!(owners.len(), many.len(), "every backend keeps points");
     }
 
     #[test]

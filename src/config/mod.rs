@@ -263,9 +263,16 @@ pub struct DiscoveryConfig {
     /// `backend_defaults:`: the weight (for `dns`; SRV records carry their
     /// own) and `max_concurrency` each discovered backend gets.
     pub defaults: BackendDefaults,
+    /// A larger answer keeps a deterministic subset of this many.
+    pub max_backends: u32,
+    /// Link-local addresses (169.254.0.0/16, fe80::/10) are used, not dropped.
+    pub allow_link_local: bool,
 }
 
 impl DiscoveryConfig {
+    pub const DEFAULT_MAX_BACKENDS: u32 = 512;
+    /// The most `max_backends` may be.
+    pub const MAX_BACKENDS: u32 = 10_000;
     pub const DEFAULT_REFRESH: Duration = Duration::from_secs(10);
     /// Lookups more often than this would load the DNS server for nothing.
     pub const MIN_REFRESH: Duration = Duration::from_millis(100);

@@ -205,6 +205,8 @@ pub struct RawDiscovery {
     pub dns: Option<Spanned<String>>,
     pub srv: Option<Spanned<String>>,
     pub refresh: Option<Spanned<DurationValue>>,
+    pub max_backends: Option<Spanned<u32>>,
+    pub allow_link_local: Option<bool>,
 }
 
 /// `backend_defaults:`: what each discovered backend gets.

@@ -492,7 +492,23 @@ fn validate_discovery(
         }
         None => BackendDefaults::default(),
     };
-    (errors.errors.len() == before).then_some(DiscoveryConfig { source, refresh, defaults })
+    let max_backends = match &raw.value.max_backends {
+        Some(count) if !(1..=DiscoveryConfig::MAX_BACKENDS).contains(&count.value) => {
+            errors
+                .at(count.referenced, format!("max_backends must be between 1 and {}", DiscoveryConfig::MAX_BACKENDS));
+            DiscoveryConfig::DEFAULT_MAX_BACKENDS
+        }
+        Some(count) => count.value,
+        None => DiscoveryConfig::DEFAULT_MAX_BACKENDS,
+    };
+    let allow_link_local = raw.value.allow_link_local.unwrap_or(false);
+    (errors.errors.len() == before).then_some(DiscoveryConfig {
+        source,
+        refresh,
+        defaults,
+        max_backends,
+        allow_link_local,
+    })
 }
 
 /// A DNS name as discovery may ask for it: dot-separated labels of letters,

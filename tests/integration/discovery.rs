@@ -458,3 +458,101 @@ async fn a_ttl_longer_than_refresh_is_waited_out_and_refresh_is_the_floor() {
     let status = proxy.status().await;
     assert!(discovery_status(&status)["next_lookup_in_seconds"].as_f64().unwrap() <= 0.1);
 }
+
+#[tokio::test]
+async fn whoever_controls_the_records_cannot_make_the_set_unbounded_or_point_it_anywhere() {
+    let dns = DnsServer::start().await;
+    // 600 ordinary addresses (no traffic goes to them), and the hostile ones.
+    let mut answer: Vec<IpAddr> =
+        (0..600).map(|i| IpAddr::from([10, 9, (i / 200) as u8, (i % 200 + 1) as u8])).collect();
+    let hostile: [IpAddr; 6] = [
+        [0, 0, 0, 0].into(),
+        [224, 0, 0, 1].into(),
+        [255, 255, 255, 255].into(),
+        [169, 254, 169, 254].into(),
+        "ff02::1".parse().unwrap(),
+        "fe80::1".parse().unwrap(),
+    ];
+    answer.extend(hostile);
+    dns.set_addresses("bots.test", &answer);
+    let port = free_port();
+    let discovery = format!("{{ dns: \"bots.test:{port}\", refresh: 10s, max_backends: 100 }}");
+    // The proxy's own listener is on 127.0.0.1 at that port: never a backend of its own.
+    dns.set_addresses("bots.test", &[answer.as_slice(), &[[127, 0, 0, 1].into()]].concat());
+    let yaml =
+        dns_config(&dns, &discovery, "").replace("bind: \"127.0.0.1:0\"", &format!("bind: \"127.0.0.1:{port}\""));
+    let proxy = FileProxy::start(&yaml).await;
+    let status = proxy.status().await;
+    let set = served(&status);
+    assert_eq!(set.len(), 100, "max_backends holds");
+    for address in &set {
+        assert!(address.starts_with("10.9."), "{address} is not a usable backend");
+    }
+    let dropped = &discovery_status(&status)["dropped"];
+    assert_eq!(dropped["over_max_backends"], 500, "{dropped}");
+    // 0.0.0.0, 224.0.0.1, 255.255.255.255, 169.254.169.254 (one family per
+    // name: IPv4 is asked first, so the IPv6 ones are not seen).
+    assert_eq!(dropped["unusable_addresses"], 4, "{dropped}");
+    assert_eq!(dropped["own_addresses"], 1, "{dropped}");
+    let scrape = scrape(&format!("http://{}/metrics", proxy.admin)).await;
+    let count = |reason| {
+        metric_value(&scrape, "switchyard_discovery_dropped_total", &[("upstream", "bots"), ("reason", reason)])
+    };
+    assert!(count("over_max_backends") >= Some(500.0) && count("unusable_address") >= Some(4.0));
+
+    // Every replica keeps the same subset.
+    // (Its listener is elsewhere, so 127.0.0.1 on that port is not its own:
+    // the comparison is of the others.)
+    let other = FileProxy::start(&dns_config(&dns, &discovery, "")).await;
+    let other_usable: BTreeSet<String> =
+        served(&other.status().await).into_iter().filter(|a| a.starts_with("10.9.")).collect();
+    assert_eq!(other_usable, set, "another replica picked another subset");
+}
+
+#[tokio::test]
+async fn srv_weights_are_held_to_the_configs_range_and_link_local_is_opt_in() {
+    let dns = DnsServer::start().await;
+    let service = "_robot._tcp.bots.test";
+    dns.set_addresses("heavy.test", &[[10, 8, 0, 1].into()]);
+    dns.set_addresses("metadata.test", &[[169, 254, 169, 254].into()]);
+    dns.set_services(
+        service,
+        &[
+            Srv { priority: 1, weight: 65535, port: 8270, target: "heavy.test" },
+            Srv { priority: 1, weight: 1, port: 80, target: "metadata.test" },
+        ],
+    );
+    let proxy = FileProxy::start(&dns_config(&dns, &format!("{{ srv: {service}, refresh: 10s }}"), "")).await;
+    let status = proxy.status().await;
+    let backends = status["upstreams"][0]["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 1, "the metadata service is not a backend: {backends:?}");
+    assert_eq!(backends[0]["weight"], 10_000, "held to the config's largest weight");
+    let allowed =
+        FileProxy::start(&dns_config(&dns, &format!("{{ srv: {service}, refresh: 10s, allow_link_local: true }}"), ""))
+            .await;
+    assert!(served(&allowed.status().await).contains("169.254.169.254:80"), "allowed when asked for");
+}
+
+#[tokio::test]
+async fn targets_without_glue_resolve_together_and_one_that_fails_is_left_out() {
+    let dns = DnsServer::start().await;
+    dns.set_glue(false);
+    let service = "_robot._tcp.bots.test";
+    let hosts: Vec<&'static str> = (0..20).map(|i| &*Box::leak(format!("bot{i}.bots.test").into_boxed_str())).collect();
+    let mut records: Vec<Srv> = Vec::new();
+    for (i, host) in hosts.iter().enumerate() {
+        dns.set_addresses(host, &[[10, 7, 0, i as u8 + 1].into()]);
+        records.push(Srv { priority: 1, weight: 1, port: 8270, target: host });
+    }
+    // A target nobody can resolve.
+    records.push(Srv { priority: 1, weight: 1, port: 8270, target: "gone.bots.test" });
+    dns.set_services(service, &records);
+    // Every answer takes a second: one after the other, 21 lookups would
+    // not fit the 5 s the targets get together.
+    dns.set_delay(Duration::from_secs(1));
+    let proxy = FileProxy::start(&dns_config(&dns, &format!("{{ srv: {service}, refresh: 60s }}"), "")).await;
+    let status = proxy.status().await;
+    assert_eq!(served(&status).len(), 20, "every target that resolved is served");
+    assert_eq!(discovery_status(&status)["dropped"]["failed_targets"], serde_json::json!(["gone.bots.test."]));
+    assert_eq!(discovery_status(&status)["ok"], true);
+}
