@@ -234,8 +234,11 @@ fn retry_on(on: &RetryOn) -> &'static str {
 /// The effective config (defaults filled in) as a JSON value; the admin token
 /// appears as `<redacted>`.
 pub fn effective_config(config: &Config) -> Value {
-    let listeners: Vec<Value> =
-        config.listeners.iter().map(|l| json!({ "name": l.name, "bind": l.bind.to_string() })).collect();
+    let listeners: Vec<Value> = config
+        .listeners
+        .iter()
+        .map(|l| json!({ "name": l.name, "bind": l.bind.to_string(), "proxy_protocol": l.proxy_protocol }))
+        .collect();
     let routes: Vec<Value> = config
         .routes
         .iter()
@@ -345,6 +348,8 @@ pub fn effective_config(config: &Config) -> Value {
             "servers": config.resolver.servers.iter().map(ToString::to_string).collect::<Vec<_>>(),
         })),
         "listeners": listeners,
+        "trusted_proxies": config.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "paths": { "merge_slashes": config.paths.merge_slashes },
         "admin": {
             "bind": config.admin.bind.to_string(),
             "token": config.admin.token.as_ref().map(|_| "<redacted>"),

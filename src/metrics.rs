@@ -41,7 +41,9 @@ pub const DISCOVERY_LOOKUPS_TOTAL: &str = "switchyard_discovery_lookups_total";
 pub const DISCOVERED_BACKENDS: &str = "switchyard_discovered_backends";
 pub const DISCOVERY_DROPPED_TOTAL: &str = "switchyard_discovery_dropped_total";
 
-/// Every metric name the proxy exports.
+/// The metric names every proxy exports from its first scrape, whatever its
+/// config (the dashboard's set); TLS, certificate and discovery series exist
+/// only where the config has them.
 pub const ALL: [&str; 16] = [
     REQUESTS_TOTAL,
     REQUEST_DURATION_SECONDS,

@@ -380,6 +380,12 @@ async fn forwarded_headers_are_kept_only_from_trusted_proxies_and_name_the_clien
     ))
     .await;
     let refs: Vec<&Backend> = backends.iter().collect();
+    let admin = proxy.running.admin_addr().await;
+    let effective = get(&client(), &format!("http://{admin}/config")).await.body;
+    assert!(
+        effective.contains("127.0.0.2/32") && effective.contains("127.0.0.3/32"),
+        "GET /config shows them:\n{effective}"
+    );
     let spoof = "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Host: evil.example\r\n";
 
     // From an untrusted client every claim is replaced by its own address.
