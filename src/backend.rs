@@ -15,6 +15,7 @@ use crate::clock::nanos_since_epoch;
 use crate::config::BreakerConfig;
 use crate::health::passive::PassiveState;
 use crate::health::{slow_start_factor, CheckStatus};
+use crate::metrics::series::BackendSeries;
 use crate::queue::WaitQueue;
 
 #[derive(Debug)]
@@ -25,8 +26,6 @@ pub struct Backend {
     /// upstream's TLS settings when it has them (a plain connection never
     /// serves a TLS upstream, nor one TLS setting another's).
     pub pool_key: Arc<str>,
-    /// `switchyard_upstream_duration_seconds` for this backend, registered once.
-    pub upstream_duration: metrics::Histogram,
     /// The same address, pre-parsed for building request URIs without reparsing.
     pub authority: http::uri::Authority,
     pub weight: u32,
@@ -151,7 +150,6 @@ impl Backend {
     /// metrics: for benchmarks and tests of the policies on their own.
     pub fn detached(config: &crate::config::BackendConfig) -> Backend {
         Backend {
-            upstream_duration: metrics::Histogram::noop(),
             address: config.address.as_str().into(),
             pool_key: config.address.as_str().into(),
             authority: config.address.parse().expect("a valid backend address"),
@@ -294,6 +292,8 @@ pub struct BackendState {
     retired: AtomicBool,
     /// An [`AdminState`], as its discriminant.
     admin: AtomicU8,
+    /// Its counters and histogram in `/metrics`, gone when it goes.
+    pub series: BackendSeries,
 }
 
 impl BackendState {

@@ -1,15 +1,17 @@
 //! The live snapshot as Prometheus series: the counters whose labels the
-//! config determines, made to exist at 0, and the gauges of backend and
+//! config determines, made to exist at 0, the gauges of backend and
 //! upstream state, refreshed every second and before each scrape (see
-//! `metrics` for the names and why gauges expire).
+//! `metrics` for the names and why gauges expire), and the families kept in
+//! the backends' own state, written from the snapshot at each scrape.
 
 use metrics::gauge;
 
+use crate::metrics::series::{Family, UNROUTED_REQUESTS};
 use crate::metrics::{
     config_generation, label, BACKEND_ADMIN_STATE, BACKEND_EJECTIONS_TOTAL, BACKEND_HEALTHY,
     CERTIFICATE_EXPIRY_SECONDS, CIRCUIT_STATE, CONFIG_RELOADS_TOTAL, CONNECTIONS_OPEN, DISCOVERED_BACKENDS,
-    DISCOVERY_DROPPED_TOTAL, DISCOVERY_LOOKUPS_TOTAL, IN_FLIGHT, QUEUE_REJECTED_TOTAL, QUEUE_WAITING, RETRIES_TOTAL,
-    RETRY_BUDGET_EXHAUSTED_TOTAL,
+    DISCOVERY_DROPPED_TOTAL, DISCOVERY_LOOKUPS_TOTAL, HEALTH_CHECKS_TOTAL, IN_FLIGHT, QUEUE_REJECTED_TOTAL,
+    QUEUE_WAITING, REQUESTS_TOTAL, RETRIES_TOTAL, RETRY_BUDGET_EXHAUSTED_TOTAL, UPSTREAM_DURATION_SECONDS,
 };
 use crate::state::Snapshot;
 
@@ -22,13 +24,6 @@ pub fn register_config_series(snapshot: &Snapshot) {
     metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => "error").increment(0);
     for upstream in &snapshot.upstreams {
         let config = &upstream.config;
-        if config.health.passive.is_some() {
-            for backend in &upstream.backends {
-                metrics::counter!(BACKEND_EJECTIONS_TOTAL, "upstream" => label(&upstream.name),
-                    "backend" => label(&backend.address))
-                .increment(0);
-            }
-        }
         if config.discovery.is_some() {
             for result in ["success", "error"] {
                 metrics::counter!(DISCOVERY_LOOKUPS_TOTAL, "upstream" => label(&upstream.name), "result" => result)
@@ -93,6 +88,56 @@ pub fn refresh_gauges(snapshot: &Snapshot) {
         }
         if let Some(queue) = &upstream.queue {
             gauge!(QUEUE_WAITING, "upstream" => label(&upstream.name)).set(queue.waiting() as f64);
+        }
+    }
+}
+
+/// Appends the families whose series live in the backends' state (see
+/// `metrics::series`) for what `snapshot` holds: a backend or route that left
+/// it has no series. Each family is written whole, after the exporter's.
+pub fn write_backend_series(snapshot: &Snapshot, out: &mut String) {
+    let mut requests = Family::counter(out, REQUESTS_TOTAL);
+    for route in snapshot.router.routes() {
+        let upstream = &*route.upstream.name;
+        for (backend, counts) in route.upstream.backends.iter().zip(&route.requests) {
+            requests.requests(&[("route", &route.name), ("upstream", upstream), ("backend", &backend.address)], counts);
+        }
+        requests.requests(
+            &[("route", &route.name), ("upstream", upstream), ("backend", "-")],
+            &route.requests_without_backend,
+        );
+    }
+    requests.requests(&[("route", "-"), ("upstream", "-"), ("backend", "-")], &UNROUTED_REQUESTS);
+    drop(requests);
+
+    let mut durations = Family::histogram(out, UPSTREAM_DURATION_SECONDS);
+    for upstream in &snapshot.upstreams {
+        for backend in &upstream.backends {
+            let labels = [("upstream", &*upstream.name), ("backend", &*backend.address)];
+            durations.histogram_value(&labels, &backend.state.series.upstream_duration);
+        }
+    }
+    drop(durations);
+
+    // Ejections exist at 0 where passive health can eject; health checks
+    // where an active check runs.
+    let mut ejections = Family::counter(out, BACKEND_EJECTIONS_TOTAL);
+    for upstream in snapshot.upstreams.iter().filter(|u| u.config.health.passive.is_some()) {
+        for backend in &upstream.backends {
+            let labels = [("upstream", &*upstream.name), ("backend", &*backend.address)];
+            ejections.counter_value(&labels, backend.state.series.ejections());
+        }
+    }
+    drop(ejections);
+
+    let mut checks = Family::counter(out, HEALTH_CHECKS_TOTAL);
+    for upstream in snapshot.upstreams.iter().filter(|u| u.config.health.active.is_some()) {
+        for backend in &upstream.backends {
+            let (passed, failed) = backend.state.series.checks();
+            for (result, count) in [("pass", passed), ("fail", failed)] {
+                let labels = [("upstream", &*upstream.name), ("backend", &*backend.address), ("result", result)];
+                checks.counter_value(&labels, count);
+            }
         }
     }
 }

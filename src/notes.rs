@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::Request;
 use hyper::body::Incoming;
 
+use crate::backend::Backend;
 use crate::conn::ConnInfo;
 use crate::state::SnapshotShare;
 
@@ -36,7 +37,7 @@ pub struct RequestNotes {
     queue_wait_micros: AtomicU64,
     /// The backend of the last try when the request moved to a reloaded
     /// upstream (rare: only then is this lock taken).
-    rerouted_to: std::sync::Mutex<Option<Arc<str>>>,
+    rerouted_to: std::sync::Mutex<Option<Arc<Backend>>>,
     /// The client a trusted proxy named, when it is not the peer.
     forwarded_client: OnceLock<std::net::IpAddr>,
 }
@@ -86,13 +87,12 @@ impl RequestNotes {
         }
     }
 
-    /// A try went to backend `index` of the route's upstream.
-    /// A try went to backend `index` of the route's upstream (`address`); after
-    /// a reroute the index is of the replacement upstream, so the address is
-    /// kept instead.
-    pub fn tried(&self, index: usize, rerouted: bool, address: &Arc<str>) {
+    /// A try went to backend `index` of the route's upstream (`backend`);
+    /// after a reroute the index is of the replacement upstream, so the
+    /// backend is kept instead.
+    pub fn tried(&self, index: usize, rerouted: bool, backend: &Arc<Backend>) {
         if rerouted {
-            *self.rerouted_to.lock().expect("never poisoned") = Some(Arc::clone(address));
+            *self.rerouted_to.lock().expect("never poisoned") = Some(Arc::clone(backend));
             self.backend.store(REROUTED, Ordering::Relaxed);
         } else {
             self.backend.store(index, Ordering::Relaxed);
@@ -106,9 +106,9 @@ impl RequestNotes {
     }
 
     /// The backend of the last try, as an index into the route's upstream,
-    /// or (`Err`) its address when the request moved to a reloaded upstream;
+    /// or (`Err`) itself when the request moved to a reloaded upstream;
     /// `Ok(None)` when no backend was tried.
-    pub fn last_backend(&self) -> Result<Option<usize>, Option<Arc<str>>> {
+    pub fn last_backend(&self) -> Result<Option<usize>, Option<Arc<Backend>>> {
         match self.backend.load(Ordering::Relaxed) {
             NONE => Ok(None),
             REROUTED => Err(self.rerouted_to.lock().expect("never poisoned").clone()),

@@ -161,20 +161,20 @@ impl Record {
             Err(address) => (usize::MAX, address),
         };
         let backend = match &rerouted_to {
-            Some(address) => Some(address),
+            Some(backend) => Some(&backend.address),
             None => route.and_then(|r| r.upstream.backends.get(backend_index)).map(|b| &b.address),
         };
-        match route {
-            Some(route) if rerouted_to.is_some() => {
-                crate::metrics::request(Some(&route.name), Some(&route.upstream.name), backend, status);
+        match (route, &rerouted_to) {
+            // Rare: the backend is of a newer snapshot than the route's.
+            (Some(route), Some(backend)) => {
+                backend.state.series.requests_of(&route.name).count(status);
                 route.duration.record(elapsed.as_secs_f64());
             }
-            // Handles made once per route, backend and common status.
-            Some(route) => {
+            (Some(route), None) => {
                 route.requests.get(backend_index).unwrap_or(&route.requests_without_backend).count(status);
                 route.duration.record(elapsed.as_secs_f64());
             }
-            None => crate::metrics::request(None, None, None, status),
+            (None, _) => crate::metrics::series::UNROUTED_REQUESTS.count(status),
         }
         let (route_name, upstream) = route.map_or(("-", "-"), |r| (&*r.name, &*r.upstream.name));
         if let Some(access) = self.access {

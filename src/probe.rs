@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
+use crate::backend::BackendState;
 use crate::config::tls::UpstreamTls;
 use crate::config::{ActiveCheck, Probe};
 use crate::health::{describe, CheckStatus, Transition};
@@ -34,8 +35,9 @@ const MAX_CHECK_BODY: usize = 64 * 1024;
 /// Backend address, check, and the upstream's TLS setting (by fingerprint).
 type Key = (Arc<str>, ActiveCheck, Option<u64>);
 
-/// A check a snapshot needs: its status, the upstreams listing it, its TLS.
-type Wanted = (Arc<CheckStatus>, Vec<Arc<str>>, Option<UpstreamTls>);
+/// A check a snapshot needs: its status, the upstreams listing it (with the
+/// backend's state in each), its TLS.
+type Wanted = (Arc<CheckStatus>, CheckCounters, Option<UpstreamTls>);
 
 struct Checker {
     status: Arc<CheckStatus>,
@@ -45,19 +47,17 @@ struct Checker {
     task: JoinHandle<()>,
 }
 
-/// `switchyard_health_checks_total` handles, registered once per upstream
-/// rather than looked up per check.
+/// Where a checker counts its probes (`switchyard_health_checks_total`): the
+/// state of its backend in each upstream listing it.
+#[derive(Default)]
 struct CheckCounters {
     upstreams: Vec<Arc<str>>,
-    pass: Vec<metrics::Counter>,
-    fail: Vec<metrics::Counter>,
+    states: Vec<Arc<BackendState>>,
 }
 
 impl CheckCounters {
-    fn new(backend: &str, upstreams: Vec<Arc<str>>) -> Self {
-        let pass = upstreams.iter().map(|u| crate::metrics::health_check_counter(u, backend, true)).collect();
-        let fail = upstreams.iter().map(|u| crate::metrics::health_check_counter(u, backend, false)).collect();
-        CheckCounters { upstreams, pass, fail }
+    fn same_as(&self, other: &CheckCounters) -> bool {
+        self.upstreams == other.upstreams && self.states.iter().zip(&other.states).all(|(a, b)| Arc::ptr_eq(a, b))
     }
 }
 
@@ -122,8 +122,9 @@ impl Checkers {
                 let status = backend.check.as_ref().expect("backends of a checked upstream have a status");
                 let entry = wanted
                     .entry((Arc::clone(&backend.address), check.clone(), tls.as_ref().map(|t| t.fingerprint)))
-                    .or_insert_with(|| (Arc::clone(status), Vec::new(), tls.clone()));
-                entry.1.push(Arc::clone(&upstream.name));
+                    .or_insert_with(|| (Arc::clone(status), CheckCounters::default(), tls.clone()));
+                entry.1.upstreams.push(Arc::clone(&upstream.name));
+                entry.1.states.push(Arc::clone(&backend.state));
             }
         }
         self.running.retain(|key, checker| {
@@ -133,15 +134,15 @@ impl Checkers {
             }
             keep
         });
-        for (key, (status, upstreams, tls)) in wanted {
+        for (key, (status, wanted_counters, tls)) in wanted {
             if let Some(checker) = self.running.get(&key) {
                 let mut counters = checker.counters.lock().expect("never poisoned");
-                if counters.upstreams != upstreams {
-                    *counters = Arc::new(CheckCounters::new(&key.0, upstreams));
+                if !counters.same_as(&wanted_counters) {
+                    *counters = Arc::new(wanted_counters);
                 }
                 continue;
             }
-            let counters = Arc::new(Mutex::new(Arc::new(CheckCounters::new(&key.0, upstreams))));
+            let counters = Arc::new(Mutex::new(Arc::new(wanted_counters)));
             let thread = self.thread.get_or_insert_with(CheckerThread::start);
             let task =
                 thread.handle.spawn(run(key.0.clone(), key.1.clone(), tls, Arc::clone(&status), Arc::clone(&counters)));
@@ -184,8 +185,8 @@ async fn run(
             prober.disconnect();
         }
         let counters = Arc::clone(&counters.lock().expect("never poisoned"));
-        for counter in if passed { &counters.pass } else { &counters.fail } {
-            counter.increment(1);
+        for state in &counters.states {
+            state.series.checked(passed);
         }
         match status.record(passed, reason, check.healthy_after, check.unhealthy_after) {
             Transition::BecameUnhealthy => {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{HostPattern, RetryConfig};
+use crate::metrics::series::RequestCounts;
 use crate::retry::RetryBudget;
 use crate::upstream::Upstream;
 
@@ -21,10 +22,12 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// `switchyard_request_duration_seconds` for this route, registered once.
     pub duration: metrics::Histogram,
-    /// `switchyard_requests_total` for each backend of the upstream, by index.
-    pub requests: Vec<crate::metrics::RequestCounters>,
-    /// The same for requests that never reached a backend.
-    pub requests_without_backend: crate::metrics::RequestCounters,
+    /// `switchyard_requests_total` for each backend of the upstream, by
+    /// index: held by the backend's state, which keeps them across reloads.
+    pub requests: Vec<Arc<RequestCounts>>,
+    /// The same for requests that never reached a backend, kept across
+    /// reloads while the route keeps its name and upstream.
+    pub requests_without_backend: Arc<RequestCounts>,
     /// Bound on the wait for the response head, queueing and retries included.
     pub timeout: Duration,
     pub retry: Option<RoutePolicy>,

@@ -18,6 +18,7 @@ use crate::backend::{Backend, BackendState};
 use crate::balance::Balancer;
 use crate::config::{ActiveCheck, BackendConfig, Config, Limits, Secret, UpstreamConfig};
 use crate::health::CheckStatus;
+use crate::metrics::series::RequestCounts;
 use crate::queue::WaitQueue;
 use crate::retry::RetryBudget;
 use crate::route::{Route, RoutePolicy, Router};
@@ -135,7 +136,6 @@ impl Snapshot {
                             None => Arc::clone(&address),
                         };
                         Arc::new(Backend {
-                            upstream_duration: crate::metrics::upstream_duration(&upstream_name, &address),
                             address,
                             pool_key,
                             authority: b.address.parse().expect("validated backend address"),
@@ -169,12 +169,8 @@ impl Snapshot {
                 let name: Arc<str> = r.name.as_str().into();
                 let upstream = by_name[r.upstream.as_str()];
                 Route {
-                    requests: upstream
-                        .backends
-                        .iter()
-                        .map(|b| crate::metrics::RequestCounters::new(&name, &upstream.name, Some(&b.address)))
-                        .collect(),
-                    requests_without_backend: crate::metrics::RequestCounters::new(&name, &upstream.name, None),
+                    requests: upstream.backends.iter().map(|b| b.state.series.requests_of(&name)).collect(),
+                    requests_without_backend: carried.unsent_requests(&name, &upstream.name),
                     duration: crate::metrics::request_duration(&name, &upstream.name),
                     host: r.host.clone(),
                     path_prefix: r.path_prefix.clone(),
@@ -187,6 +183,15 @@ impl Snapshot {
                 }
             })
             .collect();
+        // A backend forgets the request counts of routes that no longer send to
+        // it, so they leave `/metrics` as a removed backend's series do.
+        for upstream in &upstreams {
+            let routes: Vec<&str> =
+                config.routes.iter().filter(|r| r.upstream == *upstream.name).map(|r| r.name.as_str()).collect();
+            for backend in &upstream.backends {
+                backend.state.series.keep_routes(|route| routes.contains(&route));
+            }
+        }
         // An unchanged listener keeps its acceptor, and with it the session
         // cache and ticket keys its clients resume with.
         let tls = config
@@ -244,6 +249,8 @@ struct Carried<'a> {
     checks: std::cell::RefCell<HashMap<CheckKey, Arc<CheckStatus>>>,
     queues: HashMap<&'a str, &'a Arc<WaitQueue>>,
     budgets: HashMap<&'a str, &'a Arc<RetryBudget>>,
+    /// Each route's requests that reached no backend, by (route, upstream).
+    unsent: HashMap<(&'a str, &'a str), &'a Arc<RequestCounts>>,
     upstreams: HashMap<&'a str, &'a Arc<Upstream>>,
 }
 
@@ -256,6 +263,7 @@ impl<'a> Carried<'a> {
             checks: Default::default(),
             queues: HashMap::new(),
             budgets: HashMap::new(),
+            unsent: HashMap::new(),
             upstreams: upstreams.iter().map(|u| (&*u.name, u)).collect(),
         };
         for upstream in upstreams {
@@ -278,8 +286,13 @@ impl<'a> Carried<'a> {
             if let Some(retry) = &route.retry {
                 carried.budgets.insert(&route.name, &retry.budget);
             }
+            carried.unsent.insert((&route.name, &route.upstream.name), &route.requests_without_backend);
         }
         carried
+    }
+
+    fn unsent_requests(&self, route: &str, upstream: &str) -> Arc<RequestCounts> {
+        self.unsent.get(&(route, upstream)).map(|c| Arc::clone(c)).unwrap_or_default()
     }
 
     /// The previous snapshot's upstream of this name if its config is the

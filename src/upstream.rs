@@ -62,7 +62,7 @@ impl Upstream {
             return None;
         }
         let duration = state.eject(config, now);
-        crate::metrics::backend_ejected(&self.name, &backend.address);
+        backend.state.series.ejected();
         tracing::warn!(upstream = %self.name, backend = %backend.address, ?duration, "backend ejected after consecutive failures");
         Some(duration)
     }

@@ -262,8 +262,11 @@ async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Respo
         (&Method::GET, "/metrics") => match crate::metrics::install() {
             Some(handle) => {
                 // Gauges are read from the live state right before rendering.
-                crate::gauges::refresh_gauges(&runtime.live().load());
-                let mut response = Response::new(Full::from(handle.render()));
+                let snapshot = runtime.live().load();
+                crate::gauges::refresh_gauges(&snapshot);
+                let mut text = handle.render();
+                crate::gauges::write_backend_series(&snapshot, &mut text);
+                let mut response = Response::new(Full::from(text));
                 response
                     .headers_mut()
                     .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));

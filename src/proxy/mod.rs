@@ -206,7 +206,7 @@ fn forward(
                 (Err(error), None) => return Err(error),
             };
             let backend = &upstream.backends[pick.index];
-            prepared.notes.tried(pick.index, reroutes > 0, &backend.address);
+            prepared.notes.tried(pick.index, reroutes > 0, backend);
             let outcome = upstream.outcome(pick.index);
 
             // 5. This try's request: the backend's target form and protocol.
@@ -222,7 +222,7 @@ fn forward(
             let sent = clients.send(upstream.protocol, upstream.config.tls.as_ref(), backend, outgoing);
             let result = tokio::time::timeout_at(try_deadline, sent).await;
             let took = started.elapsed();
-            backend.upstream_duration.record(took.as_secs_f64());
+            backend.state.series.upstream_duration.record(took);
             let result = judge(result, outcome, &pick, took, try_deadline >= deadline, &backend.address, limit);
 
             // 7. Retry if the policy, the method and the budget all allow it.

@@ -159,6 +159,21 @@ async fn a_records_are_followed_under_load_without_failing_a_request_for_a_stayi
 
     let load = SteadyLoad::start(proxy.url("/"), 4);
     load.wait_for_answers_from(&bots[1], 50).await;
+    load.wait_for_answers_from(&bots[0], 1).await;
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+    // A backend's counters and histogram (its gauges expire a few seconds later).
+    let counted = |scrape: &prometheus_parse::Scrape, backend: &Backend| {
+        let address = backend.addr.to_string();
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.labels.get("backend") == Some(&address))
+            .filter(|s| {
+                s.metric.starts_with("switchyard_requests_total") || s.metric.starts_with("switchyard_upstream_")
+            })
+            .count()
+    };
+    assert!(counted(&scrape(&metrics_url).await, &bots[0]) > 0, "bot0 has series while it serves");
 
     // bot0 leaves, bot2 joins; bot1 stays.
     let asked = dns.queries_for("bots.test");
@@ -169,6 +184,9 @@ async fn a_records_are_followed_under_load_without_failing_a_request_for_a_stayi
     assert!(dns.queries_for("bots.test") <= asked + 2, "{} lookups", dns.queries_for("bots.test") - asked);
     load.wait_for_answers_from(&bots[2], 50).await;
     let bot0_after_removal = bots[0].hits();
+    let after_leaving = scrape(&metrics_url).await;
+    assert_eq!(counted(&after_leaving, &bots[0]), 0, "bot0's series left with it");
+    assert!(counted(&after_leaving, &bots[1]) > 0, "bot1's series stay");
 
     // Everyone back.
     dns.set_addresses("bots.test", &ips(&[&bots[0], &bots[1], &bots[2]]));

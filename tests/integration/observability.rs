@@ -498,28 +498,85 @@ async fn access_log_lines_carry_every_field_and_never_the_token() {
 async fn a_removed_backends_series_leave_metrics_after_a_reload() {
     let [kept, removed] = [Backend::start("kept").await, Backend::start("removed").await];
     let admin_port = free_port();
-    let config = |backends: &[&Backend]| {
+    // Every kind of per-backend series: gauges, request counters, the try
+    // histogram, ejections (passive health) and health checks (active).
+    let config = |backends: &[&Backend], route: &str| {
         let list: String = backends.iter().map(|b| format!("{{ address: \"{}\" }}, ", b.addr)).collect();
         format!(
-            "admin: {{ bind: \"127.0.0.1:{admin_port}\" }}\nlisteners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\nroutes: [{{ upstream: pool }}]\nupstreams:\n  pool:\n    backends: [{}]\n",
+            "admin: {{ bind: \"127.0.0.1:{admin_port}\" }}\nlisteners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\nroutes: [{{ name: {route}, upstream: pool }}]\nupstreams:\n  pool:\n    health:\n      active: {{ path: /healthz, interval: 100ms, timeout: 100ms }}\n      passive: {{ consecutive_failures: 3 }}\n    backends: [{}]\n",
             list.trim_end_matches(", ")
         )
     };
-    let proxy = ProxyProcess::start(&config(&[&kept, &removed])).await;
+    let proxy = ProxyProcess::start(&config(&[&kept, &removed], "jobs")).await;
     let metrics_url = format!("http://127.0.0.1:{admin_port}/metrics");
-    let has = |scrape: &prometheus_parse::Scrape, backend: &Backend| {
-        metric_value(scrape, "switchyard_in_flight", &[("backend", &backend.addr.to_string())]).is_some()
-            && metric_value(scrape, "switchyard_backend_healthy", &[("backend", &backend.addr.to_string())]).is_some()
+    let client = client();
+    for _ in 0..4 {
+        assert_eq!(get(&client, &proxy.url("/job")).await.status, 200);
+    }
+    assert!(kept.hits() > 0 && removed.hits() > 0, "both backends served requests");
+    let series_of = |scrape: &prometheus_parse::Scrape, backend: &Backend| -> std::collections::BTreeSet<String> {
+        let address = backend.addr.to_string();
+        scrape.samples.iter().filter(|s| s.labels.get("backend") == Some(&address)).map(|s| s.metric.clone()).collect()
     };
-    let scrape_now = scrape(&metrics_url).await;
-    assert!(has(&scrape_now, &kept) && has(&scrape_now, &removed));
-    let port = proxy.addr.port().to_string();
-    std::fs::write(&proxy.path, config(&[&kept]).replace("{port}", &port)).unwrap();
-    wait_until_async("the removed backend's gauges to expire", || async {
-        !has(&scrape(&metrics_url).await, &removed)
+    let every_kind = [
+        "switchyard_in_flight",
+        "switchyard_backend_healthy",
+        "switchyard_requests_total",
+        "switchyard_upstream_duration_seconds_count",
+        "switchyard_backend_ejections_total",
+        "switchyard_health_checks_total",
+    ];
+    wait_until_async("both backends' health checks to be counted", || async {
+        let scrape = scrape(&metrics_url).await;
+        [&kept, &removed].iter().all(|b| {
+            let address = b.addr.to_string();
+            metric_value(&scrape, "switchyard_health_checks_total", &[("backend", &address), ("result", "pass")])
+                .is_some_and(|passed| passed > 0.0)
+        })
     })
     .await;
-    assert!(has(&scrape(&metrics_url).await, &kept), "the kept backend's series stay");
+    let before = scrape(&metrics_url).await;
+    for backend in [&kept, &removed] {
+        let series = series_of(&before, backend);
+        for name in every_kind {
+            assert!(series.contains(name), "{name} of {} before the reload: {series:?}", backend.addr);
+        }
+    }
+    let kept_requests = |scrape: &prometheus_parse::Scrape, route: &str| {
+        metric_value(
+            scrape,
+            "switchyard_requests_total",
+            &[("route", route), ("backend", &kept.addr.to_string()), ("code", "200")],
+        )
+    };
+    let served_by_kept = kept_requests(&before, "jobs").expect("the kept backend's requests");
+
+    let port = proxy.addr.port().to_string();
+    std::fs::write(&proxy.path, config(&[&kept], "jobs").replace("{port}", &port)).unwrap();
+    wait_until_async("the removed backend's series to leave", || async {
+        series_of(&scrape(&metrics_url).await, &removed).is_empty()
+    })
+    .await;
+    // Longer than a gauge's idle expiry: the kept backend, quiet all along,
+    // keeps every series, and its counts carry over the reload.
+    tokio::time::sleep(switchyard::metrics::GAUGE_IDLE + std::time::Duration::from_millis(1500)).await;
+    let after = scrape(&metrics_url).await;
+    assert!(series_of(&after, &removed).is_empty(), "{:?}", series_of(&after, &removed));
+    let series = series_of(&after, &kept);
+    for name in every_kind {
+        assert!(series.contains(name), "{name} of the kept backend after the reload: {series:?}");
+    }
+    assert_eq!(kept_requests(&after, "jobs"), Some(served_by_kept), "the kept backend's count carried over");
+
+    // A route that is renamed leaves its series too.
+    std::fs::write(&proxy.path, config(&[&kept], "renamed").replace("{port}", &port)).unwrap();
+    wait_until_async("the renamed route to serve", || async {
+        get(&client, &proxy.url("/job")).await.status == 200
+            && kept_requests(&scrape(&metrics_url).await, "renamed").is_some()
+    })
+    .await;
+    let renamed = scrape(&metrics_url).await;
+    assert_eq!(kept_requests(&renamed, "jobs"), None, "the old route's requests left");
 }
 
 #[tokio::test]

@@ -10,12 +10,16 @@
 //! every request (duration histograms) are registered once when a config is
 //! compiled. Gauges are refreshed from the live snapshot every second and before
 //! each scrape, and a gauge not refreshed for [`GAUGE_IDLE`] is dropped: that is
-//! how a removed backend's gauges leave `/metrics` after a reload.
+//! how a removed backend's gauges leave `/metrics` after a reload. Counters and
+//! histograms labelled with a backend are not in the exporter at all but in
+//! [`series`], held by the backend's state, so they leave with the backend.
+
+pub mod series;
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, SharedString};
+use metrics::{Histogram, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 
@@ -95,95 +99,6 @@ pub fn request_duration(route: &std::sync::Arc<str>, upstream: &std::sync::Arc<s
     metrics::histogram!(REQUEST_DURATION_SECONDS, "route" => label(route), "upstream" => label(upstream))
 }
 
-/// `switchyard_upstream_duration_seconds{upstream,backend}`, registered per backend.
-pub fn upstream_duration(upstream: &std::sync::Arc<str>, backend: &std::sync::Arc<str>) -> Histogram {
-    metrics::histogram!(UPSTREAM_DURATION_SECONDS, "upstream" => label(upstream), "backend" => label(backend))
-}
-
-/// One finished client request. `route`, `upstream` and `backend` are `-` when
-/// the request got that far; `code` is the status sent, or `error` when the
-/// exchange ended without a response.
-pub fn request(
-    route: Option<&std::sync::Arc<str>>,
-    upstream: Option<&std::sync::Arc<str>>,
-    backend: Option<&std::sync::Arc<str>>,
-    code: Option<u16>,
-) {
-    request_counter(route, upstream, backend, code).increment(1);
-}
-
-fn request_counter(
-    route: Option<&std::sync::Arc<str>>,
-    upstream: Option<&std::sync::Arc<str>>,
-    backend: Option<&std::sync::Arc<str>>,
-    code: Option<u16>,
-) -> Counter {
-    // Labels share the config's strings rather than copying them per request.
-    let or_dash = |value: Option<&std::sync::Arc<str>>| value.map_or(SharedString::const_str("-"), label);
-    let code: SharedString = match code {
-        Some(code) => status_label(code),
-        None => SharedString::const_str("error"),
-    };
-    metrics::counter!(REQUESTS_TOTAL, "route" => or_dash(route), "upstream" => or_dash(upstream),
-        "backend" => or_dash(backend), "code" => code)
-}
-
-fn status_label(code: u16) -> SharedString {
-    match code {
-        200 => SharedString::const_str("200"),
-        404 => SharedString::const_str("404"),
-        502 => SharedString::const_str("502"),
-        503 => SharedString::const_str("503"),
-        other => SharedString::from_owned(other.to_string()),
-    }
-}
-
-/// `switchyard_requests_total` for one (route, upstream, backend): a handle per
-/// common status, registered on first use (so no series appears before its
-/// first request) and reused after, instead of a registry lookup (labels
-/// hashed and compared) per request. Rarer statuses take the lookup.
-#[derive(Debug)]
-pub struct RequestCounters {
-    route: std::sync::Arc<str>,
-    upstream: std::sync::Arc<str>,
-    /// `None` for requests that failed before reaching a backend (`-`).
-    backend: Option<std::sync::Arc<str>>,
-    common: [OnceLock<Counter>; COMMON_STATUSES.len() + 1],
-}
-
-/// Statuses with a handle of their own; the slot after them is `error`.
-const COMMON_STATUSES: [u16; 9] = [200, 201, 204, 400, 404, 500, 502, 503, 504];
-
-impl RequestCounters {
-    pub fn new(
-        route: &std::sync::Arc<str>,
-        upstream: &std::sync::Arc<str>,
-        backend: Option<&std::sync::Arc<str>>,
-    ) -> Self {
-        RequestCounters {
-            route: std::sync::Arc::clone(route),
-            upstream: std::sync::Arc::clone(upstream),
-            backend: backend.cloned(),
-            common: Default::default(),
-        }
-    }
-
-    /// Counts one finished request; `None` when it ended without a response.
-    pub fn count(&self, status: Option<u16>) {
-        let slot = match status {
-            Some(code) => COMMON_STATUSES.iter().position(|&common| common == code),
-            None => Some(COMMON_STATUSES.len()),
-        };
-        let (route, upstream, backend) = (Some(&self.route), Some(&self.upstream), self.backend.as_ref());
-        match slot {
-            Some(slot) => {
-                self.common[slot].get_or_init(|| request_counter(route, upstream, backend, status)).increment(1)
-            }
-            None => request(route, upstream, backend, status),
-        }
-    }
-}
-
 pub fn connections_open(listener: &std::sync::Arc<str>) -> metrics::Gauge {
     metrics::gauge!(CONNECTIONS_OPEN, "listener" => label(listener))
 }
@@ -213,16 +128,6 @@ pub fn discovery_lookup(upstream: &str, success: bool) {
 pub fn discovery_dropped(upstream: &str, reason: &'static str, count: usize) {
     metrics::counter!(DISCOVERY_DROPPED_TOTAL, "upstream" => upstream.to_owned(), "reason" => reason)
         .increment(count as u64);
-}
-
-pub fn health_check_counter(upstream: &str, backend: &str, passed: bool) -> Counter {
-    metrics::counter!(HEALTH_CHECKS_TOTAL, "upstream" => upstream.to_owned(), "backend" => backend.to_owned(),
-        "result" => if passed { "pass" } else { "fail" })
-}
-
-pub fn backend_ejected(upstream: &str, backend: &str) {
-    metrics::counter!(BACKEND_EJECTIONS_TOTAL, "upstream" => upstream.to_owned(), "backend" => backend.to_owned())
-        .increment(1);
 }
 
 pub fn retry(route: &str, upstream: &str, reason: &'static str) {
