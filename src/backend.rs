@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::breaker::Breaker;
 use crate::clock::nanos_since_epoch;
+use crate::cluster::SlotLease;
 use crate::config::BreakerConfig;
 use crate::health::passive::PassiveState;
 use crate::health::{slow_start_factor, CheckStatus};
@@ -191,7 +192,7 @@ impl Backend {
         }
         // One reference count for the whole slot: the backend holds its state,
         // queue and upstream total.
-        Some(InFlightGuard { backend: Arc::clone(self) })
+        Some(InFlightGuard { backend: Arc::clone(self), lease: None })
     }
 
     /// Whether the circuit breaker (if any) would let a request through now.
@@ -346,16 +347,27 @@ pub struct InFlightGuard {
     /// The backend as the snapshot that picked it has it: its state (carried
     /// across reloads), and that snapshot's queue and upstream total.
     backend: Arc<Backend>,
+    /// The slot in Redis of a cluster-scoped upstream's backend.
+    lease: Option<SlotLease>,
 }
 
 impl InFlightGuard {
     pub fn state(&self) -> &BackendState {
         &self.backend.state
     }
+
+    /// Holds `lease` for as long as this slot, releasing it first.
+    pub fn with_lease(mut self, lease: SlotLease) -> Self {
+        self.lease = Some(lease);
+        self
+    }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
+        // The cluster's slot goes first, so that the waiter woken below finds
+        // it free in Redis as soon as the release gets there.
+        drop(self.lease.take());
         let backend = &self.backend;
         backend.state.in_flight.fetch_sub(1, Ordering::AcqRel);
         if let Some(load) = &backend.load {

@@ -24,6 +24,8 @@ pub enum ProxyError {
     QueueFull { upstream: String },
     #[error("upstream `{upstream}` stayed busy for the whole queue timeout")]
     QueueTimeout { upstream: String },
+    #[error("upstream `{upstream}` counts its slots in Redis, which cannot be reached (on_unavailable: refuse)")]
+    ClusterUnavailable { upstream: String },
     #[error("no response within the route timeout")]
     UpstreamTimeout,
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -43,7 +45,8 @@ impl ProxyError {
             ProxyError::NoHealthyBackend { .. }
             | ProxyError::CircuitOpen { .. }
             | ProxyError::QueueFull { .. }
-            | ProxyError::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::QueueTimeout { .. }
+            | ProxyError::ClusterUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -70,6 +73,7 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } => "circuit_open",
             ProxyError::QueueFull { .. } => "queue_full",
             ProxyError::QueueTimeout { .. } => "queue_timeout",
+            ProxyError::ClusterUnavailable { .. } => "cluster_unavailable",
             ProxyError::UpstreamConnect { .. } => "upstream_connect",
             ProxyError::UpstreamReset { .. } => "upstream_reset",
             ProxyError::UpstreamTimeout => "upstream_timeout",
@@ -90,6 +94,7 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } => "every backend for this request has its circuit open\n",
             ProxyError::QueueFull { .. } => "the backends are busy and the queue is full\n",
             ProxyError::QueueTimeout { .. } => "the backends stayed busy for the whole queue timeout\n",
+            ProxyError::ClusterUnavailable { .. } => "the shared slot store cannot be reached\n",
             ProxyError::UpstreamTimeout => "no response within the route timeout\n",
             ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => {
                 return std::borrow::Cow::Owned(format!("{self}\n"))
@@ -109,7 +114,10 @@ impl ProxyError {
         if let Some(code) = self.code() {
             headers.insert(ERROR_HEADER, HeaderValue::from_static(code));
         }
-        if matches!(self, ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. }) {
+        if matches!(
+            self,
+            ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. } | ProxyError::ClusterUnavailable { .. }
+        ) {
             // The queue is a moment's wait; a client should come back soon.
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -159,6 +167,7 @@ mod tests {
             (ProxyError::CircuitOpen { upstream: "u".into() }, 503, Some("circuit_open")),
             (ProxyError::QueueFull { upstream: "u".into() }, 503, Some("queue_full")),
             (ProxyError::QueueTimeout { upstream: "u".into() }, 503, Some("queue_timeout")),
+            (ProxyError::ClusterUnavailable { upstream: "u".into() }, 503, Some("cluster_unavailable")),
             (ProxyError::BodyTooLarge { limit: 1 }, 413, Some("body_too_large")),
             (ProxyError::BadRequest("x"), 400, None),
             (ProxyError::MethodNotAllowed("CONNECT"), 405, None),
@@ -181,6 +190,7 @@ mod tests {
             ProxyError::CircuitOpen { upstream: upstream.into() },
             ProxyError::QueueFull { upstream: upstream.into() },
             ProxyError::QueueTimeout { upstream: upstream.into() },
+            ProxyError::ClusterUnavailable { upstream: upstream.into() },
         ];
         for error in errors {
             let line = error.public_message();

@@ -193,6 +193,16 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
             }
         }
     };
+    let scope = match &upstream.cluster {
+        None => "max_concurrency holds in this replica",
+        Some(slots) if slots.cluster.available() => {
+            "max_concurrency holds across the cluster: the pick takes the first of these candidates with a free slot in Redis"
+        }
+        Some(slots) if slots.cluster.on_unavailable() == crate::config::OnUnavailable::Refuse => {
+            "max_concurrency holds across the cluster, but Redis cannot be reached: 503 cluster_unavailable"
+        }
+        Some(_) => "max_concurrency holds across the cluster, but Redis cannot be reached: this replica's own limits apply",
+    };
     let decision = match chosen {
         Some(index) => format!("would go to {}", upstream.backends[index].address),
         None => match (upstream.unavailable(), &upstream.queue) {
@@ -210,6 +220,8 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
         "upstream": upstream.name.as_ref(),
         "policy": upstream.config.policy.name(),
         "how": how,
+        "max_concurrency_scope": upstream.config.max_concurrency_scope,
+        "scope": scope,
         "candidates": candidates,
         "backend": chosen.map(|i| upstream.backends[i].address.to_string()),
         "decision": decision,
@@ -320,6 +332,7 @@ pub fn effective_config(config: &Config) -> Value {
                     "timeout": duration(q.timeout),
                     "priority_header": q.priority_header.as_ref().map(|h| h.as_str()),
                 })),
+                "max_concurrency_scope": u.max_concurrency_scope,
             });
             // A discovered set changes without the file changing: `/status`
             // lists it, and the config shows where it comes from.
@@ -350,6 +363,13 @@ pub fn effective_config(config: &Config) -> Value {
         "listeners": listeners,
         "trusted_proxies": config.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "paths": { "merge_slashes": config.paths.merge_slashes },
+        "cluster": config.cluster.as_ref().map(|c| json!({
+            "redis": c.redis_shown(),
+            "password_file": c.password.as_ref().map(|_| "<redacted>"),
+            "key_prefix": c.key_prefix,
+            "lease": duration(c.lease),
+            "on_unavailable": c.on_unavailable,
+        })),
         "admin": {
             "bind": config.admin.bind.to_string(),
             "token": config.admin.token.as_ref().map(|_| "<redacted>"),

@@ -9,9 +9,11 @@ use metrics::gauge;
 use crate::metrics::series::{Family, UNROUTED_REQUESTS};
 use crate::metrics::{
     config_generation, label, BACKEND_ADMIN_STATE, BACKEND_EJECTIONS_TOTAL, BACKEND_HEALTHY,
-    CERTIFICATE_EXPIRY_SECONDS, CIRCUIT_STATE, CONFIG_RELOADS_TOTAL, CONNECTIONS_OPEN, DISCOVERED_BACKENDS,
-    DISCOVERY_DROPPED_TOTAL, DISCOVERY_LOOKUPS_TOTAL, HEALTH_CHECKS_TOTAL, IN_FLIGHT, QUEUE_REJECTED_TOTAL,
-    QUEUE_WAITING, REQUESTS_TOTAL, RETRIES_TOTAL, RETRY_BUDGET_EXHAUSTED_TOTAL, UPSTREAM_DURATION_SECONDS,
+    CERTIFICATE_EXPIRY_SECONDS, CIRCUIT_STATE, CLUSTER_AVAILABLE, CLUSTER_FALLBACKS_TOTAL,
+    CLUSTER_LEASE_RENEWALS_TOTAL, CLUSTER_REDIS_DURATION_SECONDS, CLUSTER_SLOTS_HELD, CLUSTER_SLOTS_LOST_TOTAL,
+    CONFIG_RELOADS_TOTAL, CONNECTIONS_OPEN, DISCOVERED_BACKENDS, DISCOVERY_DROPPED_TOTAL, DISCOVERY_LOOKUPS_TOTAL,
+    HEALTH_CHECKS_TOTAL, IN_FLIGHT, QUEUE_REJECTED_TOTAL, QUEUE_WAITING, REQUESTS_TOTAL, RETRIES_TOTAL,
+    RETRY_BUDGET_EXHAUSTED_TOTAL, UPSTREAM_DURATION_SECONDS,
 };
 use crate::state::Snapshot;
 
@@ -94,8 +96,30 @@ pub fn refresh_gauges(snapshot: &Snapshot) {
 
 /// Appends the families whose series live in the backends' state (see
 /// `metrics::series`) for what `snapshot` holds: a backend or route that left
-/// it has no series. Each family is written whole, after the exporter's.
-pub fn write_backend_series(snapshot: &Snapshot, out: &mut String) {
+/// it has no series. Each family is written whole, after the exporter's. Then
+/// the cluster link's, when there is one.
+pub fn write_owned_series(snapshot: &Snapshot, out: &mut String) {
+    write_backend_series(snapshot, out);
+    if let Some(cluster) = &snapshot.cluster {
+        write_cluster_series(cluster, out);
+    }
+}
+
+fn write_cluster_series(cluster: &crate::cluster::Cluster, out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = &cluster.stats;
+    Family::gauge(out, CLUSTER_AVAILABLE).counter_value(&[], u64::from(cluster.available()));
+    Family::gauge(out, CLUSTER_SLOTS_HELD).counter_value(&[], cluster.held_slots() as u64);
+    Family::histogram(out, CLUSTER_REDIS_DURATION_SECONDS).histogram_value(&[], &stats.round_trips);
+    let mut renewals = Family::counter(out, CLUSTER_LEASE_RENEWALS_TOTAL);
+    renewals.counter_value(&[("result", "success")], stats.renewals_ok.load(Relaxed));
+    renewals.counter_value(&[("result", "error")], stats.renewals_failed.load(Relaxed));
+    drop(renewals);
+    Family::counter(out, CLUSTER_FALLBACKS_TOTAL).counter_value(&[], stats.fallbacks.load(Relaxed));
+    Family::counter(out, CLUSTER_SLOTS_LOST_TOTAL).counter_value(&[], stats.slots_lost.load(Relaxed));
+}
+
+fn write_backend_series(snapshot: &Snapshot, out: &mut String) {
     let mut requests = Family::counter(out, REQUESTS_TOTAL);
     for route in snapshot.router.routes() {
         let upstream = &*route.upstream.name;

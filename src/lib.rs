@@ -37,6 +37,7 @@ pub mod body;
 pub mod breaker;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod demo;

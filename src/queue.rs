@@ -166,20 +166,28 @@ impl WaitQueue {
     /// wait in line for a slot to free, then pick again. Bounded by `timeout`
     /// from joining and by `deadline`. Returns what was picked and, if the
     /// request queued at all, for how long (the clock is read only then).
-    pub async fn pick_or_wait<P>(
+    ///
+    /// `poll`: also look again this often without a wake-up, for slots freed
+    /// where no wake-up is sure to come from (another replica).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn pick_or_wait<P, F>(
         &self,
         priority: Priority,
         max_waiting: usize,
         timeout: std::time::Duration,
         deadline: tokio::time::Instant,
-        mut pick: impl FnMut() -> Option<P>,
+        poll: Option<std::time::Duration>,
+        mut pick: impl FnMut() -> F,
         all_busy: impl Fn() -> bool,
-    ) -> (Result<P, WaitEnded>, Option<std::time::Duration>) {
+    ) -> (Result<P, WaitEnded>, Option<std::time::Duration>)
+    where
+        F: std::future::Future<Output = Option<P>>,
+    {
         let mut joined: Option<tokio::time::Instant> = None;
         let mut woken = false;
         let outcome = loop {
             if woken || self.waiting() == 0 {
-                if let Some(picked) = pick() {
+                if let Some(picked) = pick().await {
                     break Ok(picked);
                 }
                 if !all_busy() {
@@ -195,11 +203,12 @@ impl WaitQueue {
             // Alone in the queue: a slot may have freed between the failed pick
             // and joining, with nobody there to be woken for it.
             if self.waiting() == 1 {
-                if let Some(picked) = pick() {
+                if let Some(picked) = pick().await {
                     break Ok(picked);
                 }
             }
-            if tokio::time::timeout_at(until, ticket.wait()).await.is_err() {
+            let look_again = poll.map_or(until, |poll| until.min(tokio::time::Instant::now() + poll));
+            if tokio::time::timeout_at(look_again, ticket.wait()).await.is_err() && look_again >= until {
                 break Err(if until < queue_deadline { WaitEnded::Deadline } else { WaitEnded::Timeout });
             }
             woken = true;

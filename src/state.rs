@@ -16,7 +16,10 @@ use arc_swap::ArcSwap;
 
 use crate::backend::{Backend, BackendState};
 use crate::balance::Balancer;
-use crate::config::{ActiveCheck, BackendConfig, Config, Limits, Secret, UpstreamConfig};
+use crate::cluster::Cluster;
+use crate::config::{
+    ActiveCheck, BackendConfig, ClusterConfig, ConcurrencyScope, Config, Limits, Secret, UpstreamConfig,
+};
 use crate::health::CheckStatus;
 use crate::metrics::series::RequestCounts;
 use crate::queue::WaitQueue;
@@ -75,6 +78,8 @@ pub struct Snapshot {
     /// TLS for each listener that has it, by configured bind; a listener reads
     /// it at each accept, so a reload's certificates serve new connections.
     pub tls: HashMap<SocketAddr, Arc<rustls::ServerConfig>>,
+    /// The Redis link of `cluster:`, kept across reloads that do not change it.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Snapshot {
@@ -108,6 +113,7 @@ impl Snapshot {
         generation: u64,
     ) -> Snapshot {
         let carried = Carried::from(previous);
+        let cluster = carried.cluster(config.cluster.as_ref());
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -115,7 +121,7 @@ impl Snapshot {
                 let u = &*with_discovered(u, discovered);
                 // An upstream whose config did not change is reused whole (balancer
                 // tables included), so a reload costs what it changes.
-                if let Some(previous) = carried.unchanged_upstream(u) {
+                if let Some(previous) = carried.unchanged_upstream(u, cluster.as_ref()) {
                     return previous;
                 }
                 let queue = u.queue.as_ref().map(|_| carried.queue(&u.name));
@@ -149,7 +155,12 @@ impl Snapshot {
                             load: load.clone(),
                         })
                     })
-                    .collect();
+                    .collect::<Vec<Arc<Backend>>>();
+                let slots =
+                    cluster.as_ref().filter(|_| u.max_concurrency_scope == ConcurrencyScope::Cluster).map(|c| {
+                        let addresses: Vec<&str> = backends.iter().map(|b| &*b.address).collect();
+                        c.upstream(&u.name, &addresses, queue.as_ref())
+                    });
                 Arc::new(Upstream {
                     name: upstream_name,
                     backends,
@@ -158,6 +169,7 @@ impl Snapshot {
                     config: u.clone(),
                     ejection_lock: Default::default(),
                     queue,
+                    cluster: slots,
                 })
             })
             .collect();
@@ -215,6 +227,7 @@ impl Snapshot {
             access_log: config.log.access,
             admin_token: config.admin.token.clone(),
             config: Arc::new(config.clone()),
+            cluster,
         }
     }
 }
@@ -249,6 +262,7 @@ struct Carried<'a> {
     checks: std::cell::RefCell<HashMap<CheckKey, Arc<CheckStatus>>>,
     queues: HashMap<&'a str, &'a Arc<WaitQueue>>,
     budgets: HashMap<&'a str, &'a Arc<RetryBudget>>,
+    cluster: Option<&'a Arc<Cluster>>,
     /// Each route's requests that reached no backend, by (route, upstream).
     unsent: HashMap<(&'a str, &'a str), &'a Arc<RequestCounts>>,
     upstreams: HashMap<&'a str, &'a Arc<Upstream>>,
@@ -263,6 +277,7 @@ impl<'a> Carried<'a> {
             checks: Default::default(),
             queues: HashMap::new(),
             budgets: HashMap::new(),
+            cluster: previous.and_then(|p| p.cluster.as_ref()),
             unsent: HashMap::new(),
             upstreams: upstreams.iter().map(|u| (&*u.name, u)).collect(),
         };
@@ -298,8 +313,37 @@ impl<'a> Carried<'a> {
     /// The previous snapshot's upstream of this name if its config is the
     /// same: reused whole (balancer tables included), so a reload costs what it
     /// changes.
-    fn unchanged_upstream(&self, config: &crate::config::UpstreamConfig) -> Option<Arc<Upstream>> {
-        self.upstreams.get(config.name.as_str()).filter(|u| u.config == *config).map(|u| Arc::clone(u))
+    fn unchanged_upstream(
+        &self,
+        config: &crate::config::UpstreamConfig,
+        cluster: Option<&Arc<Cluster>>,
+    ) -> Option<Arc<Upstream>> {
+        let same_cluster = |u: &Upstream| match (&u.cluster, cluster) {
+            (Some(slots), Some(cluster)) => Arc::ptr_eq(&slots.cluster, cluster),
+            (None, _) => config.max_concurrency_scope != ConcurrencyScope::Cluster || cluster.is_none(),
+            (Some(_), None) => false,
+        };
+        self.upstreams
+            .get(config.name.as_str())
+            .filter(|u| u.config == *config && same_cluster(u))
+            .map(|u| Arc::clone(u))
+    }
+
+    /// The previous snapshot's Redis link if `cluster:` did not change, else
+    /// a new one (none outside a runtime: a config only being checked).
+    fn cluster(&self, config: Option<&ClusterConfig>) -> Option<Arc<Cluster>> {
+        let config = config?;
+        if let Some(previous) = self.cluster.filter(|c| c.config() == config) {
+            return Some(Arc::clone(previous));
+        }
+        tokio::runtime::Handle::try_current().ok()?;
+        match Cluster::start(config) {
+            Ok(cluster) => Some(cluster),
+            Err(error) => {
+                tracing::error!(%error, "cannot use the cluster's Redis; cluster-scoped upstreams count per replica");
+                None
+            }
+        }
     }
 
     fn backend_state(&self, upstream: &str, address: &str) -> Arc<BackendState> {
@@ -508,7 +552,15 @@ mod tests {
         let started = tokio::time::Instant::now();
         let far = started + Duration::from_secs(3600);
         let (ended, waited) = queue
-            .pick_or_wait(crate::queue::Priority::Normal, 10, Duration::from_secs(30), far, || None::<()>, || true)
+            .pick_or_wait(
+                crate::queue::Priority::Normal,
+                10,
+                Duration::from_secs(30),
+                far,
+                None,
+                || std::future::ready(None::<()>),
+                || true,
+            )
             .await;
         assert_eq!(ended, Err(crate::queue::WaitEnded::Timeout));
         assert_eq!(waited, Some(Duration::from_secs(30)));
@@ -516,13 +568,29 @@ mod tests {
 
         let near = tokio::time::Instant::now() + Duration::from_secs(5);
         let (ended, waited) = queue
-            .pick_or_wait(crate::queue::Priority::Normal, 10, Duration::from_secs(30), near, || None::<()>, || true)
+            .pick_or_wait(
+                crate::queue::Priority::Normal,
+                10,
+                Duration::from_secs(30),
+                near,
+                None,
+                || std::future::ready(None::<()>),
+                || true,
+            )
             .await;
         assert_eq!(ended, Err(crate::queue::WaitEnded::Deadline), "the route's deadline came first");
         assert_eq!(waited, Some(Duration::from_secs(5)));
 
         let (ended, waited) = queue
-            .pick_or_wait(crate::queue::Priority::Normal, 10, Duration::from_secs(30), far, || None::<()>, || false)
+            .pick_or_wait(
+                crate::queue::Priority::Normal,
+                10,
+                Duration::from_secs(30),
+                far,
+                None,
+                || std::future::ready(None::<()>),
+                || false,
+            )
             .await;
         assert_eq!((ended, waited), (Err(crate::queue::WaitEnded::Unavailable), None), "not busy: no wait at all");
     }

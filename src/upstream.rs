@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::backend::{Backend, Ineligible};
 use crate::balance::Balancer;
 use crate::clock::nanos_since_epoch;
+use crate::cluster::UpstreamSlots;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::queue::WaitQueue;
 
@@ -24,6 +25,8 @@ pub struct Upstream {
     pub ejection_lock: Mutex<()>,
     /// Requests waiting for a free backend; carried across reloads by name.
     pub queue: Option<Arc<WaitQueue>>,
+    /// With `max_concurrency_scope: cluster`, the backends' slot sets in Redis.
+    pub cluster: Option<UpstreamSlots>,
 }
 
 impl Upstream {

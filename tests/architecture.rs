@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// its own layer as long as no cycle forms. Every module must be listed here.
 const LAYERS: &[(&str, &[&str])] = &[
     ("foundations", &["clock", "text", "path", "body", "metrics", "config", "tls", "error", "logging"]),
-    ("what the proxy learns about backends", &["breaker", "health", "retry", "queue", "backend"]),
+    ("what the proxy learns about backends", &["breaker", "health", "retry", "queue", "cluster", "backend"]),
     ("choosing a backend", &["balance", "upstream", "route"]),
     ("the compiled snapshot", &["state"]),
     (

@@ -265,7 +265,7 @@ async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Respo
                 let snapshot = runtime.live().load();
                 crate::gauges::refresh_gauges(&snapshot);
                 let mut text = handle.render();
-                crate::gauges::write_backend_series(&snapshot, &mut text);
+                crate::gauges::write_owned_series(&snapshot, &mut text);
                 let mut response = Response::new(Full::from(text));
                 response
                     .headers_mut()

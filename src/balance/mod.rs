@@ -128,6 +128,42 @@ impl Balancer {
         }
     }
 
+    /// Up to `max` backends that could take `request` by what this process
+    /// knows (eligible, under their limits here), in the policy's order and
+    /// moving its state as a pick does, without reserving any: for a pick
+    /// whose slots are counted elsewhere (a cluster-scoped upstream asks Redis
+    /// for the first of them with room). Untried backends only, unless every
+    /// candidate was tried. Slow start does not thin this list.
+    pub fn candidates(&self, backends: &[Arc<Backend>], request: &PickRequest<'_>, max: usize) -> Vec<usize> {
+        let now = crate::clock::nanos_since_epoch();
+        let walk = |exclude: &[usize]| {
+            let mut found = Vec::with_capacity(max.min(backends.len()));
+            let offer = |candidate: Candidate| {
+                let backend = &backends[candidate.index];
+                let usable = !exclude.contains(&candidate.index)
+                    && !found.contains(&candidate.index)
+                    && backend.ineligible(|| now).is_none()
+                    && backend.in_flight() < candidate.cap;
+                if usable {
+                    found.push(candidate.index);
+                }
+                (found.len() >= max).then_some(())
+            };
+            match self {
+                Balancer::RoundRobin(policy) => policy.walk(backends, request, true, offer),
+                Balancer::LeastLoaded(policy) => policy.walk(backends, request, true, offer),
+                Balancer::ConsistentHash(policy) => policy.walk(backends, request, true, offer),
+                Balancer::Random(policy) => policy.walk(backends, request, true, offer),
+            };
+            found
+        };
+        let found = walk(request.exclude);
+        if found.is_empty() && !request.exclude.is_empty() {
+            return walk(&[]);
+        }
+        found
+    }
+
     /// Picks and reserves a backend (see [`Policy::pick`]). A retry prefers the
     /// backends it has not tried; when none of those can take it, a tried one
     /// may (a second walk, on retries only).

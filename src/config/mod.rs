@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-pub use raw::{CheckKind, LogFormat, LogLevel, RetryOn, UpstreamProtocol};
+pub use raw::{CheckKind, ConcurrencyScope, LogFormat, LogLevel, OnUnavailable, RetryOn, UpstreamProtocol};
 pub use values::{HostPattern, KeySpec};
 
 /// A config file larger than this is refused before parsing: real configs are far
@@ -40,8 +40,39 @@ pub struct Config {
     /// (see `proxy::rewrite`); from anyone else they are replaced.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub paths: PathsConfig,
+    /// `cluster:`; `None` when replicas share nothing.
+    pub cluster: Option<ClusterConfig>,
     pub routes: Vec<RouteConfig>,
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// `cluster:`: the Redis (or Valkey) through which replicas share backend
+/// slots (see `cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://` or `rediss://` URL; may carry a password, so never shown.
+    pub redis: Secret,
+    /// From `password_file`, when the URL carries none.
+    pub password: Option<Secret>,
+    pub key_prefix: String,
+    pub lease: Duration,
+    pub on_unavailable: OnUnavailable,
+}
+
+impl ClusterConfig {
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+    pub const MIN_LEASE: Duration = Duration::from_secs(1);
+    pub const MAX_LEASE: Duration = Duration::from_secs(600);
+    pub const DEFAULT_KEY_PREFIX: &'static str = "switchyard:";
+
+    /// The URL with any password in it replaced, for `/status` and logs.
+    pub fn redis_shown(&self) -> String {
+        let url = self.redis.reveal();
+        match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => format!("{}://<redacted>@{}", &url[..scheme], &url[at + 1..]),
+            _ => url.to_owned(),
+        }
+    }
 }
 
 /// `paths:`: how request paths are normalised before routing (dot segments
@@ -88,6 +119,12 @@ impl Secret {
 
     /// Compares without an early exit, so the time taken does not reveal how
     /// many leading bytes of a guess were right.
+    /// The value itself, for the one place that must send it (a Redis
+    /// connection); never for output.
+    pub fn reveal(&self) -> &str {
+        &self.0
+    }
+
     pub fn matches(&self, candidate: &[u8]) -> bool {
         let expected = self.0.as_bytes();
         let mut difference = expected.len() ^ candidate.len();
@@ -252,6 +289,8 @@ pub struct UpstreamConfig {
     pub health: HealthConfig,
     pub circuit_breaker: Option<BreakerConfig>,
     pub queue: Option<QueueConfig>,
+    /// Whether `max_concurrency` holds per replica or across the cluster.
+    pub max_concurrency_scope: ConcurrencyScope,
 }
 
 /// `discovery:` of an upstream: its backends come from DNS, looked up again
@@ -525,5 +564,42 @@ upstreams:
         assert_eq!(errors.0.len(), 2, "{errors}");
         assert_eq!((errors.0[0].line, errors.0[0].column), (3, 15));
         assert_eq!((errors.0[1].line, errors.0[1].column), (4, 15));
+    }
+
+    #[test]
+    fn a_cluster_scope_needs_a_cluster_and_limits_to_share() {
+        let config = |cluster: &str, limit: &str| {
+            format!(
+                "listeners: [{{bind: \"127.0.0.1:0\"}}]\n{cluster}routes: [{{upstream: bots}}]\nupstreams:\n  bots:\n    max_concurrency_scope: cluster\n    backends: [{{address: \"x:1\"{limit}}}]\n"
+            )
+        };
+        let error = first_error(&config("", ", max_concurrency: 1"));
+        assert_eq!((error.line, error.column), (5, 28), "{}", error.message);
+        assert!(error.message.contains("needs a top-level `cluster:`"), "{}", error.message);
+        let cluster = "cluster: { redis: \"redis://127.0.0.1:6379/0\" }\n";
+        let error = first_error(&config(cluster, ""));
+        assert!(error.message.contains("no backend of `bots` has max_concurrency"), "{}", error.message);
+        let parsed = parse(&config(cluster, ", max_concurrency: 1"), "t.yaml").unwrap();
+        let shared = parsed.cluster.unwrap();
+        assert_eq!((shared.lease, shared.key_prefix.as_str()), (ClusterConfig::DEFAULT_LEASE, "switchyard:"));
+        assert_eq!(shared.on_unavailable, OnUnavailable::Local);
+        assert_eq!(parsed.upstreams[0].max_concurrency_scope, ConcurrencyScope::Cluster);
+    }
+
+    #[test]
+    fn a_cluster_url_is_checked_and_never_repeated() {
+        let text = |url: &str, extra: &str| {
+            format!("listeners: [{{bind: \"127.0.0.1:0\"}}]\ncluster: {{ redis: \"{url}\"{extra} }}\nroutes: [{{upstream: a}}]\nupstreams:\n  a:\n    backends: [{{address: \"x:1\"}}]\n")
+        };
+        let error = first_error(&text("http://user:hunter2@cache:6379", ""));
+        assert_eq!((error.line, error.column), (2, 19));
+        assert!(!error.message.contains("hunter2"), "{}", error.message);
+        let error = first_error(&text("redis://cache:6379/0", ", lease: 100ms"));
+        assert!(error.message.contains("lease must be between"), "{}", error.message);
+        let error = first_error(&text("redis://cache:6379/0", ", key_prefix: \"a{b}\""));
+        assert!(error.message.contains("key_prefix"), "{}", error.message);
+        let shown =
+            parse(&text("redis://user:hunter2@cache:6379/0", ""), "t.yaml").unwrap().cluster.unwrap().redis_shown();
+        assert_eq!(shown, "redis://<redacted>@cache:6379/0");
     }
 }

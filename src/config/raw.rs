@@ -31,10 +31,44 @@ pub struct RawConfig {
     pub trusted_proxies: Vec<Spanned<String>>,
     #[serde(default)]
     pub paths: RawPaths,
+    pub cluster: Option<Spanned<RawCluster>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+}
+
+/// `cluster:`: the Redis through which replicas share backend slots.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub redis: Option<Spanned<String>>,
+    /// A file holding the Redis password, relative to the config file's directory.
+    pub password_file: Option<Spanned<String>>,
+    pub key_prefix: Option<Spanned<String>>,
+    pub lease: Option<Spanned<DurationValue>>,
+    pub on_unavailable: Option<OnUnavailable>,
+}
+
+/// What a cluster-scoped pick does while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    /// Each replica enforces `max_concurrency` on its own until Redis is back.
+    Local,
+    /// 503 `cluster_unavailable`.
+    Refuse,
+}
+
+/// Where an upstream's `max_concurrency` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConcurrencyScope {
+    /// In this process: each replica counts its own requests.
+    #[default]
+    Replica,
+    /// Across every replica sharing `cluster:`, through Redis.
+    Cluster,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +223,7 @@ pub struct RawUpstream {
     pub health: Option<RawHealth>,
     pub circuit_breaker: Option<Spanned<RawBreaker>>,
     pub queue: Option<RawQueue>,
+    pub max_concurrency_scope: Option<Spanned<ConcurrencyScope>>,
 }
 
 /// `resolver:`: the DNS servers `discovery` asks.

@@ -10,16 +10,17 @@ use std::time::Duration;
 use serde_saphyr::{Location, Spanned};
 
 use super::raw::{
-    CheckKind, PolicyKind, RawBackend, RawBreaker, RawConfig, RawDiscovery, RawHealth, RawListenerTls, RawQueue,
-    RawResolver, RawRetry, RawRoute, RawUpstream, RawUpstreamTls, UpstreamProtocol,
+    CheckKind, ConcurrencyScope, OnUnavailable, PolicyKind, RawBackend, RawBreaker, RawCluster, RawConfig,
+    RawDiscovery, RawHealth, RawListenerTls, RawQueue, RawResolver, RawRetry, RawRoute, RawUpstream, RawUpstreamTls,
+    UpstreamProtocol,
 };
 use super::tls::{Alpn, Certificate, CertificateError, ListenerTls, UpstreamTls, UpstreamTlsError, UpstreamTlsFiles};
 use super::values::DurationValue;
 use super::{
-    ActiveCheck, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, Config, ConfigError, ConfigErrors,
-    DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig, LogFormat, LogLevel,
-    PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryConfig, RouteConfig, Secret,
-    UpstreamConfig,
+    ActiveCheck, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig, Config, ConfigError,
+    ConfigErrors, DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig, LogFormat,
+    LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryConfig, RouteConfig,
+    Secret, UpstreamConfig,
 };
 
 /// Shorter admin tokens are too easy to guess.
@@ -124,10 +125,11 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
     let resolver = validate_resolver(&raw.resolver, &mut errors);
     let trusted_proxies = validate_trusted_proxies(&raw.trusted_proxies, &mut errors);
     let paths = PathsConfig { merge_slashes: raw.paths.merge_slashes.unwrap_or(false) };
+    let cluster = raw.cluster.as_ref().and_then(|c| validate_cluster(c, file, &mut errors));
 
     let mut upstreams = Vec::new();
     for (name, upstream) in &raw.upstreams {
-        if let Some(upstream) = validate_upstream(name, upstream, file, &mut errors) {
+        if let Some(upstream) = validate_upstream(name, upstream, file, raw.cluster.is_some(), &mut errors) {
             upstreams.push(upstream);
         }
     }
@@ -157,7 +159,19 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
     };
 
     if errors.errors.is_empty() {
-        Ok(Config { listeners, admin, log, limits, workers, resolver, trusted_proxies, paths, routes, upstreams })
+        Ok(Config {
+            listeners,
+            admin,
+            log,
+            limits,
+            workers,
+            resolver,
+            trusted_proxies,
+            paths,
+            cluster,
+            routes,
+            upstreams,
+        })
     } else {
         errors.errors.sort_by_key(|e| (e.line, e.column));
         Err(ConfigErrors(errors.errors))
@@ -335,6 +349,7 @@ fn validate_upstream(
     name: &str,
     upstream: &Spanned<RawUpstream>,
     file: &str,
+    has_cluster: bool,
     errors: &mut Collector<'_>,
 ) -> Option<UpstreamConfig> {
     let location = upstream.referenced;
@@ -425,6 +440,20 @@ fn validate_upstream(
     let health = upstream.health.as_ref().map(|h| validate_health(h, errors)).unwrap_or_default();
     let circuit_breaker = upstream.circuit_breaker.as_ref().map(|b| validate_breaker(b, errors));
     let queue = upstream.queue.as_ref().map(|q| validate_queue(q, errors));
+    let max_concurrency_scope = upstream.max_concurrency_scope.as_ref().map_or(ConcurrencyScope::Replica, |s| s.value);
+    if let Some(scope) = upstream.max_concurrency_scope.as_ref().filter(|s| s.value == ConcurrencyScope::Cluster) {
+        let limited = backends.iter().any(|b| b.max_concurrency.is_some())
+            || discovery.as_ref().is_some_and(|d| d.defaults.max_concurrency.is_some());
+        if !has_cluster {
+            errors
+                .at(scope.referenced, "max_concurrency_scope `cluster` needs a top-level `cluster:` naming the Redis");
+        } else if !limited {
+            errors.at(
+                scope.referenced,
+                format!("max_concurrency_scope `cluster`, but no backend of `{name}` has max_concurrency to share"),
+            );
+        }
+    }
 
     (errors.errors.len() == before).then(|| UpstreamConfig {
         name: name.to_owned(),
@@ -436,6 +465,57 @@ fn validate_upstream(
         health,
         circuit_breaker,
         queue,
+        max_concurrency_scope,
+    })
+}
+
+/// `cluster:`: a Redis URL the client accepts, a password from a file when
+/// the URL has none, a prefix and a lease in range.
+fn validate_cluster(raw: &Spanned<RawCluster>, file: &str, errors: &mut Collector<'_>) -> Option<ClusterConfig> {
+    let before = errors.errors.len();
+    let cluster = &raw.value;
+    let Some(redis) = &cluster.redis else {
+        errors.at(raw.referenced, "cluster needs `redis`, e.g. \"redis://127.0.0.1:6379/0\"");
+        return None;
+    };
+    // The message never repeats the URL: it may carry a password.
+    let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|s| redis.value.starts_with(s));
+    if !scheme_ok {
+        errors.at(redis.referenced, "cluster redis must be a redis://, rediss:// or unix:// URL");
+    } else if redis::Client::open(redis.value.as_str()).is_err() {
+        errors.at(redis.referenced, "cluster redis is not a usable URL (host, port, database number?)");
+    }
+    let password = cluster.password_file.as_ref().and_then(|path| {
+        let full = Path::new(file).parent().unwrap_or(Path::new("")).join(&path.value);
+        match std::fs::read_to_string(&full) {
+            Ok(text) => Some(Secret::new(text.trim_end_matches(['\n', '\r']).to_owned())),
+            Err(error) => {
+                errors.at(path.referenced, format!("cannot read cluster password_file {}: {error}", full.display()));
+                None
+            }
+        }
+    });
+    let key_prefix = cluster.key_prefix.as_ref().map_or(ClusterConfig::DEFAULT_KEY_PREFIX.to_owned(), |prefix| {
+        // Braces would change which Redis Cluster slot the keys hash to.
+        if prefix.value.is_empty() || prefix.value.contains(['{', '}', ' ', '*', '?', '[', ']']) {
+            errors.at(prefix.referenced, "cluster key_prefix must be non-empty, without spaces, braces or * ? [ ]");
+        }
+        prefix.value.clone()
+    });
+    let lease = match &cluster.lease {
+        Some(lease) if lease.value.0 < ClusterConfig::MIN_LEASE || lease.value.0 > ClusterConfig::MAX_LEASE => {
+            errors.at(lease.referenced, "cluster lease must be between 1s and 10m");
+            ClusterConfig::DEFAULT_LEASE
+        }
+        Some(lease) => lease.value.0,
+        None => ClusterConfig::DEFAULT_LEASE,
+    };
+    (errors.errors.len() == before).then(|| ClusterConfig {
+        redis: Secret::new(redis.value.clone()),
+        password,
+        key_prefix,
+        lease,
+        on_unavailable: cluster.on_unavailable.unwrap_or(OnUnavailable::Local),
     })
 }
 

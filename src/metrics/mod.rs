@@ -44,6 +44,12 @@ pub const CERTIFICATE_EXPIRY_SECONDS: &str = "switchyard_certificate_expiry_seco
 pub const DISCOVERY_LOOKUPS_TOTAL: &str = "switchyard_discovery_lookups_total";
 pub const DISCOVERED_BACKENDS: &str = "switchyard_discovered_backends";
 pub const DISCOVERY_DROPPED_TOTAL: &str = "switchyard_discovery_dropped_total";
+pub const CLUSTER_AVAILABLE: &str = "switchyard_cluster_available";
+pub const CLUSTER_SLOTS_HELD: &str = "switchyard_cluster_slots_held";
+pub const CLUSTER_REDIS_DURATION_SECONDS: &str = "switchyard_cluster_redis_duration_seconds";
+pub const CLUSTER_LEASE_RENEWALS_TOTAL: &str = "switchyard_cluster_lease_renewals_total";
+pub const CLUSTER_FALLBACKS_TOTAL: &str = "switchyard_cluster_fallbacks_total";
+pub const CLUSTER_SLOTS_LOST_TOTAL: &str = "switchyard_cluster_slots_lost_total";
 
 /// The metric names every proxy exports from its first scrape, whatever its
 /// config (the dashboard's set); TLS, certificate and discovery series exist

@@ -92,6 +92,10 @@ impl DurationHistogram {
     pub fn count(&self) -> u64 {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
+
+    pub fn sum(&self) -> Duration {
+        Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed))
+    }
 }
 
 /// What the proxy counts about one backend of one upstream, kept in its
@@ -157,6 +161,10 @@ pub struct Family<'a> {
 impl<'a> Family<'a> {
     pub fn counter(out: &'a mut String, name: &'static str) -> Self {
         Family::start(out, name, "counter")
+    }
+
+    pub fn gauge(out: &'a mut String, name: &'static str) -> Self {
+        Family::start(out, name, "gauge")
     }
 
     pub fn histogram(out: &'a mut String, name: &'static str) -> Self {

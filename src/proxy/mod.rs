@@ -369,25 +369,44 @@ async fn pick_backend(
     notes: &RequestNotes,
 ) -> Result<Pick, ProxyError> {
     let request = PickRequest { headers: &parts.headers, uri: &parts.uri, client_ip, exclude: tried };
-    let try_pick = || upstream.balancer.pick(&upstream.backends, &request);
     let unavailable = || match upstream.unavailable() {
         Unavailable::CircuitOpen => ProxyError::CircuitOpen { upstream: upstream.name.to_string() },
         Unavailable::NoHealthy | Unavailable::AllBusy => {
             ProxyError::NoHealthyBackend { upstream: upstream.name.to_string() }
         }
     };
+    // Whether the last cluster-wide pick found every candidate full in Redis:
+    // busy, though this replica alone sees room.
+    let cluster_full = std::sync::atomic::AtomicBool::new(false);
+    // Boxed: the Redis round trip's state would otherwise enlarge every
+    // request's future, cluster or not.
+    let try_pick = || async {
+        match &upstream.cluster {
+            Some(slots) => Box::pin(pick_in_cluster(upstream, slots, &request, &cluster_full)).await,
+            None => upstream.balancer.pick(&upstream.backends, &request).map(Ok),
+        }
+    };
     let (Some(queue), Some(config)) = (&upstream.queue, &upstream.config.queue) else {
-        return try_pick().ok_or_else(unavailable);
+        if upstream.cluster.is_none() {
+            return upstream.balancer.pick(&upstream.backends, &request).ok_or_else(unavailable);
+        }
+        return try_pick().await.unwrap_or_else(|| Err(unavailable()));
     };
     let priority = Priority::from_header(config.priority_header.as_ref().and_then(|h| parts.headers.get(h)));
-    let all_busy = || upstream.unavailable() == Unavailable::AllBusy;
+    let all_busy =
+        || cluster_full.load(std::sync::atomic::Ordering::Relaxed) || upstream.unavailable() == Unavailable::AllBusy;
+    let poll = upstream.cluster.as_ref().map(|_| crate::cluster::POLL);
     let (picked, queued_for) = queue
-        .pick_or_wait(priority, config.max_waiting as usize, config.timeout, route_deadline, try_pick, all_busy)
+        .pick_or_wait(priority, config.max_waiting as usize, config.timeout, route_deadline, poll, try_pick, all_busy)
         .await;
     if let Some(waited) = queued_for {
         notes.queued(waited);
     }
-    picked.map_err(|ended| match ended {
+    let ended = match picked {
+        Ok(pick) => return pick,
+        Err(ended) => ended,
+    };
+    Err(match ended {
         WaitEnded::Unavailable => unavailable(),
         WaitEnded::Deadline => ProxyError::UpstreamTimeout,
         WaitEnded::Full => {
@@ -399,6 +418,54 @@ async fn pick_backend(
             ProxyError::QueueTimeout { upstream: upstream.name.to_string() }
         }
     })
+}
+
+/// One pick of a cluster-scoped upstream: the policy's candidates by what
+/// this replica knows, then the first with room across the cluster, from
+/// Redis in one round trip. `None` when none has room (`cluster_full` says
+/// whether that was Redis's answer); while Redis cannot be reached, a pick
+/// by this replica's own limits (`on_unavailable: local`) or 503 (`refuse`).
+async fn pick_in_cluster(
+    upstream: &Upstream,
+    slots: &crate::cluster::UpstreamSlots,
+    request: &PickRequest<'_>,
+    cluster_full: &std::sync::atomic::AtomicBool,
+) -> Option<Result<Pick, ProxyError>> {
+    let cluster = &slots.cluster;
+    cluster_full.store(false, std::sync::atomic::Ordering::Relaxed);
+    if cluster.available() {
+        let candidates = upstream.balancer.candidates(&upstream.backends, request, crate::cluster::MAX_CANDIDATES);
+        if candidates.is_empty() {
+            return None;
+        }
+        let limits: Vec<(usize, u32)> =
+            candidates.iter().map(|&index| (index, upstream.backends[index].max_concurrency)).collect();
+        match cluster.acquire(slots, &limits).await {
+            Ok(Some((index, lease))) => {
+                // Room in Redis means room here (this replica's requests hold
+                // slots there too), unless the backend turned ineligible
+                // meanwhile: then the slot goes back.
+                let guard = upstream.backends[index].try_acquire(u32::MAX)?;
+                return Some(Ok(Pick { index, guard: guard.with_lease(lease) }));
+            }
+            Ok(None) => {
+                cluster_full.store(true, std::sync::atomic::Ordering::Relaxed);
+                return None;
+            }
+            Err(crate::cluster::Unreachable) => {}
+        }
+    }
+    match cluster.on_unavailable() {
+        crate::config::OnUnavailable::Local => {
+            let pick = upstream.balancer.pick(&upstream.backends, request)?;
+            let lease = cluster.hold_locally(slots, pick.index);
+            Some(Ok(Pick { index: pick.index, guard: pick.guard.with_lease(lease) }))
+        }
+        crate::config::OnUnavailable::Refuse => {
+            cluster.refused();
+            Some(Err(ProxyError::ClusterUnavailable { upstream: upstream.name.to_string() }))
+        }
+    }
 }
 
 /// The backend slot a response holds, and the request's notes, which say

@@ -33,17 +33,25 @@ impl Runtime {
             let bound = self.bound.lock().await;
             (bound.checkers.len(), bound.discovery.status())
         };
-        let upstreams = snapshot
-            .upstreams
-            .iter()
-            .map(|u| UpstreamStatus {
+        let mut upstreams = Vec::with_capacity(snapshot.upstreams.len());
+        for u in &snapshot.upstreams {
+            let in_cluster = match &u.cluster {
+                Some(slots) => slots.cluster.slots_in_use(slots).await,
+                None => None,
+            };
+            let mut backends: Vec<BackendStatus> = u.backends.iter().map(|b| BackendStatus::of(b, now)).collect();
+            for (backend, count) in backends.iter_mut().zip(in_cluster.iter().flatten()) {
+                backend.cluster_slots = Some(*count);
+            }
+            upstreams.push(UpstreamStatus {
                 name: u.name.to_string(),
                 policy: u.config.policy.name(),
+                max_concurrency_scope: u.config.max_concurrency_scope,
                 queue_waiting: u.queue.as_ref().map(|q| q.waiting()),
                 discovery: discovery.remove(&*u.name),
-                backends: u.backends.iter().map(|b| BackendStatus::of(b, now)).collect(),
-            })
-            .collect();
+                backends,
+            });
+        }
         Status {
             generation: snapshot.generation,
             draining: self.is_draining(),
@@ -55,7 +63,53 @@ impl Runtime {
             },
             listeners,
             health_checkers,
+            cluster: snapshot.cluster.as_deref().map(ClusterStatus::of),
             upstreams,
+        }
+    }
+}
+
+/// `cluster` in `/status`: the Redis link this replica shares slots through.
+#[derive(Debug, Serialize)]
+pub struct ClusterStatus {
+    /// The URL, any password in it redacted.
+    pub redis: String,
+    /// This process's name in Redis (new at every start).
+    pub replica: String,
+    /// Whether Redis answers; while it does not, `on_unavailable` applies.
+    pub available: bool,
+    pub on_unavailable: crate::config::OnUnavailable,
+    pub lease_seconds: f64,
+    /// Slots this replica holds now.
+    pub held_slots: usize,
+    /// Mean time of a pick's round trip to Redis.
+    pub round_trip_ms: Option<f64>,
+    pub renewals: u64,
+    pub failed_renewals: u64,
+    /// Picks made by this replica's own limits, or refused, while Redis was away.
+    pub fallbacks: u64,
+    /// Slots found lapsed at a renewal (cut off from Redis for longer than the lease).
+    pub slots_lost: u64,
+    pub last_error: Option<String>,
+}
+
+impl ClusterStatus {
+    fn of(cluster: &crate::cluster::Cluster) -> Self {
+        let stats = &cluster.stats;
+        let trips = stats.round_trips.count();
+        ClusterStatus {
+            redis: cluster.config().redis_shown(),
+            replica: cluster.replica().to_owned(),
+            available: cluster.available(),
+            on_unavailable: cluster.config().on_unavailable,
+            lease_seconds: cluster.config().lease.as_secs_f64(),
+            held_slots: cluster.held_slots(),
+            round_trip_ms: (trips > 0).then(|| stats.round_trips.sum().as_secs_f64() * 1e3 / trips as f64),
+            renewals: stats.renewals_ok.load(Ordering::Relaxed),
+            failed_renewals: stats.renewals_failed.load(Ordering::Relaxed),
+            fallbacks: stats.fallbacks.load(Ordering::Relaxed),
+            slots_lost: stats.slots_lost.load(Ordering::Relaxed),
+            last_error: stats.last_error.lock().expect("never poisoned").clone(),
         }
     }
 }
@@ -69,6 +123,8 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     /// Active checker tasks running: one per distinct (backend address, check).
     pub health_checkers: usize,
+    /// `null` without `cluster:`.
+    pub cluster: Option<ClusterStatus>,
     pub upstreams: Vec<UpstreamStatus>,
 }
 
@@ -117,6 +173,8 @@ impl CertificateStatus {
 pub struct UpstreamStatus {
     pub name: String,
     pub policy: &'static str,
+    /// `replica` or `cluster`: where `max_concurrency` holds.
+    pub max_concurrency_scope: crate::config::ConcurrencyScope,
     /// Requests waiting for a free backend; `null` without a queue.
     pub queue_waiting: Option<usize>,
     /// Where the backends come from and how the last lookups went; `null`
@@ -157,6 +215,9 @@ pub struct BackendStatus {
     pub circuit: Option<Phase>,
     /// Seconds until an open circuit lets a probe through.
     pub circuit_open_for_seconds: Option<f64>,
+    /// Slots taken on it by every replica (cluster-scoped upstreams, while
+    /// Redis answers); `null` otherwise.
+    pub cluster_slots: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -197,6 +258,7 @@ impl BackendStatus {
                 .breaker
                 .and_then(|_| backend.state.breaker.snapshot().open_remaining(now))
                 .map(|d| d.as_secs_f64()),
+            cluster_slots: None,
             active_check: backend.check.as_ref().map(|check| {
                 let last = check.last();
                 let (consecutive_passes, consecutive_failures) = check.consecutive();

@@ -5,6 +5,7 @@ mod dns;
 mod support;
 
 mod backend_http1;
+mod cluster;
 mod config_check;
 mod connections;
 mod demo;

@@ -1,0 +1,498 @@
+//! Backend slots shared by replicas through Redis (`max_concurrency_scope:
+//! cluster`): two load balancers in front of one-job bots must not give a
+//! bot two jobs.
+//!
+//! Each backend of a cluster-scoped upstream has a sorted set in Redis whose
+//! members are the slots taken on it, scored by when their lease runs out
+//! (Redis's own clock, so replicas' clocks do not matter). A pick sends the
+//! policy's candidates, in its order, to one script that drops expired slots
+//! and takes the first candidate with room: one round trip per pick. A
+//! replica renews the leases of the slots it holds every third of `lease`;
+//! the slots of a replica that stops (SIGKILL, partition) lapse after
+//! `lease`, and one that comes back learns from the renewal which of its
+//! slots had lapsed (they are counted and registered again: the jobs on them
+//! are still running). A released slot is removed and announced on the
+//! upstream's channel, which wakes the first waiter of every replica; waiters
+//! also look again every [`POLL`] in case an announcement was lost.
+//!
+//! While Redis cannot be reached, picks follow `on_unavailable`: `local`
+//! counts on this replica alone (the slots so taken are registered when Redis
+//! is back, so they are not handed out twice then), `refuse` answers 503.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+
+use crate::config::{ClusterConfig, OnUnavailable};
+use crate::metrics::series::DurationHistogram;
+use crate::queue::WaitQueue;
+
+/// How often a waiter looks again without an announcement.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// At most this many candidates go to Redis per pick.
+pub const MAX_CANDIDATES: usize = 16;
+
+/// Drops lapsed slots and takes the first candidate with room.
+/// KEYS: the candidates' slot sets, in the policy's order.
+/// ARGV: lease (ms), the new slot's member, then each candidate's limit.
+/// Returns the taken candidate's position, or -1.
+const ACQUIRE: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) < tonumber(ARGV[i + 2]) then
+    redis.call('ZADD', key, now + lease, ARGV[2])
+    redis.call('PEXPIRE', key, 2 * lease)
+    return i - 1
+  end
+end
+return -1
+";
+
+/// Extends the leases of the slots a replica holds, adding back any that
+/// lapsed (or were taken while Redis was away).
+/// KEYS: each held slot's set. ARGV: lease (ms), then each slot's member.
+/// Returns the positions of the slots that were not there.
+const RENEW: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local missing = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, now + lease, ARGV[i + 1]) == 1 then
+    table.insert(missing, i - 1)
+  end
+  redis.call('PEXPIRE', key, 2 * lease)
+end
+return missing
+";
+
+/// How many unexpired slots each set holds. KEYS: the sets.
+const COUNT: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local counts = {}
+for i, key in ipairs(KEYS) do
+  counts[i] = redis.call('ZCOUNT', key, '(' .. now, '+inf')
+end
+return counts
+";
+
+/// The Redis link of one process, shared by its cluster-scoped upstreams.
+pub struct Cluster {
+    config: ClusterConfig,
+    /// This process in slot members: random, new at every start.
+    replica: String,
+    client: redis::Client,
+    commands: ConnectionManager,
+    /// How long one command may take before Redis counts as unreachable.
+    command_timeout: Duration,
+    acquire: redis::Script,
+    renew: redis::Script,
+    count: redis::Script,
+    available: AtomicBool,
+    held: Mutex<HashMap<u64, HeldSlot>>,
+    next_slot: AtomicU64,
+    releases: mpsc::UnboundedSender<Release>,
+    /// The wait queue of each cluster-scoped upstream, by its channel.
+    queues: Mutex<HashMap<Arc<str>, Weak<WaitQueue>>>,
+    pub stats: ClusterStats,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+struct HeldSlot {
+    key: Arc<str>,
+    /// False for a slot taken by local limits while Redis was unreachable,
+    /// until a renewal has added it.
+    registered: bool,
+}
+
+struct Release {
+    key: Arc<str>,
+    member: String,
+    channel: Arc<str>,
+}
+
+/// What `/status` and `/metrics` show of the link.
+#[derive(Default)]
+pub struct ClusterStats {
+    /// Each acquire's round trip.
+    pub round_trips: DurationHistogram,
+    pub renewals_ok: AtomicU64,
+    pub renewals_failed: AtomicU64,
+    /// Picks made by local limits, or refused, while Redis was unreachable.
+    pub fallbacks: AtomicU64,
+    /// Slots found lapsed at a renewal (the replica was cut off for longer than `lease`).
+    pub slots_lost: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// An upstream's keys: its channel, and each backend's slot set by index.
+#[derive(Debug, Clone)]
+pub struct UpstreamSlots {
+    pub cluster: Arc<Cluster>,
+    pub channel: Arc<str>,
+    pub keys: Vec<Arc<str>>,
+}
+
+/// A slot held on a backend; released (in Redis, without waiting) when dropped.
+pub struct SlotLease {
+    cluster: Arc<Cluster>,
+    slot: u64,
+    key: Arc<str>,
+    channel: Arc<str>,
+}
+
+impl std::fmt::Debug for SlotLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlotLease({} #{})", self.key, self.slot)
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cluster({}, replica {})", self.config.redis_shown(), self.replica)
+    }
+}
+
+/// Redis could not be asked (down, unreachable, too slow).
+#[derive(Debug)]
+pub struct Unreachable;
+
+impl Cluster {
+    /// Connects lazily (a Redis that is down at start leaves the proxy
+    /// serving by `on_unavailable`) and starts the renewal, release and
+    /// announcement tasks on the current runtime.
+    pub fn start(config: &ClusterConfig) -> Result<Arc<Cluster>, String> {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(config.redis.reveal())
+            .map_err(|_| "cluster redis is not a usable URL".to_owned())?;
+        if let Some(password) = &config.password {
+            let settings = info.redis_settings().clone().set_password(password.reveal());
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(|_| "cluster redis is not a usable URL".to_owned())?;
+        let command_timeout = (config.lease / 4).min(Duration::from_secs(1));
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(command_timeout))
+            .set_response_timeout(Some(command_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|error| format!("cannot set up the Redis connection: {error}"))?;
+        let (releases, released) = mpsc::unbounded_channel();
+        let cluster = Arc::new(Cluster {
+            config: config.clone(),
+            replica: format!("{:016x}", fastrand::u64(..)),
+            client,
+            commands,
+            command_timeout,
+            acquire: redis::Script::new(ACQUIRE),
+            renew: redis::Script::new(RENEW),
+            count: redis::Script::new(COUNT),
+            // Until the first renewal says otherwise: a first pick finds out.
+            available: AtomicBool::new(true),
+            held: Mutex::default(),
+            next_slot: AtomicU64::new(0),
+            releases,
+            queues: Mutex::default(),
+            stats: ClusterStats::default(),
+            tasks: Mutex::default(),
+        });
+        let tasks = vec![
+            tokio::spawn(renew_leases(Arc::downgrade(&cluster))).abort_handle(),
+            tokio::spawn(send_releases(Arc::downgrade(&cluster), released)).abort_handle(),
+            tokio::spawn(follow_announcements(Arc::downgrade(&cluster))).abort_handle(),
+        ];
+        *cluster.tasks.lock().expect("never poisoned") = tasks;
+        Ok(cluster)
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    pub fn available(&self) -> bool {
+        self.available.load(Ordering::Acquire)
+    }
+
+    pub fn held_slots(&self) -> usize {
+        self.held.lock().expect("never poisoned").len()
+    }
+
+    /// The keys of `upstream` with these backend addresses; its queue, if
+    /// any, is woken by the announcements of slots freed on other replicas.
+    pub fn upstream(
+        self: &Arc<Self>,
+        upstream: &str,
+        backends: &[&str],
+        queue: Option<&Arc<WaitQueue>>,
+    ) -> UpstreamSlots {
+        // One hash tag per upstream: with Redis Cluster every key a script
+        // touches must hash to one slot.
+        let channel: Arc<str> = format!("{}{{{upstream}}}:freed", self.config.key_prefix).into();
+        if let Some(queue) = queue {
+            let mut queues = self.queues.lock().expect("never poisoned");
+            queues.retain(|_, queue| queue.strong_count() > 0);
+            queues.insert(Arc::clone(&channel), Arc::downgrade(queue));
+        }
+        let keys = backends
+            .iter()
+            .map(|address| format!("{}{{{upstream}}}:slots:{address}", self.config.key_prefix).into())
+            .collect();
+        UpstreamSlots { cluster: Arc::clone(self), channel, keys }
+    }
+
+    /// Takes a slot on the first of `candidates` (backend index and its
+    /// `max_concurrency`, in the policy's order) with room across the
+    /// cluster: `Ok(None)` when all are full.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        slots: &UpstreamSlots,
+        candidates: &[(usize, u32)],
+    ) -> Result<Option<(usize, SlotLease)>, Unreachable> {
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let member = self.member(slot);
+        let mut invocation = self.acquire.prepare_invoke();
+        invocation.arg(self.lease_millis()).arg(&member);
+        for &(index, _) in candidates {
+            invocation.key(&*slots.keys[index]);
+        }
+        for &(_, limit) in candidates {
+            invocation.arg(limit);
+        }
+        let started = Instant::now();
+        let mut connection = self.commands.clone();
+        let answer = tokio::time::timeout(self.command_timeout, invocation.invoke_async::<i64>(&mut connection)).await;
+        self.stats.round_trips.record(started.elapsed());
+        let position = match answer {
+            Ok(Ok(position)) => position,
+            failed => {
+                let error = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => format!("no answer within {}", crate::health::describe(self.command_timeout)),
+                };
+                self.lost_contact(&error);
+                // The script may have run: take back whatever it took.
+                for &(index, _) in candidates {
+                    self.send_release(Arc::clone(&slots.keys[index]), member.clone(), Arc::clone(&slots.channel));
+                }
+                return Err(Unreachable);
+            }
+        };
+        let Some(&(index, _)) = usize::try_from(position).ok().and_then(|p| candidates.get(p)) else {
+            return Ok(None);
+        };
+        Ok(Some((index, self.hold(slot, Arc::clone(&slots.keys[index]), Arc::clone(&slots.channel), true))))
+    }
+
+    /// The slots taken on each backend of `slots` across the cluster, for
+    /// `/status`; `None` when Redis cannot be asked.
+    pub async fn slots_in_use(&self, slots: &UpstreamSlots) -> Option<Vec<u64>> {
+        if slots.keys.is_empty() || !self.available() {
+            return None;
+        }
+        let mut invocation = self.count.prepare_invoke();
+        for key in &slots.keys {
+            invocation.key(&**key);
+        }
+        let mut connection = self.commands.clone();
+        tokio::time::timeout(self.command_timeout, invocation.invoke_async::<Vec<u64>>(&mut connection))
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// A slot taken by this replica's own limits while Redis is unreachable:
+    /// registered in Redis by the first renewal that reaches it.
+    pub fn hold_locally(self: &Arc<Self>, slots: &UpstreamSlots, index: usize) -> SlotLease {
+        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        self.hold(slot, Arc::clone(&slots.keys[index]), Arc::clone(&slots.channel), false)
+    }
+
+    /// A pick refused under `on_unavailable: refuse`.
+    pub fn refused(&self) {
+        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn on_unavailable(&self) -> OnUnavailable {
+        self.config.on_unavailable
+    }
+
+    fn hold(self: &Arc<Self>, slot: u64, key: Arc<str>, channel: Arc<str>, registered: bool) -> SlotLease {
+        self.held.lock().expect("never poisoned").insert(slot, HeldSlot { key: Arc::clone(&key), registered });
+        SlotLease { cluster: Arc::clone(self), slot, key, channel }
+    }
+
+    fn member(&self, slot: u64) -> String {
+        format!("{}:{slot}", self.replica)
+    }
+
+    fn lease_millis(&self) -> u64 {
+        self.config.lease.as_millis() as u64
+    }
+
+    fn send_release(&self, key: Arc<str>, member: String, channel: Arc<str>) {
+        // Unbounded, but never longer than the slots taken: one message each.
+        let _ = self.releases.send(Release { key, member, channel });
+    }
+
+    fn lost_contact(&self, error: &str) {
+        *self.stats.last_error.lock().expect("never poisoned") = Some(error.to_owned());
+        if self.available.swap(false, Ordering::AcqRel) {
+            match self.config.on_unavailable {
+                OnUnavailable::Local => tracing::error!(redis = %self.config.redis_shown(), %error,
+                    "Redis is unreachable: max_concurrency now holds per replica only, until it is back"),
+                OnUnavailable::Refuse => tracing::error!(redis = %self.config.redis_shown(), %error,
+                    "Redis is unreachable: cluster-scoped upstreams answer 503 until it is back"),
+            }
+        }
+    }
+
+    /// One renewal of every held slot. Returns whether Redis answered.
+    async fn renew_once(&self) -> bool {
+        let held: Vec<(u64, Arc<str>, bool)> = self
+            .held
+            .lock()
+            .expect("never poisoned")
+            .iter()
+            .map(|(slot, held)| (*slot, Arc::clone(&held.key), held.registered))
+            .collect();
+        let mut invocation = self.renew.prepare_invoke();
+        invocation.arg(self.lease_millis());
+        for (slot, key, _) in &held {
+            invocation.key(&**key).arg(self.member(*slot));
+        }
+        let mut connection = self.commands.clone();
+        let answer =
+            tokio::time::timeout(self.command_timeout, invocation.invoke_async::<Vec<usize>>(&mut connection)).await;
+        let missing = match answer {
+            Ok(Ok(missing)) => missing,
+            failed => {
+                self.stats.renewals_failed.fetch_add(1, Ordering::Relaxed);
+                let error = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => format!("no answer within {}", crate::health::describe(self.command_timeout)),
+                };
+                self.lost_contact(&error);
+                return false;
+            }
+        };
+        self.stats.renewals_ok.fetch_add(1, Ordering::Relaxed);
+        let lost = missing.iter().filter(|&&position| held.get(position).is_some_and(|h| h.2)).count();
+        if lost > 0 {
+            self.stats.slots_lost.fetch_add(lost as u64, Ordering::Relaxed);
+            tracing::warn!(
+                lost,
+                "slots of this replica had lapsed in Redis (cut off for longer than the lease); added back"
+            );
+        }
+        let mut current = self.held.lock().expect("never poisoned");
+        for (slot, _, _) in &held {
+            if let Some(entry) = current.get_mut(slot) {
+                entry.registered = true;
+            }
+        }
+        true
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().expect("never poisoned").drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        self.cluster.held.lock().expect("never poisoned").remove(&self.slot);
+        let member = self.cluster.member(self.slot);
+        self.cluster.send_release(Arc::clone(&self.key), member, Arc::clone(&self.channel));
+    }
+}
+
+/// Renews every third of the lease; while Redis is unreachable, tries every
+/// second, and on its return registers the slots taken meanwhile before
+/// picks go back to Redis.
+async fn renew_leases(cluster: Weak<Cluster>) {
+    loop {
+        let Some(strong) = cluster.upgrade() else { return };
+        let was_available = strong.available();
+        let answered = strong.renew_once().await;
+        if answered && !was_available {
+            // Slots taken by local limits until the flag flips are in the
+            // next renewal, at once rather than a third of a lease later.
+            strong.available.store(true, Ordering::Release);
+            strong.renew_once().await;
+            let held = strong.held_slots();
+            tracing::info!(redis = %strong.config.redis_shown(), held,
+                "Redis is reachable again: max_concurrency holds across the cluster");
+        }
+        let pause = if strong.available() { strong.config.lease / 3 } else { Duration::from_secs(1) };
+        drop(strong);
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Sends released slots to Redis, several per round trip when they pile up,
+/// and announces each on its upstream's channel. A release that cannot be
+/// sent is dropped: its slot is no longer renewed and lapses with its lease.
+async fn send_releases(cluster: Weak<Cluster>, mut released: mpsc::UnboundedReceiver<Release>) {
+    let mut batch = Vec::new();
+    while released.recv_many(&mut batch, 256).await > 0 {
+        let Some(strong) = cluster.upgrade() else { return };
+        let mut pipeline = redis::pipe();
+        for release in &batch {
+            pipeline.zrem(&*release.key, &release.member).ignore().publish(&*release.channel, "").ignore();
+        }
+        let mut connection = strong.commands.clone();
+        let sent = tokio::time::timeout(strong.command_timeout, pipeline.query_async::<()>(&mut connection)).await;
+        if !matches!(sent, Ok(Ok(()))) && strong.available() {
+            tracing::debug!(count = batch.len(), "could not release slots in Redis; their leases will lapse");
+        }
+        batch.clear();
+    }
+}
+
+/// Wakes the first waiter of an upstream whenever any replica announces a
+/// freed slot on its channel; reconnects after a second when the link drops.
+async fn follow_announcements(cluster: Weak<Cluster>) {
+    loop {
+        let Some(strong) = cluster.upgrade() else { return };
+        let pattern = format!("{}{{*}}:freed", strong.config.key_prefix);
+        let client = strong.client.clone();
+        let timeout = strong.command_timeout;
+        drop(strong);
+        let connected = tokio::time::timeout(timeout, async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.psubscribe(&pattern).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        if let Ok(Ok(pubsub)) = connected {
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = messages.next().await {
+                let Some(strong) = cluster.upgrade() else { return };
+                let queue = strong.queues.lock().expect("never poisoned").get(message.get_channel_name()).cloned();
+                if let Some(queue) = queue.and_then(|q| q.upgrade()) {
+                    queue.slot_freed();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,248 @@
+//! `max_concurrency_scope: cluster`: replicas sharing one-job bots through a
+//! real `redis-server` (installed by scripts/install-test-deps) on loopback.
+//! The bots are the test backends, which record how many requests each ran
+//! at once; a bot that ever ran two is a double booking.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::support::*;
+
+/// A `redis-server` of the test's own, without persistence, on a free port.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let mut server = RedisServer { child: None, port: free_port(), dir: tempfile::tempdir().unwrap() };
+        server.run().await;
+        server
+    }
+
+    async fn run(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/install-test-deps installs it)");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        wait_until_async("redis-server to answer PING", || {
+            let client = client.clone();
+            async move {
+                match client.get_multiplexed_async_connection().await {
+                    Ok(mut connection) => redis::cmd("PING").query_async::<String>(&mut connection).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts again on the same port, empty.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.run().await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A replica's config: the bots with `max_concurrency: 1`, shared through
+/// `redis` with a short lease, a queue that waits long enough for any test.
+fn replica_yaml(admin_port: u16, redis: &RedisServer, bots: &[&Backend], cluster_extra: &str) -> String {
+    let list: Vec<String> = bots.iter().map(|b| format!("{{ address: \"{}\", max_concurrency: 1 }}", b.addr)).collect();
+    format!(
+        "admin: {{ bind: \"127.0.0.1:{admin_port}\" }}\nlisteners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\n\
+         cluster: {{ redis: \"{}\", lease: 1s{cluster_extra} }}\nroutes: [{{ upstream: bots, timeout: 60s }}]\n\
+         upstreams:\n  bots:\n    max_concurrency_scope: cluster\n    queue: {{ max_waiting: 500, timeout: 50s }}\n    \
+         backends: [{}]\n",
+        redis.url(),
+        list.join(", ")
+    )
+}
+
+struct Replica {
+    process: ProxyProcess,
+    admin: u16,
+}
+
+impl Replica {
+    async fn start(redis: &RedisServer, bots: &[&Backend], cluster_extra: &str) -> Replica {
+        let admin = free_port();
+        Replica { process: ProxyProcess::start(&replica_yaml(admin, redis, bots, cluster_extra)).await, admin }
+    }
+
+    async fn status(&self) -> Value {
+        let answer = get(&client(), &format!("http://127.0.0.1:{}/status", self.admin)).await;
+        serde_json::from_str(&answer.body).expect("JSON status")
+    }
+
+    async fn queue_waiting(&self) -> u64 {
+        self.status().await["upstreams"][0]["queue_waiting"].as_u64().expect("a queue")
+    }
+
+    async fn redis_available(&self) -> bool {
+        self.status().await["cluster"]["available"].as_bool().expect("a cluster section")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_give_a_one_job_bot_two_jobs() {
+    let redis = RedisServer::start().await;
+    let mut bots = Vec::new();
+    for name in ["bot-0", "bot-1", "bot-2", "bot-3"] {
+        bots.push(Backend::start(name).await);
+    }
+    let bot_refs: Vec<&Backend> = bots.iter().collect();
+    let replicas = [Replica::start(&redis, &bot_refs, "").await, Replica::start(&redis, &bot_refs, "").await];
+    // 16 clients, 8 on each replica, 6 jobs each of 20 to 60 ms: far more
+    // jobs at once than bots, from both sides.
+    let client = client();
+    let jobs = futures::stream::iter(0..96)
+        .map(|job| {
+            let url = replicas[job % 2].process.url(&format!("/job?delay_ms={}", 20 + (job * 7) % 41));
+            let client = client.clone();
+            async move { get(&client, &url).await.status }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    assert!(jobs.iter().all(|status| *status == 200), "{jobs:?}");
+    for bot in &bots {
+        let peak = bot.stats.peak_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(peak, 1, "{} ran {peak} jobs at once", bot.name);
+        assert!(bot.hits() > 0, "{} got no job", bot.name);
+    }
+    assert_eq!(bots.iter().map(Backend::hits).sum::<usize>(), 96, "every job ran once");
+    for replica in &replicas {
+        let status = replica.status().await;
+        assert_eq!(status["cluster"]["available"], true, "{status}");
+        assert_eq!(status["cluster"]["fallbacks"], 0, "{status}");
+        assert_eq!(status["upstreams"][0]["max_concurrency_scope"], "cluster");
+        assert_eq!(status["cluster"]["held_slots"], 0, "every slot was released: {status}");
+        let explain = get(&client, &format!("http://127.0.0.1:{}/explain?path=/job", replica.admin)).await.body;
+        let explain: Value = serde_json::from_str(&explain).unwrap();
+        assert_eq!(explain["max_concurrency_scope"], "cluster", "{explain}");
+        let config = get(&client, &format!("http://127.0.0.1:{}/config", replica.admin)).await.body;
+        assert!(config.contains("max_concurrency_scope: cluster") && config.contains("lease: 1s"), "{config}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_slot_comes_back_after_its_lease() {
+    let redis = RedisServer::start().await;
+    let bot = Backend::start("bot").await;
+    let [first, second] = [Replica::start(&redis, &[&bot], "").await, Replica::start(&redis, &[&bot], "").await];
+    let client = client();
+    // The first replica's job holds the only bot.
+    let held = tokio::spawn({
+        let (client, url) = (client.clone(), first.process.url("/hold"));
+        async move { get(&client, &url).await }
+    });
+    wait_until("the held job to reach the bot", Duration::from_secs(30), || bot.in_flight() == 1).await;
+    // The second replica sees the bot busy across the cluster: its job waits.
+    let waiting = tokio::spawn({
+        let (client, url) = (client.clone(), second.process.url("/after"));
+        async move { get(&client, &url).await }
+    });
+    wait_until_async("the second replica's job to queue", || async { second.queue_waiting().await == 1 }).await;
+    assert_eq!(bot.hits(), 1, "the bot got no second job while busy");
+    let status = second.status().await;
+    assert_eq!(status["upstreams"][0]["backends"][0]["cluster_slots"], 1, "{status}");
+
+    // SIGKILL: no release is ever sent; the slot lapses with its lease, and
+    // the waiting job runs then.
+    let mut first = first;
+    first.process.signal(libc::SIGKILL);
+    first.process.wait_for_exit(Duration::from_secs(10), "the killed replica to exit").await;
+    // The bot finishes the orphaned job; the replica's slot stays taken in
+    // Redis until its lease lapses.
+    bot.release_held();
+    let _ = held.await;
+    assert_eq!(waiting.await.unwrap().status, 200);
+    assert_eq!(bot.stats.peak_in_flight.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_local_limits_serve_and_slots_taken_meanwhile_are_not_given_twice_after() {
+    let mut redis = RedisServer::start().await;
+    let bot = Backend::start("bot").await;
+    let [first, second] = [Replica::start(&redis, &[&bot], "").await, Replica::start(&redis, &[&bot], "").await];
+    let client = client();
+    assert_eq!(get(&client, &first.process.url("/before")).await.status, 200);
+
+    redis.stop();
+    // Every request is served, by each replica's own limit.
+    for replica in [&first, &second] {
+        assert_eq!(get(&client, &replica.process.url("/meanwhile")).await.status, 200);
+        assert!(!replica.redis_available().await, "the fallback shows in /status");
+    }
+    let metrics = scrape(&format!("http://127.0.0.1:{}/metrics", first.admin)).await;
+    assert_eq!(metric_value(&metrics, "switchyard_cluster_available", &[]), Some(0.0));
+    assert!(metric_value(&metrics, "switchyard_cluster_fallbacks_total", &[]).unwrap() >= 1.0);
+
+    // A job taken by local limits while Redis is away...
+    let held = tokio::spawn({
+        let (client, url) = (client.clone(), first.process.url("/hold"));
+        async move { get(&client, &url).await }
+    });
+    wait_until("the held job to reach the bot", Duration::from_secs(30), || bot.in_flight() == 1).await;
+    // ...is registered when Redis is back (empty: it lost everything), so
+    // the other replica does not give the bot a second job.
+    redis.restart().await;
+    for replica in [&first, &second] {
+        wait_until_async("the replica to use Redis again", || replica.redis_available()).await;
+    }
+    wait_until_async("the first replica's slot to be registered", || async {
+        second.status().await["upstreams"][0]["backends"][0]["cluster_slots"] == 1
+    })
+    .await;
+    let waiting = tokio::spawn({
+        let (client, url) = (client.clone(), second.process.url("/after"));
+        async move { get(&client, &url).await }
+    });
+    wait_until_async("the second replica's job to queue", || async { second.queue_waiting().await == 1 }).await;
+    bot.release_held();
+    assert_eq!(held.await.unwrap().status, 200);
+    assert_eq!(waiting.await.unwrap().status, 200);
+    assert_eq!(bot.stats.peak_in_flight.load(std::sync::atomic::Ordering::SeqCst), 1, "never two jobs at once");
+}
+
+#[tokio::test]
+async fn without_redis_refuse_answers_503_with_its_code() {
+    let mut redis = RedisServer::start().await;
+    let bot = Backend::start("bot").await;
+    let replica = Replica::start(&redis, &[&bot], ", on_unavailable: refuse").await;
+    let client = client();
+    assert_eq!(get(&client, &replica.process.url("/")).await.status, 200);
+    redis.stop();
+    let refused = get(&client, &replica.process.url("/")).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.headers["x-switchyard-error"], "cluster_unavailable");
+    redis.restart().await;
+    wait_until_async("the replica to use Redis again", || replica.redis_available()).await;
+    assert_eq!(get(&client, &replica.process.url("/")).await.status, 200);
+}
