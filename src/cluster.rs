@@ -38,24 +38,68 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// At most this many candidates go to Redis per pick.
 pub const MAX_CANDIDATES: usize = 16;
 
-/// Drops lapsed slots and takes the first candidate with room.
-/// KEYS: the candidates' slot sets, in the policy's order.
-/// ARGV: lease (ms), the new slot's member, then each candidate's limit.
-/// Returns the taken candidate's position, or -1.
+/// Takes a slot on the first candidate with room, unless a request of a
+/// better priority class waits on another replica; notes this replica's
+/// waiting class when it takes nothing.
+/// KEYS: the upstream's waiting set, then the candidates' slot sets in the
+/// policy's order.
+/// ARGV: lease (ms), the new slot's member, the request's class (0 high,
+/// 1 normal, 2 low), this replica, how long a waiting note holds (ms), then
+/// each candidate's limit.
+/// Returns the taken candidate's position, -1 when all are full, -2 when it
+/// gave way to a better class elsewhere.
+///
+/// The waiting set scores each replica's best waiting class and when that
+/// note lapses together, as class x 10^13 + expiry (ms): exact in a double.
 const ACQUIRE: &str = r"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local lease = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  if redis.call('ZCARD', key) < tonumber(ARGV[i + 2]) then
-    redis.call('ZADD', key, now + lease, ARGV[2])
-    redis.call('PEXPIRE', key, 2 * lease)
-    return i - 1
+local class = tonumber(ARGV[3])
+local replica = ARGV[4]
+local note = tonumber(ARGV[5])
+local scale = 10000000000000
+local waiting = KEYS[1]
+local gave_way = false
+if class > 0 then
+  local better = redis.call('ZRANGEBYSCORE', waiting, 0, class * scale - 1, 'WITHSCORES')
+  for i = 1, #better, 2 do
+    if better[i] ~= replica and tonumber(better[i + 1]) % scale > now then
+      gave_way = true
+      break
+    end
   end
+end
+if not gave_way then
+  for i = 2, #KEYS do
+    local key = KEYS[i]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZCARD', key) < tonumber(ARGV[i + 4]) then
+      redis.call('ZADD', key, now + lease, ARGV[2])
+      redis.call('PEXPIRE', key, 2 * lease)
+      local mine = redis.call('ZSCORE', waiting, replica)
+      if mine and math.floor(tonumber(mine) / scale) == class then
+        redis.call('ZREM', waiting, replica)
+      end
+      return i - 2
+    end
+  end
+end
+local mine = redis.call('ZSCORE', waiting, replica)
+if (not mine) or tonumber(mine) % scale <= now or math.floor(tonumber(mine) / scale) >= class then
+  redis.call('ZADD', waiting, class * scale + now + note, replica)
+end
+redis.call('PEXPIRE', waiting, 2 * note)
+if gave_way then
+  return -2
 end
 return -1
 ";
+
+/// How long a replica's note that it has a request of some class waiting
+/// holds without being renewed (every failed pick renews it; waiters try at
+/// least every [`POLL`]).
+const WAITING_NOTE: Duration = Duration::from_secs(2);
 
 /// Extends the leases of the slots a replica holds, adding back any that
 /// lapsed (or were taken while Redis was away).
@@ -135,11 +179,13 @@ pub struct ClusterStats {
     pub last_error: Mutex<Option<String>>,
 }
 
-/// An upstream's keys: its channel, and each backend's slot set by index.
+/// An upstream's keys: its channel, its waiting set, and each backend's
+/// slot set by index.
 #[derive(Debug, Clone)]
 pub struct UpstreamSlots {
     pub cluster: Arc<Cluster>,
     pub channel: Arc<str>,
+    pub waiting: Arc<str>,
     pub keys: Vec<Arc<str>>,
 }
 
@@ -251,21 +297,26 @@ impl Cluster {
             .iter()
             .map(|address| format!("{}{{{upstream}}}:slots:{address}", self.config.key_prefix).into())
             .collect();
-        UpstreamSlots { cluster: Arc::clone(self), channel, keys }
+        let waiting = format!("{}{{{upstream}}}:waiting", self.config.key_prefix).into();
+        UpstreamSlots { cluster: Arc::clone(self), channel, waiting, keys }
     }
 
     /// Takes a slot on the first of `candidates` (backend index and its
     /// `max_concurrency`, in the policy's order) with room across the
-    /// cluster: `Ok(None)` when all are full.
+    /// cluster, for a request of priority `class` (0 high, 1 normal, 2 low):
+    /// `Ok(None)` when all are full, or when a request of a better class
+    /// waits on another replica (it goes first).
     pub async fn acquire(
         self: &Arc<Self>,
         slots: &UpstreamSlots,
         candidates: &[(usize, u32)],
+        class: u8,
     ) -> Result<Option<(usize, SlotLease)>, Unreachable> {
         let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
         let member = self.member(slot);
         let mut invocation = self.acquire.prepare_invoke();
-        invocation.arg(self.lease_millis()).arg(&member);
+        invocation.arg(self.lease_millis()).arg(&member).arg(class).arg(&self.replica);
+        invocation.arg(WAITING_NOTE.as_millis() as u64).key(&*slots.waiting);
         for &(index, _) in candidates {
             invocation.key(&*slots.keys[index]);
         }

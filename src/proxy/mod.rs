@@ -375,6 +375,10 @@ async fn pick_backend(
             ProxyError::NoHealthyBackend { upstream: upstream.name.to_string() }
         }
     };
+    let priority = match upstream.config.queue.as_ref().and_then(|q| q.priority_header.as_ref()) {
+        Some(header) => Priority::from_header(parts.headers.get(header)),
+        None => Priority::Normal,
+    };
     // Whether the last cluster-wide pick found every candidate full in Redis:
     // busy, though this replica alone sees room.
     let cluster_full = std::sync::atomic::AtomicBool::new(false);
@@ -382,7 +386,7 @@ async fn pick_backend(
     // request's future, cluster or not.
     let try_pick = || async {
         match &upstream.cluster {
-            Some(slots) => Box::pin(pick_in_cluster(upstream, slots, &request, &cluster_full)).await,
+            Some(slots) => Box::pin(pick_in_cluster(upstream, slots, &request, priority, &cluster_full)).await,
             None => upstream.balancer.pick(&upstream.backends, &request).map(Ok),
         }
     };
@@ -392,7 +396,6 @@ async fn pick_backend(
         }
         return try_pick().await.unwrap_or_else(|| Err(unavailable()));
     };
-    let priority = Priority::from_header(config.priority_header.as_ref().and_then(|h| parts.headers.get(h)));
     let all_busy =
         || cluster_full.load(std::sync::atomic::Ordering::Relaxed) || upstream.unavailable() == Unavailable::AllBusy;
     let poll = upstream.cluster.as_ref().map(|_| crate::cluster::POLL);
@@ -429,6 +432,7 @@ async fn pick_in_cluster(
     upstream: &Upstream,
     slots: &crate::cluster::UpstreamSlots,
     request: &PickRequest<'_>,
+    priority: Priority,
     cluster_full: &std::sync::atomic::AtomicBool,
 ) -> Option<Result<Pick, ProxyError>> {
     let cluster = &slots.cluster;
@@ -440,7 +444,7 @@ async fn pick_in_cluster(
         }
         let limits: Vec<(usize, u32)> =
             candidates.iter().map(|&index| (index, upstream.backends[index].max_concurrency)).collect();
-        match cluster.acquire(slots, &limits).await {
+        match cluster.acquire(slots, &limits, priority as u8).await {
             Ok(Some((index, lease))) => {
                 // Room in Redis means room here (this replica's requests hold
                 // slots there too), unless the backend turned ineligible

@@ -246,3 +246,41 @@ async fn without_redis_refuse_answers_503_with_its_code() {
     wait_until_async("the replica to use Redis again", || replica.redis_available()).await;
     assert_eq!(get(&client, &replica.process.url("/")).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_normal_pick_gives_way_to_a_high_one_waiting_on_another_replica() {
+    let redis = RedisServer::start().await;
+    let yaml = format!(
+        "cluster: {{ redis: \"{}\" }}\nlisteners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: bots }}]\nupstreams:\n  bots:\n    backends: [{{ address: \"10.0.0.1:1\" }}]\n",
+        redis.url()
+    );
+    let config = switchyard::config::parse(&yaml, "t.yaml").unwrap().cluster.unwrap();
+    let [first, second] =
+        [switchyard::cluster::Cluster::start(&config).unwrap(), switchyard::cluster::Cluster::start(&config).unwrap()];
+    let slots = [first.upstream("bots", &["10.0.0.1:1"], None), second.upstream("bots", &["10.0.0.1:1"], None)];
+    let one_job = [(0, 1)];
+    let (high, normal) = (0, 1);
+    let free = || async { second.slots_in_use(&slots[1]).await == Some(vec![0]) };
+
+    // The first replica's job holds the bot; its high request then waits.
+    let held = first.acquire(&slots[0], &one_job, normal).await.unwrap().expect("a free bot");
+    assert!(first.acquire(&slots[0], &one_job, high).await.unwrap().is_none(), "the bot is busy");
+    drop(held);
+    wait_until_async("the release to reach Redis", free).await;
+    // The bot is free, but the second replica's normal request gives way...
+    assert!(second.acquire(&slots[1], &one_job, normal).await.unwrap().is_none(), "a high one waits elsewhere");
+    // ...to the high one, which takes it and so clears its note.
+    let taken = first.acquire(&slots[0], &one_job, high).await.unwrap().expect("the high request's slot");
+    drop(taken);
+    wait_until_async("the release to reach Redis", free).await;
+    let held = second.acquire(&slots[1], &one_job, normal).await.unwrap().expect("no high one waits any more");
+
+    // A note whose waiter went away lapses on its own.
+    assert!(first.acquire(&slots[0], &one_job, high).await.unwrap().is_none(), "the bot is busy");
+    drop(held);
+    wait_until_async("the bot to be free", free).await;
+    wait_until_async("the lapsed note to stop holding normal requests back", || async {
+        second.acquire(&slots[1], &one_job, normal).await.unwrap().is_some()
+    })
+    .await;
+}
