@@ -170,7 +170,7 @@ fn job_ms(client: usize, job: usize) -> u64 {
 }
 
 fn is_high(client: usize, job: usize) -> bool {
-    (client * JOBS_PER_CLIENT + job) % 6 == 0
+    (client * JOBS_PER_CLIENT + job).is_multiple_of(6)
 }
 
 struct Outcome {
