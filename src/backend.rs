@@ -59,6 +59,9 @@ pub enum Ineligible {
     CircuitOpen,
     /// At `max_concurrency`.
     Full,
+    /// It answered that it is busy with work from elsewhere (429 or 503 with
+    /// `Retry-After`) while this proxy believed it free: until this time (ns, `clock`).
+    Busy { until: u64 },
     /// Taken out by the operator (`drain` or `disable` on the admin API).
     Admin(AdminState),
 }
@@ -172,6 +175,10 @@ impl Backend {
         if !self.is_healthy_now() || self.state.admin() != AdminState::Enabled {
             return None;
         }
+        let busy_until = self.state.busy_until();
+        if busy_until != 0 && nanos_since_epoch() < busy_until {
+            return None;
+        }
         let limit = self.max_concurrency.min(cap);
         let in_flight = &self.state.in_flight;
         // A compare-and-swap, not load-then-add: two requests racing for the last
@@ -221,6 +228,10 @@ impl Backend {
         }
         if self.in_flight() >= self.max_concurrency {
             return Some(Ineligible::Full);
+        }
+        let busy_until = self.state.busy_until();
+        if busy_until != 0 && now() < busy_until {
+            return Some(Ineligible::Busy { until: busy_until });
         }
         None
     }
@@ -293,6 +304,8 @@ pub struct BackendState {
     retired: AtomicBool,
     /// An [`AdminState`], as its discriminant.
     admin: AtomicU8,
+    /// Until when it said it is busy with work from elsewhere (ns, `clock`); 0: never.
+    busy_until: AtomicU64,
     /// Its counters and histogram in `/metrics`, gone when it goes.
     pub series: BackendSeries,
 }
@@ -302,6 +315,16 @@ impl BackendState {
         // At least 1: 0 means present from the start, and the clock reads 0
         // within its first tick.
         BackendState { added_at: nanos_since_epoch().max(1), ..BackendState::default() }
+    }
+
+    /// It answered busy (see [`Ineligible::Busy`]): it takes nothing new
+    /// until `until`.
+    pub fn mark_busy(&self, until: u64) {
+        self.busy_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    pub fn busy_until(&self) -> u64 {
+        self.busy_until.load(Ordering::Relaxed)
     }
 
     pub fn retire(&self) {

@@ -12,8 +12,9 @@
 //! `lease`, and one that comes back learns from the renewal which of its
 //! slots had lapsed (they are counted and registered again: the jobs on them
 //! are still running). A released slot is removed and announced on the
-//! upstream's channel, which wakes the first waiter of every replica; waiters
-//! also look again every [`POLL`] in case an announcement was lost.
+//! upstream's channel, which wakes the first waiter of every replica; each
+//! queue's first waiter also looks again every second (the runtime's
+//! housekeeping tick), in case an announcement was lost.
 //!
 //! While Redis cannot be reached, picks follow `on_unavailable`: `local`
 //! counts on this replica alone (the slots so taken are registered when Redis
@@ -31,9 +32,6 @@ use tokio::sync::mpsc;
 use crate::config::{ClusterConfig, OnUnavailable};
 use crate::metrics::series::DurationHistogram;
 use crate::queue::WaitQueue;
-
-/// How often a waiter looks again without an announcement.
-pub const POLL: Duration = Duration::from_secs(1);
 
 /// At most this many candidates go to Redis per pick.
 pub const MAX_CANDIDATES: usize = 16;
@@ -97,8 +95,8 @@ return -1
 ";
 
 /// How long a replica's note that it has a request of some class waiting
-/// holds without being renewed (every failed pick renews it; waiters try at
-/// least every [`POLL`]).
+/// holds without being renewed (every failed pick renews it; a queue's first
+/// waiter tries at least every second).
 const WAITING_NOTE: Duration = Duration::from_secs(2);
 
 /// Extends the leases of the slots a replica holds, adding back any that

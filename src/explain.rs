@@ -40,6 +40,13 @@ pub fn backend_verdict(backend: &Backend, now: u64) -> (bool, String) {
         Some(Ineligible::Full) => {
             return (false, format!("at max_concurrency ({in_flight}/{} in flight)", backend.max_concurrency));
         }
+        Some(Ineligible::Busy { until }) => {
+            let left = Duration::from_nanos(until.saturating_sub(now)).as_secs_f64();
+            return (
+                false,
+                format!("busy with work from elsewhere for {left:.1}s more (it answered with Retry-After)"),
+            );
+        }
         Some(Ineligible::Admin(AdminState::Draining)) if in_flight > 0 => {
             return (false, format!("draining (admin): no new requests, {in_flight} in flight to finish"));
         }

@@ -166,17 +166,12 @@ impl WaitQueue {
     /// wait in line for a slot to free, then pick again. Bounded by `timeout`
     /// from joining and by `deadline`. Returns what was picked and, if the
     /// request queued at all, for how long (the clock is read only then).
-    ///
-    /// `poll`: also look again this often without a wake-up, for slots freed
-    /// where no wake-up is sure to come from (another replica).
-    #[allow(clippy::too_many_arguments)]
     pub async fn pick_or_wait<P, F>(
         &self,
         priority: Priority,
         max_waiting: usize,
         timeout: std::time::Duration,
         deadline: tokio::time::Instant,
-        poll: Option<std::time::Duration>,
         mut pick: impl FnMut() -> F,
         all_busy: impl Fn() -> bool,
     ) -> (Result<P, WaitEnded>, Option<std::time::Duration>)
@@ -207,8 +202,7 @@ impl WaitQueue {
                     break Ok(picked);
                 }
             }
-            let look_again = poll.map_or(until, |poll| until.min(tokio::time::Instant::now() + poll));
-            if tokio::time::timeout_at(look_again, ticket.wait()).await.is_err() && look_again >= until {
+            if tokio::time::timeout_at(until, ticket.wait()).await.is_err() {
                 break Err(if until < queue_deadline { WaitEnded::Deadline } else { WaitEnded::Timeout });
             }
             woken = true;

@@ -129,6 +129,11 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
+    /// Whether every try can send the whole body again.
+    pub fn is_replay(&self) -> bool {
+        matches!(self, RequestBody::Replay(_))
+    }
+
     /// Streams the body, unless there is none (most GETs): an empty body costs
     /// no allocation.
     pub fn streaming(body: ClientBody) -> RequestBody {

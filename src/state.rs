@@ -557,7 +557,6 @@ mod tests {
                 10,
                 Duration::from_secs(30),
                 far,
-                None,
                 || std::future::ready(None::<()>),
                 || true,
             )
@@ -573,7 +572,6 @@ mod tests {
                 10,
                 Duration::from_secs(30),
                 near,
-                None,
                 || std::future::ready(None::<()>),
                 || true,
             )
@@ -587,7 +585,6 @@ mod tests {
                 10,
                 Duration::from_secs(30),
                 far,
-                None,
                 || std::future::ready(None::<()>),
                 || false,
             )

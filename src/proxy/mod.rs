@@ -178,6 +178,9 @@ fn forward(
         let (policy, mut body, attempts) = plan_tries(route, upgrade, client_body, deadline).await?;
 
         let mut tried: Vec<usize> = Vec::new();
+        // Times a bot said it was busy with work from elsewhere and the
+        // request went back to the queue (see `busy_answer`).
+        let mut busy_requeues = 0u32;
         // The last try's answer, given to the client if no further try can start.
         let mut previous: Option<Result<Response<ProxyBody>, ProxyError>> = None;
         let mut attempts_made = 0u32;
@@ -208,11 +211,19 @@ fn forward(
             let backend = &upstream.backends[pick.index];
             prepared.notes.tried(pick.index, reroutes > 0, backend);
             let outcome = upstream.outcome(pick.index);
+            // A one-job bot that turns out busy sends the request back to the
+            // queue, which needs the request again.
+            let may_requeue = upstream.queue.is_some()
+                && backend.max_concurrency != u32::MAX
+                && body.is_replay()
+                && busy_requeues < MAX_BUSY_REQUEUES;
 
             // 5. This try's request: the backend's target form and protocol.
             let method = prepared.template.as_ref().expect("present until the last try").method.clone();
             let host = prepared.original_host.as_ref();
-            let outgoing = next_try(&mut prepared.template, last, &upstream, backend, host, body.for_try(limit))?;
+            let take_template = last && !may_requeue;
+            let outgoing =
+                next_try(&mut prepared.template, take_template, &upstream, backend, host, body.for_try(limit))?;
 
             // 6. Send, bounded by the per-try timeout cut to the route's deadline;
             //    time to response head feeds the latency estimate.
@@ -223,6 +234,15 @@ fn forward(
             let result = tokio::time::timeout_at(try_deadline, sent).await;
             let took = started.elapsed();
             backend.state.series.upstream_duration.record(took);
+            let busy = may_requeue.then(|| result.as_ref().ok()?.as_ref().ok().and_then(busy_answer)).flatten();
+            if let Some(busy_for) = busy {
+                // Not the bot's failure: no verdict for its health or breaker.
+                drop(outcome);
+                backend_answered_busy(&upstream, backend, busy_for);
+                busy_requeues += 1;
+                drop(pick);
+                continue;
+            }
             let result = judge(result, outcome, &pick, took, try_deadline >= deadline, &backend.address, limit);
 
             // 7. Retry if the policy, the method and the budget all allow it.
@@ -272,10 +292,13 @@ async fn plan_tries(
     deadline: tokio::time::Instant,
 ) -> Result<(Option<&RoutePolicy>, RequestBody, u32), ProxyError> {
     let policy = route.retry.as_ref().filter(|_| !upgrade);
-    let body = match policy {
+    // A queued upstream's request may go back to the queue when its bot turns
+    // out busy (see `busy_answer`): it keeps its body too.
+    let body = if (policy.is_some() || route.upstream.queue.is_some()) && !upgrade {
         // Boxed: collecting a body is rare, and would make every request's future larger.
-        Some(_) => Box::pin(RequestBody::replayable(client_body, deadline)).await?,
-        None => RequestBody::streaming(client_body),
+        Box::pin(RequestBody::replayable(client_body, deadline)).await?
+    } else {
+        RequestBody::streaming(client_body)
     };
     let attempts = match (policy, &body) {
         (Some(policy), RequestBody::Replay(_)) => policy.config.attempts,
@@ -332,6 +355,40 @@ fn granted(policy: &RoutePolicy, reason: RetryOn, route: &Route, upstream: &Upst
         crate::metrics::retry_budget_exhausted(&route.name, &upstream.name);
         false
     }
+}
+
+/// How many times one request may go back to the queue because the bot it
+/// reached said it was busy; the route's deadline bounds it as well.
+const MAX_BUSY_REQUEUES: u32 = 16;
+
+/// The longest a `Retry-After` keeps a bot out.
+const MAX_BUSY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How long a bot that answered 429 or 503 with `Retry-After` (seconds or an
+/// HTTP date) says it is busy: another scheduler gave it work while this
+/// proxy believed it free.
+fn busy_answer(response: &Response<UpstreamBody>) -> Option<std::time::Duration> {
+    if !matches!(response.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+        return None;
+    }
+    let value = response.headers().get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => std::time::Duration::from_secs(seconds),
+        Err(_) => {
+            httpdate::parse_http_date(value).ok()?.duration_since(std::time::SystemTime::now()).unwrap_or_default()
+        }
+    };
+    Some(wait.min(MAX_BUSY))
+}
+
+/// Keeps `backend` out for `busy_for`. No slot frees when that ends: the
+/// housekeeping tick, which gives each queue's first waiter a look every
+/// second, finds it back.
+fn backend_answered_busy(upstream: &Upstream, backend: &crate::backend::Backend, busy_for: std::time::Duration) {
+    let until = crate::clock::nanos_since_epoch() + busy_for.as_nanos() as u64;
+    backend.state.mark_busy(until);
+    tracing::info!(upstream = %upstream.name, backend = %backend.address, seconds = busy_for.as_secs_f64(),
+        "backend answered busy (Retry-After): the request goes back to the queue");
 }
 
 /// How many times one request may move to a reloaded upstream.
@@ -398,9 +455,8 @@ async fn pick_backend(
     };
     let all_busy =
         || cluster_full.load(std::sync::atomic::Ordering::Relaxed) || upstream.unavailable() == Unavailable::AllBusy;
-    let poll = upstream.cluster.as_ref().map(|_| crate::cluster::POLL);
     let (picked, queued_for) = queue
-        .pick_or_wait(priority, config.max_waiting as usize, config.timeout, route_deadline, poll, try_pick, all_busy)
+        .pick_or_wait(priority, config.max_waiting as usize, config.timeout, route_deadline, try_pick, all_busy)
         .await;
     if let Some(waited) = queued_for {
         notes.queued(waited);

@@ -310,3 +310,81 @@ async fn a_slow_backend_behind_least_loaded_does_not_hold_up_the_others() {
         request.await.unwrap();
     }
 }
+
+/// A one-job bot that another scheduler keeps busy: its first job is
+/// answered 503 with `Retry-After: {seconds}`, later ones 200. Counts what it got.
+async fn bot_busy_elsewhere(seconds: u32) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let seen = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request: Request<hyper::body::Incoming>| {
+                    let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+                    async move {
+                        let mut response = http::Response::new(full(if first { "busy" } else { "done" }));
+                        if first {
+                            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            response.headers_mut().insert("retry-after", seconds.into());
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_bot_busy_with_work_from_elsewhere_sends_the_job_back_to_the_queue_unharmed() {
+    let (busy_addr, busy_seen) = bot_busy_elsewhere(30).await;
+    let free = Backend::start("free").await;
+    // Listed first: round robin offers it the first job.
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: pool }}]\nupstreams:\n  pool:\n    \
+         queue: {{ max_waiting: 10, timeout: 30s }}\n    health: {{ passive: {{ consecutive_failures: 1 }} }}\n    \
+         backends:\n      - {{ address: \"{busy_addr}\", max_concurrency: 1 }}\n      - {{ address: \"{}\", max_concurrency: 1 }}\n",
+        free.addr
+    );
+    let proxy = start_proxy(&yaml).await;
+    let job = Request::post(proxy.url("/jobs")).body(full("invoice 4711")).unwrap();
+    let answer = send(&client(), job).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body, "free", "the job went on to the free bot");
+    assert_eq!(busy_seen.load(Ordering::SeqCst), 1, "the busy bot was asked once");
+    assert_eq!(free.stats.bytes_received.load(Ordering::SeqCst), 12, "the free bot got the whole body");
+
+    let status = status(&proxy).await;
+    let busy = &status["upstreams"][0]["backends"][0];
+    assert_eq!(busy["failed_requests"], 0, "a busy answer is not the bot's failure: {busy}");
+    assert_eq!(busy["ejected_for_seconds"], Value::Null, "nor does it eject it: {busy}");
+    assert!(busy["why"].as_str().unwrap().starts_with("busy with work from elsewhere"), "{busy}");
+    // While it says it is busy, it gets nothing.
+    for _ in 0..4 {
+        assert_eq!(get(&client(), &proxy.url("/jobs")).await.body, "free");
+    }
+    assert_eq!(busy_seen.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_job_waits_out_the_only_bots_retry_after_and_then_runs() {
+    let (addr, seen) = bot_busy_elsewhere(1).await;
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: pool }}]\nupstreams:\n  pool:\n    \
+         queue: {{ max_waiting: 10, timeout: 30s }}\n    backends: [{{ address: \"{addr}\", max_concurrency: 1 }}]\n"
+    );
+    let proxy = start_proxy(&yaml).await;
+    let sent = Instant::now();
+    let answer = get(&client(), &proxy.url("/jobs")).await;
+    // Nothing frees a slot when a Retry-After runs out: the queue is woken then.
+    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "done"));
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    assert!(sent.elapsed() >= Duration::from_secs(1), "asked again only after its Retry-After");
+}
