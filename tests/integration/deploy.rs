@@ -75,6 +75,15 @@ fn the_kubernetes_example_fronts_a_headless_service_with_two_replicas() {
     );
     assert!(matches!(robots.policy, switchyard::config::PolicyConfig::ConsistentHash { .. }));
 
+    // Both replicas share the one-job bots' slots through the example's Redis.
+    assert_eq!(robots.max_concurrency_scope, switchyard::config::ConcurrencyScope::Cluster);
+    let redis = config.cluster.as_ref().expect("a cluster section").redis_shown();
+    let service = find(&switchyard, "Service", "redis");
+    let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
+    assert_eq!(redis, format!("redis://redis.bots.svc.cluster.local:{port}/0"), "the example's Redis Service");
+    let redis_pod = &find(&switchyard, "Deployment", "redis")["spec"]["template"];
+    assert_eq!(redis_pod["metadata"]["labels"], service["spec"]["selector"]);
+
     // The drain fits in the pod's grace period.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(grace > config.limits.shutdown_grace.as_secs() + 5, "{grace} s");
