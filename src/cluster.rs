@@ -39,19 +39,30 @@ pub const MAX_CANDIDATES: usize = 16;
 /// Takes a slot on the first candidate with room, unless a request of a
 /// better priority class waits on another replica; notes this replica's
 /// waiting class when it takes nothing.
-/// KEYS: the upstream's waiting set, then the candidates' slot sets in the
-/// policy's order.
+/// KEYS: the upstream's waiting set, its start mark, then the candidates'
+/// slot sets in the policy's order.
 /// ARGV: lease (ms), the new slot's member, the request's class (0 high,
-/// 1 normal, 2 low), this replica, how long a waiting note holds (ms), then
-/// each candidate's limit.
+/// 1 normal, 2 low), this replica, how long a waiting note holds (ms), how
+/// long picks wait after Redis starts empty (ms), then each candidate's limit.
 /// Returns the taken candidate's position, -1 when all are full, -2 when it
-/// gave way to a better class elsewhere.
+/// gave way to a better class elsewhere, -3 while Redis has just started
+/// empty (a restart without persistence lost every slot: the replicas add
+/// back the slots of their running jobs at their next renewal, which comes
+/// before the wait ends).
 ///
 /// The waiting set scores each replica's best waiting class and when that
 /// note lapses together, as class x 10^13 + expiry (ms): exact in a double.
 const ACQUIRE: &str = r"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local started = redis.call('GET', KEYS[2])
+if not started then
+  redis.call('SET', KEYS[2], now + tonumber(ARGV[6]))
+  return -3
+end
+if now < tonumber(started) then
+  return -3
+end
 local lease = tonumber(ARGV[1])
 local class = tonumber(ARGV[3])
 local replica = ARGV[4]
@@ -69,7 +80,7 @@ if class > 0 then
   end
 end
 if not gave_way then
-  for i = 2, #KEYS do
+  for i = 3, #KEYS do
     local key = KEYS[i]
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     if redis.call('ZCARD', key) < tonumber(ARGV[i + 4]) then
@@ -79,7 +90,7 @@ if not gave_way then
       if mine and math.floor(tonumber(mine) / scale) == class then
         redis.call('ZREM', waiting, replica)
       end
-      return i - 2
+      return i - 3
     end
   end
 end
@@ -172,7 +183,8 @@ pub struct ClusterStats {
     pub renewals_failed: AtomicU64,
     /// Picks made by local limits, or refused, while Redis was unreachable.
     pub fallbacks: AtomicU64,
-    /// Slots found lapsed at a renewal (the replica was cut off for longer than `lease`).
+    /// Slots found missing at a renewal and added back (Redis restarted empty,
+    /// or the replica was cut off for longer than `lease`).
     pub slots_lost: AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
@@ -184,6 +196,8 @@ pub struct UpstreamSlots {
     pub cluster: Arc<Cluster>,
     pub channel: Arc<str>,
     pub waiting: Arc<str>,
+    /// Set at the first pick after Redis started empty (see `ACQUIRE`).
+    pub started: Arc<str>,
     pub keys: Vec<Arc<str>>,
 }
 
@@ -296,7 +310,8 @@ impl Cluster {
             .map(|address| format!("{}{{{upstream}}}:slots:{address}", self.config.key_prefix).into())
             .collect();
         let waiting = format!("{}{{{upstream}}}:waiting", self.config.key_prefix).into();
-        UpstreamSlots { cluster: Arc::clone(self), channel, waiting, keys }
+        let started = format!("{}{{{upstream}}}:started", self.config.key_prefix).into();
+        UpstreamSlots { cluster: Arc::clone(self), channel, waiting, started, keys }
     }
 
     /// Takes a slot on the first of `candidates` (backend index and its
@@ -314,7 +329,8 @@ impl Cluster {
         let member = self.member(slot);
         let mut invocation = self.acquire.prepare_invoke();
         invocation.arg(self.lease_millis()).arg(&member).arg(class).arg(&self.replica);
-        invocation.arg(WAITING_NOTE.as_millis() as u64).key(&*slots.waiting);
+        invocation.arg(WAITING_NOTE.as_millis() as u64).arg(self.lease_millis() / 2);
+        invocation.key(&*slots.waiting).key(&*slots.started);
         for &(index, _) in candidates {
             invocation.key(&*slots.keys[index]);
         }
@@ -322,16 +338,11 @@ impl Cluster {
             invocation.arg(limit);
         }
         let started = Instant::now();
-        let mut connection = self.commands.clone();
-        let answer = tokio::time::timeout(self.command_timeout, invocation.invoke_async::<i64>(&mut connection)).await;
+        let answer = self.run::<i64>(&invocation).await;
         self.stats.round_trips.record(started.elapsed());
         let position = match answer {
-            Ok(Ok(position)) => position,
-            failed => {
-                let error = match failed {
-                    Ok(Err(error)) => error.to_string(),
-                    _ => format!("no answer within {}", crate::health::describe(self.command_timeout)),
-                };
+            Ok(position) => position,
+            Err(error) => {
                 self.lost_contact(&error);
                 // The script may have run: take back whatever it took.
                 for &(index, _) in candidates {
@@ -385,6 +396,23 @@ impl Cluster {
         SlotLease { cluster: Arc::clone(self), slot, key, channel }
     }
 
+    /// Runs a script within `command_timeout`, once more if the connection
+    /// had dropped (a Redis restart, an idle cut): the connection manager has
+    /// reconnected by then, and one dropped connection is not an outage.
+    async fn run<T: redis::FromRedisValue>(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<T, String> {
+        let attempt = async {
+            let mut connection = self.commands.clone();
+            match invocation.invoke_async::<T>(&mut connection).await {
+                Err(error) if error.is_connection_dropped() => invocation.invoke_async::<T>(&mut connection).await,
+                answer => answer,
+            }
+        };
+        match tokio::time::timeout(self.command_timeout, attempt).await {
+            Ok(answer) => answer.map_err(|error| error.to_string()),
+            Err(_) => Err(format!("no answer within {}", crate::health::describe(self.command_timeout))),
+        }
+    }
+
     fn member(&self, slot: u64) -> String {
         format!("{}:{slot}", self.replica)
     }
@@ -424,17 +452,10 @@ impl Cluster {
         for (slot, key, _) in &held {
             invocation.key(&**key).arg(self.member(*slot));
         }
-        let mut connection = self.commands.clone();
-        let answer =
-            tokio::time::timeout(self.command_timeout, invocation.invoke_async::<Vec<usize>>(&mut connection)).await;
-        let missing = match answer {
-            Ok(Ok(missing)) => missing,
-            failed => {
+        let missing = match self.run::<Vec<usize>>(&invocation).await {
+            Ok(missing) => missing,
+            Err(error) => {
                 self.stats.renewals_failed.fetch_add(1, Ordering::Relaxed);
-                let error = match failed {
-                    Ok(Err(error)) => error.to_string(),
-                    _ => format!("no answer within {}", crate::health::describe(self.command_timeout)),
-                };
                 self.lost_contact(&error);
                 return false;
             }
@@ -445,7 +466,8 @@ impl Cluster {
             self.stats.slots_lost.fetch_add(lost as u64, Ordering::Relaxed);
             tracing::warn!(
                 lost,
-                "slots of this replica had lapsed in Redis (cut off for longer than the lease); added back"
+                "slots of this replica were missing in Redis (it restarted empty, or this replica was cut off for \
+                 longer than the lease); added back: their jobs are still running"
             );
         }
         let mut current = self.held.lock().expect("never poisoned");

@@ -88,7 +88,8 @@ pub struct ClusterStatus {
     pub failed_renewals: u64,
     /// Picks made by this replica's own limits, or refused, while Redis was away.
     pub fallbacks: u64,
-    /// Slots found lapsed at a renewal (cut off from Redis for longer than the lease).
+    /// Slots found missing at a renewal and added back (Redis restarted empty,
+    /// or cut off from it for longer than the lease).
     pub slots_lost: u64,
     pub last_error: Option<String>,
 }

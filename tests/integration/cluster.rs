@@ -262,8 +262,16 @@ async fn a_normal_pick_gives_way_to_a_high_one_waiting_on_another_replica() {
     let (high, normal) = (0, 1);
     let free = || async { second.slots_in_use(&slots[1]).await == Some(vec![0]) };
 
-    // The first replica's job holds the bot; its high request then waits.
-    let held = first.acquire(&slots[0], &one_job, normal).await.unwrap().expect("a free bot");
+    // The first replica's job holds the bot (once Redis, new and empty, has
+    // waited for running jobs to be registered); its high request then waits.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        if let Some(lease) = first.acquire(&slots[0], &one_job, normal).await.unwrap() {
+            break lease;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the bot never became free");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(first.acquire(&slots[0], &one_job, high).await.unwrap().is_none(), "the bot is busy");
     drop(held);
     wait_until_async("the release to reach Redis", free).await;
@@ -283,4 +291,34 @@ async fn a_normal_pick_gives_way_to_a_high_one_waiting_on_another_replica() {
         second.acquire(&slots[1], &one_job, normal).await.unwrap().is_some()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_restarts_empty_gets_running_jobs_back_before_it_hands_out_their_bots() {
+    let mut redis = RedisServer::start().await;
+    let bot = Backend::start("bot").await;
+    let [first, second] = [Replica::start(&redis, &[&bot], "").await, Replica::start(&redis, &[&bot], "").await];
+    let client = client();
+    let held = tokio::spawn({
+        let (client, url) = (client.clone(), first.process.url("/hold"));
+        async move { get(&client, &url).await }
+    });
+    wait_until("the held job to reach the bot", Duration::from_secs(30), || bot.in_flight() == 1).await;
+    // Restarted without persistence: every slot is gone, and nobody saw an outage.
+    redis.restart().await;
+    let waiting = tokio::spawn({
+        let (client, url) = (client.clone(), second.process.url("/after"));
+        async move { get(&client, &url).await }
+    });
+    wait_until_async("the first replica to add its running job's slot back", || async {
+        first.status().await["cluster"]["slots_lost"] == 1
+    })
+    .await;
+    wait_until_async("the second replica's job to queue", || async { second.queue_waiting().await == 1 }).await;
+    assert_eq!(bot.hits(), 1, "the bot got no second job");
+    bot.release_held();
+    assert_eq!(held.await.unwrap().status, 200);
+    assert_eq!(waiting.await.unwrap().status, 200);
+    assert_eq!(bot.stats.peak_in_flight.load(std::sync::atomic::Ordering::SeqCst), 1, "never two jobs at once");
+    assert_eq!(second.status().await["cluster"]["fallbacks"], 0, "a restart is not an outage");
 }
