@@ -31,20 +31,37 @@ async fn a_client_that_stalls_its_upload_gets_408_frees_the_bot_and_is_not_blame
     let bot = Backend::start("bot").await;
     let passive = "    health: { passive: { consecutive_failures: 1, ejection_time: 60s } }\n";
     let proxy = start_proxy(&one_job_bot(&bot, "client_body_timeout: 300ms", passive)).await;
-    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
-    stalled.write_all(b"POST /job HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789").await.unwrap();
+    let stall = |head: &'static [u8]| async move {
+        let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+        stalled.write_all(head).await.unwrap();
+        stalled
+    };
+    let ended = |mut stalled: TcpStream| async move {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut answer))
+            .await
+            .expect("the proxy ends the stalled exchange")
+            .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    // A chunked upload streams to the bot as it comes, and stalls there.
+    let stalled = stall(b"POST /job HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n").await;
     wait_until("the stalled upload to reach the bot", Duration::from_secs(10), || bot.in_flight() == 1).await;
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut answer))
-        .await
-        .expect("the proxy ends the stalled exchange")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = ended(stalled).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     // The bot is free for the next job and was not ejected for the client's stall.
     let next = get(&client(), &proxy.url("/next")).await;
     assert_eq!((next.status.as_u16(), next.body.as_str()), (200, "bot"));
     assert!(backend_status(&proxy).await["ejected_for_seconds"].is_null());
+
+    // A small body of declared length is read whole before a queued job
+    // takes a bot (so it can go back to the queue): its stall never
+    // reaches the bot at all.
+    let hits = bot.hits();
+    let stalled = stall(b"POST /job HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789").await;
+    let answer = ended(stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(bot.hits(), hits, "the bot never saw the stalled job");
 }
 
 #[tokio::test]
