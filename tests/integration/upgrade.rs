@@ -268,6 +268,11 @@ async fn the_upgrade_socket_is_the_users_alone_and_a_shared_directory_is_refused
     let _proxy = LoggingProxy::start(&config, &log);
     let line = wait_for_log_line(&log, "not private").await;
     assert!(line.contains("mode is 777"), "{line}");
+    // The line comes before the listeners are bound.
+    wait_until_async("the proxy to listen", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
     let answer = get(&client(), &format!("http://127.0.0.1:{port}/")).await;
     assert_eq!(answer.status, 200, "it serves all the same");
     assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0, "no socket in a shared directory");
