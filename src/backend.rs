@@ -370,8 +370,9 @@ pub struct InFlightGuard {
     /// The backend as the snapshot that picked it has it: its state (carried
     /// across reloads), and that snapshot's queue and upstream total.
     backend: Arc<Backend>,
-    /// The slot in Redis of a cluster-scoped upstream's backend.
-    lease: Option<SlotLease>,
+    /// The slot in Redis of a cluster-scoped upstream's backend; boxed, so
+    /// that every other request's guard stays two pointers wide.
+    lease: Option<Box<SlotLease>>,
 }
 
 impl InFlightGuard {
@@ -381,7 +382,7 @@ impl InFlightGuard {
 
     /// Holds `lease` for as long as this slot, releasing it first.
     pub fn with_lease(mut self, lease: SlotLease) -> Self {
-        self.lease = Some(lease);
+        self.lease = Some(Box::new(lease));
         self
     }
 }

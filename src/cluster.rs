@@ -33,6 +33,10 @@ use crate::config::{ClusterConfig, OnUnavailable};
 use crate::metrics::series::DurationHistogram;
 use crate::queue::WaitQueue;
 
+/// Releases waiting to be sent; more only pile up while Redis is away, and
+/// those are dropped (their slots lapse).
+const MAX_PENDING_RELEASES: usize = 65_536;
+
 /// At most this many candidates go to Redis per pick.
 pub const MAX_CANDIDATES: usize = 16;
 
@@ -77,6 +81,13 @@ if class > 0 then
       gave_way = true
       break
     end
+  end
+end
+-- Sent again after a dropped connection, the script may have run already:
+-- the slot it took then is the answer.
+for i = 3, #KEYS do
+  if redis.call('ZSCORE', KEYS[i], ARGV[2]) then
+    return i - 3
   end
 end
 if not gave_way then
@@ -154,7 +165,10 @@ pub struct Cluster {
     available: AtomicBool,
     held: Mutex<HashMap<u64, HeldSlot>>,
     next_slot: AtomicU64,
-    releases: mpsc::UnboundedSender<Release>,
+    releases: mpsc::Sender<Release>,
+    /// Wakes the renewal loop when a command failed, so that it probes at
+    /// the outage pace at once rather than at the end of its lease pause.
+    contact_lost: Arc<tokio::sync::Notify>,
     /// The wait queue of each cluster-scoped upstream, by its channel.
     queues: Mutex<HashMap<Arc<str>, Weak<WaitQueue>>>,
     pub stats: ClusterStats,
@@ -163,6 +177,7 @@ pub struct Cluster {
 
 struct HeldSlot {
     key: Arc<str>,
+    channel: Arc<str>,
     /// False for a slot taken by local limits while Redis was unreachable,
     /// until a renewal has added it.
     registered: bool,
@@ -245,7 +260,7 @@ impl Cluster {
             .set_max_delay(Duration::from_secs(1));
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(|error| format!("cannot set up the Redis connection: {error}"))?;
-        let (releases, released) = mpsc::unbounded_channel();
+        let (releases, released) = mpsc::channel(MAX_PENDING_RELEASES);
         let cluster = Arc::new(Cluster {
             config: config.clone(),
             replica: format!("{:016x}", fastrand::u64(..)),
@@ -260,13 +275,16 @@ impl Cluster {
             held: Mutex::default(),
             next_slot: AtomicU64::new(0),
             releases,
+            contact_lost: Arc::default(),
             queues: Mutex::default(),
             stats: ClusterStats::default(),
             tasks: Mutex::default(),
         });
+        // The release task is not aborted with the link: it ends when the
+        // last lease is gone and its release sent (the channel closes).
+        tokio::spawn(send_releases(cluster.commands.clone(), command_timeout, released));
         let tasks = vec![
-            tokio::spawn(renew_leases(Arc::downgrade(&cluster))).abort_handle(),
-            tokio::spawn(send_releases(Arc::downgrade(&cluster), released)).abort_handle(),
+            tokio::spawn(renew_leases(Arc::downgrade(&cluster), Arc::clone(&cluster.contact_lost))).abort_handle(),
             tokio::spawn(follow_announcements(Arc::downgrade(&cluster))).abort_handle(),
         ];
         *cluster.tasks.lock().expect("never poisoned") = tasks;
@@ -297,18 +315,15 @@ impl Cluster {
         backends: &[&str],
         queue: Option<&Arc<WaitQueue>>,
     ) -> UpstreamSlots {
-        // One hash tag per upstream: with Redis Cluster every key a script
-        // touches must hash to one slot.
         let channel: Arc<str> = format!("{}{{{upstream}}}:freed", self.config.key_prefix).into();
         if let Some(queue) = queue {
             let mut queues = self.queues.lock().expect("never poisoned");
             queues.retain(|_, queue| queue.strong_count() > 0);
             queues.insert(Arc::clone(&channel), Arc::downgrade(queue));
         }
-        let keys = backends
-            .iter()
-            .map(|address| format!("{}{{{upstream}}}:slots:{address}", self.config.key_prefix).into())
-            .collect();
+        // A bot's slots are keyed by its address alone: listed in two
+        // upstreams, or in one that is renamed, it is still one bot.
+        let keys = backends.iter().map(|address| format!("{}slots:{address}", self.config.key_prefix).into()).collect();
         let waiting = format!("{}{{{upstream}}}:waiting", self.config.key_prefix).into();
         let started = format!("{}{{{upstream}}}:started", self.config.key_prefix).into();
         UpstreamSlots { cluster: Arc::clone(self), channel, waiting, started, keys }
@@ -329,7 +344,7 @@ impl Cluster {
         let member = self.member(slot);
         let mut invocation = self.acquire.prepare_invoke();
         invocation.arg(self.lease_millis()).arg(&member).arg(class).arg(&self.replica);
-        invocation.arg(WAITING_NOTE.as_millis() as u64).arg(self.lease_millis() / 2);
+        invocation.arg(WAITING_NOTE.as_millis() as u64).arg(self.recovery_window().as_millis() as u64);
         invocation.key(&*slots.waiting).key(&*slots.started);
         for &(index, _) in candidates {
             invocation.key(&*slots.keys[index]);
@@ -337,6 +352,9 @@ impl Cluster {
         for &(_, limit) in candidates {
             invocation.arg(limit);
         }
+        // Until an answer comes, whatever the script took is given back if
+        // this pick ends: an error, or the client leaving while it waits.
+        let mut unanswered = Unanswered { cluster: self, slots, candidates, member: &member, answered: false };
         let started = Instant::now();
         let answer = self.run::<i64>(&invocation).await;
         self.stats.round_trips.record(started.elapsed());
@@ -344,13 +362,10 @@ impl Cluster {
             Ok(position) => position,
             Err(error) => {
                 self.lost_contact(&error);
-                // The script may have run: take back whatever it took.
-                for &(index, _) in candidates {
-                    self.send_release(Arc::clone(&slots.keys[index]), member.clone(), Arc::clone(&slots.channel));
-                }
                 return Err(Unreachable);
             }
         };
+        unanswered.answered = true;
         let Some(&(index, _)) = usize::try_from(position).ok().and_then(|p| candidates.get(p)) else {
             return Ok(None);
         };
@@ -392,7 +407,8 @@ impl Cluster {
     }
 
     fn hold(self: &Arc<Self>, slot: u64, key: Arc<str>, channel: Arc<str>, registered: bool) -> SlotLease {
-        self.held.lock().expect("never poisoned").insert(slot, HeldSlot { key: Arc::clone(&key), registered });
+        let entry = HeldSlot { key: Arc::clone(&key), channel: Arc::clone(&channel), registered };
+        self.held.lock().expect("never poisoned").insert(slot, entry);
         SlotLease { cluster: Arc::clone(self), slot, key, channel }
     }
 
@@ -413,6 +429,20 @@ impl Cluster {
         }
     }
 
+    /// How often the renewal loop tries while Redis is unreachable: at least
+    /// six times a lease, so that a short lease's slots are renewed before
+    /// they lapse once Redis is back.
+    fn outage_pause(&self) -> Duration {
+        (self.config.lease / 6).min(Duration::from_secs(1))
+    }
+
+    /// How long picks wait after Redis started empty: until every replica's
+    /// renewal has come round (a third of the lease, or the outage pace for
+    /// one that saw the restart as an outage), with room for two answers.
+    fn recovery_window(&self) -> Duration {
+        self.config.lease / 3 + self.outage_pause() + 2 * self.command_timeout
+    }
+
     fn member(&self, slot: u64) -> String {
         format!("{}:{slot}", self.replica)
     }
@@ -422,13 +452,15 @@ impl Cluster {
     }
 
     fn send_release(&self, key: Arc<str>, member: String, channel: Arc<str>) {
-        // Unbounded, but never longer than the slots taken: one message each.
-        let _ = self.releases.send(Release { key, member, channel });
+        // Full only while Redis is away and releases pile up: a release not
+        // sent leaves its slot unrenewed, and it lapses with its lease.
+        let _ = self.releases.try_send(Release { key, member, channel });
     }
 
     fn lost_contact(&self, error: &str) {
         *self.stats.last_error.lock().expect("never poisoned") = Some(error.to_owned());
         if self.available.swap(false, Ordering::AcqRel) {
+            self.contact_lost.notify_one();
             match self.config.on_unavailable {
                 OnUnavailable::Local => tracing::error!(redis = %self.config.redis_shown(), %error,
                     "Redis is unreachable: max_concurrency now holds per replica only, until it is back"),
@@ -440,16 +472,16 @@ impl Cluster {
 
     /// One renewal of every held slot. Returns whether Redis answered.
     async fn renew_once(&self) -> bool {
-        let held: Vec<(u64, Arc<str>, bool)> = self
+        let held: Vec<(u64, Arc<str>, Arc<str>, bool)> = self
             .held
             .lock()
             .expect("never poisoned")
             .iter()
-            .map(|(slot, held)| (*slot, Arc::clone(&held.key), held.registered))
+            .map(|(slot, held)| (*slot, Arc::clone(&held.key), Arc::clone(&held.channel), held.registered))
             .collect();
         let mut invocation = self.renew.prepare_invoke();
         invocation.arg(self.lease_millis());
-        for (slot, key, _) in &held {
+        for (slot, key, _, _) in &held {
             invocation.key(&**key).arg(self.member(*slot));
         }
         let missing = match self.run::<Vec<usize>>(&invocation).await {
@@ -461,7 +493,17 @@ impl Cluster {
             }
         };
         self.stats.renewals_ok.fetch_add(1, Ordering::Relaxed);
-        let lost = missing.iter().filter(|&&position| held.get(position).is_some_and(|h| h.2)).count();
+        let mut current = self.held.lock().expect("never poisoned");
+        // A slot released while the renewal was on its way may have been
+        // added back by it: released again, and not counted as lost.
+        for (slot, key, channel, _) in held.iter().filter(|(slot, ..)| !current.contains_key(slot)) {
+            self.send_release(Arc::clone(key), self.member(*slot), Arc::clone(channel));
+        }
+        let lost = missing
+            .iter()
+            .filter_map(|&position| held.get(position))
+            .filter(|(slot, _, _, registered)| *registered && current.contains_key(slot))
+            .count();
         if lost > 0 {
             self.stats.slots_lost.fetch_add(lost as u64, Ordering::Relaxed);
             tracing::warn!(
@@ -470,13 +512,32 @@ impl Cluster {
                  longer than the lease); added back: their jobs are still running"
             );
         }
-        let mut current = self.held.lock().expect("never poisoned");
-        for (slot, _, _) in &held {
+        for (slot, ..) in &held {
             if let Some(entry) = current.get_mut(slot) {
                 entry.registered = true;
             }
         }
         true
+    }
+}
+
+/// A pick's script sent but not answered (see [`Cluster::acquire`]).
+struct Unanswered<'a> {
+    cluster: &'a Cluster,
+    slots: &'a UpstreamSlots,
+    candidates: &'a [(usize, u32)],
+    member: &'a str,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            for &(index, _) in self.candidates {
+                let key = Arc::clone(&self.slots.keys[index]);
+                self.cluster.send_release(key, self.member.to_owned(), Arc::clone(&self.slots.channel));
+            }
+        }
     }
 }
 
@@ -496,10 +557,10 @@ impl Drop for SlotLease {
     }
 }
 
-/// Renews every third of the lease; while Redis is unreachable, tries every
-/// second, and on its return registers the slots taken meanwhile before
-/// picks go back to Redis.
-async fn renew_leases(cluster: Weak<Cluster>) {
+/// Renews every third of the lease; while Redis is unreachable, tries at the
+/// outage pace (see [`Cluster::outage_pause`]), and on its return registers the
+/// slots taken meanwhile before picks go back to Redis.
+async fn renew_leases(cluster: Weak<Cluster>, contact_lost: Arc<tokio::sync::Notify>) {
     loop {
         let Some(strong) = cluster.upgrade() else { return };
         let was_available = strong.available();
@@ -513,26 +574,31 @@ async fn renew_leases(cluster: Weak<Cluster>) {
             tracing::info!(redis = %strong.config.redis_shown(), held,
                 "Redis is reachable again: max_concurrency holds across the cluster");
         }
-        let pause = if strong.available() { strong.config.lease / 3 } else { Duration::from_secs(1) };
+        let pause = if strong.available() { strong.config.lease / 3 } else { strong.outage_pause() };
+        // A command that fails meanwhile cuts the pause short.
         drop(strong);
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = contact_lost.notified() => {}
+        }
     }
 }
 
 /// Sends released slots to Redis, several per round trip when they pile up,
 /// and announces each on its upstream's channel. A release that cannot be
 /// sent is dropped: its slot is no longer renewed and lapses with its lease.
-async fn send_releases(cluster: Weak<Cluster>, mut released: mpsc::UnboundedReceiver<Release>) {
+/// Ends when every sender (the link and its leases) is gone and the channel
+/// drained, so the last leases of a link a reload replaced are released too.
+async fn send_releases(commands: ConnectionManager, timeout: Duration, mut released: mpsc::Receiver<Release>) {
     let mut batch = Vec::new();
     while released.recv_many(&mut batch, 256).await > 0 {
-        let Some(strong) = cluster.upgrade() else { return };
         let mut pipeline = redis::pipe();
         for release in &batch {
             pipeline.zrem(&*release.key, &release.member).ignore().publish(&*release.channel, "").ignore();
         }
-        let mut connection = strong.commands.clone();
-        let sent = tokio::time::timeout(strong.command_timeout, pipeline.query_async::<()>(&mut connection)).await;
-        if !matches!(sent, Ok(Ok(()))) && strong.available() {
+        let mut connection = commands.clone();
+        let sent = tokio::time::timeout(timeout, pipeline.query_async::<()>(&mut connection)).await;
+        if !matches!(sent, Ok(Ok(()))) {
             tracing::debug!(count = batch.len(), "could not release slots in Redis; their leases will lapse");
         }
         batch.clear();

@@ -65,9 +65,11 @@ impl ClusterConfig {
     pub const MAX_LEASE: Duration = Duration::from_secs(600);
     pub const DEFAULT_KEY_PREFIX: &'static str = "switchyard:";
 
-    /// The URL with any password in it replaced, for `/status` and logs.
+    /// The URL without what may hold a password (the user part, and the
+    /// query, where `unix://` URLs carry `pass=`), for `/status` and logs.
     pub fn redis_shown(&self) -> String {
         let url = self.redis.reveal();
+        let url = url.split_once('?').map_or(url, |(before, _)| before);
         match (url.find("://"), url.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => format!("{}://<redacted>@{}", &url[..scheme], &url[at + 1..]),
             _ => url.to_owned(),
@@ -598,8 +600,8 @@ upstreams:
         assert!(error.message.contains("lease must be between"), "{}", error.message);
         let error = first_error(&text("redis://cache:6379/0", ", key_prefix: \"a{b}\""));
         assert!(error.message.contains("key_prefix"), "{}", error.message);
-        let shown =
-            parse(&text("redis://user:hunter2@cache:6379/0", ""), "t.yaml").unwrap().cluster.unwrap().redis_shown();
-        assert_eq!(shown, "redis://<redacted>@cache:6379/0");
+        let shown = |url: &str| parse(&text(url, ""), "t.yaml").unwrap().cluster.unwrap().redis_shown();
+        assert_eq!(shown("redis://user:hunter2@cache:6379/0"), "redis://<redacted>@cache:6379/0");
+        assert_eq!(shown("unix:///run/redis.sock?db=1&pass=hunter2"), "unix:///run/redis.sock");
     }
 }

@@ -361,8 +361,10 @@ fn granted(policy: &RoutePolicy, reason: RetryOn, route: &Route, upstream: &Upst
 /// reached said it was busy; the route's deadline bounds it as well.
 const MAX_BUSY_REQUEUES: u32 = 16;
 
-/// The longest a `Retry-After` keeps a bot out.
+/// The longest a `Retry-After` keeps a bot out, and the shortest (`0` or a
+/// date past would send the job straight back to it).
 const MAX_BUSY: std::time::Duration = std::time::Duration::from_secs(300);
+const MIN_BUSY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a bot that answered 429 or 503 with `Retry-After` (seconds or an
 /// HTTP date) says it is busy: another scheduler gave it work while this
@@ -378,7 +380,7 @@ fn busy_answer(response: &Response<UpstreamBody>) -> Option<std::time::Duration>
             httpdate::parse_http_date(value).ok()?.duration_since(std::time::SystemTime::now()).unwrap_or_default()
         }
     };
-    Some(wait.min(MAX_BUSY))
+    Some(wait.clamp(MIN_BUSY, MAX_BUSY))
 }
 
 /// Keeps `backend` out for `busy_for`. No slot frees when that ends: the

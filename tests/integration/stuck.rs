@@ -45,7 +45,8 @@ async fn a_client_that_stalls_its_upload_gets_408_frees_the_bot_and_is_not_blame
         String::from_utf8_lossy(&answer).into_owned()
     };
     // A chunked upload streams to the bot as it comes, and stalls there.
-    let stalled = stall(b"POST /job HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n").await;
+    let stalled =
+        stall(b"POST /job HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n").await;
     wait_until("the stalled upload to reach the bot", Duration::from_secs(10), || bot.in_flight() == 1).await;
     let answer = ended(stalled).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
