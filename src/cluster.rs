@@ -166,9 +166,10 @@ pub struct Cluster {
     held: Mutex<HashMap<u64, HeldSlot>>,
     next_slot: AtomicU64,
     releases: mpsc::Sender<Release>,
-    /// Wakes the renewal loop when a command failed, so that it probes at
-    /// the outage pace at once rather than at the end of its lease pause.
-    contact_lost: Arc<tokio::sync::Notify>,
+    /// Wakes the renewal loop: a command failed (probe at the outage pace at
+    /// once, not at the end of a lease pause), or the announcement link
+    /// dropped (Redis may have restarted empty).
+    renew_now: Arc<tokio::sync::Notify>,
     /// The wait queue of each cluster-scoped upstream, by its channel.
     queues: Mutex<HashMap<Arc<str>, Weak<WaitQueue>>>,
     pub stats: ClusterStats,
@@ -275,7 +276,7 @@ impl Cluster {
             held: Mutex::default(),
             next_slot: AtomicU64::new(0),
             releases,
-            contact_lost: Arc::default(),
+            renew_now: Arc::default(),
             queues: Mutex::default(),
             stats: ClusterStats::default(),
             tasks: Mutex::default(),
@@ -284,7 +285,7 @@ impl Cluster {
         // last lease is gone and its release sent (the channel closes).
         tokio::spawn(send_releases(cluster.commands.clone(), command_timeout, released));
         let tasks = vec![
-            tokio::spawn(renew_leases(Arc::downgrade(&cluster), Arc::clone(&cluster.contact_lost))).abort_handle(),
+            tokio::spawn(renew_leases(Arc::downgrade(&cluster), Arc::clone(&cluster.renew_now))).abort_handle(),
             tokio::spawn(follow_announcements(Arc::downgrade(&cluster))).abort_handle(),
         ];
         *cluster.tasks.lock().expect("never poisoned") = tasks;
@@ -433,14 +434,16 @@ impl Cluster {
     /// six times a lease, so that a short lease's slots are renewed before
     /// they lapse once Redis is back.
     fn outage_pause(&self) -> Duration {
-        (self.config.lease / 6).min(Duration::from_secs(1))
+        (self.config.lease / 6).min(Duration::from_millis(500))
     }
 
-    /// How long picks wait after Redis started empty: until every replica's
-    /// renewal has come round (a third of the lease, or the outage pace for
-    /// one that saw the restart as an outage), with room for two answers.
+    /// How long picks wait after Redis started empty. A replica learns of a
+    /// restart the moment its announcement link drops, and renews at once
+    /// (or, while Redis is still down, at the outage pace): the wait covers
+    /// that pace and one answer, so every replica's running jobs are back
+    /// before any bot is handed out.
     fn recovery_window(&self) -> Duration {
-        self.config.lease / 3 + self.outage_pause() + 2 * self.command_timeout
+        self.outage_pause() + self.command_timeout
     }
 
     fn member(&self, slot: u64) -> String {
@@ -460,7 +463,7 @@ impl Cluster {
     fn lost_contact(&self, error: &str) {
         *self.stats.last_error.lock().expect("never poisoned") = Some(error.to_owned());
         if self.available.swap(false, Ordering::AcqRel) {
-            self.contact_lost.notify_one();
+            self.renew_now.notify_one();
             match self.config.on_unavailable {
                 OnUnavailable::Local => tracing::error!(redis = %self.config.redis_shown(), %error,
                     "Redis is unreachable: max_concurrency now holds per replica only, until it is back"),
@@ -560,7 +563,7 @@ impl Drop for SlotLease {
 /// Renews every third of the lease; while Redis is unreachable, tries at the
 /// outage pace (see [`Cluster::outage_pause`]), and on its return registers the
 /// slots taken meanwhile before picks go back to Redis.
-async fn renew_leases(cluster: Weak<Cluster>, contact_lost: Arc<tokio::sync::Notify>) {
+async fn renew_leases(cluster: Weak<Cluster>, renew_now: Arc<tokio::sync::Notify>) {
     loop {
         let Some(strong) = cluster.upgrade() else { return };
         let was_available = strong.available();
@@ -575,11 +578,11 @@ async fn renew_leases(cluster: Weak<Cluster>, contact_lost: Arc<tokio::sync::Not
                 "Redis is reachable again: max_concurrency holds across the cluster");
         }
         let pause = if strong.available() { strong.config.lease / 3 } else { strong.outage_pause() };
-        // A command that fails meanwhile cuts the pause short.
+        // A failed command or a dropped link cuts the pause short.
         drop(strong);
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = contact_lost.notified() => {}
+            _ = renew_now.notified() => {}
         }
     }
 }
@@ -620,16 +623,22 @@ async fn follow_announcements(cluster: Weak<Cluster>) {
             Ok::<_, redis::RedisError>(pubsub)
         })
         .await;
-        if let Ok(Ok(pubsub)) = connected {
-            let mut messages = pubsub.into_on_message();
-            while let Some(message) = messages.next().await {
-                let Some(strong) = cluster.upgrade() else { return };
-                let queue = strong.queues.lock().expect("never poisoned").get(message.get_channel_name()).cloned();
-                if let Some(queue) = queue.and_then(|q| q.upgrade()) {
-                    queue.slot_freed();
-                }
+        let Ok(Ok(pubsub)) = connected else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let mut messages = pubsub.into_on_message();
+        while let Some(message) = messages.next().await {
+            let Some(strong) = cluster.upgrade() else { return };
+            let queue = strong.queues.lock().expect("never poisoned").get(message.get_channel_name()).cloned();
+            if let Some(queue) = queue.and_then(|q| q.upgrade()) {
+                queue.slot_freed();
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The link dropped: Redis may have restarted and lost every slot, so
+        // this replica's are registered again now, before other replicas'
+        // picks go on (see `Cluster::recovery_window`).
+        let Some(strong) = cluster.upgrade() else { return };
+        strong.renew_now.notify_one();
     }
 }
