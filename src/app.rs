@@ -104,6 +104,9 @@ pub struct RunOptions {
 /// `switchyard run`: serve until SIGTERM or SIGINT, or until a new process
 /// has taken over. Returns the exit code.
 pub async fn run(path: &Path, options: RunOptions) -> i32 {
+    // Before anything is bound: a signal that comes while the proxy starts
+    // waits for it (a reload, a shutdown) instead of killing it by default.
+    let signals = Signals::install();
     let config = match config::load(path) {
         Ok(config) => config,
         Err(errors) => {
@@ -173,7 +176,7 @@ pub async fn run(path: &Path, options: RunOptions) -> i32 {
         }
         None => waiting,
     };
-    let handed_over = serve_signals(&proxy.runtime, waiting.as_ref()).await;
+    let handed_over = serve_signals(signals, &proxy.runtime, waiting.as_ref()).await;
     // After a hand-over the path is the successor's (or about to be).
     if let Some(listener) = waiting.filter(|_| !handed_over) {
         listener.remove();
@@ -183,12 +186,29 @@ pub async fn run(path: &Path, options: RunOptions) -> i32 {
     exit::OK
 }
 
+/// The signals `run` answers, listened for from its first step: one that
+/// arrives meanwhile is kept until the proxy serves.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            terminate: signal(SignalKind::terminate()).expect("can install a SIGTERM handler"),
+            interrupt: signal(SignalKind::interrupt()).expect("can install a SIGINT handler"),
+            hangup: signal(SignalKind::hangup()).expect("can install a SIGHUP handler"),
+        }
+    }
+}
+
 /// Reloads on SIGHUP; returns on SIGTERM or SIGINT (false), or once a new
 /// process has taken the listening sockets over (true).
-async fn serve_signals(runtime: &Runtime, upgrades: Option<&UpgradeListener>) -> bool {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
-    let mut hangup = signal(SignalKind::hangup()).expect("can install a SIGHUP handler");
+async fn serve_signals(signals: Signals, runtime: &Runtime, upgrades: Option<&UpgradeListener>) -> bool {
+    let Signals { mut terminate, mut interrupt, mut hangup } = signals;
     let handed_over = async {
         match upgrades {
             Some(listener) => listener.hand_over(runtime).await,
@@ -199,7 +219,7 @@ async fn serve_signals(runtime: &Runtime, upgrades: Option<&UpgradeListener>) ->
     loop {
         tokio::select! {
             _ = terminate.recv() => return false,
-            _ = tokio::signal::ctrl_c() => return false,
+            _ = interrupt.recv() => return false,
             () = &mut handed_over => return true,
             _ = hangup.recv() => {
                 let _ = runtime.reload(ReloadTrigger::Signal).await;

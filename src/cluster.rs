@@ -124,16 +124,19 @@ const WAITING_NOTE: Duration = Duration::from_secs(2);
 /// Extends the leases of the slots a replica holds, adding back any that
 /// lapsed (or were taken while Redis was away).
 /// KEYS: each held slot's set. ARGV: lease (ms), then each slot's member.
-/// Returns the positions of the slots that were not there.
+/// Returns the positions of the slots that were not there, or had lapsed
+/// (a lapsed slot another pick has not yet swept is lapsed all the same).
 const RENEW: &str = r"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local lease = tonumber(ARGV[1])
 local missing = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('ZADD', key, now + lease, ARGV[i + 1]) == 1 then
+  local expiry = redis.call('ZSCORE', key, ARGV[i + 1])
+  if (not expiry) or tonumber(expiry) <= now then
     table.insert(missing, i - 1)
   end
+  redis.call('ZADD', key, now + lease, ARGV[i + 1])
   redis.call('PEXPIRE', key, 2 * lease)
 end
 return missing

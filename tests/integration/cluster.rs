@@ -322,3 +322,38 @@ async fn a_redis_that_restarts_empty_gets_running_jobs_back_before_it_hands_out_
     assert_eq!(bot.stats.peak_in_flight.load(std::sync::atomic::Ordering::SeqCst), 1, "never two jobs at once");
     assert_eq!(second.status().await["cluster"]["fallbacks"], 0, "a restart is not an outage");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_past_its_lease_learns_its_slot_lapsed_and_adds_it_back() {
+    let redis = RedisServer::start().await;
+    let bot = Backend::start("bot").await;
+    let [first, second] = [Replica::start(&redis, &[&bot], "").await, Replica::start(&redis, &[&bot], "").await];
+    let client = client();
+    let held = tokio::spawn({
+        let (client, url) = (client.clone(), first.process.url("/hold"));
+        async move { get(&client, &url).await }
+    });
+    wait_until("the held job to reach the bot", Duration::from_secs(30), || bot.in_flight() == 1).await;
+    let slots = || async { second.status().await["upstreams"][0]["backends"][0]["cluster_slots"].clone() };
+    wait_until_async("the slot to show in Redis", || async { slots().await == 1 }).await;
+    // Frozen (as if cut off): no renewal, so the slot lapses in Redis.
+    first.process.signal(libc::SIGSTOP);
+    wait_until_async("the frozen replica's slot to lapse", || async { slots().await == 0 }).await;
+    // Back: its next renewal finds the slot gone, says so, and adds it back,
+    // since its job still runs.
+    first.process.signal(libc::SIGCONT);
+    wait_until_async("the replica to find its slot lapsed", || async {
+        first.status().await["cluster"]["slots_lost"] == 1
+    })
+    .await;
+    assert_eq!(slots().await, 1, "the running job's slot is back");
+    let waiting = tokio::spawn({
+        let (client, url) = (client.clone(), second.process.url("/after"));
+        async move { get(&client, &url).await }
+    });
+    wait_until_async("the second replica's job to queue", || async { second.queue_waiting().await == 1 }).await;
+    bot.release_held();
+    assert_eq!(held.await.unwrap().status, 200);
+    assert_eq!(waiting.await.unwrap().status, 200);
+    assert_eq!(bot.stats.peak_in_flight.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

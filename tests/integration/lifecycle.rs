@@ -392,3 +392,37 @@ async fn two_thousand_idle_admin_connections_leave_the_proxy_listener_its_descri
     // backend connection aside).
     assert!(held <= 64 + 8, "the admin took {held} descriptors");
 }
+
+#[tokio::test]
+async fn a_signal_that_comes_while_the_proxy_starts_waits_for_it_instead_of_killing_it() {
+    // A first DNS answer that is slow to come holds the start: the process
+    // runs, but serves nothing yet.
+    let bot = Backend::start("bot").await;
+    let dns = crate::dns::DnsServer::start().await;
+    dns.set_addresses("bots.test", &[bot.addr.ip()]);
+    dns.set_delay(Duration::from_secs(1));
+    let (port, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    let yaml = format!(
+        "{}admin: {{ bind: \"127.0.0.1:{admin}\" }}\nlisteners: [{{ bind: \"127.0.0.1:{port}\" }}]\n\
+         routes: [{{ upstream: bots }}]\nupstreams:\n  bots:\n    discovery: {{ dns: \"bots.test:{}\" }}\n",
+        dns.resolver_yaml(),
+        bot.addr.port()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let child = switchyard_for(&path).args(["run", "-c"]).arg(&path).stderr(Stdio::null()).spawn().unwrap();
+    let _child = Killed(child);
+    wait_until("the start to ask DNS", Duration::from_secs(30), || dns.queries_for("bots.test") > 0).await;
+    let pid = libc::pid_t::try_from(_child.0.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    // It starts all the same, then acts on the signal: a reload.
+    wait_until_async("the proxy to serve", || async { TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
+    assert_eq!(get(&client(), &format!("http://127.0.0.1:{port}/")).await.body, "bot");
+    wait_until_async("the SIGHUP's reload", || async {
+        let status = get(&client(), &format!("http://127.0.0.1:{admin}/status")).await.body;
+        serde_json::from_str::<serde_json::Value>(&status).unwrap()["generation"] == 2
+    })
+    .await;
+}
