@@ -21,6 +21,8 @@ pub mod exit {
     pub const BAD_CONFIG: i32 = 1;
     pub const BAD_USAGE: i32 = 2;
     pub const CANNOT_SERVE: i32 = 3;
+    /// A second SIGTERM, SIGINT or SIGQUIT cut the drain short.
+    pub const DRAIN_CUT_SHORT: i32 = 4;
 }
 
 /// A proxy serving traffic.
@@ -176,39 +178,97 @@ pub async fn run(path: &Path, options: RunOptions) -> i32 {
         }
         None => waiting,
     };
-    let handed_over = serve_signals(signals, &proxy.runtime, waiting.as_ref()).await;
+    let successor = Successor { config: path, socket: &socket };
+    let (handed_over, mut signals) = serve_signals(signals, &proxy.runtime, waiting.as_ref(), &successor).await;
     // After a hand-over the path is the successor's (or about to be).
     if let Some(listener) = waiting.filter(|_| !handed_over) {
         listener.remove();
     }
     tracing::info!(grace = ?proxy.live().load().limits.shutdown_grace, "stopping: draining in-flight requests");
-    proxy.shutdown().await;
-    exit::OK
+    // A second stop signal ends the drain at once, as nginx's fast shutdown.
+    tokio::select! {
+        () = proxy.shutdown() => exit::OK,
+        () = signals.stop() => {
+            tracing::warn!("stopping now: a second stop signal cut the drain short");
+            exit::DRAIN_CUT_SHORT
+        }
+    }
 }
 
-/// The signals `run` answers, listened for from its first step: one that
-/// arrives meanwhile is kept until the proxy serves.
+/// How `run` starts the process that takes over from it on SIGUSR2: its own
+/// executable, `run --upgrade` on the same config and upgrade socket.
+struct Successor<'a> {
+    config: &'a Path,
+    socket: &'a Path,
+}
+
+impl Successor<'_> {
+    fn start(&self) -> std::io::Result<tokio::process::Child> {
+        let executable = std::env::current_exe()?;
+        // A binary replaced on disk (the point of an upgrade) shows as
+        // "... (deleted)": the path itself holds the new one.
+        let executable = match executable.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+            Some(path) => std::path::PathBuf::from(path),
+            None => executable,
+        };
+        let config = std::path::absolute(self.config)?;
+        tokio::process::Command::new(executable)
+            .args(["run", "--upgrade", "-c"])
+            .arg(config)
+            .arg("--upgrade-socket")
+            .arg(self.socket)
+            .spawn()
+    }
+}
+
+/// The signals `run` answers, listened for from its first step (one that
+/// arrives meanwhile is kept until the proxy serves), with the meanings
+/// nginx gave them: TERM, INT and QUIT drain and stop; HUP reloads; USR2
+/// starts the process that takes over; USR1 reopens log files.
 struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
     hangup: tokio::signal::unix::Signal,
+    upgrade: tokio::signal::unix::Signal,
+    reopen: tokio::signal::unix::Signal,
 }
 
 impl Signals {
     fn install() -> Signals {
         use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind).unwrap_or_else(|error| panic!("cannot install a {name} handler: {error}"))
+        };
         Signals {
-            terminate: signal(SignalKind::terminate()).expect("can install a SIGTERM handler"),
-            interrupt: signal(SignalKind::interrupt()).expect("can install a SIGINT handler"),
-            hangup: signal(SignalKind::hangup()).expect("can install a SIGHUP handler"),
+            terminate: listen(SignalKind::terminate(), "SIGTERM"),
+            interrupt: listen(SignalKind::interrupt(), "SIGINT"),
+            quit: listen(SignalKind::quit(), "SIGQUIT"),
+            hangup: listen(SignalKind::hangup(), "SIGHUP"),
+            upgrade: listen(SignalKind::user_defined2(), "SIGUSR2"),
+            reopen: listen(SignalKind::user_defined1(), "SIGUSR1"),
+        }
+    }
+
+    /// The next SIGTERM, SIGINT or SIGQUIT.
+    async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+            _ = self.quit.recv() => {}
         }
     }
 }
 
-/// Reloads on SIGHUP; returns on SIGTERM or SIGINT (false), or once a new
-/// process has taken the listening sockets over (true).
-async fn serve_signals(signals: Signals, runtime: &Runtime, upgrades: Option<&UpgradeListener>) -> bool {
-    let Signals { mut terminate, mut interrupt, mut hangup } = signals;
+/// Reloads on SIGHUP and starts a successor on SIGUSR2; returns on SIGTERM,
+/// SIGINT or SIGQUIT (false), or once a new process has taken the listening
+/// sockets over (true), with the signals for the drain that follows.
+async fn serve_signals(
+    mut signals: Signals,
+    runtime: &Runtime,
+    upgrades: Option<&UpgradeListener>,
+    successor: &Successor<'_>,
+) -> (bool, Signals) {
     let handed_over = async {
         match upgrades {
             Some(listener) => listener.hand_over(runtime).await,
@@ -216,14 +276,45 @@ async fn serve_signals(signals: Signals, runtime: &Runtime, upgrades: Option<&Up
         }
     };
     tokio::pin!(handed_over);
-    loop {
+    let handed_over = loop {
         tokio::select! {
-            _ = terminate.recv() => return false,
-            _ = interrupt.recv() => return false,
-            () = &mut handed_over => return true,
-            _ = hangup.recv() => {
+            _ = signals.terminate.recv() => break false,
+            _ = signals.interrupt.recv() => break false,
+            _ = signals.quit.recv() => break false,
+            () = &mut handed_over => break true,
+            _ = signals.hangup.recv() => {
                 let _ = runtime.reload(ReloadTrigger::Signal).await;
             }
+            _ = signals.upgrade.recv() => start_successor(successor, upgrades.is_some()),
+            _ = signals.reopen.recv() => {
+                // Logs go to standard error only: nothing to reopen.
+                tracing::info!("SIGUSR1: logs go to standard error, no log file to reopen");
+            }
         }
+    };
+    (handed_over, signals)
+}
+
+/// SIGUSR2: starts this executable with `run --upgrade`; when it serves, it
+/// takes the sockets over and this process drains (`serve_signals` sees the
+/// hand-over). A successor that fails leaves this process serving.
+fn start_successor(successor: &Successor<'_>, listening: bool) {
+    if !listening {
+        tracing::error!("SIGUSR2: not listening for upgrades (see the log at start), so no successor can take over");
+        return;
+    }
+    match successor.start() {
+        Ok(mut child) => {
+            tracing::info!(pid = child.id(), "SIGUSR2: started the process that takes over");
+            // Waited for, so that one that fails is reported (and reaped).
+            tokio::spawn(async move {
+                match child.wait().await {
+                    Ok(status) if status.success() => {}
+                    Ok(status) => tracing::error!(%status, "the process started by SIGUSR2 did not take over"),
+                    Err(error) => tracing::error!(%error, "cannot wait for the process started by SIGUSR2"),
+                }
+            });
+        }
+        Err(error) => tracing::error!(%error, "SIGUSR2: cannot start the process that takes over"),
     }
 }

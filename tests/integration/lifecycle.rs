@@ -426,3 +426,47 @@ async fn a_signal_that_comes_while_the_proxy_starts_waits_for_it_instead_of_kill
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_drains_like_sigterm_and_a_second_stop_signal_cuts_the_drain_short() {
+    let bot = Backend::start("bot").await;
+    let yaml = simple_config("{}", &[&bot], "")
+        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
+        .replace("listeners:\n", "limits: { shutdown_grace: 30s }\nlisteners:\n");
+    let client = client();
+    let hold = |proxy: &ProxyProcess| {
+        let (client, url) = (client.clone(), proxy.url("/hold"));
+        tokio::spawn(async move { get(&client, &url).await })
+    };
+
+    // SIGUSR1 (logrotate's) does not stop it; SIGQUIT drains the held job, then exits 0.
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    proxy.signal(libc::SIGUSR1);
+    assert_eq!(get(&client, &proxy.url("/")).await.status, 200, "still serving after SIGUSR1");
+    let held = hold(&proxy);
+    wait_until("the held job", Duration::from_secs(30), || bot.in_flight() == 1).await;
+    proxy.signal(libc::SIGQUIT);
+    wait_until_async("the listener to close", || async { TcpStream::connect(proxy.addr).await.is_err() }).await;
+    assert!(proxy.child.try_wait().unwrap().is_none(), "it waits for the held job");
+    bot.release_held();
+    assert_eq!(held.await.unwrap().status, 200);
+    assert_eq!(proxy.wait_for_exit(Duration::from_secs(30), "SIGQUIT's drain").await.code(), Some(0));
+
+    // A second stop signal during the drain exits at once, job or not (a
+    // bot of its own: the first one now lets every job through).
+    let bot = Backend::start("bot").await;
+    let yaml = simple_config("{}", &[&bot], "")
+        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
+        .replace("listeners:\n", "limits: { shutdown_grace: 30s }\nlisteners:\n");
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let held = hold(&proxy);
+    wait_until("the held job", Duration::from_secs(30), || bot.in_flight() == 1).await;
+    proxy.signal(libc::SIGTERM);
+    wait_until_async("the listener to close", || async { TcpStream::connect(proxy.addr).await.is_err() }).await;
+    proxy.signal(libc::SIGTERM);
+    let status = proxy.wait_for_exit(Duration::from_secs(20), "the second SIGTERM").await;
+    assert_eq!(status.code(), Some(switchyard::app::exit::DRAIN_CUT_SHORT), "it did not wait for the job");
+    // The held job's connection was cut (its client's helper panics on that).
+    assert!(held.await.is_err());
+    bot.release_held();
+}

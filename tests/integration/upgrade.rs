@@ -329,3 +329,43 @@ async fn a_socket_squatted_by_another_user_does_not_keep_the_proxy_down() {
     let answer = get(&client(), &format!("http://127.0.0.1:{port}/")).await;
     assert_eq!(answer.status, 200, "the squatter did not keep the proxy down");
 }
+
+/// The processes whose command line names `config` (serving it, or about to).
+fn processes_of(config: &std::path::Path) -> Vec<libc::pid_t> {
+    let wanted = config.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|line| line.split(|b| *b == 0).any(|arg| arg == wanted.as_bytes()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_the_process_that_takes_over_under_load_and_leaves_one() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let yaml = simple_config("{ policy: round_robin }", &[&a, &b], "")
+        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
+        .replace("listeners:\n", "limits: { shutdown_grace: 10s }\nlisteners:\n");
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let config = std::path::absolute(&proxy.path).unwrap();
+    let load = Load::start(proxy.url("/"), 4, 2);
+    wait_until("traffic", Duration::from_secs(30), || load.sent() > 50).await;
+    // nginx's habit: USR2 upgrades. The process starts its own executable
+    // with `run --upgrade`, which takes the sockets over; the old one drains.
+    proxy.signal(libc::SIGUSR2);
+    let status = proxy.wait_for_exit(Duration::from_secs(60), "the old process to hand over and exit").await;
+    assert_eq!(status.code(), Some(0));
+    let before = load.sent();
+    wait_until("traffic after the upgrade", Duration::from_secs(30), || load.sent() > before + 50).await;
+    let sent = load.finish_without_failures().await;
+    eprintln!("SIGUSR2 upgrade, {sent} requests, none failed");
+    let serving = processes_of(&config);
+    assert_eq!(serving.len(), 1, "one process serves the config: {serving:?}");
+    // The successor is not our child: stop it by its pid, as an operator would.
+    // SAFETY: kill(2) on the process this test's proxy started.
+    assert_eq!(unsafe { libc::kill(serving[0], libc::SIGTERM) }, 0);
+    wait_until("the successor to exit", Duration::from_secs(30), || processes_of(&config).is_empty()).await;
+}
