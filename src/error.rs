@@ -1,6 +1,6 @@
 //! Everything that can go wrong for a client's request, and the ONE mapping from
 //! those failures to the status, `x-switchyard-error` and one-line body the client
-//! sees (the table in DESIGN.md).
+//! sees (the table in docs/errors.md).
 
 use http::{HeaderValue, Response, StatusCode};
 

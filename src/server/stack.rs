@@ -176,7 +176,7 @@ impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for Err
     }
 }
 
-// ---- 4. routing (5, `Forward`, is in proxy.rs) -----------------------------
+// ---- 4. routing (5, `Forward`, is in proxy/mod.rs) -------------------------
 
 #[derive(Clone, Debug)]
 pub struct RouteService<S> {
