@@ -117,6 +117,9 @@ pub async fn run(path: &Path, options: RunOptions) -> i32 {
         }
     };
     crate::logging::init(&config.log);
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "config");
+    }
     let socket = options.upgrade_socket.unwrap_or_else(|| upgrade::socket_path(path));
     // Taking over first: a failure here leaves the running process as it was.
     let (inherited, handover, waiting) = if options.upgrade {

@@ -52,7 +52,11 @@ fn main() {
     };
     let code = match cli.command.unwrap_or(Command::Run { upgrade: false, upgrade_socket: None }) {
         Command::Check => match switchyard::config::load(&cli.config) {
-            Ok(_) => {
+            Ok(config) => {
+                // Warnings do not refuse the config: it is ok, with these said.
+                for warning in &config.warnings {
+                    eprintln!("{warning}");
+                }
                 println!("{}: ok", cli.config.display());
                 exit::OK
             }

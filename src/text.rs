@@ -25,3 +25,12 @@ mod tests {
         }
     }
 }
+
+/// A duration as the config writes it: `30s`, or `250ms` below whole seconds.
+pub fn duration(duration: std::time::Duration) -> String {
+    if duration.subsec_millis() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_millis())
+    }
+}

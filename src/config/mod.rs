@@ -27,6 +27,8 @@ const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// What `check` and the log point out without refusing the config.
+    pub warnings: Vec<ConfigError>,
     pub listeners: Vec<ListenerConfig>,
     pub admin: AdminConfig,
     pub log: LogConfig,

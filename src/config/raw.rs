@@ -144,7 +144,7 @@ pub struct RawLimits {
     pub header_read_timeout: Option<Spanned<DurationValue>>,
     pub idle_timeout: Option<Spanned<DurationValue>>,
     pub max_connections: Option<Spanned<u32>>,
-    pub shutdown_grace: Option<DurationValue>,
+    pub shutdown_grace: Option<Spanned<DurationValue>>,
     pub connect_timeout: Option<Spanned<DurationValue>>,
     pub client_body_timeout: Option<Spanned<DurationValue>>,
     pub client_send_timeout: Option<Spanned<DurationValue>>,

@@ -158,8 +158,10 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
 
+    let warnings = grace_warnings(&raw, &limits, &routes, file);
     if errors.errors.is_empty() {
         Ok(Config {
+            warnings,
             listeners,
             admin,
             log,
@@ -218,6 +220,34 @@ fn validate_listener_tls(raw: &Spanned<RawListenerTls>, file: &str, errors: &mut
         .then_some(ListenerTls { certificates, alpn })
 }
 
+/// A route whose `timeout` is longer than `shutdown_grace`: a shutdown, a
+/// rollout or an upgrade cuts its longer jobs. Not an error (short jobs may
+/// be all the route sees), but said, at the route's timeout, naming both.
+fn grace_warnings(raw: &RawConfig, limits: &Limits, routes: &[RouteConfig], file: &str) -> Vec<ConfigError> {
+    let mut warnings = Collector { file, errors: Vec::new() };
+    let grace = crate::text::duration(limits.shutdown_grace);
+    let grace_at = match &raw.limits.shutdown_grace {
+        Some(spanned) => format!("limits.shutdown_grace {grace} (line {})", spanned.referenced.line()),
+        None => format!("limits.shutdown_grace, {grace} by default,"),
+    };
+    for (raw_route, route) in raw.routes.iter().zip(routes) {
+        let Some(timeout) = raw_route.value.timeout.as_ref().filter(|_| route.timeout > limits.shutdown_grace) else {
+            continue;
+        };
+        warnings.at(
+            timeout.referenced,
+            format!(
+                "warning: route `{}` waits up to {} for a job, but {grace_at} is shorter: a shutdown, rollout or \
+                 upgrade cuts jobs longer than that (raise shutdown_grace, and a Kubernetes pod's \
+                 terminationGracePeriodSeconds with it)",
+                route.name,
+                crate::text::duration(route.timeout)
+            ),
+        );
+    }
+    warnings.errors
+}
+
 fn validate_limits(raw: &RawConfig, errors: &mut Collector<'_>) -> Limits {
     let defaults = Limits::default();
     let raw = &raw.limits;
@@ -231,7 +261,7 @@ fn validate_limits(raw: &RawConfig, errors: &mut Collector<'_>) -> Limits {
         ),
         // Zero would spin the accept loop's idle tick.
         idle_timeout: duration(&raw.idle_timeout, "idle_timeout", defaults.idle_timeout, errors),
-        shutdown_grace: raw.shutdown_grace.map_or(defaults.shutdown_grace, |d| d.0),
+        shutdown_grace: raw.shutdown_grace.as_ref().map_or(defaults.shutdown_grace, |d| d.value.0),
         connect_timeout: duration(&raw.connect_timeout, "connect_timeout", defaults.connect_timeout, errors),
         client_body_timeout: duration(
             &raw.client_body_timeout,

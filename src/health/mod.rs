@@ -129,11 +129,7 @@ pub fn slow_start_factor(slow_start: Option<Duration>, since: u64, now: u64) -> 
 
 /// Human wording of a duration for check reasons: `1s`, `250ms`.
 pub fn describe(duration: Duration) -> String {
-    if duration.subsec_millis() == 0 {
-        format!("{}s", duration.as_secs())
-    } else {
-        format!("{}ms", duration.as_millis())
-    }
+    crate::text::duration(duration)
 }
 
 #[cfg(test)]

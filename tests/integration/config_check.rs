@@ -175,3 +175,27 @@ fn the_example_config_and_several_errors_at_once() {
     let usage = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("--no-such-flag").output().unwrap();
     assert_eq!(usage.status.code(), Some(2));
 }
+
+#[test]
+fn check_warns_when_a_route_may_outlast_the_shutdown_grace_naming_both_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.yaml");
+    let check = |yaml: &str| {
+        std::fs::write(&path, yaml).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg("check").arg("-c").arg(&path).output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "a warning does not refuse the config");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let routes = "routes:\n  - { name: jobs, upstream: a, timeout: 10m }\n  - { name: quick, upstream: a, timeout: 5s }\nupstreams:\n  a:\n    backends: [{ address: \"h:1\" }]\n";
+    let stderr = check(&format!("{HEAD}limits:\n  shutdown_grace: 30s\n{routes}"));
+    let file = path.display();
+    assert_eq!(stderr.lines().count(), 1, "only the long route: {stderr}");
+    assert!(
+        stderr.starts_with(&format!("{file}:6:41: warning: route `jobs` waits up to 600s")),
+        "at the route's timeout: {stderr}"
+    );
+    assert!(stderr.contains("limits.shutdown_grace 30s (line 4)"), "naming the grace's line: {stderr}");
+    // The default grace is named as such; a grace long enough says nothing.
+    assert!(check(&format!("{HEAD}{routes}")).contains("limits.shutdown_grace, 30s by default,"));
+    assert_eq!(check(&format!("{HEAD}limits:\n  shutdown_grace: 11m\n{routes}")), "");
+}

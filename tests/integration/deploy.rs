@@ -84,9 +84,12 @@ fn the_kubernetes_example_fronts_a_headless_service_with_two_replicas() {
     let redis_pod = &find(&switchyard, "Deployment", "redis")["spec"]["template"];
     assert_eq!(redis_pod["metadata"]["labels"], service["spec"]["selector"]);
 
-    // The drain fits in the pod's grace period.
+    // The drain fits in the pod's grace period, and lets the longest job finish.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(grace > config.limits.shutdown_grace.as_secs() + 5, "{grace} s");
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    let longest = config.routes.iter().map(|r| r.timeout).max().unwrap();
+    assert!(config.limits.shutdown_grace >= longest, "a rollout would cut jobs longer than shutdown_grace");
 }
 
 #[test]
