@@ -14,6 +14,15 @@ pub fn decimal(mut value: u64, scratch: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+/// A duration as the config writes it: `30s`, or `250ms` below whole seconds.
+pub fn duration(duration: std::time::Duration) -> String {
+    if duration.subsec_millis() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_millis())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -23,14 +32,5 @@ mod tests {
         for value in [0u64, 7, 10, 65_535, u64::MAX] {
             assert_eq!(decimal(value, &mut [0; 20]), value.to_string().as_bytes());
         }
-    }
-}
-
-/// A duration as the config writes it: `30s`, or `250ms` below whole seconds.
-pub fn duration(duration: std::time::Duration) -> String {
-    if duration.subsec_millis() == 0 {
-        format!("{}s", duration.as_secs())
-    } else {
-        format!("{}ms", duration.as_millis())
     }
 }
