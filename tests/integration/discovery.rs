@@ -518,13 +518,13 @@ async fn whoever_controls_the_records_cannot_make_the_set_unbounded_or_point_it_
     };
     assert!(count("over_max_backends") >= Some(500.0) && count("unusable_address") >= Some(4.0));
 
-    // Every replica keeps the same subset.
-    // (Its listener is elsewhere, so 127.0.0.1 on that port is not its own:
-    // the comparison is of the others.)
+    // Every replica keeps the same subset of the same usable answer. (The
+    // other replica listens elsewhere, so 127.0.0.1 on that port would be a
+    // usable backend to it, and could take one of the 100 places: it is left
+    // out of the answer the other one gets.)
+    dns.set_addresses("bots.test", &answer);
     let other = FileProxy::start(&dns_config(&dns, &discovery, "")).await;
-    let other_usable: BTreeSet<String> =
-        served(&other.status().await).into_iter().filter(|a| a.starts_with("10.9.")).collect();
-    assert_eq!(other_usable, set, "another replica picked another subset");
+    assert_eq!(served(&other.status().await), set, "another replica picked another subset");
 }
 
 #[tokio::test]
