@@ -116,7 +116,10 @@ pub async fn run(path: &Path, options: RunOptions) -> i32 {
             return exit::BAD_CONFIG;
         }
     };
-    crate::logging::init(&config.log);
+    if let Err(error) = crate::logging::init(&config.log) {
+        eprintln!("{error}");
+        return exit::CANNOT_SERVE;
+    }
     for warning in &config.warnings {
         tracing::warn!(%warning, "config");
     }
@@ -175,17 +178,25 @@ pub async fn run(path: &Path, options: RunOptions) -> i32 {
                 tracing::warn!(%error, "could not tell the previous process that this one serves");
             }
             tracing::info!("took over the listening sockets; the previous process drains");
+            crate::systemd::took_over();
             UpgradeListener::replace(&socket)
                 .inspect_err(|error| tracing::warn!(%error, "cannot listen for the next upgrade"))
                 .ok()
         }
-        None => waiting,
+        None => {
+            crate::systemd::ready();
+            waiting
+        }
     };
     let successor = Successor { config: path, socket: &socket };
     let (handed_over, mut signals) = serve_signals(signals, &proxy.runtime, waiting.as_ref(), &successor).await;
     // After a hand-over the path is the successor's (or about to be).
     if let Some(listener) = waiting.filter(|_| !handed_over) {
         listener.remove();
+    }
+    // After a hand-over the service goes on in the successor: no STOPPING.
+    if !handed_over {
+        crate::systemd::stopping();
     }
     tracing::info!(grace = ?proxy.live().load().limits.shutdown_grace, "stopping: draining in-flight requests");
     // A second stop signal ends the drain at once, as nginx's fast shutdown.
@@ -289,10 +300,12 @@ async fn serve_signals(
                 let _ = runtime.reload(ReloadTrigger::Signal).await;
             }
             _ = signals.upgrade.recv() => start_successor(successor, upgrades.is_some()),
-            _ = signals.reopen.recv() => {
-                // Logs go to standard error only: nothing to reopen.
-                tracing::info!("SIGUSR1: logs go to standard error, no log file to reopen");
-            }
+            _ = signals.reopen.recv() => match crate::logging::reopen() {
+                Ok(0) => tracing::info!("SIGUSR1: logs go to standard error, no log file to reopen"),
+                Ok(files) => tracing::info!(files, "SIGUSR1: reopened the log files"),
+                // The streams whose file could not be opened keep the old one.
+                Err(error) => tracing::error!(%error, "SIGUSR1"),
+            },
         }
     };
     (handed_over, signals)

@@ -50,7 +50,10 @@ pub async fn run(proxy_port: u16, bots_only: bool) -> i32 {
                 return exit::BAD_CONFIG;
             }
         };
-        crate::logging::init(&config.log);
+        if let Err(error) = crate::logging::init(&config.log) {
+            eprintln!("{error}");
+            return exit::CANNOT_SERVE;
+        }
         let proxy = match RunningProxy::start(&config).await {
             Ok(proxy) => proxy,
             Err(error) => {

@@ -380,11 +380,14 @@ pub fn effective_config(config: &Config) -> Value {
         "admin": {
             "bind": config.admin.bind.to_string(),
             "token": config.admin.token.as_ref().map(|_| "<redacted>"),
+            "metrics_without_token": config.admin.metrics_without_token,
         },
         "log": {
             "level": format!("{:?}", config.log.level).to_lowercase(),
             "format": format!("{:?}", config.log.format).to_lowercase(),
             "access": config.log.access,
+            "file": config.log.file.as_ref().map(|path| path.display().to_string()),
+            "access_file": config.log.access_file.as_ref().map(|path| path.display().to_string()),
         },
         "limits": {
             "max_header_bytes": limits.max_header_bytes,

@@ -99,6 +99,9 @@ pub fn refresh_gauges(snapshot: &Snapshot) {
 /// it has no series. Each family is written whole, after the exporter's. Then
 /// the cluster link's, when there is one.
 pub fn write_owned_series(snapshot: &Snapshot, out: &mut String) {
+    // Always 1: the labels are the point (which build answers this scrape).
+    Family::gauge(out, crate::metrics::BUILD_INFO)
+        .counter_value(&[("version", crate::version::VERSION), ("commit", crate::version::COMMIT)], 1);
     write_backend_series(snapshot, out);
     if let Some(cluster) = &snapshot.cluster {
         write_cluster_series(cluster, out);

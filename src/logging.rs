@@ -1,24 +1,33 @@
 //! Logging from the `log:` section: tracing for events (`RUST_LOG` overrides
 //! the level), and the access log, whose lines are written here by hand.
 //!
-//! Lines go to standard error. On the request workers they are gathered in a
-//! per-thread buffer and written in batches (when the buffer fills, and every
-//! [`FLUSH_EVERY`] from the worker itself), so an access log costs its
-//! formatting, not a system call per request. Elsewhere each line is written
-//! at once. An access line has the shape tracing-subscriber gives an event
-//! (same fields, text or JSON) but is formatted directly: through tracing it
-//! cost a field visitor, a timestamp formatted from scratch, and colour codes
-//! per field, about 3 us a request.
+//! Events go to `log.file`, or standard error; access lines to
+//! `log.access_file`, or where events go. SIGUSR1 reopens both files (after
+//! logrotate moved them), and a reload applies a new level, format or file.
+//! On the request workers lines are gathered in per-thread buffers and written
+//! in batches (when a buffer fills, and every [`FLUSH_EVERY`] from the worker
+//! itself), so an access log costs its formatting, not a system call per
+//! request. Elsewhere each line is written at once. An access line has the
+//! shape tracing-subscriber gives an event (same fields, text or JSON) but is
+//! formatted directly: through tracing it cost a field visitor, a timestamp
+//! formatted from scratch, and colour codes per field, about 3 us a request.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
+use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
 use crate::config::{LogConfig, LogFormat, LogLevel};
 
@@ -27,97 +36,243 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// A buffer this full is written at once.
 const FLUSH_AT: usize = 32 * 1024;
 
-pub fn init(config: &LogConfig) {
-    let level = match config.level {
+/// The two streams of lines, each to its own file or to standard error.
+#[derive(Clone, Copy)]
+enum Stream {
+    Events = 0,
+    Access = 1,
+}
+
+/// A stream's open file (`None`: standard error, or for access lines, where
+/// events go) and the path it was opened from, to reopen.
+struct Sink {
+    file: ArcSwapOption<File>,
+    path: Mutex<Option<PathBuf>>,
+}
+
+static SINKS: [Sink; 2] = [
+    Sink { file: ArcSwapOption::const_empty(), path: Mutex::new(None) },
+    Sink { file: ArcSwapOption::const_empty(), path: Mutex::new(None) },
+];
+
+/// The subscriber below the format layer, as reload handles name it.
+type Filtered = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+type FormatLayer = Box<dyn Layer<Filtered> + Send + Sync>;
+
+/// What a reload may change in the running subscriber.
+struct Handles {
+    filter: reload::Handle<EnvFilter, Registry>,
+    format: reload::Handle<FormatLayer, Filtered>,
+    /// `RUST_LOG` was set at start: it keeps overriding `log.level`.
+    level_from_env: bool,
+    running: Mutex<LogConfig>,
+}
+
+static HANDLES: OnceLock<Handles> = OnceLock::new();
+/// The access lines' format (events have theirs in the format layer).
+static ACCESS_JSON: AtomicBool = AtomicBool::new(false);
+
+/// A log file that could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open log file {}: {source}", path.display())]
+pub struct OpenError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+/// Sets up logging for `run` (and the demo): the log files are opened (an
+/// error if one cannot be) and the subscriber installed. A second call keeps
+/// the first subscriber.
+pub fn init(config: &LogConfig) -> Result<(), OpenError> {
+    if HANDLES.get().is_some() {
+        return Ok(());
+    }
+    open_sinks(config)?;
+    ACCESS_JSON.store(config.format == LogFormat::Json, Ordering::Relaxed);
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let level_from_env = from_env.is_some();
+    let (filter, filter_handle) = reload::Layer::new(from_env.unwrap_or_else(|| level_filter(config.level)));
+    let (format, format_handle) = reload::Layer::new(format_layer(config));
+    if tracing_subscriber::registry().with(filter).with(format).try_init().is_ok() {
+        let _ = HANDLES.set(Handles {
+            filter: filter_handle,
+            format: format_handle,
+            level_from_env,
+            running: Mutex::new(config.clone()),
+        });
+    }
+    Ok(())
+}
+
+/// Applies a reloaded `log:` section: level, format and files. A file that
+/// cannot be opened changes nothing (the reload fails). A no-op where [`init`]
+/// was not called (a proxy embedded in tests).
+pub fn apply(config: &LogConfig) -> Result<(), OpenError> {
+    let Some(handles) = HANDLES.get() else { return Ok(()) };
+    let mut running = handles.running.lock().expect("never poisoned");
+    if *running == *config {
+        return Ok(());
+    }
+    if running.file != config.file || running.access_file != config.access_file {
+        open_sinks(config)?;
+    }
+    if running.level != config.level && !handles.level_from_env {
+        let _ = handles.filter.reload(level_filter(config.level));
+    }
+    ACCESS_JSON.store(config.format == LogFormat::Json, Ordering::Relaxed);
+    let _ = handles.format.reload(format_layer(config));
+    *running = config.clone();
+    Ok(())
+}
+
+/// SIGUSR1: opens the log files again by their paths, so that lines go to
+/// new files once logrotate has moved the old ones away.
+pub fn reopen() -> Result<usize, OpenError> {
+    let mut reopened = 0;
+    for sink in &SINKS {
+        let path = sink.path.lock().expect("never poisoned").clone();
+        if let Some(path) = path {
+            sink.file.store(Some(Arc::new(open(&path)?)));
+            reopened += 1;
+        }
+    }
+    Ok(reopened)
+}
+
+/// Opens both streams' files (the previous ones close once no line is being
+/// written to them); either both change or neither does.
+fn open_sinks(config: &LogConfig) -> Result<(), OpenError> {
+    let events = config.file.as_deref().map(open).transpose()?;
+    let access = config.access_file.as_deref().map(open).transpose()?;
+    for (sink, (file, path)) in SINKS.iter().zip([(events, &config.file), (access, &config.access_file)]) {
+        sink.file.store(file.map(Arc::new));
+        *sink.path.lock().expect("never poisoned") = path.clone();
+    }
+    Ok(())
+}
+
+fn open(path: &Path) -> Result<File, OpenError> {
+    // Appended to, so a restart adds to the day's file; not readable by
+    // others (paths and client addresses are in it).
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(|source| OpenError { path: path.to_owned(), source })
+}
+
+fn level_filter(level: LogLevel) -> EnvFilter {
+    EnvFilter::new(match level {
         LogLevel::Error => "error",
         LogLevel::Warn => "warn",
         LogLevel::Info => "info",
         LogLevel::Debug => "debug",
         LogLevel::Trace => "trace",
-    };
-    // Access lines are emitted only when `log.access` is on, whatever the level.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(level))
-        .add_directive("access=info".parse().expect("a valid directive"));
+    })
+}
+
+fn format_layer(config: &LogConfig) -> FormatLayer {
     // Colour only for a person at a terminal, never into a file or a collector.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(Stderr);
-    // A second init (tests starting several proxies) keeps the first subscriber
-    // and the first format.
-    let _ = ACCESS_FORMAT.set(config.format);
-    let _ = match config.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+    let colour = config.file.is_none() && std::io::stderr().is_terminal();
+    let layer = tracing_subscriber::fmt::layer().with_ansi(colour).with_writer(Lines(Stream::Events));
+    match config.format {
+        LogFormat::Text => Box::new(layer),
+        LogFormat::Json => Box::new(layer.json()),
+    }
 }
 
 thread_local! {
-    /// This thread's pending lines; `None` on threads that write at once.
-    static BUFFER: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+    /// This thread's pending lines per stream; `None` on threads that write at once.
+    static BUFFERS: RefCell<Option<[Vec<u8>; 2]>> = const { RefCell::new(None) };
 }
 
 /// From now on this thread's log lines are buffered; the thread must call
 /// [`flush_this_thread`] every [`FLUSH_EVERY`] and before it ends.
 pub fn buffer_this_thread() {
-    BUFFER.with(|buffer| *buffer.borrow_mut() = Some(Vec::with_capacity(FLUSH_AT)));
+    BUFFERS.with(|buffers| {
+        *buffers.borrow_mut() = Some([Vec::with_capacity(FLUSH_AT), Vec::with_capacity(FLUSH_AT)]);
+    });
 }
 
 /// Writes this thread's pending lines.
 pub fn flush_this_thread() {
-    BUFFER.with(|buffer| {
-        if let Some(buffer) = buffer.borrow_mut().as_mut() {
-            write_out(buffer);
+    BUFFERS.with(|buffers| {
+        if let Some(buffers) = buffers.borrow_mut().as_mut() {
+            for (stream, buffer) in [Stream::Events, Stream::Access].into_iter().zip(buffers) {
+                write_out(stream, buffer);
+            }
         }
     });
 }
 
-fn write_out(buffer: &mut Vec<u8>) {
+fn write_out(stream: Stream, buffer: &mut Vec<u8>) {
     if !buffer.is_empty() {
-        let _ = std::io::stderr().lock().write_all(buffer);
+        write_now(stream, buffer);
         buffer.clear();
     }
 }
 
-/// Standard error, through this thread's buffer when it has one.
-struct Stderr;
+/// Writes `lines` to the stream's file, or standard error.
+fn write_now(stream: Stream, lines: &[u8]) {
+    let own = SINKS[stream as usize].file.load();
+    let events;
+    let file = match (&*own, stream) {
+        (Some(file), _) => Some(file),
+        (None, Stream::Access) => {
+            events = SINKS[Stream::Events as usize].file.load();
+            events.as_ref()
+        }
+        (None, Stream::Events) => None,
+    };
+    // A full disk loses lines, never a request.
+    let _ = match file {
+        Some(file) => (&**file).write_all(lines),
+        None => std::io::stderr().lock().write_all(lines),
+    };
+}
 
-impl<'a> MakeWriter<'a> for Stderr {
-    type Writer = StderrLine;
+/// Appends to this thread's buffer of `stream` and returns true, or returns
+/// false on a thread that writes at once.
+fn buffered(stream: Stream, append: impl FnOnce(&mut Vec<u8>)) -> bool {
+    BUFFERS.with(|buffers| match buffers.borrow_mut().as_mut() {
+        Some(buffers) => {
+            let buffer = &mut buffers[stream as usize];
+            append(buffer);
+            if buffer.len() >= FLUSH_AT {
+                write_out(stream, buffer);
+            }
+            true
+        }
+        None => false,
+    })
+}
 
-    fn make_writer(&'a self) -> StderrLine {
-        StderrLine
+/// Where tracing writes an event: the events stream.
+struct Lines(Stream);
+
+impl<'a> MakeWriter<'a> for Lines {
+    type Writer = Line;
+
+    fn make_writer(&'a self) -> Line {
+        Line(self.0)
     }
 }
 
-struct StderrLine;
+struct Line(Stream);
 
-impl Write for StderrLine {
+impl Write for Line {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let buffered = BUFFER.with(|buffer| match buffer.borrow_mut().as_mut() {
-            Some(buffer) => {
-                buffer.extend_from_slice(line);
-                if buffer.len() >= FLUSH_AT {
-                    write_out(buffer);
-                }
-                true
-            }
-            None => false,
-        });
-        if buffered {
-            Ok(line.len())
-        } else {
-            std::io::stderr().write(line)
+        if !buffered(self.0, |buffer| buffer.extend_from_slice(line)) {
+            write_now(self.0, line);
         }
+        Ok(line.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
-
-static ACCESS_FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 /// One access log line's fields (see docs/operations.md).
 pub struct AccessLine<'a> {
@@ -137,21 +292,11 @@ pub struct AccessLine<'a> {
 
 /// Writes one access line, through this thread's buffer when it has one.
 pub fn access(line: &AccessLine<'_>) {
-    let format = ACCESS_FORMAT.get().copied().unwrap_or(LogFormat::Text);
-    let mut wrote_to_buffer = false;
-    BUFFER.with(|buffer| {
-        if let Some(buffer) = buffer.borrow_mut().as_mut() {
-            format_access(buffer, format, SystemTime::now(), line);
-            if buffer.len() >= FLUSH_AT {
-                write_out(buffer);
-            }
-            wrote_to_buffer = true;
-        }
-    });
-    if !wrote_to_buffer {
+    let format = if ACCESS_JSON.load(Ordering::Relaxed) { LogFormat::Json } else { LogFormat::Text };
+    if !buffered(Stream::Access, |buffer| format_access(buffer, format, SystemTime::now(), line)) {
         let mut text = Vec::with_capacity(256);
         format_access(&mut text, format, SystemTime::now(), line);
-        let _ = std::io::stderr().lock().write_all(&text);
+        write_now(Stream::Access, &text);
     }
 }
 

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use switchyard::app::{self, exit};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "HTTP reverse-proxy load balancer for RPA bots and RPC services")]
+#[command(name = "switchyard", version = switchyard::version::LONG, about = "HTTP reverse-proxy load balancer for RPA bots and RPC services")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -30,6 +30,8 @@ enum Command {
     },
     /// Validate the config file; exit 0, or 1 with file:line:col and what is wrong.
     Check,
+    /// Print the version and the git commit this binary was built from.
+    Version,
     /// Start three sample bots on loopback and the proxy in front of them.
     Demo {
         /// Proxy port on 127.0.0.1 (0 picks a free one).
@@ -67,6 +69,10 @@ fn main() {
         },
         Command::Run { upgrade, upgrade_socket } => {
             runtime().block_on(app::run(&cli.config, app::RunOptions { upgrade, upgrade_socket }))
+        }
+        Command::Version => {
+            println!("switchyard {}", switchyard::version::LONG);
+            exit::OK
         }
         Command::Demo { port, bots_only } => runtime().block_on(switchyard::demo::run(port, bots_only)),
     };

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 /// Lowest first. A module may use any module of a lower layer, and modules of
 /// its own layer as long as no cycle forms. Every module must be listed here.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("foundations", &["clock", "text", "path", "body", "metrics", "config", "tls", "error", "logging"]),
+    (
+        "foundations",
+        &["clock", "text", "path", "body", "metrics", "config", "tls", "error", "logging", "version", "systemd"],
+    ),
     ("what the proxy learns about backends", &["breaker", "health", "retry", "queue", "cluster", "backend"]),
     ("choosing a backend", &["balance", "upstream", "route"]),
     ("the compiled snapshot", &["state"]),

@@ -195,7 +195,12 @@ async fn answer(runtime: Weak<dyn Control>, request: Request<Incoming>) -> Respo
     // Probes (a kubelet, an L4 balancer) cannot hold a secret, and these two
     // say only "up" and "ready".
     let probe = request.method() == Method::GET && matches!(request.uri().path(), "/healthz" | "/readyz");
-    if let Some(token) = runtime.live().load().admin_token.as_ref().filter(|_| !probe) {
+    // A scraper that holds no secret (`admin.metrics_without_token`): metrics
+    // are read-only, and name only what the config names.
+    let open_scrape = request.method() == Method::GET
+        && request.uri().path() == "/metrics"
+        && runtime.live().load().config.admin.metrics_without_token;
+    if let Some(token) = runtime.live().load().admin_token.as_ref().filter(|_| !probe && !open_scrape) {
         if !presents(request.headers(), token) {
             let mut response = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
             // A browser asks for the token as a password (any user name) and

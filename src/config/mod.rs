@@ -110,6 +110,8 @@ pub struct AdminConfig {
     pub bind: SocketAddr,
     /// When set, every admin call needs `Authorization: Bearer <token>`.
     pub token: Option<Secret>,
+    /// `GET /metrics` answers without the token (Prometheus with no secret).
+    pub metrics_without_token: bool,
 }
 
 /// A secret string: never printed, never logged, compared in constant time.
@@ -149,12 +151,16 @@ impl AdminConfig {
     pub const DEFAULT_BIND: &'static str = "127.0.0.1:9901";
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     pub level: LogLevel,
     pub format: LogFormat,
     /// One line per request (target `access`, level info).
     pub access: bool,
+    /// Where events go; standard error when `None`.
+    pub file: Option<std::path::PathBuf>,
+    /// Where access lines go; where events go when `None`.
+    pub access_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

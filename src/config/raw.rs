@@ -109,6 +109,8 @@ pub struct RawAdmin {
     /// A file holding the token (a mounted Kubernetes Secret), relative to
     /// the config file's directory.
     pub token_file: Option<Spanned<String>>,
+    /// Serve `GET /metrics` without the token, for a scraper that holds none.
+    pub metrics_without_token: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +119,11 @@ pub struct RawLog {
     pub level: Option<LogLevel>,
     pub format: Option<LogFormat>,
     pub access: Option<bool>,
+    /// Events go to this file instead of standard error (relative to the
+    /// config file's directory); SIGUSR1 reopens it.
+    pub file: Option<Spanned<String>>,
+    /// Access lines go to this file instead of where events go.
+    pub access_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

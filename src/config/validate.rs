@@ -102,6 +102,7 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
             Some(Secret::new(token))
         }
     });
+    let metrics_without_token = raw.admin.metrics_without_token.unwrap_or(false);
     let admin = match &raw.admin.bind {
         Some(bind) => {
             let addr = bind.value.0;
@@ -116,9 +117,13 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
             if binds.contains(&addr) {
                 errors.at(bind.referenced, format!("admin bind `{addr}` is also a listener's bind"));
             }
-            AdminConfig { bind: addr, token }
+            AdminConfig { bind: addr, token, metrics_without_token }
         }
-        None => AdminConfig { bind: AdminConfig::DEFAULT_BIND.parse().expect("valid default"), token },
+        None => AdminConfig {
+            bind: AdminConfig::DEFAULT_BIND.parse().expect("valid default"),
+            token,
+            metrics_without_token,
+        },
     };
 
     let limits = validate_limits(&raw, &mut errors);
@@ -147,6 +152,8 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
         level: raw.log.level.unwrap_or(LogLevel::Info),
         format: raw.log.format.unwrap_or(LogFormat::Text),
         access: raw.log.access.unwrap_or(false),
+        file: raw.log.file.as_ref().and_then(|path| log_file(file, path, &mut errors)),
+        access_file: raw.log.access_file.as_ref().and_then(|path| log_file(file, path, &mut errors)),
     };
 
     let workers = match &raw.workers {
@@ -182,6 +189,24 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
 
 /// Reads and checks a listener's certificates; paths are relative to the
 /// config file's directory.
+/// A log file's path, relative to the config file's directory. The file is
+/// created when the proxy starts, not by `check`; its directory must exist.
+fn log_file(file: &str, path: &Spanned<String>, errors: &mut Collector<'_>) -> Option<std::path::PathBuf> {
+    let full = Path::new(file).parent().unwrap_or(Path::new("")).join(&path.value);
+    let full = std::path::absolute(&full).unwrap_or(full);
+    match full.parent() {
+        _ if path.value.is_empty() || path.value.ends_with('/') => {
+            errors.at(path.referenced, "a log file needs a file name");
+            None
+        }
+        Some(directory) if !directory.is_dir() => {
+            errors.at(path.referenced, format!("the log file's directory {} does not exist", directory.display()));
+            None
+        }
+        _ => Some(full),
+    }
+}
+
 fn validate_listener_tls(raw: &Spanned<RawListenerTls>, file: &str, errors: &mut Collector<'_>) -> Option<ListenerTls> {
     let base = Path::new(file).parent().unwrap_or(Path::new(""));
     if raw.value.certificates.is_empty() {

@@ -50,11 +50,12 @@ pub const CLUSTER_REDIS_DURATION_SECONDS: &str = "switchyard_cluster_redis_durat
 pub const CLUSTER_LEASE_RENEWALS_TOTAL: &str = "switchyard_cluster_lease_renewals_total";
 pub const CLUSTER_FALLBACKS_TOTAL: &str = "switchyard_cluster_fallbacks_total";
 pub const CLUSTER_SLOTS_LOST_TOTAL: &str = "switchyard_cluster_slots_lost_total";
+pub const BUILD_INFO: &str = "switchyard_build_info";
 
 /// The metric names every proxy exports from its first scrape, whatever its
 /// config (the dashboard's set); TLS, certificate and discovery series exist
 /// only where the config has them.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     REQUESTS_TOTAL,
     REQUEST_DURATION_SECONDS,
     UPSTREAM_DURATION_SECONDS,
@@ -71,6 +72,7 @@ pub const ALL: [&str; 16] = [
     CONFIG_RELOADS_TOTAL,
     CONFIG_GENERATION,
     CONNECTIONS_OPEN,
+    BUILD_INFO,
 ];
 
 /// Duration buckets in seconds, for both millisecond RPC calls and bot jobs

@@ -38,6 +38,8 @@ pub enum ReloadError {
     Bind { name: String, bind: SocketAddr, source: std::io::Error },
     #[error("this proxy was started without a config file, so there is nothing to reload")]
     NoConfigFile,
+    #[error("{0}")]
+    LogFile(#[from] crate::logging::OpenError),
     #[error("cannot start the request worker threads: {source}")]
     Workers { source: std::io::Error },
 }
@@ -59,7 +61,9 @@ impl Runtime {
     /// Re-reads the config file and applies it (see the module docs).
     pub async fn reload(&self, trigger: ReloadTrigger) -> Result<ReloadSummary, ReloadError> {
         let mut bound = self.bound.lock().await;
+        crate::systemd::reloading();
         let result = self.reload_locked(&mut bound, trigger).await;
+        crate::systemd::reloaded(result.is_ok());
         match &result {
             Ok(summary) if !summary.changed => {
                 self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
@@ -108,6 +112,10 @@ impl Runtime {
         }
         let new_admin_socket =
             if config.admin.bind != bound.admin_bind { Some(bind("admin", config.admin.bind)?) } else { None };
+
+        // The log section applies here: its files open (or the reload fails)
+        // before anything else changes.
+        crate::logging::apply(&config.log)?;
 
         // Nothing fails from here on. A new discovery is looked up first, so
         // its upstream starts with backends.

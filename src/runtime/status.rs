@@ -53,6 +53,8 @@ impl Runtime {
             });
         }
         Status {
+            version: crate::version::VERSION,
+            commit: crate::version::COMMIT,
             generation: snapshot.generation,
             draining: self.is_draining(),
             reloads: ReloadCounts {
@@ -118,6 +120,9 @@ impl ClusterStatus {
 /// `GET /status`.
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// The crate version and the git commit built from (`switchyard version`).
+    pub version: &'static str,
+    pub commit: &'static str,
     pub generation: u64,
     pub draining: bool,
     pub reloads: ReloadCounts,

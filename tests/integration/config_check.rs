@@ -98,6 +98,7 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
         ("zero idle timeout", format!("{HEAD}{routes}{}limits: {{ idle_timeout: 0s }}\n", upstream(ok_backends)), 8, 25, "idle_timeout must be greater than zero"),
         ("zero header read timeout", format!("{HEAD}{routes}{}limits: {{ header_read_timeout: 0ms }}\n", upstream(ok_backends)), 8, 32, "header_read_timeout must be greater"),
         ("typo in paths", format!("paths: {{ merge_slash: true }}\n{HEAD}{routes}{}", upstream(ok_backends)), 1, 10, "unknown field `merge_slash`"),
+        ("log file in a missing directory", format!("log: {{ file: no-such-dir/events.log }}\n{HEAD}{routes}{}", upstream(ok_backends)), 1, 14, "does not exist"),
         ("proxy_protocol not a boolean", format!("listeners:\n  - {{ bind: \"127.0.0.1:80\", proxy_protocol: sometimes }}\n{routes}{}", upstream(ok_backends)), 2, 45, "invalid boolean"),
     ]
 }

@@ -393,6 +393,20 @@ pub fn switchyard_for(config: &std::path::Path) -> std::process::Command {
     command
 }
 
+/// The processes whose command line names `config` (the proxy and any
+/// successor it started), by pid.
+pub fn processes_of(config: &std::path::Path) -> Vec<libc::pid_t> {
+    let wanted = config.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|line| line.split(|b| *b == 0).any(|arg| arg == wanted.as_bytes()))
+        })
+        .collect()
+}
+
 /// The proxy as a separate process (for measuring its memory, or its CLI).
 pub struct ProxyProcess {
     pub child: std::process::Child,
@@ -405,16 +419,19 @@ impl ProxyProcess {
     /// Writes `yaml` (with `{port}` replaced by a free port) and runs
     /// `switchyard run -c` on it, waiting until the port accepts connections.
     pub async fn start(yaml: &str) -> ProxyProcess {
+        ProxyProcess::start_with(yaml, |_| {}).await
+    }
+
+    /// [`Self::start`], with `configure` adding to the command (environment, say).
+    pub async fn start_with(yaml: &str, configure: impl FnOnce(&mut std::process::Command)) -> ProxyProcess {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.yaml");
         std::fs::write(&path, with_test_admin(&yaml.replace("{port}", &port.to_string()))).unwrap();
-        let child = switchyard_for(&path)
-            .args(["run", "-c"])
-            .arg(&path)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("switchyard binary runs");
+        let mut command = switchyard_for(&path);
+        command.args(["run", "-c"]).arg(&path).stderr(std::process::Stdio::null());
+        configure(&mut command);
+        let child = command.spawn().expect("switchyard binary runs");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(addr).await.is_err() {

@@ -331,18 +331,6 @@ async fn a_socket_squatted_by_another_user_does_not_keep_the_proxy_down() {
 }
 
 /// The processes whose command line names `config` (serving it, or about to).
-fn processes_of(config: &std::path::Path) -> Vec<libc::pid_t> {
-    let wanted = config.to_str().unwrap();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|line| line.split(|b| *b == 0).any(|arg| arg == wanted.as_bytes()))
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_starts_the_process_that_takes_over_under_load_and_leaves_one() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
