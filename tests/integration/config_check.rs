@@ -200,3 +200,24 @@ fn check_warns_when_a_route_may_outlast_the_shutdown_grace_naming_both_lines() {
     assert!(check(&format!("{HEAD}{routes}")).contains("limits.shutdown_grace, 30s by default,"));
     assert_eq!(check(&format!("{HEAD}limits:\n  shutdown_grace: 11m\n{routes}")), "");
 }
+
+#[test]
+fn version_and_dash_dash_version_name_the_version_and_the_commit_built_from() {
+    let run = |arg: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard")).arg(arg).output().unwrap();
+        assert!(output.status.success(), "{arg}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    // The commit the checkout is at (what build.rs recorded), when git can tell.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8(output.stdout).unwrap().trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let expected = format!("switchyard {} (commit {head})\n", env!("CARGO_PKG_VERSION"));
+    assert_eq!(run("version"), expected);
+    assert_eq!(run("--version"), expected);
+}

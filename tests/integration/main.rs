@@ -21,6 +21,7 @@ mod logs;
 mod observability;
 mod operations;
 mod policies;
+mod prometheus;
 mod reload;
 mod replicas;
 mod request_path;
