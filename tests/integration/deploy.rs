@@ -93,6 +93,81 @@ fn the_kubernetes_example_fronts_a_headless_service_with_two_replicas() {
 }
 
 #[test]
+fn the_kubernetes_example_is_scraped_without_the_token_and_runs_locked_down() {
+    let switchyard = manifests("kubernetes/switchyard.yaml");
+    let yaml = find(&switchyard, "ConfigMap", "switchyard")["data"]["switchyard.yaml"].as_str().unwrap().to_owned();
+    let config = validate(&yaml, &[("../admin/token", "a-token-from-the-secret-0123456789\n")]);
+    let template = &find(&switchyard, "Deployment", "switchyard")["spec"]["template"];
+
+    // The annotations' scrape (GET path on port, no credentials) is what
+    // the admin API serves without the token (tests/integration/prometheus.rs
+    // has a real Prometheus do it).
+    let annotations = &template["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], config.admin.bind.port().to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    assert!(config.admin.token.is_some() && config.admin.metrics_without_token, "a token, and /metrics without it");
+
+    // Every pod of the example: the runtime's seccomp profile, no privilege
+    // escalation, no capabilities, a read-only root, an explicit pull policy.
+    for name in ["switchyard", "redis"] {
+        let pod = &find(&switchyard, "Deployment", name)["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
+        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault", "{name}");
+        for container in pod["containers"].as_array().unwrap() {
+            let security = &container["securityContext"];
+            assert_eq!(security["allowPrivilegeEscalation"], false, "{name}");
+            assert_eq!(security["readOnlyRootFilesystem"], true, "{name}");
+            assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]), "{name}");
+            assert!(
+                ["IfNotPresent", "Always"].contains(&container["imagePullPolicy"].as_str().unwrap_or("")),
+                "{name}"
+            );
+        }
+    }
+
+    // On the read-only root the upgrade socket's directory (the temp dir:
+    // the pod sets no XDG_RUNTIME_DIR or TMPDIR) is a writable volume, so
+    // `run` listens for upgrades instead of warning at every start.
+    let pod = &template["spec"];
+    let container = &pod["containers"][0];
+    assert!(container["env"]
+        .as_array()
+        .is_none_or(|env| env.iter().all(|e| e["name"] != "XDG_RUNTIME_DIR" && e["name"] != "TMPDIR")));
+    let tmp =
+        container["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == "/tmp").expect("/tmp mounted");
+    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == tmp["name"]).unwrap();
+    assert!(volume.get("emptyDir").is_some() && tmp.get("readOnly").is_none_or(|r| r == false));
+
+    // `workers` is left to follow the CPU limit, which the container has.
+    assert!(!yaml.contains("workers:"), "workers follows the CPU limit");
+    assert!(container["resources"]["limits"]["cpu"].is_string(), "a CPU limit for workers to follow");
+}
+
+#[test]
+fn the_image_config_listens_on_every_address_and_validates() {
+    let yaml = deploy_file("docker/switchyard.yaml");
+    let config = validate(&yaml, &[]);
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    for listener in &config.listeners {
+        assert!(
+            listener.bind.ip().is_unspecified(),
+            "{} binds {}: unreachable through -p",
+            listener.name,
+            listener.bind
+        );
+    }
+    let dockerfile = deploy_file("../Dockerfile");
+    let image_config = "/etc/switchyard/switchyard.yaml";
+    assert!(dockerfile.contains(&format!("COPY deploy/docker/switchyard.yaml {image_config}")));
+    assert!(dockerfile.contains(&format!("CMD [\"run\", \"-c\", \"{image_config}\"]")));
+    let exposed = dockerfile.lines().find_map(|l| l.strip_prefix("EXPOSE ")).expect("EXPOSE");
+    for listener in &config.listeners {
+        assert!(exposed.split_whitespace().any(|p| p == listener.bind.port().to_string()), "EXPOSE {exposed}");
+    }
+}
+
+#[test]
 fn the_consul_example_asks_the_agent_for_srv_records() {
     let config = validate(&deploy_file("consul/switchyard.yaml"), &[]);
     assert_eq!(config.resolver.servers, ["127.0.0.1:8600".parse().unwrap()]);
@@ -110,7 +185,7 @@ fn the_kubernetes_manifests_validate_against_the_api_schemas() {
     let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     assert!(files.len() >= 2);
-    let output = std::process::Command::new("python3")
+    let output = crate::support::python()
         .args(["-m", "kubernetes_validate", "--strict", "--kubernetes-version", "1.33.0"])
         .args(&files)
         .output()
@@ -206,4 +281,61 @@ fn host_triple() -> &'static str {
         let version = String::from_utf8(output.stdout).unwrap();
         version.lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc -vV names the host").to_owned()
     })
+}
+
+/// `KEY=value` lines of a unit file's `[Service]` section.
+fn unit_settings(unit: &str) -> Vec<(&str, &str)> {
+    unit.lines()
+        .skip_while(|l| l.trim() != "[Service]")
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect()
+}
+
+#[test]
+fn the_systemd_unit_is_what_systemd_accepts_and_waits_for_the_drain() {
+    let unit = deploy_file("systemd/switchyard.service");
+    let settings = unit_settings(&unit);
+    let setting = |key: &str| settings.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    assert_eq!(setting("Type"), Some("notify"), "READY=1 is what systemd waits for");
+    assert_eq!(setting("NotifyAccess"), Some("all"), "an upgrade's successor sends MAINPID= before it is main");
+    assert_eq!(setting("ExecReload"), Some("/bin/kill -HUP $MAINPID"));
+    // The upgrade socket is in the unit's own runtime directory.
+    let start = setting("ExecStart").unwrap();
+    let runtime_directory = setting("RuntimeDirectory").unwrap();
+    assert!(start.contains(&format!("--upgrade-socket /run/{runtime_directory}/")), "{start}");
+    // systemd's SIGKILL comes after the drain: longer than the default grace.
+    let stop = setting("TimeoutStopSec").unwrap().trim_end_matches('s').parse::<u64>().unwrap();
+    let grace =
+        switchyard::config::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.yaml")))
+            .unwrap()
+            .limits
+            .shutdown_grace;
+    assert!(stop > grace.as_secs() + 5, "TimeoutStopSec={stop}s vs shutdown_grace {grace:?}");
+
+    // systemd's own parser, on the unit with this build's binary where the
+    // installed one would be: it warns about any key or value it ignores.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/switchyard", env!("CARGO_BIN_EXE_switchyard"))).unwrap();
+    let output = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze is installed (scripts/install-test-deps)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && !stderr.contains("switchyard.service"), "systemd-analyze verify:\n{stderr}");
+    // The check can fail: a value systemd cannot parse is reported.
+    std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace("NotifyAccess=all", "NotifyAccess=every"))
+        .unwrap();
+    let output = std::process::Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("notify access"), "a bad value went unnoticed");
+
+    // The ExecStart command line is one the binary accepts.
+    let args: Vec<&str> = start.split_whitespace().skip(1).collect();
+    let output =
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard")).args(&args).arg("--help").output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
 }

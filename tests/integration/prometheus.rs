@@ -4,8 +4,6 @@
 //! `metrics_without_token`, so a scraper that holds no secret gets `/metrics`
 //! while every other admin call still needs the token.
 
-use std::time::Duration;
-
 use http::Request;
 use http_body_util::BodyExt;
 
@@ -113,7 +111,7 @@ async fn a_real_prometheus_scrapes_metrics_without_the_token_and_nothing_else() 
     .await;
     let status = get(&client(), &format!("http://{admin}/status")).await;
     assert_eq!(status.status, 401, "the rest of the admin API keeps the token");
-    let status = get_with(&client(), &format!("http://{admin}/status"), &[("authorization", &format!("Bearer {token}"))])
-        .await;
+    let status =
+        get_with(&client(), &format!("http://{admin}/status"), &[("authorization", &format!("Bearer {token}"))]).await;
     assert_eq!(status.status, 200);
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use crate::support::*;
@@ -33,7 +33,7 @@ async fn start_bot(name: &str, dir: &Path) -> PythonBot {
 /// A bot whose first invoice takes `cold_start` seconds longer.
 async fn start_bot_with_cold_start(name: &str, dir: &Path, cold_start: f64) -> PythonBot {
     let port_file = dir.join(format!("{name}.port"));
-    let mut child = Command::new("python3")
+    let mut child = python()
         .arg(robot_dir().join("bot_library.py"))
         .arg(name)
         .arg(&port_file)
@@ -75,7 +75,7 @@ async fn sequential_calls(
     let proxy = start_proxy(&yaml).await;
     let url = proxy.url("/");
     let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
+        python()
             .arg(robot_dir().join("call_keywords.py"))
             .arg(url)
             .arg(calls.to_string())

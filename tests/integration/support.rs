@@ -386,6 +386,14 @@ pub fn free_port() -> u16 {
 /// lines tests wait for), and its upgrade socket beside the config, where
 /// the test's temporary directory takes it away (`XDG_RUNTIME_DIR`: every
 /// process of one config, the upgraded ones too, finds it there).
+/// The Python of the tests' own virtual environment, which
+/// scripts/install-test-deps makes and fills from tests/requirements.txt.
+pub fn python() -> std::process::Command {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/python/bin/python3");
+    assert!(std::path::Path::new(path).exists(), "no {path}: run scripts/install-test-deps");
+    std::process::Command::new(path)
+}
+
 pub fn switchyard_for(config: &std::path::Path) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command.env_remove("RUST_LOG");

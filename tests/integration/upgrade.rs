@@ -303,8 +303,7 @@ async fn a_socket_squatted_by_another_user_does_not_keep_the_proxy_down() {
         "import os, socket, sys, time\nos.setgid(65534)\nos.setuid(65534)\ns = socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen(8)\nprint('listening', flush=True)\ntime.sleep(600)\n",
         socket.display().to_string()
     );
-    let mut squatter =
-        Killed(std::process::Command::new("python3").arg("-c").arg(script).stdout(Stdio::piped()).spawn().unwrap());
+    let mut squatter = Killed(python().arg("-c").arg(script).stdout(Stdio::piped()).spawn().unwrap());
     let mut said = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(squatter.0.stdout.take().unwrap()), &mut said).unwrap();
     assert_eq!(said.trim(), "listening");
