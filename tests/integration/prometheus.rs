@@ -114,4 +114,10 @@ async fn a_real_prometheus_scrapes_metrics_without_the_token_and_nothing_else() 
     let status =
         get_with(&client(), &format!("http://{admin}/status"), &[("authorization", &format!("Bearer {token}"))]).await;
     assert_eq!(status.status, 200);
+    let status: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    assert_eq!(
+        (&status["version"], &status["commit"]),
+        (&labels["version"], &labels["commit"]),
+        "/status names the build"
+    );
 }
