@@ -173,12 +173,14 @@ pub async fn run(path: &Path, options: RunOptions) -> i32 {
     tracing::info!(addr = %proxy.admin_addr().await, "admin listening");
     let waiting = match handover {
         Some(handover) => {
+            // systemd first: the old process exits soon after `ready`, and
+            // systemd must know the new main process before it sees that.
+            crate::systemd::took_over();
             if let Err(error) = handover.ready() {
                 // The old process is gone already; this one serves regardless.
                 tracing::warn!(%error, "could not tell the previous process that this one serves");
             }
             tracing::info!("took over the listening sockets; the previous process drains");
-            crate::systemd::took_over();
             UpgradeListener::replace(&socket)
                 .inspect_err(|error| tracing::warn!(%error, "cannot listen for the next upgrade"))
                 .ok()
@@ -194,18 +196,52 @@ pub async fn run(path: &Path, options: RunOptions) -> i32 {
     if let Some(listener) = waiting.filter(|_| !handed_over) {
         listener.remove();
     }
-    // After a hand-over the service goes on in the successor: no STOPPING.
-    if !handed_over {
+    if handed_over {
+        // The service goes on in the successor: this process is no longer
+        // the one systemd follows, and says nothing more to it.
+        crate::systemd::handed_over();
+    } else {
         crate::systemd::stopping();
     }
     tracing::info!(grace = ?proxy.live().load().limits.shutdown_grace, "stopping: draining in-flight requests");
-    // A second stop signal ends the drain at once, as nginx's fast shutdown.
-    tokio::select! {
-        () = proxy.shutdown() => exit::OK,
-        () = signals.stop() => {
-            tracing::warn!("stopping now: a second stop signal cut the drain short");
-            exit::DRAIN_CUT_SHORT
+    // From here on every line is written at once: the process may exit as
+    // soon as the drain ends, with no periodic flush to come.
+    crate::logging::write_at_once();
+    drain(proxy, &mut signals, handed_over).await
+}
+
+/// Drains until done, or until a stop signal cuts it short, as nginx's fast
+/// shutdown: the second one when this drain started with one, the first
+/// otherwise. After a hand-over the drain started without one, so the stop
+/// that `systemctl stop` sends every process of the unit lets it go on.
+/// Log files are reopened meanwhile (logrotate does not wait for a drain).
+async fn drain(proxy: RunningProxy, signals: &mut Signals, handed_over: bool) -> i32 {
+    let shutdown = proxy.shutdown();
+    tokio::pin!(shutdown);
+    let mut stops_left = if handed_over { 2 } else { 1 };
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return exit::OK,
+            () = signals.stop.next() => {
+                stops_left -= 1;
+                if stops_left == 0 {
+                    tracing::warn!("stopping now: a second stop signal cut the drain short");
+                    return exit::DRAIN_CUT_SHORT;
+                }
+                tracing::info!("already draining after a hand-over; a second stop signal cuts it short");
+            }
+            _ = signals.reopen.recv() => reopen_logs(),
         }
+    }
+}
+
+/// SIGUSR1: the log files again, by their paths.
+fn reopen_logs() {
+    match crate::logging::reopen() {
+        Ok(0) => tracing::info!("SIGUSR1: logs go to standard error, no log file to reopen"),
+        Ok(files) => tracing::info!(files, "SIGUSR1: reopened the log files"),
+        // A stream whose file could not be opened keeps the old one.
+        Err(error) => tracing::error!(%error, "SIGUSR1"),
     }
 }
 
@@ -240,9 +276,7 @@ impl Successor<'_> {
 /// nginx gave them: TERM, INT and QUIT drain and stop; HUP reloads; USR2
 /// starts the process that takes over; USR1 reopens log files.
 struct Signals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-    quit: tokio::signal::unix::Signal,
+    stop: StopSignals,
     hangup: tokio::signal::unix::Signal,
     upgrade: tokio::signal::unix::Signal,
     reopen: tokio::signal::unix::Signal,
@@ -255,17 +289,28 @@ impl Signals {
             signal(kind).unwrap_or_else(|error| panic!("cannot install a {name} handler: {error}"))
         };
         Signals {
-            terminate: listen(SignalKind::terminate(), "SIGTERM"),
-            interrupt: listen(SignalKind::interrupt(), "SIGINT"),
-            quit: listen(SignalKind::quit(), "SIGQUIT"),
+            stop: StopSignals {
+                terminate: listen(SignalKind::terminate(), "SIGTERM"),
+                interrupt: listen(SignalKind::interrupt(), "SIGINT"),
+                quit: listen(SignalKind::quit(), "SIGQUIT"),
+            },
             hangup: listen(SignalKind::hangup(), "SIGHUP"),
             upgrade: listen(SignalKind::user_defined2(), "SIGUSR2"),
             reopen: listen(SignalKind::user_defined1(), "SIGUSR1"),
         }
     }
+}
 
+/// TERM, INT and QUIT: each drains and stops.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
     /// The next SIGTERM, SIGINT or SIGQUIT.
-    async fn stop(&mut self) {
+    async fn next(&mut self) {
         tokio::select! {
             _ = self.terminate.recv() => {}
             _ = self.interrupt.recv() => {}
@@ -292,20 +337,13 @@ async fn serve_signals(
     tokio::pin!(handed_over);
     let handed_over = loop {
         tokio::select! {
-            _ = signals.terminate.recv() => break false,
-            _ = signals.interrupt.recv() => break false,
-            _ = signals.quit.recv() => break false,
+            () = signals.stop.next() => break false,
             () = &mut handed_over => break true,
             _ = signals.hangup.recv() => {
                 let _ = runtime.reload(ReloadTrigger::Signal).await;
             }
             _ = signals.upgrade.recv() => start_successor(successor, upgrades.is_some()),
-            _ = signals.reopen.recv() => match crate::logging::reopen() {
-                Ok(0) => tracing::info!("SIGUSR1: logs go to standard error, no log file to reopen"),
-                Ok(files) => tracing::info!(files, "SIGUSR1: reopened the log files"),
-                // The streams whose file could not be opened keep the old one.
-                Err(error) => tracing::error!(%error, "SIGUSR1"),
-            },
+            _ = signals.reopen.recv() => reopen_logs(),
         }
     };
     (handed_over, signals)

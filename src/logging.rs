@@ -44,16 +44,17 @@ enum Stream {
 }
 
 /// A stream's open file (`None`: standard error, or for access lines, where
-/// events go) and the path it was opened from, to reopen.
+/// events go). Writers read it without a lock.
 struct Sink {
     file: ArcSwapOption<File>,
-    path: Mutex<Option<PathBuf>>,
 }
 
-static SINKS: [Sink; 2] = [
-    Sink { file: ArcSwapOption::const_empty(), path: Mutex::new(None) },
-    Sink { file: ArcSwapOption::const_empty(), path: Mutex::new(None) },
-];
+static SINKS: [Sink; 2] = [Sink { file: ArcSwapOption::const_empty() }, Sink { file: ArcSwapOption::const_empty() }];
+
+/// The paths the sinks were opened from, held while files are opened and
+/// stored, so that a reopen (SIGUSR1) and a reload (the file watcher,
+/// `POST /reload`) cannot interleave and leave a stream on the wrong file.
+static PATHS: Mutex<[Option<PathBuf>; 2]> = Mutex::new([None, None]);
 
 /// The subscriber below the format layer, as reload handles name it.
 type Filtered = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
@@ -79,6 +80,11 @@ pub struct OpenError {
     path: PathBuf,
     source: std::io::Error,
 }
+
+/// The files a reopen could not open (their streams keep the old file).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct ReopenErrors(Vec<OpenError>);
 
 /// Sets up logging for `run` (and the demo): the log files are opened (an
 /// error if one cannot be) and the subscriber installed. A second call keeps
@@ -116,8 +122,12 @@ pub fn apply(config: &LogConfig) -> Result<(), OpenError> {
     if running.file != config.file || running.access_file != config.access_file {
         open_sinks(config)?;
     }
-    if running.level != config.level && !handles.level_from_env {
-        let _ = handles.filter.reload(level_filter(config.level));
+    if running.level != config.level {
+        if handles.level_from_env {
+            tracing::warn!(level = ?config.level, "log.level changed, but RUST_LOG (set at start) decides the level");
+        } else {
+            let _ = handles.filter.reload(level_filter(config.level));
+        }
     }
     ACCESS_JSON.store(config.format == LogFormat::Json, Ordering::Relaxed);
     let _ = handles.format.reload(format_layer(config));
@@ -126,28 +136,39 @@ pub fn apply(config: &LogConfig) -> Result<(), OpenError> {
 }
 
 /// SIGUSR1: opens the log files again by their paths, so that lines go to
-/// new files once logrotate has moved the old ones away.
-pub fn reopen() -> Result<usize, OpenError> {
+/// new files once logrotate has moved the old ones away. Each stream is
+/// tried; one whose file cannot be opened keeps the old file.
+pub fn reopen() -> Result<usize, ReopenErrors> {
+    let paths = PATHS.lock().expect("never poisoned");
     let mut reopened = 0;
-    for sink in &SINKS {
-        let path = sink.path.lock().expect("never poisoned").clone();
-        if let Some(path) = path {
-            sink.file.store(Some(Arc::new(open(&path)?)));
-            reopened += 1;
+    let mut errors = Vec::new();
+    for (sink, path) in SINKS.iter().zip(paths.iter()) {
+        let Some(path) = path else { continue };
+        match open(path) {
+            Ok(file) => {
+                sink.file.store(Some(Arc::new(file)));
+                reopened += 1;
+            }
+            Err(error) => errors.push(error),
         }
     }
-    Ok(reopened)
+    if errors.is_empty() {
+        Ok(reopened)
+    } else {
+        Err(ReopenErrors(errors))
+    }
 }
 
 /// Opens both streams' files (the previous ones close once no line is being
 /// written to them); either both change or neither does.
 fn open_sinks(config: &LogConfig) -> Result<(), OpenError> {
+    let mut paths = PATHS.lock().expect("never poisoned");
     let events = config.file.as_deref().map(open).transpose()?;
     let access = config.access_file.as_deref().map(open).transpose()?;
-    for (sink, (file, path)) in SINKS.iter().zip([(events, &config.file), (access, &config.access_file)]) {
+    for (sink, file) in SINKS.iter().zip([events, access]) {
         sink.file.store(file.map(Arc::new));
-        *sink.path.lock().expect("never poisoned") = path.clone();
     }
+    *paths = [config.file.clone(), config.access_file.clone()];
     Ok(())
 }
 
@@ -178,13 +199,33 @@ fn format_layer(config: &LogConfig) -> FormatLayer {
     let layer = tracing_subscriber::fmt::layer().with_ansi(colour).with_writer(Lines(Stream::Events));
     match config.format {
         LogFormat::Text => Box::new(layer),
-        LogFormat::Json => Box::new(layer.json()),
+        // Without span fields: a span opened under the text format (h2's
+        // connection span, at debug) has none formatted for JSON, which
+        // the JSON formatter would not survive after a reload switched it.
+        LogFormat::Json => Box::new(layer.json().with_current_span(false).with_span_list(false)),
     }
 }
 
 thread_local! {
     /// This thread's pending lines per stream; `None` on threads that write at once.
     static BUFFERS: RefCell<Option<[Vec<u8>; 2]>> = const { RefCell::new(None) };
+}
+
+/// Set when the proxy stops: buffers are written out and no longer used.
+static AT_ONCE: AtomicBool = AtomicBool::new(false);
+static FLUSH_NOW: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// The drain starts, and the process exits when it ends: buffered threads
+/// write what they hold now (woken by [`flush_now`]) and every line from now
+/// on is written at once, so that none is left in a buffer at the exit.
+pub fn write_at_once() {
+    AT_ONCE.store(true, Ordering::Relaxed);
+    FLUSH_NOW.notify_waiters();
+}
+
+/// Completes when [`write_at_once`] asks the buffered threads to flush.
+pub async fn flush_now() {
+    FLUSH_NOW.notified().await;
 }
 
 /// From now on this thread's log lines are buffered; the thread must call
@@ -236,6 +277,13 @@ fn write_now(stream: Stream, lines: &[u8]) {
 /// false on a thread that writes at once.
 fn buffered(stream: Stream, append: impl FnOnce(&mut Vec<u8>)) -> bool {
     BUFFERS.with(|buffers| match buffers.borrow_mut().as_mut() {
+        Some(buffers) if AT_ONCE.load(Ordering::Relaxed) => {
+            // What was buffered goes first, then this line is written at once.
+            for (stream, buffer) in [Stream::Events, Stream::Access].into_iter().zip(buffers) {
+                write_out(stream, buffer);
+            }
+            false
+        }
         Some(buffers) => {
             let buffer = &mut buffers[stream as usize];
             append(buffer);

@@ -6,6 +6,11 @@
 //! Without the variable (not started by systemd), nothing is sent.
 
 use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once this process has handed its sockets over: the successor speaks
+/// for the service from then on.
+static SILENT: AtomicBool = AtomicBool::new(false);
 
 /// Every listener is bound: the service is up.
 pub fn ready() {
@@ -39,7 +44,16 @@ pub fn stopping() {
     send("STOPPING=1\nSTATUS=draining");
 }
 
+/// This process handed its sockets over and drains: nothing it does from
+/// now on (a reload by its file watcher, its drain) is the service's state.
+pub fn handed_over() {
+    SILENT.store(true, Ordering::Relaxed);
+}
+
 fn send(message: &str) {
+    if SILENT.load(Ordering::Relaxed) {
+        return;
+    }
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
     if let Err(error) = send_to(&path, message) {
         tracing::warn!(%error, socket = ?path, "cannot notify systemd");
@@ -49,6 +63,9 @@ fn send(message: &str) {
 fn send_to(path: &std::ffi::OsStr, message: &str) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let socket = UnixDatagram::unbound()?;
+    // A state message is worth less than never blocking the runtime on a
+    // full queue at the reader's end.
+    socket.set_nonblocking(true)?;
     // `@name` is a socket in the abstract namespace.
     match path.as_bytes().strip_prefix(b"@") {
         Some(name) => {

@@ -187,10 +187,10 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
     }
 }
 
-/// Reads and checks a listener's certificates; paths are relative to the
-/// config file's directory.
 /// A log file's path, relative to the config file's directory. The file is
-/// created when the proxy starts, not by `check`; its directory must exist.
+/// created when the proxy starts, not by `check`; its directory must exist
+/// and be writable by whoever checks (run `check` as the service's user:
+/// the systemd unit's `ExecStartPre` does, inside its sandbox).
 fn log_file(file: &str, path: &Spanned<String>, errors: &mut Collector<'_>) -> Option<std::path::PathBuf> {
     let full = Path::new(file).parent().unwrap_or(Path::new("")).join(&path.value);
     let full = std::path::absolute(&full).unwrap_or(full);
@@ -203,10 +203,29 @@ fn log_file(file: &str, path: &Spanned<String>, errors: &mut Collector<'_>) -> O
             errors.at(path.referenced, format!("the log file's directory {} does not exist", directory.display()));
             None
         }
+        Some(directory) if !writable(directory) => {
+            let error = std::io::Error::last_os_error();
+            errors.at(
+                path.referenced,
+                format!("cannot write in the log file's directory {}: {error}", directory.display()),
+            );
+            None
+        }
         _ => Some(full),
     }
 }
 
+/// Whether this process may create files in `directory` (a read-only mount
+/// counts: access(2) answers EROFS).
+fn writable(directory: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(directory.as_os_str().as_bytes()) else { return false };
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+/// Reads and checks a listener's certificates; paths are relative to the
+/// config file's directory.
 fn validate_listener_tls(raw: &Spanned<RawListenerTls>, file: &str, errors: &mut Collector<'_>) -> Option<ListenerTls> {
     let base = Path::new(file).parent().unwrap_or(Path::new(""));
     if raw.value.certificates.is_empty() {

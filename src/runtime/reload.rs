@@ -61,9 +61,12 @@ impl Runtime {
     /// Re-reads the config file and applies it (see the module docs).
     pub async fn reload(&self, trigger: ReloadTrigger) -> Result<ReloadSummary, ReloadError> {
         let mut bound = self.bound.lock().await;
-        crate::systemd::reloading();
         let result = self.reload_locked(&mut bound, trigger).await;
-        crate::systemd::reloaded(result.is_ok());
+        // `reload_locked` said RELOADING=1 once the reload was more than an
+        // unchanged file; READY=1 after a refused one too (the old config serves).
+        if !matches!(&result, Ok(summary) if !summary.changed) {
+            crate::systemd::reloaded(result.is_ok());
+        }
         match &result {
             Ok(summary) if !summary.changed => {
                 self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
@@ -97,13 +100,15 @@ impl Runtime {
         if same_text && !has_tls {
             return Ok(ReloadSummary::unchanged(previous.generation));
         }
-        bound.last_digest = Some(text_digest);
-        let config = config::parse(&text, &path.display().to_string())?;
+        let config = config::parse(&text, &path.display().to_string());
         // The same text can name certificate files whose content changed (a
         // renewal): only the listeners can differ then, with their files.
-        if same_text && config.listeners == previous.config.listeners {
+        if same_text && config.as_ref().is_ok_and(|config| config.listeners == previous.config.listeners) {
             return Ok(ReloadSummary::unchanged(previous.generation));
         }
+        crate::systemd::reloading();
+        bound.last_digest = Some(text_digest);
+        let config = config?;
 
         // Bind first: a port that is taken fails the reload before anything changes.
         let mut new_sockets = Vec::new();
@@ -114,8 +119,12 @@ impl Runtime {
             if config.admin.bind != bound.admin_bind { Some(bind("admin", config.admin.bind)?) } else { None };
 
         // The log section applies here: its files open (or the reload fails)
-        // before anything else changes.
-        crate::logging::apply(&config.log)?;
+        // before anything else changes. A failure forgets the text, so that
+        // the same file applies once the directory is fixed and it is touched.
+        if let Err(error) = crate::logging::apply(&config.log) {
+            bound.last_digest = None;
+            return Err(error.into());
+        }
 
         // Nothing fails from here on. A new discovery is looked up first, so
         // its upstream starts with backends.

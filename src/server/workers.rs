@@ -42,7 +42,10 @@ impl Workers {
                 crate::logging::buffer_this_thread();
                 runtime.spawn(async {
                     loop {
-                        tokio::time::sleep(crate::logging::FLUSH_EVERY).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(crate::logging::FLUSH_EVERY) => {}
+                            () = crate::logging::flush_now() => {}
+                        }
                         crate::logging::flush_this_thread();
                     }
                 });

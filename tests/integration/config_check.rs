@@ -217,6 +217,8 @@ fn version_and_dash_dash_version_name_the_version_and_the_commit_built_from() {
         .filter(|output| output.status.success())
         .map(|output| String::from_utf8(output.stdout).unwrap().trim().to_owned())
         .unwrap_or_else(|| "unknown".to_owned());
+    let in_git = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.git")).exists();
+    assert!(!in_git || head != "unknown", "git could not name the commit of this checkout");
     let expected = format!("switchyard {} (commit {head})\n", env!("CARGO_PKG_VERSION"));
     assert_eq!(run("version"), expected);
     assert_eq!(run("--version"), expected);

@@ -107,6 +107,16 @@ fn the_kubernetes_example_is_scraped_without_the_token_and_runs_locked_down() {
     assert_eq!(annotations["prometheus.io/port"], config.admin.bind.port().to_string());
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
     assert!(config.admin.token.is_some() && config.admin.metrics_without_token, "a token, and /metrics without it");
+    // ... and only the monitoring namespace reaches the admin port.
+    let policy = &find(&switchyard, "NetworkPolicy", "switchyard")["spec"];
+    assert_eq!(policy["podSelector"]["matchLabels"], template["metadata"]["labels"]);
+    let rules = policy["ingress"].as_array().unwrap();
+    let admin_rules: Vec<_> = rules.iter().filter(|r| r["ports"][0]["port"] == "admin").collect();
+    assert_eq!(admin_rules.len(), 1);
+    assert!(
+        admin_rules[0]["from"].as_array().is_some_and(|from| !from.is_empty()),
+        "the admin port is not open to all"
+    );
 
     // Every pod of the example: the runtime's seccomp profile, no privilege
     // escalation, no capabilities, a read-only root, an explicit pull policy.
@@ -192,7 +202,7 @@ fn the_kubernetes_manifests_validate_against_the_api_schemas() {
         .expect("python3 runs");
     let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "the manifests do not validate:\n{report}");
-    assert!(report.matches("passed").count() >= 7, "every resource was checked:\n{report}");
+    assert!(report.matches("passed").count() >= 8, "every resource was checked:\n{report}");
 }
 
 /// What `.dockerignore` lets into the build context: it ignores everything,

@@ -34,6 +34,17 @@ async fn one_series(prometheus: &str, expression: &str) -> Option<(serde_json::V
     Some((series["metric"].clone(), series["value"][1].as_str()?.to_owned()))
 }
 
+/// The last scrape error of `job`'s target, from Prometheus's targets API.
+async fn target_error(prometheus: &str, job: &str) -> Option<String> {
+    let request = Request::get(format!("http://{prometheus}/api/v1/targets")).body(full("")).unwrap();
+    let response = client().request(request).await.ok()?;
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let targets = answer["data"]["activeTargets"].as_array()?;
+    let target = targets.iter().find(|t| t["labels"]["job"] == job)?;
+    Some(target["lastError"].as_str()?.to_owned())
+}
+
 /// `prometheus` with its own data directory, stopped when the test ends.
 struct Prometheus {
     child: std::process::Child,
@@ -105,8 +116,10 @@ async fn a_real_prometheus_scrapes_metrics_without_the_token_and_nothing_else() 
         one_series(server, "sum(switchyard_requests_total{route!=\"-\"})").await.is_some_and(|(_, v)| v == "5")
     })
     .await;
-    wait_until_async("the scrape of /status to fail", || async {
-        one_series(server, "up{job=\"status-without-token\"}").await.is_some_and(|(_, value)| value == "0")
+    // Refused by the token, not merely unparsable: the target's last error
+    // is the 401.
+    wait_until_async("the scrape of /status to be refused", || async {
+        target_error(server, "status-without-token").await.is_some_and(|error| error.contains("401"))
     })
     .await;
     let status = get(&client(), &format!("http://{admin}/status")).await;

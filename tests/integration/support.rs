@@ -381,11 +381,6 @@ pub fn free_port() -> u16 {
     panic!("no free port in {LOW}..{ephemeral_low}");
 }
 
-/// `switchyard` serving `config` as a child process, with its log level the
-/// config's (a `RUST_LOG` in the test's environment would hide or bury the
-/// lines tests wait for), and its upgrade socket beside the config, where
-/// the test's temporary directory takes it away (`XDG_RUNTIME_DIR`: every
-/// process of one config, the upgraded ones too, finds it there).
 /// The Python of the tests' own virtual environment, which
 /// scripts/install-test-deps makes and fills from tests/requirements.txt.
 pub fn python() -> std::process::Command {
@@ -394,6 +389,11 @@ pub fn python() -> std::process::Command {
     std::process::Command::new(path)
 }
 
+/// `switchyard` serving `config` as a child process, with its log level the
+/// config's (a `RUST_LOG` in the test's environment would hide or bury the
+/// lines tests wait for), and its upgrade socket beside the config, where
+/// the test's temporary directory takes it away (`XDG_RUNTIME_DIR`: every
+/// process of one config, the upgraded ones too, finds it there).
 pub fn switchyard_for(config: &std::path::Path) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command.env_remove("RUST_LOG");
@@ -415,6 +415,19 @@ pub fn processes_of(config: &std::path::Path) -> Vec<libc::pid_t> {
         .collect()
 }
 
+/// Kills whatever still serves `config` when the test ends, passed or not
+/// (the successor is not this test's child, so nothing else would).
+pub struct KillOnDrop(pub std::path::PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in processes_of(&self.0) {
+            // SAFETY: kill(2) on a process serving this test's config.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// The proxy as a separate process (for measuring its memory, or its CLI).
 pub struct ProxyProcess {
     pub child: std::process::Child,
@@ -432,6 +445,17 @@ impl ProxyProcess {
 
     /// [`Self::start`], with `configure` adding to the command (environment, say).
     pub async fn start_with(yaml: &str, configure: impl FnOnce(&mut std::process::Command)) -> ProxyProcess {
+        let proxy = ProxyProcess::spawn_with(yaml, configure);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(proxy.addr).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "proxy process did not start listening");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy
+    }
+
+    /// [`Self::start_with`] without waiting for the port.
+    pub fn spawn_with(yaml: &str, configure: impl FnOnce(&mut std::process::Command)) -> ProxyProcess {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.yaml");
@@ -441,11 +465,6 @@ impl ProxyProcess {
         configure(&mut command);
         let child = command.spawn().expect("switchyard binary runs");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "proxy process did not start listening");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         ProxyProcess { child, addr, path, _dir: dir }
     }
 

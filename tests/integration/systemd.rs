@@ -78,19 +78,6 @@ impl NotifySocket {
     }
 }
 
-/// Kills whatever still serves `config` when the test ends, passed or not
-/// (the successor is not this test's child, so nothing else would).
-struct KillOnDrop(std::path::PathBuf);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for pid in processes_of(&self.0) {
-            // SAFETY: kill(2) on a process serving this test's config.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
 fn has_line(message: &str, line: &str) -> bool {
     message.lines().any(|l| l == line)
 }
@@ -98,20 +85,25 @@ fn has_line(message: &str, line: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_hears_ready_reloading_the_new_main_pid_on_an_upgrade_and_stopping_in_order() {
     let bot = Backend::start("bot").await;
+    let admin = format!("127.0.0.1:{}", free_port());
     let yaml = simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"");
+    let yaml = format!("admin: {{ bind: \"{admin}\" }}\n{yaml}");
     let notify = NotifySocket::bind();
-    let mut proxy = ProxyProcess::start_with(&yaml, |command| {
+    let mut proxy = ProxyProcess::spawn_with(&yaml, |command| {
         command.env("NOTIFY_SOCKET", &notify.path);
-    })
-    .await;
+    });
     let config = std::path::absolute(&proxy.path).unwrap();
     let _successors = KillOnDrop(config.clone());
     let first = proxy.child.id() as libc::pid_t;
 
-    // READY=1 once it serves (ProxyProcess::start saw the port accept).
+    // READY=1 once it serves: the listener and the admin API accept at
+    // once, without a retry.
     let (pid, ready) = notify.next("READY at start");
     assert_eq!(pid, first);
     assert!(has_line(&ready, "READY=1"), "{ready:?}");
+    tokio::net::TcpStream::connect(proxy.addr).await.expect("the listener is bound at READY");
+    let healthz = get(&client(), &format!("http://{admin}/healthz")).await;
+    assert_eq!(healthz.status, 200, "the admin API answers at READY");
 
     // A reload is bracketed, RELOADING=1 with the monotonic time, then READY=1.
     proxy.signal(libc::SIGHUP);

@@ -329,7 +329,6 @@ async fn a_socket_squatted_by_another_user_does_not_keep_the_proxy_down() {
     assert_eq!(answer.status, 200, "the squatter did not keep the proxy down");
 }
 
-/// The processes whose command line names `config` (serving it, or about to).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_starts_the_process_that_takes_over_under_load_and_leaves_one() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
@@ -338,6 +337,7 @@ async fn sigusr2_starts_the_process_that_takes_over_under_load_and_leaves_one() 
         .replace("listeners:\n", "limits: { shutdown_grace: 10s }\nlisteners:\n");
     let mut proxy = ProxyProcess::start(&yaml).await;
     let config = std::path::absolute(&proxy.path).unwrap();
+    let _successor = KillOnDrop(config.clone());
     let load = Load::start(proxy.url("/"), 4, 2);
     wait_until("traffic", Duration::from_secs(30), || load.sent() > 50).await;
     // nginx's habit: USR2 upgrades. The process starts its own executable
@@ -354,5 +354,44 @@ async fn sigusr2_starts_the_process_that_takes_over_under_load_and_leaves_one() 
     // The successor is not our child: stop it by its pid, as an operator would.
     // SAFETY: kill(2) on the process this test's proxy started.
     assert_eq!(unsafe { libc::kill(serving[0], libc::SIGTERM) }, 0);
+    wait_until("the successor to exit", Duration::from_secs(30), || processes_of(&config).is_empty()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_hand_over_one_stop_signal_lets_the_old_process_finish_its_jobs() {
+    // What `systemctl stop` does in the middle of an upgrade: SIGTERM to
+    // every process of the unit, the old one draining among them. That is
+    // the first stop signal the old one gets; it must not cut the drain.
+    let bot = Backend::start("bot").await;
+    let yaml = simple_config("{}", &[&bot], "")
+        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
+        .replace("listeners:\n", "limits: { shutdown_grace: 30s }\nlog: { file: events.log }\nlisteners:\n");
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let config = std::path::absolute(&proxy.path).unwrap();
+    let _successor = KillOnDrop(config.clone());
+    let events = proxy.path.with_file_name("events.log");
+    let held = {
+        let (client, url) = (client(), proxy.url("/hold"));
+        tokio::spawn(async move { get(&client, &url).await })
+    };
+    wait_until("the held job", Duration::from_secs(30), || bot.in_flight() == 1).await;
+    proxy.signal(libc::SIGUSR2);
+    wait_until("the hand-over", Duration::from_secs(60), || {
+        std::fs::read_to_string(&events).is_ok_and(|log| log.contains("the new process serves; draining and exiting"))
+    })
+    .await;
+    proxy.signal(libc::SIGTERM);
+    wait_until("the old process to hear the SIGTERM", Duration::from_secs(30), || {
+        std::fs::read_to_string(&events).is_ok_and(|log| log.contains("already draining after a hand-over"))
+    })
+    .await;
+    assert!(proxy.child.try_wait().unwrap().is_none(), "one SIGTERM cut the old process's drain");
+    bot.release_held();
+    assert_eq!(held.await.unwrap().status, 200, "the job finished");
+    assert_eq!(proxy.wait_for_exit(Duration::from_secs(30), "the old drain").await.code(), Some(0));
+    for pid in processes_of(&config) {
+        // SAFETY: kill(2) on the successor serving this test's config.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
     wait_until("the successor to exit", Duration::from_secs(30), || processes_of(&config).is_empty()).await;
 }
