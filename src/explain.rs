@@ -256,7 +256,23 @@ pub fn effective_config(config: &Config) -> Value {
     let listeners: Vec<Value> = config
         .listeners
         .iter()
-        .map(|l| json!({ "name": l.name, "bind": l.bind.to_string(), "proxy_protocol": l.proxy_protocol }))
+        .map(|l| {
+            json!({
+                "name": l.name,
+                "bind": l.bind.to_string(),
+                "proxy_protocol": l.proxy_protocol,
+                "tls": l.tls.as_ref().map(|tls| json!({
+                    "certificates": tls.certificates.iter().map(|c| json!({
+                        "cert": c.cert_path.display().to_string(),
+                        "key": c.key_path.display().to_string(),
+                    })).collect::<Vec<_>>(),
+                    "alpn": tls.alpn.iter().map(|alpn| match alpn {
+                        crate::config::tls::Alpn::H2 => "h2",
+                        crate::config::tls::Alpn::Http11 => "http/1.1",
+                    }).collect::<Vec<_>>(),
+                })),
+            })
+        })
         .collect();
     let routes: Vec<Value> = config
         .routes
@@ -340,6 +356,12 @@ pub fn effective_config(config: &Config) -> Value {
                     "priority_header": q.priority_header.as_ref().map(|h| h.as_str()),
                 })),
                 "max_concurrency_scope": u.max_concurrency_scope,
+                "tls": u.tls.as_ref().map(|tls| json!({
+                    "ca": tls.ca.as_ref().map(|path| path.display().to_string()),
+                    "client_cert": tls.client.as_ref().map(|(cert, _)| cert.display().to_string()),
+                    "client_key": tls.client.as_ref().map(|(_, key)| key.display().to_string()),
+                    "server_name": tls.server_name.as_ref().map(|name| name.to_str().into_owned()),
+                })),
             });
             // A discovered set changes without the file changing: `/status`
             // lists it, and the config shows where it comes from.

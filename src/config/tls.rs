@@ -210,6 +210,9 @@ pub struct UpstreamTls {
     /// Equal for equal settings and file contents: connections made with one
     /// are pooled apart from those made with another.
     pub fingerprint: u64,
+    /// The files it was made from, for `/config`.
+    pub ca: Option<PathBuf>,
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 impl PartialEq for UpstreamTls {
@@ -310,6 +313,8 @@ impl UpstreamTls {
             client_config: Arc::new(config),
             server_name: files.server_name,
             fingerprint: fingerprint.digest(),
+            ca: files.ca,
+            client: files.client,
         })
     }
 }

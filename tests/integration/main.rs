@@ -7,6 +7,7 @@ mod support;
 mod backend_http1;
 mod cluster;
 mod config_check;
+mod config_schema;
 mod connections;
 mod demo;
 mod deploy;
