@@ -1,8 +1,9 @@
 //! The crate's module dependencies point one way. Reads every `crate::` path
 //! (and every `super::` path that climbs to the crate root) in the code of
-//! `src/`, comments and string literals left out, and checks that each top-level module uses only modules of a lower
-//! layer, or of its own layer without a cycle; see docs/architecture.md for the
-//! layers and why each module sits where it does.
+//! `src/`, comments and string literals left out, and checks that each
+//! top-level module uses only modules of a lower layer, or of its own layer
+//! without a cycle; see docs/architecture.md for the layers and why each
+//! module sits where it does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
