@@ -1,6 +1,7 @@
 //! One client connection as the rest of the proxy sees it: who the client is,
-//! the connection's place under `max_connections`, and the bounds on waiting
-//! for a client that stops reading.
+//! the connection's place under `max_connections`, the bounds on waiting
+//! for a client that stops reading, and the pause after a failed accept
+//! (shared by the proxy's listeners and the admin listener).
 //!
 //! [`ConnInfo`] (one `Arc` per connection) rides with every request in its
 //! `notes::RequestNotes`. It owns the connection's [`ConnectionSlot`], so a WebSocket
@@ -21,6 +22,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Sleep;
 use tokio_util::task::TaskTracker;
+
+/// After a failed `accept` (out of file descriptors, most often), waits before
+/// the next one: the error would otherwise repeat at once, in a busy loop.
+pub async fn accept_failed(listener: &str, error: &std::io::Error) {
+    tracing::warn!(listener, %error, "accept failed; pausing accepts for 100ms");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
 
 /// Facts about the client connection a request arrived on.
 #[derive(Debug)]

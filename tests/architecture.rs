@@ -319,6 +319,22 @@ fn dependencies_point_down_the_layers() {
     assert!(upward.is_empty(), "dependencies that point up a layer:\n{}", upward.join("\n"));
 }
 
+/// Edges the layers would allow but the design does not: the admin listener
+/// serves the runtime's views and shares nothing with the proxy listeners'
+/// request path.
+const FORBIDDEN_EDGES: &[(&str, &str)] = &[("admin", "server")];
+
+#[test]
+fn forbidden_edges_are_absent() {
+    let graph = dependencies();
+    let present: Vec<String> = FORBIDDEN_EDGES
+        .iter()
+        .filter(|(from, to)| graph.get(*from).is_some_and(|used| used.contains(*to)))
+        .map(|(from, to)| format!("{from} -> {to}"))
+        .collect();
+    assert!(present.is_empty(), "forbidden dependencies: {present:?}");
+}
+
 #[test]
 fn no_module_cycles() {
     let graph = dependencies();

@@ -99,7 +99,7 @@ pub fn spawn(listener: TcpListener, runtime: Weak<dyn Control>) -> std::io::Resu
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(error) => {
-                    crate::server::accept_failed("admin", &error).await;
+                    crate::conn::accept_failed("admin", &error).await;
                     continue;
                 }
             };

@@ -253,7 +253,7 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
-                    accept_failed(&name, &error).await;
+                    crate::conn::accept_failed(&name, &error).await;
                     continue;
                 }
             },
@@ -407,13 +407,6 @@ async fn handshake(
     };
     crate::metrics::tls_handshake(listener, result);
     stream
-}
-
-/// After a failed `accept` (out of file descriptors, most often), waits before
-/// the next one: the error would otherwise repeat at once, in a busy loop.
-pub async fn accept_failed(listener: &str, error: &std::io::Error) {
-    tracing::warn!(listener, %error, "accept failed; pausing accepts for 100ms");
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// Serves one connection until it ends, asking it to finish gracefully
