@@ -18,6 +18,8 @@
 //! latency at p50 and p99, and Redis script calls per request (from Redis's
 //! own `INFO commandstats`).
 
+#![allow(clippy::disallowed_types)] // std::time::Instant: a benchmark measures wall time
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

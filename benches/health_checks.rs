@@ -6,6 +6,8 @@
 //! measures its own user+system CPU time (from /proc/self/stat) over a window
 //! and reports it as a share of one core. Run: `cargo bench --bench health_checks`.
 
+#![allow(clippy::disallowed_types)] // std::time::Instant: a benchmark measures wall time
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

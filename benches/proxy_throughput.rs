@@ -5,6 +5,8 @@
 //! written to a sink, so the cost measured is the proxy's, not a terminal's.
 //! Run: `cargo bench --bench proxy_throughput`.
 
+#![allow(clippy::disallowed_types)] // std::time::Instant: a benchmark measures wall time
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,6 +6,8 @@
 //! route, pick a backend) took while swaps were happening on another thread.
 //! Run: `cargo bench --bench reload`.
 
+#![allow(clippy::disallowed_types)] // std::time::Instant: a benchmark measures wall time
+
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -14,6 +14,8 @@
 //! - with `bounded_load: 1.25`, no backend of a replica holds more requests
 //!   than 1.25 x the mean (rounded up), with every request held.
 
+#![allow(clippy::disallowed_types)] // std::time::Instant: a benchmark measures wall time
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;

@@ -32,6 +32,7 @@ fn monotonic_nanos() -> u64 {
 /// backend state's time together with its timers; outside a paused runtime it
 /// is the precise monotonic clock.
 #[cfg(test)]
+#[allow(clippy::disallowed_types)] // the base tokio's clock is measured from
 fn monotonic_nanos() -> u64 {
     // A base a minute before the first reading: a paused runtime's clock starts
     // at its creation, which may precede the first reading in another test.
@@ -74,6 +75,7 @@ pub fn utc_date_time(seconds: u64) -> [u8; 19] {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_types)] // the coarse clock is checked against the precise one
 mod tests {
     use std::time::{Duration, Instant};
 

@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use futures_util::future::join_all;
 use futures_util::StreamExt;
@@ -335,12 +337,12 @@ async fn lookup(resolver: &TokioResolver, config: &DiscoveryConfig, own: &[Socke
     match &config.source {
         DiscoverySource::Dns { name, port } => {
             let answer = resolver.lookup_ip(name.as_str()).await.map_err(|e| reason(&e))?;
-            valid_until = answer.valid_until();
+            valid_until = Instant::from_std(answer.valid_until());
             found = answer.iter().map(|ip| (SocketAddr::new(ip, *port), config.defaults.weight)).collect();
         }
         DiscoverySource::Srv { name } => {
             let answer = resolver.srv_lookup(name.as_str()).await.map_err(|e| reason(&e))?;
-            let mut until = answer.valid_until();
+            let mut until = Instant::from_std(answer.valid_until());
             let records: Vec<_> = answer
                 .answers()
                 .iter()
@@ -384,7 +386,7 @@ async fn lookup(resolver: &TokioResolver, config: &DiscoveryConfig, own: &[Socke
             for (target, result) in resolved {
                 match result {
                     Ok(Ok(ips)) => {
-                        until = until.min(ips.valid_until());
+                        until = until.min(Instant::from_std(ips.valid_until()));
                         addresses.insert(target, ips.iter().collect());
                     }
                     Ok(Err(_)) | Err(_) => dropped.failed_targets.push(target.to_ascii()),

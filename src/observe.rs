@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::Response;
 use http_body::{Body, Frame, SizeHint};

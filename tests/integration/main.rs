@@ -1,6 +1,8 @@
 //! Integration tests: real servers and the real proxy on loopback.
 //! One test binary (modules below) keeps link time down on small CI machines.
 
+#![allow(clippy::disallowed_types)] // std::time::Instant: real processes on real time: the ban is for the proxy's own code
+
 mod dns;
 mod support;
 
