@@ -235,6 +235,11 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
     })
 }
 
+/// A part of the config as its type serializes itself (see `config::shown`).
+fn shown(part: &impl serde::Serialize) -> Value {
+    serde_json::to_value(part).expect("config values serialize to JSON: strings, numbers, booleans")
+}
+
 fn duration(d: Duration) -> String {
     crate::health::describe(d)
 }
@@ -383,7 +388,6 @@ pub fn effective_config(config: &Config) -> Value {
             (u.name.clone(), value)
         })
         .collect();
-    let limits = &config.limits;
     json!({
         "workers": config.workers,
         "resolver": (!config.resolver.servers.is_empty()).then(|| json!({
@@ -391,7 +395,7 @@ pub fn effective_config(config: &Config) -> Value {
         })),
         "listeners": listeners,
         "trusted_proxies": config.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "paths": { "merge_slashes": config.paths.merge_slashes },
+        "paths": shown(&config.paths),
         "cluster": config.cluster.as_ref().map(|c| json!({
             "redis": c.redis_shown(),
             "password_file": c.password.as_ref().map(|_| "<redacted>"),
@@ -399,33 +403,9 @@ pub fn effective_config(config: &Config) -> Value {
             "lease": duration(c.lease),
             "on_unavailable": c.on_unavailable,
         })),
-        "admin": {
-            "bind": config.admin.bind.to_string(),
-            "token": config.admin.token.as_ref().map(|_| "<redacted>"),
-            "metrics_without_token": config.admin.metrics_without_token,
-        },
-        "log": {
-            "level": format!("{:?}", config.log.level).to_lowercase(),
-            "format": format!("{:?}", config.log.format).to_lowercase(),
-            "access": config.log.access,
-            "file": config.log.file.as_ref().map(|path| path.display().to_string()),
-            "access_file": config.log.access_file.as_ref().map(|path| path.display().to_string()),
-        },
-        "limits": {
-            "max_header_bytes": limits.max_header_bytes,
-            "max_body_bytes": limits.max_body_bytes,
-            "header_read_timeout": duration(limits.header_read_timeout),
-            "idle_timeout": duration(limits.idle_timeout),
-            "max_connections": limits.max_connections,
-            "shutdown_grace": duration(limits.shutdown_grace),
-            "connect_timeout": duration(limits.connect_timeout),
-            "client_body_timeout": duration(limits.client_body_timeout),
-            "client_send_timeout": duration(limits.client_send_timeout),
-            "tunnel_idle_timeout": duration(limits.tunnel_idle_timeout),
-            "tls_handshake_timeout": duration(limits.tls_handshake_timeout),
-            "backend_read_timeout": duration(limits.backend_read_timeout),
-            "max_concurrent_streams": limits.max_concurrent_streams,
-        },
+        "admin": shown(&config.admin),
+        "log": shown(&config.log),
+        "limits": shown(&config.limits),
         "routes": routes,
         "upstreams": upstreams,
     })

@@ -17,12 +17,33 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use serde::Serialize;
+
 pub use raw::{CheckKind, ConcurrencyScope, LogFormat, LogLevel, OnUnavailable, RetryOn, UpstreamProtocol};
 pub use values::{HostPattern, KeySpec};
 
 /// A config file larger than this is refused before parsing: real configs are far
 /// smaller, and the cap bounds the memory a mistaken path (a log file, say) can take.
 const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// How `/config` writes values that the domain types hold in other forms
+/// (the effective config is these types serialized).
+mod shown {
+    use serde::Serializer;
+
+    /// `5s`, `250ms`: as the config file writes them.
+    pub fn duration<S: Serializer>(duration: &std::time::Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&crate::text::duration(*duration))
+    }
+
+    /// A path as text (lossy where it is not UTF-8, rather than an error).
+    pub fn optional_path<S: Serializer>(path: &Option<std::path::PathBuf>, serializer: S) -> Result<S::Ok, S::Error> {
+        match path {
+            Some(path) => serializer.serialize_some(&path.display().to_string()),
+            None => serializer.serialize_none(),
+        }
+    }
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -81,7 +102,7 @@ impl ClusterConfig {
 
 /// `paths:`: how request paths are normalised before routing (dot segments
 /// are always removed; see `path`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PathsConfig {
     /// Runs of slashes become one (`//a///b` is `/a/b`).
     pub merge_slashes: bool,
@@ -105,7 +126,7 @@ pub struct ListenerConfig {
     pub proxy_protocol: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
     /// When set, every admin call needs `Authorization: Bearer <token>`.
@@ -117,6 +138,13 @@ pub struct AdminConfig {
 /// A secret string: never printed, never logged, compared in constant time.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+/// Never written out: `/config` says only that there is one.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
 
 impl Secret {
     pub fn new(value: String) -> Self {
@@ -151,41 +179,52 @@ impl AdminConfig {
     pub const DEFAULT_BIND: &'static str = "127.0.0.1:9901";
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LogConfig {
     pub level: LogLevel,
     pub format: LogFormat,
     /// One line per request (target `access`, level info).
     pub access: bool,
     /// Where events go; standard error when `None`.
+    #[serde(serialize_with = "shown::optional_path")]
     pub file: Option<std::path::PathBuf>,
     /// Where access lines go; where events go when `None`.
+    #[serde(serialize_with = "shown::optional_path")]
     pub access_file: Option<std::path::PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Limits {
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
+    #[serde(serialize_with = "shown::duration")]
     pub header_read_timeout: Duration,
+    #[serde(serialize_with = "shown::duration")]
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    #[serde(serialize_with = "shown::duration")]
     pub shutdown_grace: Duration,
     /// Bound on a TCP connect to a backend (HAProxy's `timeout connect`).
+    #[serde(serialize_with = "shown::duration")]
     pub connect_timeout: Duration,
     /// Bound on each wait for the next piece of a request body the client is
     /// uploading (nginx's `client_body_timeout`).
+    #[serde(serialize_with = "shown::duration")]
     pub client_body_timeout: Duration,
     /// Bound on each wait for a client to take response bytes it has not read
     /// (nginx's `send_timeout`).
+    #[serde(serialize_with = "shown::duration")]
     pub client_send_timeout: Duration,
     /// An upgraded connection (WebSocket) with no byte either way for this long
     /// is closed (HAProxy's `timeout tunnel`).
+    #[serde(serialize_with = "shown::duration")]
     pub tunnel_idle_timeout: Duration,
     /// Bound on a client's TLS handshake (nginx's `ssl_handshake_timeout`).
+    #[serde(serialize_with = "shown::duration")]
     pub tls_handshake_timeout: Duration,
     /// Bound on each wait for a backend's next bytes of a response body
     /// (nginx's `proxy_read_timeout`; the head is the route's `timeout`).
+    #[serde(serialize_with = "shown::duration")]
     pub backend_read_timeout: Duration,
     /// Streams one HTTP/2 client connection may have open at once.
     pub max_concurrent_streams: u32,

@@ -299,4 +299,18 @@ fn a_full_config_uses_every_key_and_every_key_shows_in_the_effective_config() {
     let renamed = |path: &str| path.replace("admin.token_file", "admin.token");
     let hidden: Vec<String> = used.iter().map(|p| renamed(p)).filter(|p| !shown.contains(p)).collect();
     assert!(hidden.is_empty(), "keys of the config missing from /config:\n{}", hidden.join("\n"));
+
+    // Values as the file writes them: durations as text, secrets redacted,
+    // enums in their YAML spelling, paths resolved against the config's directory.
+    assert_eq!(effective["limits"]["idle_timeout"], "60s");
+    assert_eq!(effective["limits"]["max_body_bytes"], 1_048_576);
+    assert_eq!(effective["admin"]["token"], "<redacted>");
+    assert_eq!(effective["admin"]["bind"], "127.0.0.1:0");
+    assert_eq!(effective["log"]["level"], "info");
+    assert_eq!(effective["log"]["format"], "text");
+    assert_eq!(effective["log"]["file"], dir.path().join("events.log").display().to_string());
+    assert_eq!(effective["paths"]["merge_slashes"], false);
+    assert_eq!(effective["routes"][0]["retry"]["backoff"]["base"], "25ms");
+    assert_eq!(effective["listeners"][1]["tls"]["alpn"], serde_json::json!(["h2", "http/1.1"]));
+    assert_eq!(effective["upstreams"]["listed"]["tls"]["server_name"], "bots.internal");
 }
