@@ -258,27 +258,6 @@ fn retry_on(on: &RetryOn) -> &'static str {
 /// The effective config (defaults filled in) as a JSON value; the admin token
 /// appears as `<redacted>`.
 pub fn effective_config(config: &Config) -> Value {
-    let listeners: Vec<Value> = config
-        .listeners
-        .iter()
-        .map(|l| {
-            json!({
-                "name": l.name,
-                "bind": l.bind.to_string(),
-                "proxy_protocol": l.proxy_protocol,
-                "tls": l.tls.as_ref().map(|tls| json!({
-                    "certificates": tls.certificates.iter().map(|c| json!({
-                        "cert": c.cert_path.display().to_string(),
-                        "key": c.key_path.display().to_string(),
-                    })).collect::<Vec<_>>(),
-                    "alpn": tls.alpn.iter().map(|alpn| match alpn {
-                        crate::config::tls::Alpn::H2 => "h2",
-                        crate::config::tls::Alpn::Http11 => "http/1.1",
-                    }).collect::<Vec<_>>(),
-                })),
-            })
-        })
-        .collect();
     let routes: Vec<Value> = config
         .routes
         .iter()
@@ -393,7 +372,7 @@ pub fn effective_config(config: &Config) -> Value {
         "resolver": (!config.resolver.servers.is_empty()).then(|| json!({
             "servers": config.resolver.servers.iter().map(ToString::to_string).collect::<Vec<_>>(),
         })),
-        "listeners": listeners,
+        "listeners": shown(&config.listeners),
         "trusted_proxies": config.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "paths": shown(&config.paths),
         "cluster": config.cluster.as_ref().map(|c| json!({

@@ -114,7 +114,7 @@ pub struct ResolverConfig {
     pub servers: Vec<SocketAddr>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,

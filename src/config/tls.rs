@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::CertifiedKey;
 
 /// A listener's TLS settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ListenerTls {
     /// Chosen by SNI; the first is served to clients without SNI or with a
     /// name no certificate has.
@@ -21,9 +21,11 @@ pub struct ListenerTls {
     pub alpn: Vec<Alpn>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Alpn {
+    #[serde(rename = "h2")]
     H2,
+    #[serde(rename = "http/1.1")]
     Http11,
 }
 
@@ -45,16 +47,22 @@ impl Alpn {
 }
 
 /// A certificate chain with its key, ready to serve.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize)]
 pub struct Certificate {
+    #[serde(rename = "cert", serialize_with = "path_text")]
     pub cert_path: PathBuf,
+    #[serde(rename = "key", serialize_with = "path_text")]
     pub key_path: PathBuf,
     /// DNS names it is valid for (subjectAltName, else the subject's CN),
     /// lower case; `*.example.com` for a wildcard.
+    #[serde(skip)]
     pub names: Vec<String>,
+    #[serde(skip)]
     pub not_after: SystemTime,
+    #[serde(skip)]
     pub certified: Arc<CertifiedKey>,
     /// What the files held, so that a reload can tell a changed certificate.
+    #[serde(skip)]
     files: Arc<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -198,6 +206,11 @@ pub struct UpstreamTlsFiles {
     pub client: Option<(PathBuf, PathBuf)>,
     pub server_name: Option<ServerName<'static>>,
     pub protocol: crate::config::UpstreamProtocol,
+}
+
+/// A path as `/config` shows it: text (lossy where it is not UTF-8).
+fn path_text<S: serde::Serializer>(path: &Path, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&path.display().to_string())
 }
 
 /// TLS towards an upstream's backends, ready to connect with.
