@@ -319,26 +319,11 @@ pub fn effective_config(config: &Config) -> Value {
                 },
                 "health": {
                     "active": active,
-                    "passive": u.health.passive.map(|p| json!({
-                        "consecutive_failures": p.consecutive_failures,
-                        "ejection_time": duration(p.ejection_time),
-                        "max_ejection_percent": p.max_ejection_percent,
-                    })),
+                    "passive": shown(&u.health.passive),
                     "slow_start": u.health.slow_start.map(duration),
                 },
-                "circuit_breaker": u.circuit_breaker.map(|b| json!({
-                    "consecutive_failures": b.consecutive_failures,
-                    "failure_rate": b.failure_rate,
-                    "min_requests": b.min_requests,
-                    "window": duration(b.window),
-                    "open_for": duration(b.open_for),
-                    "half_open_requests": b.half_open_requests,
-                })),
-                "queue": u.queue.as_ref().map(|q| json!({
-                    "max_waiting": q.max_waiting,
-                    "timeout": duration(q.timeout),
-                    "priority_header": q.priority_header.as_ref().map(|h| h.as_str()),
-                })),
+                "circuit_breaker": shown(&u.circuit_breaker),
+                "queue": shown(&u.queue),
                 "max_concurrency_scope": u.max_concurrency_scope,
                 "tls": u.tls.as_ref().map(|tls| json!({
                     "ca": tls.ca.as_ref().map(|path| path.display().to_string()),
@@ -352,10 +337,7 @@ pub fn effective_config(config: &Config) -> Value {
             let source = match &u.discovery {
                 Some(discovery) => json!({
                     "discovery": discovery_source(discovery),
-                    "backend_defaults": {
-                        "weight": discovery.defaults.weight,
-                        "max_concurrency": discovery.defaults.max_concurrency,
-                    },
+                    "backend_defaults": shown(&discovery.defaults),
                 }),
                 None => json!({
                     "backends": u.backends.iter().map(|b| json!({

@@ -36,6 +36,13 @@ mod shown {
         serializer.serialize_str(&crate::text::duration(*duration))
     }
 
+    pub fn optional_header<S: Serializer>(name: &Option<http::HeaderName>, serializer: S) -> Result<S::Ok, S::Error> {
+        match name {
+            Some(name) => serializer.serialize_some(name.as_str()),
+            None => serializer.serialize_none(),
+        }
+    }
+
     /// A path as text (lossy where it is not UTF-8, rather than an error).
     pub fn optional_path<S: Serializer>(path: &Option<std::path::PathBuf>, serializer: S) -> Result<S::Ok, S::Error> {
         match path {
@@ -293,12 +300,14 @@ impl RetryConfig {
 }
 
 /// `circuit_breaker:` of an upstream; applies to each backend separately.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct BreakerConfig {
     pub consecutive_failures: u32,
     pub failure_rate: f64,
     pub min_requests: u32,
+    #[serde(serialize_with = "shown::duration")]
     pub window: Duration,
+    #[serde(serialize_with = "shown::duration")]
     pub open_for: Duration,
     pub half_open_requests: u32,
 }
@@ -317,10 +326,12 @@ impl Default for BreakerConfig {
 }
 
 /// `queue:` of an upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QueueConfig {
     pub max_waiting: u32,
+    #[serde(serialize_with = "shown::duration")]
     pub timeout: Duration,
+    #[serde(serialize_with = "shown::optional_header")]
     pub priority_header: Option<http::HeaderName>,
 }
 
@@ -383,7 +394,7 @@ impl fmt::Display for DiscoverySource {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct BackendDefaults {
     pub weight: u32,
     pub max_concurrency: Option<u32>,
@@ -426,9 +437,10 @@ pub enum Probe {
     Grpc { service: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PassiveConfig {
     pub consecutive_failures: u32,
+    #[serde(serialize_with = "shown::duration")]
     pub ejection_time: Duration,
     pub max_ejection_percent: u32,
 }

@@ -313,4 +313,10 @@ fn a_full_config_uses_every_key_and_every_key_shows_in_the_effective_config() {
     assert_eq!(effective["routes"][0]["retry"]["backoff"]["base"], "25ms");
     assert_eq!(effective["listeners"][1]["tls"]["alpn"], serde_json::json!(["h2", "http/1.1"]));
     assert_eq!(effective["upstreams"]["listed"]["tls"]["server_name"], "bots.internal");
+    let listed = &effective["upstreams"]["listed"];
+    assert_eq!(listed["circuit_breaker"]["window"], "10s");
+    assert_eq!(listed["circuit_breaker"]["failure_rate"], 0.5);
+    assert_eq!(listed["queue"]["priority_header"], "x-priority");
+    assert_eq!(listed["health"]["passive"]["ejection_time"], "30s");
+    assert_eq!(effective["upstreams"]["by-dns"]["backend_defaults"]["max_concurrency"], 1);
 }
