@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::backend::{AdminState, Backend, Ineligible};
 use crate::balance::{Balancer, PickRequest};
 use crate::clock::nanos_since_epoch;
-use crate::config::{Config, DiscoverySource, HostPattern, PolicyConfig, Probe, RetryOn};
+use crate::config::{Config, DiscoverySource, HostPattern, PolicyConfig, RetryOn};
 use crate::state::Snapshot;
 
 /// Whether a backend can take a request now, and why (or why not) in words.
@@ -293,23 +293,6 @@ pub fn effective_config(config: &Config) -> Value {
                 }
                 other => json!({ "policy": other.name() }),
             };
-            let active = u.health.active.as_ref().map(|check| {
-                let mut value = json!({
-                    "interval": duration(check.interval),
-                    "timeout": duration(check.timeout),
-                    "healthy_after": check.healthy_after,
-                    "unhealthy_after": check.unhealthy_after,
-                });
-                let probe = match &check.probe {
-                    Probe::Http { path, expect_status, host, expect_body } => json!({
-                        "kind": "http", "path": path, "expect_status": expect_status, "host": host, "expect_body": expect_body,
-                    }),
-                    Probe::Tcp => json!({ "kind": "tcp" }),
-                    Probe::Grpc { service } => json!({ "kind": "grpc", "service": service }),
-                };
-                merge(&mut value, probe);
-                value
-            });
             let mut value = json!({
                 "balance": balance,
                 "protocol": match u.protocol {
@@ -318,7 +301,7 @@ pub fn effective_config(config: &Config) -> Value {
                     crate::config::UpstreamProtocol::H2 => "h2",
                 },
                 "health": {
-                    "active": active,
+                    "active": shown(&u.health.active),
                     "passive": shown(&u.health.passive),
                     "slow_start": u.health.slow_start.map(duration),
                 },
@@ -340,9 +323,7 @@ pub fn effective_config(config: &Config) -> Value {
                     "backend_defaults": shown(&discovery.defaults),
                 }),
                 None => json!({
-                    "backends": u.backends.iter().map(|b| json!({
-                        "address": b.address, "weight": b.weight, "max_concurrency": b.max_concurrency,
-                    })).collect::<Vec<_>>(),
+                    "backends": shown(&u.backends),
                 }),
             };
             merge(&mut value, source);

@@ -416,16 +416,21 @@ pub struct HealthConfig {
 
 /// An active health check. Equal checks of the same backend address share one
 /// checker, whichever upstreams list it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct ActiveCheck {
+    /// Shown as `kind` and the kind's own keys, as the file has them.
+    #[serde(flatten)]
     pub probe: Probe,
+    #[serde(serialize_with = "shown::duration")]
     pub interval: Duration,
+    #[serde(serialize_with = "shown::duration")]
     pub timeout: Duration,
     pub healthy_after: u32,
     pub unhealthy_after: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Probe {
     /// `GET path`; passes on a status in `expect_status` and, if set, a body
     /// containing `expect_body`.
@@ -479,7 +484,7 @@ impl PolicyConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BackendConfig {
     /// `host:port` as written in the config; also the backend's identity in metrics.
     pub address: String,

@@ -319,4 +319,13 @@ fn a_full_config_uses_every_key_and_every_key_shows_in_the_effective_config() {
     assert_eq!(listed["queue"]["priority_header"], "x-priority");
     assert_eq!(listed["health"]["passive"]["ejection_time"], "30s");
     assert_eq!(effective["upstreams"]["by-dns"]["backend_defaults"]["max_concurrency"], 1);
+    let active = &listed["health"]["active"];
+    assert_eq!(
+        (&active["kind"], &active["path"], &active["interval"]),
+        (&"http".into(), &"/healthz".into(), &"2s".into())
+    );
+    assert_eq!(active["expect_status"], serde_json::json!([200]));
+    assert_eq!(effective["upstreams"]["by-dns"]["health"]["active"]["kind"], "grpc");
+    assert_eq!(listed["backends"][0]["address"], "127.0.0.1:9000");
+    assert_eq!(listed["backends"][0]["weight"], 2);
 }
