@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::backend::{AdminState, Backend, Ineligible};
 use crate::balance::{Balancer, PickRequest};
 use crate::clock::nanos_since_epoch;
-use crate::config::{Config, DiscoverySource, HostPattern, PolicyConfig, RetryOn};
+use crate::config::{Config, DiscoverySource, HostPattern, PolicyConfig};
 use crate::state::Snapshot;
 
 /// Whether a backend can take a request now, and why (or why not) in words.
@@ -251,10 +251,6 @@ fn host(pattern: &HostPattern) -> String {
     }
 }
 
-fn retry_on(on: &RetryOn) -> &'static str {
-    crate::retry::reason_label(*on)
-}
-
 /// The effective config (defaults filled in) as a JSON value; the admin token
 /// appears as `<redacted>`.
 pub fn effective_config(config: &Config) -> Value {
@@ -272,14 +268,7 @@ pub fn effective_config(config: &Config) -> Value {
                 },
                 "upstream": r.upstream,
                 "timeout": duration(r.timeout),
-                "retry": r.retry.as_ref().map(|retry| json!({
-                    "attempts": retry.attempts,
-                    "per_try_timeout": retry.per_try_timeout.map(duration),
-                    "on": retry.on.iter().map(retry_on).collect::<Vec<_>>(),
-                    "backoff": { "base": duration(retry.backoff_base), "max": duration(retry.backoff_max) },
-                    "budget": { "ratio": retry.budget_ratio, "min_per_second": retry.budget_min_per_second },
-                    "non_idempotent": retry.non_idempotent,
-                })),
+                "retry": shown(&r.retry),
             })
         })
         .collect();

@@ -58,7 +58,7 @@ pub fn allows(config: &RetryConfig, reason: RetryReason, method: &http::Method) 
 /// Backoff and Jitter"): a random wait up to `min(max, base x 2^retry)`.
 pub fn backoff(config: &RetryConfig, retry: u32) -> Duration {
     let ceiling =
-        config.backoff_base.saturating_mul(1u32.checked_shl(retry).unwrap_or(u32::MAX)).min(config.backoff_max);
+        config.backoff.base.saturating_mul(1u32.checked_shl(retry).unwrap_or(u32::MAX)).min(config.backoff.max);
     ceiling.mul_f64(fastrand::f64())
 }
 
@@ -186,10 +186,8 @@ mod tests {
             attempts: 3,
             per_try_timeout: None,
             on: on.to_vec(),
-            backoff_base: Duration::from_millis(25),
-            backoff_max: Duration::from_secs(1),
-            budget_ratio: 0.2,
-            budget_min_per_second: 0,
+            backoff: crate::config::RetryBackoff { base: Duration::from_millis(25), max: Duration::from_secs(1) },
+            budget: crate::config::RetryBudget { ratio: 0.2, min_per_second: 0 },
             non_idempotent,
         }
     }

@@ -43,6 +43,16 @@ mod shown {
         }
     }
 
+    pub fn optional_duration<S: Serializer>(
+        duration: &Option<std::time::Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match duration {
+            Some(duration) => serializer.serialize_some(&crate::text::duration(*duration)),
+            None => serializer.serialize_none(),
+        }
+    }
+
     /// A path as text (lossy where it is not UTF-8, rather than an error).
     pub fn optional_path<S: Serializer>(path: &Option<std::path::PathBuf>, serializer: S) -> Result<S::Ok, S::Error> {
         match path {
@@ -276,17 +286,32 @@ impl RouteConfig {
 }
 
 /// `retry:` of a route. Without it a request is tried once.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RetryConfig {
     /// Total tries, the first included.
     pub attempts: u32,
+    #[serde(serialize_with = "shown::optional_duration")]
     pub per_try_timeout: Option<Duration>,
     pub on: Vec<RetryOn>,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    pub budget_ratio: f64,
-    pub budget_min_per_second: u32,
+    pub backoff: RetryBackoff,
+    pub budget: RetryBudget,
     pub non_idempotent: bool,
+}
+
+/// The wait before retry n: random in `[0, min(max, base x 2^n))`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RetryBackoff {
+    #[serde(serialize_with = "shown::duration")]
+    pub base: Duration,
+    #[serde(serialize_with = "shown::duration")]
+    pub max: Duration,
+}
+
+/// Retries in a window may not exceed `ratio x requests + min_per_second x window`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RetryBudget {
+    pub ratio: f64,
+    pub min_per_second: u32,
 }
 
 impl RetryConfig {

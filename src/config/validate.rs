@@ -19,8 +19,8 @@ use super::values::DurationValue;
 use super::{
     ActiveCheck, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig, Config, ConfigError,
     ConfigErrors, DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig, LogFormat,
-    LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryConfig, RouteConfig,
-    Secret, UpstreamConfig,
+    LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryBackoff, RetryBudget,
+    RetryConfig, RouteConfig, Secret, UpstreamConfig,
 };
 
 /// Shorter admin tokens are too easy to guess.
@@ -844,12 +844,13 @@ fn validate_retry(raw: &RawRetry, errors: &mut Collector<'_>) -> RetryConfig {
             .as_ref()
             .map(|_| duration(&raw.per_try_timeout, "per_try_timeout", Duration::ZERO, errors)),
         on: raw.on.clone().unwrap_or_else(|| RetryConfig::DEFAULT_ON.to_vec()),
-        backoff_base,
-        backoff_max,
-        budget_ratio,
-        budget_min_per_second: budget
-            .and_then(|b| b.min_per_second.as_ref())
-            .map_or(RetryConfig::DEFAULT_BUDGET_MIN_PER_SECOND, |m| m.value),
+        backoff: RetryBackoff { base: backoff_base, max: backoff_max },
+        budget: RetryBudget {
+            ratio: budget_ratio,
+            min_per_second: budget
+                .and_then(|b| b.min_per_second.as_ref())
+                .map_or(RetryConfig::DEFAULT_BUDGET_MIN_PER_SECOND, |m| m.value),
+        },
         non_idempotent: raw.non_idempotent.unwrap_or(false),
     }
 }

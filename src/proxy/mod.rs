@@ -348,7 +348,7 @@ fn judge(
 /// Step 7's budget: takes one retry from the route's budget, counting it (or
 /// its refusal) in the metrics.
 fn granted(policy: &RoutePolicy, reason: RetryOn, route: &Route, upstream: &Upstream) -> bool {
-    if policy.budget.try_withdraw(policy.config.budget_ratio, policy.config.budget_min_per_second) {
+    if policy.budget.try_withdraw(policy.config.budget.ratio, policy.config.budget.min_per_second) {
         crate::metrics::retry(&route.name, &upstream.name, retry::reason_label(reason));
         true
     } else {

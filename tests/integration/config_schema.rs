@@ -311,6 +311,10 @@ fn a_full_config_uses_every_key_and_every_key_shows_in_the_effective_config() {
     assert_eq!(effective["log"]["file"], dir.path().join("events.log").display().to_string());
     assert_eq!(effective["paths"]["merge_slashes"], false);
     assert_eq!(effective["routes"][0]["retry"]["backoff"]["base"], "25ms");
+    let retry = &effective["routes"][0]["retry"];
+    assert_eq!((&retry["per_try_timeout"], &retry["on"]), (&"10s".into(), &serde_json::json!(["connect-failure"])));
+    assert_eq!((&retry["budget"]["ratio"], &retry["budget"]["min_per_second"]), (&0.2.into(), &10.into()));
+    assert_eq!(effective["routes"][1]["retry"], serde_json::Value::Null, "no retry: null");
     assert_eq!(effective["listeners"][1]["tls"]["alpn"], serde_json::json!(["h2", "http/1.1"]));
     assert_eq!(effective["upstreams"]["listed"]["tls"]["server_name"], "bots.internal");
     let listed = &effective["upstreams"]["listed"];
