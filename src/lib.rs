@@ -3,10 +3,12 @@
 //! request from listener to backend:
 //!
 //! - `server` accepts connections and assembles the one tower stack
-//!   (`server::stack`): `observe` (metrics, access log) -> `error` (the one
+//!   (`server::stack`): the connection layer (one snapshot load, the
+//!   request's notes) -> `observe` (metrics, access log) -> `error` (the one
 //!   mapping to client responses) -> admission checks and `route` -> `proxy`
-//!   (which holds the route's deadline); each layer takes a `notes::NotedRequest`,
-//!   the request with what the layers note about it. `conn` is what a client
+//!   (which holds the route's deadline); layers take a `notes::NotedRequest`,
+//!   the request with what the layers note about it, and forwarding only a
+//!   `notes::RoutedRequest`, one routing has matched. `conn` is what a client
 //!   connection means to the rest: its `ConnInfo`, its slot under `max_connections`, the
 //!   bound on a client that stops reading. `tls` is the listeners' rustls side
 //!   (certificate by SNI) and the plain-or-TLS stream both directions use.

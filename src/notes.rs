@@ -1,11 +1,14 @@
 //! What travels with a request through the proxy's layers: the request and
-//! its notes ([`NotedRequest`]). The notes hold the client connection (from
-//! the listener), the route (from routing) and what forwarding did (backend,
-//! attempts, queue wait), for the layers that act on them and for the record
-//! `observe` makes when the request is over.
+//! its notes ([`NotedRequest`]), and, once routing has matched it, the same
+//! with its route ([`RoutedRequest`], the only thing forwarding takes). The
+//! notes hold the client connection and the snapshot the request runs on
+//! (from the listener's layer), the route (from routing) and what forwarding
+//! did (the backend of the last try, attempts, queue wait), for the layers
+//! that act on them and for the record `observe` makes when the request is
+//! over.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http::Request;
@@ -13,7 +16,9 @@ use hyper::body::Incoming;
 
 use crate::backend::Backend;
 use crate::conn::ConnInfo;
+use crate::route::Route;
 use crate::state::SnapshotShare;
+use crate::upstream::Upstream;
 
 /// A request on its way through the proxy's layers, with the notes they
 /// share. The notes travel beside the request rather than in its extensions:
@@ -23,53 +28,118 @@ pub struct NotedRequest {
     pub notes: Arc<RequestNotes>,
 }
 
+/// A request routing has matched: what forwarding takes, so that a stack
+/// which forwards before it routes does not compile.
+pub struct RoutedRequest {
+    pub request: Request<Incoming>,
+    pub notes: RoutedNotes,
+}
+
+/// The notes of a routed request, which name its route.
+pub struct RoutedNotes {
+    notes: Arc<RequestNotes>,
+    /// The index of the route in the snapshot's router.
+    route: usize,
+}
+
+impl NotedRequest {
+    /// This request matched route `index` of its snapshot's router.
+    pub fn routed(self, index: usize) -> RoutedRequest {
+        let _ = self.notes.route.set(index);
+        RoutedRequest { request: self.request, notes: RoutedNotes { notes: self.notes, route: index } }
+    }
+}
+
+impl RoutedNotes {
+    /// The route the request matched, in the snapshot it runs on.
+    pub fn route(&self) -> &Route {
+        &self.notes.snapshot.router.routes()[self.route]
+    }
+
+    /// The notes themselves, for what outlives forwarding (a response body).
+    pub fn shared(&self) -> &Arc<RequestNotes> {
+        &self.notes
+    }
+}
+
+impl std::ops::Deref for RoutedNotes {
+    type Target = RequestNotes;
+
+    fn deref(&self) -> &RequestNotes {
+        &self.notes
+    }
+}
+
 /// What the layers a request passes through know of it: the client
-/// connection (from the listener), the route (from routing), and what
-/// forwarding did.
+/// connection and the snapshot (from the listener's layer), the route (from
+/// routing), and what forwarding did.
 pub struct RequestNotes {
-    /// The client connection; `None` only outside a listener (tests, benches).
-    conn: Option<Arc<ConnInfo>>,
-    /// The snapshot the request runs on and its route's index there.
-    route: OnceLock<(SnapshotShare, usize)>,
-    /// Index of the last backend tried in the route's upstream; `NONE` if none.
-    backend: AtomicUsize,
+    conn: Arc<ConnInfo>,
+    /// The live snapshot when the request arrived, loaded once: the request
+    /// sees this config to its end.
+    snapshot: SnapshotShare,
+    /// The index of the request's route in `snapshot`'s router.
+    route: OnceLock<usize>,
+    /// The backend of the last try (only forwarding writes it, once per try:
+    /// the lock is never contended).
+    last_try: Mutex<Option<TriedBackend>>,
     attempts: AtomicU32,
     queue_wait_micros: AtomicU64,
-    /// The backend of the last try when the request moved to a reloaded
-    /// upstream (rare: only then is this lock taken).
-    rerouted_to: std::sync::Mutex<Option<Arc<Backend>>>,
     /// The client a trusted proxy named, when it is not the peer.
     forwarded_client: OnceLock<std::net::IpAddr>,
 }
 
-const NONE: usize = usize::MAX;
-/// The last try went to a rerouted upstream's backend (see `rerouted_to`).
-const REROUTED: usize = usize::MAX - 1;
+/// A backend a try went to: the upstream it belongs to (the route's, or the
+/// one a reload put in its place while the request waited) and its index
+/// there, which passive health and the per-route request counts go by.
+#[derive(Clone)]
+pub struct TriedBackend {
+    pub upstream: Arc<Upstream>,
+    pub index: usize,
+}
+
+impl TriedBackend {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.upstream.backends[self.index]
+    }
+
+    /// Counts a request of `route` that ended with `status` (`None`: the
+    /// client left first) in `switchyard_requests_total` for this backend.
+    pub fn count_request(&self, route: &Route, status: Option<u16>) {
+        if Arc::ptr_eq(&self.upstream, &route.upstream) {
+            route.requests[self.index].count(status);
+        } else {
+            // Rare: the backend is of a newer snapshot than the route's.
+            self.backend().state.series.requests_of(&route.name).count(status);
+        }
+    }
+}
 
 impl RequestNotes {
-    pub fn new(conn: Option<Arc<ConnInfo>>) -> Self {
+    pub fn new(conn: Arc<ConnInfo>, snapshot: SnapshotShare) -> Self {
         RequestNotes {
             conn,
+            snapshot,
             route: OnceLock::new(),
-            backend: AtomicUsize::new(NONE),
+            last_try: Mutex::new(None),
             attempts: AtomicU32::new(0),
             queue_wait_micros: AtomicU64::new(0),
-            rerouted_to: std::sync::Mutex::new(None),
             forwarded_client: OnceLock::new(),
         }
     }
 
-    pub fn set_route(&self, snapshot: SnapshotShare, index: usize) {
-        let _ = self.route.set((snapshot, index));
+    /// The snapshot the request runs on.
+    pub fn snapshot(&self) -> &SnapshotShare {
+        &self.snapshot
     }
 
-    /// The snapshot the request runs on and the index of its route there.
-    pub fn route(&self) -> Option<(&SnapshotShare, usize)> {
-        self.route.get().map(|(snapshot, index)| (snapshot, *index))
+    /// The route the request matched; `None` before routing or when none did.
+    pub fn route(&self) -> Option<&Route> {
+        self.route.get().map(|&index| &self.snapshot.router.routes()[index])
     }
 
-    pub fn conn(&self) -> Option<&Arc<ConnInfo>> {
-        self.conn.as_ref()
+    pub fn conn(&self) -> &Arc<ConnInfo> {
+        &self.conn
     }
 
     /// A trusted proxy in front named the client (see `proxy::rewrite`).
@@ -80,40 +150,27 @@ impl RequestNotes {
     /// The client as the access log names it: whom a trusted proxy named
     /// (its port unknown: 0), else the connection's peer (the PROXY
     /// protocol's client on a listener that has it).
-    pub fn client(&self) -> Option<std::net::SocketAddr> {
+    pub fn client(&self) -> std::net::SocketAddr {
         match self.forwarded_client.get() {
-            Some(ip) => Some(std::net::SocketAddr::new(*ip, 0)),
-            None => self.conn.as_ref().map(|conn| conn.client),
+            Some(ip) => std::net::SocketAddr::new(*ip, 0),
+            None => self.conn.client,
         }
     }
 
-    /// A try went to backend `index` of the route's upstream (`backend`);
-    /// after a reroute the index is of the replacement upstream, so the
-    /// backend is kept instead.
-    pub fn tried(&self, index: usize, rerouted: bool, backend: &Arc<Backend>) {
-        if rerouted {
-            *self.rerouted_to.lock().expect("never poisoned") = Some(Arc::clone(backend));
-            self.backend.store(REROUTED, Ordering::Relaxed);
-        } else {
-            self.backend.store(index, Ordering::Relaxed);
-        }
+    /// A try went to backend `index` of `upstream`.
+    pub fn tried(&self, upstream: &Arc<Upstream>, index: usize) {
+        *self.last_try.lock().expect("never poisoned") = Some(TriedBackend { upstream: Arc::clone(upstream), index });
         self.attempts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The request moved to a reloaded upstream; no backend of it tried yet.
     pub fn rerouted(&self) {
-        self.backend.store(NONE, Ordering::Relaxed);
+        *self.last_try.lock().expect("never poisoned") = None;
     }
 
-    /// The backend of the last try, as an index into the route's upstream,
-    /// or (`Err`) itself when the request moved to a reloaded upstream;
-    /// `Ok(None)` when no backend was tried.
-    pub fn last_backend(&self) -> Result<Option<usize>, Option<Arc<Backend>>> {
-        match self.backend.load(Ordering::Relaxed) {
-            NONE => Ok(None),
-            REROUTED => Err(self.rerouted_to.lock().expect("never poisoned").clone()),
-            index => Ok(Some(index)),
-        }
+    /// The backend of the last try, if one was tried.
+    pub fn last_try(&self) -> Option<TriedBackend> {
+        self.last_try.lock().expect("never poisoned").clone()
     }
 
     pub fn attempts(&self) -> u32 {

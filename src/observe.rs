@@ -2,8 +2,10 @@
 //! (`switchyard_requests_total`, `switchyard_request_duration_seconds`) and the
 //! access log line.
 //!
-//! Every request carries a `notes::RequestNotes` (made by the listener) that
-//! inner layers fill in (route, backend, attempts, queue wait); [`Observe`] wraps the response body so the record is made when the body ends
+//! Every request carries a `notes::RequestNotes` (made per request by the
+//! stack's connection layer) that inner layers fill in (route, backend,
+//! attempts, queue wait); [`Observe`] wraps the response body so the record
+//! is made when the body ends
 //! (or the client goes away): durations are what the client observed, streaming
 //! included. With `log.access: false` no access-log field is even captured.
 
@@ -19,17 +21,15 @@ use tower::Service;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::notes::{NotedRequest, RequestNotes};
-use crate::state::WorkerLive;
 
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
-    live: WorkerLive,
 }
 
 impl<S> Observe<S> {
-    pub fn new(inner: S, live: WorkerLive) -> Self {
-        Observe { inner, live }
+    pub fn new(inner: S) -> Self {
+        Observe { inner }
     }
 }
 
@@ -61,7 +61,7 @@ where
 
     fn call(&mut self, noted: NotedRequest) -> Self::Future {
         let (request, notes) = (&noted.request, Arc::clone(&noted.notes));
-        let access = self.live.load().access_log.then(|| AccessFields {
+        let access = notes.snapshot().access_log.then(|| AccessFields {
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
             request_id: request.headers().get("x-request-id").cloned(),
@@ -155,32 +155,25 @@ impl Body for ObservedBody {
 impl Record {
     fn finish(self, status: Option<u16>) {
         let elapsed = self.started.elapsed();
-        let route = self.notes.route().map(|(snapshot, index)| &snapshot.router.routes()[index]);
-        let (backend_index, rerouted_to) = match self.notes.last_backend() {
-            Ok(index) => (index.unwrap_or(usize::MAX), None),
-            Err(address) => (usize::MAX, address),
-        };
-        let backend = match &rerouted_to {
-            Some(backend) => Some(&backend.address),
-            None => route.and_then(|r| r.upstream.backends.get(backend_index)).map(|b| &b.address),
-        };
-        match (route, &rerouted_to) {
-            // Rare: the backend is of a newer snapshot than the route's.
-            (Some(route), Some(backend)) => {
-                backend.state.series.requests_of(&route.name).count(status);
+        let route = self.notes.route();
+        let last_try = self.notes.last_try();
+        match (route, &last_try) {
+            (Some(route), Some(tried)) => {
+                tried.count_request(route, status);
                 route.duration.record(elapsed.as_secs_f64());
             }
             (Some(route), None) => {
-                route.requests.get(backend_index).unwrap_or(&route.requests_without_backend).count(status);
+                route.requests_without_backend.count(status);
                 route.duration.record(elapsed.as_secs_f64());
             }
             (None, _) => crate::metrics::series::UNROUTED_REQUESTS.count(status),
         }
+        let backend = last_try.as_ref().map(|tried| &tried.backend().address);
         let (route_name, upstream) = route.map_or(("-", "-"), |r| (&*r.name, &*r.upstream.name));
         if let Some(access) = self.access {
             crate::logging::access(&crate::logging::AccessLine {
                 // Read now: forwarding may have learnt it from a trusted proxy.
-                client: self.notes.client(),
+                client: Some(self.notes.client()),
                 method: access.method.as_str(),
                 path: &access.path,
                 route: route_name,

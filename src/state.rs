@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 
@@ -83,10 +83,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Marks every backend of `self` that `next` does not keep as retired; call
-    /// once `next` is live. Requests still on `self` finish what they started
-    /// there but start nothing new on a removed backend.
+    /// Marks every backend of `self` that `next` does not keep as retired,
+    /// and links each upstream `next` rebuilt to its successor; call once
+    /// `next` is live. Requests still on `self` finish what they started
+    /// there but start nothing new on a removed backend; one that finds its
+    /// upstream's backends retired goes on with the successor.
     pub fn retire_removed(&self, next: &Snapshot) {
+        for upstream in &self.upstreams {
+            let successor = next.upstreams.iter().find(|u| u.name == upstream.name && !Arc::ptr_eq(u, upstream));
+            if let Some(successor) = successor {
+                let _ = upstream.replaced_by.set(Arc::clone(successor));
+            }
+        }
         let kept: std::collections::HashSet<*const BackendState> =
             next.upstreams.iter().flat_map(|u| u.backends.iter().map(|b| Arc::as_ptr(&b.state))).collect();
         for backend in self.upstreams.iter().flat_map(|u| u.backends.iter()) {
@@ -170,6 +178,7 @@ impl Snapshot {
                     ejection_lock: Default::default(),
                     queue,
                     cluster: slots,
+                    replaced_by: OnceLock::new(),
                 })
             })
             .collect();
@@ -423,6 +432,22 @@ mod tests {
         // Unchanged config: the upstream is reused whole.
         let third = compile(&config(&["10.0.0.1:80", "10.0.0.3:80"], 2), Some(&second));
         assert!(Arc::ptr_eq(&second.upstreams[0], &third.upstreams[0]));
+    }
+
+    #[test]
+    fn a_rebuilt_upstream_leads_to_its_newest_successor_an_unchanged_one_to_none() {
+        let first = compile(&config(&["10.0.0.1:80"], 1), None);
+        let second = compile(&config(&["10.0.0.2:80"], 1), Some(&first));
+        assert!(first.upstreams[0].replacement().is_none(), "no successor before the reload is live");
+        first.retire_removed(&second);
+        let third = compile(&config(&["10.0.0.2:80"], 1), Some(&second));
+        second.retire_removed(&third);
+        assert!(second.upstreams[0].replacement().is_none(), "unchanged (reused whole): still live, no successor");
+        let fourth = compile(&config(&["10.0.0.3:80"], 1), Some(&third));
+        third.retire_removed(&fourth);
+        let newest = first.upstreams[0].replacement().expect("rebuilt twice since");
+        assert!(Arc::ptr_eq(&newest, &fourth.upstreams[0]), "followed to the newest, past the one in between");
+        assert!(fourth.upstreams[0].replacement().is_none());
     }
 
     // ---- time-driven state on paused time --------------------------------------

@@ -2,7 +2,7 @@
 //! among them (`balance`), their wait queue, and the passive-ejection decision
 //! that weighs one backend against its siblings.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::backend::{Backend, Ineligible};
@@ -27,9 +27,23 @@ pub struct Upstream {
     pub queue: Option<Arc<WaitQueue>>,
     /// With `max_concurrency_scope: cluster`, the backends' slot sets in Redis.
     pub cluster: Option<UpstreamSlots>,
+    /// The upstream of the same name a reload put in this one's place (set
+    /// once the reload is live; see `Snapshot::retire_removed`).
+    pub replaced_by: OnceLock<Arc<Upstream>>,
 }
 
 impl Upstream {
+    /// The newest upstream that took this one's place through reloads, for
+    /// a request that waited here while its backends were retired; `None`
+    /// while this one is live (or was removed without a successor).
+    pub fn replacement(&self) -> Option<Arc<Upstream>> {
+        let mut newest = Arc::clone(self.replaced_by.get()?);
+        while let Some(next) = newest.replaced_by.get() {
+            newest = Arc::clone(next);
+        }
+        Some(newest)
+    }
+
     /// The outcome of the try about to go to backend `index`, to be reported once.
     pub fn outcome(&self, index: usize) -> Outcome<'_> {
         Outcome { upstream: self, index, reported: false }

@@ -26,13 +26,11 @@ use crate::balance::{Pick, PickRequest};
 use crate::body::{ClientBody, ProxyBody};
 use crate::client::{SendError, UpstreamBody, UpstreamClients};
 use crate::config::RetryOn;
-use crate::conn::ConnInfo;
 use crate::error::ProxyError;
-use crate::notes::{NotedRequest, RequestNotes};
+use crate::notes::{RequestNotes, RoutedNotes, RoutedRequest};
 use crate::queue::{Priority, WaitEnded};
 use crate::retry::{self, RequestBody};
 use crate::route::{Route, RoutePolicy};
-use crate::state::WorkerLive;
 use crate::upstream::{Outcome, Unavailable, Upstream};
 
 mod response;
@@ -47,19 +45,17 @@ use tunnel::tunnel;
 #[derive(Clone, Debug)]
 pub struct Forward {
     clients: Arc<UpstreamClients>,
-    /// For a request that outlives its snapshot's backends (see `reroute`).
-    live: WorkerLive,
 }
 
 impl Forward {
-    pub fn new(clients: Arc<UpstreamClients>, live: WorkerLive) -> Self {
-        Forward { clients, live }
+    pub fn new(clients: Arc<UpstreamClients>) -> Self {
+        Forward { clients }
     }
 }
 
 type ForwardFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
 
-impl tower::Service<NotedRequest> for Forward {
+impl tower::Service<RoutedRequest> for Forward {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
     type Future = ForwardFuture;
@@ -68,12 +64,12 @@ impl tower::Service<NotedRequest> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: NotedRequest) -> ForwardFuture {
+    fn call(&mut self, request: RoutedRequest) -> ForwardFuture {
         // The rewriting before the first await runs here, outside the future:
         // what it needs on the way (the original request) is then not kept
         // in the future, which is boxed and moved for every request.
         match Prepared::new(request) {
-            Ok(prepared) => Box::pin(forward(Arc::clone(&self.clients), Arc::clone(&self.live), prepared)),
+            Ok(prepared) => Box::pin(forward(Arc::clone(&self.clients), prepared)),
             Err(error) => Box::pin(std::future::ready(Err(error))),
         }
     }
@@ -82,8 +78,7 @@ impl tower::Service<NotedRequest> for Forward {
 /// A request rewritten for backends (steps 1 and 2 of `forward`), with what
 /// the tries need from the client's side.
 struct Prepared {
-    notes: Arc<RequestNotes>,
-    conn: Arc<ConnInfo>,
+    notes: RoutedNotes,
     /// The client: the connection's peer, or whom a trusted proxy names.
     client_ip: std::net::IpAddr,
     /// Method, target and headers every try starts from; the last try takes it.
@@ -94,10 +89,9 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn new(noted: NotedRequest) -> Result<Prepared, ProxyError> {
-        let NotedRequest { mut request, notes } = noted;
-        let (snapshot, _) = notes.route().expect("the route layer runs first");
-        let conn = Arc::clone(notes.conn().expect("the listener attaches the connection"));
+    fn new(routed: RoutedRequest) -> Result<Prepared, ProxyError> {
+        let RoutedRequest { mut request, notes } = routed;
+        let snapshot = notes.snapshot();
 
         // 1. Refuse a body that declares itself too large before touching a backend.
         let limit = snapshot.limits.max_body_bytes;
@@ -115,20 +109,13 @@ impl Prepared {
             .or_else(|| template.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         strip_hop_by_hop(&mut template.headers, client_upgrade.is_some());
         let trusted = &snapshot.config.trusted_proxies;
-        let forwarded_client = add_forwarding_headers(&mut template.headers, &conn, original_host.as_ref(), trusted);
+        let conn = notes.conn();
+        let forwarded_client = add_forwarding_headers(&mut template.headers, conn, original_host.as_ref(), trusted);
         if let Some(client) = forwarded_client {
             notes.set_forwarded_client(client);
         }
         let client_ip = forwarded_client.unwrap_or_else(|| conn.client.ip());
-        Ok(Prepared {
-            notes,
-            conn,
-            client_ip,
-            template: Some(template),
-            body: Some(body),
-            client_upgrade,
-            original_host,
-        })
+        Ok(Prepared { notes, client_ip, template: Some(template), body: Some(body), client_upgrade, original_host })
     }
 }
 
@@ -156,26 +143,25 @@ fn next_try(
 #[allow(clippy::manual_async_fn)]
 fn forward(
     clients: Arc<UpstreamClients>,
-    live: WorkerLive,
     mut prepared: Prepared,
 ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send {
     async move {
-        let (snapshot, index) = prepared.notes.route().expect("the route layer runs first");
-        let route = &snapshot.router.routes()[index];
+        let route = prepared.notes.route();
         // The upstream tries go to; a reload can replace it under a waiting request.
         let mut upstream = Arc::clone(&route.upstream);
         let mut reroutes = 0;
-        let limits = &snapshot.limits;
+        let limits = &prepared.notes.snapshot().limits;
         let limit = limits.max_body_bytes;
         // One deadline for the whole exchange up to the response head: queueing,
         // every try and every backoff. Each try's timer is cut to it, so a timeout
         // is one event, seen by the try it ends and charged to that try's backend.
         let deadline = tokio::time::Instant::now() + route.timeout;
 
-        // 3. Whether this request can be retried (see `plan_tries`).
+        // 3. How many tries this request may have, and the body they send (see `plan_tries`).
         let upgrade = prepared.client_upgrade.is_some();
         let client_body = ClientBody::new(prepared.body.take().expect("taken once"), limits.client_body_timeout);
-        let (policy, mut body, attempts) = plan_tries(route, upgrade, client_body, deadline).await?;
+        let method = prepared.template.as_ref().expect("kept until the last try").method.clone();
+        let (retries, mut body) = plan_tries(route, upgrade, client_body, &method, deadline).await?;
 
         let mut tried: Vec<usize> = Vec::new();
         // Times a bot said it was busy with work from elsewhere and the
@@ -186,7 +172,7 @@ fn forward(
         let mut attempts_made = 0u32;
         loop {
             let attempt = attempts_made + 1;
-            let last = attempt >= attempts;
+            let last = attempt >= retries.attempts;
 
             // 4. Pick a backend (waiting in the upstream's queue when every one is
             //    busy); the pick reserves its in-flight slot. A request that waited
@@ -195,7 +181,7 @@ fn forward(
             let template = prepared.template.as_ref().expect("kept until the last try");
             let picked = pick_backend(&upstream, template, prepared.client_ip, &tried, deadline, &prepared.notes).await;
             if let Err(ProxyError::NoHealthyBackend { .. } | ProxyError::CircuitOpen { .. }) = &picked {
-                if let Some(replacement) = reroute(&live, &upstream).filter(|_| reroutes < MAX_REROUTES) {
+                if let Some(replacement) = upstream.replacement().filter(|_| reroutes < MAX_REROUTES) {
                     reroutes += 1;
                     upstream = replacement;
                     tried.clear();
@@ -209,7 +195,7 @@ fn forward(
                 (Err(error), None) => return Err(error),
             };
             let backend = &upstream.backends[pick.index];
-            prepared.notes.tried(pick.index, reroutes > 0, backend);
+            prepared.notes.tried(&upstream, pick.index);
             let outcome = upstream.outcome(pick.index);
             // A one-job bot that turns out busy sends the request back to the
             // queue, which needs the request again.
@@ -219,7 +205,6 @@ fn forward(
                 && busy_requeues < MAX_BUSY_REQUEUES;
 
             // 5. This try's request: the backend's target form and protocol.
-            let method = prepared.template.as_ref().expect("present until the last try").method.clone();
             let host = prepared.original_host.as_ref();
             let take_template = last && !may_requeue;
             let outgoing =
@@ -228,7 +213,7 @@ fn forward(
             // 6. Send, bounded by the per-try timeout cut to the route's deadline;
             //    time to response head feeds the latency estimate.
             let started = Instant::now();
-            let per_try = policy.and_then(|p| p.config.per_try_timeout);
+            let per_try = retries.policy.and_then(|p| p.config.per_try_timeout);
             let try_deadline = per_try.map_or(deadline, |limit| deadline.min(tokio::time::Instant::now() + limit));
             let sent = clients.send(upstream.protocol, upstream.config.tls.as_ref(), backend, outgoing);
             let result = tokio::time::timeout_at(try_deadline, sent).await;
@@ -243,23 +228,17 @@ fn forward(
                 drop(pick);
                 continue;
             }
-            let result = judge(result, outcome, &pick, took, try_deadline >= deadline, &backend.address, limit);
 
-            // 7. Retry if the policy, the method and the budget all allow it.
-            let retry = policy.zip(result.retry_as).filter(|(policy, reason)| {
-                !last && retry::allows(&policy.config, *reason, &method) && granted(policy, *reason, route, &upstream)
-            });
-            let Some((policy, reason)) = retry else {
+            // 7. The verdict, with whether it is retried (see `Retries::decide`).
+            let at_route_deadline = try_deadline >= deadline;
+            let verdict =
+                TryVerdict { outcome, pick: &pick, took, at_route_deadline, backend: &backend.address, limit };
+            let result = judge(result, verdict, &retries.after(last, &upstream));
+            let Some((policy, reason)) = result.retry else {
                 return match result.answer {
                     Ok(response) => {
-                        let held = Held { guard: pick.guard, notes: &prepared.notes };
-                        Ok(respond(
-                            response,
-                            held,
-                            limits.backend_read_timeout,
-                            prepared.client_upgrade.take(),
-                            &prepared.conn,
-                        ))
+                        let held = Held { guard: pick.guard, notes: prepared.notes.shared() };
+                        Ok(respond(response, held, limits.backend_read_timeout, prepared.client_upgrade.take()))
                     }
                     Err(error) => Err(error),
                 };
@@ -285,12 +264,13 @@ fn forward(
 /// need a retry policy, no upgrade, and a body small enough to keep for replay
 /// (collected here, within the deadline); otherwise one try streams the body.
 /// A request with a policy counts toward its retry budget.
-async fn plan_tries(
-    route: &Route,
+async fn plan_tries<'a>(
+    route: &'a Route,
     upgrade: bool,
     client_body: ClientBody,
+    method: &'a http::Method,
     deadline: tokio::time::Instant,
-) -> Result<(Option<&RoutePolicy>, RequestBody, u32), ProxyError> {
+) -> Result<(Retries<'a>, RequestBody), ProxyError> {
     let policy = route.retry.as_ref().filter(|_| !upgrade);
     // A queued upstream's request may go back to the queue when its bot turns
     // out busy (see `busy_answer`): it keeps its body too.
@@ -307,53 +287,93 @@ async fn plan_tries(
     if let Some(policy) = policy {
         policy.budget.record_request();
     }
-    Ok((policy, body, attempts))
+    Ok((Retries { policy, attempts, method, route }, body))
 }
 
-/// Step 6's verdict on a try: what the client would get, whether it may be
-/// retried, and the outcome reported for the backend (a response's latency
-/// feeds its estimate; a 5xx, a failure of the backend's own or a timeout
-/// count against it; a failure of the client's own body says nothing).
-fn judge(
-    result: Result<Result<Response<UpstreamBody>, SendError>, tokio::time::error::Elapsed>,
-    outcome: Outcome<'_>,
-    pick: &Pick,
-    took: std::time::Duration,
-    at_route_deadline: bool,
-    backend: &str,
-    limit: u64,
-) -> Try {
-    match result {
-        Ok(Ok(response)) => {
-            pick.guard.state().latency.observe(took);
-            outcome.report(response.status().is_server_error());
-            let retry_as = matches!(response.status().as_u16(), 502..=504).then_some(RetryOn::GatewayError);
-            Try { answer: Ok(response), retry_as }
+/// What decides whether a failed try is retried, fixed for the request by
+/// step 3: the route's policy, how many tries it allows this request, and
+/// the request's method.
+struct Retries<'a> {
+    policy: Option<&'a RoutePolicy>,
+    attempts: u32,
+    method: &'a http::Method,
+    route: &'a Route,
+}
+
+/// [`Retries`] for one try: whether it is the last, and the upstream it went to.
+struct RetryAfter<'a> {
+    retries: &'a Retries<'a>,
+    last: bool,
+    upstream: &'a Upstream,
+}
+
+impl<'a> Retries<'a> {
+    fn after(&'a self, last: bool, upstream: &'a Upstream) -> RetryAfter<'a> {
+        RetryAfter { retries: self, last, upstream }
+    }
+}
+
+impl<'a> RetryAfter<'a> {
+    /// The one decision on a retry: a try that failed as `reason` is retried
+    /// when it is not the last, the policy retries `reason` for this method,
+    /// and the route's budget grants it (counted in the metrics either way).
+    fn decide(&self, reason: Option<RetryOn>) -> Option<(&'a RoutePolicy, RetryOn)> {
+        let (policy, reason) = self.retries.policy.zip(reason)?;
+        if self.last || !retry::allows(&policy.config, reason, self.retries.method) {
+            return None;
         }
-        Ok(Err(error)) => {
-            let (error, retry_as) = classify(error, backend, limit);
-            if error.is_backend_failure() {
-                outcome.report(true);
-            }
-            Try { answer: Err(error), retry_as }
-        }
-        Err(_elapsed) => {
-            outcome.report(true);
-            // The route's deadline ends the request; a per-try timeout may be retried.
-            Try { answer: Err(ProxyError::UpstreamTimeout), retry_as: (!at_route_deadline).then_some(RetryOn::Timeout) }
+        let route = self.retries.route;
+        if policy.budget.try_withdraw(policy.config.budget.ratio, policy.config.budget.min_per_second) {
+            crate::metrics::retry(&route.name, &self.upstream.name, retry::reason_label(reason));
+            Some((policy, reason))
+        } else {
+            crate::metrics::retry_budget_exhausted(&route.name, &self.upstream.name);
+            None
         }
     }
 }
 
-/// Step 7's budget: takes one retry from the route's budget, counting it (or
-/// its refusal) in the metrics.
-fn granted(policy: &RoutePolicy, reason: RetryOn, route: &Route, upstream: &Upstream) -> bool {
-    if policy.budget.try_withdraw(policy.config.budget.ratio, policy.config.budget.min_per_second) {
-        crate::metrics::retry(&route.name, &upstream.name, retry::reason_label(reason));
-        true
-    } else {
-        crate::metrics::retry_budget_exhausted(&route.name, &upstream.name);
-        false
+/// What step 7 judges a try by besides its result.
+struct TryVerdict<'a> {
+    outcome: Outcome<'a>,
+    pick: &'a Pick,
+    took: std::time::Duration,
+    /// The try's timer was the route's deadline, not a per-try timeout.
+    at_route_deadline: bool,
+    backend: &'a str,
+    limit: u64,
+}
+
+/// Step 7: what the client would get from a try, whether it is retried, and
+/// the outcome reported for the backend (a response's latency feeds its
+/// estimate; a 5xx, a failure of the backend's own or a timeout count
+/// against it; a failure of the client's own body says nothing).
+fn judge<'a>(
+    result: Result<Result<Response<UpstreamBody>, SendError>, tokio::time::error::Elapsed>,
+    verdict: TryVerdict<'_>,
+    retry: &RetryAfter<'a>,
+) -> Try<'a> {
+    let TryVerdict { outcome, pick, took, at_route_deadline, backend, limit } = verdict;
+    match result {
+        Ok(Ok(response)) => {
+            pick.guard.state().latency.observe(took);
+            outcome.report(response.status().is_server_error());
+            let reason = matches!(response.status().as_u16(), 502..=504).then_some(RetryOn::GatewayError);
+            Try { retry: retry.decide(reason), answer: Ok(response) }
+        }
+        Ok(Err(error)) => {
+            let (error, reason) = classify(error, backend, limit);
+            if error.is_backend_failure() {
+                outcome.report(true);
+            }
+            Try { retry: retry.decide(reason), answer: Err(error) }
+        }
+        Err(_elapsed) => {
+            outcome.report(true);
+            // The route's deadline ends the request; a per-try timeout may be retried.
+            let reason = (!at_route_deadline).then_some(RetryOn::Timeout);
+            Try { retry: retry.decide(reason), answer: Err(ProxyError::UpstreamTimeout) }
+        }
     }
 }
 
@@ -396,16 +416,10 @@ fn backend_answered_busy(upstream: &Upstream, backend: &crate::backend::Backend,
 /// How many times one request may move to a reloaded upstream.
 const MAX_REROUTES: u32 = 3;
 
-/// The live config's upstream of the same name, if a reload replaced `upstream`.
-fn reroute(live: &WorkerLive, upstream: &Arc<Upstream>) -> Option<Arc<Upstream>> {
-    let current = crate::state::current(live);
-    current.upstreams.iter().find(|u| u.name == upstream.name && !Arc::ptr_eq(u, upstream)).cloned()
-}
-
-/// One try's result, and the retry condition it matches, if any.
-struct Try {
+/// One try's result, and the retry it was granted, if any.
+struct Try<'a> {
     answer: Result<Response<UpstreamBody>, ProxyError>,
-    retry_as: Option<RetryOn>,
+    retry: Option<(&'a RoutePolicy, RetryOn)>,
 }
 
 /// A response for the client built from a try that will not be the last one
@@ -545,9 +559,9 @@ fn respond(
     held: Held<'_>,
     read_timeout: std::time::Duration,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    conn: &Arc<ConnInfo>,
 ) -> Response<ProxyBody> {
     let Held { guard, notes } = held;
+    let conn = notes.conn();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let (Some(client_upgrade), Some(backend)) = (client_upgrade, response.body_mut().take_upgrade()) {
             let tunnel = tunnel(client_upgrade, backend, guard, Arc::clone(conn));

@@ -62,9 +62,9 @@ pin_project_lite::pin_project! {
 struct Held {
     /// Kept for its drop, which frees the slot.
     _slot: InFlightGuard,
-    /// The request's notes lead to its upstream (through its route); a
-    /// count on them is this request's alone, where one on the upstream
-    /// would be shared with every worker's requests.
+    /// The request's notes name the backend of the last try (whose body
+    /// this is); a count on them is this request's alone, where one on the
+    /// backend would be shared with every worker's requests.
     notes: Arc<RequestNotes>,
 }
 
@@ -138,21 +138,14 @@ impl Body for ResponseBody {
 /// one response leaves that window full for all the others.
 fn stalled(held: Held) -> Option<Arc<str>> {
     let Held { _slot, notes } = held;
-    // The route's upstream and the backend of the last try; a request that
-    // moved to a reloaded upstream (rare) names only the address, and is
-    // not charged.
-    let (snapshot, route) = notes.route()?;
-    let upstream = &snapshot.router.routes()[route].upstream;
-    let Ok(Some(index)) = notes.last_backend() else {
-        tracing::warn!(upstream = %upstream.name, "backend stalled in the middle of a response body; cutting the response");
-        return None;
-    };
-    let backend = Arc::clone(&upstream.backends[index].address);
+    // The body streams from the backend of the last try.
+    let tried = notes.last_try()?;
+    let (upstream, backend) = (&tried.upstream, Arc::clone(&tried.backend().address));
     let charged = upstream.protocol == UpstreamProtocol::Http1;
     tracing::warn!(upstream = %upstream.name, %backend, charged,
         "backend stalled in the middle of a response body; cutting the response");
     if charged {
-        upstream.charge_stalled_body(index);
+        upstream.charge_stalled_body(tried.index);
     }
     Some(backend)
 }

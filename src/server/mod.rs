@@ -14,17 +14,14 @@ pub mod stack;
 pub mod workers;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
-use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -32,16 +29,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::task::TaskTracker;
-use tower::Service;
 
 use crate::config::Limits;
 use crate::conn::{ConnInfo, ConnectionSlot, SendTimeoutIo, TunnelHome};
-use crate::notes::{NotedRequest, RequestNotes};
-use crate::observe::ObservedBody;
 use crate::state::Live;
 use crate::stream_timeout::StreamExecutor;
 use crate::tls::ClientStream;
-use stack::ProxyStack;
+use stack::WorkerStack;
 use workers::Workers;
 
 /// Binds `addr` once, with the options a listener needs (the admin listener).
@@ -211,7 +205,7 @@ async fn accept_loop(
     name: Arc<str>,
     configured: SocketAddr,
     listener: TcpListener,
-    stack: ProxyStack,
+    stack: WorkerStack,
     context: ServeContext,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -333,11 +327,7 @@ async fn accept_loop(
                     None => return,
                 },
             };
-            let service = TowerToHyperService::new(WithConnInfo {
-                inner: stack,
-                info: Arc::new(info),
-                activity: Arc::clone(&activity),
-            });
+            let service = TowerToHyperService::new(stack.for_connection(Arc::new(info), Arc::clone(&activity)));
             let io = TokioIo::new(SendTimeoutIo::new(stream, limits.client_send_timeout));
             let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
             drive_connection(connection, activity, limits.client_send_timeout).await;
@@ -507,7 +497,7 @@ fn forget(
 type ClientConnection = auto::UpgradeableConnection<
     'static,
     TokioIo<SendTimeoutIo<ClientStream>>,
-    TowerToHyperService<WithConnInfo>,
+    TowerToHyperService<stack::ForConnection>,
     StreamExecutor,
 >;
 
@@ -563,121 +553,5 @@ impl Activity {
 
     fn finished(&self) -> usize {
         self.finished.load(Ordering::Relaxed)
-    }
-}
-
-/// Gives each request its `RequestNotes`, holding the connection's [`ConnInfo`].
-#[derive(Clone)]
-struct WithConnInfo {
-    inner: ProxyStack,
-    info: Arc<ConnInfo>,
-    activity: Arc<Activity>,
-}
-
-impl Service<Request<Incoming>> for WithConnInfo {
-    type Response = Response<ActivityBody>;
-    type Error = Infallible;
-    type Future = TrackActivity<<ProxyStack as Service<NotedRequest>>::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let notes = Arc::new(RequestNotes::new(Some(Arc::clone(&self.info))));
-        self.activity.request_started();
-        let http1 = request.version() < http::Version::HTTP_2;
-        TrackActivity {
-            inner: self.inner.call(NotedRequest { request, notes }),
-            activity: Some(Arc::clone(&self.activity)),
-            http1,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Hands the request's place in its connection's activity to the
-    /// response body ([`ActivityBody`]), or gives it up if the request is
-    /// dropped before a response (client gone).
-    struct TrackActivity<F> {
-        #[pin]
-        inner: F,
-        activity: Option<Arc<Activity>>,
-        http1: bool,
-    }
-
-    impl<F> PinnedDrop for TrackActivity<F> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(activity) = this.project().activity.take() {
-                activity.request_finished();
-            }
-        }
-    }
-}
-
-impl<F> std::future::Future for TrackActivity<F>
-where
-    F: std::future::Future<Output = Result<Response<ObservedBody>, Infallible>>,
-{
-    type Output = Result<Response<ActivityBody>, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
-        let activity = this.activity.take().expect("polled after completion");
-        if *this.http1
-            && activity.draining.load(Ordering::Acquire)
-            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
-        {
-            // hyper closes the connection after a response that says so.
-            response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-        }
-        Poll::Ready(Ok(response.map(|body| ActivityBody { inner: body, activity: Some(activity) })))
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that keeps its request active in its connection's
-    /// [`Activity`] until the body ends or is dropped: a connection with a
-    /// download in progress is not idle.
-    pub struct ActivityBody {
-        #[pin]
-        inner: ObservedBody,
-        activity: Option<Arc<Activity>>,
-    }
-
-    impl PinnedDrop for ActivityBody {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(activity) = this.project().activity.take() {
-                activity.request_finished();
-            }
-        }
-    }
-}
-
-impl http_body::Body for ActivityBody {
-    type Data = bytes::Bytes;
-    type Error = crate::body::BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        let this = self.project();
-        let frame = this.inner.poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = frame {
-            if let Some(activity) = this.activity.take() {
-                activity.request_finished();
-            }
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }

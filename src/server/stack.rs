@@ -1,6 +1,12 @@
 //! The request path as one tower stack, assembled here and only here.
 //!
 //! Outer to inner:
+//! 0. [`ForConnection`]: made per client connection; loads the live snapshot
+//!    once per request (the request sees that config to its end), gives the
+//!    request its `RequestNotes` (the connection, the snapshot), and keeps
+//!    the request counted as active on its connection until its response
+//!    body ends (`ActivityBody`), which the listener's idle and drain
+//!    handling go by. Never fails.
 //! 1. [`RequestId`]: every request and response carries `x-request-id`, the
 //!    client's if it sent one, so logs on both sides can be joined. Never fails.
 //! 2. [`Observe`]: records the request (metrics, access log) when its response
@@ -8,49 +14,100 @@
 //! 3. [`ErrorResponse`]: the one place a [`ProxyError`] becomes the client's
 //!    response (status, `x-switchyard-error`, one-line body). Never fails.
 //! 4. [`RouteService`]: refuses what must not be forwarded (see `admission`:
-//!    CONNECT, a missing or doubled `Host`), loads the live snapshot once and
-//!    matches the route; fails with `NoRoute` (404), 400 or 405.
+//!    CONNECT, a missing or doubled `Host`) and matches the route in the
+//!    request's snapshot; fails with `NoRoute` (404), 400 or 405. What it
+//!    passes on is a `RoutedRequest`, the only request `Forward` takes.
 //! 5. [`Forward`]: picks a backend and forwards, within the route's `timeout`;
 //!    fails with `NoHealthyBackend` (503), `UpstreamConnect` / `UpstreamReset`
 //!    (502), `UpstreamTimeout` (504) or `BodyTooLarge` (413).
 //!
 //! Layers pass context down beside the request, in `notes::RequestNotes`
-//! (made by the listener with its `ConnInfo`, given the route by routing: a
-//! [`NotedRequest`] is what each layer takes); they use named futures rather
-//! than boxed ones where the logic is a simple mapping.
+//! (made by layer 0, given the route by routing: a [`NotedRequest`] is what
+//! layers 1 to 4 take); they use named futures rather than boxed ones where
+//! the logic is a simple mapping.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use futures_util::future::{Either, Ready};
-use http::{HeaderName, HeaderValue, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
+use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 
-use super::admission;
+use super::{admission, Activity};
 use crate::body::ProxyBody;
 use crate::client::UpstreamClients;
+use crate::conn::ConnInfo;
 use crate::error::ProxyError;
-use crate::notes::NotedRequest;
-use crate::observe::Observe;
+use crate::notes::{NotedRequest, RequestNotes, RoutedRequest};
+use crate::observe::{Observe, ObservedBody};
 use crate::proxy::Forward;
 use crate::state::{Live, WorkerLive};
 
-/// The complete request path for one proxy instance.
-pub type ProxyStack = RequestId<Observe<ErrorResponse<RouteService<Forward>>>>;
+/// Layers 1 to 5: the request path below the connection.
+type RequestStack = RequestId<Observe<ErrorResponse<RouteService<Forward>>>>;
 
-/// Builds one worker's stack; `live` is read per request, `clients` are the
-/// worker's pools.
-pub fn build(live: Live, clients: Arc<UpstreamClients>) -> ProxyStack {
-    let live: WorkerLive = Arc::new(live);
-    ServiceBuilder::new()
+/// One worker's request path, from which each connection's is made.
+#[derive(Clone)]
+pub struct WorkerStack {
+    inner: RequestStack,
+    live: WorkerLive,
+}
+
+/// Builds one worker's stack; `live` is read once per request, `clients`
+/// are the worker's pools.
+pub fn build(live: Live, clients: Arc<UpstreamClients>) -> WorkerStack {
+    let inner = ServiceBuilder::new()
         .layer_fn(RequestId)
-        .layer_fn(|inner| Observe::new(inner, Arc::clone(&live)))
+        .layer_fn(Observe::new)
         .layer_fn(ErrorResponse)
-        .layer_fn(|inner| RouteService { inner, live: Arc::clone(&live) })
-        .service(Forward::new(clients, Arc::clone(&live)))
+        .layer_fn(|inner| RouteService { inner })
+        .service(Forward::new(clients));
+    WorkerStack { inner, live: Arc::new(live) }
+}
+
+impl WorkerStack {
+    /// The whole stack for one client connection (layer 0 on top).
+    pub(super) fn for_connection(&self, info: Arc<ConnInfo>, activity: Arc<Activity>) -> ForConnection {
+        ForConnection { inner: self.inner.clone(), live: Arc::clone(&self.live), info, activity }
+    }
+}
+
+// ---- 0. the connection -------------------------------------------------------
+
+#[derive(Clone)]
+pub struct ForConnection {
+    inner: RequestStack,
+    live: WorkerLive,
+    info: Arc<ConnInfo>,
+    activity: Arc<Activity>,
+}
+
+impl Service<Request<Incoming>> for ForConnection {
+    type Response = Response<ActivityBody>;
+    type Error = Infallible;
+    type Future = TrackActivity<<RequestStack as Service<NotedRequest>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        // The one load of the live config for this request.
+        let snapshot = crate::state::current(&self.live);
+        let notes = Arc::new(RequestNotes::new(Arc::clone(&self.info), snapshot));
+        self.activity.request_started();
+        let http1 = request.version() < http::Version::HTTP_2;
+        TrackActivity {
+            inner: self.inner.call(NotedRequest { request, notes }),
+            activity: Some(Arc::clone(&self.activity)),
+            http1,
+        }
+    }
 }
 
 // ---- 1. request id -----------------------------------------------------------
@@ -181,12 +238,11 @@ impl<F: Future<Output = Result<Response<ProxyBody>, ProxyError>>> Future for Err
 #[derive(Clone, Debug)]
 pub struct RouteService<S> {
     inner: S,
-    live: WorkerLive,
 }
 
 impl<S> Service<NotedRequest> for RouteService<S>
 where
-    S: Service<NotedRequest, Response = Response<ProxyBody>, Error = ProxyError>,
+    S: Service<RoutedRequest, Response = Response<ProxyBody>, Error = ProxyError>,
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
@@ -197,15 +253,100 @@ where
     }
 
     fn call(&mut self, mut noted: NotedRequest) -> Self::Future {
-        // One load per request: this request sees this snapshot to its end.
-        let snapshot = crate::state::current(&self.live);
+        let snapshot = noted.notes.snapshot();
         if let Err(error) = admission::admit(&mut noted.request, snapshot.config.paths.merge_slashes) {
             return Either::Left(futures_util::future::ready(Err(error)));
         }
         let Some(index) = snapshot.router.find_index(&noted.request) else {
             return Either::Left(futures_util::future::ready(Err(ProxyError::NoRoute)));
         };
-        noted.notes.set_route(snapshot, index);
-        Either::Right(self.inner.call(noted))
+        Either::Right(self.inner.call(noted.routed(index)))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Hands the request's place in its connection's activity to the
+    /// response body ([`ActivityBody`]), or gives it up if the request is
+    /// dropped before a response (client gone).
+    pub struct TrackActivity<F> {
+        #[pin]
+        inner: F,
+        activity: Option<Arc<Activity>>,
+        http1: bool,
+    }
+
+    impl<F> PinnedDrop for TrackActivity<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(activity) = this.project().activity.take() {
+                activity.request_finished();
+            }
+        }
+    }
+}
+
+impl<F> std::future::Future for TrackActivity<F>
+where
+    F: std::future::Future<Output = Result<Response<ObservedBody>, Infallible>>,
+{
+    type Output = Result<Response<ActivityBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
+        let activity = this.activity.take().expect("polled after completion");
+        if *this.http1
+            && activity.draining.load(Ordering::Acquire)
+            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            // hyper closes the connection after a response that says so.
+            response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        Poll::Ready(Ok(response.map(|body| ActivityBody { inner: body, activity: Some(activity) })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request active in its connection's
+    /// [`Activity`] until the body ends or is dropped: a connection with a
+    /// download in progress is not idle.
+    pub struct ActivityBody {
+        #[pin]
+        inner: ObservedBody,
+        activity: Option<Arc<Activity>>,
+    }
+
+    impl PinnedDrop for ActivityBody {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(activity) = this.project().activity.take() {
+                activity.request_finished();
+            }
+        }
+    }
+}
+
+impl http_body::Body for ActivityBody {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = frame {
+            if let Some(activity) = this.activity.take() {
+                activity.request_finished();
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
