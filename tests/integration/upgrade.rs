@@ -325,6 +325,9 @@ async fn a_socket_squatted_by_another_user_does_not_keep_the_proxy_down() {
     );
     let line = wait_for_log_line(&log, "squats").await;
     assert!(line.contains("user 65534"), "{line}");
+    // Logged before the proxy listens: its listeners are bound once it says
+    // where the admin listener is.
+    wait_for_log_line(&log, "admin listening").await;
     let answer = get(&client(), &format!("http://127.0.0.1:{port}/")).await;
     assert_eq!(answer.status, 200, "the squatter did not keep the proxy down");
 }
