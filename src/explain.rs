@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::backend::{AdminState, Backend, Ineligible};
 use crate::balance::{Balancer, PickRequest};
 use crate::clock::nanos_since_epoch;
-use crate::config::{Config, DiscoverySource, HostPattern, PolicyConfig};
+use crate::config::{Config, DiscoverySource};
 use crate::state::Snapshot;
 
 /// Whether a backend can take a request now, and why (or why not) in words.
@@ -244,56 +244,17 @@ fn duration(d: Duration) -> String {
     crate::health::describe(d)
 }
 
-fn host(pattern: &HostPattern) -> String {
-    match pattern {
-        HostPattern::Exact(host) => host.clone(),
-        HostPattern::Suffix(suffix) => format!("*{suffix}"),
-    }
-}
-
 /// The effective config (defaults filled in) as a JSON value; the admin token
 /// appears as `<redacted>`.
 pub fn effective_config(config: &Config) -> Value {
-    let routes: Vec<Value> = config
-        .routes
-        .iter()
-        .map(|r| {
-            json!({
-                "name": r.name,
-                "match": {
-                    "host": r.host.as_ref().map(host),
-                    "path_prefix": r.path_prefix,
-                    "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
-                    "headers": r.headers.iter().map(|(k, v)| (k.to_string(), Value::from(v.to_str().unwrap_or("")))).collect::<serde_json::Map<_, _>>(),
-                },
-                "upstream": r.upstream,
-                "timeout": duration(r.timeout),
-                "retry": shown(&r.retry),
-            })
-        })
-        .collect();
     let upstreams: serde_json::Map<String, Value> = config
         .upstreams
         .iter()
         .map(|u| {
-            let balance = match &u.policy {
-                PolicyConfig::ConsistentHash { key, bounded_load } => {
-                    json!({ "policy": "consistent_hash", "key": key.to_string(), "bounded_load": bounded_load })
-                }
-                other => json!({ "policy": other.name() }),
-            };
             let mut value = json!({
-                "balance": balance,
-                "protocol": match u.protocol {
-                    crate::config::UpstreamProtocol::Http1 => "http1",
-                    crate::config::UpstreamProtocol::H2c => "h2c",
-                    crate::config::UpstreamProtocol::H2 => "h2",
-                },
-                "health": {
-                    "active": shown(&u.health.active),
-                    "passive": shown(&u.health.passive),
-                    "slow_start": u.health.slow_start.map(duration),
-                },
+                "balance": shown(&u.policy),
+                "protocol": u.protocol,
+                "health": shown(&u.health),
                 "circuit_breaker": shown(&u.circuit_breaker),
                 "queue": shown(&u.queue),
                 "max_concurrency_scope": u.max_concurrency_scope,
@@ -327,17 +288,11 @@ pub fn effective_config(config: &Config) -> Value {
         "listeners": shown(&config.listeners),
         "trusted_proxies": config.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "paths": shown(&config.paths),
-        "cluster": config.cluster.as_ref().map(|c| json!({
-            "redis": c.redis_shown(),
-            "password_file": c.password.as_ref().map(|_| "<redacted>"),
-            "key_prefix": c.key_prefix,
-            "lease": duration(c.lease),
-            "on_unavailable": c.on_unavailable,
-        })),
+        "cluster": shown(&config.cluster),
         "admin": shown(&config.admin),
         "log": shown(&config.log),
         "limits": shown(&config.limits),
-        "routes": routes,
+        "routes": shown(&config.routes),
         "upstreams": upstreams,
     })
 }

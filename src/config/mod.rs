@@ -53,6 +53,37 @@ mod shown {
         }
     }
 
+    /// A value as it writes itself (`Display`).
+    pub fn display<S: Serializer, T: std::fmt::Display>(value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+
+    /// The Redis URL without its password.
+    pub fn redis<S: Serializer>(redis: &super::Secret, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&super::redis_shown(redis))
+    }
+
+    /// `bots.internal`, `*.internal`: as the file writes the pattern.
+    pub fn optional_host<S: Serializer>(host: &Option<super::HostPattern>, serializer: S) -> Result<S::Ok, S::Error> {
+        match host {
+            Some(super::HostPattern::Exact(host)) => serializer.serialize_some(host),
+            Some(super::HostPattern::Suffix(suffix)) => serializer.serialize_some(&format!("*{suffix}")),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn methods<S: Serializer>(methods: &[http::Method], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(methods.iter().map(http::Method::as_str))
+    }
+
+    /// Header names to values, as a map (a value that is not text is empty).
+    pub fn headers<S: Serializer>(
+        headers: &[(http::HeaderName, http::HeaderValue)],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(headers.iter().map(|(name, value)| (name.as_str(), value.to_str().unwrap_or(""))))
+    }
+
     /// A path as text (lossy where it is not UTF-8, rather than an error).
     pub fn optional_path<S: Serializer>(path: &Option<std::path::PathBuf>, serializer: S) -> Result<S::Ok, S::Error> {
         match path {
@@ -88,13 +119,17 @@ pub struct Config {
 
 /// `cluster:`: the Redis (or Valkey) through which replicas share backend
 /// slots (see `cluster`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClusterConfig {
-    /// `redis://` or `rediss://` URL; may carry a password, so never shown.
+    /// `redis://` or `rediss://` URL; may carry a password, so shown without
+    /// it (`redis_shown`).
+    #[serde(serialize_with = "shown::redis")]
     pub redis: Secret,
     /// From `password_file`, when the URL carries none.
+    #[serde(rename = "password_file")]
     pub password: Option<Secret>,
     pub key_prefix: String,
+    #[serde(serialize_with = "shown::duration")]
     pub lease: Duration,
     pub on_unavailable: OnUnavailable,
 }
@@ -108,12 +143,17 @@ impl ClusterConfig {
     /// The URL without what may hold a password (the user part, and the
     /// query, where `unix://` URLs carry `pass=`), for `/status` and logs.
     pub fn redis_shown(&self) -> String {
-        let url = self.redis.reveal();
-        let url = url.split_once('?').map_or(url, |(before, _)| before);
-        match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => format!("{}://<redacted>@{}", &url[..scheme], &url[at + 1..]),
-            _ => url.to_owned(),
-        }
+        redis_shown(&self.redis)
+    }
+}
+
+/// A Redis URL without what may hold a password (see `ClusterConfig::redis_shown`).
+fn redis_shown(redis: &Secret) -> String {
+    let url = redis.reveal();
+    let url = url.split_once('?').map_or(url, |(before, _)| before);
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://<redacted>@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_owned(),
     }
 }
 
@@ -267,17 +307,28 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RouteConfig {
     pub name: String,
-    pub host: Option<HostPattern>,
-    pub path_prefix: String,
-    pub methods: Vec<http::Method>,
-    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    #[serde(rename = "match")]
+    pub matcher: RouteMatch,
     pub upstream: String,
     /// Bound on the wait for the response head, queueing and retries included.
+    #[serde(serialize_with = "shown::duration")]
     pub timeout: Duration,
     pub retry: Option<RetryConfig>,
+}
+
+/// `match:` of a route: what a request must have to take it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteMatch {
+    #[serde(serialize_with = "shown::optional_host")]
+    pub host: Option<HostPattern>,
+    pub path_prefix: String,
+    #[serde(serialize_with = "shown::methods")]
+    pub methods: Vec<http::Method>,
+    #[serde(serialize_with = "shown::headers")]
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl RouteConfig {
@@ -432,10 +483,11 @@ impl Default for BackendDefaults {
 }
 
 /// `health:` of an upstream. Everything is off unless configured.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct HealthConfig {
     pub active: Option<ActiveCheck>,
     pub passive: Option<PassiveConfig>,
+    #[serde(serialize_with = "shown::optional_duration")]
     pub slow_start: Option<Duration>,
 }
 
@@ -489,12 +541,19 @@ impl Default for PassiveConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `balance:` of an upstream, shown as the file has it (`policy` and the
+/// policy's own keys).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "policy", rename_all = "snake_case")]
 pub enum PolicyConfig {
     RoundRobin,
     LeastLoaded,
     Random,
-    ConsistentHash { key: KeySpec, bounded_load: Option<f64> },
+    ConsistentHash {
+        #[serde(serialize_with = "shown::display")]
+        key: KeySpec,
+        bounded_load: Option<f64>,
+    },
 }
 
 impl PolicyConfig {
@@ -627,8 +686,8 @@ upstreams:
         let config = parse(GOOD, "t.yaml").unwrap();
         assert_eq!(config.routes.len(), 2);
         assert_eq!(config.routes[0].name, "route-0");
-        assert_eq!(config.routes[0].headers[0].0, "x-tenant");
-        assert_eq!(config.routes[1].path_prefix, "/");
+        assert_eq!(config.routes[0].matcher.headers[0].0, "x-tenant");
+        assert_eq!(config.routes[1].matcher.path_prefix, "/");
         let robots = config.upstreams.iter().find(|u| u.name == "robots").unwrap();
         assert_eq!(robots.backends[0].weight, 2);
         assert_eq!(robots.backends[1].weight, 1);

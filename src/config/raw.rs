@@ -326,7 +326,7 @@ pub struct RawPassive {
     pub max_ejection_percent: Option<Spanned<u32>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamProtocol {
     Http1,

@@ -20,7 +20,7 @@ use super::{
     ActiveCheck, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig, Config, ConfigError,
     ConfigErrors, DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig, LogFormat,
     LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryBackoff, RetryBudget,
-    RetryConfig, RouteConfig, Secret, UpstreamConfig,
+    RetryConfig, RouteConfig, RouteMatch, Secret, UpstreamConfig,
 };
 
 /// Shorter admin tokens are too easy to guess.
@@ -409,10 +409,12 @@ fn validate_route(
     }
     RouteConfig {
         name,
-        host: route.matcher.host.clone(),
-        path_prefix,
-        methods: route.matcher.methods.iter().flatten().map(|m| m.0.clone()).collect(),
-        headers,
+        matcher: RouteMatch {
+            host: route.matcher.host.clone(),
+            path_prefix,
+            methods: route.matcher.methods.iter().flatten().map(|m| m.0.clone()).collect(),
+            headers,
+        },
         upstream: upstream.value.clone(),
         timeout: duration(&route.timeout, "route timeout", RouteConfig::DEFAULT_TIMEOUT, errors),
         retry: route.retry.as_ref().map(|r| validate_retry(r, errors)),

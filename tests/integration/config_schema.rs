@@ -186,7 +186,7 @@ listeners:
 admin: { bind: "127.0.0.1:0", token_file: token, metrics_without_token: true }
 resolver: { servers: ["127.0.0.1:5353"] }
 cluster:
-  redis: "redis://127.0.0.1:6379/0"
+  redis: "redis://switchyard@127.0.0.1:6379/0"
   password_file: redis-password
   key_prefix: "switchyard:"
   lease: 10s
@@ -212,7 +212,7 @@ paths: { merge_slashes: false }
 routes:
   - name: jobs
     match:
-      host: "bots.internal"
+      host: "*.bots.internal"
       path_prefix: "/jobs/"
       methods: [GET, POST]
       headers: { x-tenant: blue }
@@ -332,4 +332,28 @@ fn a_full_config_uses_every_key_and_every_key_shows_in_the_effective_config() {
     assert_eq!(effective["upstreams"]["by-dns"]["health"]["active"]["kind"], "grpc");
     assert_eq!(listed["backends"][0]["address"], "127.0.0.1:9000");
     assert_eq!(listed["backends"][0]["weight"], 2);
+    assert_eq!(listed["health"]["slow_start"], "10s");
+    assert_eq!(listed["protocol"], "h2");
+    assert_eq!(
+        listed["balance"],
+        serde_json::json!({ "policy": "consistent_hash", "key": "header:x-job-id", "bounded_load": 1.25 })
+    );
+    assert_eq!(effective["upstreams"]["by-dns"]["balance"], serde_json::json!({ "policy": "round_robin" }));
+    let route = &effective["routes"][0];
+    assert_eq!(
+        route["match"],
+        serde_json::json!({
+            "host": "*.bots.internal", "path_prefix": "/jobs/", "methods": ["GET", "POST"],
+            "headers": { "x-tenant": "blue" }
+        })
+    );
+    assert_eq!(
+        (&route["name"], &route["upstream"], &route["timeout"]),
+        (&"jobs".into(), &"listed".into(), &"20s".into())
+    );
+    let cluster = &effective["cluster"];
+    // The URL's user part could be a password: never shown, nor the password file's.
+    assert_eq!(cluster["redis"], "redis://<redacted>@127.0.0.1:6379/0");
+    assert_eq!(cluster["password_file"], "<redacted>");
+    assert_eq!((&cluster["lease"], &cluster["on_unavailable"]), (&"10s".into(), &"local".into()));
 }
