@@ -205,6 +205,37 @@ mod tests {
     }
 
     #[test]
+    fn backends_in_any_order_map_every_key_alike_and_each_owns_a_share() {
+        // Replicas list the same backends in their own order (a DNS answer,
+        // an edited file): the key's backend must not depend on it.
+        let (configs, runtime) = backends(&[(1, None); 5]);
+        let orders: [[usize; 5]; 3] = [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 4, 0, 3, 1]];
+        let mappings: Vec<Vec<String>> = orders
+            .iter()
+            .map(|order| {
+                let configs: Vec<BackendConfig> = order.iter().map(|&i| configs[i].clone()).collect();
+                let runtime: Vec<Arc<Backend>> = order.iter().map(|&i| Arc::clone(&runtime[i])).collect();
+                let policy = ConsistentHash::new(&configs, "header:x-job-id".parse().unwrap(), None);
+                (0..10_000)
+                    .map(|k| {
+                        let (headers, uri) = key_request(&format!("job-{k}"));
+                        let pick = policy.pick(&runtime, &request(&headers, &uri)).unwrap();
+                        runtime[pick.index].address.to_string()
+                    })
+                    .collect()
+            })
+            .collect();
+        for (i, mapping) in mappings.iter().enumerate().skip(1) {
+            let differ = mapping.iter().zip(&mappings[0]).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "order {i} maps {differ} of 10,000 keys elsewhere");
+        }
+        for backend in &runtime {
+            let owned = mappings[0].iter().filter(|address| **address == *backend.address).count();
+            assert!(owned > 500, "backend {} owns {owned} of 10,000 keys", backend.address);
+        }
+    }
+
+    #[test]
     fn removing_a_backend_moves_only_its_keys() {
         let (configs, runtime) = backends(&[(1, None); 5]);
         let before = map_keys(&configs, &runtime);

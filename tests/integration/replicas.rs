@@ -1,7 +1,10 @@
-//! Replica agreement: two Switchyard processes given the same backends in
-//! different orders send every key to the same backend (`consistent_hash`
-//! depends on the backend set, never on its order or on which replica asks).
-//! `cargo bench --bench replicas` simulates 100 replicas and a churn.
+//! Replica agreement end to end: two Switchyard processes given the same
+//! backends in different orders send every key to the same backend. The
+//! property itself (any order, 10,000 keys, every backend owning a share) is
+//! a unit test of the policy (`balance::consistent_hash`); this shows that
+//! nothing between the file and the pick (parsing, compiling, a per-process
+//! hash seed) breaks it. `cargo bench --bench replicas` simulates 100
+//! replicas and a churn.
 
 use futures::StreamExt;
 
@@ -17,19 +20,15 @@ fn replica_config(backends: &[&Backend]) -> String {
 }
 
 #[tokio::test]
-async fn two_replicas_with_backends_in_different_orders_map_10000_keys_alike() {
+async fn two_replica_processes_with_backends_in_different_orders_map_keys_alike() {
     let mut bots = Vec::new();
     for name in ["a", "b", "c", "d", "e"] {
         bots.push(Backend::start(name).await);
     }
     let order: Vec<&Backend> = bots.iter().collect();
-    let reversed: Vec<&Backend> = bots.iter().rev().collect();
     let shuffled: Vec<&Backend> = [2, 4, 0, 3, 1].iter().map(|&i| &bots[i]).collect();
-    let replicas = [
-        ProxyProcess::start(&replica_config(&order)).await,
-        ProxyProcess::start(&replica_config(&reversed)).await,
-        ProxyProcess::start(&replica_config(&shuffled)).await,
-    ];
+    let replicas =
+        [ProxyProcess::start(&replica_config(&order)).await, ProxyProcess::start(&replica_config(&shuffled)).await];
     let client = client();
     let backend_for = |replica: &ProxyProcess, key: usize| {
         let (client, url) = (client.clone(), replica.url("/jobs"));
@@ -42,16 +41,14 @@ async fn two_replicas_with_backends_in_different_orders_map_10000_keys_alike() {
     let mut mappings = Vec::new();
     for replica in &replicas {
         let mapping: Vec<String> =
-            futures::stream::iter(0..10_000).map(|key| backend_for(replica, key)).buffered(16).collect().await;
+            futures::stream::iter(0..1_000).map(|key| backend_for(replica, key)).buffered(16).collect().await;
         mappings.push(mapping);
     }
-    for (i, mapping) in mappings.iter().enumerate().skip(1) {
-        let differ = mapping.iter().zip(&mappings[0]).filter(|(a, b)| a != b).count();
-        assert_eq!(differ, 0, "replica {i} maps {differ} of 10,000 keys elsewhere");
-    }
+    let differ = mappings[1].iter().zip(&mappings[0]).filter(|(a, b)| a != b).count();
+    assert_eq!(differ, 0, "the second replica maps {differ} of 1,000 keys elsewhere");
     // The keys really spread: every backend owns some.
     for bot in &bots {
         let owned = mappings[0].iter().filter(|name| **name == bot.name).count();
-        assert!(owned > 500, "backend {} owns {owned} of 10,000 keys", bot.name);
+        assert!(owned > 50, "backend {} owns {owned} of 1,000 keys", bot.name);
     }
 }
