@@ -38,7 +38,8 @@ use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 
-use super::{admission, Activity};
+use super::admission;
+use super::connection::Activity;
 use crate::body::ProxyBody;
 use crate::client::UpstreamClients;
 use crate::conn::ConnInfo;
