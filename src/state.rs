@@ -125,111 +125,14 @@ impl Snapshot {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|u| {
-                let u = &*with_discovered(u, discovered);
-                // An upstream whose config did not change is reused whole (balancer
-                // tables included), so a reload costs what it changes.
-                if let Some(previous) = carried.unchanged_upstream(u, cluster.as_ref()) {
-                    return previous;
-                }
-                let queue = u.queue.as_ref().map(|_| carried.queue(&u.name));
-                let upstream_name: Arc<str> = u.name.as_str().into();
-                let balancer = Balancer::new(&u.policy, &u.backends);
-                let load = balancer.upstream_load();
-                let backends = u
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let state = carried.backend_state(&u.name, &b.address);
-                        let check = u.health.active.as_ref().map(|check| {
-                            carried.check_status(&b.address, check, u.tls.as_ref().map(|t| t.fingerprint))
-                        });
-                        let address: Arc<str> = b.address.as_str().into();
-                        let pool_key = match &u.tls {
-                            Some(tls) => format!("{address}#tls-{:016x}", tls.fingerprint).into(),
-                            None => Arc::clone(&address),
-                        };
-                        Arc::new(Backend {
-                            address,
-                            pool_key,
-                            authority: b.address.parse().expect("validated backend address"),
-                            weight: b.weight,
-                            max_concurrency: b.max_concurrency.unwrap_or(u32::MAX),
-                            state,
-                            check,
-                            slow_start: u.health.slow_start,
-                            breaker: u.circuit_breaker,
-                            queue: queue.clone(),
-                            load: load.clone(),
-                        })
-                    })
-                    .collect::<Vec<Arc<Backend>>>();
-                let slots =
-                    cluster.as_ref().filter(|_| u.max_concurrency_scope == ConcurrencyScope::Cluster).map(|c| {
-                        let addresses: Vec<&str> = backends.iter().map(|b| &*b.address).collect();
-                        c.upstream(&u.name, &addresses, queue.as_ref())
-                    });
-                Arc::new(Upstream {
-                    name: upstream_name,
-                    backends,
-                    balancer,
-                    protocol: u.protocol,
-                    config: u.clone(),
-                    ejection_lock: Default::default(),
-                    queue,
-                    cluster: slots,
-                    replaced_by: OnceLock::new(),
-                })
-            })
+            .map(|u| compile_upstream(&with_discovered(u, discovered), &carried, cluster.as_ref()))
             .collect();
         let by_name: HashMap<&str, &Arc<Upstream>> = upstreams.iter().map(|u| (&*u.name, u)).collect();
-        let routes = config
-            .routes
-            .iter()
-            .map(|r| {
-                let name: Arc<str> = r.name.as_str().into();
-                let upstream = by_name[r.upstream.as_str()];
-                Route {
-                    requests: upstream.backends.iter().map(|b| b.state.series.requests_of(&name)).collect(),
-                    requests_without_backend: carried.unsent_requests(&name, &upstream.name),
-                    duration: crate::metrics::request_duration(&name, &upstream.name),
-                    host: r.matcher.host.clone(),
-                    path_prefix: r.matcher.path_prefix.clone(),
-                    methods: r.matcher.methods.clone(),
-                    headers: r.matcher.headers.clone(),
-                    upstream: Arc::clone(upstream),
-                    timeout: r.timeout,
-                    retry: r.retry.clone().map(|config| RoutePolicy { budget: carried.retry_budget(&r.name), config }),
-                    name,
-                }
-            })
-            .collect();
-        // A backend forgets the request counts of routes that no longer send to
-        // it, so they leave `/metrics` as a removed backend's series do.
-        for upstream in &upstreams {
-            let routes: Vec<&str> =
-                config.routes.iter().filter(|r| r.upstream == *upstream.name).map(|r| r.name.as_str()).collect();
-            for backend in &upstream.backends {
-                backend.state.series.keep_routes(|route| routes.contains(&route));
-            }
-        }
-        // An unchanged listener keeps its acceptor, and with it the session
-        // cache and ticket keys its clients resume with.
-        let tls = config
-            .listeners
-            .iter()
-            .filter_map(|listener| {
-                let settings = listener.tls.as_ref()?;
-                let kept = previous.and_then(|p| {
-                    let before = p.config.listeners.iter().find(|l| l.bind == listener.bind)?;
-                    (before.tls.as_ref() == Some(settings)).then(|| p.tls.get(&listener.bind).cloned())?
-                });
-                Some((listener.bind, kept.unwrap_or_else(|| crate::tls::server_config(settings))))
-            })
-            .collect();
+        let routes = config.routes.iter().map(|r| compile_route(r, by_name[r.upstream.as_str()], &carried)).collect();
+        forget_other_routes_counts(&upstreams, config);
         Snapshot {
             generation,
-            tls,
+            tls: listener_tls(config, previous),
             router: Router::new(routes),
             upstreams,
             limits: config.limits,
@@ -239,6 +142,112 @@ impl Snapshot {
             cluster,
         }
     }
+}
+
+/// One upstream of the next snapshot: the previous one whole if its config
+/// did not change (balancer tables included, so a reload costs what it
+/// changes), else built anew with every kept backend's state carried.
+fn compile_upstream(u: &UpstreamConfig, carried: &Carried<'_>, cluster: Option<&Arc<Cluster>>) -> Arc<Upstream> {
+    if let Some(previous) = carried.unchanged_upstream(u, cluster) {
+        return previous;
+    }
+    let queue = u.queue.as_ref().map(|_| carried.queue(&u.name));
+    let balancer = Balancer::new(&u.policy, &u.backends);
+    let load = balancer.upstream_load();
+    let backends: Vec<Arc<Backend>> = u
+        .backends
+        .iter()
+        .map(|b| {
+            let state = carried.backend_state(&u.name, &b.address);
+            let check = u
+                .health
+                .active
+                .as_ref()
+                .map(|check| carried.check_status(&b.address, check, u.tls.as_ref().map(|t| t.fingerprint)));
+            let address: Arc<str> = b.address.as_str().into();
+            let pool_key = match &u.tls {
+                Some(tls) => format!("{address}#tls-{:016x}", tls.fingerprint).into(),
+                None => Arc::clone(&address),
+            };
+            Arc::new(Backend {
+                address,
+                pool_key,
+                authority: b.address.parse().expect("validated backend address"),
+                weight: b.weight,
+                max_concurrency: b.max_concurrency.unwrap_or(u32::MAX),
+                state,
+                check,
+                slow_start: u.health.slow_start,
+                breaker: u.circuit_breaker,
+                queue: queue.clone(),
+                load: load.clone(),
+            })
+        })
+        .collect();
+    let slots = cluster.filter(|_| u.max_concurrency_scope == ConcurrencyScope::Cluster).map(|c| {
+        let addresses: Vec<&str> = backends.iter().map(|b| &*b.address).collect();
+        c.upstream(&u.name, &addresses, queue.as_ref())
+    });
+    Arc::new(Upstream {
+        name: u.name.as_str().into(),
+        backends,
+        balancer,
+        protocol: u.protocol,
+        config: u.clone(),
+        ejection_lock: Default::default(),
+        queue,
+        cluster: slots,
+        replaced_by: OnceLock::new(),
+    })
+}
+
+/// One route of the next snapshot, over its compiled `upstream`, with its
+/// request counts and retry budget carried.
+fn compile_route(r: &crate::config::RouteConfig, upstream: &Arc<Upstream>, carried: &Carried<'_>) -> Route {
+    let name: Arc<str> = r.name.as_str().into();
+    Route {
+        requests: upstream.backends.iter().map(|b| b.state.series.requests_of(&name)).collect(),
+        requests_without_backend: carried.unsent_requests(&name, &upstream.name),
+        duration: crate::metrics::request_duration(&name, &upstream.name),
+        host: r.matcher.host.clone(),
+        path_prefix: r.matcher.path_prefix.clone(),
+        methods: r.matcher.methods.clone(),
+        headers: r.matcher.headers.clone(),
+        upstream: Arc::clone(upstream),
+        timeout: r.timeout,
+        retry: r.retry.clone().map(|config| RoutePolicy { budget: carried.retry_budget(&r.name), config }),
+        name,
+    }
+}
+
+/// A backend forgets the request counts of routes that no longer send to
+/// it, so they leave `/metrics` as a removed backend's series do.
+fn forget_other_routes_counts(upstreams: &[Arc<Upstream>], config: &Config) {
+    for upstream in upstreams {
+        let routes: Vec<&str> =
+            config.routes.iter().filter(|r| r.upstream == *upstream.name).map(|r| r.name.as_str()).collect();
+        for backend in &upstream.backends {
+            backend.state.series.keep_routes(|route| routes.contains(&route));
+        }
+    }
+}
+
+/// Each TLS listener's server config, by configured bind. An unchanged
+/// listener keeps its acceptor, and with it the session cache and ticket
+/// keys its clients resume with.
+fn listener_tls(config: &Config, previous: Option<&Snapshot>) -> HashMap<SocketAddr, Arc<rustls::ServerConfig>> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|listener| {
+            let settings = listener.tls.as_ref()?;
+            let kept = previous.and_then(|p| {
+                let before = p.config.listeners.iter().find(|l| l.bind == listener.bind)?;
+                (before.tls.as_ref() == Some(settings)).then(|| p.tls.get(&listener.bind).cloned())?
+            });
+            Some((listener.bind, kept.unwrap_or_else(|| crate::tls::server_config(settings))))
+        })
+        .collect()
 }
 
 /// The backends discovery found last, by upstream name.

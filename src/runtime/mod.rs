@@ -76,6 +76,73 @@ pub struct Runtime {
     draining: AtomicBool,
 }
 
+/// Each listener of `config`: on the sockets a previous process handed over
+/// where it binds the same address, else bound anew, one socket per worker.
+fn bind_listeners<'a>(
+    config: &'a Config,
+    inherited: &mut Inherited,
+    workers: usize,
+) -> Result<Vec<(&'a crate::config::ListenerConfig, server::BoundListener)>, ReloadError> {
+    config
+        .listeners
+        .iter()
+        .map(|listener| {
+            let bound = match inherited.listeners.remove(&listener.bind) {
+                Some(handed) => server::BoundListener::inherited(listener.bind, handed, workers)
+                    .map_err(|source| ReloadError::Bind { name: listener.name.clone(), bind: listener.bind, source })?,
+                None => bind_for_workers(&listener.name, listener.bind, workers)?,
+            };
+            Ok((listener, bound))
+        })
+        .collect()
+}
+
+/// The admin listener's socket: the one handed over if it binds the same
+/// address, else bound anew.
+fn bind_admin(config: &Config, inherited: &mut Inherited) -> Result<tokio::net::TcpListener, ReloadError> {
+    match inherited.admin.take().filter(|(bind, _)| *bind == config.admin.bind) {
+        Some((_, socket)) => socket
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(socket))
+            .map_err(|source| ReloadError::Bind { name: "admin".into(), bind: config.admin.bind, source }),
+        None => bind("admin", config.admin.bind),
+    }
+}
+
+/// Compiles and installs the next snapshot each time discovery finds a
+/// changed set, for as long as the runtime lives.
+async fn follow_discovery(runtime: Weak<Runtime>, changed: Arc<Notify>) {
+    loop {
+        changed.notified().await;
+        let Some(runtime) = runtime.upgrade() else { return };
+        runtime.apply_discovered().await;
+    }
+}
+
+/// Once per `HOUSEKEEPING` for as long as the runtime lives: gauges, the
+/// metrics' upkeep, a look for each queue's first waiter, and old snapshots
+/// let go.
+async fn housekeeping(runtime: Weak<Runtime>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING);
+    loop {
+        tick.tick().await;
+        let Some(runtime) = runtime.upgrade() else { return };
+        let snapshot = runtime.live.load();
+        crate::gauges::refresh_gauges(&snapshot);
+        crate::metrics::upkeep();
+        // Capacity can also appear without a slot being freed (a backend
+        // recovers, a circuit half-opens, a reload adds backends): the
+        // first waiter of each queue gets a look every tick.
+        for queue in snapshot.upstreams.iter().filter_map(|u| u.queue.as_ref()) {
+            queue.slot_freed();
+        }
+        // A reload in progress sweeps for itself.
+        if let Ok(mut bound) = runtime.bound.try_lock() {
+            bound.free_unused_snapshots();
+        };
+    }
+}
+
 impl Runtime {
     /// Binds everything `config` asks for and starts serving. `config_path` is
     /// the file reloads read; `None` for a config given as text.
@@ -101,22 +168,8 @@ impl Runtime {
         let connect_timeout = config.limits.connect_timeout;
         let workers = Workers::start(config.workers, || UpstreamClients::new(connect_timeout))
             .map_err(|source| ReloadError::Workers { source })?;
-        let mut sockets = Vec::new();
-        for listener in &config.listeners {
-            let bound = match inherited.listeners.remove(&listener.bind) {
-                Some(handed) => server::BoundListener::inherited(listener.bind, handed, workers.len())
-                    .map_err(|source| ReloadError::Bind { name: listener.name.clone(), bind: listener.bind, source })?,
-                None => bind_for_workers(&listener.name, listener.bind, workers.len())?,
-            };
-            sockets.push((listener, bound));
-        }
-        let admin_socket = match inherited.admin.take().filter(|(bind, _)| *bind == config.admin.bind) {
-            Some((_, socket)) => socket
-                .set_nonblocking(true)
-                .and_then(|()| tokio::net::TcpListener::from_std(socket))
-                .map_err(|source| ReloadError::Bind { name: "admin".into(), bind: config.admin.bind, source })?,
-            None => bind("admin", config.admin.bind)?,
-        };
+        let sockets = bind_listeners(config, &mut inherited, workers.len())?;
+        let admin_socket = bind_admin(config, &mut inherited)?;
         // Sockets of listeners this config no longer has close here; the
         // previous process still serves what it accepted on them.
         drop(inherited);
@@ -158,35 +211,8 @@ impl Runtime {
         }
         crate::metrics::config_generation(1);
         crate::gauges::register_config_series(&runtime.live.load());
-        let weak = Arc::downgrade(&runtime);
-        tokio::spawn(async move {
-            loop {
-                discovered_changed.notified().await;
-                let Some(runtime) = weak.upgrade() else { return };
-                runtime.apply_discovered().await;
-            }
-        });
-        let weak = Arc::downgrade(&runtime);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HOUSEKEEPING);
-            loop {
-                tick.tick().await;
-                let Some(runtime) = weak.upgrade() else { return };
-                let snapshot = runtime.live.load();
-                crate::gauges::refresh_gauges(&snapshot);
-                crate::metrics::upkeep();
-                // Capacity can also appear without a slot being freed (a backend
-                // recovers, a circuit half-opens, a reload adds backends): the
-                // first waiter of each queue gets a look every tick.
-                for queue in snapshot.upstreams.iter().filter_map(|u| u.queue.as_ref()) {
-                    queue.slot_freed();
-                }
-                // A reload in progress sweeps for itself.
-                if let Ok(mut bound) = runtime.bound.try_lock() {
-                    bound.free_unused_snapshots();
-                };
-            }
-        });
+        tokio::spawn(follow_discovery(Arc::downgrade(&runtime), discovered_changed));
+        tokio::spawn(housekeeping(Arc::downgrade(&runtime)));
         Ok(runtime)
     }
 
