@@ -89,28 +89,33 @@ pub struct RequestNotes {
     forwarded_client: OnceLock<std::net::IpAddr>,
 }
 
-/// A backend a try went to: the upstream it belongs to (the route's, or the
-/// one a reload put in its place while the request waited) and its index
-/// there, which passive health and the per-route request counts go by.
+/// A backend a try went to: its index in the route's upstream or, when a
+/// reload put another upstream in its place while the request waited, in
+/// that one (held only then: the common case touches no count shared with
+/// other workers).
 #[derive(Clone)]
 pub struct TriedBackend {
-    pub upstream: Arc<Upstream>,
     pub index: usize,
+    rerouted: Option<Arc<Upstream>>,
 }
 
 impl TriedBackend {
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.upstream.backends[self.index]
+    /// The upstream the backend belongs to, for a request of `route`.
+    pub fn upstream<'a>(&'a self, route: &'a Route) -> &'a Arc<Upstream> {
+        self.rerouted.as_ref().unwrap_or(&route.upstream)
+    }
+
+    pub fn backend<'a>(&'a self, route: &'a Route) -> &'a Arc<Backend> {
+        &self.upstream(route).backends[self.index]
     }
 
     /// Counts a request of `route` that ended with `status` (`None`: the
     /// client left first) in `switchyard_requests_total` for this backend.
     pub fn count_request(&self, route: &Route, status: Option<u16>) {
-        if Arc::ptr_eq(&self.upstream, &route.upstream) {
-            route.requests[self.index].count(status);
-        } else {
+        match &self.rerouted {
+            None => route.requests[self.index].count(status),
             // Rare: the backend is of a newer snapshot than the route's.
-            self.backend().state.series.requests_of(&route.name).count(status);
+            Some(upstream) => upstream.backends[self.index].state.series.requests_of(&route.name).count(status),
         }
     }
 }
@@ -157,9 +162,11 @@ impl RequestNotes {
         }
     }
 
-    /// A try went to backend `index` of `upstream`.
-    pub fn tried(&self, upstream: &Arc<Upstream>, index: usize) {
-        *self.last_try.lock().expect("never poisoned") = Some(TriedBackend { upstream: Arc::clone(upstream), index });
+    /// A try went to backend `index` of the route's upstream, or of the
+    /// upstream it was `rerouted` to.
+    pub fn tried(&self, index: usize, rerouted: Option<&Arc<Upstream>>) {
+        let tried = TriedBackend { index, rerouted: rerouted.cloned() };
+        *self.last_try.lock().expect("never poisoned") = Some(tried);
         self.attempts.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -168,7 +168,7 @@ impl Record {
             }
             (None, _) => crate::metrics::series::UNROUTED_REQUESTS.count(status),
         }
-        let backend = last_try.as_ref().map(|tried| &tried.backend().address);
+        let backend = route.zip(last_try.as_ref()).map(|(route, tried)| &tried.backend(route).address);
         let (route_name, upstream) = route.map_or(("-", "-"), |r| (&*r.name, &*r.upstream.name));
         if let Some(access) = self.access {
             crate::logging::access(&crate::logging::AccessLine {

@@ -195,7 +195,7 @@ fn forward(
                 (Err(error), None) => return Err(error),
             };
             let backend = &upstream.backends[pick.index];
-            prepared.notes.tried(&upstream, pick.index);
+            prepared.notes.tried(pick.index, (reroutes > 0).then_some(&upstream));
             let outcome = upstream.outcome(pick.index);
             // A one-job bot that turns out busy sends the request back to the
             // queue, which needs the request again.

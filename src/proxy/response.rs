@@ -139,8 +139,8 @@ impl Body for ResponseBody {
 fn stalled(held: Held) -> Option<Arc<str>> {
     let Held { _slot, notes } = held;
     // The body streams from the backend of the last try.
-    let tried = notes.last_try()?;
-    let (upstream, backend) = (&tried.upstream, Arc::clone(&tried.backend().address));
+    let (route, tried) = (notes.route()?, notes.last_try()?);
+    let (upstream, backend) = (tried.upstream(route), Arc::clone(&tried.backend(route).address));
     let charged = upstream.protocol == UpstreamProtocol::Http1;
     tracing::warn!(upstream = %upstream.name, %backend, charged,
         "backend stalled in the middle of a response body; cutting the response");
