@@ -45,6 +45,16 @@ pub struct Backend {
     pub load: Option<Arc<UpstreamLoad>>,
 }
 
+/// The key of `address`'s connections in the pools when reached with `tls`:
+/// the address, plus the TLS setting when there is one (a plain connection
+/// never serves a TLS upstream, nor one TLS setting another's).
+pub fn pool_key(address: &Arc<str>, tls: Option<&crate::config::tls::UpstreamTls>) -> Arc<str> {
+    match tls {
+        Some(tls) => format!("{address}#tls-{:016x}", tls.fingerprint).into(),
+        None => Arc::clone(address),
+    }
+}
+
 /// Why a backend cannot take a request now (see [`Backend::ineligible`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ineligible {

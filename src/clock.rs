@@ -17,20 +17,23 @@ use std::sync::OnceLock;
 
 /// Monotonic nanoseconds since the first call, at the coarse clock's resolution.
 pub fn nanos_since_epoch() -> u64 {
-    static EPOCH: OnceLock<u64> = OnceLock::new();
-    let now = monotonic_nanos();
-    now.saturating_sub(*EPOCH.get_or_init(|| now))
+    monotonic_nanos()
 }
 
 #[cfg(not(test))]
 fn monotonic_nanos() -> u64 {
-    coarse_monotonic_nanos()
+    static EPOCH: OnceLock<u64> = OnceLock::new();
+    let now = coarse_monotonic_nanos();
+    now.saturating_sub(*EPOCH.get_or_init(|| now))
 }
 
 /// Unit tests read tokio's clock instead, so that a test on paused time
 /// (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) moves
 /// backend state's time together with its timers; outside a paused runtime it
-/// is the precise monotonic clock.
+/// is the precise monotonic clock. Every test measures from one base, set
+/// before any of their clocks started: a paused clock stands at its runtime's
+/// creation, so an epoch taken at a later first reading (by a test on real
+/// time) would hold a paused test's time at zero.
 #[cfg(test)]
 #[allow(clippy::disallowed_types)] // the base tokio's clock is measured from
 fn monotonic_nanos() -> u64 {

@@ -6,10 +6,8 @@
 //! [`Checkers`] reconciles the running checkers with each new snapshot: checks
 //! that appear start, checks that disappear stop, checks that stay keep running
 //! (and keep their status), and two upstreams listing the same backend with the
-//! same check share one checker. Probes keep their own connection alive
-//! between probes and open a fresh one after any failure, so a backend that
-//! stops accepting is noticed even while pooled proxy connections to it still
-//! work.
+//! same check share one checker. Probes go through the checkers' own
+//! clients (see [`Prober`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,17 +15,15 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::{header, Request};
-use http_body_util::{BodyExt, Empty, Full, Limited};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
+use http_body_util::{BodyExt, Limited};
 use tokio::task::JoinHandle;
 
 use crate::backend::BackendState;
+use crate::client::{Destination, SendError, UpstreamClients};
 use crate::config::tls::UpstreamTls;
 use crate::config::{ActiveCheck, Probe};
 use crate::health::{describe, CheckStatus, Transition};
 use crate::state::Snapshot;
-use crate::tls::BackendStream;
 
 /// A health check response body is read up to this size when `expect_body` is set.
 const MAX_CHECK_BODY: usize = 64 * 1024;
@@ -72,12 +68,14 @@ pub struct Checkers {
 
 struct CheckerThread {
     handle: tokio::runtime::Handle,
+    /// The checkers' connector and pools, apart from the workers'.
+    clients: Arc<UpstreamClients>,
     /// Dropping it ends the thread's runtime, and every checker with it.
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl CheckerThread {
-    fn start() -> Self {
+    fn start(connect_timeout: Duration) -> Self {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -90,7 +88,7 @@ impl CheckerThread {
                 let _ = runtime.block_on(stopped);
             })
             .expect("can start the health check thread");
-        CheckerThread { handle, _stop: stop }
+        CheckerThread { handle, clients: Arc::new(UpstreamClients::new(connect_timeout)), _stop: stop }
     }
 }
 
@@ -107,13 +105,19 @@ impl Checkers {
     /// so that they run on its paused clock.
     #[cfg(test)]
     fn on_current_runtime() -> Self {
-        let thread =
-            CheckerThread { handle: tokio::runtime::Handle::current(), _stop: tokio::sync::oneshot::channel().0 };
+        let thread = CheckerThread {
+            handle: tokio::runtime::Handle::current(),
+            clients: Arc::new(UpstreamClients::new(Duration::from_secs(5))),
+            _stop: tokio::sync::oneshot::channel().0,
+        };
         Checkers { running: HashMap::new(), thread: Some(thread) }
     }
 
     /// Makes the running checkers exactly those `snapshot` needs.
     pub fn sync(&mut self, snapshot: &Snapshot) {
+        if let Some(thread) = &self.thread {
+            thread.clients.set_connect_timeout(snapshot.limits.connect_timeout);
+        }
         let mut wanted: HashMap<Key, Wanted> = HashMap::new();
         for upstream in &snapshot.upstreams {
             let Some(check) = &upstream.config.health.active else { continue };
@@ -143,9 +147,15 @@ impl Checkers {
                 continue;
             }
             let counters = Arc::new(Mutex::new(Arc::new(wanted_counters)));
-            let thread = self.thread.get_or_insert_with(CheckerThread::start);
-            let task =
-                thread.handle.spawn(run(key.0.clone(), key.1.clone(), tls, Arc::clone(&status), Arc::clone(&counters)));
+            let thread = self.thread.get_or_insert_with(|| CheckerThread::start(snapshot.limits.connect_timeout));
+            let prober = Prober::new(Arc::clone(&thread.clients), &key.0, &key.1.probe, tls.as_ref());
+            let task = thread.handle.spawn(run(
+                prober,
+                key.0.clone(),
+                key.1.clone(),
+                Arc::clone(&status),
+                Arc::clone(&counters),
+            ));
             self.running.insert(key, Checker { status, counters, task });
         }
     }
@@ -160,9 +170,9 @@ impl Checkers {
 }
 
 async fn run(
+    mut prober: Prober,
     address: Arc<str>,
     check: ActiveCheck,
-    tls: Option<UpstreamTls>,
     status: Arc<CheckStatus>,
     counters: Arc<Mutex<Arc<CheckCounters>>>,
 ) {
@@ -173,7 +183,6 @@ async fn run(
         check.interval,
     ))
     .await;
-    let mut prober = Prober::new(Arc::clone(&address), &check.probe, tls.as_ref());
     loop {
         let (passed, reason) = match tokio::time::timeout(check.timeout, prober.probe(&check.probe)).await {
             Ok(Ok(reason)) => (true, reason),
@@ -221,58 +230,73 @@ fn batched(deadline: tokio::time::Instant, interval: Duration) -> tokio::time::I
     grid + Duration::from_nanos((offset.div_ceil(step) * step) as u64)
 }
 
-/// Probes one backend, keeping its HTTP or HTTP/2 connection open between
-/// probes (as Envoy does), so a check costs a request, not a TCP handshake. A
-/// failed probe drops the connection, so a dead or restarted backend is always
-/// probed on a fresh one.
+/// Probes one backend through the checkers' own clients, whose pools keep
+/// its HTTP or HTTP/2 connection open between probes (as Envoy does), so a
+/// check costs a request, not a TCP handshake; they are not the workers'
+/// pools, so a backend that stops accepting is noticed even while pooled
+/// proxy connections to it still work. A failed probe lets go of the
+/// connection, so a dead or restarted backend is always probed on a fresh one.
 pub struct Prober {
-    address: Arc<str>,
+    clients: Arc<UpstreamClients>,
+    authority: Result<http::uri::Authority, String>,
+    /// The connections' key in the checkers' pools.
+    key: Arc<str>,
     /// TLS as the upstream has it, with ALPN for the check's protocol.
-    tls: Option<(tokio_rustls::TlsConnector, Result<rustls::pki_types::ServerName<'static>, String>)>,
+    tls: Option<UpstreamTls>,
     /// The HTTP check's target and `Host`, validated once.
     request: Option<(http::uri::PathAndQuery, http::HeaderValue)>,
-    http1: Option<(hyper::client::conn::http1::SendRequest<Empty<Bytes>>, AbortOnDrop)>,
-    http2: Option<(hyper::client::conn::http2::SendRequest<Full<Bytes>>, AbortOnDrop)>,
 }
 
 impl Prober {
-    pub fn new(address: Arc<str>, probe: &Probe, tls: Option<&UpstreamTls>) -> Self {
+    pub fn new(clients: Arc<UpstreamClients>, address: &Arc<str>, probe: &Probe, tls: Option<&UpstreamTls>) -> Self {
         let tls = tls.map(|tls| {
             let mut config = (*tls.client_config).clone();
             config.alpn_protocols = match probe {
                 Probe::Grpc { .. } => vec![b"h2".to_vec()],
                 _ => vec![b"http/1.1".to_vec()],
             };
-            // An unusable name fails every probe with the reason; it never
-            // falls back to plain TCP.
-            let name = match address.parse::<http::uri::Authority>() {
-                Ok(authority) => tls.name_for(authority.host()).map_err(|e| format!("no TLS server name: {e}")),
-                Err(e) => Err(format!("no TLS server name: {e}")),
-            };
-            (tokio_rustls::TlsConnector::from(Arc::new(config)), name)
+            UpstreamTls { client_config: Arc::new(config), ..tls.clone() }
         });
         let request = match probe {
             Probe::Http { path, host, .. } => {
                 // Validated config: path starts with `/`, host is a valid header value.
                 let target = path.parse::<http::uri::PathAndQuery>().ok();
-                let host = http::HeaderValue::from_str(host.as_deref().unwrap_or(&address)).ok();
+                let host = http::HeaderValue::from_str(host.as_deref().unwrap_or(address)).ok();
                 target.zip(host)
             }
             _ => None,
         };
-        Prober { address, tls, request, http1: None, http2: None }
+        Prober {
+            authority: address.parse().map_err(|e| format!("not an address: {e}")),
+            key: crate::backend::pool_key(address, tls.as_ref()),
+            clients,
+            tls,
+            request,
+        }
     }
 
+    /// Lets go of the connections kept for this backend.
     pub fn disconnect(&mut self) {
-        self.http1 = None;
-        self.http2 = None;
+        self.clients.http1().forget(&self.key);
+        self.clients.h2().forget(&self.key);
+    }
+
+    fn destination(&self) -> Result<Destination<'_>, String> {
+        let authority = self.authority.as_ref().map_err(Clone::clone)?;
+        Ok(Destination { key: &self.key, authority, tls: self.tls.as_ref() })
     }
 
     /// One probe: `Ok(reason)` if it passed, `Err(reason)` if not.
     pub async fn probe(&mut self, probe: &Probe) -> Result<String, String> {
         match probe {
             // With TLS, a TCP check passes on a completed handshake.
-            Probe::Tcp => self.open().await.map(|_| "connected".to_owned()),
+            Probe::Tcp => {
+                let to = self.destination()?;
+                match self.clients.connector().connect(to.authority, to.tls).await {
+                    Ok(_) => Ok("connected".to_owned()),
+                    Err(error) => Err(error.to_string()),
+                }
+            }
             Probe::Http { expect_status, expect_body, .. } => {
                 self.http_probe(expect_status, expect_body.as_deref()).await
             }
@@ -281,13 +305,13 @@ impl Prober {
     }
 
     async fn http_probe(&mut self, expect_status: &[u16], expect_body: Option<&str>) -> Result<String, String> {
-        let reused = self.http1.is_some();
+        let reused = self.clients.http1().has_idle(&self.key);
         match self.http_exchange(expect_status, expect_body).await {
             // A kept-alive connection may have died since the last probe in a
             // way only a request reveals; one retry on a fresh connection tells a
             // dead connection from a dead backend.
             Err(Exchange::Transport(_)) if reused => {
-                self.http1 = None;
+                self.disconnect();
                 self.http_exchange(expect_status, expect_body).await.map_err(Exchange::into_reason)
             }
             other => other.map_err(Exchange::into_reason),
@@ -295,38 +319,29 @@ impl Prober {
     }
 
     /// One `GET` on the kept-alive connection (opened if needed), through
-    /// hyper's HTTP/1.1 client: interim (1xx) responses, chunked bodies and
-    /// connection reuse are handled as for proxied requests.
-    async fn http_exchange(&mut self, expect_status: &[u16], expect_body: Option<&str>) -> Result<String, Exchange> {
+    /// the proxy's own HTTP/1.1 client: interim (1xx) responses, chunked
+    /// bodies and connection reuse are handled as for proxied requests.
+    async fn http_exchange(&self, expect_status: &[u16], expect_body: Option<&str>) -> Result<String, Exchange> {
         let (target, host) =
             self.request.clone().ok_or_else(|| Exchange::Check("check path is not a valid request target".into()))?;
-        if self.http1.as_ref().is_some_and(|(sender, _)| sender.is_closed()) {
-            self.http1 = None;
-        }
-        if self.http1.is_none() {
-            let stream = self.open().await.map_err(Exchange::Refused)?;
-            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| Exchange::Transport(e.to_string()))?;
-            let task = AbortOnDrop(tokio::spawn(async move {
-                let _ = connection.await;
-            }));
-            self.http1 = Some((sender, task));
-        }
-        let sender = &mut self.http1.as_mut().expect("connected above").0;
-        sender.ready().await.map_err(|e| Exchange::Transport(e.to_string()))?;
+        let to = self.destination().map_err(Exchange::Refused)?;
         let request = Request::get(http::Uri::from(target))
             .header(header::HOST, host)
             .header(header::USER_AGENT, "switchyard-health-check")
-            .body(Empty::new())
+            .body(crate::body::empty())
             .map_err(|e| Exchange::Check(e.to_string()))?;
-        let response = sender.send_request(request).await.map_err(|e| Exchange::Transport(e.to_string()))?;
+        let response = match self.clients.http1().send(to, request).await {
+            Ok(response) => response,
+            Err(SendError::Connect(error)) => return Err(Exchange::Refused(error.to_string())),
+            Err(SendError::Request(error)) => return Err(Exchange::Transport(error.to_string())),
+        };
         let status = response.status().as_u16();
-        // Read the body whole (bounded) so the connection can carry the next probe.
+        // Read the body whole (bounded), so the connection goes back to the
+        // pool for the next probe; one too long for that is let go with its
+        // connection.
         let body = match Limited::new(response.into_body(), MAX_CHECK_BODY).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(error) => {
-                self.http1 = None;
                 if expect_body.is_some() {
                     return Err(Exchange::Check(format!("status {status}, reading the body failed: {error}")));
                 }
@@ -344,52 +359,23 @@ impl Prober {
         Ok(format!("status {status}"))
     }
 
-    /// A connection to the backend: TCP, then TLS when the upstream has it.
-    async fn open(&self) -> Result<BackendStream, String> {
-        let stream = TcpStream::connect(&*self.address).await.map_err(|e| io_reason(&e))?;
-        let _ = stream.set_nodelay(true);
-        match &self.tls {
-            None => Ok(BackendStream::Plain(stream)),
-            Some((connector, name)) => match connector.connect(name.clone()?, stream).await {
-                Ok(stream) => Ok(BackendStream::Tls(Box::new(stream))),
-                Err(error) => Err(format!("TLS handshake failed: {error}")),
-            },
-        }
-    }
-
-    async fn http2_sender(&mut self) -> Result<&mut hyper::client::conn::http2::SendRequest<Full<Bytes>>, String> {
-        if self.http2.as_ref().is_some_and(|(sender, _)| sender.is_closed()) {
-            self.http2 = None;
-        }
-        if self.http2.is_none() {
-            let stream = self.open().await?;
-            let (sender, connection) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                    .await
-                    .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-            let task = AbortOnDrop(tokio::spawn(async move {
-                let _ = connection.await;
-            }));
-            self.http2 = Some((sender, task));
-        }
-        let sender = &mut self.http2.as_mut().expect("just connected").0;
-        sender.ready().await.map_err(|e| e.to_string())?;
-        Ok(sender)
-    }
-
     /// `grpc.health.v1.Health/Check` over HTTP/2 (h2c, or over TLS). The two messages are tiny, so they
     /// are encoded by hand: `HealthCheckRequest { string service = 1; }` and
     /// `HealthCheckResponse { ServingStatus status = 1; }` with SERVING = 1.
-    async fn grpc_probe(&mut self, service: &str) -> Result<String, String> {
+    async fn grpc_probe(&self, service: &str) -> Result<String, String> {
+        let to = self.destination()?;
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let request = Request::post(format!("{scheme}://{}/grpc.health.v1.Health/Check", self.address))
+        let request = Request::post(format!("{scheme}://{}/grpc.health.v1.Health/Check", to.authority))
             .header(header::CONTENT_TYPE, "application/grpc")
             .header(header::TE, "trailers")
             .header(header::USER_AGENT, "switchyard-health-check")
-            .body(Full::new(grpc_request(service)))
+            .body(crate::body::full(grpc_request(service)))
             .map_err(|e| e.to_string())?;
-        let sender = self.http2_sender().await?;
-        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        let response = match self.clients.h2().send(to, request).await {
+            Ok(response) => response,
+            Err(SendError::Connect(error)) => return Err(error.to_string()),
+            Err(SendError::Request(error)) => return Err(error.to_string()),
+        };
         if response.status() != http::StatusCode::OK {
             return Err(format!("status {}", response.status().as_u16()));
         }
@@ -432,23 +418,6 @@ impl Exchange {
         match self {
             Exchange::Refused(reason) | Exchange::Transport(reason) | Exchange::Check(reason) => reason,
         }
-    }
-}
-
-fn io_reason(error: &std::io::Error) -> String {
-    match error.kind() {
-        std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
-        std::io::ErrorKind::ConnectionReset => "connection reset".to_owned(),
-        _ => error.to_string(),
-    }
-}
-
-/// Aborts the connection task when its owner drops it.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -538,6 +507,96 @@ mod tests {
         assert_eq!(grpc_serving_status(Bytes::from_static(&[0, 0, 0, 0, 4, 0x12, 1, b'x', 0x08])), None);
         assert_eq!(grpc_serving_status(Bytes::from_static(&[1, 0, 0, 0, 0])), None);
         assert_eq!(grpc_serving_status(Bytes::from_static(&[0, 0, 0, 0, 9, 0x08])), None);
+    }
+
+    /// A real HTTP/1.1 backend answering every request with the status in
+    /// `status`; counts the connections it accepts.
+    async fn counting_backend(
+        status: Arc<std::sync::atomic::AtomicU16>,
+    ) -> (Arc<str>, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: Arc<str> = listener.local_addr().unwrap().to_string().into();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let status = Arc::clone(&status);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_request| {
+                        let status = status.load(Ordering::SeqCst);
+                        async move {
+                            let mut response = http::Response::new(http_body_util::Full::new(Bytes::from("ok")));
+                            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+        (address, accepted)
+    }
+
+    #[tokio::test]
+    async fn http_probes_keep_their_connection_until_one_fails() {
+        use std::sync::atomic::{AtomicU16, Ordering};
+        let status = Arc::new(AtomicU16::new(200));
+        let (address, accepted) = counting_backend(Arc::clone(&status)).await;
+        let check = Probe::Http { path: "/health".into(), expect_status: vec![200], host: None, expect_body: None };
+        let clients = Arc::new(UpstreamClients::new(Duration::from_secs(5)));
+        let mut prober = Prober::new(Arc::clone(&clients), &address, &check, None);
+        for _ in 0..3 {
+            assert_eq!(prober.probe(&check).await, Ok("status 200".to_owned()));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "three probes, one connection");
+        status.store(503, Ordering::SeqCst);
+        assert_eq!(prober.probe(&check).await, Err("status 503".to_owned()));
+        // As `run` does after a failed probe.
+        prober.disconnect();
+        status.store(200, Ordering::SeqCst);
+        assert_eq!(prober.probe(&check).await, Ok("status 200".to_owned()));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "after a failure, a fresh connection");
+    }
+
+    /// A reload's `limits.connect_timeout` bounds the checks' connects too,
+    /// not only the requests': one connector serves both. A listener whose
+    /// accept queue is full leaves new connections unanswered.
+    #[tokio::test]
+    async fn checks_connect_within_the_connect_timeout_in_force() {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        socket.listen(0).unwrap();
+        let silent = socket.local_addr().unwrap().as_socket().unwrap();
+        let mut held = Vec::new();
+        while let Ok(connected) =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(silent)).await
+        {
+            held.push(connected.unwrap());
+            assert!(held.len() < 64, "the accept queue never filled");
+        }
+        let yaml = format!(
+            "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nlimits: {{ connect_timeout: 250ms }}\nroutes: [{{ upstream: bots }}]\n\
+             upstreams:\n  bots:\n    health: {{ active: {{ kind: tcp, interval: 2s, timeout: 2s }} }}\n    \
+             backends: [{{ address: \"{silent}\" }}]\n"
+        );
+        let config = crate::config::parse(&yaml, "test.yaml").unwrap();
+        let snapshot = Arc::new(Snapshot::compile(&config, None, 1));
+        let status = Arc::clone(snapshot.upstreams[0].backends[0].check.as_ref().unwrap());
+        let mut checkers = Checkers::on_current_runtime();
+        checkers.sync(&snapshot);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let last = loop {
+            if let Some(last) = status.last() {
+                break last;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no check within 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(!last.passed);
+        assert_eq!(last.reason, "no connection within 250ms (limits.connect_timeout)");
     }
 
     /// The health thresholds on paused time: a backend that refuses

@@ -165,10 +165,7 @@ fn compile_upstream(u: &UpstreamConfig, carried: &Carried<'_>, cluster: Option<&
                 .as_ref()
                 .map(|check| carried.check_status(&b.address, check, u.tls.as_ref().map(|t| t.fingerprint)));
             let address: Arc<str> = b.address.as_str().into();
-            let pool_key = match &u.tls {
-                Some(tls) => format!("{address}#tls-{:016x}", tls.fingerprint).into(),
-                None => Arc::clone(&address),
-            };
+            let pool_key = crate::backend::pool_key(&address, u.tls.as_ref());
             Arc::new(Backend {
                 address,
                 pool_key,

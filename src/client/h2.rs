@@ -1,8 +1,8 @@
-//! HTTP/2 over TLS to backends (`protocol: h2`): one multiplexed connection
-//! per backend and TLS setting on each worker, opened on first use and again
-//! when it has closed. A connection unused for 40-50 s is let go (as the
-//! HTTP/1.1 pool does), so backends removed by a reload leave no connection
-//! behind.
+//! HTTP/2 to backends, over TLS (`protocol: h2`) or not (`h2c`): one
+//! multiplexed connection per backend and TLS setting in each pool, opened on
+//! first use and again when it has closed. A connection unused for 40-50 s is
+//! let go (as the HTTP/1.1 pool does), so backends removed by a reload leave
+//! no connection behind.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,14 +12,16 @@ use http::{Request, Response};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::{SendError, TimedConnector, UpstreamBody};
-use crate::backend::Backend;
+use super::connect::ConnectError;
+use super::{Connector, Destination, SendError, UpstreamBody};
 use crate::body::ProxyBody;
-use crate::config::tls::UpstreamTls;
 
-pub struct H2Connections {
-    me: Weak<H2Connections>,
-    connector: TimedConnector,
+/// Pings keep a long-idle connection from being silently dropped by NAT.
+const KEEPALIVE_PING: std::time::Duration = std::time::Duration::from_secs(30);
+
+pub struct H2Pool {
+    me: Weak<H2Pool>,
+    connector: Connector,
     /// Keyed as the HTTP/1.1 pool is (see there).
     open: Mutex<HashMap<Arc<str>, Open, foldhash::fast::RandomState>>,
     sweeps: AtomicU64,
@@ -32,15 +34,15 @@ struct Open {
     used: u64,
 }
 
-impl std::fmt::Debug for H2Connections {
+impl std::fmt::Debug for H2Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H2Connections").finish_non_exhaustive()
+        f.debug_struct("H2Pool").finish_non_exhaustive()
     }
 }
 
-impl H2Connections {
-    pub fn new(connector: TimedConnector) -> Arc<H2Connections> {
-        Arc::new_cyclic(|me| H2Connections {
+impl H2Pool {
+    pub fn new(connector: Connector) -> Arc<H2Pool> {
+        Arc::new_cyclic(|me| H2Pool {
             me: me.clone(),
             connector,
             open: Mutex::default(),
@@ -49,14 +51,14 @@ impl H2Connections {
         })
     }
 
+    /// Sends `request` (its URI absolute) to `to`.
     pub async fn send(
         &self,
-        backend: &Backend,
-        tls: &UpstreamTls,
+        to: Destination<'_>,
         request: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let now = self.sweeps.load(Ordering::Relaxed);
-        let open = self.open.lock().expect("never poisoned").get_mut(&backend.pool_key).and_then(|open| {
+        let open = self.open.lock().expect("never poisoned").get_mut(to.key).and_then(|open| {
             open.used = now;
             (!open.sender.is_closed()).then(|| open.sender.clone())
         });
@@ -64,11 +66,11 @@ impl H2Connections {
             Some(sender) => sender,
             None => {
                 // Boxed: the rare path, kept out of every request's future.
-                let sender = Box::pin(self.connect(backend, tls)).await?;
+                let sender = Box::pin(self.connect(to)).await.map_err(SendError::Connect)?;
                 self.open
                     .lock()
                     .expect("never poisoned")
-                    .insert(Arc::clone(&backend.pool_key), Open { sender: sender.clone(), used: now });
+                    .insert(Arc::clone(to.key), Open { sender: sender.clone(), used: now });
                 if !self.sweeping.swap(true, Ordering::Relaxed) {
                     tokio::spawn(sweep(self.me.clone()));
                 }
@@ -82,16 +84,20 @@ impl H2Connections {
         }
     }
 
-    async fn connect(&self, backend: &Backend, tls: &UpstreamTls) -> Result<SendRequest<ProxyBody>, SendError> {
-        let stream = super::connect(&self.connector, &backend.authority, Some(tls)).await?;
+    /// Lets go of `key`'s connection: the next request opens a new one.
+    pub fn forget(&self, key: &str) {
+        self.open.lock().expect("never poisoned").remove(key);
+    }
+
+    async fn connect(&self, to: Destination<'_>) -> Result<SendRequest<ProxyBody>, ConnectError> {
+        let stream = self.connector.connect(to.authority, to.tls).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            // Pings keep a long-idle connection from being silently dropped by NAT.
-            .keep_alive_interval(std::time::Duration::from_secs(30))
+            .keep_alive_interval(KEEPALIVE_PING)
             .adaptive_window(true)
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|error| SendError::Connect(Box::new(error)))?;
+            .map_err(ConnectError::Http2Handshake)?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "backend HTTP/2 connection ended with an error");
@@ -104,7 +110,7 @@ impl H2Connections {
 /// Lets go of connections unused for `MAX_IDLE_SWEEPS` sweeps (or closed),
 /// while the connections live; a connection whose last handle is dropped
 /// closes once its streams are done.
-async fn sweep(connections: Weak<H2Connections>) {
+async fn sweep(connections: Weak<H2Pool>) {
     loop {
         tokio::time::sleep(super::http1::SWEEP).await;
         let Some(connections) = connections.upgrade() else { return };

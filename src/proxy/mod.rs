@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use crate::backend::InFlightGuard;
 use crate::balance::{Pick, PickRequest};
 use crate::body::{ClientBody, ProxyBody};
-use crate::client::{SendError, UpstreamBody, UpstreamClients};
+use crate::client::{ConnectError, SendError, UpstreamBody, UpstreamClients};
 use crate::config::RetryOn;
 use crate::error::ProxyError;
 use crate::notes::{RequestNotes, RoutedNotes, RoutedRequest};
@@ -583,13 +583,13 @@ fn respond(
 /// surfaces here as the body's error and is the client's fault, never retried.
 fn classify(error: SendError, backend: &str, limit: u64) -> (ProxyError, Option<RetryOn>) {
     let error = match error {
-        SendError::Connect(source) => {
+        SendError::Connect(failed) => {
             // A certificate problem is configuration, not a passing failure:
             // say which one, once per failed connection.
-            if let Some(failed) = source.downcast_ref::<crate::client::TlsHandshakeFailed>() {
+            if let ConnectError::TlsHandshake(_) = failed {
                 tracing::warn!(backend, error = %failed, "cannot connect to backend over TLS");
             }
-            let error = ProxyError::UpstreamConnect { backend: backend.to_owned(), source };
+            let error = ProxyError::UpstreamConnect { backend: backend.to_owned(), source: Box::new(failed) };
             return (error, Some(RetryOn::ConnectFailure));
         }
         SendError::Request(error) => error,

@@ -35,10 +35,9 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use self::codec::{Chunk, ChunkedDecoder, Malformed, RequestFraming, ResponseFraming};
-use super::{SendError, TimedConnector};
-use crate::backend::Backend;
+use super::connect::ConnectError;
+use super::{Connector, Destination, SendError};
 use crate::body::{BoxError, ProxyBody};
-use crate::config::tls::UpstreamTls;
 use crate::tls::{BackendStream, Stream};
 
 /// Idle connections are swept every `SWEEP`; one left idle for `MAX_IDLE_SWEEPS`
@@ -61,7 +60,7 @@ pub struct Http1Pool {
     /// Keyed by backend (address and TLS setting); hashed with foldhash, not
     /// SipHash: the keys come from the config, not from clients.
     idle: Mutex<HashMap<Arc<str>, Vec<Idle>, foldhash::fast::RandomState>>,
-    pub(super) connector: TimedConnector,
+    connector: Connector,
     /// Sweeps done so far; idle connections remember the count they came back at.
     sweeps: AtomicU64,
     sweeping: AtomicBool,
@@ -94,7 +93,7 @@ pub enum Http1Error {
 }
 
 impl Http1Pool {
-    pub fn new(connector: TimedConnector) -> Arc<Http1Pool> {
+    pub fn new(connector: Connector) -> Arc<Http1Pool> {
         Arc::new_cyclic(|me| Http1Pool {
             me: me.clone(),
             idle: Mutex::default(),
@@ -104,8 +103,8 @@ impl Http1Pool {
         })
     }
 
-    /// Sends `request` (origin-form target, `Host` set) to `backend`, on a
-    /// pooled connection or a new one (over TLS with `tls`).
+    /// Sends `request` (origin-form target, `Host` set) to `to`, on a
+    /// pooled connection or a new one.
     ///
     /// The head is written into the connection's buffer before the future is
     /// made, and the request's header map let go: only the bytes, the method
@@ -113,11 +112,10 @@ impl Http1Pool {
     /// per request in flight).
     pub fn send<'a>(
         &'a self,
-        backend: &'a Backend,
-        tls: Option<&'a UpstreamTls>,
+        to: Destination<'a>,
         request: Request<ProxyBody>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
-        let key = &backend.pool_key;
+        let key = to.key;
         let (parts, body) = request.into_parts();
         let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
         let framing = RequestFraming::choose(&parts.method, declared, body.is_end_stream(), body.size_hint().exact());
@@ -137,7 +135,7 @@ impl Http1Pool {
                     Some(connection) => (connection, true),
                     // Boxed: connecting is the rare path, and its state would
                     // otherwise make every request's future kilobytes larger.
-                    None => (Box::pin(self.connect(key, &backend.authority, tls)).await?, false),
+                    None => (Box::pin(self.connect(to)).await.map_err(SendError::Connect)?, false),
                 };
                 connection.write_buf = request_head.take().expect("the head goes with one connection at a time");
                 let mut exchange = Exchange { connection, writer, written: 0, started: false, sent: false, interim: 0 };
@@ -168,6 +166,16 @@ impl Http1Pool {
         }
     }
 
+    /// Whether `key` has an idle connection, which the next request would take.
+    pub fn has_idle(&self, key: &str) -> bool {
+        self.idle.lock().expect("never poisoned").get(key).is_some_and(|idle| !idle.is_empty())
+    }
+
+    /// Closes `key`'s idle connections: the next request opens a new one.
+    pub fn forget(&self, key: &str) {
+        self.idle.lock().expect("never poisoned").remove(key);
+    }
+
     fn checkout(&self, backend: &str) -> Option<Box<Connection>> {
         let mut idle = self.idle.lock().expect("never poisoned");
         let connections = idle.get_mut(backend)?;
@@ -193,19 +201,14 @@ impl Http1Pool {
         }
     }
 
-    async fn connect(
-        &self,
-        backend: &Arc<str>,
-        authority: &http::uri::Authority,
-        tls: Option<&UpstreamTls>,
-    ) -> Result<Box<Connection>, SendError> {
-        let stream = super::connect(&self.connector, authority, tls).await?;
+    async fn connect(&self, to: Destination<'_>) -> Result<Box<Connection>, ConnectError> {
+        let stream = self.connector.connect(to.authority, to.tls).await?;
         if !self.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(self.me.clone()));
         }
         Ok(Box::new(Connection {
             io: stream,
-            backend: Arc::clone(backend),
+            backend: Arc::clone(to.key),
             read_buf: BytesMut::new(),
             write_buf: Vec::new(),
             read_size: MIN_READ,
