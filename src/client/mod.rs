@@ -57,6 +57,32 @@ pub struct Destination<'a> {
     pub tls: Option<&'a UpstreamTls>,
 }
 
+/// What forwarding sends a try through: the worker's [`UpstreamClients`],
+/// or, in forwarding's unit tests, scripted backends on paused time.
+pub trait SendToBackend: Send + Sync + 'static {
+    /// Sends `request` to `backend` with the upstream's `protocol` and `tls`
+    /// (see [`UpstreamClients::send`]).
+    fn send<'a>(
+        &'a self,
+        protocol: UpstreamProtocol,
+        tls: Option<&'a UpstreamTls>,
+        backend: &'a Backend,
+        request: http::Request<ProxyBody>,
+    ) -> impl Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + 'a;
+}
+
+impl SendToBackend for UpstreamClients {
+    fn send<'a>(
+        &'a self,
+        protocol: UpstreamProtocol,
+        tls: Option<&'a UpstreamTls>,
+        backend: &'a Backend,
+        request: http::Request<ProxyBody>,
+    ) -> impl Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + 'a {
+        UpstreamClients::send(self, protocol, tls, backend, request)
+    }
+}
+
 impl UpstreamClients {
     pub fn new(connect_timeout: Duration) -> Self {
         let connector = Connector::new(connect_timeout);

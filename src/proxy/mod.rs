@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use crate::backend::InFlightGuard;
 use crate::balance::{Pick, PickRequest};
 use crate::body::{ClientBody, ProxyBody};
-use crate::client::{ConnectError, SendError, UpstreamBody, UpstreamClients};
+use crate::client::{ConnectError, SendError, SendToBackend, UpstreamBody, UpstreamClients};
 use crate::config::RetryOn;
 use crate::error::ProxyError;
 use crate::notes::{RequestNotes, RoutedNotes, RoutedRequest};
@@ -42,20 +42,26 @@ pub use response::BackendReadTimeout;
 use rewrite::{add_forwarding_headers, clone_parts, content_length, for_backend, is_upgrade, strip_hop_by_hop};
 use tunnel::tunnel;
 
-#[derive(Clone, Debug)]
-pub struct Forward {
-    clients: Arc<UpstreamClients>,
+/// Forwarding through the worker's clients (`C`: see [`SendToBackend`]).
+pub struct Forward<C = UpstreamClients> {
+    clients: Arc<C>,
 }
 
-impl Forward {
-    pub fn new(clients: Arc<UpstreamClients>) -> Self {
+impl<C> Forward<C> {
+    pub fn new(clients: Arc<C>) -> Self {
         Forward { clients }
+    }
+}
+
+impl<C> Clone for Forward<C> {
+    fn clone(&self) -> Self {
+        Forward { clients: Arc::clone(&self.clients) }
     }
 }
 
 type ForwardFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
 
-impl tower::Service<RoutedRequest> for Forward {
+impl<C: SendToBackend> tower::Service<RoutedRequest> for Forward<C> {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
     type Future = ForwardFuture;
@@ -141,8 +147,8 @@ fn next_try(
 // Not an `async fn`: its arguments would be copied into the future next to
 // their originals; the `async move` block uses `prepared`'s fields in place.
 #[allow(clippy::manual_async_fn)]
-fn forward(
-    clients: Arc<UpstreamClients>,
+fn forward<C: SendToBackend>(
+    clients: Arc<C>,
     mut prepared: Prepared,
 ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send {
     async move {
@@ -644,3 +650,6 @@ fn tls_refusal<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a r
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -588,11 +588,19 @@ enum Inner {
     Http1(Http1Body),
     /// HTTP/2 multiplexes: its connection is not pooled here.
     Http2(hyper::body::Incoming),
+    /// A scripted backend's body in forwarding's unit tests.
+    #[cfg(test)]
+    Scripted(ProxyBody),
 }
 
 impl UpstreamBody {
     pub fn http2(body: hyper::body::Incoming) -> Self {
         UpstreamBody { inner: Inner::Http2(body) }
+    }
+
+    #[cfg(test)]
+    pub fn scripted(body: ProxyBody) -> Self {
+        UpstreamBody { inner: Inner::Scripted(body) }
     }
 
     /// After a 101 response, the backend connection for the tunnel, with any
@@ -617,6 +625,8 @@ impl Body for UpstreamBody {
         match &mut self.get_mut().inner {
             Inner::Http1(body) => body.poll_frame(cx),
             Inner::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            #[cfg(test)]
+            Inner::Scripted(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -624,6 +634,8 @@ impl Body for UpstreamBody {
         match &self.inner {
             Inner::Http1(body) => body.is_end_stream(),
             Inner::Http2(body) => body.is_end_stream(),
+            #[cfg(test)]
+            Inner::Scripted(body) => body.is_end_stream(),
         }
     }
 
@@ -631,6 +643,8 @@ impl Body for UpstreamBody {
         match &self.inner {
             Inner::Http1(body) => body.size_hint(),
             Inner::Http2(body) => body.size_hint(),
+            #[cfg(test)]
+            Inner::Scripted(body) => body.size_hint(),
         }
     }
 }
