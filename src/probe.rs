@@ -233,9 +233,9 @@ fn batched(deadline: tokio::time::Instant, interval: Duration) -> tokio::time::I
 /// Probes one backend through the checkers' own clients, whose pools keep
 /// its HTTP or HTTP/2 connection open between probes (as Envoy does), so a
 /// check costs a request, not a TCP handshake; they are not the workers'
-/// pools, so a backend that stops accepting is noticed even while pooled
-/// proxy connections to it still work. A failed probe lets go of the
-/// connection, so a dead or restarted backend is always probed on a fresh one.
+/// pools, so a check never rides on (or keeps alive) a request's
+/// connection. A failed probe lets go of the connection, so a dead or
+/// restarted backend is always probed on a fresh one.
 pub struct Prober {
     clients: Arc<UpstreamClients>,
     authority: Result<http::uri::Authority, String>,

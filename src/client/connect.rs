@@ -34,6 +34,8 @@ pub struct Connector {
 pub enum ConnectError {
     #[error("connection refused")]
     Refused,
+    #[error("connection reset")]
+    Reset,
     #[error("{0}")]
     Io(#[source] std::io::Error),
     #[error("no connection within {0:?} (limits.connect_timeout)")]
@@ -52,6 +54,7 @@ impl From<std::io::Error> for ConnectError {
     fn from(error: std::io::Error) -> Self {
         match error.kind() {
             std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+            std::io::ErrorKind::ConnectionReset => ConnectError::Reset,
             _ => ConnectError::Io(error),
         }
     }
@@ -82,31 +85,58 @@ impl Connector {
         tls: Option<&UpstreamTls>,
     ) -> Result<BackendStream, ConnectError> {
         let limit = self.timeout();
+        let deadline = tokio::time::Instant::now() + limit;
         let connecting = async {
-            let tcp = tcp(authority).await?;
+            let tcp = tcp(authority, deadline).await?;
             let Some(tls) = tls else {
                 return Ok(BackendStream::Plain(tcp));
             };
             let name = tls.name_for(authority.host()).map_err(ConnectError::TlsName)?;
             match tokio_rustls::TlsConnector::from(Arc::clone(&tls.client_config)).connect(name, tcp).await {
                 Ok(stream) => Ok(BackendStream::Tls(Box::new(stream))),
-                Err(error) => Err(ConnectError::TlsHandshake(error)),
+                // What rustls refused (a certificate, a protocol) is the
+                // handshake's failure; a reset or a close on the way is the
+                // connection's.
+                Err(error) if error.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
+                    Err(ConnectError::TlsHandshake(error))
+                }
+                Err(error) => Err(error.into()),
             }
         };
-        tokio::time::timeout(limit, connecting).await.unwrap_or(Err(ConnectError::TimedOut(limit)))
+        tokio::time::timeout_at(deadline, connecting).await.unwrap_or(Err(ConnectError::TimedOut(limit)))
     }
 }
 
 /// TCP to an address (as configured backends and discovery give them) or a
-/// name (resolved by the system, each of its addresses tried in turn), with
-/// Nagle off (requests and heads are written whole) and keepalive on.
-async fn tcp(authority: &http::uri::Authority) -> Result<TcpStream, ConnectError> {
+/// name, with Nagle off (requests and heads are written whole) and keepalive
+/// on. A name's addresses are tried in turn, the address families
+/// alternating (RFC 8305), each with an equal share of the time left, so
+/// that one address which drops connections does not use up the whole
+/// `connect_timeout` (hyper-util's connector shares it the same way).
+async fn tcp(authority: &http::uri::Authority, deadline: tokio::time::Instant) -> Result<TcpStream, ConnectError> {
     let port = authority.port_u16().unwrap_or(80);
     let host = authority.host();
     let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     let tcp = match literal.parse::<std::net::IpAddr>() {
         Ok(ip) => TcpStream::connect(SocketAddr::new(ip, port)).await?,
-        Err(_) => TcpStream::connect((host, port)).await?,
+        Err(_) => {
+            let addresses = alternate_families(tokio::net::lookup_host((host, port)).await?.collect());
+            let mut failed = ConnectError::Io(std::io::Error::other(format!("no address for {host}")));
+            let mut connected = None;
+            for (index, address) in addresses.iter().enumerate() {
+                let share =
+                    deadline.saturating_duration_since(tokio::time::Instant::now()) / (addresses.len() - index) as u32;
+                match tokio::time::timeout(share, TcpStream::connect(address)).await {
+                    Ok(Ok(tcp)) => {
+                        connected = Some(tcp);
+                        break;
+                    }
+                    Ok(Err(error)) => failed = error.into(),
+                    Err(_) => failed = ConnectError::Io(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+                }
+            }
+            connected.ok_or(failed)?
+        }
     };
     tcp.set_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()
@@ -115,6 +145,21 @@ async fn tcp(authority: &http::uri::Authority) -> Result<TcpStream, ConnectError
         .with_retries(KEEPALIVE_PROBES);
     socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
     Ok(tcp)
+}
+
+/// `addresses` reordered so the families alternate, starting with the
+/// resolver's first (RFC 8305, section 4).
+fn alternate_families(addresses: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(first) = addresses.first().map(SocketAddr::is_ipv6) else { return addresses };
+    let (mut preferred, mut other): (Vec<_>, Vec<_>) = addresses.into_iter().partition(|a| a.is_ipv6() == first);
+    let mut alternated = Vec::with_capacity(preferred.len() + other.len());
+    preferred.reverse();
+    other.reverse();
+    while !preferred.is_empty() || !other.is_empty() {
+        alternated.extend(preferred.pop());
+        alternated.extend(other.pop());
+    }
+    alternated
 }
 
 #[cfg(test)]
@@ -135,6 +180,15 @@ mod tests {
         assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
         assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
         assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+    }
+
+    #[test]
+    fn a_names_addresses_alternate_families() {
+        let v6 = |n: u16| SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), n);
+        let v4 = |n: u16| SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), n);
+        assert_eq!(alternate_families(vec![v6(1), v6(2), v6(3), v4(4)]), [v6(1), v4(4), v6(2), v6(3)]);
+        assert_eq!(alternate_families(vec![v4(1), v4(2), v6(3), v6(4)]), [v4(1), v6(3), v4(2), v6(4)]);
+        assert_eq!(alternate_families(vec![]), []);
     }
 
     #[tokio::test]

@@ -42,7 +42,8 @@ pub struct UpstreamClients {
 pub enum SendError {
     /// No connection: refused, unreachable, `connect_timeout`, TLS refused.
     /// Nothing was sent.
-    Connect(ConnectError),
+    /// Shared by the requests that waited for the same HTTP/2 connect.
+    Connect(Arc<ConnectError>),
     /// The connection failed during the exchange (or the request body did).
     Request(BoxError),
 }

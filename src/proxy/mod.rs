@@ -592,7 +592,7 @@ fn classify(error: SendError, backend: &str, limit: u64) -> (ProxyError, Option<
         SendError::Connect(failed) => {
             // A certificate problem is configuration, not a passing failure:
             // say which one, once per failed connection.
-            if let ConnectError::TlsHandshake(_) = failed {
+            if let ConnectError::TlsHandshake(_) = *failed {
                 tracing::warn!(backend, error = %failed, "cannot connect to backend over TLS");
             }
             let error = ProxyError::UpstreamConnect { backend: backend.to_owned(), source: Box::new(failed) };

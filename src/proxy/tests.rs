@@ -80,7 +80,7 @@ impl SendToBackend for Scripted {
         let at = self.started.elapsed();
         let answer = self.script.lock().unwrap().pop_front().unwrap_or(Answer::Status(200));
         if let Answer::Refuse = answer {
-            return Err(SendError::Connect(ConnectError::Refused));
+            return Err(SendError::Connect(Arc::new(ConnectError::Refused)));
         }
         let body = request.into_body().collect().await.map_err(SendError::Request)?.to_bytes();
         self.seen.lock().unwrap().push(Seen { backend: backend.address.to_string(), at, body });

@@ -135,7 +135,7 @@ impl Http1Pool {
                     Some(connection) => (connection, true),
                     // Boxed: connecting is the rare path, and its state would
                     // otherwise make every request's future kilobytes larger.
-                    None => (Box::pin(self.connect(to)).await.map_err(SendError::Connect)?, false),
+                    None => (Box::pin(self.connect(to)).await.map_err(|e| SendError::Connect(Arc::new(e)))?, false),
                 };
                 connection.write_buf = request_head.take().expect("the head goes with one connection at a time");
                 let mut exchange = Exchange { connection, writer, written: 0, started: false, sent: false, interim: 0 };
@@ -166,9 +166,11 @@ impl Http1Pool {
         }
     }
 
-    /// Whether `key` has an idle connection, which the next request would take.
+    /// Whether `key` has an idle connection the next request would take (one
+    /// the backend has not closed while it sat in the pool).
     pub fn has_idle(&self, key: &str) -> bool {
-        self.idle.lock().expect("never poisoned").get(key).is_some_and(|idle| !idle.is_empty())
+        let idle = self.idle.lock().expect("never poisoned");
+        idle.get(key).is_some_and(|idle| idle.iter().any(|idle| !idle.connection.disturbed_while_idle()))
     }
 
     /// Closes `key`'s idle connections: the next request opens a new one.
