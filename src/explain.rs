@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::backend::{AdminState, Backend, Ineligible};
 use crate::balance::{Balancer, PickRequest};
 use crate::clock::nanos_since_epoch;
-use crate::config::{Config, DiscoverySource};
+use crate::config::Config;
 use crate::state::Snapshot;
 
 /// Whether a backend can take a request now, and why (or why not) in words.
@@ -240,84 +240,10 @@ fn shown(part: &impl serde::Serialize) -> Value {
     serde_json::to_value(part).expect("config values serialize to JSON: strings, numbers, booleans")
 }
 
-fn duration(d: Duration) -> String {
-    crate::health::describe(d)
-}
-
 /// The effective config (defaults filled in) as a JSON value; the admin token
 /// appears as `<redacted>`.
 pub fn effective_config(config: &Config) -> Value {
-    let upstreams: serde_json::Map<String, Value> = config
-        .upstreams
-        .iter()
-        .map(|u| {
-            let mut value = json!({
-                "balance": shown(&u.policy),
-                "protocol": u.protocol,
-                "health": shown(&u.health),
-                "circuit_breaker": shown(&u.circuit_breaker),
-                "queue": shown(&u.queue),
-                "max_concurrency_scope": u.max_concurrency_scope,
-                "tls": u.tls.as_ref().map(|tls| json!({
-                    "ca": tls.ca.as_ref().map(|path| path.display().to_string()),
-                    "client_cert": tls.client.as_ref().map(|(cert, _)| cert.display().to_string()),
-                    "client_key": tls.client.as_ref().map(|(_, key)| key.display().to_string()),
-                    "server_name": tls.server_name.as_ref().map(|name| name.to_str().into_owned()),
-                })),
-            });
-            // A discovered set changes without the file changing: `/status`
-            // lists it, and the config shows where it comes from.
-            let source = match &u.discovery {
-                Some(discovery) => json!({
-                    "discovery": discovery_source(discovery),
-                    "backend_defaults": shown(&discovery.defaults),
-                }),
-                None => json!({
-                    "backends": shown(&u.backends),
-                }),
-            };
-            merge(&mut value, source);
-            (u.name.clone(), value)
-        })
-        .collect();
-    json!({
-        "workers": config.workers,
-        "resolver": (!config.resolver.servers.is_empty()).then(|| json!({
-            "servers": config.resolver.servers.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        })),
-        "listeners": shown(&config.listeners),
-        "trusted_proxies": config.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "paths": shown(&config.paths),
-        "cluster": shown(&config.cluster),
-        "admin": shown(&config.admin),
-        "log": shown(&config.log),
-        "limits": shown(&config.limits),
-        "routes": shown(&config.routes),
-        "upstreams": upstreams,
-    })
-}
-
-/// `discovery:` as the config has it, defaults filled in.
-fn discovery_source(discovery: &crate::config::DiscoveryConfig) -> Value {
-    let mut source = match &discovery.source {
-        DiscoverySource::Dns { name, port } => json!({ "dns": format!("{name}:{port}") }),
-        DiscoverySource::Srv { name } => json!({ "srv": name }),
-    };
-    merge(
-        &mut source,
-        json!({
-            "refresh": duration(discovery.refresh),
-            "max_backends": discovery.max_backends,
-            "allow_link_local": discovery.allow_link_local,
-        }),
-    );
-    source
-}
-
-fn merge(into: &mut Value, from: Value) {
-    if let (Value::Object(into), Value::Object(from)) = (into, from) {
-        into.extend(from);
-    }
+    shown(config)
 }
 
 #[cfg(test)]

@@ -84,6 +84,29 @@ mod shown {
         serializer.collect_map(headers.iter().map(|(name, value)| (name.as_str(), value.to_str().unwrap_or(""))))
     }
 
+    /// Each value as it writes itself.
+    pub fn displayed<S: Serializer, T: std::fmt::Display>(values: &[T], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(values.iter().map(ToString::to_string))
+    }
+
+    /// `null` without servers (the system's resolver), else the servers.
+    pub fn resolver<S: Serializer>(resolver: &super::ResolverConfig, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Servers<'a> {
+            #[serde(serialize_with = "displayed")]
+            servers: &'a [std::net::SocketAddr],
+        }
+        match resolver.servers.as_slice() {
+            [] => serializer.serialize_none(),
+            servers => serializer.serialize_some(&Servers { servers }),
+        }
+    }
+
+    /// Upstreams as a map by name.
+    pub fn by_name<S: Serializer>(upstreams: &[super::UpstreamConfig], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(upstreams.iter().map(|upstream| (&upstream.name, upstream)))
+    }
+
     /// A path as text (lossy where it is not UTF-8, rather than an error).
     pub fn optional_path<S: Serializer>(path: &Option<std::path::PathBuf>, serializer: S) -> Result<S::Ok, S::Error> {
         match path {
@@ -93,10 +116,12 @@ mod shown {
     }
 }
 
-/// The validated configuration.
-#[derive(Debug, Clone)]
+/// The validated configuration. Serialized, it is `/config`: the effective
+/// config, defaults filled in, secrets left out.
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     /// What `check` and the log point out without refusing the config.
+    #[serde(skip)]
     pub warnings: Vec<ConfigError>,
     pub listeners: Vec<ListenerConfig>,
     pub admin: AdminConfig,
@@ -106,14 +131,18 @@ pub struct Config {
     /// read at start, a reload does not change it.
     pub workers: usize,
     /// The DNS servers `discovery` asks.
+    #[serde(serialize_with = "shown::resolver")]
     pub resolver: ResolverConfig,
     /// Peers whose `X-Forwarded-For`, `Forwarded` and `X-Real-IP` are kept
     /// (see `proxy::rewrite`); from anyone else they are replaced.
+    #[serde(serialize_with = "shown::displayed")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub paths: PathsConfig,
     /// `cluster:`; `None` when replicas share nothing.
     pub cluster: Option<ClusterConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Shown as a map by name, as the file writes them.
+    #[serde(serialize_with = "shown::by_name")]
     pub upstreams: Vec<UpstreamConfig>,
 }
 
@@ -411,13 +440,21 @@ pub struct QueueConfig {
     pub priority_header: Option<http::HeaderName>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UpstreamConfig {
+    #[serde(skip)]
     pub name: String,
+    #[serde(rename = "balance")]
     pub policy: PolicyConfig,
     /// As listed, or (with `discovery`) the set found last: empty in the
-    /// config as parsed, filled in when a snapshot is compiled.
+    /// config as parsed, filled in when a snapshot is compiled. `/config`
+    /// shows the config as parsed: a discovered set changes without the
+    /// file changing (`/status` lists it), so the config shows where it
+    /// comes from instead.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendConfig>,
+    /// Shown as `discovery` and `backend_defaults`, as the file writes them.
+    #[serde(flatten)]
     pub discovery: Option<DiscoveryConfig>,
     pub protocol: UpstreamProtocol,
     /// TLS towards the backends (HTTPS/1.1, or HTTP/2 over TLS for `h2`).
@@ -442,6 +479,38 @@ pub struct DiscoveryConfig {
     pub max_backends: u32,
     /// Link-local addresses (169.254.0.0/16, fe80::/10) are used, not dropped.
     pub allow_link_local: bool,
+}
+
+impl Serialize for DiscoveryConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        #[derive(Serialize)]
+        struct Discovery<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            dns: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            srv: Option<&'a str>,
+            #[serde(serialize_with = "shown::duration")]
+            refresh: Duration,
+            max_backends: u32,
+            allow_link_local: bool,
+        }
+        let (dns, srv) = match &self.source {
+            DiscoverySource::Dns { name, port } => (Some(format!("{name}:{port}")), None),
+            DiscoverySource::Srv { name } => (None, Some(name.as_str())),
+        };
+        let discovery = Discovery {
+            dns,
+            srv,
+            refresh: self.refresh,
+            max_backends: self.max_backends,
+            allow_link_local: self.allow_link_local,
+        };
+        let mut map = serializer.serialize_map(Some(2))?;
+        map.serialize_entry("discovery", &discovery)?;
+        map.serialize_entry("backend_defaults", &self.defaults)?;
+        map.end()
+    }
 }
 
 impl DiscoveryConfig {

@@ -234,6 +234,20 @@ impl PartialEq for UpstreamTls {
     }
 }
 
+/// As `/config` shows it: the files, and the name checked.
+impl serde::Serialize for UpstreamTls {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let text = |path: &Path| path.display().to_string();
+        let mut tls = serializer.serialize_struct("UpstreamTls", 4)?;
+        tls.serialize_field("ca", &self.ca.as_deref().map(text))?;
+        tls.serialize_field("client_cert", &self.client.as_ref().map(|(cert, _)| text(cert)))?;
+        tls.serialize_field("client_key", &self.client.as_ref().map(|(_, key)| text(key)))?;
+        tls.serialize_field("server_name", &self.server_name.as_ref().map(|name| name.to_str()))?;
+        tls.end()
+    }
+}
+
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamTls")

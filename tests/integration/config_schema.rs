@@ -351,6 +351,21 @@ fn a_full_config_uses_every_key_and_every_key_shows_in_the_effective_config() {
         (&route["name"], &route["upstream"], &route["timeout"]),
         (&"jobs".into(), &"listed".into(), &"20s".into())
     );
+    assert_eq!(effective["resolver"], serde_json::json!({ "servers": ["127.0.0.1:5353"] }));
+    assert_eq!(effective["trusted_proxies"], serde_json::json!(["10.0.0.0/8"]));
+    let tls = &listed["tls"];
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    assert_eq!(
+        (&tls["ca"], &tls["client_cert"], &tls["client_key"]),
+        (&file("cert.pem").into(), &file("cert.pem").into(), &file("key.pem").into())
+    );
+    assert_eq!(
+        effective["upstreams"]["by-dns"]["discovery"],
+        serde_json::json!({ "dns": "bots.internal:8270", "refresh": "5s", "max_backends": 64, "allow_link_local": false })
+    );
+    assert_eq!(effective["upstreams"]["by-dns"]["backends"], serde_json::Value::Null, "discovered: no list");
+    assert_eq!(effective["upstreams"]["by-srv"]["discovery"]["srv"], "_bot._tcp.bots.internal");
+    assert_eq!(effective["upstreams"]["by-srv"]["discovery"]["max_backends"], 512, "defaults filled in");
     let cluster = &effective["cluster"];
     // The URL's user part could be a password: never shown, nor the password file's.
     assert_eq!(cluster["redis"], "redis://<redacted>@127.0.0.1:6379/0");
