@@ -11,10 +11,11 @@ use crate::support::*;
 #[tokio::test]
 async fn idle_connections_are_closed_but_busy_ones_are_not() {
     let backend = Backend::start("a").await;
-    let yaml = format!(
-        "{}limits: {{ idle_timeout: 300ms, header_read_timeout: 60s }}\n",
-        simple_config("{ policy: round_robin }", &[&backend], "")
-    );
+    let yaml = PoolConfig::new(&[&backend])
+        .balance("{ policy: round_robin }")
+        .limit("idle_timeout", "300ms")
+        .limit("header_read_timeout", "60s")
+        .yaml();
     let proxy = start_proxy(&yaml).await;
 
     // A request that takes longer than the idle timeout completes normally.
@@ -59,10 +60,13 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
 async fn at_max_connections_an_idle_connection_makes_way_for_a_waiting_client() {
     let backend = Backend::start("a").await;
     // One worker, so both clients land on the accept loop that holds the place.
-    let yaml = format!(
-        "workers: 1\n{}limits: {{ max_connections: 1, idle_timeout: 300ms, header_read_timeout: 120s }}\n",
-        simple_config("{ policy: round_robin }", &[&backend], "")
-    );
+    let yaml = PoolConfig::new(&[&backend])
+        .balance("{ policy: round_robin }")
+        .workers(1)
+        .limit("max_connections", 1)
+        .limit("idle_timeout", "300ms")
+        .limit("header_read_timeout", "120s")
+        .yaml();
     let proxy = start_proxy(&yaml).await;
     let mut first = TcpStream::connect(proxy.addr).await.unwrap();
     first.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
@@ -105,9 +109,7 @@ async fn short_connections(addr: std::net::SocketAddr, count: usize, parallel: u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_flat_over_many_short_connections_with_a_long_idle_timeout() {
     let backend = Backend::start("a").await;
-    let yaml = simple_config("{}", &[&backend], "")
-        .replace("\"127.0.0.1:0\"", "\"127.0.0.1:{port}\"")
-        .replace("listeners:", "limits: { idle_timeout: 1h }\nlisteners:");
+    let yaml = PoolConfig::new(&[&backend]).on_chosen_port().limit("idle_timeout", "1h").yaml();
     let proxy = ProxyProcess::start(&yaml).await;
     // Warm up: pools, buffers and the allocator's arenas reach their size.
     short_connections(proxy.addr, 5_000, 8).await;

@@ -152,8 +152,7 @@ async fn h2c_clients_are_served_on_the_same_port() {
 #[tokio::test]
 async fn bodies_over_the_limit_get_413() {
     let backend = Backend::start("a").await;
-    let yaml =
-        format!("{}limits:\n  max_body_bytes: 1000\n", simple_config("{ policy: round_robin }", &[&backend], ""));
+    let yaml = PoolConfig::new(&[&backend]).balance("{ policy: round_robin }").limit("max_body_bytes", 1000).yaml();
     let proxy = start_proxy(&yaml).await;
     let client = client();
     // Declared too large: refused before any backend sees it.

@@ -91,8 +91,7 @@ async fn an_h2c_upgrade_is_stripped_and_websocket_is_the_only_upgrade_tunnelled(
 #[tokio::test]
 async fn malformed_requests_get_400_or_a_closed_connection_and_harm_no_one() {
     let backend = Backend::start("a").await;
-    let yaml =
-        format!("{}limits:\n  max_header_bytes: 8192\n", simple_config("{ policy: round_robin }", &[&backend], ""));
+    let yaml = PoolConfig::new(&[&backend]).balance("{ policy: round_robin }").limit("max_header_bytes", 8192).yaml();
     let proxy = start_proxy(&yaml).await;
     // Another client's request is in flight the whole time.
     let client = client();

@@ -355,7 +355,7 @@ async fn two_thousand_idle_admin_connections_leave_the_proxy_listener_its_descri
     let (admin_port, port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("switchyard.yaml");
-    let yaml = simple_config("{}", &[&backend], "").replace("\"127.0.0.1:0\"", &format!("\"127.0.0.1:{port}\""));
+    let yaml = PoolConfig::new(&[&backend]).on_port(port).yaml();
     std::fs::write(&path, format!("admin: {{ bind: \"127.0.0.1:{admin_port}\" }}\n{yaml}")).unwrap();
     // 256 descriptors: far fewer than the connections the admin is offered.
     let child = Killed(
@@ -430,9 +430,7 @@ async fn a_signal_that_comes_while_the_proxy_starts_waits_for_it_instead_of_kill
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigquit_drains_like_sigterm_and_a_second_stop_signal_cuts_the_drain_short() {
     let bot = Backend::start("bot").await;
-    let yaml = simple_config("{}", &[&bot], "")
-        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
-        .replace("listeners:\n", "limits: { shutdown_grace: 30s }\nlisteners:\n");
+    let yaml = PoolConfig::new(&[&bot]).on_chosen_port().limit("shutdown_grace", "30s").yaml();
     let client = client();
     let hold = |proxy: &ProxyProcess| {
         let (client, url) = (client.clone(), proxy.url("/hold"));
@@ -455,9 +453,7 @@ async fn sigquit_drains_like_sigterm_and_a_second_stop_signal_cuts_the_drain_sho
     // A second stop signal during the drain exits at once, job or not (a
     // bot of its own: the first one now lets every job through).
     let bot = Backend::start("bot").await;
-    let yaml = simple_config("{}", &[&bot], "")
-        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
-        .replace("listeners:\n", "limits: { shutdown_grace: 30s }\nlisteners:\n");
+    let yaml = PoolConfig::new(&[&bot]).on_chosen_port().limit("shutdown_grace", "30s").yaml();
     let mut proxy = ProxyProcess::start(&yaml).await;
     let held = hold(&proxy);
     wait_until("the held job", Duration::from_secs(30), || bot.in_flight() == 1).await;

@@ -13,7 +13,7 @@ fn read(path: &std::path::Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr1_reopens_moved_log_files_and_a_reload_applies_a_new_level_and_format() {
     let bot = Backend::start("bot").await;
-    let yaml = simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"");
+    let yaml = PoolConfig::new(&[&bot]).on_chosen_port().yaml();
     let log = "log: { level: warn, access: true, file: events.log, access_file: access.log }\n";
     let proxy = ProxyProcess::start(&format!("{log}{yaml}")).await;
     let dir = proxy.path.parent().unwrap().to_owned();

@@ -369,10 +369,11 @@ upstreams:
 async fn an_admin_token_is_required_and_never_shown() {
     let backend = Backend::start("a").await;
     let token = "s3cret-admin-token-0123456789";
-    let yaml = format!(
-        "admin: {{ bind: \"127.0.0.1:0\", token: \"{token}\" }}\nlog: {{ access: true }}\n{}",
-        simple_config("{ policy: round_robin }", &[&backend], "")
-    );
+    let yaml = PoolConfig::new(&[&backend])
+        .balance("{ policy: round_robin }")
+        .admin(&format!("{{ bind: \"127.0.0.1:0\", token: \"{token}\" }}"))
+        .log("{ access: true }")
+        .yaml();
     let proxy = start_proxy(&yaml).await;
     let admin = proxy.running.admin_addr().await;
     // Liveness and readiness probes answer without it: a kubelet cannot hold a secret.
@@ -400,10 +401,7 @@ async fn an_admin_token_is_required_and_never_shown() {
     let path = dir.path().join("bad.yaml");
     std::fs::write(
         &path,
-        format!(
-            "admin: {{ bind: \"0.0.0.0:9901\", token: \"short secret\" }}\n{}",
-            simple_config("{}", &[&backend], "")
-        ),
+        PoolConfig::new(&[&backend]).admin("{ bind: \"0.0.0.0:9901\", token: \"short secret\" }").yaml(),
     )
     .unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
@@ -415,8 +413,7 @@ async fn an_admin_token_is_required_and_never_shown() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr.contains("admin token must be") && !stderr.contains("short secret"), "{stderr}");
-    std::fs::write(&path, format!("admin: {{ bind: \"0.0.0.0:9901\" }}\n{}", simple_config("{}", &[&backend], "")))
-        .unwrap();
+    std::fs::write(&path, PoolConfig::new(&[&backend]).admin("{ bind: \"0.0.0.0:9901\" }").yaml()).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("check")
         .arg("-c")
@@ -436,10 +433,7 @@ async fn the_admin_token_can_come_from_a_file() {
     let path = dir.path().join("switchyard.yaml");
     std::fs::write(
         &path,
-        format!(
-            "admin: {{ bind: \"127.0.0.1:0\", token_file: admin-token }}\n{}",
-            simple_config("{}", &[&backend], "")
-        ),
+        PoolConfig::new(&[&backend]).admin("{ bind: \"127.0.0.1:0\", token_file: admin-token }").yaml(),
     )
     .unwrap();
     let proxy = switchyard::app::RunningProxy::start_from_file(&path).await.expect("proxy starts");

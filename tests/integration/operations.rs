@@ -38,8 +38,7 @@ async fn served_by(proxy: &FileProxy, count: usize) -> Vec<String> {
 async fn a_drained_bot_finishes_its_job_gets_no_new_one_and_keeps_the_override_through_a_reload() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let config = |route_timeout: &str| {
-        simple_config("{ policy: round_robin }", &[&a, &b], "")
-            .replace("  - upstream: pool\n", &format!("  - upstream: pool\n    timeout: {route_timeout}\n"))
+        PoolConfig::new(&[&a, &b]).balance("{ policy: round_robin }").route_timeout(route_timeout).yaml()
     };
     let proxy = FileProxy::start(&config("60s")).await;
     let (a_address, b_address) = (a.addr.to_string(), b.addr.to_string());
@@ -210,13 +209,14 @@ fn row_state(dom: &str, address: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_a_killed_bot_as_down_in_a_real_browser() {
     let (up, doomed, drained) = (Backend::start("up").await, Backend::start("doomed").await, Backend::start("d").await);
-    let yaml = simple_config("{ policy: round_robin }", &[&up, &doomed, &drained], ", max_concurrency: 4").replace(
-        "    backends:\n",
+    let yaml = PoolConfig::new(&[&up, &doomed, &drained])
+        .balance("{ policy: round_robin }")
+        .backend_fields(", max_concurrency: 4")
         // Checks with room to spare: the browser's start loads both cores, and a
         // healthy bot's check must not time out under it. The killed bot's
         // refused connection fails its check at once all the same.
-        "    health:\n      active: { path: /healthz, interval: 1s, timeout: 1s, healthy_after: 1, unhealthy_after: 1 }\n    backends:\n",
-    );
+        .health("{ active: { path: /healthz, interval: 1s, timeout: 1s, healthy_after: 1, unhealthy_after: 1 } }")
+        .yaml();
     let proxy = FileProxy::start(&yaml).await;
     for _ in 0..6 {
         assert_eq!(get(&client(), &proxy.url("/")).await.status, 200);

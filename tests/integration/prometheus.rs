@@ -86,7 +86,7 @@ async fn a_real_prometheus_scrapes_metrics_without_the_token_and_nothing_else() 
     let token = "a-token-prometheus-does-not-hold";
     std::fs::write(secrets.path().join("token"), format!("{token}\n")).unwrap();
     let admin = format!("127.0.0.1:{}", free_port());
-    let yaml = simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"");
+    let yaml = PoolConfig::new(&[&bot]).on_chosen_port().yaml();
     let yaml = format!(
         "admin:\n  bind: \"{admin}\"\n  token_file: {}\n  metrics_without_token: true\n{yaml}",
         secrets.path().join("token").display()

@@ -170,8 +170,7 @@ async fn an_http2_stream_the_client_gives_no_window_is_reset_and_frees_its_bot()
 #[tokio::test]
 async fn an_http2_connection_left_holding_unsent_bytes_is_closed_when_idle() {
     let bot = Backend::start("bot").await;
-    let yaml = simple_config("{}", &[&bot], "")
-        .replace("listeners:", "limits: { idle_timeout: 1s, client_send_timeout: 1s }\nlisteners:");
+    let yaml = PoolConfig::new(&[&bot]).limit("idle_timeout", "1s").limit("client_send_timeout", "1s").yaml();
     let proxy = start_proxy(&yaml).await;
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     // A window of one byte: the whole body is handed over at once, the
@@ -196,8 +195,7 @@ async fn an_http2_connection_left_holding_unsent_bytes_is_closed_when_idle() {
 #[tokio::test]
 async fn http2_clients_get_at_most_max_concurrent_streams() {
     let bot = Backend::start("bot").await;
-    let yaml =
-        simple_config("{}", &[&bot], "").replace("listeners:", "limits: { max_concurrent_streams: 7 }\nlisteners:");
+    let yaml = PoolConfig::new(&[&bot]).limit("max_concurrent_streams", 7).yaml();
     let proxy = start_proxy(&yaml).await;
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let (h2, connection) = h2::client::handshake(tcp).await.unwrap();

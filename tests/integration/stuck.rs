@@ -298,10 +298,11 @@ async fn a_stuck_backend_with_a_per_try_timeout_is_retried_elsewhere() {
 #[tokio::test]
 async fn a_slow_request_head_is_cut_off_by_header_read_timeout() {
     let backend = Backend::start("a").await;
-    let yaml = format!(
-        "{}limits: {{ header_read_timeout: 300ms, idle_timeout: 60s }}\n",
-        simple_config("{ policy: round_robin }", &[&backend], "")
-    );
+    let yaml = PoolConfig::new(&[&backend])
+        .balance("{ policy: round_robin }")
+        .limit("header_read_timeout", "300ms")
+        .limit("idle_timeout", "60s")
+        .yaml();
     let proxy = start_proxy(&yaml).await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
@@ -316,9 +317,11 @@ async fn a_slow_request_head_is_cut_off_by_header_read_timeout() {
 #[tokio::test]
 async fn max_connections_holds_the_next_client_until_one_leaves() {
     let backend = Backend::start("a").await;
-    let yaml =
-        format!("{}limits: {{ max_connections: 2 }}\n", simple_config("{ policy: round_robin }", &[&backend], ""))
-            .replace("  - bind:", "  - name: connection-cap\n    bind:");
+    let yaml = PoolConfig::new(&[&backend])
+        .balance("{ policy: round_robin }")
+        .limit("max_connections", 2)
+        .listener_name("connection-cap")
+        .yaml();
     let proxy = start_proxy(&yaml).await;
     let mut open = Vec::new();
     for _ in 0..2 {

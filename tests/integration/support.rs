@@ -283,14 +283,142 @@ pub async fn start_proxy(yaml: &str) -> Proxy {
     Proxy { running, addr }
 }
 
-/// YAML for one listener on an ephemeral port, one catch-all route, and one
-/// upstream over `backends` with `balance` (a YAML flow mapping).
-pub fn simple_config(balance: &str, backends: &[&Backend], extra_backend_fields: &str) -> String {
-    let list: String =
-        backends.iter().map(|b| format!("      - {{ address: \"{}\"{extra_backend_fields} }}\n", b.addr)).collect();
-    format!(
-        "listeners:\n  - bind: \"127.0.0.1:0\"\nroutes:\n  - upstream: pool\nupstreams:\n  pool:\n    balance: {balance}\n    backends:\n{list}"
-    )
+/// A config of one listener, one catch-all route and one upstream, `pool`,
+/// built by what a test sets rather than by editing YAML text: a setting
+/// that no longer applies fails to compile instead of silently replacing
+/// nothing.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    backends: Vec<std::net::SocketAddr>,
+    balance: String,
+    backend_fields: String,
+    health: Option<String>,
+    bind: String,
+    listener_name: Option<String>,
+    route_timeout: Option<String>,
+    limits: Vec<String>,
+    workers: Option<usize>,
+    log: Option<String>,
+    admin: Option<String>,
+}
+
+impl PoolConfig {
+    /// Over `backends`, balanced by the default policy, listening on a free port.
+    pub fn new(backends: &[&Backend]) -> Self {
+        PoolConfig {
+            backends: backends.iter().map(|backend| backend.addr).collect(),
+            balance: "{}".to_owned(),
+            backend_fields: String::new(),
+            health: None,
+            bind: "127.0.0.1:0".to_owned(),
+            listener_name: None,
+            route_timeout: None,
+            limits: Vec::new(),
+            workers: None,
+            log: None,
+            admin: None,
+        }
+    }
+
+    /// `balance:` of the upstream, a YAML flow mapping (`{ policy: round_robin }`).
+    pub fn balance(mut self, balance: &str) -> Self {
+        balance.clone_into(&mut self.balance);
+        self
+    }
+
+    /// More fields of every backend, after its address (`, max_concurrency: 4`).
+    pub fn backend_fields(mut self, fields: &str) -> Self {
+        fields.clone_into(&mut self.backend_fields);
+        self
+    }
+
+    /// `health:` of the upstream, a YAML flow mapping.
+    pub fn health(mut self, health: &str) -> Self {
+        self.health = Some(health.to_owned());
+        self
+    }
+
+    /// Listens on the port `ProxyProcess` and `FileProxy` choose (`{port}`),
+    /// which stays the same across restarts and upgrades.
+    pub fn on_chosen_port(self) -> Self {
+        self.on_bind("127.0.0.1:{port}")
+    }
+
+    pub fn on_port(self, port: u16) -> Self {
+        self.on_bind(&format!("127.0.0.1:{port}"))
+    }
+
+    fn on_bind(mut self, bind: &str) -> Self {
+        bind.clone_into(&mut self.bind);
+        self
+    }
+
+    pub fn listener_name(mut self, name: &str) -> Self {
+        self.listener_name = Some(name.to_owned());
+        self
+    }
+
+    pub fn route_timeout(mut self, timeout: &str) -> Self {
+        self.route_timeout = Some(timeout.to_owned());
+        self
+    }
+
+    /// One key of `limits:` (`limit("idle_timeout", "1h")`).
+    pub fn limit(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        self.limits.push(format!("{key}: {value}"));
+        self
+    }
+
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// `log:`, a YAML flow mapping (`{ access: true }`).
+    pub fn log(mut self, log: &str) -> Self {
+        self.log = Some(log.to_owned());
+        self
+    }
+
+    /// `admin:`, a YAML flow mapping; without it, tests add one on a free port.
+    pub fn admin(mut self, admin: &str) -> Self {
+        self.admin = Some(admin.to_owned());
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut yaml = String::new();
+        if let Some(admin) = &self.admin {
+            yaml += &format!("admin: {admin}\n");
+        }
+        if let Some(workers) = self.workers {
+            yaml += &format!("workers: {workers}\n");
+        }
+        if let Some(log) = &self.log {
+            yaml += &format!("log: {log}\n");
+        }
+        if !self.limits.is_empty() {
+            yaml += &format!("limits: {{ {} }}\n", self.limits.join(", "));
+        }
+        let name = self.listener_name.as_ref().map(|name| format!("name: {name}, ")).unwrap_or_default();
+        yaml += &format!("listeners:\n  - {{ {name}bind: \"{}\" }}\n", self.bind);
+        let timeout = self.route_timeout.as_ref().map(|timeout| format!(", timeout: {timeout}")).unwrap_or_default();
+        yaml += &format!("routes:\n  - {{ upstream: pool{timeout} }}\n");
+        yaml += &format!("upstreams:\n  pool:\n    balance: {}\n", self.balance);
+        if let Some(health) = &self.health {
+            yaml += &format!("    health: {health}\n");
+        }
+        yaml += "    backends:\n";
+        for backend in &self.backends {
+            yaml += &format!("      - {{ address: \"{backend}\"{} }}\n", self.backend_fields);
+        }
+        yaml
+    }
+}
+
+/// The YAML of [`PoolConfig`] with `balance` and `backend_fields`, nothing else set.
+pub fn simple_config(balance: &str, backends: &[&Backend], backend_fields: &str) -> String {
+    PoolConfig::new(backends).balance(balance).backend_fields(backend_fields).yaml()
 }
 
 pub fn client() -> Client<HttpConnector, TestBody> {

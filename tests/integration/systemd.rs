@@ -86,7 +86,7 @@ fn has_line(message: &str, line: &str) -> bool {
 async fn systemd_hears_ready_reloading_the_new_main_pid_on_an_upgrade_and_stopping_in_order() {
     let bot = Backend::start("bot").await;
     let admin = format!("127.0.0.1:{}", free_port());
-    let yaml = simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"");
+    let yaml = PoolConfig::new(&[&bot]).on_chosen_port().yaml();
     let yaml = format!("admin: {{ bind: \"{admin}\" }}\n{yaml}");
     let notify = NotifySocket::bind();
     let mut proxy = ProxyProcess::spawn_with(&yaml, |command| {

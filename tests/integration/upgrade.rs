@@ -92,9 +92,11 @@ impl Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_upgrades_under_steady_load_lose_no_request_and_each_old_process_exits_0() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let yaml = simple_config("{ policy: round_robin }", &[&a, &b], "")
-        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
-        .replace("listeners:\n", "limits: { shutdown_grace: 10s }\nlisteners:\n");
+    let yaml = PoolConfig::new(&[&a, &b])
+        .balance("{ policy: round_robin }")
+        .on_chosen_port()
+        .limit("shutdown_grace", "10s")
+        .yaml();
     let mut proxy = ProxyProcess::start(&yaml).await;
     let load = Load::start(proxy.url("/"), 4, 2);
     for round in 1..=10 {
@@ -127,9 +129,12 @@ async fn connections_waiting_in_the_listen_queue_at_the_hand_over_are_served() {
     // Handed-over sockets keep that queue; a new socket beside the old one
     // would leave them to be reset when the old one closed.
     let bot = Backend::start("bot").await;
-    let yaml = simple_config("{}", &[&bot], "")
-        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
-        .replace("listeners:\n", "workers: 1\nlimits: { max_connections: 1, shutdown_grace: 30s }\nlisteners:\n");
+    let yaml = PoolConfig::new(&[&bot])
+        .on_chosen_port()
+        .workers(1)
+        .limit("max_connections", 1)
+        .limit("shutdown_grace", "30s")
+        .yaml();
     let mut proxy = ProxyProcess::start(&yaml).await;
     let held = {
         let url = proxy.url("/hold");
@@ -164,7 +169,7 @@ async fn connections_waiting_in_the_listen_queue_at_the_hand_over_are_served() {
 async fn a_new_process_that_fails_leaves_the_old_one_serving() {
     let bot = Backend::start("bot").await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let yaml = simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"");
+    let yaml = PoolConfig::new(&[&bot]).on_chosen_port().yaml();
     let mut proxy = ProxyProcess::start(&yaml).await;
 
     // A plain second `run` of the same config refuses: the first one serves it.
@@ -200,11 +205,7 @@ async fn a_new_binary_with_another_worker_count_serves_every_inherited_socket() 
     // worker must accept on both (the kernel spreads new connections over
     // them), and one with three binds a third beside them.
     let bot = Backend::start("bot").await;
-    let yaml = |workers: usize| {
-        simple_config("{}", &[&bot], "")
-            .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
-            .replace("listeners:\n", &format!("workers: {workers}\nlisteners:\n"))
-    };
+    let yaml = |workers: usize| PoolConfig::new(&[&bot]).on_chosen_port().workers(workers).yaml();
     let mut proxy = ProxyProcess::start(&yaml(2)).await;
     let port = proxy.addr.port().to_string();
     let load = Load::start(proxy.url("/"), 2, 4);
@@ -244,7 +245,7 @@ fn mode(path: &std::path::Path) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upgrade_socket_is_the_users_alone_and_a_shared_directory_is_refused() {
     let bot = Backend::start("bot").await;
-    let yaml = simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"");
+    let yaml = PoolConfig::new(&[&bot]).on_chosen_port().yaml();
     let proxy = ProxyProcess::start(&yaml).await;
     // XDG_RUNTIME_DIR is the config's directory (see `switchyard_for`).
     let directory = proxy.path.parent().unwrap().join("switchyard");
@@ -310,8 +311,7 @@ async fn a_socket_squatted_by_another_user_does_not_keep_the_proxy_down() {
 
     let (config, log) = (dir.path().join("switchyard.yaml"), dir.path().join("log"));
     let port = free_port();
-    let yaml =
-        simple_config("{}", &[&bot], "").replace("bind: \"127.0.0.1:0\"", &format!("bind: \"127.0.0.1:{port}\""));
+    let yaml = PoolConfig::new(&[&bot]).on_port(port).yaml();
     std::fs::write(&config, with_test_admin(&yaml)).unwrap();
     let _proxy = Killed(
         switchyard_for(&config)
@@ -335,9 +335,11 @@ async fn a_socket_squatted_by_another_user_does_not_keep_the_proxy_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_starts_the_process_that_takes_over_under_load_and_leaves_one() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let yaml = simple_config("{ policy: round_robin }", &[&a, &b], "")
-        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
-        .replace("listeners:\n", "limits: { shutdown_grace: 10s }\nlisteners:\n");
+    let yaml = PoolConfig::new(&[&a, &b])
+        .balance("{ policy: round_robin }")
+        .on_chosen_port()
+        .limit("shutdown_grace", "10s")
+        .yaml();
     let mut proxy = ProxyProcess::start(&yaml).await;
     let config = std::path::absolute(&proxy.path).unwrap();
     let _successor = KillOnDrop(config.clone());
@@ -366,9 +368,8 @@ async fn after_a_hand_over_one_stop_signal_lets_the_old_process_finish_its_jobs(
     // every process of the unit, the old one draining among them. That is
     // the first stop signal the old one gets; it must not cut the drain.
     let bot = Backend::start("bot").await;
-    let yaml = simple_config("{}", &[&bot], "")
-        .replace("bind: \"127.0.0.1:0\"", "bind: \"127.0.0.1:{port}\"")
-        .replace("listeners:\n", "limits: { shutdown_grace: 30s }\nlog: { file: events.log }\nlisteners:\n");
+    let yaml =
+        PoolConfig::new(&[&bot]).on_chosen_port().limit("shutdown_grace", "30s").log("{ file: events.log }").yaml();
     let mut proxy = ProxyProcess::start(&yaml).await;
     let config = std::path::absolute(&proxy.path).unwrap();
     let _successor = KillOnDrop(config.clone());
