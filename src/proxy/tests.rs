@@ -226,3 +226,44 @@ async fn a_request_on_a_retired_upstream_goes_on_with_its_successor() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(backends.backends(), ["10.0.0.3:80"]);
 }
+
+/// One bot that runs one job at a time, behind a queue.
+fn one_job_bot(route: &str, queue: &str) -> String {
+    format!(
+        "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: bots, {route} }}]\nupstreams:\n  bots:\n    \
+         queue: {queue}\n    backends: [{{ address: \"10.0.0.1:80\", max_concurrency: 1 }}]\n"
+    )
+}
+
+/// A job that never ends holds the bot until the route's deadline; the job
+/// queued behind it gets the bot the moment that frees it, not later.
+#[tokio::test(start_paused = true)]
+async fn a_queued_job_gets_the_bot_when_the_job_before_it_times_out() {
+    let snapshot = snapshot(&one_job_bot("timeout: 10s", "{ timeout: 30s }"), None);
+    let backends = Scripted::new(&[Answer::Silent, Answer::Status(200)]);
+    let first = tokio::spawn(exchange(Arc::clone(&snapshot), Arc::clone(&backends), post("stuck job")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (second, _, waited) = exchange(snapshot, Arc::clone(&backends), post("next job")).await;
+    let (first, _, _) = first.await.unwrap();
+    assert_eq!((first, second), (StatusCode::GATEWAY_TIMEOUT, StatusCode::OK));
+    let seen = backends.seen.lock().unwrap();
+    assert_eq!((seen.len(), &seen[1].body[..]), (2, &b"next job"[..]));
+    assert_eq!(seen[1].at.as_millis(), 10_000, "on the bot the moment the first job's deadline freed it");
+    assert_eq!(waited.as_millis(), 9_000);
+}
+
+/// A queued job that the queue's `timeout` ends gets its 503 (`queue_timeout`)
+/// then, not at the route's deadline, and never reaches the bot.
+#[tokio::test(start_paused = true)]
+async fn a_queued_job_leaves_at_the_queue_timeout() {
+    let snapshot = snapshot(&one_job_bot("timeout: 10s", "{ timeout: 3s }"), None);
+    let backends = Scripted::new(&[Answer::Silent]);
+    let first = tokio::spawn(exchange(Arc::clone(&snapshot), Arc::clone(&backends), post("stuck job")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, body, waited) = exchange(snapshot, Arc::clone(&backends), post("next job")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, "the backends stayed busy for the whole queue timeout\n");
+    assert_eq!(waited.as_millis(), 3_000);
+    assert_eq!(backends.seen.lock().unwrap().len(), 1, "only the first job reached the bot");
+    first.abort();
+}
