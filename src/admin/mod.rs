@@ -111,12 +111,14 @@ pub fn spawn(listener: TcpListener, runtime: Weak<dyn Control>) -> std::io::Resu
 
 /// One admin connection, until it ends, idles for [`ADMIN_IDLE_TIMEOUT`], or
 /// the listener stops.
-async fn serve(
-    stream: tokio::net::TcpStream,
+async fn serve<S>(
+    stream: S,
     runtime: Weak<dyn Control>,
     mut stopped: watch::Receiver<bool>,
     _place: OwnedSemaphorePermit,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(AdminActivity::default());
     let service = {
         let activity = Arc::clone(&activity);
@@ -475,6 +477,93 @@ mod tests {
         }
         let request = request.body(()).unwrap();
         refuse_foreign(&request, bind.parse().unwrap()).map_or(200, |r| r.status().as_u16())
+    }
+
+    /// A proxy that has stopped: every call answers `503 stopped` without
+    /// reaching it, which is all the connection tests below ask of it.
+    struct Stopped;
+
+    impl Control for Stopped {
+        fn live(&self) -> &Live {
+            unreachable!("a stopped proxy is never reached")
+        }
+        fn is_draining(&self) -> bool {
+            unreachable!("a stopped proxy is never reached")
+        }
+        fn status(&self) -> BoxFuture<'_, Vec<u8>> {
+            unreachable!("a stopped proxy is never reached")
+        }
+        fn reload(&self) -> BoxFuture<'_, Result<Vec<u8>, String>> {
+            unreachable!("a stopped proxy is never reached")
+        }
+    }
+
+    /// One admin connection served over an in-memory pipe: the client's end,
+    /// and the listener's stop signal (kept, or the connection closes at once).
+    fn admin_connection() -> (tokio::io::DuplexStream, watch::Sender<bool>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (stop, stopped) = watch::channel(false);
+        let place = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        tokio::spawn(serve(server, Weak::<Stopped>::new(), stopped, place));
+        (client, stop)
+    }
+
+    /// Runs `test` on paused time, failing rather than hanging when it does
+    /// not end: within ten minutes of paused time (a connection that is
+    /// never closed, while timers go on firing), and within a minute of real
+    /// time (code that spins on a zero-length sleep never lets paused time
+    /// advance).
+    fn on_paused_time<F: std::future::Future<Output = ()> + 'static>(test: impl FnOnce() -> F + Send + 'static) {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+            runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(600), test()).await.expect("ended within 10 minutes")
+            });
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(Duration::from_secs(60)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the test failed: see its panic above"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("paused time stopped advancing (a busy loop?)"),
+        }
+    }
+
+    #[test]
+    fn a_head_that_never_completes_is_closed_at_the_header_read_timeout() {
+        on_paused_time(|| async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut client, _stop) = admin_connection();
+            let started = tokio::time::Instant::now();
+            client.write_all(b"GET /status HTTP/1.1\r\n").await.unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            let took = started.elapsed();
+            let limit = ADMIN_HEADER_READ_TIMEOUT;
+            assert!(took >= limit && took < limit + Duration::from_secs(1), "closed after {took:?}");
+        });
+    }
+
+    /// An HTTP/2 client that answers the admin's PINGs but asks nothing
+    /// more is let go after `ADMIN_IDLE_TIMEOUT`.
+    #[test]
+    fn an_http2_connection_with_no_request_is_closed_after_the_idle_timeout() {
+        on_paused_time(|| async {
+            let (client, _stop) = admin_connection();
+            let (h2, connection) = h2::client::handshake(client).await.unwrap();
+            let connection = tokio::spawn(connection);
+            let mut h2 = h2.ready().await.unwrap();
+            let request = Request::get("http://127.0.0.1/healthz").body(()).unwrap();
+            let (answer, _) = h2.send_request(request, true).unwrap();
+            assert_eq!(answer.await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE, "a stopped proxy's answer");
+            let answered = tokio::time::Instant::now();
+            let _open = h2;
+            connection.await.unwrap().unwrap();
+            let idle = answered.elapsed();
+            let limit = ADMIN_IDLE_TIMEOUT;
+            assert!(idle >= limit && idle < limit + Duration::from_secs(1), "closed after {idle:?}");
+        });
     }
 
     #[test]

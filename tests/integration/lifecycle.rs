@@ -155,36 +155,6 @@ async fn out_of_file_descriptors_the_admin_listener_does_not_spin() {
 }
 
 #[tokio::test]
-async fn an_admin_connection_that_sends_nothing_is_closed() {
-    let backend = Backend::start("a").await;
-    let proxy = start_proxy(&simple_config("{ policy: round_robin }", &[&backend], "")).await;
-    let admin = proxy.running.admin_addr().await;
-    let mut stream = TcpStream::connect(admin).await.unwrap();
-    stream.write_all(b"GET /status HTTP/1.1\r\n").await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
-        .await
-        .expect("the admin listener closes a connection whose head never completes")
-        .unwrap();
-}
-
-#[tokio::test]
-async fn an_idle_http2_admin_connection_is_closed() {
-    let backend = Backend::start("a").await;
-    let proxy = start_proxy(&simple_config("{ policy: round_robin }", &[&backend], "")).await;
-    let admin = proxy.running.admin_addr().await;
-    let (h2, connection) = h2::client::handshake(TcpStream::connect(admin).await.unwrap()).await.unwrap();
-    let connection = tokio::spawn(connection);
-    let mut h2 = h2.ready().await.unwrap();
-    let (answer, _) = h2.send_request(http::Request::get("http://127.0.0.1/healthz").body(()).unwrap(), true).unwrap();
-    assert_eq!(answer.await.unwrap().status(), 200);
-    // It answers the admin's PINGs, but asks nothing more.
-    let _open = h2;
-    let limit = switchyard::admin::ADMIN_IDLE_TIMEOUT + Duration::from_secs(30);
-    tokio::time::timeout(limit, connection).await.expect("the idle HTTP/2 admin connection is closed").unwrap().ok();
-}
-
-#[tokio::test]
 async fn grpc_trailers_after_data_reach_the_client() {
     // A real HTTP/2 server answering like a gRPC server-streaming call that
     // fails after two messages: DATA, DATA, then trailers in their own frame.
