@@ -299,10 +299,14 @@ async fn endless_interim_responses_and_a_chunk_size_without_digits_are_malformed
         "listeners: [{{ bind: \"127.0.0.1:0\" }}]\nroutes: [{{ upstream: bots, timeout: 10m }}]\nupstreams:\n  bots:\n    backends: [{{ address: \"{bot}\" }}]\n"
     ))
     .await;
-    let (got, ended) = exchange(proxy.addr, b"GET /interim HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(30)).await;
+    // `Connection: close`: the exchange ends with the answer, not when the
+    // proxy lets an idle keep-alive connection go.
+    let interim = b"GET /interim HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let (got, ended) = exchange(proxy.addr, interim, Duration::from_secs(30)).await;
     assert!(ended && got.starts_with("HTTP/1.1 502"), "not a wait for the route's 10 minutes: {got:?}");
 
-    let (got, ended) = exchange(proxy.addr, b"GET /chunks HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(30)).await;
+    let chunks = b"GET /chunks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let (got, ended) = exchange(proxy.addr, chunks, Duration::from_secs(30)).await;
     assert!(ended, "{got:?}");
     assert!(!got.ends_with("0\r\n\r\n"), "a malformed body is never ended as if it were whole: {got:?}");
     assert!(!got.contains("SMUGGLED"), "{got:?}");
