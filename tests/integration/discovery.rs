@@ -497,8 +497,7 @@ async fn whoever_controls_the_records_cannot_make_the_set_unbounded_or_point_it_
     let discovery = format!("{{ dns: \"bots.test:{port}\", refresh: 10s, max_backends: 100 }}");
     // The proxy's own listener is on 127.0.0.1 at that port: never a backend of its own.
     dns.set_addresses("bots.test", &[answer.as_slice(), &[[127, 0, 0, 1].into()]].concat());
-    let yaml =
-        dns_config(&dns, &discovery, "").replace("bind: \"127.0.0.1:0\"", &format!("bind: \"127.0.0.1:{port}\""));
+    let yaml = dns_config(&dns, &discovery, "").edit("bind: \"127.0.0.1:0\"", &format!("bind: \"127.0.0.1:{port}\""));
     let proxy = FileProxy::start(&yaml).await;
     let status = proxy.status().await;
     let set = served(&status);

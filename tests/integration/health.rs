@@ -304,7 +304,7 @@ async fn health_state_survives_a_reload_and_checkers_are_shared_not_duplicated()
     assert_eq!(sick.hits(), 0);
 
     // A check that changes restarts its checkers; without checks, none run.
-    proxy.replace_config(&config(false, "random").replace("path: /healthz", "path: /healthz?v=2"));
+    proxy.replace_config(&config(false, "random").edit("path: /healthz", "path: /healthz?v=2"));
     proxy.wait_for_generation(3).await;
     assert_eq!(proxy.status().await["health_checkers"], 2);
     let unchecked = format!(

@@ -48,7 +48,7 @@ async fn sigusr1_reopens_moved_log_files_and_a_reload_applies_a_new_level_and_fo
     assert!(!read(&access).contains("path=/before-rotation"), "the new file starts empty");
 
     // A reload applies `level: info` and `format: json` to both streams.
-    let config = read(&proxy.path).replace("level: warn", "level: info, format: json");
+    let config = read(&proxy.path).edit("level: warn", "level: info, format: json");
     std::fs::write(&proxy.path, config).unwrap();
     proxy.signal(libc::SIGHUP);
     wait_until("the reload's own info line in events.log", Duration::from_secs(30), || {

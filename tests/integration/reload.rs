@@ -198,7 +198,7 @@ async fn an_invalid_file_changes_nothing_and_says_where_it_is_wrong() {
     let proxy = FileProxy::start(&generation_config(&[&a], POLICIES[0], None)).await;
     std::fs::write(
         &proxy.path,
-        with_test_admin(&generation_config(&[&a], POLICIES[0], None)).replace("balance:", "balanse:"),
+        with_test_admin(&generation_config(&[&a], POLICIES[0], None)).edit("balance:", "balanse:"),
     )
     .unwrap();
     let answer = proxy.post_reload().await;
@@ -281,7 +281,7 @@ async fn sighup_reloads_and_reload_results_are_counted_in_metrics() {
 
     // A broken file is refused and counted; the good one after it is applied.
     let port = proxy.addr.port().to_string();
-    std::fs::write(&proxy.path, config(&b).replace("{port}", &port).replace("backends:", "backendz:")).unwrap();
+    std::fs::write(&proxy.path, config(&b).replace("{port}", &port).edit("backends:", "backendz:")).unwrap();
     proxy.signal(libc::SIGHUP);
     wait_until_async("the error to be counted", || async {
         metric_value(&scrape(&metrics_url).await, "switchyard_config_reloads_total", &[("result", "error")]).is_some()

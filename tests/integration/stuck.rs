@@ -124,8 +124,7 @@ async fn connect_timeout_bounds_a_connect_that_gets_no_answer() {
 async fn a_route_timeout_after_queueing_counts_against_the_bot() {
     let bot = Backend::start("bot").await;
     let passive = "    health: { passive: { consecutive_failures: 5, ejection_time: 60s } }\n";
-    let yaml =
-        one_job_bot(&bot, "", passive).replace("  - upstream: bots\n", "  - upstream: bots\n    timeout: 600ms\n");
+    let yaml = one_job_bot(&bot, "", passive).edit("  - upstream: bots\n", "  - upstream: bots\n    timeout: 600ms\n");
     let proxy = start_proxy(&yaml).await;
     let client = client();
     let first = tokio::spawn({

@@ -416,6 +416,20 @@ impl PoolConfig {
     }
 }
 
+/// Edits of a config's text that fail the test when what they edit is not
+/// there exactly once, instead of silently changing nothing.
+pub trait YamlEdit {
+    fn edit(&self, from: &str, to: &str) -> String;
+}
+
+impl YamlEdit for str {
+    fn edit(&self, from: &str, to: &str) -> String {
+        let found = self.matches(from).count();
+        assert_eq!(found, 1, "`{from}` is in the config {found} times, not once:\n{self}");
+        self.replace(from, to)
+    }
+}
+
 /// The YAML of [`PoolConfig`] with `balance` and `backend_fields`, nothing else set.
 pub fn simple_config(balance: &str, backends: &[&Backend], backend_fields: &str) -> String {
     PoolConfig::new(backends).balance(balance).backend_fields(backend_fields).yaml()

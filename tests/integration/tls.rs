@@ -305,7 +305,7 @@ async fn status_and_metrics_show_each_certificate_and_its_expiry() {
     write(dir.path(), "api", &authority.issue(&["api.example.test"]));
     let path = dir.path().join("switchyard.yaml");
     // A listener name of its own: metrics are process-wide in this test binary.
-    let yaml = tls_config(&backend, "").replace("name: secure", "name: expiring");
+    let yaml = tls_config(&backend, "").edit("name: secure", "name: expiring");
     std::fs::write(&path, with_test_admin(&yaml)).unwrap();
     let proxy = FileProxy::start_at(dir, path).await;
     let left =
@@ -588,7 +588,7 @@ async fn a_backend_certificate_from_another_ca_is_a_502_and_a_log_line_that_says
     std::fs::write(dir.path().join("ca.pem"), authority.issuer.pem()).unwrap();
     let port = free_port();
     let yaml = upstream_tls_config(backend, "http1", "{ ca: ca.pem, server_name: bots.example.test }")
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+        .edit("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     let path = dir.path().join("switchyard.yaml");
     std::fs::write(&path, with_test_admin(&yaml)).unwrap();
     let log = dir.path().join("proxy.log");

@@ -180,7 +180,7 @@ async fn a_new_process_that_fails_leaves_the_old_one_serving() {
     // The new binary's config asks for a port that is taken: it fails after
     // receiving the sockets, before it serves.
     let good = std::fs::read_to_string(&proxy.path).unwrap();
-    let broken = good.replace(
+    let broken = good.edit(
         "listeners:\n",
         &format!("listeners:\n  - {{ name: extra, bind: \"{}\" }}\n", taken.local_addr().unwrap()),
     );
@@ -212,7 +212,7 @@ async fn a_new_binary_with_another_worker_count_serves_every_inherited_socket() 
     let mut previous = 2;
     for workers in [1, 3, 2] {
         let config = std::fs::read_to_string(&proxy.path).unwrap();
-        let changed = config.replace(&format!("workers: {previous}"), &format!("workers: {workers}"));
+        let changed = config.edit(&format!("workers: {previous}"), &format!("workers: {workers}"));
         assert!(changed.contains(&format!("workers: {workers}")) && changed.contains(&port));
         previous = workers;
         std::fs::write(&proxy.path, changed).unwrap();
