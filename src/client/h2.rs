@@ -2,7 +2,7 @@
 //! multiplexed connection per backend and TLS setting in each pool, opened on
 //! first use and again when it has closed. Requests that find none while one
 //! is being opened wait for that one rather than each opening their own. A
-//! connection unused for 40-50 s is let go (as the HTTP/1.1 pool does), so
+//! connection unused for 30-40 s is let go (as the HTTP/1.1 pool does), so
 //! backends removed by a reload leave no connection behind.
 
 use std::collections::HashMap;

@@ -41,7 +41,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::tls::{BackendStream, Stream};
 
 /// Idle connections are swept every `SWEEP`; one left idle for `MAX_IDLE_SWEEPS`
-/// sweeps (40-50 s) is closed, before backends commonly close theirs (60 s+).
+/// sweeps (30-40 s) is closed, before backends commonly close theirs (60 s+).
 pub(super) const SWEEP: Duration = Duration::from_secs(10);
 pub(super) const MAX_IDLE_SWEEPS: u64 = 4;
 
