@@ -80,7 +80,13 @@ impl H2Pool {
         loop {
             let mut sender = match self.find(to) {
                 Found::Open(sender) => sender,
-                Found::Connecting(connecting) => connecting.await.map_err(SendError::Connect)?,
+                Found::Connecting(connecting) => match connecting.clone().await {
+                    Ok(sender) => sender,
+                    Err(failed) => {
+                        self.forget_failed(to.key, &connecting);
+                        return Err(SendError::Connect(failed));
+                    }
+                },
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(response.map(UpstreamBody::http2)),
@@ -145,6 +151,16 @@ impl H2Pool {
     /// Lets go of `key`'s connection: the next request opens a new one.
     pub fn forget(&self, key: &str) {
         self.open.lock().expect("never poisoned").remove(key);
+    }
+
+    /// Clears `key`'s slot if it still holds the failed connect `failed`:
+    /// the connect settles its own slot, but one whose task was cut (it
+    /// panicked) never did, and would fail every request after it.
+    fn forget_failed(&self, key: &str, failed: &Connecting) {
+        let mut open = self.open.lock().expect("never poisoned");
+        if matches!(open.get(key), Some(Slot::Connecting { connecting, .. }) if connecting.ptr_eq(failed)) {
+            open.remove(key);
+        }
     }
 
     /// Lets go of `key`'s connection if it has closed.
@@ -221,10 +237,8 @@ mod tests {
 
     use super::*;
 
-    /// Requests that find no connection while one is being opened wait for
-    /// it: a burst to a cold backend opens one connection, not one each.
-    #[tokio::test]
-    async fn a_burst_to_a_cold_backend_opens_one_connection() {
+    /// A real h2c server answering 200; counts the connections it accepts.
+    async fn h2c_backend() -> (Arc<str>, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address: Arc<str> = listener.local_addr().unwrap().to_string().into();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -244,6 +258,14 @@ mod tests {
                 });
             }
         });
+        (address, accepted)
+    }
+
+    /// Requests that find no connection while one is being opened wait for
+    /// it: a burst to a cold backend opens one connection, not one each.
+    #[tokio::test]
+    async fn a_burst_to_a_cold_backend_opens_one_connection() {
+        let (address, accepted) = h2c_backend().await;
         let pool = H2Pool::new(Connector::new(Duration::from_secs(5)));
         let authority: http::uri::Authority = address.parse().unwrap();
         let to = Destination { key: &address, authority: &authority, tls: None };
@@ -255,5 +277,22 @@ mod tests {
             assert_eq!(response.unwrap().status(), http::StatusCode::OK);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "twenty requests, one connection");
+    }
+
+    /// A connect whose task was cut never settles its slot: the request that
+    /// finds it failed clears it, and the next one connects.
+    #[tokio::test]
+    async fn a_connect_that_never_settled_does_not_fail_the_requests_after_it() {
+        let (address, accepted) = h2c_backend().await;
+        let pool = H2Pool::new(Connector::new(Duration::from_secs(5)));
+        let cut = async { Err(Arc::new(ConnectError::Io(std::io::Error::other("the connect was cut")))) };
+        let connecting = (Box::pin(cut) as Pin<Box<dyn Future<Output = _> + Send>>).shared();
+        pool.open.lock().unwrap().insert(Arc::clone(&address), Slot::Connecting { connecting, id: u64::MAX });
+        let authority: http::uri::Authority = address.parse().unwrap();
+        let to = Destination { key: &address, authority: &authority, tls: None };
+        let request = || Request::get(format!("http://{address}/")).body(crate::body::empty()).unwrap();
+        assert!(matches!(pool.send(to, request()).await, Err(SendError::Connect(_))));
+        assert_eq!(pool.send(to, request()).await.unwrap().status(), http::StatusCode::OK);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 }
