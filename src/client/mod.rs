@@ -61,8 +61,9 @@ pub struct Destination<'a> {
 /// What forwarding sends a try through: the worker's [`UpstreamClients`],
 /// or, in forwarding's unit tests, scripted backends on paused time.
 pub trait SendToBackend: Send + Sync + 'static {
-    /// Sends `request` to `backend` with the upstream's `protocol` and `tls`
-    /// (see [`UpstreamClients::send`]).
+    /// Sends `request` to `backend` with the upstream's `protocol` and `tls`.
+    /// For HTTP/1.1 the request target must be in origin form, with `Host`
+    /// set; for HTTP/2 the URI is absolute.
     fn send<'a>(
         &'a self,
         protocol: UpstreamProtocol,
@@ -73,31 +74,9 @@ pub trait SendToBackend: Send + Sync + 'static {
 }
 
 impl SendToBackend for UpstreamClients {
+    /// Over HTTP/1.1 the future is returned as it is; the HTTP/2 one is
+    /// boxed, so that the larger of them does not size every request's future.
     fn send<'a>(
-        &'a self,
-        protocol: UpstreamProtocol,
-        tls: Option<&'a UpstreamTls>,
-        backend: &'a Backend,
-        request: http::Request<ProxyBody>,
-    ) -> impl Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + 'a {
-        UpstreamClients::send(self, protocol, tls, backend, request)
-    }
-}
-
-impl UpstreamClients {
-    pub fn new(connect_timeout: Duration) -> Self {
-        let connector = Connector::new(connect_timeout);
-        let http1 = http1::Http1Pool::new(connector.clone());
-        let h2 = h2::H2Pool::new(connector.clone());
-        UpstreamClients { connector, http1, h2 }
-    }
-
-    /// Sends `request` to `backend` with the upstream's `protocol` and `tls`.
-    /// For HTTP/1.1 the request target must be in origin form, with `Host`
-    /// set; for HTTP/2 the URI is absolute. Over HTTP/1.1 the future is
-    /// returned as it is; the HTTP/2 one is boxed, so that the larger of
-    /// them does not size every request's future.
-    pub fn send<'a>(
         &'a self,
         protocol: UpstreamProtocol,
         tls: Option<&'a UpstreamTls>,
@@ -113,6 +92,15 @@ impl UpstreamClients {
                 Either::Right(Box::pin(self.h2.send(to, request)) as Boxed<'a>)
             }
         }
+    }
+}
+
+impl UpstreamClients {
+    pub fn new(connect_timeout: Duration) -> Self {
+        let connector = Connector::new(connect_timeout);
+        let http1 = http1::Http1Pool::new(connector.clone());
+        let h2 = h2::H2Pool::new(connector.clone());
+        UpstreamClients { connector, http1, h2 }
     }
 
     /// The HTTP/1.1 pool, which health checks use directly.
