@@ -514,30 +514,22 @@ mod tests {
     async fn counting_backend(
         status: Arc<std::sync::atomic::AtomicU16>,
     ) -> (Arc<str>, Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address: Arc<str> = listener.local_addr().unwrap().to_string().into();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                let status = Arc::clone(&status);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |_request| {
-                        let status = status.load(Ordering::SeqCst);
-                        async move {
-                            let mut response = http::Response::new(http_body_util::Full::new(Bytes::from("ok")));
-                            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                            Ok::<_, std::convert::Infallible>(response)
-                        }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(tcp);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        crate::client::test_server::counting(move |tcp| {
+            let status = Arc::clone(&status);
+            async move {
+                let service = hyper::service::service_fn(move |_request| {
+                    let status = status.load(std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        let mut response = http::Response::new(http_body_util::Full::new(Bytes::from("ok")));
+                        *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
                 });
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
             }
-        });
-        (address, accepted)
+        })
+        .await
     }
 
     #[tokio::test]

@@ -239,26 +239,16 @@ mod tests {
 
     /// A real h2c server answering 200; counts the connections it accepts.
     async fn h2c_backend() -> (Arc<str>, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address: Arc<str> = listener.local_addr().unwrap().to_string().into();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|_request| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from_static(b"ok"),
-                        )))
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
-        (address, accepted)
+        crate::client::test_server::counting(|tcp| async move {
+            let service = hyper::service::service_fn(|_request| async {
+                let body = http_body_util::Full::new(bytes::Bytes::from_static(b"ok"));
+                Ok::<_, std::convert::Infallible>(Response::new(body))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        })
+        .await
     }
 
     /// Requests that find no connection while one is being opened wait for

@@ -122,3 +122,31 @@ impl UpstreamClients {
         self.connector.set_timeout(timeout);
     }
 }
+
+/// Test servers on `127.0.0.1` that count the connections they accept.
+#[cfg(test)]
+pub(crate) mod test_server {
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Accepts on a free port and hands each connection to `serve`: the
+    /// address, and the count of connections accepted so far.
+    pub async fn counting<S, F>(serve: S) -> (Arc<str>, Arc<AtomicUsize>)
+    where
+        S: Fn(tokio::net::TcpStream) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: Arc<str> = listener.local_addr().unwrap().to_string().into();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(tcp));
+            }
+        });
+        (address, accepted)
+    }
+}
