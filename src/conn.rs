@@ -13,6 +13,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -63,25 +64,56 @@ pub struct TunnelHome {
     pub idle_timeout: Duration,
 }
 
-/// Holds a connection's place under `max_connections` and in
-/// `switchyard_connections_open` until the connection (and any tunnel made
-/// from it) ends, however it ends.
+/// Holds a connection's place under `max_connections`, in
+/// `switchyard_connections_open` and in the process's [`ConnectionCount`]
+/// until the connection (and any tunnel made from it) ends, however it ends.
 #[derive(Debug)]
 pub struct ConnectionSlot {
     _permit: OwnedSemaphorePermit,
     open: metrics::Gauge,
+    count: Arc<ConnectionCount>,
 }
 
 impl ConnectionSlot {
-    pub fn new(permit: OwnedSemaphorePermit, open: metrics::Gauge) -> Self {
+    pub fn new(permit: OwnedSemaphorePermit, open: metrics::Gauge, count: Arc<ConnectionCount>) -> Self {
         open.increment(1.0);
-        ConnectionSlot { _permit: permit, open }
+        count.opened();
+        ConnectionSlot { _permit: permit, open, count }
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.open.decrement(1.0);
+        self.count.closed();
+    }
+}
+
+/// The process's open client connections, and their peak since it was last
+/// taken: what tells a burst of connections from a steady load, however short
+/// the burst (housekeeping, which trims the heap after one, looks once a
+/// second).
+#[derive(Debug, Default)]
+pub struct ConnectionCount {
+    open: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl ConnectionCount {
+    fn opened(&self) {
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(open, Ordering::Relaxed);
+    }
+
+    fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The highest count since the last call, and the count now (which the
+    /// next peak starts from).
+    pub fn take_peak(&self) -> (usize, usize) {
+        let open = self.open.load(Ordering::Relaxed);
+        (self.peak.swap(open, Ordering::Relaxed).max(open), open)
     }
 }
 

@@ -22,6 +22,13 @@
 #        ALT_BIN=/path/to/switchyard TARGETS="switchyard switchyard@alt haproxy" ...
 #                                         (`switchyard@alt` is the plain config run by
 #                                          another build, e.g. other release settings)
+#        SCENARIOS="c64 4k 64k" benches/load/compare.sh
+#                                         (4k and 64k: c64 for 4 KiB and 64 KiB bodies,
+#                                          where copies and buffer sizes matter)
+#        IDLE=1 benches/load/compare.sh     (memory per idle keep-alive client: IDLE_CLIENTS=5000
+#                                          clients each make one request and stay connected;
+#                                          the proxy's RSS before, with them, per client, and
+#                                          after they close; no load runs)
 #        INSTRUCTIONS=1 ALT_BIN=... benches/load/compare.sh
 #                                         (Switchyard builds only, under valgrind's
 #                                          callgrind: user-space instructions per request
@@ -99,9 +106,13 @@ http {
   access_log off;
   keepalive_requests 1000000;
   server { listen 127.0.0.1:$b1 reuseport; listen 127.0.0.1:$b2 reuseport; listen 127.0.0.1:$b3 reuseport;
-           location / { return 200 "$body\n"; } }
+           location / { return 200 "$body\n"; }
+           location = /4k { alias $work/4k.bin; }
+           location = /64k { alias $work/64k.bin; } }
 }
 EOF
+head -c 4096 /dev/urandom >"$work/4k.bin"
+head -c 65536 /dev/urandom >"$work/64k.bin"
 nginx -c "$work/backend.conf" -p "$work"
 wait_port "$b1"; wait_port "$b2"; wait_port "$b3"
 
@@ -268,6 +279,40 @@ if [ "$INSTRUCTIONS" = 1 ]; then
   exit 0
 fi
 
+IDLE=${IDLE:-0}
+if [ "$IDLE" = 1 ]; then
+  # Resident memory of all a target's processes now, in KiB.
+  rss_kib() {
+    local total=0
+    for pid in $(target_pids "$1"); do
+      total=$((total + $(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")))
+    done
+    echo "$total"
+  }
+  clients=${IDLE_CLIENTS:-5000}
+  echo "memory per idle keep-alive client: $clients clients, one request each, then connected and silent"
+  echo "| target | RSS before MiB | with the clients MiB | KiB per client | 5 s after they close MiB |"
+  echo "|---|---|---|---|---|"
+  for target in $TARGETS; do
+    # A brief load first, as a proxy in service has had: pools and buffers at their size.
+    wrk -t2 -c64 -d2s "http://127.0.0.1:${H1_PORT[$target]}/" >/dev/null
+    sleep 1
+    before=$(rss_kib "$target")
+    coproc IDLE_CLIENTS_PROC { python3 benches/load/idle_clients.py "${H1_PORT[$target]}" "$clients"; }
+    read -r ready <&"${IDLE_CLIENTS_PROC[0]}"
+    [ "$ready" = ready ] || { echo "the idle clients did not connect: $ready" >&2; exit 1; }
+    sleep 2
+    held=$(rss_kib "$target")
+    echo close >&"${IDLE_CLIENTS_PROC[1]}"
+    wait "$IDLE_CLIENTS_PROC_PID"
+    sleep 5
+    after=$(rss_kib "$target")
+    awk -v t="$target" -v b="$before" -v h="$held" -v a="$after" -v n="$clients" \
+      'BEGIN { printf "| %s | %.1f | %.1f | %.1f | %.1f |\n", t, b / 1024, h / 1024, (h - b) / n, a / 1024 }'
+  done
+  exit 0
+fi
+
 # Warm-up: every target, every scenario, briefly.
 for target in $TARGETS; do
   wrk -t2 -c64 -d2s "http://127.0.0.1:${H1_PORT[$target]}/" >/dev/null
@@ -294,9 +339,10 @@ run() { # target scenario round
   if [ "$PERF" = 1 ]; then perf_window "$target" >"$work/perf.out" & perf_pid=$!; fi
   before=$(cpu_ticks "$target"); user_before=$(cpu_ticks "$target" user)
   case $scenario in
-    c64 | c256 | tls-c64 | tls-new)
+    c64 | c256 | 4k | 64k | tls-c64 | tls-new)
       case $scenario in
         c64 | c256) wrk -t2 "-${scenario}" -d"${DURATION}s" --latency "http://127.0.0.1:${H1_PORT[$target]}/" >"$out" ;;
+        4k | 64k) wrk -t2 -c64 -d"${DURATION}s" --latency "http://127.0.0.1:${H1_PORT[$target]}/$scenario" >"$out" ;;
         tls-c64) wrk -t2 -c64 -d"${DURATION}s" --latency "https://127.0.0.1:${TLS_PORT[$target]}/" >"$out" ;;
         # A new connection, and a full handshake, for every request.
         tls-new) wrk -t2 -c16 -d"${DURATION}s" --latency -H "Connection: close" "https://127.0.0.1:${TLS_PORT[$target]}/" >"$out" ;;

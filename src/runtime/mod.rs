@@ -1,11 +1,13 @@
 //! The running proxy: its request workers, listeners and admin listener, the
 //! one live snapshot, the discovery lookups (a changed set is compiled in as a
-//! reload would), housekeeping (gauges, metrics upkeep, retired snapshots) and
-//! shutdown. Hot reload is in [`reload`], the `/status` view in
-//! [`status`]; the admin API reaches the runtime through [`admin::Control`].
+//! reload would), housekeeping (gauges, metrics upkeep, retired snapshots, the
+//! heap trimmed after a burst of connections: [`trim`]) and shutdown. Hot
+//! reload is in [`reload`], the `/status` view in [`status`]; the admin API
+//! reaches the runtime through [`admin::Control`].
 
 mod reload;
 mod status;
+mod trim;
 
 pub use reload::{ReloadError, ReloadSummary, ReloadTrigger};
 pub use status::Status;
@@ -124,6 +126,7 @@ async fn follow_discovery(runtime: Weak<Runtime>, changed: Arc<Notify>) {
 /// let go.
 async fn housekeeping(runtime: Weak<Runtime>) {
     let mut tick = tokio::time::interval(HOUSEKEEPING);
+    let mut burst = trim::BurstTrim::default();
     loop {
         tick.tick().await;
         let Some(runtime) = runtime.upgrade() else { return };
@@ -135,6 +138,10 @@ async fn housekeeping(runtime: Weak<Runtime>) {
         // first waiter of each queue gets a look every tick.
         for queue in snapshot.upstreams.iter().filter_map(|u| u.queue.as_ref()) {
             queue.slot_freed();
+        }
+        let (peak, open) = runtime.serve.connection_count.take_peak();
+        if burst.burst_ended(peak, open) {
+            trim::release_free_heap();
         }
         // A reload in progress sweeps for itself.
         if let Ok(mut bound) = runtime.bound.try_lock() {
@@ -176,6 +183,7 @@ impl Runtime {
         let serve = ServeContext {
             live: Arc::clone(&live),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            connection_count: Arc::default(),
         };
         let runtime = Arc::new_cyclic(|me| Runtime {
             me: me.clone(),

@@ -105,7 +105,7 @@ pub(super) async fn accept_loop(
             builder = connection_builder(&limits);
         }
         let home = TunnelHome {
-            slot: Arc::new(ConnectionSlot::new(permit, open.clone())),
+            slot: Arc::new(ConnectionSlot::new(permit, open.clone(), Arc::clone(&context.connection_count))),
             tracker: tunnels.clone(),
             stopped: stopped.clone(),
             shutdown_grace: limits.shutdown_grace,

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use crate::conn::ConnectionCount;
 use crate::state::Live;
 
 /// Everything a listener task needs besides its socket.
@@ -41,4 +42,5 @@ pub struct ServeContext {
     /// Shared by all listeners and workers: `max_connections` is a
     /// process-wide cap.
     pub connections: Arc<Semaphore>,
+    pub connection_count: Arc<ConnectionCount>,
 }

@@ -122,3 +122,56 @@ async fn memory_stays_flat_over_many_short_connections_with_a_long_idle_timeout(
     // these (measured: +40 MiB over 100,000; +0.1 MiB without the records).
     assert!(after < before + 8 * 1024, "RSS grew from {before} to {after} KiB");
 }
+
+/// A keep-alive connection that has made one request and had its whole
+/// response, left open and silent.
+async fn idle_client(addr: std::net::SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "closed before the response ended: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buffer[..n]);
+        let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .map(|value| value.trim().parse().unwrap())
+            .expect("a content-length");
+        if answer.len() >= end + 4 + length {
+            return stream;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_burst_of_idle_clients_took_is_given_back_after_they_leave() {
+    let backend = Backend::start("a").await;
+    let yaml = PoolConfig::new(&[&backend]).on_chosen_port().limit("idle_timeout", "1h").yaml();
+    let proxy = ProxyProcess::start(&yaml).await;
+    short_connections(proxy.addr, 200, 8).await;
+    let before = proxy.memory_kib("VmRSS");
+
+    // Connected, served and gone again between two of the proxy's
+    // housekeeping ticks, as often as not.
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.extend(futures::future::join_all((0..100).map(|_| idle_client(proxy.addr))).await);
+    }
+    let held = proxy.memory_kib("VmRSS");
+    eprintln!("RSS {before} KiB, with 2,000 idle clients {held} KiB");
+    assert!(held > before + 16 * 1024, "2,000 idle clients took too little to measure: {before} -> {held} KiB");
+
+    // The allocator keeps what they freed unless the proxy trims its heap
+    // once they have gone (without the trim, RSS stayed at `held`).
+    drop(clients);
+    let given_back = before + (held - before) / 4;
+    wait_until("RSS to fall back to a quarter of what the clients took", Duration::from_secs(30), || {
+        proxy.memory_kib("VmRSS") <= given_back
+    })
+    .await;
+}
