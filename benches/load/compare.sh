@@ -113,6 +113,8 @@ http {
 EOF
 head -c 4096 /dev/urandom >"$work/4k.bin"
 head -c 65536 /dev/urandom >"$work/64k.bin"
+# nginx's workers run as another user: they must reach the files mktemp made private.
+chmod o+x "$work"; chmod o+r "$work/4k.bin" "$work/64k.bin"
 nginx -c "$work/backend.conf" -p "$work"
 wait_port "$b1"; wait_port "$b2"; wait_port "$b3"
 

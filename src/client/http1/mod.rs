@@ -46,11 +46,13 @@ pub(super) const SWEEP: Duration = Duration::from_secs(10);
 pub(super) const MAX_IDLE_SWEEPS: u64 = 4;
 
 /// Reads go into at least this much free buffer space; a read that fills
-/// its space doubles the next one's, up to `MAX_READ` (hyper's limit too). A
-/// 50 MB body took 210 reads with a 256 KiB cap, 82 with this one (hyper's
-/// client: 111), at the same time per byte as hyper's client.
+/// its space doubles the next one's, up to `MAX_READ`. The cap is what one
+/// socket read of a fast backend on loopback returns (64 KiB): hyper's 408 KiB
+/// cap saved no time per byte here, but left every pooled connection that
+/// once carried a large body holding 400 KiB (peak RSS 62 MiB for 64 clients
+/// of 64 KiB bodies, 19 MiB with this cap and `release_large_buffer`).
 const MIN_READ: usize = 8 * 1024;
-const MAX_READ: usize = 8 * 1024 + 100 * 4096;
+const MAX_READ: usize = 64 * 1024;
 /// Below this much free space the buffer is topped up before reading (and,
 /// when no earlier response still shares it, reused from its start).
 const LOW_SPACE: usize = 1024;
@@ -226,7 +228,10 @@ async fn sweep(pool: Weak<Http1Pool>) {
         let now = pool.sweeps.fetch_add(1, Ordering::Relaxed) + 1;
         let mut idle = pool.idle.lock().expect("never poisoned");
         idle.retain(|_, connections| {
-            connections.retain(|c| now - c.since_sweep < MAX_IDLE_SWEEPS && !c.connection.disturbed_while_idle());
+            connections.retain_mut(|c| {
+                c.connection.release_large_buffer();
+                now - c.since_sweep < MAX_IDLE_SWEEPS && !c.connection.disturbed_while_idle()
+            });
             !connections.is_empty()
         });
     }
@@ -254,6 +259,18 @@ impl Connection {
             Stream::Tls(tls) => tls.get_ref().0,
         };
         tcp.poll_read_ready(&mut Context::from_waker(Waker::noop())).is_ready()
+    }
+
+    /// Gives back a read buffer grown for a large body, once it is empty: a
+    /// pooled connection then holds `MIN_READ` at most, whatever it once
+    /// carried. Done by the sweep, not when the connection is pooled: freeing
+    /// it there and growing it again on the next large body cost a third more
+    /// CPU per 64 KiB response in page faults.
+    fn release_large_buffer(&mut self) {
+        if self.read_buf.is_empty() && self.read_buf.capacity() > 2 * MIN_READ {
+            self.read_buf = BytesMut::new();
+            self.read_size = MIN_READ;
+        }
     }
 
     /// Reads what the socket has into the buffer; `Ok(0)` is the end of the stream.
