@@ -198,6 +198,66 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeoutIo<T> {
     }
 }
 
+/// Where a request that asked to upgrade its connection (WebSocket) gets the
+/// client's side of it: the listener sends it once the 101 is written. In
+/// the request's extensions (which want `Clone`: clones share the one
+/// receiver); only HTTP/1.1 requests that ask to upgrade carry one.
+#[derive(Clone)]
+pub struct ClientUpgrade(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<RewoundClient>>>>);
+
+impl ClientUpgrade {
+    pub fn new(receiver: tokio::sync::oneshot::Receiver<RewoundClient>) -> Self {
+        ClientUpgrade(Arc::new(std::sync::Mutex::new(Some(receiver))))
+    }
+
+    /// The client's connection once the 101 has been written to it; `None`
+    /// when the listener closed it instead (or a clone took it).
+    pub async fn connection(self) -> Option<RewoundClient> {
+        let receiver = self.0.lock().expect("never poisoned").take()?;
+        receiver.await.ok()
+    }
+}
+
+/// A client connection with the bytes the listener already read from it put
+/// back in front: after a 101, what the client sent after its request; for
+/// HTTP/2, the preface the listener read to tell the protocols apart.
+pub struct RewoundClient {
+    io: SendTimeoutIo<crate::tls::ClientStream>,
+    early: bytes::Bytes,
+}
+
+impl RewoundClient {
+    pub fn new(io: SendTimeoutIo<crate::tls::ClientStream>, early: bytes::Bytes) -> Self {
+        RewoundClient { io, early }
+    }
+}
+
+impl AsyncRead for RewoundClient {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.early.is_empty() {
+            let take = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early.split_to(take));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for RewoundClient {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,6 +59,7 @@ pub mod explain;
 pub mod fuzzing;
 #[cfg(not(fuzzing))]
 pub mod gauges;
+pub mod h1;
 pub mod health;
 #[cfg(not(fuzzing))]
 pub mod logging;

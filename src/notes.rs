@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http::Request;
-use hyper::body::Incoming;
 
 use crate::backend::Backend;
+use crate::body::ClientRequestBody;
 use crate::conn::ConnInfo;
 use crate::route::Route;
 use crate::state::SnapshotShare;
@@ -24,14 +24,14 @@ use crate::upstream::Upstream;
 /// share. The notes travel beside the request rather than in its extensions:
 /// that would cost three allocations and hashed lookups per request.
 pub struct NotedRequest {
-    pub request: Request<Incoming>,
+    pub request: Request<ClientRequestBody>,
     pub notes: Arc<RequestNotes>,
 }
 
 /// A request routing has matched: what forwarding takes, so that a stack
 /// which forwards before it routes does not compile.
 pub struct RoutedRequest {
-    pub request: Request<Incoming>,
+    pub request: Request<ClientRequestBody>,
     pub notes: RoutedNotes,
 }
 

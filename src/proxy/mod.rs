@@ -19,13 +19,13 @@ use tokio::time::Instant;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::backend::InFlightGuard;
 use crate::balance::{Pick, PickRequest};
-use crate::body::{ClientBody, ProxyBody};
+use crate::body::{ClientBody, ClientRequestBody, ProxyBody};
 use crate::client::{ConnectError, SendError, SendToBackend, UpstreamBody, UpstreamClients};
 use crate::config::RetryOn;
+use crate::conn::ClientUpgrade;
 use crate::error::ProxyError;
 use crate::notes::{RequestNotes, RoutedNotes, RoutedRequest};
 use crate::queue::{Priority, WaitEnded};
@@ -89,8 +89,8 @@ struct Prepared {
     client_ip: std::net::IpAddr,
     /// Method, target and headers every try starts from; the last try takes it.
     template: Option<http::request::Parts>,
-    body: Option<Incoming>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    body: Option<ClientRequestBody>,
+    client_upgrade: Option<ClientUpgrade>,
     original_host: Option<HeaderValue>,
 }
 
@@ -106,7 +106,8 @@ impl Prepared {
         }
 
         // 2. Rewrite what is the same for every try: forwarding headers, no hop-by-hop.
-        let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let client_upgrade =
+            if is_upgrade(&request) { request.extensions_mut().remove::<ClientUpgrade>() } else { None };
         let (mut template, body) = request.into_parts();
         let original_host = template
             .headers
@@ -564,7 +565,7 @@ fn respond(
     mut response: Response<UpstreamBody>,
     held: Held<'_>,
     read_timeout: std::time::Duration,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<ClientUpgrade>,
 ) -> Response<ProxyBody> {
     let Held { guard, notes } = held;
     let conn = notes.conn();

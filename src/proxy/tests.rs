@@ -123,7 +123,8 @@ async fn exchange(
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let share: crate::state::SnapshotShare = Arc::new(snapshot);
     let forward = Forward::new(backends);
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        let request = request.map(crate::body::ClientRequestBody::Http2);
         let conn = Arc::new(ConnInfo::new("192.0.2.7:50000".parse().unwrap(), "test".into()));
         let notes = Arc::new(RequestNotes::new(conn, Arc::clone(&share)));
         let routed = NotedRequest { request, notes }.routed(0);

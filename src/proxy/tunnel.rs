@@ -8,34 +8,24 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-
 use crate::backend::InFlightGuard;
 use crate::client::Upgraded;
-use crate::conn::ConnInfo;
+use crate::conn::{ClientUpgrade, ConnInfo};
 
 /// Copies bytes both ways between an upgraded client connection and its
 /// backend until either side closes, nothing moves for `tunnel_idle_timeout`,
 /// or the listener stops and its `shutdown_grace` runs out. Holds the backend's
 /// slot and, through `conn`, the client connection's place under
 /// `max_connections` until then.
-pub(super) async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    backend: Upgraded,
-    _slot: InFlightGuard,
-    conn: Arc<ConnInfo>,
-) {
-    let client = match client.await {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::debug!(%error, "upgrade failed");
-            return;
-        }
+pub(super) async fn tunnel(client: ClientUpgrade, backend: Upgraded, _slot: InFlightGuard, conn: Arc<ConnInfo>) {
+    let Some(client) = client.connection().await else {
+        tracing::debug!("upgrade failed: the client connection closed before the 101 was written");
+        return;
     };
     let home = conn.tunnels.as_ref();
     let idle_timeout = home.map_or(crate::config::Limits::default().tunnel_idle_timeout, |h| h.idle_timeout);
     let last_read = Arc::new(AtomicU64::new(crate::clock::nanos_since_epoch()));
-    let mut client = ReadActivity { inner: TokioIo::new(client), last_read: Arc::clone(&last_read) };
+    let mut client = ReadActivity { inner: client, last_read: Arc::clone(&last_read) };
     let mut backend = ReadActivity { inner: backend, last_read: Arc::clone(&last_read) };
     let idle = async {
         loop {

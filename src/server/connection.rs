@@ -1,6 +1,7 @@
 //! One client connection: its PROXY header and TLS handshake (on its own
-//! task, bounded), hyper-util's auto builder serving HTTP/1.1 or h2c on it,
-//! what it is doing ([`Activity`]), and its close when asked.
+//! task, bounded), HTTP/1.x by our own loop (`http1`) or, when it starts with
+//! the HTTP/2 preface, hyper's HTTP/2 server, what it is doing
+//! ([`Activity`]), and its close when asked.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -10,14 +11,14 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 
-use super::proxy_protocol;
-use super::stack::{self, WorkerStack};
+use super::stack::{ForHttp2Connection, WorkerStack};
+use super::{http1, proxy_protocol};
 use crate::config::Limits;
-use crate::conn::{ConnInfo, SendTimeoutIo, TunnelHome};
+use crate::conn::{ConnInfo, RewoundClient, SendTimeoutIo, TunnelHome};
 use crate::stream_timeout::StreamExecutor;
 use crate::tls::ClientStream;
 
@@ -36,8 +37,10 @@ pub(super) struct Accepted {
 
 /// Serves one accepted connection to its end. The PROXY header and the TLS
 /// handshake are read on the connection's own task, so a slow client never
-/// holds up the accept loop; both are bounded.
-pub(super) async fn serve(accepted: Accepted, builder: Arc<auto::Builder<StreamExecutor>>, stack: WorkerStack) {
+/// holds up the accept loop; both are bounded. HTTP/1.x is served by our own
+/// loop (`http1`), which hands a connection that starts with the HTTP/2
+/// preface to hyper's HTTP/2 server.
+pub(super) async fn serve(accepted: Accepted, protocols: Arc<Protocols>, stack: WorkerStack) {
     let Accepted { mut stream, mut client, proxy_protocol, tls, limits, home, activity, listener: name } = accepted;
     if proxy_protocol {
         match proxy_protocol::read_header(&mut stream, limits.header_read_timeout).await {
@@ -62,26 +65,36 @@ pub(super) async fn serve(accepted: Accepted, builder: Arc<auto::Builder<StreamE
             None => return,
         },
     };
-    let service = TowerToHyperService::new(stack.for_connection(Arc::new(info), Arc::clone(&activity)));
-    let io = TokioIo::new(SendTimeoutIo::new(stream, limits.client_send_timeout));
-    let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
-    drive_connection(connection, activity, limits.client_send_timeout).await;
+    let service = stack.for_connection(Arc::new(info), Arc::clone(&activity));
+    let io = SendTimeoutIo::new(stream, limits.client_send_timeout);
+    let settings = http1::Http1Settings {
+        header_read_timeout: limits.header_read_timeout,
+        max_header_bytes: limits.max_header_bytes,
+    };
+    match http1::serve(io, service.clone(), settings, Arc::clone(&activity)).await {
+        http1::Ended::Closed => {}
+        http1::Ended::Http2(io, preface) => {
+            let io = TokioIo::new(RewoundClient::new(io, preface.freeze()));
+            let connection =
+                protocols.http2.serve_connection(io, TowerToHyperService::new(ForHttp2Connection(service)));
+            drive_connection(connection, activity, limits.client_send_timeout).await;
+        }
+    }
 }
 
-pub(super) fn connection_builder(limits: &Limits) -> Arc<auto::Builder<StreamExecutor>> {
-    let mut builder = auto::Builder::new(StreamExecutor { send_timeout: limits.client_send_timeout });
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes);
-    builder
-        .http2()
+/// What serving a connection needs of the listener's limits beyond them.
+pub(super) struct Protocols {
+    http2: http2::Builder<StreamExecutor>,
+}
+
+pub(super) fn connection_builder(limits: &Limits) -> Arc<Protocols> {
+    let mut http2 = http2::Builder::new(StreamExecutor { send_timeout: limits.client_send_timeout });
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    Arc::new(builder)
+    Arc::new(Protocols { http2 })
 }
 
 /// The server side of a TLS handshake, bounded by `timeout`; `None` (and the
@@ -155,13 +168,9 @@ async fn drive_connection(connection: ClientConnection, activity: Arc<Activity>,
     }
 }
 
-/// One client connection as hyper-util's auto builder serves it.
-type ClientConnection = auto::UpgradeableConnection<
-    'static,
-    TokioIo<SendTimeoutIo<ClientStream>>,
-    TowerToHyperService<stack::ForConnection>,
-    StreamExecutor,
->;
+/// One HTTP/2 client connection as hyper serves it.
+type ClientConnection =
+    http2::Connection<TokioIo<RewoundClient>, TowerToHyperService<ForHttp2Connection>, StreamExecutor>;
 
 /// Whether a connection has a request in progress and how many it finished,
 /// and the accept loop's way to ask it to close.
@@ -191,6 +200,16 @@ impl Activity {
     pub(super) fn ask_to_close(&self) {
         self.close.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    /// Whether the accept loop asked the connection to close.
+    pub(super) fn close_asked(&self) -> bool {
+        self.close.load(Ordering::Acquire)
+    }
+
+    /// `waker` is woken when the connection is asked to close.
+    pub(super) fn register(&self, waker: &Waker) {
+        self.waker.register(waker);
     }
 
     pub(super) fn request_started(&self) {

@@ -40,7 +40,7 @@ use tower::{Service, ServiceBuilder};
 
 use super::admission;
 use super::connection::Activity;
-use crate::body::ProxyBody;
+use crate::body::{ClientRequestBody, ProxyBody};
 use crate::client::UpstreamClients;
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
@@ -88,7 +88,7 @@ pub struct ForConnection {
     activity: Arc<Activity>,
 }
 
-impl Service<Request<Incoming>> for ForConnection {
+impl Service<Request<ClientRequestBody>> for ForConnection {
     type Response = Response<ActivityBody>;
     type Error = Infallible;
     type Future = TrackActivity<<RequestStack as Service<NotedRequest>>::Future>;
@@ -97,7 +97,7 @@ impl Service<Request<Incoming>> for ForConnection {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<ClientRequestBody>) -> Self::Future {
         // The one load of the live config for this request.
         let snapshot = crate::state::current(&self.live);
         let notes = Arc::new(RequestNotes::new(Arc::clone(&self.info), snapshot));
@@ -108,6 +108,24 @@ impl Service<Request<Incoming>> for ForConnection {
             activity: Some(Arc::clone(&self.activity)),
             http1,
         }
+    }
+}
+
+/// [`ForConnection`] for hyper's HTTP/2 server, whose requests carry hyper's body.
+#[derive(Clone)]
+pub struct ForHttp2Connection(pub ForConnection);
+
+impl Service<Request<Incoming>> for ForHttp2Connection {
+    type Response = Response<ActivityBody>;
+    type Error = Infallible;
+    type Future = <ForConnection as Service<Request<ClientRequestBody>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        self.0.call(request.map(ClientRequestBody::Http2))
     }
 }
 
@@ -299,7 +317,7 @@ where
             && activity.draining.load(Ordering::Acquire)
             && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
         {
-            // hyper closes the connection after a response that says so.
+            // The connection closes after a response that says so.
             response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         }
         Poll::Ready(Ok(response.map(|body| ActivityBody { inner: body, activity: Some(activity) })))
