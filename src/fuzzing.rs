@@ -201,3 +201,75 @@ pub fn backend_response(data: &[u8]) {
         }
     }
 }
+
+/// Bytes from a client, through the listener's request head parser, split
+/// into two reads where the first byte says: a head is read the same whether
+/// it arrived whole or in parts, takes exactly its own bytes (the body or the
+/// next request is left as it came), and its body is delimited one way only.
+pub fn client_request(data: &[u8]) {
+    use crate::h1::request::{parse_request_head, BodyFraming};
+    const MAX_HEAD: usize = 8192;
+    let Some((&split, data)) = data.split_first() else { return };
+    let cut = usize::from(split).min(data.len());
+    let mut whole = BytesMut::from(data);
+    let at_once = parse_request_head(&mut whole, MAX_HEAD);
+    let mut buf = BytesMut::from(&data[..cut]);
+    let mut parsed = parse_request_head(&mut buf, MAX_HEAD);
+    if let Ok(None) = parsed {
+        buf.extend_from_slice(&data[cut..]);
+        parsed = parse_request_head(&mut buf, MAX_HEAD);
+    } else {
+        buf.extend_from_slice(&data[cut..]);
+    }
+    match (&at_once, &parsed) {
+        (Ok(Some(a)), Ok(Some(b))) => {
+            assert_eq!(a.request.uri(), b.request.uri());
+            assert_eq!(a.request.headers(), b.request.headers());
+            assert_eq!((a.framing, a.keep_alive), (b.framing, b.keep_alive));
+            assert_eq!(whole, buf, "a head read in parts took other bytes than the head read whole");
+        }
+        (Ok(None), Ok(None)) => return,
+        (Err(a), Err(b)) => {
+            assert_eq!(a.status(), b.status());
+            return;
+        }
+        // A head that is refused once its whole bytes are seen may be
+        // complete within the first read (a later line is what is wrong).
+        (Err(_), Ok(Some(_))) | (Ok(Some(_)), Err(_)) | (Ok(None), _) | (_, Ok(None)) => return,
+    }
+    let Ok(Some(head)) = at_once else { return };
+    assert!(data.ends_with(&whole), "the bytes after the head are the input's own, unchanged");
+    let lengths = head.request.headers().get_all(header::CONTENT_LENGTH).iter().count();
+    match head.framing {
+        BodyFraming::Chunked => {
+            assert_eq!(lengths, 0, "read two ways: Content-Length kept beside chunked");
+            assert_eq!(head.request.version(), http::Version::HTTP_11);
+        }
+        BodyFraming::Length(length) => {
+            assert!(length > 0);
+            let declared = head.request.headers()[header::CONTENT_LENGTH].to_str().expect("digits");
+            assert_eq!(declared.parse::<u64>().ok(), Some(length));
+        }
+        BodyFraming::Empty => {}
+    }
+    if head.request.method() == Method::CONNECT {
+        assert!(!head.keep_alive, "nothing after a CONNECT is read as a request");
+    }
+    if head.framing != BodyFraming::Chunked {
+        return;
+    }
+    let available = whole.len();
+    let mut decoder = ChunkedDecoder::default();
+    let mut decoded = 0usize;
+    loop {
+        match decoder.decode(&mut whole) {
+            Ok(Chunk::Data(bytes)) => {
+                assert!(!bytes.is_empty(), "an empty data chunk would end the body early");
+                decoded += bytes.len();
+                assert!(decoded <= available, "decoded {decoded} bytes of {available}");
+            }
+            Ok(Chunk::Trailers(_)) => {}
+            Ok(Chunk::Incomplete) | Ok(Chunk::End) | Err(_) => return,
+        }
+    }
+}

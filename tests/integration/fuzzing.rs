@@ -7,11 +7,12 @@ use std::path::PathBuf;
 
 type Entry = fn(&[u8]);
 
-const TARGETS: [(&str, Entry); 4] = [
+const TARGETS: [(&str, Entry); 5] = [
     ("config_parse", switchyard::fuzzing::config_parse),
     ("route_and_key", switchyard::fuzzing::route_and_key),
     ("header_rewrite", switchyard::fuzzing::header_rewrite),
     ("backend_response", switchyard::fuzzing::backend_response),
+    ("client_request", switchyard::fuzzing::client_request),
 ];
 
 fn inputs(kind: &str, target: &str) -> Vec<PathBuf> {
