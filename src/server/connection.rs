@@ -77,7 +77,8 @@ pub(super) async fn serve(accepted: Accepted, protocols: Arc<Protocols>, stack: 
             let io = TokioIo::new(RewoundClient::new(io, preface.freeze()));
             let connection =
                 protocols.http2.serve_connection(io, TowerToHyperService::new(ForHttp2Connection(service)));
-            drive_connection(connection, activity, limits.client_send_timeout).await;
+            // Boxed: an HTTP/1.1 connection's task need not have room for it.
+            Box::pin(drive_connection(connection, activity, limits.client_send_timeout)).await;
         }
     }
 }

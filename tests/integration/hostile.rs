@@ -125,3 +125,72 @@ async fn malformed_requests_get_400_or_a_closed_connection_and_harm_no_one() {
     backend.release_held();
     assert_eq!(bystander.await.unwrap().status, 200, "the bystander's request completed unharmed");
 }
+
+/// Reads `count` responses framed by `Content-Length` from `stream`; their heads.
+async fn read_responses(stream: &mut TcpStream, count: usize) -> Vec<String> {
+    let mut received = Vec::new();
+    let mut heads = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while heads.len() < count {
+        let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
+            let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buffer)).await.unwrap().unwrap();
+            assert!(n > 0, "closed after {} responses: {:?}", heads.len(), String::from_utf8_lossy(&received));
+            received.extend_from_slice(&buffer[..n]);
+            continue;
+        };
+        let head = String::from_utf8_lossy(&received[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .map_or(0, |value| value.trim().parse().unwrap());
+        if received.len() < end + 4 + length {
+            let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buffer)).await.unwrap().unwrap();
+            assert!(n > 0, "closed mid-response");
+            received.extend_from_slice(&buffer[..n]);
+            continue;
+        }
+        received.drain(..end + 4 + length);
+        heads.push(head);
+    }
+    assert!(received.is_empty(), "more than {count} responses: {:?}", String::from_utf8_lossy(&received));
+    heads
+}
+
+#[tokio::test]
+async fn one_connection_carries_bodies_chunks_and_pipelined_requests_each_read_once() {
+    // Over HTTP/2 to the backend too, whose client stops reading a body at
+    // its declared length rather than asking for its end.
+    for h2c in [false, true] {
+        let backend = Backend::start("a").await;
+        let mut yaml = simple_config("{ policy: round_robin }", &[&backend], "");
+        if h2c {
+            yaml = yaml.edit("  pool:\n", "  pool:\n    protocol: h2c\n");
+        }
+        let proxy = start_proxy(&yaml).await;
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        // Three requests in one write: a body by length, a body in chunks, none.
+        stream
+            .write_all(
+                b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+                  POST /two HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n\
+                  GET /three HTTP/1.1\r\nHost: x\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let heads = read_responses(&mut stream, 3).await;
+        for head in &heads {
+            assert!(head.starts_with("http/1.1 200"), "h2c {h2c}: {head}");
+            assert!(!head.contains("connection: close"), "h2c {h2c}: {head}");
+        }
+        assert_eq!(backend.hits(), 3);
+        let received = backend.stats.bytes_received.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(received, 12, "each body whole, once");
+        // The connection is still open for more, a body known by length included.
+        stream.write_all(b"PUT /four HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz").await.unwrap();
+        let head = &read_responses(&mut stream, 1).await[0];
+        assert!(head.starts_with("http/1.1 200") && !head.contains("connection: close"), "h2c {h2c}: {head}");
+        stream.write_all(b"GET /five HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        assert!(read_responses(&mut stream, 1).await[0].starts_with("http/1.1 200"));
+        assert_eq!(backend.hits(), 5);
+    }
+}
