@@ -34,7 +34,8 @@
 #                                          callgrind: user-space instructions per request
 #                                          over N=20000 requests, HTTP/1.1 c16 and h2c;
 #                                          repeatable to ~1%, for changes too small for
-#                                          the timings' noise)
+#                                          the timings' noise; CALLGRIND_KEEP=DIR keeps
+#                                          the dumps there, for callgrind_annotate)
 # Installs haproxy, nginx, wrk and h2load (Debian packages) when missing.
 # Never run it beside a build or another benchmark.
 set -euo pipefail
@@ -270,6 +271,7 @@ if [ "$INSTRUCTIONS" = 1 ]; then
     dump=$(ls -t "$work/$1.callgrind".* | head -1)
     total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
     grep -q "$REQUESTS succeeded" "$work/out" || { echo "$1 $2: not every request succeeded" >&2; exit 1; }
+    if [ -n "${CALLGRIND_KEEP:-}" ]; then cp "$dump" "$CALLGRIND_KEEP/$1-$2.callgrind"; fi
     echo "$((total / REQUESTS))"
   }
   echo "instructions per request (user space, callgrind), $REQUESTS requests each"

@@ -15,6 +15,8 @@ use http::{Method, Request, StatusCode, Uri, Version};
 
 /// At most this many header lines (hyper's limit too); more is 431.
 pub const MAX_HEADERS: usize = 100;
+/// Headers the proxy may add to a request before it is forwarded.
+const ADDED_ON_THE_WAY: usize = 6;
 /// A longer request target is 414 (hyper's limit).
 const MAX_TARGET: usize = u16::MAX as usize - 1;
 
@@ -103,7 +105,9 @@ pub fn parse_request_head(buf: &mut BytesMut, max_head_bytes: usize) -> Result<O
     let uri = Uri::from_maybe_shared(head.slice(target_start..target_start + target_span.1 as usize))
         .map_err(|_| Refused::Malformed("target"))?;
 
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what the proxy adds on the way (a request id and up to five
+    // forwarding headers): growing the map costs a reallocation and rehash.
+    let mut headers = HeaderMap::with_capacity(count + ADDED_ON_THE_WAY);
     let mut framing = BodyFraming::Empty;
     let mut length_seen: Option<u64> = None;
     let mut coded = false;

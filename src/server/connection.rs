@@ -41,9 +41,14 @@ pub(super) struct Accepted {
 /// loop (`http1`), which hands a connection that starts with the HTTP/2
 /// preface to hyper's HTTP/2 server.
 pub(super) async fn serve(accepted: Accepted, protocols: Arc<Protocols>, stack: WorkerStack) {
+    // Only what the connection's life needs of the limits: whatever lives
+    // across an await is part of every connection's task.
     let Accepted { mut stream, mut client, proxy_protocol, tls, limits, home, activity, listener: name } = accepted;
+    let Limits {
+        header_read_timeout, client_send_timeout: send_timeout, tls_handshake_timeout, max_header_bytes, ..
+    } = limits;
     if proxy_protocol {
-        match proxy_protocol::read_header(&mut stream, limits.header_read_timeout).await {
+        match proxy_protocol::read_header(&mut stream, header_read_timeout).await {
             Ok(Some(named)) => client = named,
             // The balancer's own connection (its health check).
             Ok(None) => {}
@@ -53,24 +58,21 @@ pub(super) async fn serve(accepted: Accepted, protocols: Arc<Protocols>, stack: 
             }
         }
     }
-    let mut info = ConnInfo::new(client, name);
-    info.tunnels = Some(home);
-    let stream = match tls {
-        None => ClientStream::Plain(stream),
-        Some(config) => match handshake(config, stream, limits.tls_handshake_timeout, &info.listener).await {
-            Some(stream) => {
-                info.tls = true;
-                stream
-            }
+    let (stream, tls) = match tls {
+        None => (ClientStream::Plain(stream), false),
+        Some(config) => match handshake(config, stream, tls_handshake_timeout, &name).await {
+            Some(stream) => (stream, true),
             None => return,
         },
     };
-    let service = stack.for_connection(Arc::new(info), Arc::clone(&activity));
-    let io = SendTimeoutIo::new(stream, limits.client_send_timeout);
-    let settings = http1::Http1Settings {
-        header_read_timeout: limits.header_read_timeout,
-        max_header_bytes: limits.max_header_bytes,
+    let service = {
+        let mut info = ConnInfo::new(client, name);
+        info.tunnels = Some(home);
+        info.tls = tls;
+        stack.for_connection(Arc::new(info), Arc::clone(&activity))
     };
+    let io = SendTimeoutIo::new(stream, send_timeout);
+    let settings = http1::Http1Settings { header_read_timeout, max_header_bytes };
     match http1::serve(io, service.clone(), settings, Arc::clone(&activity)).await {
         http1::Ended::Closed => {}
         http1::Ended::Http2(io, preface) => {
@@ -78,7 +80,7 @@ pub(super) async fn serve(accepted: Accepted, protocols: Arc<Protocols>, stack: 
             let connection =
                 protocols.http2.serve_connection(io, TowerToHyperService::new(ForHttp2Connection(service)));
             // Boxed: an HTTP/1.1 connection's task need not have room for it.
-            Box::pin(drive_connection(connection, activity, limits.client_send_timeout)).await;
+            Box::pin(drive_connection(connection, activity, send_timeout)).await;
         }
     }
 }

@@ -83,10 +83,7 @@ pub(super) async fn serve(
             refuse(&mut io, &mut conn.out, StatusCode::BAD_REQUEST).await;
             return Ended::Closed;
         }
-        // Boxed, with the stack's future inside it: one allocation per request
-        // either way, and a connection waiting for its next request then
-        // carries neither (its task is a few hundred bytes instead of 2.4 KiB).
-        match Box::pin(conn.exchange(&mut io, head, &mut service, &activity)).await {
+        match conn.exchange(&mut io, head, &mut service, &activity).await {
             After::KeepAlive if !activity.close_asked() => {}
             After::KeepAlive | After::Close => {
                 let _ = shutdown(&mut io).await;
@@ -194,7 +191,9 @@ impl Conn {
         .await
     }
 
-    /// One request and its response.
+    /// One request and its response. What lives across its waits is kept
+    /// small (`Started`, the writer, the body): the future is part of the
+    /// connection's task, and so is its size while the connection waits.
     async fn exchange(
         &mut self,
         io: &mut ClientIo,
@@ -202,140 +201,160 @@ impl Conn {
         service: &mut ForConnection,
         activity: &Activity,
     ) -> After {
-        let RequestHead { request, framing, keep_alive, expect_continue, wants_upgrade } = head;
-        let method = request.method().clone();
-        let http11 = request.version() == http::Version::HTTP_11;
-        let (body, mut feeding) = match framing {
-            BodyFraming::Empty => (ClientRequestBody::Empty, None),
-            BodyFraming::Length(length) => {
-                let (body, feeder) = FedBody::new(Some(length));
-                let decoding = Decoding::Length(length);
-                (
-                    ClientRequestBody::Http1(body),
-                    Some(Feeding { feeder, decoding, continue_owed: expect_continue.then_some(0) }),
-                )
-            }
-            BodyFraming::Chunked => {
-                let (body, feeder) = FedBody::new(None);
-                let decoding = Decoding::Chunked(ChunkedDecoder::default());
-                (
-                    ClientRequestBody::Http1(body),
-                    Some(Feeding { feeder, decoding, continue_owed: expect_continue.then_some(0) }),
-                )
-            }
-        };
-        let mut request = request.map(|()| body);
-        let upgrade = wants_upgrade.then(|| {
-            let (sender, receiver) = tokio::sync::oneshot::channel();
-            request.extensions_mut().insert(ClientUpgrade::new(receiver));
-            sender
-        });
-        let mut body_complete = feeding.is_none();
-        let mut body_broken = false;
+        let mut started = start(head, service);
 
         // Until the response head: the stack works, the body is fed when
         // asked, and a client that leaves cancels the request.
-        let response = {
-            let mut future = std::pin::pin!(tower::Service::call(service, request));
-            std::future::poll_fn(|cx| {
-                if let Some(feed) = feeding.as_mut() {
-                    match feed.poll_feed(io, &mut self.buf, cx) {
-                        Poll::Ready(Fed::Complete) => {
-                            body_complete = true;
-                            feeding = None;
-                        }
-                        Poll::Ready(Fed::Abandoned) => feeding = None,
-                        Poll::Ready(Fed::Broken) => {
-                            body_broken = true;
-                            feeding = None;
-                        }
-                        Poll::Pending => {}
-                    }
+        let response = std::future::poll_fn(|cx| {
+            started.feed(io, &mut self.buf, cx);
+            if let Poll::Ready(Ok(response)) = started.future.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            if started.feeding.is_none() && !started.body_broken && self.buf.len() < HEAD_READ {
+                // Watch for the client leaving (and keep any pipelined bytes).
+                if let Poll::Ready(Ok(0) | Err(_)) = poll_read_head(io, &mut self.buf, cx) {
+                    return Poll::Ready(None);
                 }
-                if let Poll::Ready(Ok(response)) = future.as_mut().poll(cx) {
-                    return Poll::Ready(Some(response));
-                }
-                if feeding.is_none() && !body_broken && self.buf.len() < HEAD_READ {
-                    // Watch for the client leaving (and keep any pipelined bytes).
-                    if let Poll::Ready(Ok(0) | Err(_)) = poll_read_head(io, &mut self.buf, cx) {
-                        return Poll::Ready(None);
-                    }
-                }
-                Poll::Pending
-            })
-            .await
-        };
+            }
+            Poll::Pending
+        })
+        .await;
         let Some(response) = response else {
             tracing::debug!("the client closed its connection before the response");
             return After::Gone;
         };
-
-        let (parts, mut body) = response.into_parts();
-        let length = match body.size_hint().exact() {
-            Some(length) => BodyLength::Known(length),
-            None if body.is_end_stream() => BodyLength::Known(0),
-            None => BodyLength::Unknown,
-        };
-        let keep_alive = keep_alive && !activity.close_asked() && !body_broken;
-        self.out.clear();
-        let answering = Answering { method: &method, http11, keep_alive };
-        let (framing, mut keep_alive) =
-            response::encode_response_head(&mut self.out, parts.status, &parts.headers, length, answering);
-        if framing == ResponseFraming::Upgrade {
+        let (mut writer, mut body) = started.respond(response, activity, &mut self.out);
+        if writer.framing == ResponseFraming::Upgrade {
             if write_all(io, &self.out).await.is_err() {
                 return After::Gone;
             }
-            return match upgrade {
-                Some(upgrade) if method != Method::HEAD => After::Upgraded(upgrade),
+            return match started.upgrade.take() {
+                Some(upgrade) if started.method != Method::HEAD => After::Upgraded(upgrade),
                 _ => After::Close,
             };
         }
 
         // The body, while the request body goes on being fed if the backend
         // still reads it (a response may start before the request ends).
-        let mut writer = BodyWriter {
-            framing,
-            left: match framing {
-                ResponseFraming::Length(n) => n,
-                _ => 0,
-            },
-            data: Bytes::new(),
-            tail: &[],
-            head_written: 0,
-            done: false,
-        };
+        if let Some(feeding) = started.feeding.as_mut() {
+            // A final response is on its way: no 100 Continue after it.
+            feeding.continue_owed = None;
+        }
         let written = std::future::poll_fn(|cx| {
-            if let Some(feed) = feeding.as_mut() {
-                // A final response is on its way: no 100 Continue after it.
-                feed.continue_owed = None;
-                match feed.poll_feed(io, &mut self.buf, cx) {
-                    Poll::Ready(Fed::Complete) => {
-                        body_complete = true;
-                        feeding = None;
-                    }
-                    Poll::Ready(Fed::Abandoned | Fed::Broken) => feeding = None,
-                    Poll::Pending => {}
-                }
-            }
+            started.feed(io, &mut self.buf, cx);
             writer.poll_write(io, &mut self.out, &mut body, cx)
         })
         .await;
-        match written {
-            Ok(()) => {}
-            Err(error) => {
-                tracing::debug!(%error, "response not completed");
-                return After::Gone;
-            }
+        if let Err(error) = written {
+            tracing::debug!(%error, "response not completed");
+            return After::Gone;
         }
-        if !body_complete {
-            // Unread body bytes must never be read as a request.
-            keep_alive = false;
-        }
-        if keep_alive {
+        // Unread body bytes must never be read as a request.
+        if writer.keep_alive && started.body_complete {
             After::KeepAlive
         } else {
             After::Close
         }
+    }
+}
+
+/// A request handed to the stack, and what its exchange goes on with.
+struct Started {
+    future: Pin<Box<StackFuture>>,
+    feeding: Option<Feeding>,
+    upgrade: Option<tokio::sync::oneshot::Sender<RewoundClient>>,
+    method: Method,
+    http11: bool,
+    keep_alive: bool,
+    body_complete: bool,
+    body_broken: bool,
+}
+
+type StackFuture = <ForConnection as tower::Service<http::Request<ClientRequestBody>>>::Future;
+
+/// Makes the request from its head, with its body and upgrade, and calls the stack.
+fn start(head: RequestHead, service: &mut ForConnection) -> Started {
+    let RequestHead { request, framing, keep_alive, expect_continue, wants_upgrade } = head;
+    let method = request.method().clone();
+    let http11 = request.version() == http::Version::HTTP_11;
+    let continue_owed = expect_continue.then_some(0);
+    let (body, feeding) = match framing {
+        BodyFraming::Empty => (ClientRequestBody::Empty, None),
+        BodyFraming::Length(length) => {
+            let (body, feeder) = FedBody::new(Some(length));
+            let feeding = Feeding { feeder, decoding: Decoding::Length(length), continue_owed };
+            (ClientRequestBody::Http1(body), Some(feeding))
+        }
+        BodyFraming::Chunked => {
+            let (body, feeder) = FedBody::new(None);
+            let feeding = Feeding { feeder, decoding: Decoding::Chunked(ChunkedDecoder::default()), continue_owed };
+            (ClientRequestBody::Http1(body), Some(feeding))
+        }
+    };
+    let mut request = request.map(|()| body);
+    let upgrade = wants_upgrade.then(|| {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        request.extensions_mut().insert(ClientUpgrade::new(receiver));
+        sender
+    });
+    let body_complete = feeding.is_none();
+    Started {
+        // Boxed (about 300 bytes, from the allocator's thread cache): a
+        // connection that waits for its next request has no room for it.
+        future: Box::pin(tower::Service::call(service, request)),
+        feeding,
+        upgrade,
+        method,
+        http11,
+        keep_alive,
+        body_complete,
+        body_broken: false,
+    }
+}
+
+impl Started {
+    /// Feeds the request body if it is being read and asked for.
+    fn feed(&mut self, io: &mut ClientIo, buf: &mut BytesMut, cx: &mut Context<'_>) {
+        let Some(feeding) = self.feeding.as_mut() else { return };
+        match feeding.poll_feed(io, buf, cx) {
+            Poll::Ready(Fed::Complete) => {
+                self.body_complete = true;
+                self.feeding = None;
+            }
+            Poll::Ready(Fed::Abandoned) => self.feeding = None,
+            Poll::Ready(Fed::Broken) => {
+                self.body_broken = true;
+                self.feeding = None;
+            }
+            Poll::Pending => {}
+        }
+    }
+
+    /// Writes the response head into `out`; the writer of its body, and the body.
+    fn respond(
+        &mut self,
+        response: http::Response<ActivityBody>,
+        activity: &Activity,
+        out: &mut Vec<u8>,
+    ) -> (BodyWriter, ActivityBody) {
+        let (parts, body) = response.into_parts();
+        let length = match body.size_hint().exact() {
+            Some(length) => BodyLength::Known(length),
+            None if body.is_end_stream() => BodyLength::Known(0),
+            None => BodyLength::Unknown,
+        };
+        let keep_alive = self.keep_alive && !activity.close_asked() && !self.body_broken;
+        out.clear();
+        let answering = Answering { method: &self.method, http11: self.http11, keep_alive };
+        let (framing, keep_alive) =
+            response::encode_response_head(out, parts.status, &parts.headers, length, answering);
+        let left = match framing {
+            ResponseFraming::Length(length) => length,
+            _ => 0,
+        };
+        let writer =
+            BodyWriter { framing, keep_alive, left, data: Bytes::new(), tail: &[], head_written: 0, done: false };
+        (writer, body)
     }
 }
 
@@ -451,6 +470,8 @@ impl Feeding {
 /// The response body on its way out, framed.
 struct BodyWriter {
     framing: ResponseFraming,
+    /// The connection stays open after this response, as its head says.
+    keep_alive: bool,
     /// Bytes still owed under a `Content-Length`.
     left: u64,
     /// The frame being written, after `out` (the head or a chunk's prefix).
