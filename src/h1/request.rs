@@ -149,7 +149,8 @@ pub fn parse_request_head(buf: &mut BytesMut, max_head_bytes: usize) -> Result<O
                     keep_alive = true;
                 }
             }
-            header::EXPECT => expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue"),
+            // HTTP/1.0 clients know no 100 (RFC 9110 10.1.1): they would take it for the response.
+            header::EXPECT => expect_continue = http11 && value.as_bytes().eq_ignore_ascii_case(b"100-continue"),
             header::UPGRADE => wants_upgrade = http11,
             _ => {}
         }
@@ -287,6 +288,8 @@ mod tests {
         let head = parse(b"PUT / HTTP/1.1\r\nExpect: 100-Continue\r\nUpgrade: websocket\r\n\r\n").unwrap().unwrap();
         assert!(head.expect_continue && head.wants_upgrade);
         assert!(!parse(b"GET / HTTP/1.0\r\nUpgrade: websocket\r\n\r\n").unwrap().unwrap().wants_upgrade);
+        let old = parse(b"POST / HTTP/1.0\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").unwrap().unwrap();
+        assert!(!old.expect_continue, "no 100 to an HTTP/1.0 client");
     }
 
     #[test]

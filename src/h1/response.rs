@@ -92,8 +92,9 @@ pub fn encode_response_head(
     {
         ResponseFraming::Empty
     } else if answering.method == Method::HEAD {
-        // The length of the body a GET would have had, as the backend said.
-        if let Some(length) = declared {
+        // The length of the body a GET would have had, as the backend said
+        // (when it is one number).
+        if let Some(length) = declared.filter(|length| parse_length(length).is_some()) {
             write_length_line(out, length);
         }
         ResponseFraming::Empty

@@ -228,8 +228,10 @@ impl Conn {
             if write_all(io, &self.out).await.is_err() {
                 return After::Gone;
             }
+            // The tunnel starts where the request ended: a body still being
+            // read would reach the backend raw, after frames re-encoded.
             return match started.upgrade.take() {
-                Some(upgrade) if started.method != Method::HEAD => After::Upgraded(upgrade),
+                Some(upgrade) if started.method != Method::HEAD && started.body_complete => After::Upgraded(upgrade),
                 _ => After::Close,
             };
         }
@@ -242,12 +244,30 @@ impl Conn {
         }
         let written = std::future::poll_fn(|cx| {
             started.feed(io, &mut self.buf, cx);
-            writer.poll_write(io, &mut self.out, &mut body, cx)
+            if let Poll::Ready(written) = writer.poll_write(io, &mut self.out, &mut body, cx) {
+                return Poll::Ready(Some(written));
+            }
+            // A client that leaves while its response waits for the backend
+            // ends the exchange now, not at the backend's next byte: the
+            // backend's slot is freed with it.
+            if started.feeding.is_none() && self.buf.len() < HEAD_READ {
+                if let Poll::Ready(Ok(0) | Err(_)) = poll_read_head(io, &mut self.buf, cx) {
+                    return Poll::Ready(None);
+                }
+            }
+            Poll::Pending
         })
         .await;
-        if let Err(error) = written {
-            tracing::debug!(%error, "response not completed");
-            return After::Gone;
+        match written {
+            Some(Ok(())) => {}
+            Some(Err(error)) => {
+                tracing::debug!(%error, "response not completed");
+                return After::Gone;
+            }
+            None => {
+                tracing::debug!("the client closed its connection during the response");
+                return After::Gone;
+            }
         }
         // Unread body bytes must never be read as a request.
         if writer.keep_alive && started.body_complete {
@@ -337,13 +357,22 @@ impl Started {
         activity: &Activity,
         out: &mut Vec<u8>,
     ) -> (BodyWriter, ActivityBody) {
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
+        if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            // Not a final response: the client would wait for another head.
+            tracing::warn!(status = %parts.status, "an interim status as a final response; answering 502");
+            parts.status = StatusCode::BAD_GATEWAY;
+            self.keep_alive = false;
+        }
         let length = match body.size_hint().exact() {
             Some(length) => BodyLength::Known(length),
             None if body.is_end_stream() => BodyLength::Known(0),
             None => BodyLength::Unknown,
         };
-        let keep_alive = self.keep_alive && !activity.close_asked() && !self.body_broken;
+        // A body abandoned unread closes the connection after this response:
+        // say so in its head, so that a pipelining client knows.
+        let body_unread = self.feeding.is_none() && !self.body_complete;
+        let keep_alive = self.keep_alive && !activity.close_asked() && !self.body_broken && !body_unread;
         out.clear();
         let answering = Answering { method: &self.method, http11: self.http11, keep_alive };
         let (framing, keep_alive) =

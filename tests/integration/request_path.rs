@@ -491,3 +491,45 @@ async fn a_gateway_error_names_the_error_and_never_the_backend_address() {
         assert!(!answer.body.contains("secret-pool"), "{}", answer.body);
     }
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_while_its_response_stalls_frees_the_bot_at_once() {
+    // The first response sends its head and 3 of 100 bytes, then nothing.
+    let bot = scripted(|mut stream, index| async move {
+        let mut buf = Vec::new();
+        while read_head(&mut stream, &mut buf).await.is_some() {
+            let reply: &[u8] = if index == 0 {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"
+            };
+            if stream.write_all(reply).await.is_err() {
+                return;
+            }
+            if index == 0 {
+                // Until the proxy lets go of this connection.
+                let _ = stream.read(&mut [0u8; 1]).await;
+                return;
+            }
+        }
+    })
+    .await;
+    // The backend's silence alone would hold the bot for a minute.
+    let proxy = start_proxy(&one_job_bot(bot, "backend_read_timeout: 60s")).await;
+    let mut leaving = TcpStream::connect(proxy.addr).await.unwrap();
+    leaving.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"abc") {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(20), leaving.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(status_of(&proxy).await["upstreams"][0]["backends"][0]["in_flight"], 1);
+    drop(leaving);
+    // The next job gets the bot long before backend_read_timeout.
+    let next = tokio::time::timeout(Duration::from_secs(20), get(&client(), &proxy.url("/second")))
+        .await
+        .expect("the bot was freed when its client left");
+    assert_eq!((next.status.as_u16(), next.body.as_str()), (200, "next"));
+}

@@ -249,6 +249,26 @@ fn persistent(version: Version, headers: &HeaderMap) -> bool {
     }
 }
 
+/// The length of the chunk-size line at the front of `buf`, its CRLF
+/// included; `None` while it is incomplete. A line that is too long, or with
+/// a CR or LF anywhere but at its end (a bare LF inside an extension is where
+/// two readers of one body part ways), is malformed.
+fn size_line(buf: &[u8]) -> Result<Option<usize>, Malformed> {
+    let window = &buf[..buf.len().min(MAX_CHUNK_LINE)];
+    let Some(lf) = window.iter().position(|&b| b == b'\n') else {
+        return if buf.len() >= MAX_CHUNK_LINE { Err(Malformed::Chunk) } else { Ok(None) };
+    };
+    if lf == 0 || buf[lf - 1] != b'\r' || window[..lf - 1].contains(&b'\r') {
+        return Err(Malformed::Chunk);
+    }
+    Ok(Some(lf + 1))
+}
+
+/// Every LF in `lines` follows a CR.
+fn lines_end_in_crlf(lines: &[u8]) -> bool {
+    lines.iter().enumerate().all(|(at, &b)| b != b'\n' || (at > 0 && lines[at - 1] == b'\r'))
+}
+
 /// Reads a chunked body (RFC 9112 section 7.1) from a buffer that fills as
 /// bytes arrive.
 #[derive(Debug)]
@@ -287,18 +307,22 @@ impl ChunkedDecoder {
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Chunk, Malformed> {
         loop {
             match self.state {
-                ChunkState::Size => match httparse::parse_chunk_size(buf) {
-                    // httparse reads a line without a digit (`\r\n`, `;x\r\n`)
-                    // as size 0, the last chunk: the body would end early and
-                    // what follows would be read as the next response.
-                    Ok(httparse::Status::Complete(_)) if !buf[0].is_ascii_hexdigit() => return Err(Malformed::Chunk),
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        buf.advance(used);
-                        self.state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
-                    }
-                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => return Err(Malformed::Chunk),
-                    Ok(httparse::Status::Partial) => return Ok(Chunk::Incomplete),
-                    Err(_) => return Err(Malformed::Chunk),
+                ChunkState::Size => match size_line(buf)?.map(|line| httparse::parse_chunk_size(&buf[..line])) {
+                    None => return Ok(Chunk::Incomplete),
+                    Some(parsed) => match parsed {
+                        // httparse reads a line without a digit (`\r\n`, `;x\r\n`)
+                        // as size 0, the last chunk: the body would end early and
+                        // what follows would be read as the next response.
+                        Ok(httparse::Status::Complete(_)) if !buf[0].is_ascii_hexdigit() => {
+                            return Err(Malformed::Chunk)
+                        }
+                        Ok(httparse::Status::Complete((used, size))) => {
+                            buf.advance(used);
+                            self.state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
+                        }
+                        // The whole line is there: httparse wanting more means it is not one.
+                        Ok(httparse::Status::Partial) | Err(_) => return Err(Malformed::Chunk),
+                    },
                 },
                 ChunkState::Data(left) => {
                     if buf.is_empty() {
@@ -331,6 +355,11 @@ impl ChunkedDecoder {
                     }
                     let mut slots = [httparse::EMPTY_HEADER; 32];
                     match httparse::parse_headers(buf, &mut slots) {
+                        // Lines end in CRLF, as the chunk lines do: httparse
+                        // also takes a bare LF, which another reader may not.
+                        Ok(httparse::Status::Complete((used, _))) if !lines_end_in_crlf(&buf[..used]) => {
+                            return Err(Malformed::Trailers)
+                        }
                         Ok(httparse::Status::Complete((used, lines))) => {
                             let mut trailers = HeaderMap::with_capacity(lines.len());
                             for line in lines.iter() {
@@ -515,6 +544,27 @@ mod tests {
         let mut decoder = ChunkedDecoder::default();
         let mut buf = BytesMut::from(&[b'1'; MAX_CHUNK_LINE + 1][..]);
         assert_eq!(decoder.decode(&mut buf).unwrap_err(), Malformed::Chunk);
+    }
+
+    #[test]
+    fn chunk_lines_end_in_crlf_and_nowhere_else() {
+        let long_extension = format!("2;{}\r\nxx\r\n", "e".repeat(MAX_CHUNK_LINE));
+        let lines: [&[u8]; 5] =
+            [b"2;\nxx\r\n", b"2\nxx\r\n", b"2;a\rb\r\nxx\r\n", b"2\r\r\nxx\r\n", long_extension.as_bytes()];
+        for wire in lines {
+            let mut buf = BytesMut::from(wire);
+            let refused = ChunkedDecoder::default().decode(&mut buf);
+            assert_eq!(refused.unwrap_err(), Malformed::Chunk, "{:?}", String::from_utf8_lossy(wire));
+        }
+        for wire in [&b"0\r\n\nGET"[..], b"0\r\nx: y\n\r\n", b"0\r\nx: y\r\n\n"] {
+            let mut buf = BytesMut::from(wire);
+            let refused = ChunkedDecoder::default().decode(&mut buf);
+            assert_eq!(refused.unwrap_err(), Malformed::Trailers, "{:?}", String::from_utf8_lossy(wire));
+        }
+        let mut buf = BytesMut::from(&b"2;name=\"v\"\r\nxx\r\n0\r\n\r\n"[..]);
+        let mut decoder = ChunkedDecoder::default();
+        assert!(matches!(decoder.decode(&mut buf).unwrap(), Chunk::Data(d) if d == "xx"));
+        assert!(matches!(decoder.decode(&mut buf).unwrap(), Chunk::End));
     }
 
     /// Arbitrary and mangled bytes from a backend never panic the parser or
