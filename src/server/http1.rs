@@ -239,8 +239,11 @@ impl Conn {
         // The body, while the request body goes on being fed if the backend
         // still reads it (a response may start before the request ends).
         if let Some(feeding) = started.feeding.as_mut() {
-            // A final response is on its way: no 100 Continue after it.
-            feeding.continue_owed = None;
+            // A final response is on its way: no 100 Continue after it, but
+            // one partly written is finished before it.
+            if let Some(written) = feeding.continue_owed.take().filter(|&written| written > 0) {
+                self.out.splice(0..0, CONTINUE[written..].iter().copied());
+            }
         }
         let written = std::future::poll_fn(|cx| {
             started.feed(io, &mut self.buf, cx);

@@ -194,3 +194,27 @@ async fn one_connection_carries_bodies_chunks_and_pipelined_requests_each_read_o
         assert_eq!(backend.hits(), 5);
     }
 }
+
+#[tokio::test]
+async fn a_client_that_waits_on_expect_gets_100_continue_then_its_response() {
+    let backend = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config("{ policy: round_robin }", &[&backend], "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /job HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    // Nothing of the body is sent until the proxy says to.
+    let mut interim = Vec::new();
+    while !interim.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut byte)).await.unwrap().unwrap();
+        assert_eq!(n, 1, "closed before 100 Continue: {:?}", String::from_utf8_lossy(&interim));
+        interim.push(byte[0]);
+    }
+    assert_eq!(interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"hello").await.unwrap();
+    let heads = read_responses(&mut stream, 1).await;
+    assert!(heads[0].starts_with("http/1.1 200"), "{}", heads[0]);
+    assert_eq!(backend.stats.bytes_received.load(std::sync::atomic::Ordering::SeqCst), 5);
+}
