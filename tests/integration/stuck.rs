@@ -314,6 +314,31 @@ async fn a_slow_request_head_is_cut_off_by_header_read_timeout() {
 }
 
 #[tokio::test]
+async fn a_keep_alive_connections_next_head_is_bounded_from_its_first_byte() {
+    let backend = Backend::start("a").await;
+    let yaml = PoolConfig::new(&[&backend])
+        .balance("{ policy: round_robin }")
+        .limit("header_read_timeout", "300ms")
+        .limit("idle_timeout", "60s")
+        .yaml();
+    let proxy = start_proxy(&yaml).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buffer = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buffer)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
+    // The next head starts and stops: only header_read_timeout, not the
+    // minute of idle_timeout, may keep the connection waiting for the rest.
+    stream.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest))
+        .await
+        .expect("a half-sent second head is not waited for until idle_timeout")
+        .unwrap();
+    assert_eq!(backend.hits(), 1);
+}
+
+#[tokio::test]
 async fn max_connections_holds_the_next_client_until_one_leaves() {
     let backend = Backend::start("a").await;
     let yaml = PoolConfig::new(&[&backend])
