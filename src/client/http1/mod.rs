@@ -700,3 +700,35 @@ impl AsyncWrite for Upgraded {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pooled_connection_gives_back_a_buffer_grown_for_a_large_body() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = || async { tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap() };
+        let connection = |tcp, read_buf: BytesMut, read_size| Connection {
+            io: Stream::Plain(tcp),
+            backend: Arc::from("bot"),
+            read_buf,
+            write_buf: Vec::new(),
+            read_size,
+        };
+        // Grown to the cap by a large body, and empty: given back.
+        let mut grown = connection(connect().await, BytesMut::with_capacity(MAX_READ), MAX_READ);
+        grown.release_large_buffer();
+        assert_eq!((grown.read_buf.capacity(), grown.read_size), (0, MIN_READ));
+        // Still holding bytes (never the case for a pooled one, but never lost).
+        let mut holding = BytesMut::with_capacity(MAX_READ);
+        holding.extend_from_slice(b"HTTP/1.1");
+        let mut busy = connection(connect().await, holding, MAX_READ);
+        busy.release_large_buffer();
+        assert_eq!(&busy.read_buf[..], b"HTTP/1.1");
+        // The size small responses use is kept: no allocation for the next one.
+        let mut small = connection(connect().await, BytesMut::with_capacity(MIN_READ), MIN_READ);
+        small.release_large_buffer();
+        assert!(small.read_buf.capacity() >= MIN_READ);
+    }
+}
