@@ -218,21 +218,24 @@ impl ClientUpgrade {
     }
 }
 
-/// A client connection with the bytes the listener already read from it put
-/// back in front: after a 101, what the client sent after its request; for
-/// HTTP/2, the preface the listener read to tell the protocols apart.
-pub struct RewoundClient {
-    io: SendTimeoutIo<crate::tls::ClientStream>,
+/// A stream with the bytes already read from it put back in front: after a
+/// 101, what the other side sent after the head (both ways of a tunnel); on
+/// a listener, the HTTP/2 preface read to tell the protocols apart.
+pub struct Rewound<T> {
+    io: T,
     early: bytes::Bytes,
 }
 
-impl RewoundClient {
-    pub fn new(io: SendTimeoutIo<crate::tls::ClientStream>, early: bytes::Bytes) -> Self {
-        RewoundClient { io, early }
+/// A client connection, rewound.
+pub type RewoundClient = Rewound<SendTimeoutIo<crate::tls::ClientStream>>;
+
+impl<T> Rewound<T> {
+    pub fn new(io: T, early: bytes::Bytes) -> Self {
+        Rewound { io, early }
     }
 }
 
-impl AsyncRead for RewoundClient {
+impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.early.is_empty() {
@@ -244,7 +247,7 @@ impl AsyncRead for RewoundClient {
     }
 }
 
-impl AsyncWrite for RewoundClient {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewound<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }

@@ -7,3 +7,24 @@
 
 pub mod request;
 pub mod response;
+
+use http::HeaderValue;
+
+/// A length value (`Content-Length`): decimal digits only (no sign, no
+/// list), at most what a u64 holds.
+pub(crate) fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |sum, digit| sum.checked_mul(10)?.checked_add(u64::from(digit - b'0')))
+}
+
+/// The comma-separated tokens of a header value, trimmed.
+fn tokens(value: &HeaderValue) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// Whether `value` lists `token` (ASCII case ignored), as `Connection` does.
+fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token))
+}

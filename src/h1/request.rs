@@ -133,7 +133,7 @@ pub fn parse_request_head(buf: &mut BytesMut, max_head_bytes: usize) -> Result<O
                 chunked_last = last_token_is(&value, b"chunked");
             }
             header::CONTENT_LENGTH => {
-                let length = content_length(&value).ok_or(Refused::Malformed("content-length"))?;
+                let length = super::parse_length(value.as_bytes()).ok_or(Refused::Malformed("content-length"))?;
                 if length_seen.is_some_and(|seen| seen != length) {
                     return Err(Refused::Malformed("conflicting content-length"));
                 }
@@ -143,9 +143,9 @@ pub fn parse_request_head(buf: &mut BytesMut, max_head_bytes: usize) -> Result<O
                 length_seen = Some(length);
             }
             header::CONNECTION => {
-                if has_token(&value, b"close") {
+                if super::has_token(&value, b"close") {
                     close = true;
-                } else if !http11 && has_token(&value, b"keep-alive") {
+                } else if !http11 && super::has_token(&value, b"keep-alive") {
                     keep_alive = true;
                 }
             }
@@ -185,26 +185,8 @@ pub fn parse_request_head(buf: &mut BytesMut, max_head_bytes: usize) -> Result<O
     Ok(Some(RequestHead { request, framing, keep_alive: keep_alive && !close, expect_continue, wants_upgrade }))
 }
 
-/// A `Content-Length` value: decimal digits only (no sign, no list), at
-/// most what a u64 holds.
-fn content_length(value: &HeaderValue) -> Option<u64> {
-    let digits = value.as_bytes();
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |sum, digit| sum.checked_mul(10)?.checked_add(u64::from(digit - b'0')))
-}
-
-fn tokens(value: &HeaderValue) -> impl DoubleEndedIterator<Item = &[u8]> {
-    value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii)
-}
-
-fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
-    tokens(value).any(|t| t.eq_ignore_ascii_case(token))
-}
-
 fn last_token_is(value: &HeaderValue, token: &[u8]) -> bool {
-    tokens(value).next_back().is_some_and(|t| t.eq_ignore_ascii_case(token))
+    super::tokens(value).next_back().is_some_and(|t| t.eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]

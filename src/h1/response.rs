@@ -9,14 +9,15 @@ use std::cell::RefCell;
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode};
 
-/// How the body follows the head.
+/// How a response body follows its head (the backend client reads by it too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseFraming {
     /// No body bytes at all (HEAD, 1xx, 204, 304, or a body known empty).
     Empty,
     Length(u64),
     Chunked,
-    /// Until the connection closes: a body of unknown length to HTTP/1.0.
+    /// Until the connection closes (a body of unknown length to HTTP/1.0, or
+    /// a backend's without a length).
     UntilClose,
     /// 101: the connection becomes a tunnel after the head.
     Upgrade,
@@ -59,6 +60,7 @@ pub fn encode_response_head(
         out.extend_from_slice(b"\r\n");
     }
     let mut date = false;
+    let mut connection = false;
     let mut declared: Option<&[u8]> = None;
     for (name, value) in headers {
         match *name {
@@ -68,10 +70,11 @@ pub fn encode_response_head(
                 declared.get_or_insert(value.as_bytes());
                 continue;
             }
-            header::CONNECTION
-                if value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")) =>
-            {
-                keep_alive = false;
+            header::CONNECTION => {
+                connection = true;
+                if super::has_token(value, b"close") {
+                    keep_alive = false;
+                }
             }
             header::DATE => date = true,
             _ => {}
@@ -94,7 +97,7 @@ pub fn encode_response_head(
     } else if answering.method == Method::HEAD {
         // The length of the body a GET would have had, as the backend said
         // (when it is one number).
-        if let Some(length) = declared.filter(|length| parse_length(length).is_some()) {
+        if let Some(length) = declared.filter(|length| super::parse_length(length).is_some()) {
             write_length_line(out, length);
         }
         ResponseFraming::Empty
@@ -102,7 +105,7 @@ pub fn encode_response_head(
         // A body of unknown length with a declared one is held to it.
         let known = match body {
             BodyLength::Known(length) => Some(length),
-            BodyLength::Unknown => declared.and_then(parse_length),
+            BodyLength::Unknown => declared.and_then(super::parse_length),
         };
         match known {
             Some(length) => {
@@ -126,7 +129,7 @@ pub fn encode_response_head(
         }
     };
     if framing != ResponseFraming::Upgrade {
-        if !keep_alive && !headers.contains_key(header::CONNECTION) {
+        if !keep_alive && !connection {
             out.extend_from_slice(b"connection: close\r\n");
         } else if keep_alive && !answering.http11 {
             out.extend_from_slice(b"connection: keep-alive\r\n");
@@ -145,13 +148,6 @@ fn write_length_line(out: &mut Vec<u8>, length: &[u8]) {
     out.extend_from_slice(b"content-length: ");
     out.extend_from_slice(length);
     out.extend_from_slice(b"\r\n");
-}
-
-fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |sum, digit| sum.checked_mul(10)?.checked_add(u64::from(digit - b'0')))
 }
 
 /// A one-line response the listener makes itself, to a request it refused

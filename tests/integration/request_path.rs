@@ -89,11 +89,11 @@ fn one_job_bot(bot: SocketAddr, limits: &str) -> String {
     )
 }
 
-#[tokio::test]
-async fn a_backend_that_stalls_mid_body_is_cut_off_and_frees_its_bot() {
-    // The first response promises 100 bytes, sends 3, and then nothing,
-    // with the connection left open; every later one is whole.
-    let bot = scripted(|mut stream, index| async move {
+/// A bot whose first response promises 100 bytes, sends 3 (`abc`) and then
+/// nothing, its connection left open until the proxy lets go of it; every
+/// later response is whole (`next`).
+async fn bot_stalling_its_first_response() -> SocketAddr {
+    scripted(|mut stream, index| async move {
         let mut buf = Vec::new();
         while read_head(&mut stream, &mut buf).await.is_some() {
             let reply: &[u8] = if index == 0 {
@@ -105,11 +105,17 @@ async fn a_backend_that_stalls_mid_body_is_cut_off_and_frees_its_bot() {
                 return;
             }
             if index == 0 {
-                std::future::pending::<()>().await;
+                let _ = stream.read(&mut [0u8; 1]).await;
+                return;
             }
         }
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_backend_that_stalls_mid_body_is_cut_off_and_frees_its_bot() {
+    let bot = bot_stalling_its_first_response().await;
     let proxy = start_proxy(&one_job_bot(bot, "backend_read_timeout: 1s")).await;
 
     let started = Instant::now();
@@ -494,26 +500,7 @@ async fn a_gateway_error_names_the_error_and_never_the_backend_address() {
 
 #[tokio::test]
 async fn a_client_that_leaves_while_its_response_stalls_frees_the_bot_at_once() {
-    // The first response sends its head and 3 of 100 bytes, then nothing.
-    let bot = scripted(|mut stream, index| async move {
-        let mut buf = Vec::new();
-        while read_head(&mut stream, &mut buf).await.is_some() {
-            let reply: &[u8] = if index == 0 {
-                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc"
-            } else {
-                b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"
-            };
-            if stream.write_all(reply).await.is_err() {
-                return;
-            }
-            if index == 0 {
-                // Until the proxy lets go of this connection.
-                let _ = stream.read(&mut [0u8; 1]).await;
-                return;
-            }
-        }
-    })
-    .await;
+    let bot = bot_stalling_its_first_response().await;
     // The backend's silence alone would hold the bot for a minute.
     let proxy = start_proxy(&one_job_bot(bot, "backend_read_timeout: 60s")).await;
     let mut leaving = TcpStream::connect(proxy.addr).await.unwrap();

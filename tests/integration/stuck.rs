@@ -294,8 +294,8 @@ async fn a_stuck_backend_with_a_per_try_timeout_is_retried_elsewhere() {
     assert_eq!(metric_value(&scrape, "switchyard_retries_total", &[("reason", "timeout")]), Some(1.0));
 }
 
-#[tokio::test]
-async fn a_slow_request_head_is_cut_off_by_header_read_timeout() {
+/// A proxy whose clients have 300 ms to send a head and a minute between requests.
+async fn proxy_with_a_short_head_timeout() -> (Backend, Proxy) {
     let backend = Backend::start("a").await;
     let yaml = PoolConfig::new(&[&backend])
         .balance("{ policy: round_robin }")
@@ -303,6 +303,12 @@ async fn a_slow_request_head_is_cut_off_by_header_read_timeout() {
         .limit("idle_timeout", "60s")
         .yaml();
     let proxy = start_proxy(&yaml).await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn a_slow_request_head_is_cut_off_by_header_read_timeout() {
+    let (backend, proxy) = proxy_with_a_short_head_timeout().await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let mut answer = Vec::new();
@@ -315,13 +321,7 @@ async fn a_slow_request_head_is_cut_off_by_header_read_timeout() {
 
 #[tokio::test]
 async fn a_keep_alive_connections_next_head_is_bounded_from_its_first_byte() {
-    let backend = Backend::start("a").await;
-    let yaml = PoolConfig::new(&[&backend])
-        .balance("{ policy: round_robin }")
-        .limit("header_read_timeout", "300ms")
-        .limit("idle_timeout", "60s")
-        .yaml();
-    let proxy = start_proxy(&yaml).await;
+    let (backend, proxy) = proxy_with_a_short_head_timeout().await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut buffer = [0u8; 1024];

@@ -110,18 +110,9 @@ pub fn chunk_prefix(length: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// How the response body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResponseFraming {
-    /// No body: HEAD, 204, 304.
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Until the backend closes the connection.
-    UntilClose,
-    /// 101: the connection now belongs to another protocol.
-    Upgrade,
-}
+/// How the response body is delimited: one type for responses read from
+/// backends and written to clients.
+pub use crate::h1::response::ResponseFraming;
 
 /// A parsed response head.
 #[derive(Debug)]

@@ -32,7 +32,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 
 use self::codec::{Chunk, ChunkedDecoder, Malformed, RequestFraming, ResponseFraming};
 use super::connect::ConnectError;
@@ -632,7 +632,7 @@ impl UpstreamBody {
         body.decoding = Decoding::Done;
         let connection = body.connection.take()?;
         let Connection { io, mut read_buf, .. } = *connection;
-        Some(Upgraded { io, early: read_buf.split().freeze() })
+        Some(Upgraded::new(io, read_buf.split().freeze()))
     }
 }
 
@@ -670,36 +670,7 @@ impl Body for UpstreamBody {
 
 /// A backend connection after a 101: the bytes it sent after the response
 /// head come first, then the connection itself.
-pub struct Upgraded {
-    io: BackendStream,
-    early: Bytes,
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if !this.early.is_empty() {
-            let take = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early.split_to(take));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
+pub type Upgraded = crate::conn::Rewound<BackendStream>;
 
 #[cfg(test)]
 mod tests {
