@@ -17,8 +17,9 @@
 #                                          feature each: access log, retries, breaker,
 #                                          least_loaded, consistent_hash, queue; c64)
 #        TLS=1 benches/load/compare.sh      (TLS on the proxies' listeners: keep-alive c64,
-#                                          and a new connection and full handshake per
-#                                          request; ECDSA P-256 certificate, TLS 1.3)
+#                                          HTTP/2 over TLS as h2c's load (tls-h2), and a new
+#                                          connection and full handshake per request;
+#                                          ECDSA P-256 certificate, TLS 1.3)
 #        ALT_BIN=/path/to/switchyard TARGETS="switchyard switchyard@alt haproxy" ...
 #                                         (`switchyard@alt` is the plain config run by
 #                                          another build, e.g. other release settings)
@@ -49,7 +50,7 @@ if [ "$FEATURES" = 1 ]; then
   SCENARIOS=${SCENARIOS:-c64}
 fi
 TLS=${TLS:-0}
-[ "$TLS" = 1 ] && SCENARIOS=${SCENARIOS:-"tls-c64 tls-new"}
+[ "$TLS" = 1 ] && SCENARIOS=${SCENARIOS:-"tls-c64 tls-h2 tls-new"}
 INSTRUCTIONS=${INSTRUCTIONS:-0}
 if [ "$INSTRUCTIONS" = 1 ]; then
   TARGETS=${TARGETS:-"switchyard${ALT_BIN:+ switchyard@alt}"}
@@ -131,7 +132,7 @@ cat "$work/tls.pem" "$work/tls.key" >"$work/tls-combined.pem"
 # adds one feature to it, to measure what each costs (FEATURES=1 runs them all).
 switchyard_config() { # target
   local feature=${1#switchyard} access=false policy="{ policy: round_robin }" route="" upstream="" tls_listener=""
-  [ "$TLS" = 1 ] && tls_listener="  - { name: bench-tls, bind: \"127.0.0.1:${TLS_PORT[$1]}\", tls: { certificates: [{ cert: \"$work/tls.pem\", key: \"$work/tls.key\" }], alpn: [http/1.1] } }"
+  [ "$TLS" = 1 ] && tls_listener="  - { name: bench-tls, bind: \"127.0.0.1:${TLS_PORT[$1]}\", tls: { certificates: [{ cert: \"$work/tls.pem\", key: \"$work/tls.key\" }], alpn: [h2, http/1.1] } }"
   [ "$feature" = "@alt" ] && feature=""
   case $feature in
     "") ;;
@@ -181,7 +182,7 @@ defaults
 frontend web
   bind 127.0.0.1:${H1_PORT[haproxy]}
   bind 127.0.0.1:${H2_PORT[haproxy]} proto h2
-$([ "$TLS" = 1 ] && echo "  bind 127.0.0.1:${TLS_PORT[haproxy]} ssl crt $work/tls-combined.pem alpn http/1.1")
+$([ "$TLS" = 1 ] && echo "  bind 127.0.0.1:${TLS_PORT[haproxy]} ssl crt $work/tls-combined.pem alpn h2,http/1.1")
   default_backend pool
 backend pool
   balance roundrobin
@@ -204,7 +205,7 @@ http {
   server {
     listen 127.0.0.1:${H1_PORT[nginx]};
     listen 127.0.0.1:${H2_PORT[nginx]} http2;
-$([ "$TLS" = 1 ] && printf '    listen 127.0.0.1:%s ssl;\n    ssl_certificate %s;\n    ssl_certificate_key %s;' "${TLS_PORT[nginx]}" "$work/tls.pem" "$work/tls.key")
+$([ "$TLS" = 1 ] && printf '    listen 127.0.0.1:%s ssl http2;\n    ssl_certificate %s;\n    ssl_certificate_key %s;' "${TLS_PORT[nginx]}" "$work/tls.pem" "$work/tls.key")
     location / { proxy_pass http://pool; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
@@ -358,8 +359,12 @@ run() { # target scenario round
       p99=$(awk '$1 == "99%" { print $2 }' "$out")
       errors=$(awk '/Non-2xx/ { n += $NF } /Socket errors/ { gsub(",", ""); for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i } END { print n + 0 }' "$out")
       ;;
-    h2c)
-      h2load -c16 -m16 -D "$DURATION" "http://127.0.0.1:${H2_PORT[$target]}/" >"$out"
+    h2c | tls-h2)
+      case $scenario in
+        h2c) h2load -c16 -m16 -D "$DURATION" "http://127.0.0.1:${H2_PORT[$target]}/" >"$out" ;;
+        # HTTP/2 over TLS (ALPN h2), kept-alive connections as h2c's.
+        tls-h2) h2load -c16 -m16 -D "$DURATION" "https://127.0.0.1:${TLS_PORT[$target]}/" >"$out" ;;
+      esac
       after=$(cpu_ticks "$target"); user_after=$(cpu_ticks "$target" user)
       requests=$(awk '/^requests:/ { print $8 }' "$out")
       rps=$(awk '/^finished in/ { gsub(",", ""); print $4 }' "$out")
