@@ -102,9 +102,16 @@ pub enum AdminState {
 }
 
 impl AdminState {
-    /// `switchyard_backend_admin_state`: 0 enabled, 1 draining, 2 disabled.
-    pub fn gauge(self) -> f64 {
-        f64::from(self as u8)
+    pub const ALL: [AdminState; 3] = [AdminState::Enabled, AdminState::Draining, AdminState::Disabled];
+
+    /// Its name in the admin API and in `switchyard_backend_admin_state`'s
+    /// `state` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
     }
 
     fn from_u8(value: u8) -> AdminState {

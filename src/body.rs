@@ -43,17 +43,30 @@ pin_project_lite::pin_project! {
     /// client's next frame is bounded by `idle` (`client_body_timeout`); waits
     /// for the backend to take a frame are not the client's and do not count.
     /// The timer is made only when the client actually keeps the proxy waiting.
+    /// The bytes read are added to `received` once, when the body is dropped.
     pub struct ClientBody {
         #[pin]
         inner: ClientRequestBody,
         idle: std::time::Duration,
         waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+        received: Option<(metrics::Counter, u64)>,
+    }
+
+    impl PinnedDrop for ClientBody {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some((counter, bytes)) = this.project().received.take() {
+                counter.increment(bytes);
+            }
+        }
     }
 }
 
 impl ClientBody {
-    pub fn new(inner: ClientRequestBody, idle: std::time::Duration) -> Self {
-        ClientBody { inner, idle, waiting: None }
+    /// `received` counts the body's bytes (a request without a body does not
+    /// hold it).
+    pub fn new(inner: ClientRequestBody, idle: std::time::Duration, received: &metrics::Counter) -> Self {
+        let received = (!matches!(inner, ClientRequestBody::Empty)).then(|| (received.clone(), 0));
+        ClientBody { inner, idle, waiting: None, received }
     }
 }
 
@@ -66,6 +79,9 @@ impl Body for ClientBody {
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
                 *this.waiting = None;
+                if let (Some(Ok(frame)), Some((_, bytes))) = (&frame, this.received.as_mut()) {
+                    *bytes += frame.data_ref().map_or(0, |data| data.len() as u64);
+                }
                 Poll::Ready(frame.map(|frame| frame.map_err(|error| ClientBodyError(error).into())))
             }
             Poll::Pending => {

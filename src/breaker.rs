@@ -33,12 +33,14 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// The value of `switchyard_circuit_state`: 0 closed, 1 open, 2 half-open.
-    pub fn gauge(self) -> f64 {
+    pub const ALL: [Phase; 3] = [Phase::Closed, Phase::Open, Phase::HalfOpen];
+
+    /// Its name in `/status` and in `switchyard_circuit_state`'s `state` label.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Phase::Closed => 0.0,
-            Phase::Open => 1.0,
-            Phase::HalfOpen => 2.0,
+            Phase::Closed => "closed",
+            Phase::Open => "open",
+            Phase::HalfOpen => "half-open",
         }
     }
 }

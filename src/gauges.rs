@@ -2,20 +2,34 @@
 //! config determines, made to exist at 0, the gauges of backend and
 //! upstream state, refreshed every second and before each scrape (see
 //! `metrics` for the names and why gauges expire), and the families kept in
-//! the backends' own state, written from the snapshot at each scrape.
+//! the backends' own state, written from the snapshot at each scrape, with
+//! the process's own.
 
 use metrics::gauge;
 
+use crate::backend::AdminState;
+use crate::breaker::Phase;
 use crate::metrics::series::{Family, UNROUTED_REQUESTS};
 use crate::metrics::{
     config_generation, label, BACKEND_ADMIN_STATE, BACKEND_EJECTIONS_TOTAL, BACKEND_HEALTHY,
-    CERTIFICATE_EXPIRY_SECONDS, CIRCUIT_STATE, CLUSTER_AVAILABLE, CLUSTER_FALLBACKS_TOTAL,
+    CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, CIRCUIT_STATE, CLUSTER_AVAILABLE, CLUSTER_FALLBACKS_TOTAL,
     CLUSTER_LEASE_RENEWALS_TOTAL, CLUSTER_REDIS_DURATION_SECONDS, CLUSTER_SLOTS_HELD, CLUSTER_SLOTS_LOST_TOTAL,
     CONFIG_RELOADS_TOTAL, CONNECTIONS_OPEN, DISCOVERED_BACKENDS, DISCOVERY_DROPPED_TOTAL, DISCOVERY_LOOKUPS_TOTAL,
-    HEALTH_CHECKS_TOTAL, IN_FLIGHT, QUEUE_REJECTED_TOTAL, QUEUE_WAITING, REQUESTS_TOTAL, RETRIES_TOTAL,
-    RETRY_BUDGET_EXHAUSTED_TOTAL, UPSTREAM_DURATION_SECONDS,
+    HEALTH_CHECKS_TOTAL, IN_FLIGHT, PROCESS_CPU_SECONDS_TOTAL, PROCESS_MAX_FDS, PROCESS_OPEN_FDS,
+    PROCESS_RESIDENT_MEMORY_BYTES, PROCESS_START_TIME_SECONDS, PROCESS_THREADS, PROCESS_VIRTUAL_MEMORY_BYTES,
+    QUEUE_REJECTED_TOTAL, QUEUE_WAITING, REQUESTS_TOTAL, RETRIES_TOTAL, RETRY_BUDGET_EXHAUSTED_TOTAL,
+    UPSTREAM_DURATION_SECONDS,
 };
 use crate::state::Snapshot;
+
+/// An enumeration's series: 1 for the state it is in, 0 for the others.
+fn one_if(current: bool) -> f64 {
+    if current {
+        1.0
+    } else {
+        0.0
+    }
+}
 
 /// Makes every counter whose labels the config determines exist at 0, so that
 /// dashboards and alerts see a series from startup (or from the reload that
@@ -68,9 +82,8 @@ pub fn refresh_gauges(snapshot: &Snapshot) {
         // expiring while the listener is configured but quiet.
         gauge!(CONNECTIONS_OPEN, "listener" => listener.name.clone()).increment(0.0);
         for certificate in listener.tls.iter().flat_map(|tls| &tls.certificates) {
-            let left = certificate.expires_in_seconds(std::time::SystemTime::now());
-            gauge!(CERTIFICATE_EXPIRY_SECONDS, "listener" => listener.name.clone(), "name" => certificate.label())
-                .set(left as f64);
+            gauge!(CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, "listener" => listener.name.clone(), "name" => certificate.label())
+                .set(certificate.expires_at_unix_seconds() as f64);
         }
     }
     for upstream in &snapshot.upstreams {
@@ -79,9 +92,19 @@ pub fn refresh_gauges(snapshot: &Snapshot) {
             let healthy = if backend.is_healthy(now) { 1.0 } else { 0.0 };
             gauge!(BACKEND_HEALTHY, &labels).set(healthy);
             gauge!(IN_FLIGHT, &labels).set(f64::from(backend.in_flight()));
-            gauge!(BACKEND_ADMIN_STATE, &labels).set(backend.state.admin().gauge());
+            let admin = backend.state.admin();
+            for state in AdminState::ALL {
+                let [upstream, backend] = labels.clone();
+                gauge!(BACKEND_ADMIN_STATE, &[upstream, backend, ("state", state.as_str().into())])
+                    .set(one_if(state == admin));
+            }
             if backend.breaker.is_some() {
-                gauge!(CIRCUIT_STATE, &labels).set(backend.state.breaker.phase().gauge());
+                let phase = backend.state.breaker.phase();
+                for state in Phase::ALL {
+                    let [upstream, backend] = labels.clone();
+                    gauge!(CIRCUIT_STATE, &[upstream, backend, ("state", state.as_str().into())])
+                        .set(one_if(state == phase));
+                }
             }
         }
         if upstream.config.discovery.is_some() {
@@ -101,25 +124,51 @@ pub fn refresh_gauges(snapshot: &Snapshot) {
 pub fn write_owned_series(snapshot: &Snapshot, out: &mut String) {
     // Always 1: the labels are the point (which build answers this scrape).
     Family::gauge(out, crate::metrics::BUILD_INFO)
-        .counter_value(&[("version", crate::version::VERSION), ("commit", crate::version::COMMIT)], 1);
+        .value(&[("version", crate::version::VERSION), ("commit", crate::version::COMMIT)], 1);
     write_backend_series(snapshot, out);
     if let Some(cluster) = &snapshot.cluster {
         write_cluster_series(cluster, out);
+    }
+    write_process_series(out);
+}
+
+/// The process's own series, under the names every Prometheus client library
+/// uses, read from the OS by `metrics-process` at each scrape. Written here
+/// rather than through the exporter, whose counters are whole numbers: CPU
+/// time would be counted in whole seconds.
+fn write_process_series(out: &mut String) {
+    let process = metrics_process::collector::collect();
+    if let Some(seconds) = process.cpu_seconds_total {
+        Family::counter(out, PROCESS_CPU_SECONDS_TOTAL).value(&[], seconds);
+    }
+    let gauges = [
+        (PROCESS_RESIDENT_MEMORY_BYTES, process.resident_memory_bytes),
+        (PROCESS_VIRTUAL_MEMORY_BYTES, process.virtual_memory_bytes),
+        (PROCESS_OPEN_FDS, process.open_fds),
+        // 0 stands for no limit.
+        (PROCESS_MAX_FDS, process.max_fds.filter(|&limit| limit > 0)),
+        (PROCESS_START_TIME_SECONDS, process.start_time_seconds),
+        (PROCESS_THREADS, process.threads),
+    ];
+    for (name, value) in gauges {
+        if let Some(value) = value {
+            Family::gauge(out, name).value(&[], value);
+        }
     }
 }
 
 fn write_cluster_series(cluster: &crate::cluster::Cluster, out: &mut String) {
     use std::sync::atomic::Ordering::Relaxed;
     let stats = &cluster.stats;
-    Family::gauge(out, CLUSTER_AVAILABLE).counter_value(&[], u64::from(cluster.available()));
-    Family::gauge(out, CLUSTER_SLOTS_HELD).counter_value(&[], cluster.held_slots() as u64);
+    Family::gauge(out, CLUSTER_AVAILABLE).value(&[], u64::from(cluster.available()));
+    Family::gauge(out, CLUSTER_SLOTS_HELD).value(&[], cluster.held_slots() as u64);
     Family::histogram(out, CLUSTER_REDIS_DURATION_SECONDS).histogram_value(&[], &stats.round_trips);
     let mut renewals = Family::counter(out, CLUSTER_LEASE_RENEWALS_TOTAL);
-    renewals.counter_value(&[("result", "success")], stats.renewals_ok.load(Relaxed));
-    renewals.counter_value(&[("result", "error")], stats.renewals_failed.load(Relaxed));
+    renewals.value(&[("result", "success")], stats.renewals_ok.load(Relaxed));
+    renewals.value(&[("result", "error")], stats.renewals_failed.load(Relaxed));
     drop(renewals);
-    Family::counter(out, CLUSTER_FALLBACKS_TOTAL).counter_value(&[], stats.fallbacks.load(Relaxed));
-    Family::counter(out, CLUSTER_SLOTS_LOST_TOTAL).counter_value(&[], stats.slots_lost.load(Relaxed));
+    Family::counter(out, CLUSTER_FALLBACKS_TOTAL).value(&[], stats.fallbacks.load(Relaxed));
+    Family::counter(out, CLUSTER_SLOTS_LOST_TOTAL).value(&[], stats.slots_lost.load(Relaxed));
 }
 
 fn write_backend_series(snapshot: &Snapshot, out: &mut String) {
@@ -152,7 +201,7 @@ fn write_backend_series(snapshot: &Snapshot, out: &mut String) {
     for upstream in snapshot.upstreams.iter().filter(|u| u.config.health.passive.is_some()) {
         for backend in &upstream.backends {
             let labels = [("upstream", &*upstream.name), ("backend", &*backend.address)];
-            ejections.counter_value(&labels, backend.state.series.ejections());
+            ejections.value(&labels, backend.state.series.ejections());
         }
     }
     drop(ejections);
@@ -163,7 +212,7 @@ fn write_backend_series(snapshot: &Snapshot, out: &mut String) {
             let (passed, failed) = backend.state.series.checks();
             for (result, count) in [("pass", passed), ("fail", failed)] {
                 let labels = [("upstream", &*upstream.name), ("backend", &*backend.address), ("result", result)];
-                checks.counter_value(&labels, count);
+                checks.value(&labels, count);
             }
         }
     }

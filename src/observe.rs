@@ -1,6 +1,6 @@
 //! What happened to each request, told once it is over: the request metrics
-//! (`switchyard_requests_total`, `switchyard_request_duration_seconds`) and the
-//! access log line.
+//! (`switchyard_requests_total`, `switchyard_request_duration_seconds`,
+//! `switchyard_response_body_bytes_total`) and the access log line.
 //!
 //! Every request carries a `notes::RequestNotes` (made per request by the
 //! stack's connection layer) that inner layers fill in (route, backend,
@@ -45,6 +45,8 @@ struct Record {
     notes: Arc<RequestNotes>,
     started: Instant,
     access: Option<AccessFields>,
+    /// Response body bytes handed to the client so far.
+    sent: u64,
 }
 
 impl<S> Service<NotedRequest> for Observe<S>
@@ -66,7 +68,7 @@ where
             path: request.uri().path().to_owned(),
             request_id: request.headers().get("x-request-id").cloned(),
         });
-        let record = Record { notes, started: Instant::now(), access };
+        let record = Record { notes, started: Instant::now(), access, sent: 0 };
         ObserveFuture { inner: self.inner.call(noted), record: Some(record) }
     }
 }
@@ -132,7 +134,12 @@ impl Body for ObservedBody {
         let frame = this.inner.poll_frame(cx);
         // For an HTTP/2 stream's bound on its client (see `stream_timeout`).
         match &frame {
-            Poll::Ready(Some(Ok(_))) => crate::stream_timeout::note(crate::stream_timeout::StreamEvent::Handed),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some((record, _)), Some(data)) = (this.record.as_mut(), frame.data_ref()) {
+                    record.sent += data.len() as u64;
+                }
+                crate::stream_timeout::note(crate::stream_timeout::StreamEvent::Handed)
+            }
             Poll::Pending => crate::stream_timeout::note(crate::stream_timeout::StreamEvent::AwaitingBackend),
             Poll::Ready(None | Some(Err(_))) => {
                 if let Some((record, status)) = this.record.take() {
@@ -157,6 +164,9 @@ impl Record {
         let elapsed = self.started.elapsed();
         let route = self.notes.route();
         let last_try = self.notes.last_try();
+        if let Some(route) = route.filter(|_| self.sent > 0) {
+            route.body_bytes.sent.increment(self.sent);
+        }
         match (route, &last_try) {
             (Some(route), Some(tried)) => {
                 tried.count_request(route, status);

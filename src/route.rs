@@ -22,6 +22,9 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// `switchyard_request_duration_seconds` for this route, registered once.
     pub duration: metrics::Histogram,
+    /// `switchyard_request_body_bytes_total` and
+    /// `switchyard_response_body_bytes_total` for this route, registered once.
+    pub body_bytes: crate::metrics::BodyBytes,
     /// `switchyard_requests_total` for each backend of the upstream, by
     /// index: held by the backend's state, which keeps them across reloads.
     pub requests: Vec<Arc<RequestCounts>>,

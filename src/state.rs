@@ -206,6 +206,7 @@ fn compile_route(r: &crate::config::RouteConfig, upstream: &Arc<Upstream>, carri
         requests: upstream.backends.iter().map(|b| b.state.series.requests_of(&name)).collect(),
         requests_without_backend: carried.unsent_requests(&name, &upstream.name),
         duration: crate::metrics::request_duration(&name, &upstream.name),
+        body_bytes: crate::metrics::body_bytes(&name, &upstream.name),
         host: r.matcher.host.clone(),
         path_prefix: r.matcher.path_prefix.clone(),
         methods: r.matcher.methods.clone(),

@@ -94,6 +94,11 @@ impl Certificate {
         }
     }
 
+    /// When it expires, in seconds since the Unix epoch.
+    pub fn expires_at_unix_seconds(&self) -> i64 {
+        self.expires_in_seconds(SystemTime::UNIX_EPOCH)
+    }
+
     /// The name it is known by in metrics: its first DNS name, else its file.
     pub fn label(&self) -> String {
         self.names.first().cloned().unwrap_or_else(|| self.cert_path.display().to_string())

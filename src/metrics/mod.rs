@@ -25,6 +25,8 @@ use metrics_util::MetricKindMask;
 
 pub const REQUESTS_TOTAL: &str = "switchyard_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "switchyard_request_duration_seconds";
+pub const REQUEST_BODY_BYTES_TOTAL: &str = "switchyard_request_body_bytes_total";
+pub const RESPONSE_BODY_BYTES_TOTAL: &str = "switchyard_response_body_bytes_total";
 pub const UPSTREAM_DURATION_SECONDS: &str = "switchyard_upstream_duration_seconds";
 pub const IN_FLIGHT: &str = "switchyard_in_flight";
 pub const BACKEND_HEALTHY: &str = "switchyard_backend_healthy";
@@ -40,7 +42,7 @@ pub const CONFIG_RELOADS_TOTAL: &str = "switchyard_config_reloads_total";
 pub const CONFIG_GENERATION: &str = "switchyard_config_generation";
 pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
 pub const TLS_HANDSHAKES_TOTAL: &str = "switchyard_tls_handshakes_total";
-pub const CERTIFICATE_EXPIRY_SECONDS: &str = "switchyard_certificate_expiry_seconds";
+pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str = "switchyard_certificate_expiry_timestamp_seconds";
 pub const DISCOVERY_LOOKUPS_TOTAL: &str = "switchyard_discovery_lookups_total";
 pub const DISCOVERED_BACKENDS: &str = "switchyard_discovered_backends";
 pub const DISCOVERY_DROPPED_TOTAL: &str = "switchyard_discovery_dropped_total";
@@ -51,13 +53,23 @@ pub const CLUSTER_LEASE_RENEWALS_TOTAL: &str = "switchyard_cluster_lease_renewal
 pub const CLUSTER_FALLBACKS_TOTAL: &str = "switchyard_cluster_fallbacks_total";
 pub const CLUSTER_SLOTS_LOST_TOTAL: &str = "switchyard_cluster_slots_lost_total";
 pub const BUILD_INFO: &str = "switchyard_build_info";
+// The process's own, under the names every Prometheus client library uses.
+pub const PROCESS_CPU_SECONDS_TOTAL: &str = "process_cpu_seconds_total";
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
+pub const PROCESS_VIRTUAL_MEMORY_BYTES: &str = "process_virtual_memory_bytes";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+pub const PROCESS_START_TIME_SECONDS: &str = "process_start_time_seconds";
+pub const PROCESS_THREADS: &str = "process_threads";
 
 /// The metric names every proxy exports from its first scrape, whatever its
 /// config (the dashboard's set); TLS, certificate and discovery series exist
 /// only where the config has them.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 25] = [
     REQUESTS_TOTAL,
     REQUEST_DURATION_SECONDS,
+    REQUEST_BODY_BYTES_TOTAL,
+    RESPONSE_BODY_BYTES_TOTAL,
     UPSTREAM_DURATION_SECONDS,
     IN_FLIGHT,
     BACKEND_HEALTHY,
@@ -73,7 +85,78 @@ pub const ALL: [&str; 17] = [
     CONFIG_GENERATION,
     CONNECTIONS_OPEN,
     BUILD_INFO,
+    PROCESS_CPU_SECONDS_TOTAL,
+    PROCESS_RESIDENT_MEMORY_BYTES,
+    PROCESS_OPEN_FDS,
+    PROCESS_MAX_FDS,
+    PROCESS_START_TIME_SECONDS,
+    PROCESS_THREADS,
 ];
+
+/// A metric's Prometheus type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// Every name the proxy exports, with its type and its `# HELP` text: the
+/// contract docs/operations.md lists and the dashboard may use.
+pub const CONTRACT: [(&str, Kind, &str); 37] = [
+    (REQUESTS_TOTAL, Kind::Counter, "Finished client requests by route, upstream, last backend tried and status code (code=\"error\": no response)."),
+    (REQUEST_DURATION_SECONDS, Kind::Histogram, "Client-observed request duration, from arrival until the response body ended."),
+    (REQUEST_BODY_BYTES_TOTAL, Kind::Counter, "Request body bytes received from clients, by route and upstream."),
+    (RESPONSE_BODY_BYTES_TOTAL, Kind::Counter, "Response body bytes sent to clients, by route and upstream."),
+    (UPSTREAM_DURATION_SECONDS, Kind::Histogram, "Per try: from sending to the backend until its response head or the failure."),
+    (IN_FLIGHT, Kind::Gauge, "Requests a backend is serving now."),
+    (BACKEND_HEALTHY, Kind::Gauge, "1 when the backend is eligible by health, 0 when unhealthy or ejected."),
+    (BACKEND_EJECTIONS_TOTAL, Kind::Counter, "Passive-health ejections of the backend."),
+    (BACKEND_ADMIN_STATE, Kind::Gauge, "The backend's admin override: 1 for its current state (enabled, draining or disabled), 0 for the others."),
+    (HEALTH_CHECKS_TOTAL, Kind::Counter, "Active health checks of the backend, by result (pass or fail)."),
+    (CIRCUIT_STATE, Kind::Gauge, "The backend's circuit breaker: 1 for its current state (closed, open or half-open), 0 for the others."),
+    (RETRIES_TOTAL, Kind::Counter, "Retries sent, by the condition that caused them."),
+    (RETRY_BUDGET_EXHAUSTED_TOTAL, Kind::Counter, "Retries not sent because the route's retry budget was spent."),
+    (QUEUE_WAITING, Kind::Gauge, "Requests waiting in the upstream's queue for a backend."),
+    (QUEUE_REJECTED_TOTAL, Kind::Counter, "Queued requests refused, by reason (full or timeout)."),
+    (CONFIG_RELOADS_TOTAL, Kind::Counter, "Config reloads, by result."),
+    (CONFIG_GENERATION, Kind::Gauge, "Generation of the running config: 1 at start, +1 per applied reload."),
+    (CONNECTIONS_OPEN, Kind::Gauge, "Open client connections, by listener."),
+    (TLS_HANDSHAKES_TOTAL, Kind::Counter, "Client TLS handshakes, by listener and result (ok, failed, timeout)."),
+    (CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, Kind::Gauge, "When a listener certificate expires, in seconds since the Unix epoch."),
+    (DISCOVERY_LOOKUPS_TOTAL, Kind::Counter, "DNS lookups of an upstream's discovery, by result."),
+    (DISCOVERED_BACKENDS, Kind::Gauge, "Backends the upstream serves from its last good DNS lookup."),
+    (DISCOVERY_DROPPED_TOTAL, Kind::Counter, "Records a successful DNS lookup left out, by reason, counted at every lookup."),
+    (CLUSTER_AVAILABLE, Kind::Gauge, "1 while the cluster's Redis answers, 0 while on_unavailable applies."),
+    (CLUSTER_SLOTS_HELD, Kind::Gauge, "Cluster slots this replica holds in Redis now."),
+    (CLUSTER_REDIS_DURATION_SECONDS, Kind::Histogram, "Round trip to Redis of each cluster-scoped pick."),
+    (CLUSTER_LEASE_RENEWALS_TOTAL, Kind::Counter, "Cluster lease renewals, by result."),
+    (CLUSTER_FALLBACKS_TOTAL, Kind::Counter, "Cluster-scoped picks made by this replica's own limits, or refused, while Redis was unreachable."),
+    (CLUSTER_SLOTS_LOST_TOTAL, Kind::Counter, "Cluster slots found missing at a renewal and added back."),
+    (BUILD_INFO, Kind::Gauge, "Always 1; the labels say which build answers."),
+    (PROCESS_CPU_SECONDS_TOTAL, Kind::Counter, "Total user and system CPU time spent in seconds."),
+    (PROCESS_RESIDENT_MEMORY_BYTES, Kind::Gauge, "Resident memory size in bytes."),
+    (PROCESS_VIRTUAL_MEMORY_BYTES, Kind::Gauge, "Virtual memory size in bytes."),
+    (PROCESS_OPEN_FDS, Kind::Gauge, "Number of open file descriptors."),
+    (PROCESS_MAX_FDS, Kind::Gauge, "Maximum number of open file descriptors."),
+    (PROCESS_START_TIME_SECONDS, Kind::Gauge, "Start time of the process since the Unix epoch in seconds."),
+    (PROCESS_THREADS, Kind::Gauge, "Number of OS threads in the process."),
+];
+
+/// The `# HELP` text of a contract name.
+pub fn help(name: &str) -> Option<&'static str> {
+    CONTRACT.iter().find(|(known, _, _)| *known == name).map(|(_, _, help)| *help)
+}
 
 /// Duration buckets in seconds, for both millisecond RPC calls and bot jobs
 /// that run for minutes: roughly x2.5 steps from 5 ms to 10 minutes.
@@ -93,9 +176,21 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &DURATION_BUCKETS)
                 .ok()?
                 .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE));
-            builder.install_recorder().ok()
+            let handle = builder.install_recorder().ok()?;
+            CONTRACT.iter().for_each(describe);
+            Some(handle)
         })
         .as_ref()
+}
+
+/// Gives the exporter a contract name's type and help text, for its
+/// `# HELP` line.
+fn describe(&(name, kind, help): &(&'static str, Kind, &'static str)) {
+    match kind {
+        Kind::Counter => metrics::describe_counter!(name, help),
+        Kind::Gauge => metrics::describe_gauge!(name, help),
+        Kind::Histogram => metrics::describe_histogram!(name, help),
+    }
 }
 
 pub fn label(value: &std::sync::Arc<str>) -> SharedString {
@@ -105,6 +200,24 @@ pub fn label(value: &std::sync::Arc<str>) -> SharedString {
 /// `switchyard_request_duration_seconds{route,upstream}`, registered per route.
 pub fn request_duration(route: &std::sync::Arc<str>, upstream: &std::sync::Arc<str>) -> Histogram {
     metrics::histogram!(REQUEST_DURATION_SECONDS, "route" => label(route), "upstream" => label(upstream))
+}
+
+/// A route's body byte counters. They are the exporter's, keyed by route and
+/// upstream, so they carry across reloads as the duration histogram does.
+#[derive(Debug)]
+pub struct BodyBytes {
+    /// `switchyard_request_body_bytes_total`: from the client.
+    pub received: metrics::Counter,
+    /// `switchyard_response_body_bytes_total`: to the client.
+    pub sent: metrics::Counter,
+}
+
+/// A route's [`BodyBytes`], registered once per route.
+pub fn body_bytes(route: &std::sync::Arc<str>, upstream: &std::sync::Arc<str>) -> BodyBytes {
+    BodyBytes {
+        received: metrics::counter!(REQUEST_BODY_BYTES_TOTAL, "route" => label(route), "upstream" => label(upstream)),
+        sent: metrics::counter!(RESPONSE_BODY_BYTES_TOTAL, "route" => label(route), "upstream" => label(upstream)),
+    }
 }
 
 pub fn connections_open(listener: &std::sync::Arc<str>) -> metrics::Gauge {
@@ -160,5 +273,27 @@ pub fn queue_rejected(upstream: &str, reason: &'static str) {
 pub fn upkeep() {
     if let Some(handle) = install() {
         handle.run_upkeep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_name_is_listed_once_with_a_one_line_help_and_its_conventional_suffix() {
+        let mut names = std::collections::BTreeSet::new();
+        for (name, kind, help) in CONTRACT {
+            assert!(names.insert(name), "{name} is listed twice");
+            assert!(!help.is_empty() && !help.contains('\n'), "{name}'s help");
+            assert_eq!(
+                name.ends_with("_total"),
+                kind == Kind::Counter,
+                "{name}: counters, and only they, end in _total"
+            );
+        }
+        for name in ALL {
+            assert!(names.contains(name), "{name} is exported but not in the contract");
+        }
     }
 }

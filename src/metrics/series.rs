@@ -151,7 +151,7 @@ impl BackendSeries {
 }
 
 /// One metric family being written in the Prometheus text format: its
-/// `# TYPE` line first, then its series, then the blank line that ends it,
+/// `# HELP` (for a contract name) and `# TYPE` lines first, then its series, then the blank line that ends it,
 /// as the exporter writes its own families.
 pub struct Family<'a> {
     out: &'a mut String,
@@ -172,6 +172,9 @@ impl<'a> Family<'a> {
     }
 
     fn start(out: &'a mut String, name: &'static str, kind: &str) -> Self {
+        if let Some(help) = super::help(name) {
+            let _ = writeln!(out, "# HELP {name} {help}");
+        }
         let _ = writeln!(out, "# TYPE {name} {kind}");
         Family { out, name }
     }
@@ -187,7 +190,7 @@ impl<'a> Family<'a> {
         });
     }
 
-    pub fn counter_value(&mut self, labels: &[(&str, &str)], value: u64) {
+    pub fn value(&mut self, labels: &[(&str, &str)], value: impl std::fmt::Display) {
         self.line("", labels, None, value);
     }
 

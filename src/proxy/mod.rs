@@ -166,7 +166,11 @@ fn forward<C: SendToBackend>(
 
         // 3. How many tries this request may have, and the body they send (see `plan_tries`).
         let upgrade = prepared.client_upgrade.is_some();
-        let client_body = ClientBody::new(prepared.body.take().expect("taken once"), limits.client_body_timeout);
+        let client_body = ClientBody::new(
+            prepared.body.take().expect("taken once"),
+            limits.client_body_timeout,
+            &route.body_bytes.received,
+        );
         let method = prepared.template.as_ref().expect("kept until the last try").method.clone();
         let (retries, mut body) = plan_tries(route, upgrade, client_body, &method, deadline).await?;
 

@@ -203,6 +203,7 @@ async fn without_redis_local_limits_serve_and_slots_taken_meanwhile_are_not_give
     let metrics = scrape(&format!("http://127.0.0.1:{}/metrics", first.admin)).await;
     assert_eq!(metric_value(&metrics, "switchyard_cluster_available", &[]), Some(0.0));
     assert!(metric_value(&metrics, "switchyard_cluster_fallbacks_total", &[]).unwrap() >= 1.0);
+    assert_promtool_accepts(&format!("http://127.0.0.1:{}/metrics", first.admin)).await;
 
     // A job taken by local limits while Redis is away...
     let held = tokio::spawn({

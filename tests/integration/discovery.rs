@@ -209,6 +209,7 @@ async fn a_records_are_followed_under_load_without_failing_a_request_for_a_stayi
         metric_value(&scrape, "switchyard_discovery_lookups_total", &[("upstream", "bots"), ("result", "error")]),
         Some(0.0)
     );
+    assert_promtool_accepts(&format!("http://{}/metrics", proxy.admin)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,11 +72,19 @@ upstreams:
     let proxy = ProxyProcess::start(&yaml).await;
     let client = client();
     let url = |path: &str| proxy.url(path);
+    let mut ok_bytes_answered = 0;
     for _ in 0..10 {
-        assert_eq!(get(&client, &url("/ok")).await.status, 200);
+        let answer = get(&client, &url("/ok")).await;
+        assert_eq!(answer.status, 200);
+        ok_bytes_answered += answer.body.len();
     }
+    // Bodies of 1,000 bytes, one each way: the byte counters' reference.
+    let mut fail_bytes_answered = 0;
     for _ in 0..4 {
-        assert_eq!(get(&client, &url("/fail")).await.status, 500);
+        let post = Request::post(url("/fail")).body(full(vec![b'x'; 1000])).unwrap();
+        let answer = send(&client, post).await;
+        assert_eq!(answer.status, 500);
+        fail_bytes_answered += answer.body.len();
     }
     for _ in 0..3 {
         assert_eq!(get(&client, &url("/dead")).await.error_code(), Some("upstream_connect"));
@@ -133,6 +141,7 @@ upstreams:
             &[("route", route), ("upstream", upstream), ("backend", backend), ("code", code)],
         )
     };
+    let failing_stats = std::sync::Arc::clone(&failing.stats);
     let (ok1, ok2, failing, good, bot) = (
         ok1.addr.to_string(),
         ok2.addr.to_string(),
@@ -174,16 +183,45 @@ upstreams:
         Some(5.0)
     );
     assert_eq!(value("switchyard_in_flight", &[("upstream", "good-pool"), ("backend", &ok1)]), Some(0.0));
-    assert_eq!(value("switchyard_circuit_state", &[("upstream", "ejecting"), ("backend", &good)]), Some(0.0));
+    let ok_route = [("route", "ok"), ("upstream", "good-pool")];
+    let fail_route = [("route", "fail"), ("upstream", "failing")];
+    assert_eq!(value("switchyard_request_body_bytes_total", &ok_route), Some(0.0), "GETs carry no body");
+    assert_eq!(value("switchyard_response_body_bytes_total", &ok_route), Some(ok_bytes_answered as f64));
+    let failing_received = failing_stats.bytes_received.load(Ordering::SeqCst);
+    assert_eq!(failing_received, 4000, "the backend got every body");
+    assert_eq!(value("switchyard_request_body_bytes_total", &fail_route), Some(failing_received as f64));
+    assert_eq!(value("switchyard_response_body_bytes_total", &fail_route), Some(fail_bytes_answered as f64));
+    // An enumeration is a series per state: 1 for the one it is in.
+    let circuit = |state| value("switchyard_circuit_state", &[("backend", &good), ("state", state)]);
+    assert_eq!((circuit("closed"), circuit("open"), circuit("half-open")), (Some(1.0), Some(0.0), Some(0.0)));
+    let admin = |state| value("switchyard_backend_admin_state", &[("backend", &good), ("state", state)]);
+    assert_eq!((admin("enabled"), admin("draining"), admin("disabled")), (Some(1.0), Some(0.0), Some(0.0)));
+    // The process's own series, as every Prometheus client exports them.
+    let resident = value("process_resident_memory_bytes", &[]).expect("resident memory");
+    assert!(resident > 1e6, "a running proxy holds more than a megabyte: {resident}");
+    assert!(value("process_open_fds", &[]).is_some_and(|fds| fds >= 3.0));
+    assert!(value("process_cpu_seconds_total", &[]).is_some_and(|cpu| cpu > 0.0));
+    assert_promtool_accepts(&metrics_url).await;
     assert!(value("switchyard_connections_open", &[("listener", "main")]).is_some());
 
-    // Every metric name in the contract is exported, and the dashboard uses no other.
+    // Every name exported from the first scrape is, and the dashboard's
+    // names of that set too (the others need TLS, discovery or a cluster).
     let exported: BTreeSet<String> = scrape.samples.iter().map(|s| base_name(&s.metric)).collect();
     for name in switchyard::metrics::ALL {
         assert!(exported.contains(name), "{name} is not exported; exported: {exported:?}");
     }
-    for name in dashboard_metric_names() {
+    for name in dashboard_metric_names().into_iter().filter(|name| switchyard::metrics::ALL.contains(&name.as_str())) {
         assert!(exported.contains(&name), "the dashboard uses {name}, which the proxy does not export");
+    }
+}
+
+/// Every dashboard query is scoped to the instances picked in its
+/// `instance` variable.
+#[test]
+fn every_dashboard_query_follows_the_instance_variable() {
+    for expr in dashboard_queries() {
+        let selectors = expr.matches("switchyard_").count() + expr.matches("process_").count();
+        assert_eq!(expr.matches("instance=~\"$instance\"").count(), selectors, "{expr}");
     }
 }
 
@@ -196,17 +234,23 @@ fn base_name(metric: &str) -> String {
         .to_owned()
 }
 
-fn dashboard_metric_names() -> BTreeSet<String> {
+/// Every query of deploy/grafana/switchyard.json.
+fn dashboard_queries() -> Vec<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/switchyard.json");
     let dashboard: Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("the dashboard is valid JSON");
     let mut exprs = Vec::new();
     collect_exprs(&dashboard, &mut exprs);
     assert!(exprs.len() >= 8, "the dashboard has panels with queries");
+    exprs
+}
+
+fn dashboard_metric_names() -> BTreeSet<String> {
+    let exprs = dashboard_queries();
     let mut names = BTreeSet::new();
     for expr in exprs {
         let mut rest = expr.as_str();
-        while let Some(start) = rest.find("switchyard_") {
+        while let Some(start) = ["switchyard_", "process_"].iter().filter_map(|prefix| rest.find(prefix)).min() {
             let tail = &rest[start..];
             let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
             names.insert(base_name(&tail[..end]));
@@ -231,11 +275,43 @@ fn collect_exprs(value: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Every query is valid PromQL, by Prometheus's own parser: `promtool check
+/// rules` on a rule file holding each one, with Grafana's variables given
+/// values as Grafana would.
+#[test]
+fn every_dashboard_query_parses_as_promql() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("dashboard.rules.yml");
+    let mut file = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in dashboard_queries().iter().enumerate() {
+        let expr = expr.replace("$__rate_interval", "1m").replace("$instance", ".*");
+        file.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            serde_json::to_string(&expr).unwrap()
+        ));
+    }
+    std::fs::write(&rules, file).unwrap();
+    let output = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool is installed (scripts/install-test-deps)");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[test]
 fn the_dashboard_uses_only_contract_metric_names() {
     let names = dashboard_metric_names();
     for name in &names {
-        assert!(switchyard::metrics::ALL.contains(&name.as_str()), "{name} is not a contract metric");
+        assert!(
+            switchyard::metrics::CONTRACT.iter().any(|(known, _, _)| known == name),
+            "{name} is not a contract metric"
+        );
     }
     for wanted in [
         "switchyard_requests_total",
@@ -245,6 +321,13 @@ fn the_dashboard_uses_only_contract_metric_names() {
         "switchyard_queue_waiting",
         "switchyard_retries_total",
         "switchyard_config_reloads_total",
+        "switchyard_backend_admin_state",
+        "switchyard_discovery_lookups_total",
+        "switchyard_tls_handshakes_total",
+        "switchyard_certificate_expiry_timestamp_seconds",
+        "switchyard_cluster_slots_held",
+        "switchyard_response_body_bytes_total",
+        "process_cpu_seconds_total",
     ] {
         assert!(names.contains(wanted), "the dashboard shows {wanted}");
     }
@@ -639,8 +722,9 @@ async fn gauges_follow_what_the_backends_see() {
     let (held_address, failing_address) = (held.addr.to_string(), failing.addr.to_string());
     let in_flight = metric_value(&scrape, "switchyard_in_flight", &[("backend", &held_address)]);
     assert_eq!(in_flight, Some(1.0), "one request in flight on the held backend");
-    let circuit = metric_value(&scrape, "switchyard_circuit_state", &[("backend", &failing_address)]);
-    assert_eq!(circuit, Some(1.0), "the failing backend's circuit is open");
+    let circuit =
+        |state| metric_value(&scrape, "switchyard_circuit_state", &[("backend", &failing_address), ("state", state)]);
+    assert_eq!((circuit("open"), circuit("closed")), (Some(1.0), Some(0.0)), "the failing backend's circuit is open");
     held.release_held();
     assert_eq!(holding.await.unwrap().status, 200);
     let scrape = self::scrape(&metrics_url).await;

@@ -17,9 +17,21 @@ fn backend_status(status: &Value, address: &str) -> Value {
     backend_in_status(status, address).unwrap_or_else(|| panic!("no backend {address} in /status"))
 }
 
-async fn admin_state_metric(proxy: &FileProxy, address: &str) -> Option<f64> {
+/// The state `switchyard_backend_admin_state` says the backend is in: the
+/// one of its series at 1 (and none when the series are missing, or not
+/// exactly one is 1).
+async fn admin_state_metric(proxy: &FileProxy, address: &str) -> Option<&'static str> {
     let scrape = scrape(&format!("http://{}/metrics", proxy.admin)).await;
-    metric_value(&scrape, "switchyard_backend_admin_state", &[("upstream", "pool"), ("backend", address)])
+    let mut current = None;
+    for state in ["enabled", "draining", "disabled"] {
+        let labels = [("upstream", "pool"), ("backend", address), ("state", state)];
+        match metric_value(&scrape, "switchyard_backend_admin_state", &labels)? {
+            1.0 if current.is_none() => current = Some(state),
+            0.0 => {}
+            _ => return None,
+        }
+    }
+    current
 }
 
 /// Answers of `count` plain requests, by the backend that served them.
@@ -69,7 +81,7 @@ async fn a_drained_bot_finishes_its_job_gets_no_new_one_and_keeps_the_override_t
     assert!(drained["why"].as_str().unwrap().contains("draining (admin)"), "{drained}");
     let explain = get(&client(), &format!("http://{}/explain?path=/", proxy.admin)).await.body;
     assert!(explain.contains("draining (admin)"), "{explain}");
-    assert_eq!(admin_state_metric(&proxy, &a_address).await, Some(1.0));
+    assert_eq!(admin_state_metric(&proxy, &a_address).await, Some("draining"));
 
     // A reload that keeps the bot keeps the override.
     proxy.replace_config(&config("90s"));
@@ -91,13 +103,13 @@ async fn a_drained_bot_finishes_its_job_gets_no_new_one_and_keeps_the_override_t
     assert_eq!(backend_action(&proxy, "pool", &a_address, "enable").await.status, 200);
     let names = served_by(&proxy, 10).await;
     assert!(names.iter().any(|name| name == "a") && names.iter().any(|name| name == "b"), "{names:?}");
-    assert_eq!(admin_state_metric(&proxy, &a_address).await, Some(0.0));
+    assert_eq!(admin_state_metric(&proxy, &a_address).await, Some("enabled"));
 
     // Disabled: out at once.
     assert_eq!(backend_action(&proxy, "pool", &b_address, "disable").await.status, 200);
     assert!(served_by(&proxy, 10).await.iter().all(|name| name == "a"));
     assert_eq!(backend_status(&proxy.status().await, &b_address)["why"], "disabled (admin)");
-    assert_eq!(admin_state_metric(&proxy, &b_address).await, Some(2.0));
+    assert_eq!(admin_state_metric(&proxy, &b_address).await, Some("disabled"));
     assert_eq!(backend_action(&proxy, "pool", &a_address, "disable").await.status, 200);
     let answer = get(&client(), &proxy.url("/")).await;
     assert_eq!((answer.status.as_u16(), answer.error_code()), (503, Some("no_healthy_backend")));

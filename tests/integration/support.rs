@@ -742,6 +742,33 @@ pub async fn scrape(url: &str) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(answer.body.lines().map(|line| Ok(line.to_owned()))).expect("valid Prometheus text")
 }
 
+/// Fails unless `promtool check metrics` (Debian's `prometheus` package,
+/// installed by scripts/install-test-deps) finds nothing wrong in a scrape of
+/// `url`: every family has its `# HELP` and `# TYPE`, counters end in
+/// `_total`, units are base units, names are snake case.
+pub async fn assert_promtool_accepts(url: &str) {
+    let answer = get(&client(), url).await;
+    assert_eq!(answer.status, 200);
+    let text = answer.body.clone();
+    let (ok, said) = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is installed (scripts/install-test-deps)");
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), said)
+    })
+    .await
+    .unwrap();
+    assert!(ok && said.trim().is_empty(), "promtool check metrics: {said}\n--- the scrape:\n{}", answer.body);
+}
+
 /// The value of `name` with every label in `labels`, if the scrape has it.
 pub fn metric_value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     scrape.samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).map(

@@ -336,11 +336,12 @@ async fn status_and_metrics_show_each_certificate_and_its_expiry() {
     let scrape = scrape(&metrics_url).await;
     let expiry = metric_value(
         &scrape,
-        "switchyard_certificate_expiry_seconds",
+        "switchyard_certificate_expiry_timestamp_seconds",
         &[("listener", "expiring"), ("name", "bots.example.test")],
     )
     .expect("an expiry gauge per certificate");
-    assert!((expiry as i64 - left).abs() < 60, "expiry gauge {expiry} against {left}");
+    assert_eq!(expiry, 1_893_456_000.0, "2030-01-01T00:00:00Z, in seconds since the epoch");
+    assert_promtool_accepts(&metrics_url).await;
 }
 
 /// Runs a command to its end off the async runtime; (exit success, stdout + stderr).
