@@ -86,6 +86,8 @@ pub mod stream_timeout;
 pub mod systemd;
 pub mod text;
 pub mod tls;
+/// Distributed tracing: W3C trace context and spans exported over OTLP.
+pub mod trace;
 #[cfg(not(fuzzing))]
 pub mod upgrade;
 pub mod upstream;

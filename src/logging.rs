@@ -336,6 +336,8 @@ pub struct AccessLine<'a> {
     pub queue_wait_ms: f64,
     pub duration_ms: f64,
     pub request_id: &'a str,
+    /// The request's trace id with `tracing:` on, else empty.
+    pub trace_id: &'a str,
 }
 
 /// Writes one access line, through this thread's buffer when it has one.
@@ -385,6 +387,10 @@ fn format_access(out: &mut Vec<u8>, format: LogFormat, now: SystemTime, line: &A
             push_debug_f64(out, line.duration_ms);
             out.extend_from_slice(b" request_id=");
             push_debug_str(out, line.request_id);
+            if !line.trace_id.is_empty() {
+                out.extend_from_slice(b" trace_id=");
+                push_debug_str(out, line.trace_id);
+            }
         }
         LogFormat::Json => {
             out.0.extend_from_slice(b"{\"timestamp\":\"");
@@ -393,7 +399,7 @@ fn format_access(out: &mut Vec<u8>, format: LogFormat, now: SystemTime, line: &A
                 out,
                 "\",\"level\":\"INFO\",\"fields\":{{\"message\":\"request\",\"client\":\"{client}\",\"method\":{},\
                  \"path\":{},\"route\":{},\"upstream\":{},\"backend\":{},\"status\":\"{status}\",\"attempts\":{},\
-                 \"queue_wait_ms\":{:?},\"duration_ms\":{:?},\"request_id\":{}}},\"target\":\"access\"}}",
+                 \"queue_wait_ms\":{:?},\"duration_ms\":{:?},\"request_id\":{}{}}},\"target\":\"access\"}}",
                 Json(line.method),
                 Json(line.path),
                 Json(line.route),
@@ -402,11 +408,24 @@ fn format_access(out: &mut Vec<u8>, format: LogFormat, now: SystemTime, line: &A
                 line.attempts,
                 line.queue_wait_ms,
                 line.duration_ms,
-                Json(line.request_id)
+                Json(line.request_id),
+                TraceIdField(line.trace_id)
             );
         }
     }
     out.0.push(b'\n');
+}
+
+/// `,"trace_id":"..."` when there is one (hex digits: nothing to escape).
+struct TraceIdField<'a>(&'a str);
+
+impl std::fmt::Display for TraceIdField<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        write!(f, ",\"trace_id\":{}", Json(self.0))
+    }
 }
 
 /// `client` as `SocketAddr`'s `Display` writes it, IPv4 by hand (the common
@@ -553,6 +572,7 @@ mod tests {
             queue_wait_ms: 0.0,
             duration_ms: 3.25,
             request_id: "req-42",
+            trace_id: "",
         }
     }
 
@@ -572,6 +592,8 @@ mod tests {
              duration_ms=3.25 request_id=\"req-42\"\n"
         );
         assert!(formatted(LogFormat::Text, &line("/", None)).contains(" status=error "));
+        let traced = AccessLine { trace_id: "4bf92f3577b34da6a3ce929d0e0e4736", ..line("/", None) };
+        assert!(formatted(LogFormat::Text, &traced).ends_with(" trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"\n"));
     }
 
     #[test]
@@ -620,5 +642,9 @@ mod tests {
         assert_eq!(fields["upstream"], "pool");
         assert_eq!(fields["backend"], "10.0.0.1:80");
         assert_eq!(fields["method"], "GET");
+        assert!(fields.get("trace_id").is_none(), "no trace id without tracing");
+        let traced = AccessLine { trace_id: "4bf92f3577b34da6a3ce929d0e0e4736", ..line("/", None) };
+        let entry: serde_json::Value = serde_json::from_str(&formatted(LogFormat::Json, &traced)).unwrap();
+        assert_eq!(entry["fields"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 }

@@ -18,6 +18,7 @@ use crate::body::ClientRequestBody;
 use crate::conn::ConnInfo;
 use crate::route::Route;
 use crate::state::SnapshotShare;
+use crate::trace::RequestTrace;
 use crate::upstream::Upstream;
 
 /// A request on its way through the proxy's layers, with the notes they
@@ -87,6 +88,8 @@ pub struct RequestNotes {
     queue_wait_micros: AtomicU64,
     /// The client a trusted proxy named, when it is not the peer.
     forwarded_client: OnceLock<std::net::IpAddr>,
+    /// The request's trace, with `tracing:` on (set by `observe`).
+    trace: OnceLock<RequestTrace>,
 }
 
 /// A backend a try went to: its index in the route's upstream or, when a
@@ -130,7 +133,17 @@ impl RequestNotes {
             attempts: AtomicU32::new(0),
             queue_wait_micros: AtomicU64::new(0),
             forwarded_client: OnceLock::new(),
+            trace: OnceLock::new(),
         }
+    }
+
+    /// The request's trace; `None` without `tracing:`.
+    pub fn trace(&self) -> Option<&RequestTrace> {
+        self.trace.get()
+    }
+
+    pub fn set_trace(&self, trace: RequestTrace) {
+        let _ = self.trace.set(trace);
     }
 
     /// The snapshot the request runs on.

@@ -61,7 +61,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, noted: NotedRequest) -> Self::Future {
+    fn call(&mut self, mut noted: NotedRequest) -> Self::Future {
+        if let Some(tracing) = &noted.notes.snapshot().tracing {
+            noted.notes.set_trace(tracing.start(&mut noted.request));
+        }
         let (request, notes) = (&noted.request, Arc::clone(&noted.notes));
         let access = notes.snapshot().access_log.then(|| AccessFields {
             method: request.method().clone(),
@@ -102,6 +105,9 @@ where
         let record = this.record.take().expect("polled after completion");
         crate::stream_timeout::note(crate::stream_timeout::StreamEvent::HeadReady);
         let status = response.status().as_u16();
+        if let Some(code) = record.notes.trace().and_then(|_| response.headers().get("x-switchyard-error")) {
+            record.notes.trace().expect("checked").answered_error(code);
+        }
         // Not boxed again: the client's body is this wrapper around the one box.
         Poll::Ready(Ok(response.map(|body| ObservedBody { inner: body, record: Some((record, status)) })))
     }
@@ -180,7 +186,23 @@ impl Record {
         }
         let backend = route.zip(last_try.as_ref()).map(|(route, tried)| &tried.backend(route).address);
         let (route_name, upstream) = route.map_or(("-", "-"), |r| (&*r.name, &*r.upstream.name));
+        let trace = self.notes.trace();
+        if let (Some(tracing), Some(trace)) = (&self.notes.snapshot().tracing, trace) {
+            let ended = crate::trace::Ended {
+                client: self.notes.client(),
+                route: route.map(|r| &*r.name),
+                upstream: match (&last_try, route) {
+                    (Some(tried), Some(route)) => Some(&*tried.upstream(route).name),
+                    (None, route) => route.map(|r| &*r.upstream.name),
+                    (Some(_), None) => None,
+                },
+                status,
+                attempts: self.notes.attempts(),
+            };
+            tracing.finish(trace, &ended);
+        }
         if let Some(access) = self.access {
+            let trace_id = trace.map(|trace| crate::trace::context::trace_id_text(trace.trace_id()));
             crate::logging::access(&crate::logging::AccessLine {
                 // Read now: forwarding may have learnt it from a trusted proxy.
                 client: Some(self.notes.client()),
@@ -194,6 +216,7 @@ impl Record {
                 queue_wait_ms: self.notes.queue_wait().as_micros() as f64 / 1000.0,
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 request_id: access.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+                trace_id: trace_id.as_ref().map_or("", |id| std::str::from_utf8(id).expect("hex digits")),
             });
         }
     }

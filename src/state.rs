@@ -25,6 +25,7 @@ use crate::metrics::series::RequestCounts;
 use crate::queue::WaitQueue;
 use crate::retry::RetryBudget;
 use crate::route::{Route, RoutePolicy, Router};
+use crate::trace::Tracing;
 use crate::upstream::Upstream;
 
 /// The live configuration, read lock-free by every request.
@@ -80,6 +81,9 @@ pub struct Snapshot {
     pub tls: HashMap<SocketAddr, Arc<rustls::ServerConfig>>,
     /// The Redis link of `cluster:`, kept across reloads that do not change it.
     pub cluster: Option<Arc<Cluster>>,
+    /// `tracing:`, with its exporter kept across reloads that keep its
+    /// collector and service name.
+    pub tracing: Option<Tracing>,
 }
 
 impl Snapshot {
@@ -140,6 +144,7 @@ impl Snapshot {
             admin_token: config.admin.token.clone(),
             config: Arc::new(config.clone()),
             cluster,
+            tracing: config.tracing.as_ref().map(|c| Tracing::compile(c, previous.and_then(|p| p.tracing.as_ref()))),
         }
     }
 }

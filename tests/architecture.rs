@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "foundations",
-        &["clock", "text", "path", "body", "h1", "metrics", "config", "tls", "error", "logging", "version", "systemd"],
+        &[
+            "clock", "text", "path", "body", "h1", "metrics", "config", "tls", "error", "logging", "version",
+            "systemd", "trace",
+        ],
     ),
     ("what the proxy learns about backends", &["breaker", "health", "retry", "queue", "cluster", "backend"]),
     ("choosing a backend", &["balance", "upstream", "route"]),

@@ -140,10 +140,31 @@ pub struct Config {
     pub paths: PathsConfig,
     /// `cluster:`; `None` when replicas share nothing.
     pub cluster: Option<ClusterConfig>,
+    /// `tracing:`; `None` when requests are not traced.
+    pub tracing: Option<TracingConfig>,
     pub routes: Vec<RouteConfig>,
     /// Shown as a map by name, as the file writes them.
     #[serde(serialize_with = "shown::by_name")]
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// `tracing:`: W3C trace context on requests, and spans exported over
+/// OTLP/HTTP (protobuf) to a collector (see `trace`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TracingConfig {
+    /// Where spans are posted: the collector's base URL with `/v1/traces`
+    /// added, or a URL that already ends in it.
+    pub otlp_endpoint: String,
+    /// The share of requests that start a trace here (those whose client sent
+    /// a `traceparent` follow its sampled flag instead).
+    pub sample_ratio: f64,
+    /// `service.name` of the proxy's spans.
+    pub service_name: String,
+}
+
+impl TracingConfig {
+    pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
+    pub const DEFAULT_SERVICE_NAME: &'static str = "switchyard";
 }
 
 /// `cluster:`: the Redis (or Valkey) through which replicas share backend
@@ -803,6 +824,30 @@ upstreams:
         assert_eq!((shared.lease, shared.key_prefix.as_str()), (ClusterConfig::DEFAULT_LEASE, "switchyard:"));
         assert_eq!(shared.on_unavailable, OnUnavailable::Local);
         assert_eq!(parsed.upstreams[0].max_concurrency_scope, ConcurrencyScope::Cluster);
+    }
+
+    #[test]
+    fn tracing_takes_a_collector_base_url_a_ratio_in_range_and_a_name() {
+        let config = |tracing: &str| {
+            format!("listeners: [{{bind: \"127.0.0.1:0\"}}]\ntracing: {tracing}\nroutes: [{{upstream: a}}]\nupstreams:\n  a: {{ backends: [{{address: \"x:1\"}}] }}\n")
+        };
+        let parsed = parse(&config("{ otlp_endpoint: \"http://collector:4318\" }"), "t.yaml").unwrap();
+        let tracing = parsed.tracing.unwrap();
+        assert_eq!(tracing.otlp_endpoint, "http://collector:4318/v1/traces");
+        assert_eq!((tracing.sample_ratio, tracing.service_name.as_str()), (1.0, "switchyard"));
+        let given = parse(&config("{ otlp_endpoint: \"http://c:4318/otlp/v1/traces\" }"), "t.yaml").unwrap();
+        assert_eq!(given.tracing.unwrap().otlp_endpoint, "http://c:4318/otlp/v1/traces", "a full URL is kept");
+        for (bad, column, says) in [
+            ("{ otlp_endpoint: \"https://c:4318\" }", 27, "http:// URL"),
+            ("{ otlp_endpoint: \"c:4318\" }", 27, "http:// URL"),
+            ("{ otlp_endpoint: \"http://c:4318\", sample_ratio: 1.5 }", 58, "between 0 and 1"),
+            ("{ sample_ratio: 0.5 }", 10, "needs `otlp_endpoint`"),
+            ("{ otlp_endpoint: \"http://c:4318\", service_name: \" \" }", 58, "must not be empty"),
+        ] {
+            let error = first_error(&config(bad));
+            assert_eq!((error.line, error.column), (2, column), "{bad}: {}", error.message);
+            assert!(error.message.contains(says), "{bad}: {}", error.message);
+        }
     }
 
     #[test]

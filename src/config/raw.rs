@@ -32,10 +32,20 @@ pub struct RawConfig {
     #[serde(default)]
     pub paths: RawPaths,
     pub cluster: Option<Spanned<RawCluster>>,
+    pub tracing: Option<Spanned<RawTracing>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+}
+
+/// `tracing:`: distributed tracing, exported over OTLP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp_endpoint: Option<Spanned<String>>,
+    pub sample_ratio: Option<Spanned<f64>>,
+    pub service_name: Option<Spanned<String>>,
 }
 
 /// `cluster:`: the Redis through which replicas share backend slots.

@@ -11,8 +11,8 @@ use serde_saphyr::{Location, Spanned};
 
 use super::raw::{
     CheckKind, ConcurrencyScope, OnUnavailable, PolicyKind, RawBackend, RawBreaker, RawCluster, RawConfig,
-    RawDiscovery, RawHealth, RawListenerTls, RawQueue, RawResolver, RawRetry, RawRoute, RawUpstream, RawUpstreamTls,
-    UpstreamProtocol,
+    RawDiscovery, RawHealth, RawListenerTls, RawQueue, RawResolver, RawRetry, RawRoute, RawTracing, RawUpstream,
+    RawUpstreamTls, UpstreamProtocol,
 };
 use super::tls::{Alpn, Certificate, CertificateError, ListenerTls, UpstreamTls, UpstreamTlsError, UpstreamTlsFiles};
 use super::values::DurationValue;
@@ -20,7 +20,7 @@ use super::{
     ActiveCheck, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig, Config, ConfigError,
     ConfigErrors, DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig, LogFormat,
     LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryBackoff, RetryBudget,
-    RetryConfig, RouteConfig, RouteMatch, Secret, UpstreamConfig,
+    RetryConfig, RouteConfig, RouteMatch, Secret, TracingConfig, UpstreamConfig,
 };
 
 /// Shorter admin tokens are too easy to guess.
@@ -131,6 +131,7 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
     let trusted_proxies = validate_trusted_proxies(&raw.trusted_proxies, &mut errors);
     let paths = PathsConfig { merge_slashes: raw.paths.merge_slashes.unwrap_or(false) };
     let cluster = raw.cluster.as_ref().and_then(|c| validate_cluster(c, file, &mut errors));
+    let tracing = raw.tracing.as_ref().and_then(|t| validate_tracing(t, &mut errors));
 
     let mut upstreams = Vec::new();
     for (name, upstream) in &raw.upstreams {
@@ -178,6 +179,7 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
             trusted_proxies,
             paths,
             cluster,
+            tracing,
             routes,
             upstreams,
         })
@@ -543,6 +545,54 @@ fn validate_upstream(
         queue,
         max_concurrency_scope,
     })
+}
+
+/// `tracing:`: an http:// collector URL, a ratio in [0, 1], a service name.
+fn validate_tracing(raw: &Spanned<RawTracing>, errors: &mut Collector<'_>) -> Option<TracingConfig> {
+    let before = errors.errors.len();
+    let tracing = &raw.value;
+    let Some(endpoint) = &tracing.otlp_endpoint else {
+        errors.at(
+            raw.referenced,
+            "tracing needs `otlp_endpoint`, the collector's OTLP/HTTP URL, e.g. \"http://127.0.0.1:4318\"",
+        );
+        return None;
+    };
+    let otlp_endpoint = match endpoint.value.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() && uri.query().is_none() => {
+            let path = uri.path().trim_end_matches('/');
+            if path.ends_with("/v1/traces") {
+                endpoint.value.clone()
+            } else {
+                format!("{}://{}{path}/v1/traces", "http", uri.authority().expect("a host"))
+            }
+        }
+        _ => {
+            errors.at(
+                endpoint.referenced,
+                "tracing otlp_endpoint must be an http:// URL with a host and no query, e.g. \"http://127.0.0.1:4318\"",
+            );
+            String::new()
+        }
+    };
+    let sample_ratio = match &tracing.sample_ratio {
+        Some(ratio) if !(0.0..=1.0).contains(&ratio.value) => {
+            errors
+                .at(ratio.referenced, "tracing sample_ratio must be between 0 and 1 (0.01 traces one request in 100)");
+            0.0
+        }
+        Some(ratio) => ratio.value,
+        None => TracingConfig::DEFAULT_SAMPLE_RATIO,
+    };
+    let service_name = match &tracing.service_name {
+        Some(name) if name.value.trim().is_empty() => {
+            errors.at(name.referenced, "tracing service_name must not be empty");
+            String::new()
+        }
+        Some(name) => name.value.clone(),
+        None => TracingConfig::DEFAULT_SERVICE_NAME.to_owned(),
+    };
+    (errors.errors.len() == before).then_some(TracingConfig { otlp_endpoint, sample_ratio, service_name })
 }
 
 /// `cluster:`: a Redis URL the client accepts, a password from a file when

@@ -31,6 +31,7 @@ use crate::notes::{RequestNotes, RoutedNotes, RoutedRequest};
 use crate::queue::{Priority, WaitEnded};
 use crate::retry::{self, RequestBody};
 use crate::route::{Route, RoutePolicy};
+use crate::trace::TryEnd;
 use crate::upstream::{Outcome, Unavailable, Upstream};
 
 mod response;
@@ -181,9 +182,17 @@ fn forward<C: SendToBackend>(
         // The last try's answer, given to the client if no further try can start.
         let mut previous: Option<Result<Response<ProxyBody>, ProxyError>> = None;
         let mut attempts_made = 0u32;
+        // Why the try about to start is a retry (for its trace span).
+        let mut retry_reason: Option<&'static str> = None;
         loop {
             let attempt = attempts_made + 1;
             let last = attempt >= retries.attempts;
+            // A recorded request's try span starts with the pick, queue wait included.
+            let try_began = prepared
+                .notes
+                .trace()
+                .filter(|trace| trace.recording())
+                .map(|_| (std::time::SystemTime::now(), prepared.notes.queue_wait()));
 
             // 4. Pick a backend (waiting in the upstream's queue when every one is
             //    busy); the pick reserves its in-flight slot. A request that waited
@@ -218,8 +227,14 @@ fn forward<C: SendToBackend>(
             // 5. This try's request: the backend's target form and protocol.
             let host = prepared.original_host.as_ref();
             let take_template = last && !may_requeue;
-            let outgoing =
+            let mut outgoing =
                 next_try(&mut prepared.template, take_template, &upstream, backend, host, body.for_try(limit))?;
+            if let (Some(trace), Some((began, waited_before))) = (prepared.notes.trace(), try_began) {
+                let queued = prepared.notes.queue_wait().saturating_sub(waited_before);
+                if let Some(parent) = trace.try_sent(attempt, retry_reason, began, &backend.address, queued) {
+                    outgoing.headers_mut().insert(&crate::trace::context::TRACEPARENT, parent);
+                }
+            }
 
             // 6. Send, bounded by the per-try timeout cut to the route's deadline;
             //    time to response head feeds the latency estimate.
@@ -232,6 +247,11 @@ fn forward<C: SendToBackend>(
             backend.state.series.upstream_duration.record(took);
             let busy = may_requeue.then(|| result.as_ref().ok()?.as_ref().ok().and_then(busy_answer)).flatten();
             if let Some(busy_for) = busy {
+                if let Some(trace) = prepared.notes.trace() {
+                    let status = result.as_ref().ok().and_then(|sent| sent.as_ref().ok()).map(|r| r.status().as_u16());
+                    trace.try_ended(TryEnd::Status(status.unwrap_or(429)));
+                    retry_reason = Some("busy");
+                }
                 // Not the bot's failure: no verdict for its health or breaker.
                 drop(outcome);
                 backend_answered_busy(&upstream, backend, busy_for);
@@ -245,6 +265,12 @@ fn forward<C: SendToBackend>(
             let verdict =
                 TryVerdict { outcome, pick: &pick, took, at_route_deadline, backend: &backend.address, limit };
             let result = judge(result, verdict, &retries.after(last, &upstream));
+            if let Some(trace) = prepared.notes.trace() {
+                trace.try_ended(match &result.answer {
+                    Ok(response) => TryEnd::Status(response.status().as_u16()),
+                    Err(error) => TryEnd::Failed(error.code().unwrap_or("error")),
+                });
+            }
             let Some((policy, reason)) = result.retry else {
                 return match result.answer {
                     Ok(response) => {
@@ -255,6 +281,7 @@ fn forward<C: SendToBackend>(
                 };
             };
             tracing::debug!(backend = %backend.address, attempt, reason = retry::reason_label(reason), "retrying");
+            retry_reason = Some(retry::reason_label(reason));
             tried.push(pick.index);
             attempts_made += 1;
             // Give the slot back before waiting: the backoff is not the backend's time.

@@ -66,6 +66,7 @@ fn schema() -> Vec<(&'static str, &'static [&'static str], &'static str)> {
         RawAdmin => "## `admin`",
         RawResolver => "## `resolver`",
         RawCluster => "## `cluster`",
+        RawTracing => "## `tracing`",
         RawLog => "## `log`",
         RawLimits => "## `limits`",
         RawPaths => "## `paths`",
@@ -191,6 +192,7 @@ cluster:
   key_prefix: "switchyard:"
   lease: 10s
   on_unavailable: local
+tracing: { otlp_endpoint: "http://127.0.0.1:4318", sample_ratio: 0.01, service_name: edge }
 log: { level: info, format: text, access: false, file: events.log, access_file: access.log }
 workers: 1
 limits:

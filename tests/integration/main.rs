@@ -34,4 +34,5 @@ mod streaming;
 mod stuck;
 mod systemd;
 mod tls;
+mod traces;
 mod upgrade;

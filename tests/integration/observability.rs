@@ -540,7 +540,8 @@ async fn access_log_lines_carry_every_field_and_never_the_token() {
     std::fs::write(
         &path,
         format!(
-            "admin: {{ bind: \"127.0.0.1:{admin_port}\", token: \"{token}\" }}\nlog: {{ access: true, format: json }}\nlisteners: [{{ bind: \"127.0.0.1:{port}\" }}]\nroutes: [{{ name: web, upstream: pool }}]\nupstreams:\n  pool:\n    backends: [{{ address: \"{}\" }}]\n",
+            "admin: {{ bind: \"127.0.0.1:{admin_port}\", token: \"{token}\" }}\nlog: {{ access: true, format: json }}\ntracing: {{ otlp_endpoint: \"http://{}\" }}\nlisteners: [{{ bind: \"127.0.0.1:{port}\" }}]\nroutes: [{{ name: web, upstream: pool }}]\nupstreams:\n  pool:\n    backends: [{{ address: \"{}\" }}]\n",
+            closed_port(),
             backend.addr
         ),
     )
@@ -549,7 +550,13 @@ async fn access_log_lines_carry_every_field_and_never_the_token() {
     let proxy = LoggingProxy::start(&path, &log);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_until_async("the proxy to listen", || async { tokio::net::TcpStream::connect(addr).await.is_ok() }).await;
-    let answer = get_with(&client(), &format!("http://{addr}/jobs/7?secret=no"), &[("x-request-id", "req-42")]).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let answer = get_with(
+        &client(),
+        &format!("http://{addr}/jobs/7?secret=no"),
+        &[("x-request-id", "req-42"), ("traceparent", traceparent)],
+    )
+    .await;
     assert_eq!(answer.status, 200);
     admin_get(format!("127.0.0.1:{admin_port}").parse().unwrap(), "/status", Some(token)).await;
     let line = wait_for_log_line(&log, "req-42").await;
@@ -564,6 +571,7 @@ async fn access_log_lines_carry_every_field_and_never_the_token() {
     assert_eq!(fields["status"], "200");
     assert_eq!(fields["attempts"], 1);
     assert_eq!(fields["request_id"], "req-42");
+    assert_eq!(fields["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "the trace the request belongs to");
     assert!(fields["client"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert!(fields["duration_ms"].is_number() && fields["queue_wait_ms"].is_number());
     assert!(entry["timestamp"].is_string());

@@ -1,0 +1,343 @@
+//! Distributed tracing: each request's W3C trace context ([`context`]), the
+//! decision whether to record it, and the proxy's spans, exported over OTLP
+//! ([`export`]): one server span per request and one client span per try,
+//! so a retried call shows each try, with its backend and why it was
+//! retried, and a queued one shows its wait.
+//!
+//! A request whose client sent a valid `traceparent` follows its sampled
+//! flag; any other starts a trace, sampled at `sample_ratio`. A sampled
+//! request's backend gets a `traceparent` naming the try's span as its
+//! parent. An unsampled one keeps the client's header as it came, or gets a
+//! new unsampled one, so the decision travels on. Spans are built only when
+//! the request is over (with the times noted on the way), and only for
+//! sampled requests; without `tracing:` nothing here runs.
+
+pub mod context;
+mod export;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Method};
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+
+use crate::config::TracingConfig;
+use context::{new_span_id, new_trace_id, traceparent, TRACEPARENT};
+use export::Exporter;
+
+static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+
+/// `tracing:` of a snapshot.
+#[derive(Debug)]
+pub struct Tracing {
+    pub config: TracingConfig,
+    /// `None` while only checking a config (no runtime), or when the
+    /// exporter could not be made (logged): requests still carry trace
+    /// context, and nothing is recorded.
+    exporter: Option<Arc<Exporter>>,
+    scope: InstrumentationScope,
+}
+
+impl Tracing {
+    /// `previous` is the running snapshot's: its exporter (and the spans it
+    /// holds) is kept when the collector and service name are the same.
+    pub fn compile(config: &TracingConfig, previous: Option<&Tracing>) -> Tracing {
+        let kept = previous.and_then(|p| p.exporter.as_ref()).filter(|e| e.serves(config));
+        let exporter = match kept {
+            Some(exporter) => Some(Arc::clone(exporter)),
+            None if tokio::runtime::Handle::try_current().is_err() => None,
+            None => match Exporter::start(config) {
+                Ok(exporter) => Some(Arc::new(exporter)),
+                Err(error) => {
+                    tracing::error!(%error, "cannot export traces; requests carry trace context, no span is sent");
+                    None
+                }
+            },
+        };
+        let scope = InstrumentationScope::builder("switchyard").with_version(crate::version::VERSION).build();
+        Tracing { config: config.clone(), exporter, scope }
+    }
+
+    /// The trace of a request arriving with `headers`, which it may rewrite
+    /// (see the module's comment).
+    pub fn start<B>(&self, request: &mut http::Request<B>) -> RequestTrace {
+        let parent = request.headers().get(&TRACEPARENT).and_then(|value| context::parse(value.as_bytes()));
+        let sampled = match parent {
+            Some(parent) => parent.sampled,
+            None => self.config.sample_ratio > 0.0 && fastrand::f64() < self.config.sample_ratio,
+        };
+        let trace_id = parent.map_or_else(new_trace_id, |parent| parent.trace_id);
+        let span_id = new_span_id();
+        let recording = (sampled && self.exporter.is_some()).then(|| {
+            Box::new(Recording {
+                started: SystemTime::now(),
+                method: request.method().clone(),
+                path: request.uri().path().to_owned(),
+                tries: Mutex::new(Vec::new()),
+                error: Mutex::new(None),
+            })
+        });
+        if parent.is_none() {
+            let headers = request.headers_mut();
+            // A state that came with no valid parent belongs to no trace.
+            headers.remove(&TRACESTATE);
+            // A recorded request's tries each send their own.
+            if recording.is_none() {
+                headers.insert(&TRACEPARENT, traceparent(trace_id, span_id, false));
+            }
+        }
+        RequestTrace { trace_id, span_id, parent: parent.map(|p| p.span_id), recording }
+    }
+
+    /// Exports a recorded request's spans: the server span, and one per try.
+    pub fn finish(&self, trace: &RequestTrace, ended: &Ended<'_>) {
+        let (Some(recording), Some(exporter)) = (&trace.recording, &self.exporter) else { return };
+        let now = SystemTime::now();
+        let error = recording.error.lock().expect("never poisoned").take();
+        let error = error.as_ref().and_then(|value| value.to_str().ok());
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", recording.method.to_string()),
+            KeyValue::new("url.path", recording.path.clone()),
+            KeyValue::new("client.address", ended.client.ip().to_string()),
+            KeyValue::new("switchyard.attempts", i64::from(ended.attempts)),
+        ];
+        if let Some(route) = ended.route {
+            attributes.push(KeyValue::new("switchyard.route", route.to_owned()));
+        }
+        if let Some(upstream) = ended.upstream {
+            attributes.push(KeyValue::new("switchyard.upstream", upstream.to_owned()));
+        }
+        let status = outcome(&mut attributes, ended.status, error.or(ended.status.is_none().then_some("client_left")));
+        let name = match ended.route {
+            Some(route) => format!("{} {route}", recording.method),
+            None => recording.method.to_string(),
+        };
+        exporter.export(self.span(
+            trace,
+            trace.span_id,
+            trace.parent.map_or(SpanId::INVALID, span_id),
+            SpanKind::Server,
+            name,
+            (recording.started, now),
+            attributes,
+            Vec::new(),
+            status,
+        ));
+        let tries = std::mem::take(&mut *recording.tries.lock().expect("never poisoned"));
+        for sent in tries {
+            let mut attributes = vec![
+                KeyValue::new("server.address", sent.backend.to_string()),
+                KeyValue::new("switchyard.attempt", i64::from(sent.attempt)),
+            ];
+            if let Some(upstream) = ended.upstream {
+                attributes.push(KeyValue::new("switchyard.upstream", upstream.to_owned()));
+            }
+            if let Some(reason) = sent.retry_reason {
+                attributes.push(KeyValue::new("switchyard.retry_reason", reason));
+            }
+            let (end, answer) = sent.ended.unwrap_or((now, TryEnd::Failed("cancelled")));
+            let status = match answer {
+                TryEnd::Status(code) => outcome(&mut attributes, Some(code), None),
+                TryEnd::Failed(code) => outcome(&mut attributes, None, Some(code)),
+            };
+            let events = sent
+                .queued
+                .map(|(at, waited)| {
+                    let waited_ms = waited.as_secs_f64() * 1000.0;
+                    opentelemetry::trace::Event::new(
+                        "queued",
+                        at,
+                        vec![KeyValue::new("switchyard.queue_wait_ms", waited_ms)],
+                        0,
+                    )
+                })
+                .into_iter()
+                .collect();
+            let name = format!("{} {}", recording.method, ended.upstream.unwrap_or("-"));
+            exporter.export(self.span(
+                trace,
+                sent.span_id,
+                span_id(trace.span_id),
+                SpanKind::Client,
+                name,
+                (sent.started, end),
+                attributes,
+                events,
+                status,
+            ));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn span(
+        &self,
+        trace: &RequestTrace,
+        id: u64,
+        parent: SpanId,
+        kind: SpanKind,
+        name: String,
+        (start_time, end_time): (SystemTime, SystemTime),
+        attributes: Vec<KeyValue>,
+        events: Vec<opentelemetry::trace::Event>,
+        status: Status,
+    ) -> SpanData {
+        let context = SpanContext::new(
+            TraceId::from_bytes(trace.trace_id.to_be_bytes()),
+            span_id(id),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        SpanData {
+            span_context: context,
+            parent_span_id: parent,
+            parent_span_is_remote: kind == SpanKind::Server && trace.parent.is_some(),
+            span_kind: kind,
+            name: name.into(),
+            start_time,
+            end_time,
+            attributes,
+            dropped_attributes_count: 0,
+            events: {
+                let mut all = SpanEvents::default();
+                all.events = events;
+                all
+            },
+            links: SpanLinks::default(),
+            status,
+            instrumentation_scope: self.scope.clone(),
+        }
+    }
+}
+
+fn span_id(id: u64) -> SpanId {
+    SpanId::from_bytes(id.to_be_bytes())
+}
+
+/// Adds the status code or the error to `attributes`, and says whether the
+/// span failed: no response, or a 5xx.
+fn outcome(attributes: &mut Vec<KeyValue>, status: Option<u16>, error: Option<&str>) -> Status {
+    if let Some(code) = status {
+        attributes.push(KeyValue::new("http.response.status_code", i64::from(code)));
+    }
+    match (status, error) {
+        (_, Some(error)) => {
+            attributes.push(KeyValue::new("error.type", error.to_owned()));
+            Status::error(error.to_owned())
+        }
+        (Some(code), None) if code >= 500 => {
+            attributes.push(KeyValue::new("error.type", code.to_string()));
+            Status::error("")
+        }
+        _ => Status::Unset,
+    }
+}
+
+/// What the server span tells of how the request ended.
+pub struct Ended<'a> {
+    pub client: SocketAddr,
+    pub route: Option<&'a str>,
+    pub upstream: Option<&'a str>,
+    /// `None`: the client left before a response.
+    pub status: Option<u16>,
+    pub attempts: u32,
+}
+
+/// One request's trace: its ids, and when it is recorded, what the spans
+/// will tell.
+#[derive(Debug)]
+pub struct RequestTrace {
+    trace_id: u128,
+    /// The proxy's server span (for an unsampled request that started its
+    /// trace here, the parent its backend was told of).
+    span_id: u64,
+    /// The client's span, from its `traceparent`.
+    parent: Option<u64>,
+    recording: Option<Box<Recording>>,
+}
+
+#[derive(Debug)]
+struct Recording {
+    started: SystemTime,
+    method: Method,
+    path: String,
+    tries: Mutex<Vec<SentTry>>,
+    /// The `x-switchyard-error` code of the response, when the proxy made it.
+    error: Mutex<Option<HeaderValue>>,
+}
+
+#[derive(Debug)]
+struct SentTry {
+    span_id: u64,
+    attempt: u32,
+    retry_reason: Option<&'static str>,
+    started: SystemTime,
+    backend: Arc<str>,
+    /// When the try's pick left the queue, and how long it waited there.
+    queued: Option<(SystemTime, Duration)>,
+    ended: Option<(SystemTime, TryEnd)>,
+}
+
+/// How a try ended.
+#[derive(Debug, Clone, Copy)]
+pub enum TryEnd {
+    /// The backend's response head.
+    Status(u16),
+    /// No response: the proxy's error code for it.
+    Failed(&'static str),
+}
+
+impl RequestTrace {
+    pub fn trace_id(&self) -> u128 {
+        self.trace_id
+    }
+
+    /// Whether its spans will be exported: it was sampled, and tracing exports.
+    pub fn recording(&self) -> bool {
+        self.recording.is_some()
+    }
+
+    /// A recorded request's try went out to `backend`: begun (its pick) at
+    /// `started`, after waiting `queued` in the queue. Gives the
+    /// `traceparent` the backend gets, naming the try's span.
+    pub fn try_sent(
+        &self,
+        attempt: u32,
+        retry_reason: Option<&'static str>,
+        started: SystemTime,
+        backend: &Arc<str>,
+        queued: Duration,
+    ) -> Option<HeaderValue> {
+        let recording = self.recording.as_ref()?;
+        let span_id = new_span_id();
+        let queued = (!queued.is_zero()).then(|| (SystemTime::now(), queued));
+        recording.tries.lock().expect("never poisoned").push(SentTry {
+            span_id,
+            attempt,
+            retry_reason,
+            started,
+            backend: Arc::clone(backend),
+            queued,
+            ended: None,
+        });
+        Some(traceparent(self.trace_id, span_id, true))
+    }
+
+    /// The last try sent ended so.
+    pub fn try_ended(&self, end: TryEnd) {
+        let Some(recording) = &self.recording else { return };
+        if let Some(last) = recording.tries.lock().expect("never poisoned").last_mut() {
+            last.ended.get_or_insert((SystemTime::now(), end));
+        }
+    }
+
+    /// The proxy answered with its own error code (`x-switchyard-error`).
+    pub fn answered_error(&self, code: &HeaderValue) {
+        if let Some(recording) = &self.recording {
+            *recording.error.lock().expect("never poisoned") = Some(code.clone());
+        }
+    }
+}
