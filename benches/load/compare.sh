@@ -15,7 +15,9 @@
 #                                          per request, every thread, from perf stat)
 #        FEATURES=1 benches/load/compare.sh  (Switchyard alone, plain and with one
 #                                          feature each: access log, retries, breaker,
-#                                          least_loaded, consistent_hash, queue; c64)
+#                                          least_loaded, consistent_hash, queue, tracing
+#                                          at a ratio of 0.01 and of 1 (the backends' nginx
+#                                          takes the spans); c64)
 #        TLS=1 benches/load/compare.sh      (TLS on the proxies' listeners: keep-alive c64,
 #                                          HTTP/2 over TLS as h2c's load (tls-h2), and a new
 #                                          connection and full handshake per request;
@@ -46,7 +48,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 FEATURES=${FEATURES:-0}
 if [ "$FEATURES" = 1 ]; then
-  TARGETS=${TARGETS:-"switchyard switchyard+access switchyard+retry switchyard+breaker switchyard+least_loaded switchyard+consistent_hash switchyard+queue"}
+  TARGETS=${TARGETS:-"switchyard switchyard+access switchyard+retry switchyard+breaker switchyard+least_loaded switchyard+consistent_hash switchyard+queue switchyard+tracing switchyard+tracing_all"}
   SCENARIOS=${SCENARIOS:-c64}
 fi
 TLS=${TLS:-0}
@@ -110,7 +112,9 @@ http {
   server { listen 127.0.0.1:$b1 reuseport; listen 127.0.0.1:$b2 reuseport; listen 127.0.0.1:$b3 reuseport;
            location / { return 200 "$body\n"; }
            location = /4k { alias $work/4k.bin; }
-           location = /64k { alias $work/64k.bin; } }
+           location = /64k { alias $work/64k.bin; }
+           # The OTLP collector of the +tracing targets: takes every batch, keeps nothing.
+           location = /v1/traces { return 200; } }
 }
 EOF
 head -c 4096 /dev/urandom >"$work/4k.bin"
@@ -131,7 +135,7 @@ cat "$work/tls.pem" "$work/tls.key" >"$work/tls-combined.pem"
 # Switchyard targets: `switchyard` is the plain config; `switchyard+FEATURE`
 # adds one feature to it, to measure what each costs (FEATURES=1 runs them all).
 switchyard_config() { # target
-  local feature=${1#switchyard} access=false policy="{ policy: round_robin }" route="" upstream="" tls_listener=""
+  local feature=${1#switchyard} access=false policy="{ policy: round_robin }" route="" upstream="" tls_listener="" tracing=""
   [ "$TLS" = 1 ] && tls_listener="  - { name: bench-tls, bind: \"127.0.0.1:${TLS_PORT[$1]}\", tls: { certificates: [{ cert: \"$work/tls.pem\", key: \"$work/tls.key\" }], alpn: [h2, http/1.1] } }"
   [ "$feature" = "@alt" ] && feature=""
   case $feature in
@@ -142,6 +146,8 @@ switchyard_config() { # target
     +least_loaded) policy="{ policy: least_loaded }" ;;
     +consistent_hash) policy="{ policy: consistent_hash, key: path, bounded_load: 1.25 }" ;;
     +queue) upstream="queue: { max_waiting: 1000, timeout: 30s }" ;;
+    +tracing) tracing="tracing: { otlp_endpoint: \"http://127.0.0.1:$b1\", sample_ratio: 0.01 }" ;;
+    +tracing_all) tracing="tracing: { otlp_endpoint: \"http://127.0.0.1:$b1\", sample_ratio: 1.0 }" ;;
     *) echo "unknown Switchyard feature: $feature" >&2; exit 2 ;;
   esac
   # Switchyard serves HTTP/1.1 and h2c on one port.
@@ -149,6 +155,7 @@ switchyard_config() { # target
   cat >"$work/$1.yaml" <<YAML
 admin: { bind: "127.0.0.1:$(free_port)" }
 log: { level: warn, access: $access }
+$tracing
 listeners:
   - { name: bench, bind: "127.0.0.1:${H1_PORT[$1]}" }
 $tls_listener
