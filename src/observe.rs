@@ -63,7 +63,9 @@ where
 
     fn call(&mut self, mut noted: NotedRequest) -> Self::Future {
         if let Some(tracing) = &noted.notes.snapshot().tracing {
-            noted.notes.set_trace(tracing.start(&mut noted.request));
+            if let Some(trace) = tracing.start(&mut noted.request) {
+                noted.notes.set_trace(trace);
+            }
         }
         let (request, notes) = (&noted.request, Arc::clone(&noted.notes));
         let access = notes.snapshot().access_log.then(|| AccessFields {
