@@ -88,8 +88,9 @@ pub struct RequestNotes {
     queue_wait_micros: AtomicU64,
     /// The client a trusted proxy named, when it is not the peer.
     forwarded_client: OnceLock<std::net::IpAddr>,
-    /// The request's trace, with `tracing:` on (set by `observe`).
-    trace: OnceLock<RequestTrace>,
+    /// The request's trace, with `tracing:` on (set by `observe`). Boxed:
+    /// a request without one carries a pointer's room, not the trace's.
+    trace: OnceLock<Box<RequestTrace>>,
 }
 
 /// A backend a try went to: its index in the route's upstream or, when a
@@ -139,11 +140,11 @@ impl RequestNotes {
 
     /// The request's trace; `None` without `tracing:`.
     pub fn trace(&self) -> Option<&RequestTrace> {
-        self.trace.get()
+        self.trace.get().map(|trace| &**trace)
     }
 
     pub fn set_trace(&self, trace: RequestTrace) {
-        let _ = self.trace.set(trace);
+        let _ = self.trace.set(Box::new(trace));
     }
 
     /// The snapshot the request runs on.

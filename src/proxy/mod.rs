@@ -182,17 +182,14 @@ fn forward<C: SendToBackend>(
         // The last try's answer, given to the client if no further try can start.
         let mut previous: Option<Result<Response<ProxyBody>, ProxyError>> = None;
         let mut attempts_made = 0u32;
-        // Why the try about to start is a retry (for its trace span).
-        let mut retry_reason: Option<&'static str> = None;
         loop {
             let attempt = attempts_made + 1;
             let last = attempt >= retries.attempts;
-            // A recorded request's try span starts with the pick, queue wait included.
-            let try_began = prepared
-                .notes
-                .trace()
-                .filter(|trace| trace.recording())
-                .map(|_| (std::time::SystemTime::now(), prepared.notes.queue_wait()));
+            // A recorded request's try span starts with the pick, queue wait
+            // included (what it notes stays in the trace, not in this future).
+            if let Some(trace) = prepared.notes.trace() {
+                trace.try_begins(prepared.notes.queue_wait());
+            }
 
             // 4. Pick a backend (waiting in the upstream's queue when every one is
             //    busy); the pick reserves its in-flight slot. A request that waited
@@ -229,9 +226,8 @@ fn forward<C: SendToBackend>(
             let take_template = last && !may_requeue;
             let mut outgoing =
                 next_try(&mut prepared.template, take_template, &upstream, backend, host, body.for_try(limit))?;
-            if let (Some(trace), Some((began, waited_before))) = (prepared.notes.trace(), try_began) {
-                let queued = prepared.notes.queue_wait().saturating_sub(waited_before);
-                if let Some(parent) = trace.try_sent(attempt, retry_reason, began, &backend.address, queued) {
+            if let Some(trace) = prepared.notes.trace() {
+                if let Some(parent) = trace.try_sent(attempt, &backend.address, prepared.notes.queue_wait()) {
                     outgoing.headers_mut().insert(&crate::trace::context::TRACEPARENT, parent);
                 }
             }
@@ -250,7 +246,7 @@ fn forward<C: SendToBackend>(
                 if let Some(trace) = prepared.notes.trace() {
                     let status = result.as_ref().ok().and_then(|sent| sent.as_ref().ok()).map(|r| r.status().as_u16());
                     trace.try_ended(TryEnd::Status(status.unwrap_or(429)));
-                    retry_reason = Some("busy");
+                    trace.retrying("busy");
                 }
                 // Not the bot's failure: no verdict for its health or breaker.
                 drop(outcome);
@@ -281,7 +277,9 @@ fn forward<C: SendToBackend>(
                 };
             };
             tracing::debug!(backend = %backend.address, attempt, reason = retry::reason_label(reason), "retrying");
-            retry_reason = Some(retry::reason_label(reason));
+            if let Some(trace) = prepared.notes.trace() {
+                trace.retrying(retry::reason_label(reason));
+            }
             tried.push(pick.index);
             attempts_made += 1;
             // Give the slot back before waiting: the backoff is not the backend's time.

@@ -88,6 +88,7 @@ impl Tracing {
                 method: request.method().clone(),
                 path: request.uri().path().to_owned(),
                 tries: Mutex::new(Vec::new()),
+                next: Mutex::new(NextTry::default()),
                 error: Mutex::new(None),
             })
         });
@@ -272,8 +273,23 @@ struct Recording {
     method: Method,
     path: String,
     tries: Mutex<Vec<SentTry>>,
+    /// What is known of the try about to be sent.
+    next: Mutex<NextTry>,
     /// The `x-switchyard-error` code of the response, when the proxy made it.
     error: Mutex<Option<HeaderValue>>,
+}
+
+#[derive(Debug)]
+struct NextTry {
+    began: SystemTime,
+    queue_wait_before: Duration,
+    retry_reason: Option<&'static str>,
+}
+
+impl Default for NextTry {
+    fn default() -> Self {
+        NextTry { began: SystemTime::now(), queue_wait_before: Duration::ZERO, retry_reason: None }
+    }
 }
 
 #[derive(Debug)]
@@ -307,25 +323,36 @@ impl RequestTrace {
         self.recording.is_some()
     }
 
-    /// A recorded request's try went out to `backend`: begun (its pick) at
-    /// `started`, after waiting `queued` in the queue. Gives the
-    /// `traceparent` the backend gets, naming the try's span.
-    pub fn try_sent(
-        &self,
-        attempt: u32,
-        retry_reason: Option<&'static str>,
-        started: SystemTime,
-        backend: &Arc<str>,
-        queued: Duration,
-    ) -> Option<HeaderValue> {
+    /// A try begins (its pick), after `queue_wait` so far in the queue.
+    pub fn try_begins(&self, queue_wait: Duration) {
+        if let Some(recording) = &self.recording {
+            let mut next = recording.next.lock().expect("never poisoned");
+            next.began = SystemTime::now();
+            next.queue_wait_before = queue_wait;
+        }
+    }
+
+    /// The next try is a retry, for `reason`.
+    pub fn retrying(&self, reason: &'static str) {
+        if let Some(recording) = &self.recording {
+            recording.next.lock().expect("never poisoned").retry_reason = Some(reason);
+        }
+    }
+
+    /// The try that began went out to `backend`, the request having waited
+    /// `queue_wait` in all. Gives the `traceparent` the backend gets, naming
+    /// the try's span; `None` when the request is not recorded.
+    pub fn try_sent(&self, attempt: u32, backend: &Arc<str>, queue_wait: Duration) -> Option<HeaderValue> {
         let recording = self.recording.as_ref()?;
         let span_id = new_span_id();
+        let next = std::mem::take(&mut *recording.next.lock().expect("never poisoned"));
+        let queued = queue_wait.saturating_sub(next.queue_wait_before);
         let queued = (!queued.is_zero()).then(|| (SystemTime::now(), queued));
         recording.tries.lock().expect("never poisoned").push(SentTry {
             span_id,
             attempt,
-            retry_reason,
-            started,
+            retry_reason: next.retry_reason,
+            started: next.began,
             backend: Arc::clone(backend),
             queued,
             ended: None,
