@@ -51,10 +51,6 @@ impl Receiver {
         .await;
         self.spans.lock().unwrap().iter().filter(|s| s["trace_id"] == trace_id).cloned().collect()
     }
-
-    fn spans_of(&self, trace_id: &str) -> usize {
-        self.spans.lock().unwrap().iter().filter(|s| s["trace_id"] == trace_id).count()
-    }
 }
 
 impl Drop for Receiver {
