@@ -51,7 +51,7 @@ impl Exporter {
         let mut processor = BatchSpanProcessor::builder(exporter).with_batch_config(batches).build();
         let resource = Resource::builder_empty()
             .with_service_name(config.service_name.clone())
-            .with_attribute(opentelemetry::KeyValue::new("service.version", crate::version::VERSION))
+            .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .build();
         processor.set_resource(&resource);
         Ok(Exporter { endpoint: config.otlp_endpoint.clone(), service_name: config.service_name.clone(), processor })

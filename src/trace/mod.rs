@@ -59,7 +59,7 @@ impl Tracing {
                 }
             },
         };
-        let scope = InstrumentationScope::builder("switchyard").with_version(crate::version::VERSION).build();
+        let scope = InstrumentationScope::builder("switchyard").with_version(env!("CARGO_PKG_VERSION")).build();
         Tracing { config: config.clone(), exporter, scope }
     }
 
