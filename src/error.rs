@@ -8,6 +8,10 @@ use crate::body::{full, BoxError, ClientBodyError, ClientBodyTimeout, ProxyBody}
 
 pub const ERROR_HEADER: &str = "x-switchyard-error";
 
+/// On a response the proxy made for a failure: its `x-switchyard-error` code.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyErrorCode(pub &'static str);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches this request")]
@@ -131,6 +135,11 @@ impl ProxyError {
             // The rest of the request may still be on the wire (after a CONNECT,
             // bytes meant for a tunnel): never parse it as another request.
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(code) = self.code() {
+            // Marks the response as the proxy's own, which a backend's
+            // `x-switchyard-error` (passed through) cannot do.
+            response.extensions_mut().insert(ProxyErrorCode(code));
         }
         response
     }

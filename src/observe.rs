@@ -107,8 +107,10 @@ where
         let record = this.record.take().expect("polled after completion");
         crate::stream_timeout::note(crate::stream_timeout::StreamEvent::HeadReady);
         let status = response.status().as_u16();
-        if let Some(code) = record.notes.trace().and_then(|_| response.headers().get("x-switchyard-error")) {
-            record.notes.trace().expect("checked").answered_error(code);
+        if let Some(trace) = record.notes.trace() {
+            if let Some(crate::error::ProxyErrorCode(code)) = response.extensions().get() {
+                trace.answered_error(code);
+            }
         }
         // Not boxed again: the client's body is this wrapper around the one box.
         Poll::Ready(Ok(response.map(|body| ObservedBody { inner: body, record: Some((record, status)) })))

@@ -837,6 +837,8 @@ upstreams:
         assert_eq!((tracing.sample_ratio, tracing.service_name.as_str()), (1.0, "switchyard"));
         let given = parse(&config("{ otlp_endpoint: \"http://c:4318/otlp/v1/traces\" }"), "t.yaml").unwrap();
         assert_eq!(given.tracing.unwrap().otlp_endpoint, "http://c:4318/otlp/v1/traces", "a full URL is kept");
+        let slash = parse(&config("{ otlp_endpoint: \"http://c:4318/v1/traces/\" }"), "t.yaml").unwrap();
+        assert_eq!(slash.tracing.unwrap().otlp_endpoint, "http://c:4318/v1/traces", "without its final slash");
         for (bad, column, says) in [
             ("{ otlp_endpoint: \"https://c:4318\" }", 27, "http:// URL"),
             ("{ otlp_endpoint: \"c:4318\" }", 27, "http:// URL"),

@@ -561,11 +561,8 @@ fn validate_tracing(raw: &Spanned<RawTracing>, errors: &mut Collector<'_>) -> Op
     let otlp_endpoint = match endpoint.value.parse::<http::Uri>() {
         Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() && uri.query().is_none() => {
             let path = uri.path().trim_end_matches('/');
-            if path.ends_with("/v1/traces") {
-                endpoint.value.clone()
-            } else {
-                format!("{}://{}{path}/v1/traces", "http", uri.authority().expect("a host"))
-            }
+            let signal = if path.ends_with("/v1/traces") { "" } else { "/v1/traces" };
+            format!("http://{}{path}{signal}", uri.authority().expect("a host"))
         }
         _ => {
             errors.at(

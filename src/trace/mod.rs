@@ -69,15 +69,20 @@ impl Tracing {
     /// removed: it belongs to no trace.
     pub fn start<B>(&self, request: &mut http::Request<B>) -> Option<RequestTrace> {
         let headers = request.headers_mut();
-        let parent = match headers.get(&TRACEPARENT).map(|value| context::parse(value.as_bytes())) {
-            None => None,
-            Some(Some(parent)) => Some(parent),
-            Some(None) => {
-                headers.remove(&TRACEPARENT);
-                headers.remove(&TRACESTATE);
-                None
+        let mut given = headers.get_all(&TRACEPARENT).iter();
+        // Two of them say two things: neither is believed (as the spec's tests ask).
+        let (parent, invalid) = match (given.next(), given.next()) {
+            (None, _) => (None, false),
+            (Some(value), None) => {
+                let parent = context::parse(value.as_bytes());
+                (parent, parent.is_none())
             }
+            (Some(_), Some(_)) => (None, true),
         };
+        if invalid {
+            headers.remove(&TRACEPARENT);
+            headers.remove(&TRACESTATE);
+        }
         let sampled = match parent {
             Some(parent) => parent.sampled,
             None => self.config.sample_ratio > 0.0 && fastrand::f64() < self.config.sample_ratio,
@@ -85,8 +90,8 @@ impl Tracing {
         let recording = (sampled && self.exporter.is_some()).then(|| {
             Box::new(Recording {
                 started: SystemTime::now(),
-                method: request.method().clone(),
-                path: request.uri().path().to_owned(),
+                method: span_method(request.method()),
+                path: truncated(request.uri().path(), MAX_PATH_ATTRIBUTE).to_owned(),
                 tries: Mutex::new(Vec::new()),
                 next: Mutex::new(NextTry::default()),
                 error: Mutex::new(None),
@@ -105,10 +110,9 @@ impl Tracing {
     pub fn finish(&self, trace: &RequestTrace, ended: &Ended<'_>) {
         let (Some(recording), Some(exporter)) = (&trace.recording, &self.exporter) else { return };
         let now = SystemTime::now();
-        let error = recording.error.lock().expect("never poisoned").take();
-        let error = error.as_ref().and_then(|value| value.to_str().ok());
+        let error = *recording.error.lock().expect("never poisoned");
         let mut attributes = vec![
-            KeyValue::new("http.request.method", recording.method.to_string()),
+            KeyValue::new("http.request.method", recording.method),
             KeyValue::new("url.path", recording.path.clone()),
             KeyValue::new("client.address", ended.client.ip().to_string()),
             KeyValue::new("switchyard.attempts", i64::from(ended.attempts)),
@@ -122,7 +126,7 @@ impl Tracing {
         let status = outcome(&mut attributes, ended.status, error.or(ended.status.is_none().then_some("client_left")));
         let name = match ended.route {
             Some(route) => format!("{} {route}", recording.method),
-            None => recording.method.to_string(),
+            None => recording.method.to_owned(),
         };
         exporter.export(self.span(
             trace,
@@ -222,6 +226,39 @@ impl Tracing {
     }
 }
 
+/// The longest `url.path` a span carries: the client chooses the path, and a
+/// span (and the export queue of them) must stay small.
+const MAX_PATH_ATTRIBUTE: usize = 256;
+
+/// The method as spans name it: an extension method, which the client
+/// chooses, is `_OTHER` (OpenTelemetry's HTTP conventions).
+fn span_method(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "_OTHER",
+    }
+}
+
+/// `text` cut to at most `limit` bytes, at a character boundary.
+fn truncated(text: &str, limit: usize) -> &str {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 fn span_id(id: u64) -> SpanId {
     SpanId::from_bytes(id.to_be_bytes())
 }
@@ -270,13 +307,13 @@ pub struct RequestTrace {
 #[derive(Debug)]
 struct Recording {
     started: SystemTime,
-    method: Method,
+    method: &'static str,
     path: String,
     tries: Mutex<Vec<SentTry>>,
     /// What is known of the try about to be sent.
     next: Mutex<NextTry>,
     /// The `x-switchyard-error` code of the response, when the proxy made it.
-    error: Mutex<Option<HeaderValue>>,
+    error: Mutex<Option<&'static str>>,
 }
 
 #[derive(Debug)]
@@ -369,9 +406,9 @@ impl RequestTrace {
     }
 
     /// The proxy answered with its own error code (`x-switchyard-error`).
-    pub fn answered_error(&self, code: &HeaderValue) {
+    pub fn answered_error(&self, code: &'static str) {
         if let Some(recording) = &self.recording {
-            *recording.error.lock().expect("never poisoned") = Some(code.clone());
+            *recording.error.lock().expect("never poisoned") = Some(code);
         }
     }
 }

@@ -162,7 +162,8 @@ fn query_param<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str
     })
 }
 
-/// Behaviour by path: `/hold` waits for release; `/download?bytes=N` streams N
+/// Behaviour by path: `.../mimics-the-proxy` answers 200 with an
+/// `x-switchyard-error` header; `/hold` waits for release; `/download?bytes=N` streams N
 /// bytes; `/status?code=N` answers N; anything else answers with the backend's
 /// name after `?delay_ms=N`. Every request body is read and counted, streaming.
 async fn handle(
@@ -228,6 +229,10 @@ async fn handle(
         *response.status_mut() = StatusCode::from_u16(code).unwrap();
     }
     response.headers_mut().insert("x-backend", name.parse().unwrap());
+    if path.ends_with("/mimics-the-proxy") {
+        // A backend that sends the proxy's error header on a good answer.
+        response.headers_mut().insert("x-switchyard-error", "upstream_timeout".parse().unwrap());
+    }
     Ok(response)
 }
 

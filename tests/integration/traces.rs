@@ -149,6 +149,25 @@ upstreams:
     assert!(tried["attributes"].get("switchyard.retry_reason").is_none(), "{tried}");
     assert!(server["start"].as_u64() <= tried["start"].as_u64() && tried["end"].as_u64() <= server["end"].as_u64());
 
+    // What the client chooses stays small in a span: an extension method is
+    // `_OTHER`, a long path is cut. A backend's `x-switchyard-error` is not
+    // the proxy's: the span does not fail.
+    let long_path = format!("/direct/{}/mimics-the-proxy", "p".repeat(3000));
+    let request = Request::builder()
+        .method("FROBNICATE")
+        .uri(proxy.url(&long_path))
+        .header("traceparent", format!("00-{}-{client_span}-01", "cd".repeat(16)))
+        .body(full(""))
+        .unwrap();
+    assert_eq!(send(&client(), request).await.status, 200);
+    let spans = receiver.trace(&"cd".repeat(16), 2).await;
+    let server = one(&spans, "SPAN_KIND_SERVER");
+    assert_eq!(server["name"], "_OTHER direct");
+    assert_eq!(server["attributes"]["http.request.method"], "_OTHER");
+    assert_eq!(server["attributes"]["url.path"].as_str().unwrap(), &long_path[..256]);
+    assert!(server["attributes"].get("error.type").is_none(), "{server}");
+    assert_eq!(server["status"], "STATUS_CODE_UNSET");
+
     // A retried call, in a trace the proxy starts (no traceparent).
     assert_eq!(get_traced(proxy.url("/retried"), None).await.status, 200);
     let seen = traceparent_seen(&good);
@@ -212,6 +231,14 @@ async fn an_unsampled_request_goes_on_as_it_came_and_records_nothing() {
     assert_eq!(get_traced(proxy.url("/c"), Some(invalid)).await.status, 200);
     let headers = last_headers();
     assert!(headers.get("traceparent").is_none() && headers.get("tracestate").is_none(), "{headers:?}");
+    // Two traceparents say two things: neither goes on.
+    let twice = Request::get(proxy.url("/twice"))
+        .header("traceparent", unsampled)
+        .header("traceparent", "00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        .body(full(""))
+        .unwrap();
+    assert_eq!(send(&client(), twice).await.status, 200);
+    assert!(last_headers().get("traceparent").is_none(), "{:?}", last_headers());
     // A sampled client trace is followed whatever the ratio.
     let sampled = "5bf92f3577b34da6a3ce929d0e0e4736";
     assert_eq!(get_traced(proxy.url("/d"), Some(format!("00-{sampled}-00f067aa0ba902b7-01"))).await.status, 200);
