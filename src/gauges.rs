@@ -38,6 +38,11 @@ fn one_if(current: bool) -> f64 {
 pub fn register_config_series(snapshot: &Snapshot) {
     metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => "success").increment(0);
     metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => "error").increment(0);
+    if snapshot.tracing.is_some() {
+        for result in ["exported", "failed", "dropped"] {
+            metrics::counter!(crate::metrics::TRACE_SPANS_TOTAL, "result" => result).increment(0);
+        }
+    }
     for upstream in &snapshot.upstreams {
         let config = &upstream.config;
         if config.discovery.is_some() {

@@ -53,6 +53,7 @@ pub const CLUSTER_LEASE_RENEWALS_TOTAL: &str = "switchyard_cluster_lease_renewal
 pub const CLUSTER_FALLBACKS_TOTAL: &str = "switchyard_cluster_fallbacks_total";
 pub const CLUSTER_SLOTS_LOST_TOTAL: &str = "switchyard_cluster_slots_lost_total";
 pub const BUILD_INFO: &str = "switchyard_build_info";
+pub const TRACE_SPANS_TOTAL: &str = "switchyard_trace_spans_total";
 // The process's own, under the names every Prometheus client library uses.
 pub const PROCESS_CPU_SECONDS_TOTAL: &str = "process_cpu_seconds_total";
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
@@ -113,7 +114,7 @@ impl Kind {
 
 /// Every name the proxy exports, with its type and its `# HELP` text: the
 /// contract docs/operations.md lists and the dashboard may use.
-pub const CONTRACT: [(&str, Kind, &str); 37] = [
+pub const CONTRACT: [(&str, Kind, &str); 38] = [
     (REQUESTS_TOTAL, Kind::Counter, "Finished client requests by route, upstream, last backend tried and status code (code=\"error\": no response)."),
     (REQUEST_DURATION_SECONDS, Kind::Histogram, "Client-observed request duration, from arrival until the response body ended."),
     (REQUEST_BODY_BYTES_TOTAL, Kind::Counter, "Request body bytes received from clients, by route and upstream."),
@@ -144,6 +145,7 @@ pub const CONTRACT: [(&str, Kind, &str); 37] = [
     (CLUSTER_FALLBACKS_TOTAL, Kind::Counter, "Cluster-scoped picks made by this replica's own limits, or refused, while Redis was unreachable."),
     (CLUSTER_SLOTS_LOST_TOTAL, Kind::Counter, "Cluster slots found missing at a renewal and added back."),
     (BUILD_INFO, Kind::Gauge, "Always 1; the labels say which build answers."),
+    (TRACE_SPANS_TOTAL, Kind::Counter, "Spans of recorded requests, by result: exported, failed (the collector refused or did not answer) or dropped (too many waiting)."),
     (PROCESS_CPU_SECONDS_TOTAL, Kind::Counter, "Total user and system CPU time spent in seconds."),
     (PROCESS_RESIDENT_MEMORY_BYTES, Kind::Gauge, "Resident memory size in bytes."),
     (PROCESS_VIRTUAL_MEMORY_BYTES, Kind::Gauge, "Virtual memory size in bytes."),

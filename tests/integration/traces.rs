@@ -130,6 +130,12 @@ upstreams:
     assert_eq!(answer.status, 200);
     let seen = traceparent_seen(&direct);
     let spans = receiver.trace(client_trace, 2).await;
+    let metrics_url = format!("http://127.0.0.1:{admin_port}/metrics");
+    wait_until_async("the exported spans to be counted", || async {
+        let exported = |scrape| metric_value(&scrape, "switchyard_trace_spans_total", &[("result", "exported")]);
+        exported(scrape(&metrics_url).await) == Some(2.0)
+    })
+    .await;
     let server = one(&spans, "SPAN_KIND_SERVER");
     let tried = one(&spans, "SPAN_KIND_CLIENT");
     assert_eq!(server["parent_span_id"], client_span, "the proxy's span is the client's child");
@@ -192,7 +198,6 @@ upstreams:
     wait_until("the bot to be busy", Duration::from_secs(30), || bot.in_flight() == 1).await;
     let waiting =
         tokio::spawn(get_traced(proxy.url("/queued/next"), Some(format!("00-{}-{client_span}-01", "ab".repeat(16)))));
-    let metrics_url = format!("http://127.0.0.1:{admin_port}/metrics");
     wait_until_async("the second job to queue", || async {
         metric_value(&scrape(&metrics_url).await, "switchyard_queue_waiting", &[("upstream", "one-bot")]) == Some(1.0)
     })
@@ -263,8 +268,9 @@ async fn a_collector_that_never_answers_loses_spans_not_requests_and_holds_no_mo
         }
     });
     let backend = Backend::start("a").await;
+    let admin_port = free_port();
     let yaml = format!(
-        "listeners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\ntracing: {{ otlp_endpoint: \"http://{collector}\", sample_ratio: 1.0 }}\nroutes: [{{ upstream: bots }}]\nupstreams:\n  bots: {{ backends: [{{ address: \"{}\" }}] }}\n",
+        "admin: {{ bind: \"127.0.0.1:{admin_port}\" }}\nlisteners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\ntracing: {{ otlp_endpoint: \"http://{collector}\", sample_ratio: 1.0 }}\nroutes: [{{ upstream: bots }}]\nupstreams:\n  bots: {{ backends: [{{ address: \"{}\" }}] }}\n",
         backend.addr
     );
     let proxy = ProxyProcess::start(&yaml).await;
@@ -296,6 +302,12 @@ async fn a_collector_that_never_answers_loses_spans_not_requests_and_holds_no_mo
     assert_eq!(backend.hits(), 30_000);
     // 40,000 more spans held would be some 20 MiB (measured with the queue unbounded).
     assert!(after < before + 8 * 1024, "RSS grew from {before} KiB to {after} KiB with the collector silent");
+    // What was lost is counted: 60,000 spans, at most 4,096 waiting and a
+    // few batches in the air, none exported.
+    let scrape = scrape(&format!("http://127.0.0.1:{admin_port}/metrics")).await;
+    let spans = |result| metric_value(&scrape, "switchyard_trace_spans_total", &[("result", result)]).unwrap();
+    assert!(spans("dropped") >= 50_000.0, "dropped {}", spans("dropped"));
+    assert_eq!(spans("exported"), 0.0);
 }
 
 /// `tracing:` is reloadable: a ratio raised from 0 to 1 by a reload records
