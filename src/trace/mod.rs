@@ -51,10 +51,15 @@ impl Tracing {
         let exporter = match kept {
             Some(exporter) => Some(Arc::clone(exporter)),
             None if tokio::runtime::Handle::try_current().is_err() => None,
-            None => match Exporter::start(config) {
-                Ok(exporter) => Some(Arc::new(exporter)),
-                Err(error) => {
+            // OpenTelemetry's processor panics if its thread cannot start.
+            None => match std::panic::catch_unwind(|| Exporter::start(config)) {
+                Ok(Ok(exporter)) => Some(Arc::new(exporter)),
+                Ok(Err(error)) => {
                     tracing::error!(%error, "cannot export traces; requests carry trace context, no span is sent");
+                    None
+                }
+                Err(_) => {
+                    tracing::error!("cannot start the trace exporter's thread; no span is sent");
                     None
                 }
             },
@@ -336,7 +341,7 @@ struct SentTry {
     retry_reason: Option<&'static str>,
     started: SystemTime,
     backend: Arc<str>,
-    /// When the try's pick left the queue, and how long it waited there.
+    /// When the try was sent, having left the queue, and how long it waited there.
     queued: Option<(SystemTime, Duration)>,
     ended: Option<(SystemTime, TryEnd)>,
 }

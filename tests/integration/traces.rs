@@ -311,23 +311,25 @@ async fn a_collector_that_never_answers_loses_spans_not_requests_and_holds_no_mo
 }
 
 /// `tracing:` is reloadable: a ratio raised from 0 to 1 by a reload records
-/// the requests that start after it.
+/// the requests that start after it, through the exporter the reload made
+/// for its new service name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_changes_what_is_sampled() {
     let receiver = Receiver::start();
     let backend = Backend::start("a").await;
-    let config = |ratio: &str| {
+    let config = |ratio: &str, service: &str| {
         format!(
-            "listeners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\ntracing: {{ otlp_endpoint: \"http://127.0.0.1:{}\", sample_ratio: {ratio} }}\nroutes: [{{ upstream: bots }}]\nupstreams:\n  bots: {{ backends: [{{ address: \"{}\" }}] }}\n",
+            "listeners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\ntracing: {{ otlp_endpoint: \"http://127.0.0.1:{}\", sample_ratio: {ratio}, service_name: {service} }}\nroutes: [{{ upstream: bots }}]\nupstreams:\n  bots: {{ backends: [{{ address: \"{}\" }}] }}\n",
             receiver.port, backend.addr
         )
     };
-    let proxy = ProxyProcess::start(&config("0")).await;
+    let proxy = ProxyProcess::start(&config("0", "edge")).await;
     assert_eq!(get_traced(proxy.url("/before"), None).await.status, 200);
     let headers = backend.stats.last_headers.lock().unwrap().clone().unwrap();
     assert!(headers.get("traceparent").is_none(), "not sampled at a ratio of 0");
     let port = proxy.addr.port().to_string();
-    std::fs::write(&proxy.path, with_test_admin(&config("1.0").replace("{port}", &port))).unwrap();
+    // A new service name: a new exporter, made by the reload.
+    std::fs::write(&proxy.path, with_test_admin(&config("1.0", "renamed").replace("{port}", &port))).unwrap();
     proxy.signal(libc::SIGHUP);
     wait_until_async("the reload to sample", || async {
         let served = get_traced(proxy.url("/after"), None).await.status == 200;
@@ -337,5 +339,9 @@ async fn a_reload_changes_what_is_sampled() {
     .await;
     let sampled = traceparent_seen(&backend)[1].clone();
     let spans = receiver.trace(&sampled, 2).await;
-    assert_eq!(one(&spans, "SPAN_KIND_SERVER")["attributes"]["url.path"], "/after");
+    let server = one(&spans, "SPAN_KIND_SERVER");
+    assert_eq!(
+        (server["attributes"]["url.path"].as_str(), server["service"].as_str()),
+        (Some("/after"), Some("renamed"))
+    );
 }
