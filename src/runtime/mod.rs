@@ -270,6 +270,12 @@ impl Runtime {
         }
         bound.checkers = Checkers::default();
         bound.discovery.stop();
+        // The drained requests' spans, rather than lose the last second of them.
+        let snapshot = self.live.load_full();
+        if snapshot.tracing.is_some() {
+            let flushed = tokio::task::spawn_blocking(move || snapshot.tracing.as_ref().map(|t| t.flush()));
+            let _ = flushed.await;
+        }
     }
 
     /// Serves the sets discovery found last: the running config compiled

@@ -124,6 +124,14 @@ impl Exporter {
         self.endpoint == config.otlp_endpoint && self.service_name == config.service_name
     }
 
+    /// Sends what waits, and waits for that (bounded by the processor's
+    /// flush timeout); blocks the calling thread.
+    pub fn flush(&self) {
+        if let Err(error) = self.processor.force_flush() {
+            tracing::warn!(%error, "the last spans could not be sent");
+        }
+    }
+
     /// Queues a finished span, or drops it when [`MAX_QUEUED_SPANS`] wait
     /// already; never waits.
     pub fn export(&self, span: SpanData) {

@@ -68,6 +68,14 @@ impl Tracing {
         Tracing { config: config.clone(), exporter, scope }
     }
 
+    /// Sends the spans still waiting; blocks the calling thread up to the
+    /// export's bound. For the end of a drain, after the last request.
+    pub fn flush(&self) {
+        if let Some(exporter) = &self.exporter {
+            exporter.flush();
+        }
+    }
+
     /// The trace of a request: `None` when it belongs to none the proxy
     /// knows of and is not sampled, which costs one header lookup and one
     /// random number. An invalid `traceparent` (and its `tracestate`) is

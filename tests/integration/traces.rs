@@ -345,3 +345,23 @@ async fn a_reload_changes_what_is_sampled() {
         (Some("/after"), Some("renamed"))
     );
 }
+
+/// A proxy told to stop sends the spans of the requests it drained before
+/// it exits, rather than lose the last second of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_proxy_sends_its_last_spans() {
+    let receiver = Receiver::start();
+    let backend = Backend::start("a").await;
+    let yaml = format!(
+        "listeners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\ntracing: {{ otlp_endpoint: \"http://127.0.0.1:{}\" }}\nroutes: [{{ upstream: bots }}]\nupstreams:\n  bots: {{ backends: [{{ address: \"{}\" }}] }}\n",
+        receiver.port, backend.addr
+    );
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let last = "6bf92f3577b34da6a3ce929d0e0e4736";
+    assert_eq!(get_traced(proxy.url("/last"), Some(format!("00-{last}-00f067aa0ba902b7-01"))).await.status, 200);
+    proxy.signal(libc::SIGTERM);
+    let status = proxy.wait_for_exit(Duration::from_secs(30), "the proxy to stop").await;
+    assert!(status.success(), "{status:?}");
+    let spans = receiver.trace(last, 2).await;
+    assert_eq!(one(&spans, "SPAN_KIND_SERVER")["attributes"]["url.path"], "/last");
+}
