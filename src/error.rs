@@ -16,6 +16,8 @@ pub struct ProxyErrorCode(pub &'static str);
 pub enum ProxyError {
     #[error("no route matches this request")]
     NoRoute,
+    #[error("client {client} may not use this {scope}: {refusal}")]
+    Forbidden { client: std::net::IpAddr, scope: &'static str, refusal: crate::config::AddressRefusal },
     #[error("no backend of upstream `{upstream}` can take this request")]
     NoHealthyBackend { upstream: String },
     #[error("could not connect to backend {backend}")]
@@ -46,6 +48,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::NoHealthyBackend { .. }
             | ProxyError::CircuitOpen { .. }
             | ProxyError::QueueFull { .. }
@@ -73,6 +76,7 @@ impl ProxyError {
     pub fn code(&self) -> Option<&'static str> {
         Some(match self {
             ProxyError::NoRoute => "no_route",
+            ProxyError::Forbidden { .. } => "forbidden",
             ProxyError::NoHealthyBackend { .. } => "no_healthy_backend",
             ProxyError::CircuitOpen { .. } => "circuit_open",
             ProxyError::QueueFull { .. } => "queue_full",
@@ -92,6 +96,7 @@ impl ProxyError {
     fn public_message(&self) -> std::borrow::Cow<'static, str> {
         std::borrow::Cow::Borrowed(match self {
             ProxyError::NoRoute => "no route matches this request\n",
+            ProxyError::Forbidden { .. } => "this client may not make this request\n",
             ProxyError::NoHealthyBackend { .. } => "no backend can take this request now\n",
             ProxyError::UpstreamConnect { .. } => "could not connect to a backend\n",
             ProxyError::UpstreamReset { .. } => "the backend closed or reset the connection\n",

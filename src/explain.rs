@@ -210,9 +210,18 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
         }
         Some(_) => "max_concurrency holds across the cluster, but Redis cannot be reached: this replica's own limits apply",
     };
-    let decision = match chosen {
-        Some(index) => format!("would go to {}", upstream.backends[index].address),
-        None => match (upstream.unavailable(), &upstream.queue) {
+    let access = access_verdict(&route.access, described.client_ip, "route");
+    let listeners: serde_json::Map<String, Value> = snapshot
+        .listener_access
+        .iter()
+        .map(|(name, rules)| {
+            (name.to_string(), Value::String(access_verdict(rules, described.client_ip, "listener").0))
+        })
+        .collect();
+    let decision = match (access.1, chosen) {
+        (Some(refusal), _) => refusal,
+        (None, Some(index)) => format!("would go to {}", upstream.backends[index].address),
+        (None, None) => match (upstream.unavailable(), &upstream.queue) {
             (crate::upstream::Unavailable::AllBusy, Some(_)) => {
                 "every eligible backend is busy: the request would wait in the queue".to_owned()
             }
@@ -229,10 +238,35 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
         "how": how,
         "max_concurrency_scope": upstream.config.max_concurrency_scope,
         "scope": scope,
+        "access": access.0,
+        "listener_access": listeners,
         "candidates": candidates,
         "backend": chosen.map(|i| upstream.backends[i].address.to_string()),
         "decision": decision,
     })
+}
+
+/// What a listener's or route's `allow` / `deny` say of the described
+/// client, in words; with the decision that replaces the pick's when they
+/// refuse it.
+fn access_verdict(
+    rules: &crate::config::AddressRules,
+    client: Option<IpAddr>,
+    scope: &str,
+) -> (String, Option<String>) {
+    if rules.is_empty() {
+        return (format!("no allow or deny on the {scope}: every client may use it"), None);
+    }
+    let Some(client) = client else {
+        return (format!("the {scope} has allow or deny: describe a client_ip to see whether it may use it"), None);
+    };
+    match rules.admit(client) {
+        Ok(()) => (format!("client {client} may use the {scope}"), None),
+        Err(refusal) => {
+            let said = format!("client {client} may not use the {scope}: {refusal}");
+            (said.clone(), (scope == "route").then(|| format!("{said}: 403 forbidden")))
+        }
+    }
 }
 
 /// A part of the config as its type serializes itself (see `config::shown`).

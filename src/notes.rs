@@ -46,7 +46,7 @@ pub struct RoutedNotes {
 impl NotedRequest {
     /// This request matched route `index` of its snapshot's router.
     pub fn routed(self, index: usize) -> RoutedRequest {
-        let _ = self.notes.route.set(index);
+        self.notes.matched(index);
         RoutedRequest { request: self.request, notes: RoutedNotes { notes: self.notes, route: index } }
     }
 }
@@ -136,6 +136,12 @@ impl RequestNotes {
             forwarded_client: OnceLock::new(),
             trace: OnceLock::new(),
         }
+    }
+
+    /// The request matched route `index` (counted as that route's even when
+    /// it goes no further).
+    pub fn matched(&self, index: usize) {
+        let _ = self.route.set(index);
     }
 
     /// The request's trace; `None` without `tracing:`.

@@ -34,6 +34,8 @@ pub struct Route {
     /// Bound on the wait for the response head, queueing and retries included.
     pub timeout: Duration,
     pub retry: Option<RoutePolicy>,
+    /// `allow` / `deny`: the clients that may use the route.
+    pub access: crate::config::AddressRules,
 }
 
 /// A route's retry settings and its budget (carried across reloads by name).

@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use crate::backend::{Backend, BackendState};
 use crate::balance::Balancer;
 use crate::cluster::Cluster;
+use crate::config::AddressRules;
 use crate::config::{
     ActiveCheck, BackendConfig, ClusterConfig, ConcurrencyScope, Config, Limits, Secret, UpstreamConfig,
 };
@@ -84,6 +85,8 @@ pub struct Snapshot {
     /// `tracing:`, with its exporter kept across reloads that keep its
     /// collector and service name.
     pub tracing: Option<Tracing>,
+    /// The `allow` / `deny` of each listener that has them, by name.
+    pub listener_access: HashMap<Arc<str>, AddressRules>,
 }
 
 impl Snapshot {
@@ -145,6 +148,12 @@ impl Snapshot {
             config: Arc::new(config.clone()),
             cluster,
             tracing: config.tracing.as_ref().map(|c| Tracing::compile(c, previous.and_then(|p| p.tracing.as_ref()))),
+            listener_access: config
+                .listeners
+                .iter()
+                .filter(|l| !l.access.is_empty())
+                .map(|l| (Arc::from(l.name.as_str()), l.access.clone()))
+                .collect(),
         }
     }
 }
@@ -219,6 +228,7 @@ fn compile_route(r: &crate::config::RouteConfig, upstream: &Arc<Upstream>, carri
         upstream: Arc::clone(upstream),
         timeout: r.timeout,
         retry: r.retry.clone().map(|config| RoutePolicy { budget: carried.retry_budget(&r.name), config }),
+        access: r.access.clone(),
         name,
     }
 }

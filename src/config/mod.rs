@@ -231,6 +231,59 @@ pub struct ListenerConfig {
     /// Every connection starts with a PROXY protocol header (v1 or v2) from
     /// an L4 balancer, which names the client.
     pub proxy_protocol: bool,
+    /// `allow` / `deny`: which clients may use the listener at all.
+    #[serde(flatten)]
+    pub access: AddressRules,
+}
+
+/// `allow` and `deny` of a listener or a route: CIDR blocks checked against
+/// the client's address (the one `trusted_proxies` and the PROXY protocol
+/// establish). A client in `deny` is refused; with `allow` set, so is one in
+/// none of its blocks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AddressRules {
+    #[serde(serialize_with = "shown::displayed")]
+    pub allow: Vec<ipnet::IpNet>,
+    #[serde(serialize_with = "shown::displayed")]
+    pub deny: Vec<ipnet::IpNet>,
+}
+
+/// Why [`AddressRules`] refused a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressRefusal {
+    /// It is in this `deny` block.
+    Denied(ipnet::IpNet),
+    /// `allow` is set and it is in none of its blocks.
+    NotAllowed,
+}
+
+impl std::fmt::Display for AddressRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AddressRefusal::Denied(block) => write!(f, "in deny {block}"),
+            AddressRefusal::NotAllowed => f.write_str("in no block of allow"),
+        }
+    }
+}
+
+impl AddressRules {
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+
+    /// Whether `client` may pass; `deny` is read first.
+    pub fn admit(&self, client: std::net::IpAddr) -> Result<(), AddressRefusal> {
+        // An IPv4 client on a dual-stack socket arrives as ::ffff:a.b.c.d;
+        // the blocks are stored as IPv4 (see `validate`).
+        let client = client.to_canonical();
+        if let Some(block) = self.deny.iter().find(|block| block.contains(&client)) {
+            return Err(AddressRefusal::Denied(*block));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|block| block.contains(&client)) {
+            return Err(AddressRefusal::NotAllowed);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -367,6 +420,9 @@ pub struct RouteConfig {
     #[serde(serialize_with = "shown::duration")]
     pub timeout: Duration,
     pub retry: Option<RetryConfig>,
+    /// `allow` / `deny`: which clients may use the route.
+    #[serde(flatten)]
+    pub access: AddressRules,
 }
 
 /// `match:` of a route: what a request must have to take it.

@@ -94,6 +94,12 @@ pub struct RawListener {
     pub bind: Spanned<BindAddr>,
     pub tls: Option<Spanned<RawListenerTls>>,
     pub proxy_protocol: Option<bool>,
+    /// Client addresses (CIDR blocks or IPs) that may use the listener.
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+    /// Client addresses that may not.
+    #[serde(default)]
+    pub deny: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +186,12 @@ pub struct RawRoute {
     pub upstream: Spanned<String>,
     pub timeout: Option<Spanned<DurationValue>>,
     pub retry: Option<RawRetry>,
+    /// Client addresses (CIDR blocks or IPs) that may use the route.
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+    /// Client addresses that may not.
+    #[serde(default)]
+    pub deny: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,10 +17,10 @@ use super::raw::{
 use super::tls::{Alpn, Certificate, CertificateError, ListenerTls, UpstreamTls, UpstreamTlsError, UpstreamTlsFiles};
 use super::values::DurationValue;
 use super::{
-    ActiveCheck, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig, Config, ConfigError,
-    ConfigErrors, DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig, LogFormat,
-    LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryBackoff, RetryBudget,
-    RetryConfig, RouteConfig, RouteMatch, Secret, TracingConfig, UpstreamConfig,
+    ActiveCheck, AddressRules, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig, Config,
+    ConfigError, ConfigErrors, DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig,
+    LogFormat, LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryBackoff,
+    RetryBudget, RetryConfig, RouteConfig, RouteMatch, Secret, TracingConfig, UpstreamConfig,
 };
 
 /// Shorter admin tokens are too easy to guess.
@@ -71,7 +71,8 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
         };
         let tls = listener.tls.as_ref().and_then(|tls| validate_listener_tls(tls, file, &mut errors));
         let proxy_protocol = listener.proxy_protocol.unwrap_or(false);
-        listeners.push(ListenerConfig { name, bind, tls, proxy_protocol });
+        let access = validate_address_rules(&listener.allow, &listener.deny, &mut errors);
+        listeners.push(ListenerConfig { name, bind, tls, proxy_protocol, access });
     }
 
     let token_text = match (&raw.admin.token, &raw.admin.token_file) {
@@ -420,6 +421,7 @@ fn validate_route(
         upstream: upstream.value.clone(),
         timeout: duration(&route.timeout, "route timeout", RouteConfig::DEFAULT_TIMEOUT, errors),
         retry: route.retry.as_ref().map(|r| validate_retry(r, errors)),
+        access: validate_address_rules(&route.allow, &route.deny, errors),
     }
 }
 
@@ -730,6 +732,23 @@ fn check_dns_name(name: &str) -> Result<(), String> {
 
 /// `trusted_proxies`: each a CIDR block, or one address.
 fn validate_trusted_proxies(raw: &[Spanned<String>], errors: &mut Collector<'_>) -> Vec<ipnet::IpNet> {
+    address_blocks(raw, "trusted proxy", errors)
+}
+
+/// `allow` and `deny` of a listener or route.
+fn validate_address_rules(
+    allow: &[Spanned<String>],
+    deny: &[Spanned<String>],
+    errors: &mut Collector<'_>,
+) -> AddressRules {
+    AddressRules {
+        allow: address_blocks(allow, "allow entry", errors),
+        deny: address_blocks(deny, "deny entry", errors),
+    }
+}
+
+/// CIDR blocks or single addresses, each error pointing at its entry.
+fn address_blocks(raw: &[Spanned<String>], what: &str, errors: &mut Collector<'_>) -> Vec<ipnet::IpNet> {
     let mut parsed = Vec::new();
     for entry in raw {
         let text = entry.value.trim();
@@ -740,7 +759,7 @@ fn validate_trusted_proxies(raw: &[Spanned<String>], errors: &mut Collector<'_>)
             Ok(net) => parsed.push(canonical(net.trunc())),
             Err(_) => errors.at(
                 entry.referenced,
-                format!("trusted proxy `{text}` is not a CIDR block (10.0.0.0/8, fd00::/8) or an IP address"),
+                format!("{what} `{text}` is not a CIDR block (10.0.0.0/8, fd00::/8) or an IP address"),
             ),
         }
     }

@@ -54,6 +54,7 @@ pub const CLUSTER_FALLBACKS_TOTAL: &str = "switchyard_cluster_fallbacks_total";
 pub const CLUSTER_SLOTS_LOST_TOTAL: &str = "switchyard_cluster_slots_lost_total";
 pub const BUILD_INFO: &str = "switchyard_build_info";
 pub const TRACE_SPANS_TOTAL: &str = "switchyard_trace_spans_total";
+pub const ACCESS_DENIED_TOTAL: &str = "switchyard_access_denied_total";
 // The process's own, under the names every Prometheus client library uses.
 pub const PROCESS_CPU_SECONDS_TOTAL: &str = "process_cpu_seconds_total";
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
@@ -114,7 +115,7 @@ impl Kind {
 
 /// Every name the proxy exports, with its type and its `# HELP` text: the
 /// contract docs/operations.md lists and the dashboard may use.
-pub const CONTRACT: [(&str, Kind, &str); 38] = [
+pub const CONTRACT: [(&str, Kind, &str); 39] = [
     (REQUESTS_TOTAL, Kind::Counter, "Finished client requests by route, upstream, last backend tried and status code (code=\"error\": no response)."),
     (REQUEST_DURATION_SECONDS, Kind::Histogram, "Client-observed request duration, from arrival until the response body ended."),
     (REQUEST_BODY_BYTES_TOTAL, Kind::Counter, "Request body bytes received from clients, by route and upstream."),
@@ -145,6 +146,7 @@ pub const CONTRACT: [(&str, Kind, &str); 38] = [
     (CLUSTER_FALLBACKS_TOTAL, Kind::Counter, "Cluster-scoped picks made by this replica's own limits, or refused, while Redis was unreachable."),
     (CLUSTER_SLOTS_LOST_TOTAL, Kind::Counter, "Cluster slots found missing at a renewal and added back."),
     (BUILD_INFO, Kind::Gauge, "Always 1; the labels say which build answers."),
+    (ACCESS_DENIED_TOTAL, Kind::Counter, "Requests refused by access rules, by route (- for a listener's) and reason (address)."),
     (TRACE_SPANS_TOTAL, Kind::Counter, "Spans of recorded requests, by result: exported, failed (the collector refused or did not answer) or dropped (too many waiting)."),
     (PROCESS_CPU_SECONDS_TOTAL, Kind::Counter, "Total user and system CPU time spent in seconds."),
     (PROCESS_RESIDENT_MEMORY_BYTES, Kind::Gauge, "Resident memory size in bytes."),
@@ -262,6 +264,11 @@ pub fn retry(route: &str, upstream: &str, reason: &'static str) {
 pub fn retry_budget_exhausted(route: &str, upstream: &str) {
     metrics::counter!(RETRY_BUDGET_EXHAUSTED_TOTAL, "route" => route.to_owned(), "upstream" => upstream.to_owned())
         .increment(1);
+}
+
+/// A request refused by a listener's or route's access rules.
+pub fn access_denied(route: &str, reason: &'static str) {
+    metrics::counter!(ACCESS_DENIED_TOTAL, "route" => route.to_owned(), "reason" => reason).increment(1);
 }
 
 pub fn queue_rejected(upstream: &str, reason: &'static str) {

@@ -229,6 +229,18 @@ pub(crate) fn add_forwarding_headers(
     client.filter(|client| *client != peer)
 }
 
+/// The client's address as the proxy establishes it: the connection's peer
+/// (the PROXY protocol's client on a listener that has it), or, from a
+/// trusted peer, the client its forwarding headers name (as
+/// [`add_forwarding_headers`] reads them).
+pub(crate) fn established_client(headers: &HeaderMap, conn: &ConnInfo, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let peer = conn.client.ip();
+    if !is_trusted(trusted, peer) {
+        return peer;
+    }
+    chain_client(headers, peer, trusted).unwrap_or(peer)
+}
+
 fn is_trusted(trusted: &[ipnet::IpNet], address: IpAddr) -> bool {
     // An IPv4 peer on a dual-stack socket arrives as ::ffff:a.b.c.d (the
     // config's blocks are stored the same way: see `config`).

@@ -272,15 +272,49 @@ where
     }
 
     fn call(&mut self, mut noted: NotedRequest) -> Self::Future {
+        let refuse = |error| Either::Left(futures_util::future::ready(Err(error)));
         let snapshot = noted.notes.snapshot();
         if let Err(error) = admission::admit(&mut noted.request, snapshot.config.paths.merge_slashes) {
-            return Either::Left(futures_util::future::ready(Err(error)));
+            return refuse(error);
+        }
+        // The client's address is worked out only where a rule needs it.
+        let client = || {
+            let trusted = &snapshot.config.trusted_proxies;
+            crate::proxy::rewrite::established_client(noted.request.headers(), noted.notes.conn(), trusted)
+        };
+        if !snapshot.listener_access.is_empty() {
+            if let Some(rules) = snapshot.listener_access.get(&noted.notes.conn().listener) {
+                if let Err(error) = admitted(rules, client(), "listener", "-") {
+                    return refuse(error);
+                }
+            }
         }
         let Some(index) = snapshot.router.find_index(&noted.request) else {
-            return Either::Left(futures_util::future::ready(Err(ProxyError::NoRoute)));
+            return refuse(ProxyError::NoRoute);
         };
+        let route = &snapshot.router.routes()[index];
+        if !route.access.is_empty() {
+            noted.notes.matched(index);
+            if let Err(error) = admitted(&route.access, client(), "route", &route.name) {
+                return refuse(error);
+            }
+        }
         Either::Right(self.inner.call(noted.routed(index)))
     }
+}
+
+/// `client` against a listener's or route's `allow` / `deny`; a refusal is
+/// counted in `switchyard_access_denied_total`.
+fn admitted(
+    rules: &crate::config::AddressRules,
+    client: std::net::IpAddr,
+    scope: &'static str,
+    route: &str,
+) -> Result<(), ProxyError> {
+    rules.admit(client).map_err(|refusal| {
+        crate::metrics::access_denied(route, "address");
+        ProxyError::Forbidden { client, scope, refusal }
+    })
 }
 
 pin_project_lite::pin_project! {

@@ -184,6 +184,8 @@ listeners:
     tls:
       certificates: [{ cert: cert.pem, key: key.pem }]
       alpn: [h2, http/1.1]
+    allow: ["10.0.0.0/8"]
+    deny: ["10.9.0.0/16"]
 admin: { bind: "127.0.0.1:0", token_file: token, metrics_without_token: true }
 resolver: { servers: ["127.0.0.1:5353"] }
 cluster:
@@ -220,6 +222,8 @@ routes:
       headers: { x-tenant: blue }
     upstream: listed
     timeout: 20s
+    allow: ["10.0.0.0/8", "192.168.1.7"]
+    deny: ["10.66.0.0/16"]
     retry:
       attempts: 2
       per_try_timeout: 10s

@@ -6,6 +6,7 @@
 mod dns;
 mod support;
 
+mod access;
 mod backend_http1;
 mod cluster;
 mod config_check;
