@@ -16,6 +16,8 @@ pub struct ProxyErrorCode(pub &'static str);
 pub enum ProxyError {
     #[error("no route matches this request")]
     NoRoute,
+    #[error("the client's key is over the route's rate limit for {retry_after:?} more")]
+    RateLimited { requests: u32, per: std::time::Duration, retry_after: std::time::Duration },
     #[error("client {client} may not use this {scope}: {refusal}")]
     Forbidden { client: std::net::IpAddr, scope: &'static str, refusal: crate::config::AddressRefusal },
     #[error("no backend of upstream `{upstream}` can take this request")]
@@ -49,6 +51,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoHealthyBackend { .. }
             | ProxyError::CircuitOpen { .. }
             | ProxyError::QueueFull { .. }
@@ -77,6 +80,7 @@ impl ProxyError {
         Some(match self {
             ProxyError::NoRoute => "no_route",
             ProxyError::Forbidden { .. } => "forbidden",
+            ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::NoHealthyBackend { .. } => "no_healthy_backend",
             ProxyError::CircuitOpen { .. } => "circuit_open",
             ProxyError::QueueFull { .. } => "queue_full",
@@ -97,6 +101,7 @@ impl ProxyError {
         std::borrow::Cow::Borrowed(match self {
             ProxyError::NoRoute => "no route matches this request\n",
             ProxyError::Forbidden { .. } => "this client may not make this request\n",
+            ProxyError::RateLimited { .. } => "too many requests: try again after Retry-After seconds\n",
             ProxyError::NoHealthyBackend { .. } => "no backend can take this request now\n",
             ProxyError::UpstreamConnect { .. } => "could not connect to a backend\n",
             ProxyError::UpstreamReset { .. } => "the backend closed or reset the connection\n",
@@ -140,6 +145,17 @@ impl ProxyError {
             // The rest of the request may still be on the wire (after a CONNECT,
             // bytes meant for a tunnel): never parse it as another request.
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let ProxyError::RateLimited { requests, per, retry_after } = &self {
+            // Whole seconds, rounded up: a client that waits this long finds a token.
+            let wait = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            let wait = wait.max(1);
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(wait));
+            // draft-ietf-httpapi-ratelimit-headers: the policy, and what is left of it.
+            let policy = format!("\"route\";q={requests};w={}", per.as_secs());
+            headers.insert("ratelimit-policy", HeaderValue::try_from(policy).expect("digits and quotes"));
+            let left = format!("\"route\";r=0;t={wait}");
+            headers.insert("ratelimit", HeaderValue::try_from(left).expect("digits and quotes"));
         }
         if let Some(code) = self.code() {
             // Marks the response as the proxy's own, which a backend's

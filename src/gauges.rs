@@ -65,9 +65,12 @@ pub fn register_config_series(snapshot: &Snapshot) {
     if !snapshot.listener_access.is_empty() {
         metrics::counter!(crate::metrics::ACCESS_DENIED_TOTAL, "route" => "-", "reason" => "address").increment(0);
     }
-    for route in snapshot.router.routes().iter().filter(|route| !route.access.is_empty()) {
-        metrics::counter!(crate::metrics::ACCESS_DENIED_TOTAL, "route" => label(&route.name), "reason" => "address")
-            .increment(0);
+    for route in snapshot.router.routes() {
+        let reasons = [(!route.access.is_empty(), "address"), (route.rate_limit.is_some(), "rate_limited")];
+        for (_, reason) in reasons.into_iter().filter(|(configured, _)| *configured) {
+            metrics::counter!(crate::metrics::ACCESS_DENIED_TOTAL, "route" => label(&route.name), "reason" => reason)
+                .increment(0);
+        }
     }
     for route in snapshot.router.routes() {
         let Some(retry) = &route.retry else { continue };

@@ -73,6 +73,7 @@ pub mod path;
 pub mod probe;
 pub mod proxy;
 pub mod queue;
+pub mod ratelimit;
 pub mod retry;
 pub mod route;
 #[cfg(not(fuzzing))]

@@ -36,6 +36,8 @@ pub struct Route {
     pub retry: Option<RoutePolicy>,
     /// `allow` / `deny`: the clients that may use the route.
     pub access: crate::config::AddressRules,
+    /// `rate_limit`, its buckets carried across reloads that keep it.
+    pub rate_limit: Option<Arc<crate::ratelimit::RateLimit>>,
 }
 
 /// A route's retry settings and its budget (carried across reloads by name).

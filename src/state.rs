@@ -24,6 +24,7 @@ use crate::config::{
 use crate::health::CheckStatus;
 use crate::metrics::series::RequestCounts;
 use crate::queue::WaitQueue;
+use crate::ratelimit::RateLimit;
 use crate::retry::RetryBudget;
 use crate::route::{Route, RoutePolicy, Router};
 use crate::trace::Tracing;
@@ -229,6 +230,7 @@ fn compile_route(r: &crate::config::RouteConfig, upstream: &Arc<Upstream>, carri
         timeout: r.timeout,
         retry: r.retry.clone().map(|config| RoutePolicy { budget: carried.retry_budget(&r.name), config }),
         access: r.access.clone(),
+        rate_limit: r.rate_limit.as_ref().map(|config| carried.rate_limit(&r.name, config)),
         name,
     }
 }
@@ -293,6 +295,7 @@ struct Carried<'a> {
     checks: std::cell::RefCell<HashMap<CheckKey, Arc<CheckStatus>>>,
     queues: HashMap<&'a str, &'a Arc<WaitQueue>>,
     budgets: HashMap<&'a str, &'a Arc<RetryBudget>>,
+    rate_limits: HashMap<&'a str, &'a Arc<RateLimit>>,
     cluster: Option<&'a Arc<Cluster>>,
     /// Each route's requests that reached no backend, by (route, upstream).
     unsent: HashMap<(&'a str, &'a str), &'a Arc<RequestCounts>>,
@@ -308,6 +311,7 @@ impl<'a> Carried<'a> {
             checks: Default::default(),
             queues: HashMap::new(),
             budgets: HashMap::new(),
+            rate_limits: HashMap::new(),
             cluster: previous.and_then(|p| p.cluster.as_ref()),
             unsent: HashMap::new(),
             upstreams: upstreams.iter().map(|u| (&*u.name, u)).collect(),
@@ -331,6 +335,9 @@ impl<'a> Carried<'a> {
         for route in previous.map_or(&[][..], |p| p.router.routes()) {
             if let Some(retry) = &route.retry {
                 carried.budgets.insert(&route.name, &retry.budget);
+            }
+            if let Some(limit) = &route.rate_limit {
+                carried.rate_limits.insert(&route.name, limit);
             }
             carried.unsent.insert((&route.name, &route.upstream.name), &route.requests_without_backend);
         }
@@ -392,6 +399,15 @@ impl<'a> Carried<'a> {
 
     fn queue(&self, upstream: &str) -> Arc<WaitQueue> {
         self.queues.get(upstream).map(|q| Arc::clone(q)).unwrap_or_default()
+    }
+
+    /// The route's buckets of the previous snapshot if its limit is the same,
+    /// else new ones.
+    fn rate_limit(&self, route: &str, config: &crate::config::RateLimitConfig) -> Arc<RateLimit> {
+        match self.rate_limits.get(route).filter(|limit| limit.config == *config) {
+            Some(limit) => Arc::clone(limit),
+            None => Arc::new(RateLimit::new(config)),
+        }
     }
 
     fn retry_budget(&self, route: &str) -> Arc<RetryBudget> {

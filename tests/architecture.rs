@@ -18,7 +18,10 @@ const LAYERS: &[(&str, &[&str])] = &[
             "systemd", "trace",
         ],
     ),
-    ("what the proxy learns about backends", &["breaker", "health", "retry", "queue", "cluster", "backend"]),
+    (
+        "what the proxy learns about backends",
+        &["breaker", "health", "retry", "ratelimit", "queue", "cluster", "backend"],
+    ),
     ("choosing a backend", &["balance", "upstream", "route"]),
     ("the compiled snapshot", &["state"]),
     (

@@ -236,6 +236,18 @@ pub struct ListenerConfig {
     pub access: AddressRules,
 }
 
+/// `rate_limit:` of a route: `requests` per `per` for each key, with bursts
+/// of up to `burst` (see `ratelimit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RateLimitConfig {
+    pub requests: u32,
+    #[serde(serialize_with = "shown::duration")]
+    pub per: Duration,
+    pub burst: u32,
+    #[serde(serialize_with = "shown::display")]
+    pub key: KeySpec,
+}
+
 /// `allow` and `deny` of a listener or a route: CIDR blocks checked against
 /// the client's address (the one `trusted_proxies` and the PROXY protocol
 /// establish). A client in `deny` is refused; with `allow` set, so is one in
@@ -420,6 +432,7 @@ pub struct RouteConfig {
     #[serde(serialize_with = "shown::duration")]
     pub timeout: Duration,
     pub retry: Option<RetryConfig>,
+    pub rate_limit: Option<RateLimitConfig>,
     /// `allow` / `deny`: which clients may use the route.
     #[serde(flatten)]
     pub access: AddressRules,
@@ -904,6 +917,30 @@ upstreams:
         ] {
             let error = first_error(&config(bad));
             assert_eq!((error.line, error.column), (2, column), "{bad}: {}", error.message);
+            assert!(error.message.contains(says), "{bad}: {}", error.message);
+        }
+    }
+
+    #[test]
+    fn a_rate_limit_needs_requests_whole_seconds_and_a_burst() {
+        let config = |limit: &str| {
+            format!("listeners: [{{bind: \"127.0.0.1:0\"}}]\nroutes:\n  - {{ upstream: a, rate_limit: {limit} }}\nupstreams:\n  a: {{ backends: [{{address: \"x:1\"}}] }}\n")
+        };
+        let parsed = parse(&config("{ requests: 50 }"), "t.yaml").unwrap();
+        let limit = parsed.routes[0].rate_limit.clone().unwrap();
+        assert_eq!(
+            (limit.requests, limit.per, limit.burst, limit.key),
+            (50, Duration::from_secs(1), 50, KeySpec::ClientIp)
+        );
+        for (bad, says) in [
+            ("{ per: 1s }", "needs `requests`"),
+            ("{ requests: 0 }", "at least 1"),
+            ("{ requests: 5, per: 500ms }", "whole seconds"),
+            ("{ requests: 5, per: 1500ms }", "whole seconds"),
+            ("{ requests: 5, burst: 0 }", "burst must be at least 1"),
+        ] {
+            let error = first_error(&config(bad));
+            assert_eq!(error.line, 3, "{bad}: {}", error.message);
             assert!(error.message.contains(says), "{bad}: {}", error.message);
         }
     }

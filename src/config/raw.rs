@@ -186,12 +186,23 @@ pub struct RawRoute {
     pub upstream: Spanned<String>,
     pub timeout: Option<Spanned<DurationValue>>,
     pub retry: Option<RawRetry>,
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
     /// Client addresses (CIDR blocks or IPs) that may use the route.
     #[serde(default)]
     pub allow: Vec<Spanned<String>>,
     /// Client addresses that may not.
     #[serde(default)]
     pub deny: Vec<Spanned<String>>,
+}
+
+/// `rate_limit:` of a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests: Option<Spanned<u32>>,
+    pub per: Option<Spanned<DurationValue>>,
+    pub burst: Option<Spanned<u32>>,
+    pub key: Option<KeySpec>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,16 +11,16 @@ use serde_saphyr::{Location, Spanned};
 
 use super::raw::{
     CheckKind, ConcurrencyScope, OnUnavailable, PolicyKind, RawBackend, RawBreaker, RawCluster, RawConfig,
-    RawDiscovery, RawHealth, RawListenerTls, RawQueue, RawResolver, RawRetry, RawRoute, RawTracing, RawUpstream,
-    RawUpstreamTls, UpstreamProtocol,
+    RawDiscovery, RawHealth, RawListenerTls, RawQueue, RawRateLimit, RawResolver, RawRetry, RawRoute, RawTracing,
+    RawUpstream, RawUpstreamTls, UpstreamProtocol,
 };
 use super::tls::{Alpn, Certificate, CertificateError, ListenerTls, UpstreamTls, UpstreamTlsError, UpstreamTlsFiles};
 use super::values::DurationValue;
 use super::{
     ActiveCheck, AddressRules, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig, Config,
     ConfigError, ConfigErrors, DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig,
-    LogFormat, LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, ResolverConfig, RetryBackoff,
-    RetryBudget, RetryConfig, RouteConfig, RouteMatch, Secret, TracingConfig, UpstreamConfig,
+    LogFormat, LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, RateLimitConfig, ResolverConfig,
+    RetryBackoff, RetryBudget, RetryConfig, RouteConfig, RouteMatch, Secret, TracingConfig, UpstreamConfig,
 };
 
 /// Shorter admin tokens are too easy to guess.
@@ -422,7 +422,41 @@ fn validate_route(
         timeout: duration(&route.timeout, "route timeout", RouteConfig::DEFAULT_TIMEOUT, errors),
         retry: route.retry.as_ref().map(|r| validate_retry(r, errors)),
         access: validate_address_rules(&route.allow, &route.deny, errors),
+        rate_limit: route.rate_limit.as_ref().and_then(|r| validate_rate_limit(r, errors)),
     }
+}
+
+/// `rate_limit:` of a route: at least one request, per whole seconds (the
+/// `RateLimit-Policy` header states the window in seconds), a burst of at
+/// least one (one period's worth when not given).
+fn validate_rate_limit(raw: &Spanned<RawRateLimit>, errors: &mut Collector<'_>) -> Option<RateLimitConfig> {
+    let limit = &raw.value;
+    let Some(requests) = &limit.requests else {
+        errors.at(raw.referenced, "rate_limit needs `requests`, e.g. { requests: 100, per: 1s }");
+        return None;
+    };
+    if requests.value == 0 {
+        errors.at(requests.referenced, "rate_limit requests must be at least 1");
+        return None;
+    }
+    let per = match &limit.per {
+        Some(per) if per.value.0 < Duration::from_secs(1) || per.value.0.subsec_nanos() != 0 => {
+            errors.at(per.referenced, "rate_limit per must be whole seconds, at least 1s (1s, 1m, 1h)");
+            return None;
+        }
+        Some(per) => per.value.0,
+        None => Duration::from_secs(1),
+    };
+    let burst = match &limit.burst {
+        Some(burst) if burst.value == 0 => {
+            errors.at(burst.referenced, "rate_limit burst must be at least 1");
+            return None;
+        }
+        Some(burst) => burst.value,
+        None => requests.value,
+    };
+    let key = limit.key.clone().unwrap_or(super::KeySpec::ClientIp);
+    Some(RateLimitConfig { requests: requests.value, per, burst, key })
 }
 
 fn validate_upstream(

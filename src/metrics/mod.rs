@@ -146,7 +146,7 @@ pub const CONTRACT: [(&str, Kind, &str); 39] = [
     (CLUSTER_FALLBACKS_TOTAL, Kind::Counter, "Cluster-scoped picks made by this replica's own limits, or refused, while Redis was unreachable."),
     (CLUSTER_SLOTS_LOST_TOTAL, Kind::Counter, "Cluster slots found missing at a renewal and added back."),
     (BUILD_INFO, Kind::Gauge, "Always 1; the labels say which build answers."),
-    (ACCESS_DENIED_TOTAL, Kind::Counter, "Requests refused by access rules, by route (- for a listener's) and reason (address)."),
+    (ACCESS_DENIED_TOTAL, Kind::Counter, "Requests refused by access rules, by route (- for a listener's) and reason (address, rate_limited)."),
     (TRACE_SPANS_TOTAL, Kind::Counter, "Spans of recorded requests, by result: exported, failed (the collector refused or did not answer) or dropped (too many waiting)."),
     (PROCESS_CPU_SECONDS_TOTAL, Kind::Counter, "Total user and system CPU time spent in seconds."),
     (PROCESS_RESIDENT_MEMORY_BYTES, Kind::Gauge, "Resident memory size in bytes."),

@@ -139,6 +139,9 @@ async fn housekeeping(runtime: Weak<Runtime>) {
         for queue in snapshot.upstreams.iter().filter_map(|u| u.queue.as_ref()) {
             queue.slot_freed();
         }
+        for limit in snapshot.router.routes().iter().filter_map(|route| route.rate_limit.as_ref()) {
+            limit.forget_idle();
+        }
         let (peak, open) = runtime.serve.connection_count.take_peak();
         if burst.burst_ended(peak, open) {
             trim::release_free_heap();

@@ -299,6 +299,26 @@ where
                 return refuse(error);
             }
         }
+        if let Some(limit) = &route.rate_limit {
+            noted.notes.matched(index);
+            let pick = crate::balance::PickRequest {
+                headers: noted.request.headers(),
+                uri: noted.request.uri(),
+                client_ip: if limit.config.key == crate::config::KeySpec::ClientIp {
+                    client()
+                } else {
+                    [0u8; 4].into()
+                },
+                exclude: &[],
+            };
+            // Requests without the key (no such header) share one bucket.
+            let key = crate::balance::extract_key(&limit.config.key, &pick, |bytes| limit.key(bytes)).unwrap_or(0);
+            if let Err(retry_after) = limit.take(key) {
+                crate::metrics::access_denied(&route.name, "rate_limited");
+                let (requests, per) = (limit.config.requests, limit.config.per);
+                return refuse(ProxyError::RateLimited { requests, per, retry_after });
+            }
+        }
         Either::Right(self.inner.call(noted.routed(index)))
     }
 }

@@ -116,3 +116,73 @@ async fn an_address_list_entry_that_is_not_an_address_is_a_config_error_at_its_p
     assert_eq!((error.line, error.column), (3, 41), "{}", error.message);
     assert!(error.message.contains("deny entry `ten` is not a CIDR block"), "{}", error.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_holds_its_rate_under_load_and_its_429s_say_when_to_come_back() {
+    let backend = Backend::start("bot").await;
+    let yaml = format!(
+        "listeners: [{{ name: main, bind: \"127.0.0.1:0\" }}]\nroutes:\n  - {{ name: jobs, match: {{ path_prefix: /jobs }}, upstream: bots, rate_limit: {{ requests: 100, per: 1s, burst: 10 }} }}\n  - {{ name: keyed, upstream: bots, rate_limit: {{ requests: 1, per: 1m, burst: 1, key: \"header:x-api-key\" }} }}\nupstreams:\n  bots: {{ backends: [{{ address: \"{}\" }}] }}\n",
+        backend.addr
+    );
+    let proxy = FileProxy::start(&yaml).await;
+    // Eight clients as fast as they can for two seconds: far over 100 a second.
+    let started = tokio::time::Instant::now();
+    let until = started + std::time::Duration::from_secs(2);
+    let loads: Vec<_> = (0..8)
+        .map(|_| {
+            let url = proxy.url("/jobs/run");
+            tokio::spawn(async move {
+                let client = client();
+                let (mut served, mut limited, mut last_429) = (0u32, 0u32, None);
+                while tokio::time::Instant::now() < until {
+                    let answer = get(&client, &url).await;
+                    match answer.status.as_u16() {
+                        200 => served += 1,
+                        429 => {
+                            limited += 1;
+                            last_429 = Some(answer);
+                        }
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                (served, limited, last_429)
+            })
+        })
+        .collect();
+    let (mut served, mut limited, mut a_429) = (0, 0, None);
+    for load in loads {
+        let (s, l, last) = load.await.unwrap();
+        served += s;
+        limited += l;
+        a_429 = a_429.or(last);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // A burst of 10, then 100 a second.
+    let expected = 10.0 + 100.0 * elapsed;
+    let off = (f64::from(served) - expected).abs() / expected;
+    assert!(off <= 0.05, "{served} served in {elapsed:.3}s where {expected:.0} were due ({limited} limited)");
+    assert!(limited > served, "the load was over the limit: {limited} limited");
+    assert_eq!(backend.hits() as u32, served, "a limited request never reaches the backend");
+    let a_429 = a_429.expect("some requests were limited");
+    assert_eq!(a_429.error_code(), Some("rate_limited"));
+    assert_eq!(a_429.headers["retry-after"], "1");
+    assert_eq!(a_429.headers["ratelimit-policy"], "\"route\";q=100;w=1");
+    assert_eq!(a_429.headers["ratelimit"], "\"route\";r=0;t=1");
+    let metrics = scrape(&format!("http://{}/metrics", proxy.admin)).await;
+    let counted =
+        metric_value(&metrics, "switchyard_access_denied_total", &[("route", "jobs"), ("reason", "rate_limited")]);
+    assert_eq!(counted, Some(f64::from(limited)));
+
+    // Each key has its bucket; a minute's bucket says so in Retry-After.
+    let with_key = |key: &'static str| {
+        let url = proxy.url("/keyed");
+        async move { get_with(&client(), &url, &[("x-api-key", key)]).await }
+    };
+    assert_eq!(with_key("alpha").await.status, 200);
+    let again = with_key("alpha").await;
+    assert_eq!(again.status, 429);
+    let retry_after: u64 = again.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((55..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(again.headers["ratelimit-policy"], "\"route\";q=1;w=60");
+    assert_eq!(with_key("beta").await.status, 200, "another key, another bucket");
+}

@@ -72,6 +72,7 @@ fn schema() -> Vec<(&'static str, &'static [&'static str], &'static str)> {
         RawPaths => "## `paths`",
         RawRoute => "## `routes`",
         RawMatch => "## `routes`",
+        RawRateLimit => "## `routes`",
         RawRetry => "### `retry`",
         RawBackoff => "### `retry`",
         RawBudget => "### `retry`",
@@ -224,6 +225,7 @@ routes:
     timeout: 20s
     allow: ["10.0.0.0/8", "192.168.1.7"]
     deny: ["10.66.0.0/16"]
+    rate_limit: { requests: 100, per: 1s, burst: 20, key: "header:x-api-key" }
     retry:
       attempts: 2
       per_try_timeout: 10s

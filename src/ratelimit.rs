@@ -1,0 +1,87 @@
+//! A route's `rate_limit`: a token bucket per key (the client's address, a
+//! header, ...), `governor`'s GCRA, which holds one timestamp per key and
+//! takes no lock. Keys are hashed with a per-process random key, so a client
+//! cannot choose keys that collide with another's bucket. The buckets are
+//! kept across reloads that keep the route's limit, and a key whose bucket
+//! has filled up again is forgotten every second, so memory follows the
+//! clients active within a bucket's refill time.
+
+use std::hash::BuildHasher;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+
+use crate::config::RateLimitConfig;
+
+pub struct RateLimit {
+    pub config: RateLimitConfig,
+    buckets: DefaultKeyedRateLimiter<u64>,
+    hasher: std::hash::RandomState,
+    clock: DefaultClock,
+}
+
+impl std::fmt::Debug for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit").field("config", &self.config).field("keys", &self.buckets.len()).finish()
+    }
+}
+
+impl RateLimit {
+    pub fn new(config: &RateLimitConfig) -> RateLimit {
+        let burst = NonZeroU32::new(config.burst).expect("validated: at least 1");
+        let quota = Quota::with_period(config.per / config.requests).expect("validated: a period of 1s or more");
+        RateLimit {
+            config: config.clone(),
+            buckets: DefaultKeyedRateLimiter::keyed(quota.allow_burst(burst)),
+            hasher: std::hash::RandomState::new(),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// The bucket of a key's bytes.
+    pub fn key(&self, bytes: &[u8]) -> u64 {
+        self.hasher.hash_one(bytes)
+    }
+
+    /// Takes a token from `key`'s bucket; `Err` says how long until one is there.
+    pub fn take(&self, key: u64) -> Result<(), Duration> {
+        self.buckets.check_key(&key).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    /// Forgets the keys whose bucket is full again: they are as new.
+    pub fn forget_idle(&self) {
+        self.buckets.retain_recent();
+        self.buckets.shrink_to_fit();
+    }
+
+    /// Keys with a bucket now.
+    pub fn keys(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_then_nothing_until_a_token_is_back_and_each_key_has_its_own_bucket() {
+        let config = RateLimitConfig {
+            requests: 10,
+            per: Duration::from_secs(1),
+            burst: 3,
+            key: crate::config::KeySpec::ClientIp,
+        };
+        let limit = RateLimit::new(&config);
+        let (a, b) = (limit.key(b"10.0.0.1"), limit.key(b"10.0.0.2"));
+        for _ in 0..3 {
+            assert_eq!(limit.take(a), Ok(()));
+        }
+        let wait = limit.take(a).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
+        assert_eq!(limit.take(b), Ok(()), "another key's bucket is full");
+        assert_eq!(limit.keys(), 2);
+    }
+}
