@@ -42,6 +42,9 @@ pub struct ConnInfo {
     pub tunnels: Option<TunnelHome>,
     /// The client came over TLS (`X-Forwarded-Proto: https`).
     pub tls: bool,
+    /// The configured bind of the listener it came to: what a reload
+    /// matches listeners by (their names may change under a running one).
+    pub bind: Option<SocketAddr>,
 }
 
 impl ConnInfo {
@@ -49,7 +52,7 @@ impl ConnInfo {
     /// are spawned on their own.
     pub fn new(client: SocketAddr, listener: Arc<str>) -> Self {
         let client_ip_header = HeaderValue::try_from(client.ip().to_string()).expect("an IP is a valid header value");
-        ConnInfo { client, listener, client_ip_header, tunnels: None, tls: false }
+        ConnInfo { client, listener, client_ip_header, tunnels: None, tls: false, bind: None }
     }
 }
 

@@ -18,8 +18,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("the client's key is over the route's rate limit for {retry_after:?} more")]
     RateLimited { requests: u32, per: std::time::Duration, retry_after: std::time::Duration },
-    #[error("client {client} may not use this {scope}: {refusal}")]
-    Forbidden { client: std::net::IpAddr, scope: &'static str, refusal: crate::config::AddressRefusal },
+    #[error("client {client:?} may not use this {scope}: {refusal}")]
+    Forbidden { client: Option<std::net::IpAddr>, scope: &'static str, refusal: crate::config::AddressRefusal },
     #[error("no backend of upstream `{upstream}` can take this request")]
     NoHealthyBackend { upstream: String },
     #[error("could not connect to backend {backend}")]

@@ -214,7 +214,7 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
     let listeners: serde_json::Map<String, Value> = snapshot
         .listener_access
         .iter()
-        .map(|(name, rules)| {
+        .map(|(_, (name, rules))| {
             (name.to_string(), Value::String(access_verdict(rules, described.client_ip, "listener").0))
         })
         .collect();
@@ -260,7 +260,7 @@ fn access_verdict(
     let Some(client) = client else {
         return (format!("the {scope} has allow or deny: describe a client_ip to see whether it may use it"), None);
     };
-    match rules.admit(client) {
+    match rules.admit(Some(client)) {
         Ok(()) => (format!("client {client} may use the {scope}"), None),
         Err(refusal) => {
             let said = format!("client {client} may not use the {scope}: {refusal}");

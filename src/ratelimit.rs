@@ -1,10 +1,11 @@
 //! A route's `rate_limit`: a token bucket per key (the client's address, a
 //! header, ...), `governor`'s GCRA, which holds one timestamp per key and
-//! takes no lock. Keys are hashed with a per-process random key, so a client
-//! cannot choose keys that collide with another's bucket. The buckets are
-//! kept across reloads that keep the route's limit, and a key whose bucket
-//! has filled up again is forgotten every second, so memory follows the
-//! clients active within a bucket's refill time.
+//! takes no lock. Keys are hashed with a random secret of the limiter's, so a
+//! client cannot choose keys that collide with another's bucket; an IPv6
+//! client is keyed by its /64. The buckets are kept across reloads that keep
+//! the route's limit, and a key whose bucket has filled up again is
+//! forgotten at the next housekeeping tick, so memory follows the keys
+//! active within a bucket's refill time.
 
 use std::hash::BuildHasher;
 use std::num::NonZeroU32;
@@ -45,6 +46,16 @@ impl RateLimit {
         self.hasher.hash_one(bytes)
     }
 
+    /// The bucket of a client address: an IPv4 address's own, an IPv6
+    /// address's /64 (one host is given a /64 and can use any address in
+    /// it), an IPv4-mapped IPv6 address's as the IPv4 address.
+    pub fn client_key(&self, client: std::net::IpAddr) -> u64 {
+        match client.to_canonical() {
+            std::net::IpAddr::V4(v4) => self.hasher.hash_one((4u8, v4.octets())),
+            std::net::IpAddr::V6(v6) => self.hasher.hash_one((6u8, &v6.octets()[..8])),
+        }
+    }
+
     /// Takes a token from `key`'s bucket; `Err` says how long until one is there.
     pub fn take(&self, key: u64) -> Result<(), Duration> {
         self.buckets.check_key(&key).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
@@ -53,7 +64,6 @@ impl RateLimit {
     /// Forgets the keys whose bucket is full again: they are as new.
     pub fn forget_idle(&self) {
         self.buckets.retain_recent();
-        self.buckets.shrink_to_fit();
     }
 
     /// Keys with a bucket now.

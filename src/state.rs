@@ -86,8 +86,10 @@ pub struct Snapshot {
     /// `tracing:`, with its exporter kept across reloads that keep its
     /// collector and service name.
     pub tracing: Option<Tracing>,
-    /// The `allow` / `deny` of each listener that has them, by name.
-    pub listener_access: HashMap<Arc<str>, AddressRules>,
+    /// The `allow` / `deny` of each listener that has them, by configured
+    /// bind (a reload matches listeners by bind: a name can change under a
+    /// running one), with the listener's name.
+    pub listener_access: HashMap<SocketAddr, (Arc<str>, AddressRules)>,
 }
 
 impl Snapshot {
@@ -153,7 +155,7 @@ impl Snapshot {
                 .listeners
                 .iter()
                 .filter(|l| !l.access.is_empty())
-                .map(|l| (Arc::from(l.name.as_str()), l.access.clone()))
+                .map(|l| (l.bind, (Arc::from(l.name.as_str()), l.access.clone())))
                 .collect(),
         }
     }

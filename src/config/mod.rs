@@ -267,6 +267,9 @@ pub enum AddressRefusal {
     Denied(ipnet::IpNet),
     /// `allow` is set and it is in none of its blocks.
     NotAllowed,
+    /// The client is behind a trusted proxy whose forwarding header could not
+    /// be read.
+    Unknown,
 }
 
 impl std::fmt::Display for AddressRefusal {
@@ -274,6 +277,7 @@ impl std::fmt::Display for AddressRefusal {
         match self {
             AddressRefusal::Denied(block) => write!(f, "in deny {block}"),
             AddressRefusal::NotAllowed => f.write_str("in no block of allow"),
+            AddressRefusal::Unknown => f.write_str("the trusted proxy's X-Forwarded-For could not be read"),
         }
     }
 }
@@ -283,8 +287,13 @@ impl AddressRules {
         self.allow.is_empty() && self.deny.is_empty()
     }
 
-    /// Whether `client` may pass; `deny` is read first.
-    pub fn admit(&self, client: std::net::IpAddr) -> Result<(), AddressRefusal> {
+    /// Whether `client` may pass; `deny` is read first. A client the proxy
+    /// could not establish (`None`: a trusted proxy's forwarding header it
+    /// cannot read) is refused by any rule: it might be in `deny`.
+    pub fn admit(&self, client: Option<std::net::IpAddr>) -> Result<(), AddressRefusal> {
+        let Some(client) = client else {
+            return if self.is_empty() { Ok(()) } else { Err(AddressRefusal::Unknown) };
+        };
         // An IPv4 client on a dual-stack socket arrives as ::ffff:a.b.c.d;
         // the blocks are stored as IPv4 (see `validate`).
         let client = client.to_canonical();
@@ -938,6 +947,8 @@ upstreams:
             ("{ requests: 5, per: 500ms }", "whole seconds"),
             ("{ requests: 5, per: 1500ms }", "whole seconds"),
             ("{ requests: 5, burst: 0 }", "burst must be at least 1"),
+            ("{ requests: 2000000000 }", "out of range"),
+            ("{ requests: 1, per: 1h, burst: 6000000 }", "out of range"),
         ] {
             let error = first_error(&config(bad));
             assert_eq!(error.line, 3, "{bad}: {}", error.message);

@@ -455,6 +455,16 @@ fn validate_rate_limit(raw: &Spanned<RawRateLimit>, errors: &mut Collector<'_>) 
         Some(burst) => burst.value,
         None => requests.value,
     };
+    // governor's arithmetic: a token at least every nanosecond, and the
+    // bucket's size in nanoseconds within 64 bits.
+    let interval = per.as_nanos() / u128::from(requests.value);
+    if interval == 0 || interval.checked_mul(u128::from(burst)).is_none_or(|size| size > u128::from(u64::MAX)) {
+        errors.at(
+            raw.referenced,
+            "rate_limit is out of range: at most one request a nanosecond, and burst x per/requests under 500 years",
+        );
+        return None;
+    }
     let key = limit.key.clone().unwrap_or(super::KeySpec::ClientIp);
     Some(RateLimitConfig { requests: requests.value, per, burst, key })
 }

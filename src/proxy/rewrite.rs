@@ -233,12 +233,35 @@ pub(crate) fn add_forwarding_headers(
 /// (the PROXY protocol's client on a listener that has it), or, from a
 /// trusted peer, the client its forwarding headers name (as
 /// [`add_forwarding_headers`] reads them).
-pub(crate) fn established_client(headers: &HeaderMap, conn: &ConnInfo, trusted: &[ipnet::IpNet]) -> IpAddr {
+///
+/// `None` when a trusted peer's `X-Forwarded-For` cannot be read up to an
+/// untrusted hop (an entry that is not an address before one): for access
+/// rules the client is then unknown, never the trusted hop itself. Entries
+/// are read from the raw bytes, so bytes that are not text in what a client
+/// sent do not hide the address its balancer appended after them.
+pub(crate) fn established_client(headers: &HeaderMap, conn: &ConnInfo, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
     let peer = conn.client.ip();
     if !is_trusted(trusted, peer) {
-        return peer;
+        return Some(peer);
     }
-    chain_client(headers, peer, trusted).unwrap_or(peer)
+    let mut lines = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if lines.peek().is_none() {
+        return match headers.get(&X_REAL_IP) {
+            Some(value) => std::str::from_utf8(value.as_bytes()).ok().and_then(address),
+            None => Some(peer),
+        };
+    }
+    let mut client = peer;
+    for line in lines.collect::<Vec<_>>().into_iter().rev() {
+        for entry in line.as_bytes().rsplit(|byte| *byte == b',') {
+            client = std::str::from_utf8(entry).ok().and_then(address)?;
+            if !is_trusted(trusted, client) {
+                return Some(client);
+            }
+        }
+    }
+    // Every hop trusted: the first is where the request came from.
+    Some(client)
 }
 
 fn is_trusted(trusted: &[ipnet::IpNet], address: IpAddr) -> bool {

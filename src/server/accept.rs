@@ -122,6 +122,7 @@ pub(super) async fn accept_loop(
             home,
             activity,
             listener: Arc::clone(&name),
+            bind: configured,
         };
         let task = connections.spawn(connection::serve(accepted, Arc::clone(&builder), stack.clone()));
         watched.insert(task.id(), record);

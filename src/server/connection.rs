@@ -33,6 +33,8 @@ pub(super) struct Accepted {
     pub home: TunnelHome,
     pub activity: Arc<Activity>,
     pub listener: Arc<str>,
+    /// The listener's configured bind.
+    pub bind: SocketAddr,
 }
 
 /// Serves one accepted connection to its end. The PROXY header and the TLS
@@ -43,7 +45,8 @@ pub(super) struct Accepted {
 pub(super) async fn serve(accepted: Accepted, protocols: Arc<Protocols>, stack: WorkerStack) {
     // Only what the connection's life needs of the limits: whatever lives
     // across an await is part of every connection's task.
-    let Accepted { mut stream, mut client, proxy_protocol, tls, limits, home, activity, listener: name } = accepted;
+    let Accepted { mut stream, mut client, proxy_protocol, tls, limits, home, activity, listener: name, bind } =
+        accepted;
     let Limits {
         header_read_timeout, client_send_timeout: send_timeout, tls_handshake_timeout, max_header_bytes, ..
     } = limits;
@@ -69,6 +72,8 @@ pub(super) async fn serve(accepted: Accepted, protocols: Arc<Protocols>, stack: 
         let mut info = ConnInfo::new(client, name);
         info.tunnels = Some(home);
         info.tls = tls;
+        info.bind = Some(bind);
+        info.bind = Some(bind);
         stack.for_connection(Arc::new(info), Arc::clone(&activity))
     };
     let io = SendTimeoutIo::new(stream, send_timeout);

@@ -277,13 +277,23 @@ where
         if let Err(error) = admission::admit(&mut noted.request, snapshot.config.paths.merge_slashes) {
             return refuse(error);
         }
-        // The client's address is worked out only where a rule needs it.
+        // The client's address is worked out only where a rule needs it,
+        // once; the access log names it for a refused request too.
+        let established = std::cell::OnceCell::new();
         let client = || {
-            let trusted = &snapshot.config.trusted_proxies;
-            crate::proxy::rewrite::established_client(noted.request.headers(), noted.notes.conn(), trusted)
+            *established.get_or_init(|| {
+                let trusted = &snapshot.config.trusted_proxies;
+                let conn = noted.notes.conn();
+                let client = crate::proxy::rewrite::established_client(noted.request.headers(), conn, trusted);
+                if let Some(client) = client.filter(|client| *client != conn.client.ip()) {
+                    noted.notes.set_forwarded_client(client);
+                }
+                client
+            })
         };
         if !snapshot.listener_access.is_empty() {
-            if let Some(rules) = snapshot.listener_access.get(&noted.notes.conn().listener) {
+            let bind = noted.notes.conn().bind;
+            if let Some((_, rules)) = bind.and_then(|bind| snapshot.listener_access.get(&bind)) {
                 if let Err(error) = admitted(rules, client(), "listener", "-") {
                     return refuse(error);
                 }
@@ -301,18 +311,22 @@ where
         }
         if let Some(limit) = &route.rate_limit {
             noted.notes.matched(index);
-            let pick = crate::balance::PickRequest {
-                headers: noted.request.headers(),
-                uri: noted.request.uri(),
-                client_ip: if limit.config.key == crate::config::KeySpec::ClientIp {
-                    client()
-                } else {
-                    [0u8; 4].into()
-                },
-                exclude: &[],
+            let client_ip = client().unwrap_or(noted.notes.conn().client.ip());
+            let key = match &limit.config.key {
+                crate::config::KeySpec::ClientIp => limit.client_key(client_ip),
+                spec => {
+                    let pick = crate::balance::PickRequest {
+                        headers: noted.request.headers(),
+                        uri: noted.request.uri(),
+                        client_ip,
+                        exclude: &[],
+                    };
+                    // A request without the key (no such header) is limited
+                    // by its client's own bucket, not one shared by all such.
+                    crate::balance::extract_key(spec, &pick, |bytes| limit.key(bytes))
+                        .unwrap_or_else(|| limit.client_key(client_ip))
+                }
             };
-            // Requests without the key (no such header) share one bucket.
-            let key = crate::balance::extract_key(&limit.config.key, &pick, |bytes| limit.key(bytes)).unwrap_or(0);
             if let Err(retry_after) = limit.take(key) {
                 crate::metrics::access_denied(&route.name, "rate_limited");
                 let (requests, per) = (limit.config.requests, limit.config.per);
@@ -327,7 +341,7 @@ where
 /// counted in `switchyard_access_denied_total`.
 fn admitted(
     rules: &crate::config::AddressRules,
-    client: std::net::IpAddr,
+    client: Option<std::net::IpAddr>,
     scope: &'static str,
     route: &str,
 ) -> Result<(), ProxyError> {

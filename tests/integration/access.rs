@@ -79,7 +79,9 @@ async fn a_routes_address_lists_decide_on_the_peer_and_a_refusal_never_reaches_t
 async fn behind_a_trusted_proxy_the_client_it_names_is_the_one_checked() {
     let backend = Backend::start("bot").await;
     let rules = ", allow: [\"10.0.0.0/8\"]";
-    let proxy = FileProxy::start(&config(backend.addr, rules, "trusted_proxies: [\"127.0.0.1\"]\n")).await;
+    // Route names of its own: counters are process-wide in this test binary.
+    let yaml = config(backend.addr, rules, "trusted_proxies: [\"127.0.0.1\"]\n").replace("name: jobs", "name: behind");
+    let proxy = FileProxy::start(&yaml).await;
     let forwarded = |client: &'static str| [("x-forwarded-for", client)];
     assert_eq!(get_from("127.0.0.1", proxy.addr, "/jobs/1", &forwarded("10.1.2.3")).await.0, 200);
     assert_eq!(get_from("127.0.0.1", proxy.addr, "/jobs/2", &forwarded("192.168.1.1")).await.0, 403);
@@ -87,6 +89,24 @@ async fn behind_a_trusted_proxy_the_client_it_names_is_the_one_checked() {
     assert_eq!(get_from("127.0.0.1", proxy.addr, "/jobs/3", &[]).await.0, 403);
     // From a peer that is not trusted, its header is not believed.
     assert_eq!(get_from("127.0.0.2", proxy.addr, "/jobs/4", &forwarded("10.1.2.3")).await.0, 403);
+    assert_eq!(backend.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_forwarding_header_that_cannot_be_read_does_not_make_the_trusted_proxy_the_client() {
+    let backend = Backend::start("bot").await;
+    // The balancer's own network may use the route; clients behind it may not.
+    let rules = ", allow: [\"127.0.0.0/8\"]";
+    let yaml = config(backend.addr, rules, "trusted_proxies: [\"127.0.0.1\"]\n").replace("name: jobs", "name: unread");
+    let proxy = FileProxy::start(&yaml).await;
+    // A client's bytes that are not text, then the address its balancer appended.
+    let appended = get_from("127.0.0.1", proxy.addr, "/jobs/1", &[("x-forwarded-for", "\u{80}, 192.168.1.1")]).await;
+    assert_eq!(appended.0, 403, "the appended client is read past the bytes before it");
+    // A chain with no address before the trusted hop: the client is unknown, refused.
+    let garbage = get_from("127.0.0.1", proxy.addr, "/jobs/2", &[("x-forwarded-for", "not-an-address")]).await;
+    assert_eq!(garbage.0, 403);
+    // A chain that names a client in allow passes.
+    assert_eq!(get_from("127.0.0.1", proxy.addr, "/jobs/3", &[("x-forwarded-for", "127.0.0.44")]).await.0, 200);
     assert_eq!(backend.hits(), 1);
 }
 
@@ -103,8 +123,12 @@ async fn a_listeners_deny_refuses_every_request_and_a_reload_lifts_it() {
     let counted = metric_value(&metrics, "switchyard_access_denied_total", &[("route", "-"), ("reason", "address")]);
     assert_eq!(counted, Some(2.0));
 
-    proxy.replace_config(&config(backend.addr, "", ""));
+    // A reload that renames the listener keeps its socket, and its rules.
+    proxy.replace_config(&deny.replace("name: main", "name: edge"));
     proxy.wait_for_generation(2).await;
+    assert_eq!(get_from("127.0.0.1", proxy.addr, "/open", &[]).await.0, 403, "the renamed listener's deny");
+    proxy.replace_config(&config(backend.addr, "", ""));
+    proxy.wait_for_generation(3).await;
     assert_eq!(get_from("127.0.0.1", proxy.addr, "/open", &[]).await, (200, None));
     assert_eq!(backend.hits(), 1);
 }
@@ -185,4 +209,9 @@ async fn a_rate_limit_holds_its_rate_under_load_and_its_429s_say_when_to_come_ba
     assert!((55..=60).contains(&retry_after), "{retry_after}");
     assert_eq!(again.headers["ratelimit-policy"], "\"route\";q=1;w=60");
     assert_eq!(with_key("beta").await.status, 200, "another key, another bucket");
+    // Without the key a request is limited by its client's own bucket, not
+    // by one that every keyless client shares.
+    assert_eq!(get_from("127.0.0.1", proxy.addr, "/keyed", &[]).await.0, 200);
+    assert_eq!(get_from("127.0.0.1", proxy.addr, "/keyed", &[]).await.0, 429);
+    assert_eq!(get_from("127.0.0.2", proxy.addr, "/keyed", &[]).await.0, 200, "another client without a key");
 }
