@@ -15,7 +15,9 @@
 #                                          per request, every thread, from perf stat)
 #        FEATURES=1 benches/load/compare.sh  (Switchyard alone, plain and with one
 #                                          feature each: access log, retries, breaker,
-#                                          least_loaded, consistent_hash, queue, tracing
+#                                          least_loaded, consistent_hash, queue, allow
+#                                          (an address list), rate_limit (keyed by client,
+#                                          never reached), tracing
 #                                          at a ratio of 0.01 and of 1 (the backends' nginx
 #                                          takes the spans); c64)
 #        TLS=1 benches/load/compare.sh      (TLS on the proxies' listeners: keep-alive c64,
@@ -48,7 +50,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 FEATURES=${FEATURES:-0}
 if [ "$FEATURES" = 1 ]; then
-  TARGETS=${TARGETS:-"switchyard switchyard+access switchyard+retry switchyard+breaker switchyard+least_loaded switchyard+consistent_hash switchyard+queue switchyard+tracing switchyard+tracing_all"}
+  TARGETS=${TARGETS:-"switchyard switchyard+access switchyard+retry switchyard+breaker switchyard+least_loaded switchyard+consistent_hash switchyard+queue switchyard+allow switchyard+rate_limit switchyard+tracing switchyard+tracing_all"}
   SCENARIOS=${SCENARIOS:-c64}
 fi
 TLS=${TLS:-0}
@@ -146,6 +148,8 @@ switchyard_config() { # target
     +least_loaded) policy="{ policy: least_loaded }" ;;
     +consistent_hash) policy="{ policy: consistent_hash, key: path, bounded_load: 1.25 }" ;;
     +queue) upstream="queue: { max_waiting: 1000, timeout: 30s }" ;;
+    +allow) route=", allow: [\"127.0.0.0/8\"], deny: [\"10.0.0.0/8\"]" ;;
+    +rate_limit) route=", rate_limit: { requests: 1000000000, per: 1s }" ;;
     +tracing) tracing="tracing: { otlp_endpoint: \"http://127.0.0.1:$b1\", sample_ratio: 0.01 }" ;;
     +tracing_all) tracing="tracing: { otlp_endpoint: \"http://127.0.0.1:$b1\", sample_ratio: 1.0 }" ;;
     *) echo "unknown Switchyard feature: $feature" >&2; exit 2 ;;
