@@ -53,12 +53,23 @@ async fn a_routes_address_lists_decide_on_the_peer_and_a_refusal_never_reaches_t
     let claimed = get_from("127.0.1.5", proxy.addr, "/jobs/4", &[("x-forwarded-for", "127.0.0.9")]).await;
     assert_eq!(claimed.0, 403);
     assert_eq!(backend.hits(), 2, "refused requests never reach the backend");
+    // HTTP/2 requests pass the same rules.
+    let over_h2 = get(&h2c_client(), &proxy.url("/jobs/h2")).await;
+    assert_eq!((over_h2.status.as_u16(), backend.hits()), (200, 3), "from 127.0.0.1, in allow");
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some("127.0.0.66".parse().unwrap()));
+    let denied_h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build(connector);
+    let refused = get(&denied_h2, &proxy.url("/jobs/h2")).await;
+    assert_eq!((refused.status.as_u16(), refused.error_code()), (403, Some("forbidden")), "from 127.0.0.66, in deny");
+    assert_eq!(backend.hits(), 3);
 
     let metrics = scrape(&format!("http://{}/metrics", proxy.admin)).await;
     let denied = metric_value(&metrics, "switchyard_access_denied_total", &[("route", "jobs"), ("reason", "address")]);
-    assert_eq!(denied, Some(3.0));
+    assert_eq!(denied, Some(4.0));
     let requests = metric_value(&metrics, "switchyard_requests_total", &[("route", "jobs"), ("code", "403")]);
-    assert_eq!(requests, Some(3.0));
+    assert_eq!(requests, Some(4.0));
 
     // `/explain` says which rule decides.
     let explain = |source: &'static str| {
