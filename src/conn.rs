@@ -45,6 +45,9 @@ pub struct ConnInfo {
     /// The configured bind of the listener it came to: what a reload
     /// matches listeners by (their names may change under a running one).
     pub bind: Option<SocketAddr>,
+    /// The client certificate the handshake verified, on a listener with
+    /// `tls.client_auth`.
+    pub client_cert: Option<crate::auth::ClientIdentity>,
 }
 
 impl ConnInfo {
@@ -52,7 +55,7 @@ impl ConnInfo {
     /// are spawned on their own.
     pub fn new(client: SocketAddr, listener: Arc<str>) -> Self {
         let client_ip_header = HeaderValue::try_from(client.ip().to_string()).expect("an IP is a valid header value");
-        ConnInfo { client, listener, client_ip_header, tunnels: None, tls: false, bind: None }
+        ConnInfo { client, listener, client_ip_header, tunnels: None, tls: false, bind: None, client_cert: None }
     }
 }
 

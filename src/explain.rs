@@ -211,6 +211,7 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
         Some(_) => "max_concurrency holds across the cluster, but Redis cannot be reached: this replica's own limits apply",
     };
     let access = access_verdict(&route.access, described.client_ip, "route");
+    let auth = auth_verdict(route.auth.as_ref(), &request);
     let listeners: serde_json::Map<String, Value> = snapshot
         .listener_access
         .iter()
@@ -218,7 +219,7 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
             (name.to_string(), Value::String(access_verdict(rules, described.client_ip, "listener").0))
         })
         .collect();
-    let decision = match (access.1, chosen) {
+    let decision = match (access.1.or(auth.1), chosen) {
         (Some(refusal), _) => refusal,
         (None, Some(index)) => format!("would go to {}", upstream.backends[index].address),
         (None, None) => match (upstream.unavailable(), &upstream.queue) {
@@ -240,6 +241,7 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
         "scope": scope,
         "access": access.0,
         "listener_access": listeners,
+        "auth": auth.0,
         "candidates": candidates,
         "backend": chosen.map(|i| upstream.backends[i].address.to_string()),
         "decision": decision,
@@ -265,6 +267,33 @@ fn access_verdict(
         Err(refusal) => {
             let said = format!("client {client} may not use the {scope}: {refusal}");
             (said.clone(), (scope == "route").then(|| format!("{said}: 403 forbidden")))
+        }
+    }
+}
+
+/// What the route's `auth:` asks and what it makes of the described
+/// request's credentials (a client certificate cannot be described); with
+/// the decision that replaces the pick's when they are refused.
+fn auth_verdict(auth: Option<&crate::auth::RouteAuth>, request: &http::Request<()>) -> (String, Option<String>) {
+    let Some(auth) = auth else {
+        return ("no auth on the route: it asks for no credentials".to_owned(), None);
+    };
+    let methods = auth.methods().join(" and ");
+    let certificate = if auth.config.client_cert.is_some() {
+        " (a client certificate is checked per connection: /explain presents none and leaves it out)"
+    } else {
+        ""
+    };
+    let mut probe = request.clone();
+    match auth.check_presented(&mut probe) {
+        Ok(passed) => {
+            let who = passed.principal.as_deref().map_or(String::new(), |who| format!(" as {who:?}"));
+            (format!("the route asks for {methods}{certificate}; the described request passes{who}"), None)
+        }
+        Err(refusal) => {
+            let answer = if refusal.is_unauthenticated() { "401 unauthenticated" } else { "403 forbidden" };
+            let said = format!("the route asks for {methods}{certificate}; the described request fails: {refusal}");
+            (said.clone(), Some(format!("{said}: {answer}")))
         }
     }
 }

@@ -40,6 +40,7 @@
 pub mod admin;
 #[cfg(not(fuzzing))]
 pub mod app;
+pub mod auth;
 pub mod backend;
 pub mod balance;
 pub mod body;

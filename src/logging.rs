@@ -338,6 +338,9 @@ pub struct AccessLine<'a> {
     pub request_id: &'a str,
     /// The request's trace id with `tracing:` on, else empty.
     pub trace_id: &'a str,
+    /// Whom the route's `auth:` found the request to come from (the token's
+    /// `sub`, the API key's name, the certificate's name), else empty.
+    pub user: &'a str,
 }
 
 /// Writes one access line, through this thread's buffer when it has one.
@@ -387,6 +390,10 @@ fn format_access(out: &mut Vec<u8>, format: LogFormat, now: SystemTime, line: &A
             push_debug_f64(out, line.duration_ms);
             out.extend_from_slice(b" request_id=");
             push_debug_str(out, line.request_id);
+            if !line.user.is_empty() {
+                out.extend_from_slice(b" user=");
+                push_debug_str(out, line.user);
+            }
             if !line.trace_id.is_empty() {
                 out.extend_from_slice(b" trace_id=");
                 push_debug_str(out, line.trace_id);
@@ -399,7 +406,7 @@ fn format_access(out: &mut Vec<u8>, format: LogFormat, now: SystemTime, line: &A
                 out,
                 "\",\"level\":\"INFO\",\"fields\":{{\"message\":\"request\",\"client\":\"{client}\",\"method\":{},\
                  \"path\":{},\"route\":{},\"upstream\":{},\"backend\":{},\"status\":\"{status}\",\"attempts\":{},\
-                 \"queue_wait_ms\":{:?},\"duration_ms\":{:?},\"request_id\":{}{}}},\"target\":\"access\"}}",
+                 \"queue_wait_ms\":{:?},\"duration_ms\":{:?},\"request_id\":{}{}{}}},\"target\":\"access\"}}",
                 Json(line.method),
                 Json(line.path),
                 Json(line.route),
@@ -409,22 +416,23 @@ fn format_access(out: &mut Vec<u8>, format: LogFormat, now: SystemTime, line: &A
                 line.queue_wait_ms,
                 line.duration_ms,
                 Json(line.request_id),
-                TraceIdField(line.trace_id)
+                OptionalField("user", line.user),
+                OptionalField("trace_id", line.trace_id)
             );
         }
     }
     out.0.push(b'\n');
 }
 
-/// `,"trace_id":"..."` when there is one (hex digits: nothing to escape).
-struct TraceIdField<'a>(&'a str);
+/// `,"name":"value"` when there is a value.
+struct OptionalField<'a>(&'static str, &'a str);
 
-impl std::fmt::Display for TraceIdField<'_> {
+impl std::fmt::Display for OptionalField<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.is_empty() {
+        if self.1.is_empty() {
             return Ok(());
         }
-        write!(f, ",\"trace_id\":{}", Json(self.0))
+        write!(f, ",\"{}\":{}", self.0, Json(self.1))
     }
 }
 
@@ -573,6 +581,7 @@ mod tests {
             duration_ms: 3.25,
             request_id: "req-42",
             trace_id: "",
+            user: "",
         }
     }
 
@@ -594,6 +603,9 @@ mod tests {
         assert!(formatted(LogFormat::Text, &line("/", None)).contains(" status=error "));
         let traced = AccessLine { trace_id: "4bf92f3577b34da6a3ce929d0e0e4736", ..line("/", None) };
         assert!(formatted(LogFormat::Text, &traced).ends_with(" trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"\n"));
+        let user = AccessLine { user: "robot \"7\"", ..line("/", None) };
+        assert!(formatted(LogFormat::Text, &user).ends_with(" user=\"robot \\\"7\\\"\"\n"));
+        assert!(formatted(LogFormat::Json, &user).contains(r#","user":"robot \"7\""}"#));
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct RequestNotes {
     queue_wait_micros: AtomicU64,
     /// The client a trusted proxy named, when it is not the peer.
     forwarded_client: OnceLock<std::net::IpAddr>,
+    /// Whom the route's `auth:` found the request to come from.
+    principal: OnceLock<Arc<str>>,
     /// The request's trace, with `tracing:` on (set by `observe`). Boxed:
     /// a request without one carries a pointer's room, not the trace's.
     trace: OnceLock<Box<RequestTrace>>,
@@ -134,6 +136,7 @@ impl RequestNotes {
             attempts: AtomicU32::new(0),
             queue_wait_micros: AtomicU64::new(0),
             forwarded_client: OnceLock::new(),
+            principal: OnceLock::new(),
             trace: OnceLock::new(),
         }
     }
@@ -170,6 +173,15 @@ impl RequestNotes {
     /// A trusted proxy in front named the client (see `proxy::rewrite`).
     pub fn set_forwarded_client(&self, client: std::net::IpAddr) {
         let _ = self.forwarded_client.set(client);
+    }
+
+    pub fn set_principal(&self, principal: Arc<str>) {
+        let _ = self.principal.set(principal);
+    }
+
+    /// Whom `auth:` found the request to come from; `None` on a route without it.
+    pub fn principal(&self) -> Option<&str> {
+        self.principal.get().map(|principal| &**principal)
     }
 
     /// The client as the access log names it: whom a trusted proxy named

@@ -221,6 +221,7 @@ impl Record {
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 request_id: access.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
                 trace_id: trace_id.as_ref().map_or("", |id| std::str::from_utf8(id).expect("hex digits")),
+                user: self.notes.principal().unwrap_or(""),
             });
         }
     }

@@ -41,6 +41,11 @@ impl RateLimit {
         }
     }
 
+    /// Keyed by a claim of the route's verified token (checked after it).
+    pub fn by_claim(&self) -> bool {
+        matches!(self.config.key, crate::config::RateLimitKey::Claim(_))
+    }
+
     /// The bucket of a key's bytes.
     pub fn key(&self, bytes: &[u8]) -> u64 {
         self.hasher.hash_one(bytes)
@@ -82,7 +87,7 @@ mod tests {
             requests: 10,
             per: Duration::from_secs(1),
             burst: 3,
-            key: crate::config::KeySpec::ClientIp,
+            key: crate::config::RateLimitKey::Request(crate::config::KeySpec::ClientIp),
         };
         let limit = RateLimit::new(&config);
         let (a, b) = (limit.key(b"10.0.0.1"), limit.key(b"10.0.0.2"));

@@ -38,6 +38,9 @@ pub struct Route {
     pub access: crate::config::AddressRules,
     /// `rate_limit`, its buckets carried across reloads that keep it.
     pub rate_limit: Option<Arc<crate::ratelimit::RateLimit>>,
+    /// `auth:`, with its key set (carried across reloads that keep its
+    /// source) and its cache of verified tokens.
+    pub auth: Option<crate::auth::RouteAuth>,
 }
 
 /// A route's retry settings and its budget (carried across reloads by name).

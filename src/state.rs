@@ -233,6 +233,14 @@ fn compile_route(r: &crate::config::RouteConfig, upstream: &Arc<Upstream>, carri
         retry: r.retry.clone().map(|config| RoutePolicy { budget: carried.retry_budget(&r.name), config }),
         access: r.access.clone(),
         rate_limit: r.rate_limit.as_ref().map(|config| carried.rate_limit(&r.name, config)),
+        auth: (!r.auth.is_empty()).then(|| {
+            let keys = r.auth.jwt.as_ref().map(|jwt| carried.jwks(&jwt.keys));
+            let rate_claim = r.rate_limit.as_ref().and_then(|limit| match &limit.key {
+                crate::config::RateLimitKey::Claim(claim) => Some(claim.as_str()),
+                crate::config::RateLimitKey::Request(_) => None,
+            });
+            crate::auth::RouteAuth::new(&r.auth, keys, rate_claim)
+        }),
         name,
     }
 }
@@ -298,6 +306,8 @@ struct Carried<'a> {
     queues: HashMap<&'a str, &'a Arc<WaitQueue>>,
     budgets: HashMap<&'a str, &'a Arc<RetryBudget>>,
     rate_limits: HashMap<&'a str, &'a Arc<RateLimit>>,
+    /// Fetched JWKS key sets, by URL.
+    jwks: HashMap<&'a str, &'a Arc<crate::auth::Jwks>>,
     cluster: Option<&'a Arc<Cluster>>,
     /// Each route's requests that reached no backend, by (route, upstream).
     unsent: HashMap<(&'a str, &'a str), &'a Arc<RequestCounts>>,
@@ -314,6 +324,7 @@ impl<'a> Carried<'a> {
             queues: HashMap::new(),
             budgets: HashMap::new(),
             rate_limits: HashMap::new(),
+            jwks: HashMap::new(),
             cluster: previous.and_then(|p| p.cluster.as_ref()),
             unsent: HashMap::new(),
             upstreams: upstreams.iter().map(|u| (&*u.name, u)).collect(),
@@ -340,6 +351,11 @@ impl<'a> Carried<'a> {
             }
             if let Some(limit) = &route.rate_limit {
                 carried.rate_limits.insert(&route.name, limit);
+            }
+            if let Some(keys) = route.auth.as_ref().and_then(|auth| auth.jwt.as_ref()).map(|jwt| jwt.keys()) {
+                if let crate::config::auth::JwksSource::Url { url, .. } = keys.source() {
+                    carried.jwks.insert(url, keys);
+                }
             }
             carried.unsent.insert((&route.name, &route.upstream.name), &route.requests_without_backend);
         }
@@ -410,6 +426,17 @@ impl<'a> Carried<'a> {
             Some(limit) => Arc::clone(limit),
             None => Arc::new(RateLimit::new(config)),
         }
+    }
+
+    /// A route's key set: a URL's as the previous snapshot fetched it (when
+    /// its settings are the same), so a reload neither refetches it nor
+    /// refuses tokens meanwhile.
+    fn jwks(&self, source: &crate::config::auth::JwksSource) -> Arc<crate::auth::Jwks> {
+        let previous = match source {
+            crate::config::auth::JwksSource::Url { url, .. } => self.jwks.get(url.as_str()).copied(),
+            crate::config::auth::JwksSource::File { .. } => None,
+        };
+        crate::auth::Jwks::for_source(source, previous)
     }
 
     fn retry_budget(&self, route: &str) -> Arc<RetryBudget> {

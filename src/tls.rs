@@ -5,7 +5,8 @@
 //! TLS 1.2 and 1.3 only (rustls has nothing older), the certificate chosen by
 //! SNI (exact name, then a wildcard one level up, then the first certificate),
 //! ALPN from the config, session resumption by both a session cache and
-//! tickets.
+//! tickets, client certificates verified against the listener's
+//! `client_auth` CA (required, or optional and left to routes).
 
 use std::collections::HashMap;
 use std::io;
@@ -13,12 +14,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::config::auth::ClientAuthMode;
 use crate::config::tls::ListenerTls;
 
 /// Sessions a listener remembers for resumption without tickets.
@@ -27,11 +29,23 @@ const SESSION_CACHE: usize = 4096;
 /// The server side of a listener's TLS settings.
 pub fn server_config(tls: &ListenerTls) -> Arc<ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("the ring provider supports TLS 1.2 and 1.3")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver::new(tls)));
+        .expect("the ring provider supports TLS 1.2 and 1.3");
+    let builder = match &tls.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(client_auth) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&client_auth.roots), provider);
+            let verifier = match client_auth.mode {
+                ClientAuthMode::Required => verifier,
+                ClientAuthMode::Optional => verifier.allow_unauthenticated(),
+            };
+            // Loading the bundle checked it holds a usable certificate,
+            // which is all the builder can refuse.
+            builder.with_client_cert_verifier(verifier.build().expect("a loaded, non-empty CA bundle"))
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(tls)));
     config.alpn_protocols = tls.alpn.iter().map(|protocol| protocol.id().to_vec()).collect();
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
     match rustls::crypto::ring::Ticketer::new() {

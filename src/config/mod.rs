@@ -6,6 +6,7 @@
 //! traffic. Every problem found is reported as `file:line:col: message`, and all of
 //! them are reported at once rather than the first alone.
 
+pub mod auth;
 pub mod raw;
 pub mod tls;
 mod validate;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use raw::{CheckKind, ConcurrencyScope, LogFormat, LogLevel, OnUnavailable, RetryOn, UpstreamProtocol};
+pub use auth::AuthConfig;
 pub use values::{HostPattern, KeySpec};
 
 /// A config file larger than this is refused before parsing: real configs are far
@@ -245,7 +247,26 @@ pub struct RateLimitConfig {
     pub per: Duration,
     pub burst: u32,
     #[serde(serialize_with = "shown::display")]
-    pub key: KeySpec,
+    pub key: RateLimitKey,
+}
+
+/// What a route's rate-limit buckets belong to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateLimitKey {
+    /// Something of the request, as a hash key names it (`client_ip`, `header:NAME`, ...).
+    Request(KeySpec),
+    /// A claim of the route's verified JWT (`claim:NAME`): limited after the
+    /// token is checked, where the others are limited before.
+    Claim(String),
+}
+
+impl std::fmt::Display for RateLimitKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RateLimitKey::Request(spec) => spec.fmt(f),
+            RateLimitKey::Claim(name) => write!(f, "claim:{name}"),
+        }
+    }
 }
 
 /// `allow` and `deny` of a listener or a route: CIDR blocks checked against
@@ -442,6 +463,9 @@ pub struct RouteConfig {
     pub timeout: Duration,
     pub retry: Option<RetryConfig>,
     pub rate_limit: Option<RateLimitConfig>,
+    /// `auth:`: what a request must present.
+    #[serde(skip_serializing_if = "AuthConfig::is_empty")]
+    pub auth: AuthConfig,
     /// `allow` / `deny`: which clients may use the route.
     #[serde(flatten)]
     pub access: AddressRules,
@@ -939,7 +963,7 @@ upstreams:
         let limit = parsed.routes[0].rate_limit.clone().unwrap();
         assert_eq!(
             (limit.requests, limit.per, limit.burst, limit.key),
-            (50, Duration::from_secs(1), 50, KeySpec::ClientIp)
+            (50, Duration::from_secs(1), 50, RateLimitKey::Request(KeySpec::ClientIp))
         );
         for (bad, says) in [
             ("{ per: 1s }", "needs `requests`"),

@@ -108,6 +108,27 @@ pub struct RawListenerTls {
     #[serde(default)]
     pub certificates: Vec<Spanned<RawCertificate>>,
     pub alpn: Option<Vec<Spanned<String>>>,
+    pub client_auth: Option<Spanned<RawClientAuth>>,
+}
+
+/// `tls.client_auth:` of a listener: client certificates, checked against `ca`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientAuth {
+    pub ca: Option<Spanned<String>>,
+    pub mode: Option<ClientAuthMode>,
+}
+
+/// Whether a listener's clients must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    /// The handshake fails without a certificate the CA signed.
+    #[default]
+    Required,
+    /// A client may present none; one it presents must verify. Routes
+    /// decide with `auth.client_cert`.
+    Optional,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,12 +208,59 @@ pub struct RawRoute {
     pub timeout: Option<Spanned<DurationValue>>,
     pub retry: Option<RawRetry>,
     pub rate_limit: Option<Spanned<RawRateLimit>>,
+    pub auth: Option<Spanned<RawAuth>>,
     /// Client addresses (CIDR blocks or IPs) that may use the route.
     #[serde(default)]
     pub allow: Vec<Spanned<String>>,
     /// Client addresses that may not.
     #[serde(default)]
     pub deny: Vec<Spanned<String>>,
+}
+
+/// `auth:` of a route: what a request must present; every method listed must pass.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub client_cert: Option<Spanned<RawClientCert>>,
+    pub jwt: Option<Spanned<RawJwt>>,
+    pub api_key: Option<Spanned<RawApiKey>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientCert {
+    /// Names one of which the certificate must carry; none: any certificate
+    /// the listener's CA verified.
+    #[serde(default)]
+    pub sans: Vec<Spanned<String>>,
+    pub forward_header: Option<HeaderName>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub jwks_file: Option<Spanned<String>>,
+    pub jwks_url: Option<Spanned<String>>,
+    pub refresh: Option<Spanned<DurationValue>>,
+    #[serde(default)]
+    pub issuers: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub audiences: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub required_claims: Vec<Spanned<String>>,
+    /// Claim name to the header it is forwarded in.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, HeaderName>,
+    pub keep_token: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKey {
+    pub file: Spanned<String>,
+    pub header: Option<HeaderName>,
+    pub forward_header: Option<HeaderName>,
+    pub keep_key: Option<bool>,
 }
 
 /// `rate_limit:` of a route.
@@ -202,7 +270,8 @@ pub struct RawRateLimit {
     pub requests: Option<Spanned<u32>>,
     pub per: Option<Spanned<DurationValue>>,
     pub burst: Option<Spanned<u32>>,
-    pub key: Option<KeySpec>,
+    /// A hash key's syntax (`client_ip`, `header:NAME`, ...) or `claim:NAME`.
+    pub key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

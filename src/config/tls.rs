@@ -19,6 +19,8 @@ pub struct ListenerTls {
     pub certificates: Vec<Certificate>,
     /// In the server's order of preference.
     pub alpn: Vec<Alpn>,
+    /// Client certificates, verified against a CA.
+    pub client_auth: Option<super::auth::ClientAuth>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -5,21 +5,23 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
 use super::raw::{
     CheckKind, ConcurrencyScope, OnUnavailable, PolicyKind, RawBackend, RawBreaker, RawCluster, RawConfig,
-    RawDiscovery, RawHealth, RawListenerTls, RawQueue, RawRateLimit, RawResolver, RawRetry, RawRoute, RawTracing,
+    RawAuth, RawDiscovery, RawHealth, RawListenerTls, RawQueue, RawRateLimit, RawResolver, RawRetry, RawRoute, RawTracing,
     RawUpstream, RawUpstreamTls, UpstreamProtocol,
 };
+use super::auth::{ApiKeyConfig, ApiKeys, ClientAuth, ClientCertRule, JwksSource, JwtConfig, KeySet};
 use super::tls::{Alpn, Certificate, CertificateError, ListenerTls, UpstreamTls, UpstreamTlsError, UpstreamTlsFiles};
 use super::values::DurationValue;
 use super::{
-    ActiveCheck, AddressRules, AdminConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig, Config,
+    ActiveCheck, AddressRules, AdminConfig, AuthConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig, Config,
     ConfigError, ConfigErrors, DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig,
-    LogFormat, LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, RateLimitConfig, ResolverConfig,
+    LogFormat, LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, RateLimitConfig, RateLimitKey, ResolverConfig,
     RetryBackoff, RetryBudget, RetryConfig, RouteConfig, RouteMatch, Secret, TracingConfig, UpstreamConfig,
 };
 
@@ -147,7 +149,7 @@ pub(super) fn validate(raw: RawConfig, file: &str) -> Result<Config, ConfigError
     let mut routes = Vec::new();
     let mut route_names = HashSet::new();
     for (index, route) in raw.routes.iter().enumerate() {
-        routes.push(validate_route(index, route, &raw, &mut route_names, &mut errors));
+        routes.push(validate_route(index, route, &raw, &mut route_names, file, &mut errors));
     }
 
     let log = LogConfig {
@@ -263,8 +265,17 @@ fn validate_listener_tls(raw: &Spanned<RawListenerTls>, file: &str, errors: &mut
             }
         }
     }
-    (certificates.len() == raw.value.certificates.len() && !certificates.is_empty())
-        .then_some(ListenerTls { certificates, alpn })
+    let client_auth = raw.value.client_auth.as_ref().and_then(|auth| {
+        let Some(ca) = &auth.value.ca else {
+            errors.at(auth.referenced, "client_auth needs `ca`: the CA bundle client certificates must chain to");
+            return None;
+        };
+        let mode = auth.value.mode.unwrap_or_default();
+        ClientAuth::load(&base.join(&ca.value), mode).map_err(|message| errors.at(ca.referenced, message)).ok()
+    });
+    let client_auth_ok = raw.value.client_auth.is_none() || client_auth.is_some();
+    (certificates.len() == raw.value.certificates.len() && !certificates.is_empty() && client_auth_ok)
+        .then_some(ListenerTls { certificates, alpn, client_auth })
 }
 
 /// A route whose `timeout` is longer than `shutdown_grace`: a shutdown, a
@@ -371,6 +382,7 @@ fn validate_route(
     route: &Spanned<RawRoute>,
     raw: &RawConfig,
     names: &mut HashSet<String>,
+    file: &str,
     errors: &mut Collector<'_>,
 ) -> RouteConfig {
     let location = route.referenced;
@@ -422,14 +434,125 @@ fn validate_route(
         timeout: duration(&route.timeout, "route timeout", RouteConfig::DEFAULT_TIMEOUT, errors),
         retry: route.retry.as_ref().map(|r| validate_retry(r, errors)),
         access: validate_address_rules(&route.allow, &route.deny, errors),
-        rate_limit: route.rate_limit.as_ref().and_then(|r| validate_rate_limit(r, errors)),
+        auth: route.auth.as_ref().map(|a| validate_auth(a, file, raw, errors)).unwrap_or_default(),
+        rate_limit: route.rate_limit.as_ref().and_then(|r| validate_rate_limit(r, route.auth.as_ref(), errors)),
     }
+}
+
+/// How often a `jwks_url` is fetched when `refresh` is not set.
+const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
+
+/// `auth:` of a route; files are relative to the config file's directory.
+fn validate_auth(raw: &Spanned<RawAuth>, file: &str, config: &RawConfig, errors: &mut Collector<'_>) -> AuthConfig {
+    let base = Path::new(file).parent().unwrap_or(Path::new(""));
+    let auth = &raw.value;
+    if auth.client_cert.is_none() && auth.jwt.is_none() && auth.api_key.is_none() {
+        errors.at(raw.referenced, "auth needs at least one of client_cert, jwt, api_key");
+    }
+    let client_cert = auth.client_cert.as_ref().map(|rule| {
+        let verifying = config.listeners.iter().any(|l| {
+            l.value.tls.as_ref().is_some_and(|tls| tls.value.client_auth.is_some())
+        });
+        if !verifying {
+            errors.at(
+                rule.referenced,
+                "auth.client_cert needs a listener with `tls.client_auth` (no listener asks clients for a certificate)",
+            );
+        }
+        let mut sans = Vec::new();
+        for name in &rule.value.sans {
+            if name.value.is_empty() || name.value[1..].contains('*') {
+                errors.at(name.referenced, "a san is a name, or `*.` and a name");
+            }
+            sans.push(name.value.to_ascii_lowercase());
+        }
+        ClientCertRule { sans, forward_header: rule.value.forward_header.as_ref().map(header_name) }
+    });
+    let jwt = auth.jwt.as_ref().and_then(|jwt| {
+        let at = jwt.referenced;
+        let jwt = &jwt.value;
+        let keys = match (&jwt.jwks_file, &jwt.jwks_url) {
+            (Some(path), None) => {
+                if jwt.refresh.is_some() {
+                    errors.at(at, "refresh is for jwks_url: a jwks_file is read again on reload");
+                }
+                let full = base.join(&path.value);
+                match std::fs::read(&full).map_err(|e| format!("cannot read {}: {e}", full.display())).and_then(|d| {
+                    KeySet::parse(&d).map_err(|why| format!("jwks_file {} {why}", full.display()))
+                }) {
+                    Ok(keys) => JwksSource::File { path: full, keys: Arc::new(keys) },
+                    Err(message) => {
+                        errors.at(path.referenced, message);
+                        return None;
+                    }
+                }
+            }
+            (None, Some(url)) => {
+                match url.value.parse::<http::Uri>() {
+                    Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
+                    _ => {
+                        errors.at(url.referenced, format!("jwks_url `{}` is not an http:// or https:// URL", url.value));
+                        return None;
+                    }
+                }
+                let refresh = match &jwt.refresh {
+                    Some(refresh) if refresh.value.0 < Duration::from_secs(1) => {
+                        errors.at(refresh.referenced, "refresh must be at least 1s");
+                        return None;
+                    }
+                    Some(refresh) => refresh.value.0,
+                    None => DEFAULT_JWKS_REFRESH,
+                };
+                JwksSource::Url { url: url.value.clone(), refresh }
+            }
+            _ => {
+                errors.at(at, "jwt needs exactly one of jwks_file, jwks_url");
+                return None;
+            }
+        };
+        let texts = |list: &[Spanned<String>]| list.iter().map(|item| item.value.clone()).collect::<Vec<_>>();
+        Some(JwtConfig {
+            keys,
+            issuers: texts(&jwt.issuers),
+            audiences: texts(&jwt.audiences),
+            required_claims: texts(&jwt.required_claims),
+            forward_claims: jwt.forward_claims.iter().map(|(claim, name)| (claim.clone(), header_name(name))).collect(),
+            keep_token: jwt.keep_token.unwrap_or(false),
+        })
+    });
+    let api_key = auth.api_key.as_ref().and_then(|api_key| {
+        let api_key = &api_key.value;
+        let path = base.join(&api_key.file.value);
+        match ApiKeys::load(&path) {
+            Ok(keys) => Some(ApiKeyConfig {
+                file: path,
+                keys: Arc::new(keys),
+                header: api_key.header.as_ref().map_or(http::HeaderName::from_static("x-api-key"), header_name),
+                forward_header: api_key.forward_header.as_ref().map(header_name),
+                keep_key: api_key.keep_key.unwrap_or(false),
+            }),
+            Err(message) => {
+                errors.at(api_key.file.referenced, message);
+                None
+            }
+        }
+    });
+    AuthConfig { client_cert, jwt, api_key }
+}
+
+/// A name `values::HeaderName` already checked.
+fn header_name(name: &super::values::HeaderName) -> http::HeaderName {
+    http::HeaderName::from_bytes(name.0.as_bytes()).expect("checked when read")
 }
 
 /// `rate_limit:` of a route: at least one request, per whole seconds (the
 /// `RateLimit-Policy` header states the window in seconds), a burst of at
 /// least one (one period's worth when not given).
-fn validate_rate_limit(raw: &Spanned<RawRateLimit>, errors: &mut Collector<'_>) -> Option<RateLimitConfig> {
+fn validate_rate_limit(
+    raw: &Spanned<RawRateLimit>,
+    auth: Option<&Spanned<RawAuth>>,
+    errors: &mut Collector<'_>,
+) -> Option<RateLimitConfig> {
     let limit = &raw.value;
     let Some(requests) = &limit.requests else {
         errors.at(raw.referenced, "rate_limit needs `requests`, e.g. { requests: 100, per: 1s }");
@@ -465,7 +588,29 @@ fn validate_rate_limit(raw: &Spanned<RawRateLimit>, errors: &mut Collector<'_>) 
         );
         return None;
     }
-    let key = limit.key.clone().unwrap_or(super::KeySpec::ClientIp);
+    let key = match &limit.key {
+        None => RateLimitKey::Request(super::KeySpec::ClientIp),
+        Some(key) => match key.value.strip_prefix("claim:") {
+            Some(claim) => {
+                if claim.is_empty() {
+                    errors.at(key.referenced, "key `claim:` names no claim");
+                    return None;
+                }
+                if auth.is_none_or(|auth| auth.value.jwt.is_none()) {
+                    errors.at(key.referenced, format!("key `{}` needs the route's `auth.jwt`", key.value));
+                    return None;
+                }
+                RateLimitKey::Claim(claim.to_owned())
+            }
+            None => match key.value.parse() {
+                Ok(spec) => RateLimitKey::Request(spec),
+                Err(message) => {
+                    errors.at(key.referenced, format!("{message}, claim:NAME"));
+                    return None;
+                }
+            },
+        },
+    };
     Some(RateLimitConfig { requests: requests.value, per, burst, key })
 }
 

@@ -73,7 +73,11 @@ pub(super) async fn serve(accepted: Accepted, protocols: Arc<Protocols>, stack: 
         info.tunnels = Some(home);
         info.tls = tls;
         info.bind = Some(bind);
-        info.bind = Some(bind);
+        if let ClientStream::Tls(tls) = &stream {
+            // Verified by the handshake; read once for every request of the connection.
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+            info.client_cert = leaf.and_then(|der| crate::auth::ClientIdentity::from_der(der));
+        }
         stack.for_connection(Arc::new(info), Arc::clone(&activity))
     };
     let io = SendTimeoutIo::new(stream, send_timeout);

@@ -43,6 +43,7 @@ use super::connection::Activity;
 use crate::body::{ClientRequestBody, ProxyBody};
 use crate::client::UpstreamClients;
 use crate::conn::ConnInfo;
+use crate::config::RateLimitKey;
 use crate::error::ProxyError;
 use crate::notes::{NotedRequest, RequestNotes, RoutedRequest};
 use crate::observe::{Observe, ObservedBody};
@@ -309,12 +310,18 @@ where
                 return refuse(error);
             }
         }
-        if let Some(limit) = &route.rate_limit {
+        // A limit on the request's own keys comes before authentication, so
+        // a flood of bad credentials is limited too and costs no signature
+        // checks past it; a limit on a token's claim can only come after.
+        let rate_limit = route.rate_limit.as_ref();
+        if let Some(limit) = rate_limit.filter(|limit| !limit.by_claim()) {
             noted.notes.matched(index);
             let client_ip = client().unwrap_or(noted.notes.conn().client.ip());
             let key = match &limit.config.key {
-                crate::config::KeySpec::ClientIp => limit.client_key(client_ip),
-                spec => {
+                RateLimitKey::Request(crate::config::KeySpec::ClientIp) | RateLimitKey::Claim(_) => {
+                    limit.client_key(client_ip)
+                }
+                RateLimitKey::Request(spec) => {
                     let pick = crate::balance::PickRequest {
                         headers: noted.request.headers(),
                         uri: noted.request.uri(),
@@ -327,14 +334,49 @@ where
                         .unwrap_or_else(|| limit.client_key(client_ip))
                 }
             };
-            if let Err(retry_after) = limit.take(key) {
-                crate::metrics::access_denied(&route.name, "rate_limited");
-                let (requests, per) = (limit.config.requests, limit.config.per);
-                return refuse(ProxyError::RateLimited { requests, per, retry_after });
+            if let Err(error) = limited(limit, key, &route.name) {
+                return refuse(error);
+            }
+        }
+        if let Some(auth) = &route.auth {
+            noted.notes.matched(index);
+            // Worked out before the check rewrites the request's headers.
+            let claimless_client = rate_limit
+                .filter(|limit| limit.by_claim())
+                .map(|_| client().unwrap_or(noted.notes.conn().client.ip()));
+            match auth.check(&mut noted.request, noted.notes.conn().client_cert.as_ref()) {
+                Ok(passed) => {
+                    if let Some(limit) = rate_limit.filter(|limit| limit.by_claim()) {
+                        // A token without the claim is limited by its client's bucket.
+                        let key = match &passed.claim_key {
+                            Some(claim) => limit.key(claim),
+                            None => limit.client_key(claimless_client.expect("worked out for this limit")),
+                        };
+                        if let Err(error) = limited(limit, key, &route.name) {
+                            return refuse(error);
+                        }
+                    }
+                    if let Some(principal) = passed.principal {
+                        noted.notes.set_principal(principal);
+                    }
+                }
+                Err(refusal) => {
+                    crate::metrics::access_denied(&route.name, refusal.metric_reason());
+                    return refuse(ProxyError::Unauthenticated(refusal));
+                }
             }
         }
         Either::Right(self.inner.call(noted.routed(index)))
     }
+}
+
+/// A token from `key`'s bucket, or 429 (counted).
+fn limited(limit: &crate::ratelimit::RateLimit, key: u64, route: &str) -> Result<(), ProxyError> {
+    limit.take(key).map_err(|retry_after| {
+        crate::metrics::access_denied(route, "rate_limited");
+        let (requests, per) = (limit.config.requests, limit.config.per);
+        ProxyError::RateLimited { requests, per, retry_after }
+    })
 }
 
 /// `client` against a listener's or route's `allow` / `deny`; a refusal is

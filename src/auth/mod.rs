@@ -1,0 +1,223 @@
+//! A route's `auth:`: who the request comes from, checked before it is
+//! forwarded. Every method the route lists must pass, in the order client
+//! certificate, JWT, API key; the first that fails decides the answer
+//! (403 `forbidden` for a certificate, which no retry of the request can
+//! change; 401 `unauthenticated` with a `WWW-Authenticate` challenge for a
+//! token or key). What passed may be forwarded to the backend in headers
+//! the route names, which the client's own headers of those names never
+//! reach; the credential itself is taken off the request unless the route
+//! keeps it.
+
+pub mod client_cert;
+pub mod jwt;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use crate::config::auth::AuthConfig;
+pub use client_cert::ClientIdentity;
+pub use jwt::{Jwks, TokenRefusal, Verifier};
+
+/// A route's compiled `auth:`.
+#[derive(Debug)]
+pub struct RouteAuth {
+    pub config: AuthConfig,
+    pub jwt: Option<Verifier>,
+}
+
+/// Why a request did not pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The connection has no verified client certificate.
+    NoCertificate,
+    /// Its certificate carries none of the route's `sans`.
+    CertificateNotListed,
+    Token(TokenRefusal),
+    NoApiKey,
+    UnknownApiKey,
+}
+
+impl Refusal {
+    /// `switchyard_access_denied_total`'s `reason`.
+    pub fn metric_reason(self) -> &'static str {
+        match self {
+            Refusal::NoCertificate | Refusal::CertificateNotListed => "client_certificate",
+            Refusal::Token(_) => "jwt",
+            Refusal::NoApiKey | Refusal::UnknownApiKey => "api_key",
+        }
+    }
+
+    /// A credential an HTTP retry can bring (401); not a certificate (403).
+    pub fn is_unauthenticated(self) -> bool {
+        !matches!(self, Refusal::NoCertificate | Refusal::CertificateNotListed)
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 for tokens:
+    /// `error="invalid_token"` once one was presented).
+    pub fn challenge(self) -> Option<HeaderValue> {
+        Some(HeaderValue::from_static(match self {
+            Refusal::Token(TokenRefusal::Missing) => "Bearer realm=\"switchyard\"",
+            Refusal::Token(_) => "Bearer realm=\"switchyard\", error=\"invalid_token\"",
+            Refusal::NoApiKey | Refusal::UnknownApiKey => "ApiKey realm=\"switchyard\"",
+            Refusal::NoCertificate | Refusal::CertificateNotListed => return None,
+        }))
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::NoCertificate => f.write_str("no client certificate"),
+            Refusal::CertificateNotListed => f.write_str("the client certificate has none of the route's sans"),
+            Refusal::Token(why) => write!(f, "JWT refused: {}", why.as_str()),
+            Refusal::NoApiKey => f.write_str("no API key"),
+            Refusal::UnknownApiKey => f.write_str("unknown API key"),
+        }
+    }
+}
+
+/// What passed: whom the access log names, and a rate limit's claim.
+#[derive(Debug, Default)]
+pub struct Passed {
+    /// The token's `sub`, else the API key's name, else the certificate's name.
+    pub principal: Option<Arc<str>>,
+    pub claim_key: Option<Bytes>,
+}
+
+impl RouteAuth {
+    /// `keys`: the key set its JWT checks use (see [`Jwks::for_source`]);
+    /// `rate_claim`: the claim the route's rate limit is keyed by.
+    pub fn new(config: &AuthConfig, keys: Option<Arc<Jwks>>, rate_claim: Option<&str>) -> RouteAuth {
+        let jwt = config.jwt.as_ref().zip(keys).map(|(jwt, keys)| Verifier::new(jwt, keys, rate_claim));
+        RouteAuth { config: config.clone(), jwt }
+    }
+
+    /// Checks the request, and on success rewrites its headers for the
+    /// backend: forwarded identities in, credentials out.
+    pub fn check<B>(
+        &self,
+        request: &mut http::Request<B>,
+        certificate: Option<&ClientIdentity>,
+    ) -> Result<Passed, Refusal> {
+        self.check_with(request, Some(certificate))
+    }
+
+    /// [`check`](Self::check) of what the request itself presents, the
+    /// client certificate left out (`/explain`, which has no connection).
+    pub fn check_presented<B>(&self, request: &mut http::Request<B>) -> Result<Passed, Refusal> {
+        self.check_with(request, None)
+    }
+
+    /// The methods the route lists, as the config names them.
+    pub fn methods(&self) -> Vec<&'static str> {
+        let config = &self.config;
+        [("client_cert", config.client_cert.is_some()), ("jwt", config.jwt.is_some()), ("api_key", config.api_key.is_some())]
+            .into_iter()
+            .filter_map(|(name, listed)| listed.then_some(name))
+            .collect()
+    }
+
+    /// `certificate`: `None` to leave the certificate unchecked.
+    fn check_with<B>(
+        &self,
+        request: &mut http::Request<B>,
+        certificate: Option<Option<&ClientIdentity>>,
+    ) -> Result<Passed, Refusal> {
+        let mut passed = Passed::default();
+        let mut certificate_name = None;
+        if let (Some(rule), Some(certificate)) = (&self.config.client_cert, certificate) {
+            let identity = certificate.ok_or(Refusal::NoCertificate)?;
+            let name = if rule.sans.is_empty() {
+                identity.name()
+            } else {
+                identity.matching(&rule.sans).ok_or(Refusal::CertificateNotListed)?
+            };
+            certificate_name = Some(name);
+        }
+        let verified = match &self.jwt {
+            Some(verifier) => Some(verifier.verify(bearer_token(request.headers())?).map_err(Refusal::Token)?),
+            None => None,
+        };
+        let key_name = match &self.config.api_key {
+            Some(api_key) => {
+                let presented = single(request.headers(), &api_key.header).ok_or(Refusal::NoApiKey)?;
+                let digest = ring::digest::digest(&ring::digest::SHA256, presented.as_bytes());
+                let digest: &[u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
+                Some(Arc::clone(api_key.keys.name_of(digest).ok_or(Refusal::UnknownApiKey)?))
+            }
+            None => None,
+        };
+
+        // Passed: the request is rewritten for the backend.
+        let headers = request.headers_mut();
+        if let (Some(rule), Some(name)) = (&self.config.client_cert, certificate_name) {
+            if let Some(header) = &rule.forward_header {
+                forward(headers, header, HeaderValue::from_str(name).ok());
+            }
+        }
+        if let (Some(verifier), Some(verified)) = (&self.jwt, &verified) {
+            let config = verifier.config();
+            for ((_, header), value) in config.forward_claims.iter().zip(&verified.forwarded) {
+                forward(headers, header, value.clone());
+            }
+            if !config.keep_token {
+                headers.remove(http::header::AUTHORIZATION);
+            }
+            passed.principal = verified.subject.clone();
+            passed.claim_key = verified.rate_key.clone();
+        }
+        if let (Some(api_key), Some(name)) = (&self.config.api_key, key_name) {
+            if let Some(header) = &api_key.forward_header {
+                forward(headers, header, HeaderValue::from_str(&name).ok());
+            }
+            if !api_key.keep_key {
+                headers.remove(&api_key.header);
+            }
+            passed.principal.get_or_insert(name);
+        }
+        if passed.principal.is_none() {
+            passed.principal = certificate_name.map(Arc::from);
+        }
+        Ok(passed)
+    }
+}
+
+/// The header set to `value` alone: whatever the client sent under that
+/// name is gone, even when there is nothing to forward.
+fn forward(headers: &mut http::HeaderMap, name: &http::HeaderName, value: Option<HeaderValue>) {
+    match value {
+        Some(value) => {
+            headers.insert(name, value);
+        }
+        None => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The header's one value; `None` when it is missing or sent more than
+/// once (which of two credentials to believe is not a question to answer).
+fn single<'a>(headers: &'a http::HeaderMap, name: &http::HeaderName) -> Option<&'a HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let value = values.next()?;
+    values.next().is_none().then_some(value)
+}
+
+/// The token of `Authorization: Bearer <token>` (the scheme's case aside).
+fn bearer_token(headers: &http::HeaderMap) -> Result<&[u8], Refusal> {
+    let value = single(headers, &http::header::AUTHORIZATION).ok_or(Refusal::Token(TokenRefusal::Missing))?;
+    let bytes = value.as_bytes();
+    match bytes.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => {
+            let token = bytes[7..].trim_ascii();
+            if token.is_empty() {
+                Err(Refusal::Token(TokenRefusal::Missing))
+            } else {
+                Ok(token)
+            }
+        }
+        _ => Err(Refusal::Token(TokenRefusal::Missing)),
+    }
+}
