@@ -7,6 +7,7 @@ mod dns;
 mod support;
 
 mod access;
+mod auth;
 mod backend_http1;
 mod cluster;
 mod config_check;
