@@ -48,14 +48,7 @@ impl RunningProxy {
     pub async fn start_from_file_inheriting(path: &Path, inherited: Inherited) -> Result<RunningProxy, ReloadError> {
         let config = config::load(path)?;
         let runtime = Runtime::start_inheriting(&config, Some(path.to_path_buf()), inherited).await?;
-        let certificate_files: Vec<std::path::PathBuf> = config
-            .listeners
-            .iter()
-            .filter_map(|listener| listener.tls.as_ref())
-            .flat_map(|tls| &tls.certificates)
-            .flat_map(|certificate| [certificate.cert_path.clone(), certificate.key_path.clone()])
-            .collect();
-        let watch = match config::watch::watch(path, &certificate_files) {
+        let watch = match config::watch::watch(path, &config.referenced_files()) {
             Ok((watch, mut changes)) => {
                 let weak = Arc::downgrade(&runtime);
                 tokio::spawn(async move {

@@ -20,8 +20,13 @@ pub enum ProxyError {
     RateLimited { requests: u32, per: std::time::Duration, retry_after: std::time::Duration },
     #[error("client {client:?} may not use this {scope}: {refusal}")]
     Forbidden { client: Option<std::net::IpAddr>, scope: &'static str, refusal: crate::config::AddressRefusal },
-    #[error("{0}")]
-    Unauthenticated(crate::auth::Refusal),
+    /// A route's `auth` found no valid token or key: 401 with `challenge`
+    /// as `WWW-Authenticate`.
+    #[error("{why}")]
+    Unauthenticated { why: &'static str, challenge: &'static str },
+    /// A route's `auth.client_cert` found no certificate, or not one it lists.
+    #[error("{why}")]
+    CertificateRefused { why: &'static str },
     #[error("no backend of upstream `{upstream}` can take this request")]
     NoHealthyBackend { upstream: String },
     #[error("could not connect to backend {backend}")]
@@ -53,8 +58,8 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            ProxyError::Unauthenticated(refusal) if refusal.is_unauthenticated() => StatusCode::UNAUTHORIZED,
-            ProxyError::Unauthenticated(_) => StatusCode::FORBIDDEN,
+            ProxyError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            ProxyError::CertificateRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoHealthyBackend { .. }
             | ProxyError::CircuitOpen { .. }
@@ -84,8 +89,8 @@ impl ProxyError {
         Some(match self {
             ProxyError::NoRoute => "no_route",
             ProxyError::Forbidden { .. } => "forbidden",
-            ProxyError::Unauthenticated(refusal) if refusal.is_unauthenticated() => "unauthenticated",
-            ProxyError::Unauthenticated(_) => "forbidden",
+            ProxyError::Unauthenticated { .. } => "unauthenticated",
+            ProxyError::CertificateRefused { .. } => "forbidden",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::NoHealthyBackend { .. } => "no_healthy_backend",
             ProxyError::CircuitOpen { .. } => "circuit_open",
@@ -107,10 +112,8 @@ impl ProxyError {
         std::borrow::Cow::Borrowed(match self {
             ProxyError::NoRoute => "no route matches this request\n",
             ProxyError::Forbidden { .. } => "this client may not make this request\n",
-            ProxyError::Unauthenticated(refusal) if refusal.is_unauthenticated() => {
-                "this request needs valid credentials\n"
-            }
-            ProxyError::Unauthenticated(_) => "this client's certificate may not make this request\n",
+            ProxyError::Unauthenticated { .. } => "this request needs valid credentials\n",
+            ProxyError::CertificateRefused { .. } => "this client's certificate may not make this request\n",
             ProxyError::RateLimited { .. } => "too many requests: try again after Retry-After seconds\n",
             ProxyError::NoHealthyBackend { .. } => "no backend can take this request now\n",
             ProxyError::UpstreamConnect { .. } => "could not connect to a backend\n",
@@ -156,11 +159,8 @@ impl ProxyError {
             // bytes meant for a tunnel): never parse it as another request.
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if let Some(challenge) = match &self {
-            ProxyError::Unauthenticated(refusal) => refusal.challenge(),
-            _ => None,
-        } {
-            headers.insert(http::header::WWW_AUTHENTICATE, challenge);
+        if let ProxyError::Unauthenticated { challenge, .. } = &self {
+            headers.insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         }
         if let ProxyError::RateLimited { requests, per, retry_after } = &self {
             // Whole seconds, rounded up: a client that waits this long finds a token.

@@ -20,7 +20,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "what the proxy learns about backends",
-        &["breaker", "health", "retry", "ratelimit", "queue", "cluster", "backend"],
+        &["breaker", "health", "retry", "ratelimit", "auth", "queue", "cluster", "backend"],
     ),
     ("choosing a backend", &["balance", "upstream", "route"]),
     ("the compiled snapshot", &["state"]),

@@ -17,7 +17,10 @@
 #                                          feature each: access log, retries, breaker,
 #                                          least_loaded, consistent_hash, queue, allow
 #                                          (an address list), rate_limit (keyed by client,
-#                                          never reached), tracing
+#                                          never reached), jwt (an RS256 token checked
+#                                          against a JWKS file, the same token every request,
+#                                          as a client sends it; every target's load then
+#                                          carries that Authorization header), tracing
 #                                          at a ratio of 0.01 and of 1 (the backends' nginx
 #                                          takes the spans); c64)
 #        TLS=1 benches/load/compare.sh      (TLS on the proxies' listeners: keep-alive c64,
@@ -50,7 +53,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 FEATURES=${FEATURES:-0}
 if [ "$FEATURES" = 1 ]; then
-  TARGETS=${TARGETS:-"switchyard switchyard+access switchyard+retry switchyard+breaker switchyard+least_loaded switchyard+consistent_hash switchyard+queue switchyard+allow switchyard+rate_limit switchyard+tracing switchyard+tracing_all"}
+  TARGETS=${TARGETS:-"switchyard switchyard+access switchyard+retry switchyard+breaker switchyard+least_loaded switchyard+consistent_hash switchyard+queue switchyard+allow switchyard+rate_limit switchyard+jwt switchyard+tracing switchyard+tracing_all"}
   SCENARIOS=${SCENARIOS:-c64}
 fi
 TLS=${TLS:-0}
@@ -134,6 +137,29 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$work/tls.key" -out "$work/tls.pem" 2>/dev/null
 cat "$work/tls.pem" "$work/tls.key" >"$work/tls-combined.pem"
 
+# A JWT route's key and token: RS256 (what most identity providers sign
+# with), its public key as a JWKS file, one token every request carries.
+LOAD_HEADERS=()
+if [[ " $TARGETS " == *" switchyard+jwt "* ]]; then
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/jwt.key" 2>/dev/null
+  python3 - "$work" <<'PY'
+import base64, json, subprocess, sys, time
+work = sys.argv[1]
+b64 = lambda data: base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+modulus = subprocess.run(["openssl", "rsa", "-in", f"{work}/jwt.key", "-noout", "-modulus"],
+                         capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1]
+key = {"kty": "RSA", "kid": "bench", "alg": "RS256", "use": "sig", "n": b64(bytes.fromhex(modulus)), "e": "AQAB"}
+json.dump({"keys": [key]}, open(f"{work}/jwks.json", "w"))
+header = b64(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "bench"}).encode())
+claims = {"iss": "https://idp.bench", "aud": "bench", "sub": "load", "exp": int(time.time()) + 86400}
+signed = f"{header}.{b64(json.dumps(claims).encode())}"
+signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", f"{work}/jwt.key"],
+                           input=signed.encode(), capture_output=True, check=True).stdout
+open(f"{work}/jwt.token", "w").write(f"{signed}.{b64(signature)}")
+PY
+  LOAD_HEADERS=(-H "Authorization: Bearer $(cat "$work/jwt.token")")
+fi
+
 # Switchyard targets: `switchyard` is the plain config; `switchyard+FEATURE`
 # adds one feature to it, to measure what each costs (FEATURES=1 runs them all).
 switchyard_config() { # target
@@ -150,6 +176,7 @@ switchyard_config() { # target
     +queue) upstream="queue: { max_waiting: 1000, timeout: 30s }" ;;
     +allow) route=", allow: [\"127.0.0.0/8\"], deny: [\"10.0.0.0/8\"]" ;;
     +rate_limit) route=", rate_limit: { requests: 1000000000, per: 1s }" ;;
+    +jwt) route=", auth: { jwt: { jwks_file: \"$work/jwks.json\", issuers: [\"https://idp.bench\"], audiences: [bench], forward_claims: { sub: x-user } } }" ;;
     +tracing) tracing="tracing: { otlp_endpoint: \"http://127.0.0.1:$b1\", sample_ratio: 0.01 }" ;;
     +tracing_all) tracing="tracing: { otlp_endpoint: \"http://127.0.0.1:$b1\", sample_ratio: 1.0 }" ;;
     *) echo "unknown Switchyard feature: $feature" >&2; exit 2 ;;
@@ -275,9 +302,9 @@ if [ "$INSTRUCTIONS" = 1 ]; then
       h2c) load=(h2load -c16 -m16) ;;
       *) echo "INSTRUCTIONS=1 runs the c16 and h2c scenarios" >&2; exit 2 ;;
     esac
-    "${load[@]}" -n 2000 "http://127.0.0.1:${H1_PORT[$1]}/" >/dev/null
+    "${load[@]}" "${LOAD_HEADERS[@]}" -n 2000 "http://127.0.0.1:${H1_PORT[$1]}/" >/dev/null
     callgrind_control -z "$pid" >/dev/null 2>&1
-    "${load[@]}" -n "$REQUESTS" "http://127.0.0.1:${H1_PORT[$1]}/" >"$work/out"
+    "${load[@]}" "${LOAD_HEADERS[@]}" -n "$REQUESTS" "http://127.0.0.1:${H1_PORT[$1]}/" >"$work/out"
     callgrind_control -d "$pid" >/dev/null 2>&1
     local dump total
     dump=$(ls -t "$work/$1.callgrind".* | head -1)
@@ -331,9 +358,9 @@ fi
 
 # Warm-up: every target, every scenario, briefly.
 for target in $TARGETS; do
-  wrk -t2 -c64 -d2s "http://127.0.0.1:${H1_PORT[$target]}/" >/dev/null
+  wrk -t2 -c64 -d2s "${LOAD_HEADERS[@]}" "http://127.0.0.1:${H1_PORT[$target]}/" >/dev/null
   [ "$TLS" = 1 ] && wrk -t2 -c64 -d1s "https://127.0.0.1:${TLS_PORT[$target]}/" >/dev/null
-  h2load -c16 -m16 -D 2 "http://127.0.0.1:${H2_PORT[$target]}/" >/dev/null
+  h2load -c16 -m16 -D 2 "${LOAD_HEADERS[@]}" "http://127.0.0.1:${H2_PORT[$target]}/" >/dev/null
 done
 
 results="$work/results.tsv"
@@ -357,8 +384,8 @@ run() { # target scenario round
   case $scenario in
     c64 | c256 | 4k | 64k | tls-c64 | tls-new)
       case $scenario in
-        c64 | c256) wrk -t2 "-${scenario}" -d"${DURATION}s" --latency "http://127.0.0.1:${H1_PORT[$target]}/" >"$out" ;;
-        4k | 64k) wrk -t2 -c64 -d"${DURATION}s" --latency "http://127.0.0.1:${H1_PORT[$target]}/$scenario" >"$out" ;;
+        c64 | c256) wrk -t2 "-${scenario}" -d"${DURATION}s" --latency "${LOAD_HEADERS[@]}" "http://127.0.0.1:${H1_PORT[$target]}/" >"$out" ;;
+        4k | 64k) wrk -t2 -c64 -d"${DURATION}s" --latency "${LOAD_HEADERS[@]}" "http://127.0.0.1:${H1_PORT[$target]}/$scenario" >"$out" ;;
         tls-c64) wrk -t2 -c64 -d"${DURATION}s" --latency "https://127.0.0.1:${TLS_PORT[$target]}/" >"$out" ;;
         # A new connection, and a full handshake, for every request.
         tls-new) wrk -t2 -c16 -d"${DURATION}s" --latency -H "Connection: close" "https://127.0.0.1:${TLS_PORT[$target]}/" >"$out" ;;
@@ -372,7 +399,7 @@ run() { # target scenario round
       ;;
     h2c | tls-h2)
       case $scenario in
-        h2c) h2load -c16 -m16 -D "$DURATION" "http://127.0.0.1:${H2_PORT[$target]}/" >"$out" ;;
+        h2c) h2load -c16 -m16 -D "$DURATION" "${LOAD_HEADERS[@]}" "http://127.0.0.1:${H2_PORT[$target]}/" >"$out" ;;
         # HTTP/2 over TLS (ALPN h2), kept-alive connections as h2c's.
         tls-h2) h2load -c16 -m16 -D "$DURATION" "https://127.0.0.1:${TLS_PORT[$target]}/" >"$out" ;;
       esac

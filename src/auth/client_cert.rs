@@ -31,8 +31,7 @@ impl ClientIdentity {
                 sans.extend(text.map(String::into_boxed_str));
             }
         }
-        let common_name =
-            certificate.subject().iter_common_name().find_map(|cn| cn.as_str().ok()).map(|cn| cn.into());
+        let common_name = certificate.subject().iter_common_name().find_map(|cn| cn.as_str().ok()).map(|cn| cn.into());
         Some(ClientIdentity { sans, common_name })
     }
 

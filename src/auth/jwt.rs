@@ -14,8 +14,8 @@
 //! verified with) until it expires. Tokens that fail are not remembered.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -248,7 +248,8 @@ pub struct Jwks {
     /// Moves on with each new set: tokens verified with an older one are checked again.
     generation: AtomicU64,
     wake: Arc<tokio::sync::Notify>,
-    last_early_fetch: Mutex<Option<Instant>>,
+    /// When a token last asked for an early fetch (`clock` nanoseconds; 0: never).
+    last_early_fetch: AtomicU64,
 }
 
 impl std::fmt::Debug for Jwks {
@@ -276,7 +277,7 @@ impl Jwks {
             current: ArcSwapOption::new(current),
             generation: AtomicU64::new(0),
             wake: Arc::new(tokio::sync::Notify::new()),
-            last_early_fetch: Mutex::new(None),
+            last_early_fetch: AtomicU64::new(0),
         });
         if let JwksSource::Url { url, refresh } = source {
             if tokio::runtime::Handle::try_current().is_ok() {
@@ -303,11 +304,15 @@ impl Jwks {
         if !matches!(self.source, JwksSource::Url { .. }) {
             return;
         }
-        let mut last = self.last_early_fetch.lock().expect("never poisoned");
-        if last.is_some_and(|at| at.elapsed() < EARLY_FETCH_INTERVAL) {
+        let now = crate::clock::nanos_since_epoch();
+        let last = self.last_early_fetch.load(Ordering::Relaxed);
+        let interval = EARLY_FETCH_INTERVAL.as_nanos() as u64;
+        // One caller wins the exchange; the others see the fetch as just asked for.
+        if (last != 0 && now.saturating_sub(last) < interval)
+            || self.last_early_fetch.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
             return;
         }
-        *last = Some(Instant::now());
         self.wake.notify_one();
     }
 
@@ -326,7 +331,8 @@ impl Jwks {
                 true
             }
             Err(error) => {
-                let kept = if self.current.load().is_some() { "keeping the last good key set" } else { "no key set yet" };
+                let kept =
+                    if self.current.load().is_some() { "keeping the last good key set" } else { "no key set yet" };
                 tracing::warn!(url, %error, "JWKS fetch failed; {kept}");
                 false
             }
@@ -418,8 +424,7 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     use http_body_util::BodyExt;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP: {e}"))?;
     let connection = tokio::spawn(connection);
     let result = async {
         let response = sender.send_request(request).await.map_err(|e| format!("HTTP: {e}"))?;

@@ -56,24 +56,40 @@ impl Refusal {
 
     /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 for tokens:
     /// `error="invalid_token"` once one was presented).
-    pub fn challenge(self) -> Option<HeaderValue> {
-        Some(HeaderValue::from_static(match self {
+    pub fn challenge(self) -> Option<&'static str> {
+        Some(match self {
             Refusal::Token(TokenRefusal::Missing) => "Bearer realm=\"switchyard\"",
             Refusal::Token(_) => "Bearer realm=\"switchyard\", error=\"invalid_token\"",
             Refusal::NoApiKey | Refusal::UnknownApiKey => "ApiKey realm=\"switchyard\"",
             Refusal::NoCertificate | Refusal::CertificateNotListed => return None,
-        }))
+        })
+    }
+
+    /// In words, for the log and `/explain`.
+    pub fn why(self) -> &'static str {
+        match self {
+            Refusal::NoCertificate => "no client certificate",
+            Refusal::CertificateNotListed => "the client certificate has none of the route's sans",
+            Refusal::Token(why) => why.as_str(),
+            Refusal::NoApiKey => "no API key",
+            Refusal::UnknownApiKey => "unknown API key",
+        }
+    }
+
+    /// The answer: 401 with a challenge, or 403 for a certificate.
+    pub fn into_error(self) -> crate::error::ProxyError {
+        match self.challenge() {
+            Some(challenge) => crate::error::ProxyError::Unauthenticated { why: self.why(), challenge },
+            None => crate::error::ProxyError::CertificateRefused { why: self.why() },
+        }
     }
 }
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Refusal::NoCertificate => f.write_str("no client certificate"),
-            Refusal::CertificateNotListed => f.write_str("the client certificate has none of the route's sans"),
             Refusal::Token(why) => write!(f, "JWT refused: {}", why.as_str()),
-            Refusal::NoApiKey => f.write_str("no API key"),
-            Refusal::UnknownApiKey => f.write_str("unknown API key"),
+            other => f.write_str(other.why()),
         }
     }
 }
@@ -113,10 +129,14 @@ impl RouteAuth {
     /// The methods the route lists, as the config names them.
     pub fn methods(&self) -> Vec<&'static str> {
         let config = &self.config;
-        [("client_cert", config.client_cert.is_some()), ("jwt", config.jwt.is_some()), ("api_key", config.api_key.is_some())]
-            .into_iter()
-            .filter_map(|(name, listed)| listed.then_some(name))
-            .collect()
+        [
+            ("client_cert", config.client_cert.is_some()),
+            ("jwt", config.jwt.is_some()),
+            ("api_key", config.api_key.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, listed)| listed.then_some(name))
+        .collect()
     }
 
     /// `certificate`: `None` to leave the certificate unchecked.

@@ -223,9 +223,14 @@ fn verifying_key(value: serde_json::Value) -> Result<VerifyingKey, String> {
         return Err("an encryption key (`use: enc`)".to_owned());
     }
     let family: &[Algorithm] = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => {
-            &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512, Algorithm::PS256, Algorithm::PS384, Algorithm::PS512]
-        }
+        AlgorithmParameters::RSA(_) => &[
+            Algorithm::RS256,
+            Algorithm::RS384,
+            Algorithm::RS512,
+            Algorithm::PS256,
+            Algorithm::PS384,
+            Algorithm::PS512,
+        ],
         AlgorithmParameters::EllipticCurve(params) => match params.curve {
             EllipticCurve::P256 => &[Algorithm::ES256],
             EllipticCurve::P384 => &[Algorithm::ES384],
@@ -306,7 +311,8 @@ impl ApiKeys {
             if name.is_empty() || http::HeaderValue::from_str(name).is_err() {
                 return Err(bad("the name must be non-empty printable text"));
             }
-            let digest = hex_digest(hash).ok_or_else(|| bad("the hash must be 64 hex digits (sha256sum of the key)"))?;
+            let digest =
+                hex_digest(hash).ok_or_else(|| bad("the hash must be 64 hex digits (sha256sum of the key)"))?;
             if by_hash.insert(digest, Arc::from(name)).is_some() {
                 return Err(bad("this key's hash is listed twice"));
             }
@@ -359,10 +365,7 @@ fn optional_header<S: serde::Serializer>(name: &Option<http::HeaderName>, serial
     }
 }
 
-fn claim_headers<S: serde::Serializer>(
-    pairs: &[(String, http::HeaderName)],
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
+fn claim_headers<S: serde::Serializer>(pairs: &[(String, http::HeaderName)], serializer: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut map = serializer.serialize_map(Some(pairs.len()))?;
     for (claim, header) in pairs {

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use raw::{CheckKind, ConcurrencyScope, LogFormat, LogLevel, OnUnavailable, RetryOn, UpstreamProtocol};
 pub use auth::AuthConfig;
+pub use raw::{CheckKind, ConcurrencyScope, LogFormat, LogLevel, OnUnavailable, RetryOn, UpstreamProtocol};
 pub use values::{HostPattern, KeySpec};
 
 /// A config file larger than this is refused before parsing: real configs are far
@@ -162,6 +162,28 @@ pub struct TracingConfig {
     pub sample_ratio: f64,
     /// `service.name` of the proxy's spans.
     pub service_name: String,
+}
+
+impl Config {
+    /// The files the config names beside itself, read with it (certificates
+    /// and keys, client CA bundles, JWKS files, API key files): a change to
+    /// one is a change to the config.
+    pub fn referenced_files(&self) -> Vec<std::path::PathBuf> {
+        let mut files = Vec::new();
+        for tls in self.listeners.iter().filter_map(|listener| listener.tls.as_ref()) {
+            for certificate in &tls.certificates {
+                files.extend([certificate.cert_path.clone(), certificate.key_path.clone()]);
+            }
+            files.extend(tls.client_auth.as_ref().map(|auth| auth.ca.clone()));
+        }
+        for auth in self.routes.iter().map(|route| &route.auth) {
+            if let Some(auth::JwksSource::File { path, .. }) = auth.jwt.as_ref().map(|jwt| &jwt.keys) {
+                files.push(path.clone());
+            }
+            files.extend(auth.api_key.as_ref().map(|api_key| api_key.file.clone()));
+        }
+        files
+    }
 }
 
 impl TracingConfig {

@@ -10,19 +10,20 @@ use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
+use super::auth::{ApiKeyConfig, ApiKeys, ClientAuth, ClientCertRule, JwksSource, JwtConfig, KeySet};
 use super::raw::{
-    CheckKind, ConcurrencyScope, OnUnavailable, PolicyKind, RawBackend, RawBreaker, RawCluster, RawConfig,
-    RawAuth, RawDiscovery, RawHealth, RawListenerTls, RawQueue, RawRateLimit, RawResolver, RawRetry, RawRoute, RawTracing,
+    CheckKind, ConcurrencyScope, OnUnavailable, PolicyKind, RawAuth, RawBackend, RawBreaker, RawCluster, RawConfig,
+    RawDiscovery, RawHealth, RawListenerTls, RawQueue, RawRateLimit, RawResolver, RawRetry, RawRoute, RawTracing,
     RawUpstream, RawUpstreamTls, UpstreamProtocol,
 };
-use super::auth::{ApiKeyConfig, ApiKeys, ClientAuth, ClientCertRule, JwksSource, JwtConfig, KeySet};
 use super::tls::{Alpn, Certificate, CertificateError, ListenerTls, UpstreamTls, UpstreamTlsError, UpstreamTlsFiles};
 use super::values::DurationValue;
 use super::{
-    ActiveCheck, AddressRules, AdminConfig, AuthConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig, Config,
-    ConfigError, ConfigErrors, DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig, LogConfig,
-    LogFormat, LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, RateLimitConfig, RateLimitKey, ResolverConfig,
-    RetryBackoff, RetryBudget, RetryConfig, RouteConfig, RouteMatch, Secret, TracingConfig, UpstreamConfig,
+    ActiveCheck, AddressRules, AdminConfig, AuthConfig, BackendConfig, BackendDefaults, BreakerConfig, ClusterConfig,
+    Config, ConfigError, ConfigErrors, DiscoveryConfig, DiscoverySource, HealthConfig, Limits, ListenerConfig,
+    LogConfig, LogFormat, LogLevel, PassiveConfig, PathsConfig, PolicyConfig, Probe, QueueConfig, RateLimitConfig,
+    RateLimitKey, ResolverConfig, RetryBackoff, RetryBudget, RetryConfig, RouteConfig, RouteMatch, Secret,
+    TracingConfig, UpstreamConfig,
 };
 
 /// Shorter admin tokens are too easy to guess.
@@ -450,9 +451,8 @@ fn validate_auth(raw: &Spanned<RawAuth>, file: &str, config: &RawConfig, errors:
         errors.at(raw.referenced, "auth needs at least one of client_cert, jwt, api_key");
     }
     let client_cert = auth.client_cert.as_ref().map(|rule| {
-        let verifying = config.listeners.iter().any(|l| {
-            l.value.tls.as_ref().is_some_and(|tls| tls.value.client_auth.is_some())
-        });
+        let verifying =
+            config.listeners.iter().any(|l| l.value.tls.as_ref().is_some_and(|tls| tls.value.client_auth.is_some()));
         if !verifying {
             errors.at(
                 rule.referenced,
@@ -477,9 +477,10 @@ fn validate_auth(raw: &Spanned<RawAuth>, file: &str, config: &RawConfig, errors:
                     errors.at(at, "refresh is for jwks_url: a jwks_file is read again on reload");
                 }
                 let full = base.join(&path.value);
-                match std::fs::read(&full).map_err(|e| format!("cannot read {}: {e}", full.display())).and_then(|d| {
-                    KeySet::parse(&d).map_err(|why| format!("jwks_file {} {why}", full.display()))
-                }) {
+                match std::fs::read(&full)
+                    .map_err(|e| format!("cannot read {}: {e}", full.display()))
+                    .and_then(|d| KeySet::parse(&d).map_err(|why| format!("jwks_file {} {why}", full.display())))
+                {
                     Ok(keys) => JwksSource::File { path: full, keys: Arc::new(keys) },
                     Err(message) => {
                         errors.at(path.referenced, message);
@@ -491,7 +492,8 @@ fn validate_auth(raw: &Spanned<RawAuth>, file: &str, config: &RawConfig, errors:
                 match url.value.parse::<http::Uri>() {
                     Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
                     _ => {
-                        errors.at(url.referenced, format!("jwks_url `{}` is not an http:// or https:// URL", url.value));
+                        errors
+                            .at(url.referenced, format!("jwks_url `{}` is not an http:// or https:// URL", url.value));
                         return None;
                     }
                 }

@@ -42,8 +42,8 @@ use super::admission;
 use super::connection::Activity;
 use crate::body::{ClientRequestBody, ProxyBody};
 use crate::client::UpstreamClients;
-use crate::conn::ConnInfo;
 use crate::config::RateLimitKey;
+use crate::conn::ConnInfo;
 use crate::error::ProxyError;
 use crate::notes::{NotedRequest, RequestNotes, RoutedRequest};
 use crate::observe::{Observe, ObservedBody};
@@ -341,9 +341,8 @@ where
         if let Some(auth) = &route.auth {
             noted.notes.matched(index);
             // Worked out before the check rewrites the request's headers.
-            let claimless_client = rate_limit
-                .filter(|limit| limit.by_claim())
-                .map(|_| client().unwrap_or(noted.notes.conn().client.ip()));
+            let claimless_client =
+                rate_limit.filter(|limit| limit.by_claim()).map(|_| client().unwrap_or(noted.notes.conn().client.ip()));
             match auth.check(&mut noted.request, noted.notes.conn().client_cert.as_ref()) {
                 Ok(passed) => {
                     if let Some(limit) = rate_limit.filter(|limit| limit.by_claim()) {
@@ -362,7 +361,7 @@ where
                 }
                 Err(refusal) => {
                     crate::metrics::access_denied(&route.name, refusal.metric_reason());
-                    return refuse(ProxyError::Unauthenticated(refusal));
+                    return refuse(refusal.into_error());
                 }
             }
         }

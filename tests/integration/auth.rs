@@ -47,8 +47,15 @@ impl SigningKey {
             .output()
             .expect("openssl runs (scripts/install-test-deps installs it)");
         assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-        let made =
-            std::process::Command::new("openssl").arg("pkey").arg("-in").arg(&private).arg("-pubout").arg("-out").arg(&public).output().unwrap();
+        let made = std::process::Command::new("openssl")
+            .arg("pkey")
+            .arg("-in")
+            .arg(&private)
+            .arg("-pubout")
+            .arg("-out")
+            .arg(&public)
+            .output()
+            .unwrap();
         assert!(made.status.success());
         let encoding = EncodingKey::from_rsa_pem(&std::fs::read(&private).unwrap()).unwrap();
         SigningKey::with_jwk(kid, Algorithm::RS256, encoding, std::fs::read(&public).unwrap())
@@ -62,8 +69,8 @@ impl SigningKey {
     }
 
     fn with_jwk(kid: &str, algorithm: Algorithm, encoding: EncodingKey, public_pem: Vec<u8>) -> SigningKey {
-        let mut jwk = serde_json::to_value(jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, algorithm).unwrap())
-            .unwrap();
+        let mut jwk =
+            serde_json::to_value(jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, algorithm).unwrap()).unwrap();
         jwk["kid"] = json!(kid);
         jwk["use"] = json!("sig");
         SigningKey { kid: kid.to_owned(), algorithm, encoding, jwk, public_pem }
@@ -160,7 +167,8 @@ async fn a_jwt_route_takes_only_good_tokens_and_forwards_their_claims_not_the_cl
     let mut hs_header = Header::new(Algorithm::HS256);
     hs_header.kid = Some("rsa-1".to_owned());
     let confused =
-        jsonwebtoken::encode(&hs_header, &claims(json!({})), &EncodingKey::from_secret(&rsa.public_pem).unwrap()).unwrap();
+        jsonwebtoken::encode(&hs_header, &claims(json!({})), &EncodingKey::from_secret(&rsa.public_pem).unwrap())
+            .unwrap();
     let no_tenant = {
         let mut claims = claims(json!({}));
         claims.as_object_mut().unwrap().remove("tenant");
@@ -498,14 +506,19 @@ async fn client_certificates_are_verified_by_the_listener_and_matched_by_the_rou
     assert_eq!(tls_get(&anonymous, addr, "/ops/1", &[]).await, Ok(403));
     let forged = [("x-client-cert", "bot-9.ops.corp")];
     assert_eq!(tls_get(&ops, addr, "/ops/1", &forged).await, Ok(200));
-    assert_eq!(seen(&backend, "x-client-cert").as_deref(), Some("bot-1.ops.corp"), "the certificate's name, not the header");
+    assert_eq!(
+        seen(&backend, "x-client-cert").as_deref(),
+        Some("bot-1.ops.corp"),
+        "the certificate's name, not the header"
+    );
     assert_eq!(tls_get(&robot, addr, "/ops/2", &[]).await, Ok(200));
     assert_eq!(seen(&backend, "x-client-cert").as_deref(), Some("spiffe://corp/robot"));
     assert_eq!(tls_get(&intruder, addr, "/ops/3", &[]).await, Ok(403), "a name the route does not list");
     assert!(tls_get(&stranger, addr, "/open", &[]).await.is_err(), "a certificate of another CA fails the handshake");
     assert_eq!(backend.hits(), 3);
     let metrics = scrape(&format!("http://{}/metrics", proxy.admin)).await;
-    let refused = metric_value(&metrics, "switchyard_access_denied_total", &[("route", "ops"), ("reason", "client_certificate")]);
+    let refused =
+        metric_value(&metrics, "switchyard_access_denied_total", &[("route", "ops"), ("reason", "client_certificate")]);
     assert_eq!(refused, Some(2.0));
 
     // A reload makes the certificate required: clients without one are
