@@ -234,12 +234,11 @@ fn compile_route(r: &crate::config::RouteConfig, upstream: &Arc<Upstream>, carri
         access: r.access.clone(),
         rate_limit: r.rate_limit.as_ref().map(|config| carried.rate_limit(&r.name, config)),
         auth: (!r.auth.is_empty()).then(|| {
-            let keys = r.auth.jwt.as_ref().map(|jwt| carried.jwks(&jwt.keys));
             let rate_claim = r.rate_limit.as_ref().and_then(|limit| match &limit.key {
                 crate::config::RateLimitKey::Claim(claim) => Some(claim.as_str()),
                 crate::config::RateLimitKey::Request(_) => None,
             });
-            crate::auth::RouteAuth::new(&r.auth, keys, rate_claim)
+            crate::auth::RouteAuth::new(&r.auth, |source| carried.jwks(source), rate_claim)
         }),
         name,
     }

@@ -51,6 +51,10 @@ impl ClientIdentity {
 }
 
 fn admits(pattern: &str, san: &str) -> bool {
+    // A URI (a SPIFFE id) or an e-mail address: exactly, case and all.
+    if san.contains([':', '@', '/']) {
+        return pattern == san;
+    }
     match pattern.strip_prefix("*.") {
         Some(parent) => san
             .split_once('.')

@@ -224,7 +224,11 @@ impl Verifier {
         };
         Ok(Verified {
             generation,
-            expires: claims.get("exp").and_then(serde_json::Value::as_u64).unwrap_or(0),
+            // A number, as the check read it (jsonwebtoken takes a float too).
+            expires: claims
+                .get("exp")
+                .and_then(|exp| exp.as_u64().or_else(|| exp.as_f64().map(|f| f as u64)))
+                .unwrap_or(0),
             subject: text("sub").map(Arc::from),
             forwarded: self
                 .config
@@ -270,7 +274,8 @@ impl Jwks {
         }
         let current = match source {
             JwksSource::File { keys, .. } => Some(Arc::clone(keys)),
-            JwksSource::Url { .. } => None,
+            // The same URL with another `refresh`: its keys until the next fetch.
+            JwksSource::Url { .. } => previous.and_then(|previous| previous.current.load_full()),
         };
         let jwks = Arc::new(Jwks {
             source: source.clone(),

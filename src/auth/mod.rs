@@ -103,10 +103,14 @@ pub struct Passed {
 }
 
 impl RouteAuth {
-    /// `keys`: the key set its JWT checks use (see [`Jwks::for_source`]);
+    /// `keys`: the key set of a JWT's source (see [`Jwks::for_source`]);
     /// `rate_claim`: the claim the route's rate limit is keyed by.
-    pub fn new(config: &AuthConfig, keys: Option<Arc<Jwks>>, rate_claim: Option<&str>) -> RouteAuth {
-        let jwt = config.jwt.as_ref().zip(keys).map(|(jwt, keys)| Verifier::new(jwt, keys, rate_claim));
+    pub fn new(
+        config: &AuthConfig,
+        keys: impl FnOnce(&crate::config::auth::JwksSource) -> Arc<Jwks>,
+        rate_claim: Option<&str>,
+    ) -> RouteAuth {
+        let jwt = config.jwt.as_ref().map(|jwt| Verifier::new(jwt, keys(&jwt.keys), rate_claim));
         RouteAuth { config: config.clone(), jwt }
     }
 
@@ -172,6 +176,10 @@ impl RouteAuth {
 
         // Passed: the request is rewritten for the backend.
         let headers = request.headers_mut();
+        let forwarded = self.forwarded_headers();
+        if !forwarded.is_empty() {
+            shield(headers, &forwarded);
+        }
         if let (Some(rule), Some(name)) = (&self.config.client_cert, certificate_name) {
             if let Some(header) = &rule.forward_header {
                 forward(headers, header, HeaderValue::from_str(name).ok());
@@ -201,6 +209,54 @@ impl RouteAuth {
             passed.principal = certificate_name.map(Arc::from);
         }
         Ok(passed)
+    }
+}
+
+impl RouteAuth {
+    /// The headers the route sets for the backend.
+    fn forwarded_headers(&self) -> Vec<&http::HeaderName> {
+        let config = &self.config;
+        let mut names: Vec<&http::HeaderName> = Vec::new();
+        names.extend(config.client_cert.as_ref().and_then(|rule| rule.forward_header.as_ref()));
+        names.extend(config.jwt.iter().flat_map(|jwt| jwt.forward_claims.iter().map(|(_, header)| header)));
+        names.extend(config.api_key.as_ref().and_then(|api_key| api_key.forward_header.as_ref()));
+        names
+    }
+}
+
+/// Keeps the client from touching the headers the route sets: a
+/// `Connection` header naming one would have hop-by-hop stripping delete
+/// it after it is set (so the token is taken out of `Connection`), and a
+/// spelling with `_` for `-` (`x_user`) reads as the same header to
+/// backends that see headers CGI-style (PHP, WSGI, Rack), so it is removed.
+fn shield(headers: &mut http::HeaderMap, forwarded: &[&http::HeaderName]) {
+    let named = |token: &str| forwarded.iter().any(|name| name.as_str().eq_ignore_ascii_case(token.trim()));
+    let listed = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|value| value.to_str().map_or(true, |text| text.split(',').any(named)));
+    if listed {
+        let kept: Vec<HeaderValue> = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|value| {
+                let tokens: Vec<&str> = value.to_str().ok()?.split(',').filter(|token| !named(token)).collect();
+                HeaderValue::from_str(&tokens.join(",")).ok()
+            })
+            .collect();
+        headers.remove(http::header::CONNECTION);
+        for value in kept {
+            headers.append(http::header::CONNECTION, value);
+        }
+    }
+    let lookalikes: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .filter(|name| forwarded.iter().any(|f| f.as_str() == name.as_str().replace('_', "-")))
+        .cloned()
+        .collect();
+    for name in lookalikes {
+        headers.remove(name);
     }
 }
 

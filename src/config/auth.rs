@@ -92,6 +92,7 @@ pub struct ClientCertRule {
 /// `auth.jwt`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JwtConfig {
+    #[serde(flatten)]
     pub keys: JwksSource,
     pub issuers: Vec<String>,
     pub audiences: Vec<String>,

@@ -461,7 +461,7 @@ fn validate_auth(raw: &Spanned<RawAuth>, file: &str, config: &RawConfig, errors:
         }
         let mut sans = Vec::new();
         for name in &rule.value.sans {
-            if name.value.is_empty() || name.value[1..].contains('*') {
+            if name.value.is_empty() || name.value.strip_prefix("*.").unwrap_or(&name.value).contains('*') {
                 errors.at(name.referenced, "a san is a name, or `*.` and a name");
             }
             sans.push(name.value.to_ascii_lowercase());
@@ -490,6 +490,13 @@ fn validate_auth(raw: &Spanned<RawAuth>, file: &str, config: &RawConfig, errors:
             }
             (None, Some(url)) => {
                 match url.value.parse::<http::Uri>() {
+                    Ok(uri) if uri.scheme_str() == Some("http") && !uri.host().is_some_and(is_loopback_host) => {
+                        errors.at(
+                            url.referenced,
+                            "jwks_url must be https:// (http:// only to a loopback address): a key set fetched in the clear can be replaced on the way",
+                        );
+                        return None;
+                    }
                     Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
                     _ => {
                         errors
@@ -539,7 +546,54 @@ fn validate_auth(raw: &Spanned<RawAuth>, file: &str, config: &RawConfig, errors:
             }
         }
     });
-    AuthConfig { client_cert, jwt, api_key }
+    let auth = AuthConfig { client_cert, jwt, api_key };
+    check_forwarded_headers(&auth, raw.referenced, errors);
+    auth
+}
+
+/// Headers a route may not set from a credential: framing, routing and
+/// forwarding headers, and the credentials' own.
+const RESERVED_HEADERS: &[&str] = &[
+    "authorization",
+    "connection",
+    "content-length",
+    "cookie",
+    "forwarded",
+    "host",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+
+/// Each forwarded header is named once, and none is reserved or a credential's.
+fn check_forwarded_headers(auth: &AuthConfig, at: Location, errors: &mut Collector<'_>) {
+    let mut names: Vec<&http::HeaderName> = Vec::new();
+    names.extend(auth.client_cert.as_ref().and_then(|rule| rule.forward_header.as_ref()));
+    names.extend(auth.jwt.iter().flat_map(|jwt| jwt.forward_claims.iter().map(|(_, header)| header)));
+    names.extend(auth.api_key.as_ref().and_then(|api_key| api_key.forward_header.as_ref()));
+    let credential = auth.api_key.as_ref().map(|api_key| &api_key.header);
+    for (index, name) in names.iter().enumerate() {
+        let text = name.as_str();
+        if RESERVED_HEADERS.contains(&text) || Some(*name) == credential || text.starts_with(':') {
+            errors
+                .at(at, format!("auth cannot forward into `{text}`: it is a framing, forwarding or credential header"));
+        } else if names[..index].contains(name) {
+            errors.at(at, format!("auth forwards two things into `{text}`"));
+        }
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A name `values::HeaderName` already checked.

@@ -144,14 +144,22 @@ async fn a_jwt_route_takes_only_good_tokens_and_forwards_their_claims_not_the_cl
     let url = proxy.url("/jobs/1");
 
     // Good tokens of either key pass; the backend sees the claims in the
-    // route's headers (the client's own x-user is not what it sees) and no token.
+    // route's headers (not the client's own x-user, nor an x_user that
+    // CGI-style backends would read as one, nor without them because the
+    // client listed them in Connection) and no token.
     let good = rsa.sign(&claims(json!({})));
-    let forged = [("authorization", bearer(&good)), ("x-user", "mallory".to_owned())];
+    let forged = [
+        ("authorization", bearer(&good)),
+        ("x-user", "mallory".to_owned()),
+        ("x_user", "mallory".to_owned()),
+        ("connection", "keep-alive, x-user, x-tenant".to_owned()),
+    ];
     let answer = get_with(&client, &url, &forged.iter().map(|(n, v)| (*n, v.as_str())).collect::<Vec<_>>()).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(seen(&backend, "x-user").as_deref(), Some("alice"));
     assert_eq!(seen(&backend, "x-tenant").as_deref(), Some("acme"));
     assert_eq!(seen(&backend, "authorization"), None, "the token is stripped");
+    assert_eq!(seen(&backend, "x_user"), None);
     let by_ec = ec.sign(&claims(json!({ "sub": "bob" })));
     assert_eq!(get_with(&client, &url, &[("authorization", &bearer(&by_ec))]).await.status, 200);
     assert_eq!(seen(&backend, "x-user").as_deref(), Some("bob"));

@@ -63,6 +63,7 @@ fn schema() -> Vec<(&'static str, &'static [&'static str], &'static str)> {
         RawListener => "## `listeners`",
         RawListenerTls => "### `tls` (per listener)",
         RawCertificate => "### `tls` (per listener)",
+        RawClientAuth => "### `tls` (per listener)",
         RawAdmin => "## `admin`",
         RawResolver => "## `resolver`",
         RawCluster => "## `cluster`",
@@ -73,6 +74,10 @@ fn schema() -> Vec<(&'static str, &'static [&'static str], &'static str)> {
         RawRoute => "## `routes`",
         RawMatch => "## `routes`",
         RawRateLimit => "## `routes`",
+        RawAuth => "### `auth`",
+        RawClientCert => "### `auth`",
+        RawJwt => "### `auth`",
+        RawApiKey => "### `auth`",
         RawRetry => "### `retry`",
         RawBackoff => "### `retry`",
         RawBudget => "### `retry`",
@@ -175,6 +180,9 @@ fn full_config(dir: &std::path::Path) -> String {
     }
     std::fs::write(dir.join("token"), "an-admin-token-of-enough-length\n").unwrap();
     std::fs::write(dir.join("redis-password"), "secret\n").unwrap();
+    let jwk = r#"{"kty":"RSA","kid":"k1","alg":"RS256","n":"sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw","e":"AQAB"}"#;
+    std::fs::write(dir.join("jwks.json"), format!("{{\"keys\":[{jwk}]}}")).unwrap();
+    std::fs::write(dir.join("api-keys"), format!("robot:{}\n", "ab".repeat(32))).unwrap();
     r#"
 listeners:
   - name: web
@@ -185,6 +193,7 @@ listeners:
     tls:
       certificates: [{ cert: cert.pem, key: key.pem }]
       alpn: [h2, http/1.1]
+      client_auth: { ca: cert.pem, mode: optional }
     allow: ["10.0.0.0/8"]
     deny: ["10.9.0.0/16"]
 admin: { bind: "127.0.0.1:0", token_file: token, metrics_without_token: true }
@@ -233,8 +242,21 @@ routes:
       backoff: { base: 25ms, max: 1s }
       budget: { ratio: 0.2, min_per_second: 10 }
       non_idempotent: false
-  - { name: by-dns, upstream: by-dns }
-  - { name: by-srv, upstream: by-srv }
+  - name: by-dns
+    upstream: by-dns
+    auth:
+      client_cert: { sans: ["*.bots.internal"], forward_header: x-client-cert }
+      jwt:
+        jwks_file: jwks.json
+        issuers: ["https://idp.internal"]
+        audiences: [bots]
+        required_claims: [tenant]
+        forward_claims: { sub: x-user }
+        keep_token: false
+      api_key: { file: api-keys, header: x-api-key, forward_header: x-api-client, keep_key: false }
+  - name: by-srv
+    upstream: by-srv
+    auth: { jwt: { jwks_url: "https://idp.internal/jwks.json", refresh: 5m } }
 upstreams:
   listed:
     balance: { policy: consistent_hash, key: "header:x-job-id", bounded_load: 1.25 }
