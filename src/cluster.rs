@@ -155,6 +155,26 @@ end
 return counts
 ";
 
+/// One token from a bucket of a route's `rate_limit` with `scope: cluster`,
+/// as GCRA: the bucket holds its theoretical arrival time, on Redis's
+/// clock, in microseconds, and lapses when it would be full again.
+/// KEYS: the bucket. ARGV: the emission interval and the burst tolerance
+/// (interval x (burst - 1)), in microseconds.
+/// Returns 0 when a token was taken, else the microseconds until one is there.
+const TAKE_TOKEN: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local wait = tat - tolerance - now
+if wait > 0 then return wait end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+return 0
+";
+
 /// The Redis link of one process, shared by its cluster-scoped upstreams.
 pub struct Cluster {
     config: ClusterConfig,
@@ -167,6 +187,7 @@ pub struct Cluster {
     acquire: redis::Script,
     renew: redis::Script,
     count: redis::Script,
+    take_token: redis::Script,
     available: AtomicBool,
     held: Mutex<HashMap<u64, HeldSlot>>,
     next_slot: AtomicU64,
@@ -276,6 +297,7 @@ impl Cluster {
             acquire: redis::Script::new(ACQUIRE),
             renew: redis::Script::new(RENEW),
             count: redis::Script::new(COUNT),
+            take_token: redis::Script::new(TAKE_TOKEN),
             // Until the first renewal says otherwise: a first pick finds out.
             available: AtomicBool::new(true),
             held: Mutex::default(),
@@ -376,6 +398,33 @@ impl Cluster {
             return Ok(None);
         };
         Ok(Some((index, self.hold(slot, Arc::clone(&slots.keys[index]), Arc::clone(&slots.channel), true))))
+    }
+
+    /// A token from the shared bucket `bucket` of route `route`'s rate limit
+    /// (a token every `interval`, `burst` at once): `Ok(None)` when taken,
+    /// `Ok(Some(wait))` when the bucket is empty for `wait` more.
+    pub async fn take_token(
+        &self,
+        route: &str,
+        bucket: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Option<Duration>, Unreachable> {
+        let key = format!("{}ratelimit:{{{route}}}:{bucket}", self.config.key_prefix);
+        let interval_micros = interval.as_micros() as u64;
+        let mut invocation = self.take_token.prepare_invoke();
+        invocation
+            .key(key)
+            .arg(interval_micros)
+            .arg(interval_micros.saturating_mul(u64::from(burst.saturating_sub(1))));
+        match self.run::<u64>(&invocation).await {
+            Ok(0) => Ok(None),
+            Ok(wait) => Ok(Some(Duration::from_micros(wait))),
+            Err(error) => {
+                self.lost_contact(&error);
+                Err(Unreachable)
+            }
+        }
     }
 
     /// The slots taken on each backend of `slots` across the cluster, for

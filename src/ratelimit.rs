@@ -6,6 +6,10 @@
 //! the route's limit, and a key whose bucket has filled up again is
 //! forgotten at the next housekeeping tick, so memory follows the keys
 //! active within a bucket's refill time.
+//!
+//! With `scope: cluster` the buckets are shared by the replicas in Redis
+//! (`cluster`'s GCRA script, one round trip a request); while Redis does not
+//! answer, each replica's own buckets hold the limit.
 
 use std::hash::BuildHasher;
 use std::num::NonZeroU32;
@@ -14,10 +18,16 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
-use crate::config::RateLimitConfig;
+use crate::cluster::Cluster;
+use crate::config::{ConcurrencyScope, RateLimitConfig};
 
 pub struct RateLimit {
     pub config: RateLimitConfig,
+    /// The route's name: its buckets' place in Redis.
+    route: std::sync::Arc<str>,
+    /// With `scope: cluster`: where the shared buckets are. While Redis
+    /// cannot be reached, the replica's own buckets hold the limit.
+    cluster: Option<std::sync::Arc<Cluster>>,
     buckets: DefaultKeyedRateLimiter<u64>,
     hasher: std::hash::RandomState,
     clock: DefaultClock,
@@ -30,15 +40,69 @@ impl std::fmt::Debug for RateLimit {
 }
 
 impl RateLimit {
-    pub fn new(config: &RateLimitConfig) -> RateLimit {
+    pub fn new(config: &RateLimitConfig, route: &str, cluster: Option<&std::sync::Arc<Cluster>>) -> RateLimit {
         let burst = NonZeroU32::new(config.burst).expect("validated: at least 1");
         let quota = Quota::with_period(config.per / config.requests).expect("validated: a period of 1s or more");
         RateLimit {
             config: config.clone(),
+            route: route.into(),
+            cluster: cluster.filter(|_| config.scope == ConcurrencyScope::Cluster).cloned(),
             buckets: DefaultKeyedRateLimiter::keyed(quota.allow_burst(burst)),
             hasher: std::hash::RandomState::new(),
             clock: DefaultClock::default(),
         }
+    }
+
+    /// The route it limits.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// The Redis link its buckets are shared through, while Redis answers.
+    pub fn shared(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|cluster| cluster.available())
+    }
+
+    /// Whether it shares its buckets through this link (a reload that
+    /// changes `cluster:` gives it new buckets).
+    pub fn shares_through(&self, cluster: Option<&std::sync::Arc<Cluster>>) -> bool {
+        match (&self.cluster, cluster) {
+            (None, _) => self.config.scope == ConcurrencyScope::Replica || cluster.is_none(),
+            (Some(mine), Some(theirs)) => std::sync::Arc::ptr_eq(mine, theirs),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// A shared bucket's name for a key's bytes: the same in every replica,
+    /// and not one a client can aim at another's (SHA-256, where the local
+    /// buckets use a secret of the process's own).
+    pub fn shared_key(&self, bytes: &[u8]) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+        digest.as_ref()[..16].iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    /// The shared bucket of a client address (an IPv6 client's /64).
+    pub fn shared_client_key(&self, client: std::net::IpAddr) -> String {
+        match client.to_canonical() {
+            std::net::IpAddr::V4(v4) => self.shared_key(&[&[4u8][..], &v4.octets()].concat()),
+            std::net::IpAddr::V6(v6) => self.shared_key(&[&[6u8][..], &v6.octets()[..8]].concat()),
+        }
+    }
+
+    /// A token from the shared bucket `bucket`; from this replica's own
+    /// bucket for the same key, `local`, when Redis does not answer within
+    /// the cluster's command timeout (the one later requests take while
+    /// Redis is away).
+    pub async fn take_shared(&self, bucket: &str, local: u64) -> Result<(), Duration> {
+        if let Some(cluster) = self.cluster.as_ref().filter(|cluster| cluster.available()) {
+            let interval = self.config.per / self.config.requests;
+            match cluster.take_token(&self.route, bucket, interval, self.config.burst).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(wait)) => return Err(wait),
+                Err(crate::cluster::Unreachable) => {}
+            }
+        }
+        self.take(local)
     }
 
     /// Keyed by a claim of the route's verified token (checked after it).
@@ -88,8 +152,9 @@ mod tests {
             per: Duration::from_secs(1),
             burst: 3,
             key: crate::config::RateLimitKey::Request(crate::config::KeySpec::ClientIp),
+            scope: ConcurrencyScope::Replica,
         };
-        let limit = RateLimit::new(&config);
+        let limit = RateLimit::new(&config, "route", None);
         let (a, b) = (limit.key(b"10.0.0.1"), limit.key(b"10.0.0.2"));
         for _ in 0..3 {
             assert_eq!(limit.take(a), Ok(()));

@@ -138,7 +138,11 @@ impl Snapshot {
             .map(|u| compile_upstream(&with_discovered(u, discovered), &carried, cluster.as_ref()))
             .collect();
         let by_name: HashMap<&str, &Arc<Upstream>> = upstreams.iter().map(|u| (&*u.name, u)).collect();
-        let routes = config.routes.iter().map(|r| compile_route(r, by_name[r.upstream.as_str()], &carried)).collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| compile_route(r, by_name[r.upstream.as_str()], &carried, cluster.as_ref()))
+            .collect();
         forget_other_routes_counts(&upstreams, config);
         Snapshot {
             generation,
@@ -217,7 +221,12 @@ fn compile_upstream(u: &UpstreamConfig, carried: &Carried<'_>, cluster: Option<&
 
 /// One route of the next snapshot, over its compiled `upstream`, with its
 /// request counts and retry budget carried.
-fn compile_route(r: &crate::config::RouteConfig, upstream: &Arc<Upstream>, carried: &Carried<'_>) -> Route {
+fn compile_route(
+    r: &crate::config::RouteConfig,
+    upstream: &Arc<Upstream>,
+    carried: &Carried<'_>,
+    cluster: Option<&Arc<Cluster>>,
+) -> Route {
     let name: Arc<str> = r.name.as_str().into();
     Route {
         requests: upstream.backends.iter().map(|b| b.state.series.requests_of(&name)).collect(),
@@ -232,7 +241,7 @@ fn compile_route(r: &crate::config::RouteConfig, upstream: &Arc<Upstream>, carri
         timeout: r.timeout,
         retry: r.retry.clone().map(|config| RoutePolicy { budget: carried.retry_budget(&r.name), config }),
         access: r.access.clone(),
-        rate_limit: r.rate_limit.as_ref().map(|config| carried.rate_limit(&r.name, config)),
+        rate_limit: r.rate_limit.as_ref().map(|config| carried.rate_limit(&r.name, config, cluster)),
         auth: (!r.auth.is_empty()).then(|| {
             let rate_claim = r.rate_limit.as_ref().and_then(|limit| match &limit.key {
                 crate::config::RateLimitKey::Claim(claim) => Some(claim.as_str()),
@@ -420,10 +429,15 @@ impl<'a> Carried<'a> {
 
     /// The route's buckets of the previous snapshot if its limit is the same,
     /// else new ones.
-    fn rate_limit(&self, route: &str, config: &crate::config::RateLimitConfig) -> Arc<RateLimit> {
-        match self.rate_limits.get(route).filter(|limit| limit.config == *config) {
+    fn rate_limit(
+        &self,
+        route: &str,
+        config: &crate::config::RateLimitConfig,
+        cluster: Option<&Arc<Cluster>>,
+    ) -> Arc<RateLimit> {
+        match self.rate_limits.get(route).filter(|limit| limit.config == *config && limit.shares_through(cluster)) {
             Some(limit) => Arc::clone(limit),
-            None => Arc::new(RateLimit::new(config)),
+            None => Arc::new(RateLimit::new(config, route, cluster)),
         }
     }
 

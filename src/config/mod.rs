@@ -270,6 +270,8 @@ pub struct RateLimitConfig {
     pub burst: u32,
     #[serde(serialize_with = "shown::display")]
     pub key: RateLimitKey,
+    /// `replica`: each replica's own buckets; `cluster`: buckets shared in Redis.
+    pub scope: ConcurrencyScope,
 }
 
 /// What a route's rate-limit buckets belong to.

@@ -272,6 +272,8 @@ pub struct RawRateLimit {
     pub burst: Option<Spanned<u32>>,
     /// A hash key's syntax (`client_ip`, `header:NAME`, ...) or `claim:NAME`.
     pub key: Option<Spanned<String>>,
+    /// Where the buckets are: in this replica, or shared through `cluster:`'s Redis.
+    pub scope: Option<Spanned<ConcurrencyScope>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -436,7 +436,10 @@ fn validate_route(
         retry: route.retry.as_ref().map(|r| validate_retry(r, errors)),
         access: validate_address_rules(&route.allow, &route.deny, errors),
         auth: route.auth.as_ref().map(|a| validate_auth(a, file, raw, errors)).unwrap_or_default(),
-        rate_limit: route.rate_limit.as_ref().and_then(|r| validate_rate_limit(r, route.auth.as_ref(), errors)),
+        rate_limit: route
+            .rate_limit
+            .as_ref()
+            .and_then(|r| validate_rate_limit(r, route.auth.as_ref(), raw.cluster.is_some(), errors)),
     }
 }
 
@@ -607,6 +610,7 @@ fn header_name(name: &super::values::HeaderName) -> http::HeaderName {
 fn validate_rate_limit(
     raw: &Spanned<RawRateLimit>,
     auth: Option<&Spanned<RawAuth>>,
+    has_cluster: bool,
     errors: &mut Collector<'_>,
 ) -> Option<RateLimitConfig> {
     let limit = &raw.value;
@@ -667,7 +671,19 @@ fn validate_rate_limit(
             },
         },
     };
-    Some(RateLimitConfig { requests: requests.value, per, burst, key })
+    let scope = limit.scope.as_ref().map_or(ConcurrencyScope::Replica, |scope| scope.value);
+    if let Some(scope) = limit.scope.as_ref().filter(|scope| scope.value == ConcurrencyScope::Cluster) {
+        if !has_cluster {
+            errors.at(scope.referenced, "rate_limit scope: cluster needs `cluster:` (the Redis the replicas share)");
+            return None;
+        }
+        // Redis keeps the bucket in microseconds.
+        if interval < 1000 {
+            errors.at(scope.referenced, "a cluster rate_limit allows at most one request a microsecond");
+            return None;
+        }
+    }
+    Some(RateLimitConfig { requests: requests.value, per, burst, key, scope })
 }
 
 fn validate_upstream(

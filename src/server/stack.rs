@@ -260,13 +260,18 @@ pub struct RouteService<S> {
     inner: S,
 }
 
+/// A request whose rate limit is shared in Redis goes on in a future of its
+/// own (boxed: the others, almost every request, do not carry its room).
+type SharedLimitFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+
 impl<S> Service<NotedRequest> for RouteService<S>
 where
-    S: Service<RoutedRequest, Response = Response<ProxyBody>, Error = ProxyError>,
+    S: Service<RoutedRequest, Response = Response<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send,
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = Either<Ready<Result<Response<ProxyBody>, ProxyError>>, S::Future>;
+    type Future = Either<Ready<Result<Response<ProxyBody>, ProxyError>>, Either<S::Future, SharedLimitFuture>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -314,68 +319,139 @@ where
         // a flood of bad credentials is limited too and costs no signature
         // checks past it; a limit on a token's claim can only come after.
         let rate_limit = route.rate_limit.as_ref();
-        if let Some(limit) = rate_limit.filter(|limit| !limit.by_claim()) {
+        // Worked out now, while the headers are the client's.
+        let client_ip = rate_limit.map(|_| client().unwrap_or(noted.notes.conn().client.ip()));
+        if let (Some(limit), Some(client_ip)) = (rate_limit.filter(|limit| !limit.by_claim()), client_ip) {
             noted.notes.matched(index);
-            let client_ip = client().unwrap_or(noted.notes.conn().client.ip());
-            let key = match &limit.config.key {
-                RateLimitKey::Request(crate::config::KeySpec::ClientIp) | RateLimitKey::Claim(_) => {
-                    limit.client_key(client_ip)
-                }
-                RateLimitKey::Request(spec) => {
-                    let pick = crate::balance::PickRequest {
-                        headers: noted.request.headers(),
-                        uri: noted.request.uri(),
-                        client_ip,
-                        exclude: &[],
-                    };
-                    // A request without the key (no such header) is limited
-                    // by its client's own bucket, not one shared by all such.
-                    crate::balance::extract_key(spec, &pick, |bytes| limit.key(bytes))
-                        .unwrap_or_else(|| limit.client_key(client_ip))
-                }
+            let spec = match &limit.config.key {
+                RateLimitKey::Request(crate::config::KeySpec::ClientIp) | RateLimitKey::Claim(_) => None,
+                RateLimitKey::Request(spec) => Some(spec),
             };
-            if let Err(error) = limited(limit, key, &route.name) {
-                return refuse(error);
+            let pick = crate::balance::PickRequest {
+                headers: noted.request.headers(),
+                uri: noted.request.uri(),
+                client_ip,
+                exclude: &[],
+            };
+            // A request without the key (no such header) is limited by its
+            // client's own bucket, not one shared by all such.
+            let key = spec
+                .and_then(|spec| crate::balance::extract_key(spec, &pick, |bytes| limit.key(bytes)))
+                .unwrap_or_else(|| limit.client_key(client_ip));
+            if limit.shared() {
+                let bucket = spec
+                    .and_then(|spec| crate::balance::extract_key(spec, &pick, |bytes| limit.shared_key(bytes)))
+                    .unwrap_or_else(|| limit.shared_client_key(client_ip));
+                let (limit, inner) = (Arc::clone(limit), self.take_inner());
+                return Either::Right(Either::Right(Box::pin(async move {
+                    limit.take_shared(&bucket, key).await.map_err(|wait| refused(&limit, wait))?;
+                    let notes = Arc::clone(&noted.notes);
+                    let route = &notes.snapshot().router.routes()[index];
+                    authenticated(inner, noted, route, index, client_ip).await
+                })));
+            }
+            if let Err(wait) = limit.take(key) {
+                return refuse(refused(limit, wait));
             }
         }
-        if let Some(auth) = &route.auth {
-            noted.notes.matched(index);
-            // Worked out before the check rewrites the request's headers.
-            let claimless_client =
-                rate_limit.filter(|limit| limit.by_claim()).map(|_| client().unwrap_or(noted.notes.conn().client.ip()));
-            match auth.check(&mut noted.request, noted.notes.conn().client_cert.as_ref()) {
-                Ok(passed) => {
-                    if let Some(limit) = rate_limit.filter(|limit| limit.by_claim()) {
-                        // A token without the claim is limited by its client's bucket.
-                        let key = match &passed.claim_key {
-                            Some(claim) => limit.key(claim),
-                            None => limit.client_key(claimless_client.expect("worked out for this limit")),
-                        };
-                        if let Err(error) = limited(limit, key, &route.name) {
-                            return refuse(error);
-                        }
-                    }
-                    if let Some(principal) = passed.principal {
-                        noted.notes.set_principal(principal);
-                    }
-                }
-                Err(refusal) => {
-                    crate::metrics::access_denied(&route.name, refusal.metric_reason());
-                    return refuse(refusal.into_error());
-                }
+        if route.auth.is_none() {
+            return Either::Right(Either::Left(self.inner.call(noted.routed(index))));
+        }
+        let claim_limit = match authenticate(&mut noted.request, &noted.notes, route, index, client_ip) {
+            Ok(claim_limit) => claim_limit,
+            Err(error) => return refuse(error),
+        };
+        match claim_limit {
+            None => Either::Right(Either::Left(self.inner.call(noted.routed(index)))),
+            Some(SharedTake { limit, bucket, local }) => {
+                let (limit, mut inner) = (Arc::clone(limit), self.take_inner());
+                Either::Right(Either::Right(Box::pin(async move {
+                    limit.take_shared(&bucket, local).await.map_err(|wait| refused(&limit, wait))?;
+                    inner.call(noted.routed(index)).await
+                })))
             }
         }
-        Either::Right(self.inner.call(noted.routed(index)))
     }
 }
 
-/// A token from `key`'s bucket, or 429 (counted).
-fn limited(limit: &crate::ratelimit::RateLimit, key: u64, route: &str) -> Result<(), ProxyError> {
-    limit.take(key).map_err(|retry_after| {
-        crate::metrics::access_denied(route, "rate_limited");
-        let (requests, per) = (limit.config.requests, limit.config.per);
-        ProxyError::RateLimited { requests, per, retry_after }
-    })
+impl<S: Clone> RouteService<S> {
+    /// The inner service, polled ready, for a request that goes on in a
+    /// future of its own; a clone takes its place for the next request.
+    fn take_inner(&mut self) -> S {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
+    }
+}
+
+/// A route's `auth` passed and any claim's limit taken, the request goes on.
+async fn authenticated<S>(
+    mut inner: S,
+    mut noted: NotedRequest,
+    route: &crate::route::Route,
+    index: usize,
+    client_ip: std::net::IpAddr,
+) -> Result<Response<ProxyBody>, ProxyError>
+where
+    S: Service<RoutedRequest, Response = Response<ProxyBody>, Error = ProxyError>,
+{
+    if route.auth.is_some() {
+        if let Some(SharedTake { limit, bucket, local }) =
+            authenticate(&mut noted.request, &noted.notes, route, index, Some(client_ip))?
+        {
+            limit.take_shared(&bucket, local).await.map_err(|wait| refused(limit, wait))?;
+        }
+    }
+    inner.call(noted.routed(index)).await
+}
+
+/// A token still to take from a shared bucket (see [`RateLimit::take_shared`](crate::ratelimit::RateLimit::take_shared)).
+struct SharedTake<'r> {
+    limit: &'r Arc<crate::ratelimit::RateLimit>,
+    bucket: String,
+    local: u64,
+}
+
+/// The route's `auth`, then a rate limit keyed by one of its claims (a
+/// token without the claim is limited by its client's bucket), taken here
+/// unless it is shared: `Ok(Some)` is a shared bucket still to take.
+fn authenticate<'r, B>(
+    request: &mut Request<B>,
+    notes: &crate::notes::RequestNotes,
+    route: &'r crate::route::Route,
+    index: usize,
+    client_ip: Option<std::net::IpAddr>,
+) -> Result<Option<SharedTake<'r>>, ProxyError> {
+    let Some(auth) = &route.auth else { return Ok(None) };
+    notes.matched(index);
+    let passed = auth.check(request, notes.conn().client_cert.as_ref()).map_err(|refusal| {
+        crate::metrics::access_denied(&route.name, refusal.metric_reason());
+        refusal.into_error()
+    })?;
+    if let Some(principal) = passed.principal {
+        notes.set_principal(principal);
+    }
+    let Some(limit) = route.rate_limit.as_ref().filter(|limit| limit.by_claim()) else { return Ok(None) };
+    let client_ip = client_ip.expect("worked out where the route has a rate limit");
+    let key = match &passed.claim_key {
+        Some(claim) => limit.key(claim),
+        None => limit.client_key(client_ip),
+    };
+    if limit.shared() {
+        let bucket = match &passed.claim_key {
+            Some(claim) => limit.shared_key(claim),
+            None => limit.shared_client_key(client_ip),
+        };
+        return Ok(Some(SharedTake { limit, bucket, local: key }));
+    }
+    limit.take(key).map_err(|wait| refused(limit, wait))?;
+    Ok(None)
+}
+
+/// 429 for a request `limit` refused for `wait` (counted).
+fn refused(limit: &crate::ratelimit::RateLimit, wait: std::time::Duration) -> ProxyError {
+    crate::metrics::access_denied(limit.route(), "rate_limited");
+    let (requests, per) = (limit.config.requests, limit.config.per);
+    ProxyError::RateLimited { requests, per, retry_after: wait }
 }
 
 /// `client` against a listener's or route's `allow` / `deny`; a refusal is

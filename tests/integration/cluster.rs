@@ -358,3 +358,46 @@ async fn a_replica_cut_off_past_its_lease_learns_its_slot_lapsed_and_adds_it_bac
     assert_eq!(waiting.await.unwrap().status, 200);
     assert_eq!(bot.stats.peak_in_flight.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// A replica whose one route has a `rate_limit` shared through `redis`.
+async fn rate_limited_replica(redis: &RedisServer, bot: &Backend, scope: &str) -> ProxyProcess {
+    let yaml = format!(
+        "admin: {{ bind: \"127.0.0.1:{}\" }}\nlisteners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\n\
+         cluster: {{ redis: \"{}\", lease: 1s }}\n\
+         routes: [{{ upstream: bots, rate_limit: {{ requests: 6, per: 1h, scope: {scope} }} }}]\n\
+         upstreams:\n  bots:\n    backends: [{{ address: \"{}\" }}]\n",
+        free_port(),
+        redis.url(),
+        bot.addr
+    );
+    ProxyProcess::start(&yaml).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_rate_limit_holds_across_replicas_and_each_replica_holds_it_alone_while_redis_is_away() {
+    let mut redis = RedisServer::start().await;
+    let bot = Backend::start("bot").await;
+    let replicas =
+        [rate_limited_replica(&redis, &bot, "cluster").await, rate_limited_replica(&redis, &bot, "cluster").await];
+    let client = client();
+    // One client, alternating between the replicas: six requests an hour in all.
+    let mut statuses = Vec::new();
+    for round in 0..10 {
+        let answer = get(&client, &replicas[round % 2].url("/job")).await;
+        if answer.status == 429 {
+            assert!(answer.headers.contains_key("retry-after"), "a 429 says when to come back");
+        }
+        statuses.push(answer.status.as_u16());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 6, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 4, "{statuses:?}");
+    assert_eq!(bot.hits(), 6);
+
+    // Without Redis each replica limits on its own, from its own full bucket.
+    redis.stop();
+    let mut alone = Vec::new();
+    for _ in 0..7 {
+        alone.push(get(&client, &replicas[0].url("/job")).await.status.as_u16());
+    }
+    assert_eq!(alone, [200, 200, 200, 200, 200, 200, 429]);
+}
