@@ -102,6 +102,7 @@ impl Verifier {
     /// `keys`: the route's key set, carried from the previous snapshot when
     /// its source is the same (see [`Jwks::for_source`]).
     pub fn new(config: &JwtConfig, keys: Arc<Jwks>, rate_claim: Option<&str>) -> Verifier {
+        super::crypto::install();
         let algorithms = [
             Algorithm::RS256,
             Algorithm::RS384,

@@ -9,6 +9,7 @@
 //! keeps it.
 
 pub mod client_cert;
+pub mod crypto;
 pub mod jwt;
 
 use std::sync::Arc;

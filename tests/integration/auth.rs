@@ -69,6 +69,8 @@ impl SigningKey {
     }
 
     fn with_jwk(kid: &str, algorithm: Algorithm, encoding: EncodingKey, public_pem: Vec<u8>) -> SigningKey {
+        // As the proxy does when it starts: the signature checks below are ring's.
+        switchyard::auth::crypto::install();
         let mut jwk =
             serde_json::to_value(jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, algorithm).unwrap()).unwrap();
         jwk["kid"] = json!(kid);
