@@ -242,6 +242,7 @@ pub fn explain(snapshot: &Snapshot, described: &Described) -> Value {
         "access": access.0,
         "listener_access": listeners,
         "auth": auth.0,
+        "rate_limit": rate_limit_said(route),
         "candidates": candidates,
         "backend": chosen.map(|i| upstream.backends[i].address.to_string()),
         "decision": decision,
@@ -269,6 +270,28 @@ fn access_verdict(
             (said.clone(), (scope == "route").then(|| format!("{said}: 403 forbidden")))
         }
     }
+}
+
+/// The route's `rate_limit` in words: what it allows, per what, and where
+/// its buckets are (a bucket's level is not read: reading it would be a
+/// request of its own in Redis).
+fn rate_limit_said(route: &crate::route::Route) -> String {
+    let Some(limit) = &route.rate_limit else {
+        return "no rate_limit on the route".to_owned();
+    };
+    let config = &limit.config;
+    let place = match (config.scope, limit.shared()) {
+        (crate::config::ConcurrencyScope::Replica, _) => "in this replica's buckets",
+        (_, true) => "in buckets the replicas share through Redis",
+        (_, false) => "in this replica's buckets while Redis cannot be reached (it is shared when it can)",
+    };
+    format!(
+        "{} requests per {} for each {}, bursts of {}, {place}; over it: 429 rate_limited",
+        config.requests,
+        crate::text::duration(config.per),
+        config.key,
+        config.burst
+    )
 }
 
 /// What the route's `auth:` asks and what it makes of the described

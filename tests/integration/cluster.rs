@@ -360,17 +360,18 @@ async fn a_replica_cut_off_past_its_lease_learns_its_slot_lapsed_and_adds_it_bac
 }
 
 /// A replica whose one route has a `rate_limit` shared through `redis`.
-async fn rate_limited_replica(redis: &RedisServer, bot: &Backend, scope: &str) -> ProxyProcess {
+async fn rate_limited_replica(redis: &RedisServer, bot: &Backend, scope: &str) -> Replica {
+    let admin = free_port();
     let yaml = format!(
         "admin: {{ bind: \"127.0.0.1:{}\" }}\nlisteners: [{{ bind: \"127.0.0.1:{{port}}\" }}]\n\
          cluster: {{ redis: \"{}\", lease: 1s }}\n\
          routes: [{{ upstream: bots, rate_limit: {{ requests: 6, per: 1h, scope: {scope} }} }}]\n\
          upstreams:\n  bots:\n    backends: [{{ address: \"{}\" }}]\n",
-        free_port(),
+        admin,
         redis.url(),
         bot.addr
     );
-    ProxyProcess::start(&yaml).await
+    Replica { process: ProxyProcess::start(&yaml).await, admin }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +384,7 @@ async fn a_cluster_rate_limit_holds_across_replicas_and_each_replica_holds_it_al
     // One client, alternating between the replicas: six requests an hour in all.
     let mut statuses = Vec::new();
     for round in 0..10 {
-        let answer = get(&client, &replicas[round % 2].url("/job")).await;
+        let answer = get(&client, &replicas[round % 2].process.url("/job")).await;
         if answer.status == 429 {
             assert!(answer.headers.contains_key("retry-after"), "a 429 says when to come back");
         }
@@ -392,12 +393,18 @@ async fn a_cluster_rate_limit_holds_across_replicas_and_each_replica_holds_it_al
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 6, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 4, "{statuses:?}");
     assert_eq!(bot.hits(), 6);
+    let explained = get(&client, &format!("http://127.0.0.1:{}/explain?path=/job", replicas[0].admin)).await.body;
+    let said: Value = serde_json::from_str(&explained).unwrap();
+    assert_eq!(
+        said["rate_limit"],
+        "6 requests per 3600s for each client_ip, bursts of 6, in buckets the replicas share through Redis; over it: 429 rate_limited"
+    );
 
     // Without Redis each replica limits on its own, from its own full bucket.
     redis.stop();
     let mut alone = Vec::new();
     for _ in 0..7 {
-        alone.push(get(&client, &replicas[0].url("/job")).await.status.as_u16());
+        alone.push(get(&client, &replicas[0].process.url("/job")).await.status.as_u16());
     }
     assert_eq!(alone, [200, 200, 200, 200, 200, 200, 429]);
 }
