@@ -39,6 +39,14 @@ use crate::queue::WaitQueue;
 /// those are dropped (their slots lapse).
 const MAX_PENDING_RELEASES: usize = 65_536;
 
+/// How long a request waits for Redis to answer its rate limit, at most
+/// (less with a short `lease`), before its replica's own bucket decides.
+const RATE_LIMIT_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// After Redis failed a rate limit, requests use their replica's buckets
+/// this long before one asks Redis again.
+const RATE_LIMIT_RETRY: Duration = Duration::from_secs(1);
+
 /// At most this many candidates go to Redis per pick.
 pub const MAX_CANDIDATES: usize = 16;
 
@@ -189,6 +197,11 @@ pub struct Cluster {
     count: redis::Script,
     take_token: redis::Script,
     available: AtomicBool,
+    /// Rate limits ask Redis again from this moment (`clock` nanoseconds; 0:
+    /// it answers). Apart from `available`: a rate limit's failed check never
+    /// turns slots to `on_unavailable`, and slots' outages do not stop it
+    /// from trying.
+    rate_limits_retry_at: AtomicU64,
     held: Mutex<HashMap<u64, HeldSlot>>,
     next_slot: AtomicU64,
     releases: mpsc::Sender<Release>,
@@ -298,6 +311,7 @@ impl Cluster {
             renew: redis::Script::new(RENEW),
             count: redis::Script::new(COUNT),
             take_token: redis::Script::new(TAKE_TOKEN),
+            rate_limits_retry_at: AtomicU64::new(0),
             // Until the first renewal says otherwise: a first pick finds out.
             available: AtomicBool::new(true),
             held: Mutex::default(),
@@ -411,20 +425,38 @@ impl Cluster {
         burst: u32,
     ) -> Result<Option<Duration>, Unreachable> {
         let key = format!("{}ratelimit:{{{route}}}:{bucket}", self.config.key_prefix);
-        let interval_micros = interval.as_micros() as u64;
+        // Rounded up: never more requests than the limit says.
+        let interval_micros = u64::try_from(interval.as_nanos().div_ceil(1000)).unwrap_or(u64::MAX);
         let mut invocation = self.take_token.prepare_invoke();
         invocation
             .key(key)
             .arg(interval_micros)
             .arg(interval_micros.saturating_mul(u64::from(burst.saturating_sub(1))));
-        match self.run::<u64>(&invocation).await {
-            Ok(0) => Ok(None),
-            Ok(wait) => Ok(Some(Duration::from_micros(wait))),
+        let bound = RATE_LIMIT_TIMEOUT.min(self.command_timeout);
+        let answer = tokio::time::timeout(bound, self.run::<u64>(&invocation)).await;
+        match answer.unwrap_or_else(|_| Err("no answer in time".to_owned())) {
+            Ok(wait) => {
+                if self.rate_limits_retry_at.swap(0, Ordering::AcqRel) != 0 {
+                    tracing::info!(redis = %self.config.redis_shown(), "Redis answers rate limits again: they hold across the cluster");
+                }
+                Ok((wait > 0).then(|| Duration::from_micros(wait)))
+            }
             Err(error) => {
-                self.lost_contact(&error);
+                let retry_at = crate::clock::nanos_since_epoch() + RATE_LIMIT_RETRY.as_nanos() as u64;
+                if self.rate_limits_retry_at.swap(retry_at, Ordering::AcqRel) == 0 {
+                    tracing::warn!(redis = %self.config.redis_shown(), %error,
+                        "Redis did not answer a rate limit: each replica holds rate limits with its own buckets until it does");
+                }
                 Err(Unreachable)
             }
         }
+    }
+
+    /// Whether rate limits ask Redis now: it answered the last one, or the
+    /// pause after a failure is over.
+    pub fn rate_limits_shared(&self) -> bool {
+        let retry_at = self.rate_limits_retry_at.load(Ordering::Acquire);
+        retry_at == 0 || crate::clock::nanos_since_epoch() >= retry_at
     }
 
     /// The slots taken on each backend of `slots` across the cluster, for

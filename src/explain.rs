@@ -280,10 +280,11 @@ fn rate_limit_said(route: &crate::route::Route) -> String {
         return "no rate_limit on the route".to_owned();
     };
     let config = &limit.config;
-    let place = match (config.scope, limit.shared()) {
-        (crate::config::ConcurrencyScope::Replica, _) => "in this replica's buckets",
-        (_, true) => "in buckets the replicas share through Redis",
-        (_, false) => "in this replica's buckets while Redis cannot be reached (it is shared when it can)",
+    let place = match (config.scope, limit.has_link(), limit.shared()) {
+        (crate::config::ConcurrencyScope::Replica, _, _) => "in this replica's buckets",
+        (_, false, _) => "in this replica's buckets: the Redis link of `cluster:` did not start",
+        (_, true, true) => "in buckets the replicas share through Redis",
+        (_, true, false) => "in this replica's buckets while Redis does not answer (shared again when it does)",
     };
     format!(
         "{} requests per {} for each {}, bursts of {}, {place}; over it: 429 rate_limited",

@@ -60,7 +60,13 @@ impl RateLimit {
 
     /// The Redis link its buckets are shared through, while Redis answers.
     pub fn shared(&self) -> bool {
-        self.cluster.as_ref().is_some_and(|cluster| cluster.available())
+        self.cluster.as_ref().is_some_and(|cluster| cluster.rate_limits_shared())
+    }
+
+    /// Whether it has a Redis link to share its buckets through (`scope:
+    /// cluster` with a link that started).
+    pub fn has_link(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// Whether it shares its buckets through this link (a reload that
@@ -77,15 +83,15 @@ impl RateLimit {
     /// and not one a client can aim at another's (SHA-256, where the local
     /// buckets use a secret of the process's own).
     pub fn shared_key(&self, bytes: &[u8]) -> String {
-        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-        digest.as_ref()[..16].iter().map(|byte| format!("{byte:02x}")).collect()
+        shared_name(b'k', bytes)
     }
 
-    /// The shared bucket of a client address (an IPv6 client's /64).
+    /// The shared bucket of a client address (an IPv6 client's /64): named
+    /// apart from every key's, whatever bytes a key holds.
     pub fn shared_client_key(&self, client: std::net::IpAddr) -> String {
         match client.to_canonical() {
-            std::net::IpAddr::V4(v4) => self.shared_key(&[&[4u8][..], &v4.octets()].concat()),
-            std::net::IpAddr::V6(v6) => self.shared_key(&[&[6u8][..], &v6.octets()[..8]].concat()),
+            std::net::IpAddr::V4(v4) => shared_name(b'4', &v4.octets()),
+            std::net::IpAddr::V6(v6) => shared_name(b'6', &v6.octets()[..8]),
         }
     }
 
@@ -141,6 +147,22 @@ impl RateLimit {
     }
 }
 
+/// `kind` and the first 16 bytes of the SHA-256 of `kind` then `bytes`, in hex.
+fn shared_name(kind: u8, bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(&[kind]);
+    context.update(bytes);
+    let digest = context.finish();
+    let mut name = String::with_capacity(33);
+    name.push(char::from(kind));
+    for byte in &digest.as_ref()[..16] {
+        name.push(char::from(HEX[usize::from(byte >> 4)]));
+        name.push(char::from(HEX[usize::from(byte & 15)]));
+    }
+    name
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +185,21 @@ mod tests {
         assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
         assert_eq!(limit.take(b), Ok(()), "another key's bucket is full");
         assert_eq!(limit.keys(), 2);
+    }
+
+    #[test]
+    fn a_keys_shared_bucket_is_never_a_clients() {
+        let config = RateLimitConfig {
+            requests: 10,
+            per: Duration::from_secs(1),
+            burst: 3,
+            key: crate::config::RateLimitKey::Claim("sub".to_owned()),
+            scope: ConcurrencyScope::Cluster,
+        };
+        let limit = RateLimit::new(&config, "route", None);
+        let client = limit.shared_client_key(std::net::IpAddr::from([10, 0, 0, 5]));
+        assert_ne!(limit.shared_key(&[4, 10, 0, 0, 5]), client, "a claim holding an address's bytes");
+        assert_eq!(client, limit.shared_client_key("::ffff:10.0.0.5".parse().unwrap()), "a mapped address is its IPv4");
+        assert_eq!(client.len(), 33);
     }
 }

@@ -8,7 +8,7 @@
 //! PKCS#1 v1.5 and PSS with SHA-256/384/512 (ring takes 2048 to 8192-bit
 //! moduli only: a 1024-bit key does not verify), ECDSA P-256 and P-384
 //! with fixed-size signatures as JWS writes them, and Ed25519. Anything
-//! else goes to RustCrypto's verifiers, which the key set never asks for.
+//! else (an HMAC algorithm, a key of another kind) verifies nothing.
 
 use std::sync::OnceLock;
 
@@ -99,6 +99,8 @@ fn ring_verifier(algorithm: &Algorithm, key: &DecodingKey) -> jsonwebtoken::erro
     };
     match public {
         Some(key) => Ok(Box::new(RingVerifier { algorithm: *algorithm, key })),
-        None => (rust_crypto::DEFAULT_PROVIDER.verifier_factory)(algorithm, key),
+        // A key of another kind than the algorithm's, or an HMAC algorithm,
+        // which no key set holds: nothing to verify with.
+        None => Err(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat.into()),
     }
 }

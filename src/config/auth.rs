@@ -223,6 +223,9 @@ fn verifying_key(value: serde_json::Value) -> Result<VerifyingKey, String> {
     if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
         return Err("an encryption key (`use: enc`)".to_owned());
     }
+    if let AlgorithmParameters::RSA(params) = &jwk.algorithm {
+        usable_rsa(&params.n, &params.e)?;
+    }
     let family: &[Algorithm] = match &jwk.algorithm {
         AlgorithmParameters::RSA(_) => &[
             Algorithm::RS256,
@@ -256,6 +259,31 @@ fn verifying_key(value: serde_json::Value) -> Result<VerifyingKey, String> {
     };
     let key = DecodingKey::from_jwk(&jwk).map_err(|error| format!("unusable ({error})"))?;
     Ok(VerifyingKey { kid: jwk.common.key_id, algorithms, key })
+}
+
+/// An RSA public key the verifiers take (ring's): a modulus of 2048 to
+/// 8192 bits, an odd exponent from 3 below 2^33. Another one would be read
+/// and then fail every token, so it is passed over here, with its reason.
+fn usable_rsa(n: &str, e: &str) -> Result<(), String> {
+    use base64::Engine;
+    let decode = |text: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text.trim_end_matches('='));
+    let (n, e) = (decode(n).map_err(|_| "n is not base64url")?, decode(e).map_err(|_| "e is not base64url")?);
+    let significant = |bytes: &[u8]| -> u64 {
+        let Some(start) = bytes.iter().position(|byte| *byte != 0) else { return 0 };
+        (bytes.len() - start - 1) as u64 * 8 + u64::from(8 - bytes[start].leading_zeros())
+    };
+    let bits = significant(&n);
+    if !(2048..=8192).contains(&bits) {
+        return Err(format!("an RSA key of {bits} bits (2048 to 8192 verify)"));
+    }
+    let exponent = e
+        .iter()
+        .skip_while(|byte| **byte == 0)
+        .try_fold(0u64, |value, byte| value.checked_mul(256).map(|value| value + u64::from(*byte)));
+    match exponent {
+        Some(exponent) if exponent >= 3 && exponent % 2 == 1 && exponent < 1 << 33 => Ok(()),
+        _ => Err("an RSA exponent that is not odd, from 3 and below 2^33".to_owned()),
+    }
 }
 
 fn signing_algorithm(stated: KeyAlgorithm) -> Option<Algorithm> {
@@ -393,6 +421,11 @@ mod tests {
         // The token names HS256: no key of this set verifies it, whatever it holds.
         assert!(set.candidates(Some("rsa"), Algorithm::HS256).next().is_none());
         assert!(set.candidates(None, Algorithm::ES256).next().is_none());
+        use base64::Engine;
+        let short = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xc5u8; 128]);
+        let weak = format!(r#"{{"keys":[{{"kty":"RSA","n":"{short}","e":"AQAB"}}]}}"#);
+        let weak = KeySet::parse(weak.as_bytes()).unwrap_err();
+        assert!(weak.contains("1024 bits"), "a key ring would refuse every token of is passed over: {weak}");
         let only_hmac = KeySet::parse(br#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#).unwrap_err();
         assert!(only_hmac.contains("symmetric"), "{only_hmac}");
         assert!(KeySet::parse(b"{}").is_err());

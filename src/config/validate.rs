@@ -682,6 +682,17 @@ fn validate_rate_limit(
             errors.at(scope.referenced, "a cluster rate_limit allows at most one request a microsecond");
             return None;
         }
+        // Each key is a key in the Redis that also holds the slots: one the
+        // client makes up (a header's value) would let it fill that Redis.
+        if !matches!(key, RateLimitKey::Request(super::KeySpec::ClientIp) | RateLimitKey::Claim(_)) {
+            errors.at(
+                scope.referenced,
+                format!(
+                    "a cluster rate_limit is keyed by client_ip or claim:NAME, not `{key}`: a key the client makes up would let it fill the shared Redis"
+                ),
+            );
+            return None;
+        }
     }
     Some(RateLimitConfig { requests: requests.value, per, burst, key, scope })
 }

@@ -540,3 +540,51 @@ async fn client_certificates_are_verified_by_the_listener_and_matched_by_the_rou
     assert!(tls_get(&anonymous, addr, "/open", &[]).await.is_err());
     assert_eq!(tls_get(&ops, addr, "/ops/4", &[]).await, Ok(200));
 }
+
+#[test]
+fn auth_settings_that_cannot_hold_are_config_errors_at_their_place() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.txt"), format!("robot:{}\n", sha256_hex("k"))).unwrap();
+    let config = |route: &str| {
+        format!(
+            "listeners: [{{ bind: \"127.0.0.1:0\" }}]\ncluster: {{ redis: \"redis://127.0.0.1:1/0\" }}\nroutes:\n{route}\nupstreams:\n  a: {{ backends: [{{ address: \"x:1\" }}] }}\n"
+        )
+    };
+    let path = dir.path().join("switchyard.yaml");
+    let cases = [
+        (
+            "a forwarded header that frames the request",
+            "  - upstream: a\n    auth: { api_key: { file: keys.txt, forward_header: content-length } }",
+            (5, 11),
+            "cannot forward into `content-length`",
+        ),
+        (
+            "a JWKS fetched in the clear from another host",
+            "  - upstream: a\n    auth: { jwt: { jwks_url: \"http://idp.example/jwks\" } }",
+            (5, 30),
+            "jwks_url must be https://",
+        ),
+        (
+            "a shared rate limit on a key the client makes up",
+            "  - upstream: a\n    rate_limit: { requests: 5, key: \"header:x-k\", scope: cluster }",
+            (5, 58),
+            "keyed by client_ip or claim:NAME",
+        ),
+        (
+            "a rate limit on a claim of no token",
+            "  - upstream: a\n    rate_limit: { requests: 5, key: \"claim:sub\" }",
+            (5, 37),
+            "needs the route's `auth.jwt`",
+        ),
+        (
+            "a client_cert rule no listener can satisfy",
+            "  - upstream: a\n    auth: { client_cert: {} }",
+            (5, 26),
+            "tls.client_auth",
+        ),
+    ];
+    for (case, route, (line, column), words) in cases {
+        std::fs::write(&path, config(route)).unwrap();
+        assert_check_reports(&path, case, line, column, words);
+    }
+}

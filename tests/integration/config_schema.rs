@@ -234,7 +234,7 @@ routes:
     timeout: 20s
     allow: ["10.0.0.0/8", "192.168.1.7"]
     deny: ["10.66.0.0/16"]
-    rate_limit: { requests: 100, per: 1s, burst: 20, key: "header:x-api-key", scope: cluster }
+    rate_limit: { requests: 100, per: 1s, burst: 20, key: client_ip, scope: cluster }
     retry:
       attempts: 2
       per_try_timeout: 10s
