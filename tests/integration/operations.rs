@@ -95,6 +95,12 @@ async fn a_drained_bot_finishes_its_job_gets_no_new_one_and_keeps_the_override_t
     for job in jobs {
         assert_eq!(job.await.unwrap().status, 200);
     }
+    // The proxy counts a job done when it has sent the response's last
+    // byte, which the client may read a moment before that count is made.
+    wait_until_async("the bot to report drained", || async {
+        backend_status(&proxy.status().await, &a_address)["drained"] == true
+    })
+    .await;
     let status = proxy.status().await;
     assert_eq!(backend_status(&status, &a_address)["drained"], true);
     assert!(backend_status(&status, &a_address)["why"].as_str().unwrap().starts_with("drained"));
