@@ -65,6 +65,7 @@ impl Signer {
             issuers: vec!["https://idp.bench".to_owned()],
             audiences: vec!["bench".to_owned()],
             required_claims: vec![],
+            claims: vec![],
             forward_claims: vec![("sub".to_owned(), http::HeaderName::from_static("x-user"))],
             keep_token: false,
         };

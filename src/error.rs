@@ -24,9 +24,11 @@ pub enum ProxyError {
     /// as `WWW-Authenticate`.
     #[error("{why}")]
     Unauthenticated { why: &'static str, challenge: &'static str },
-    /// A route's `auth.client_cert` found no certificate, or not one it lists.
+    /// A route's `auth` found who the client is, and it may not use the
+    /// route: no certificate or an unlisted one, a token whose claims the
+    /// route does not accept.
     #[error("{why}")]
-    CertificateRefused { why: &'static str },
+    NotAuthorized { why: &'static str },
     #[error("no backend of upstream `{upstream}` can take this request")]
     NoHealthyBackend { upstream: String },
     #[error("could not connect to backend {backend}")]
@@ -59,7 +61,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
-            ProxyError::CertificateRefused { .. } => StatusCode::FORBIDDEN,
+            ProxyError::NotAuthorized { .. } => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoHealthyBackend { .. }
             | ProxyError::CircuitOpen { .. }
@@ -90,7 +92,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no_route",
             ProxyError::Forbidden { .. } => "forbidden",
             ProxyError::Unauthenticated { .. } => "unauthenticated",
-            ProxyError::CertificateRefused { .. } => "forbidden",
+            ProxyError::NotAuthorized { .. } => "forbidden",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::NoHealthyBackend { .. } => "no_healthy_backend",
             ProxyError::CircuitOpen { .. } => "circuit_open",
@@ -113,7 +115,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no route matches this request\n",
             ProxyError::Forbidden { .. } => "this client may not make this request\n",
             ProxyError::Unauthenticated { .. } => "this request needs valid credentials\n",
-            ProxyError::CertificateRefused { .. } => "this client's certificate may not make this request\n",
+            ProxyError::NotAuthorized { .. } => "this client's credentials do not allow this request\n",
             ProxyError::RateLimited { .. } => "too many requests: try again after Retry-After seconds\n",
             ProxyError::NoHealthyBackend { .. } => "no backend can take this request now\n",
             ProxyError::UpstreamConnect { .. } => "could not connect to a backend\n",

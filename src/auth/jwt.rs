@@ -81,6 +81,9 @@ pub struct Verified {
     pub forwarded: Vec<Option<HeaderValue>>,
     /// The value of the claim the route's rate limit is keyed by.
     pub rate_key: Option<Bytes>,
+    /// Its claims are ones the route's `claims` accepts (a valid token that
+    /// fails this is remembered too: it is refused with 403 each time).
+    pub authorized: bool,
 }
 
 pub struct Verifier {
@@ -223,7 +226,10 @@ impl Verifier {
             serde_json::Value::String(text) => Some(text.clone()),
             other => Some(other.to_string()),
         };
+        let authorized =
+            self.config.claims.iter().all(|(name, accepted)| claim_accepted(claims.get(name), name, accepted));
         Ok(Verified {
+            authorized,
             generation,
             // A number, as the check read it (jsonwebtoken takes a float too).
             expires: claims
@@ -239,6 +245,22 @@ impl Verifier {
                 .collect(),
             rate_key: self.rate_claim.as_deref().and_then(text).map(Bytes::from),
         })
+    }
+}
+
+/// Whether a claim holds one of the `accepted` values: a string equal to
+/// one (for `scope` and `scp`, one of its space-separated scopes, as OAuth
+/// writes them), or an array with such a string in it.
+fn claim_accepted(value: Option<&serde_json::Value>, name: &str, accepted: &[String]) -> bool {
+    let scopes = name == "scope" || name == "scp";
+    let text_accepted = |text: &str| {
+        accepted.iter().any(|value| value == text)
+            || (scopes && text.split_ascii_whitespace().any(|scope| accepted.iter().any(|value| value == scope)))
+    };
+    match value {
+        Some(serde_json::Value::String(text)) => text_accepted(text),
+        Some(serde_json::Value::Array(items)) => items.iter().any(|item| item.as_str().is_some_and(text_accepted)),
+        _ => false,
     }
 }
 

@@ -1,9 +1,9 @@
 //! A route's `auth:`: who the request comes from, checked before it is
 //! forwarded. Every method the route lists must pass, in the order client
 //! certificate, JWT, API key; the first that fails decides the answer
-//! (403 `forbidden` for a certificate, which no retry of the request can
-//! change; 401 `unauthenticated` with a `WWW-Authenticate` challenge for a
-//! token or key). What passed may be forwarded to the backend in headers
+//! (403 `forbidden` for a certificate, or a valid token whose claims the
+//! route does not accept, which no retry of the request can change; 401
+//! `unauthenticated` with a `WWW-Authenticate` challenge for a token or key). What passed may be forwarded to the backend in headers
 //! the route names, which the client's own headers of those names never
 //! reach; the credential itself is taken off the request unless the route
 //! keeps it.
@@ -36,6 +36,8 @@ pub enum Refusal {
     /// Its certificate carries none of the route's `sans`.
     CertificateNotListed,
     Token(TokenRefusal),
+    /// A valid token whose claims are not among those the route's `claims` accepts.
+    ClaimNotAccepted,
     NoApiKey,
     UnknownApiKey,
 }
@@ -45,14 +47,15 @@ impl Refusal {
     pub fn metric_reason(self) -> &'static str {
         match self {
             Refusal::NoCertificate | Refusal::CertificateNotListed => "client_certificate",
-            Refusal::Token(_) => "jwt",
+            Refusal::Token(_) | Refusal::ClaimNotAccepted => "jwt",
             Refusal::NoApiKey | Refusal::UnknownApiKey => "api_key",
         }
     }
 
-    /// A credential an HTTP retry can bring (401); not a certificate (403).
+    /// A credential an HTTP retry can bring (401); not a certificate, nor
+    /// other claims in a valid token (403).
     pub fn is_unauthenticated(self) -> bool {
-        !matches!(self, Refusal::NoCertificate | Refusal::CertificateNotListed)
+        !matches!(self, Refusal::NoCertificate | Refusal::CertificateNotListed | Refusal::ClaimNotAccepted)
     }
 
     /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 for tokens:
@@ -62,7 +65,7 @@ impl Refusal {
             Refusal::Token(TokenRefusal::Missing) => "Bearer realm=\"switchyard\"",
             Refusal::Token(_) => "Bearer realm=\"switchyard\", error=\"invalid_token\"",
             Refusal::NoApiKey | Refusal::UnknownApiKey => "ApiKey realm=\"switchyard\"",
-            Refusal::NoCertificate | Refusal::CertificateNotListed => return None,
+            Refusal::NoCertificate | Refusal::CertificateNotListed | Refusal::ClaimNotAccepted => return None,
         })
     }
 
@@ -72,6 +75,7 @@ impl Refusal {
             Refusal::NoCertificate => "no client certificate",
             Refusal::CertificateNotListed => "the client certificate has none of the route's sans",
             Refusal::Token(why) => why.as_str(),
+            Refusal::ClaimNotAccepted => "the token's claims are not ones the route accepts",
             Refusal::NoApiKey => "no API key",
             Refusal::UnknownApiKey => "unknown API key",
         }
@@ -81,7 +85,7 @@ impl Refusal {
     pub fn into_error(self) -> crate::error::ProxyError {
         match self.challenge() {
             Some(challenge) => crate::error::ProxyError::Unauthenticated { why: self.why(), challenge },
-            None => crate::error::ProxyError::CertificateRefused { why: self.why() },
+            None => crate::error::ProxyError::NotAuthorized { why: self.why() },
         }
     }
 }
@@ -162,7 +166,13 @@ impl RouteAuth {
             certificate_name = Some(name);
         }
         let verified = match &self.jwt {
-            Some(verifier) => Some(verifier.verify(bearer_token(request.headers())?).map_err(Refusal::Token)?),
+            Some(verifier) => {
+                let verified = verifier.verify(bearer_token(request.headers())?).map_err(Refusal::Token)?;
+                if !verified.authorized {
+                    return Err(Refusal::ClaimNotAccepted);
+                }
+                Some(verified)
+            }
             None => None,
         };
         let key_name = match &self.config.api_key {

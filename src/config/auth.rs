@@ -97,6 +97,9 @@ pub struct JwtConfig {
     pub issuers: Vec<String>,
     pub audiences: Vec<String>,
     pub required_claims: Vec<String>,
+    /// Claim, and the values of it the route accepts (any one of them).
+    #[serde(serialize_with = "claim_values")]
+    pub claims: Vec<(String, Vec<String>)>,
     /// Claim, and the header it goes to the backend in.
     #[serde(serialize_with = "claim_headers")]
     pub forward_claims: Vec<(String, http::HeaderName)>,
@@ -392,6 +395,15 @@ fn optional_header<S: serde::Serializer>(name: &Option<http::HeaderName>, serial
         Some(name) => serializer.serialize_some(name.as_str()),
         None => serializer.serialize_none(),
     }
+}
+
+fn claim_values<S: serde::Serializer>(pairs: &[(String, Vec<String>)], serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = serializer.serialize_map(Some(pairs.len()))?;
+    for (claim, values) in pairs {
+        map.serialize_entry(claim, values)?;
+    }
+    map.end()
 }
 
 fn claim_headers<S: serde::Serializer>(pairs: &[(String, http::HeaderName)], serializer: S) -> Result<S::Ok, S::Error> {

@@ -248,10 +248,21 @@ pub struct RawJwt {
     pub audiences: Vec<Spanned<String>>,
     #[serde(default)]
     pub required_claims: Vec<Spanned<String>>,
+    /// Claim to the values of it the route accepts (one, or a list).
+    #[serde(default)]
+    pub claims: BTreeMap<String, Spanned<ClaimValues>>,
     /// Claim name to the header it is forwarded in.
     #[serde(default)]
     pub forward_claims: BTreeMap<String, HeaderName>,
     pub keep_token: Option<bool>,
+}
+
+/// A claim's accepted values: `ops`, or `[ops, admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ClaimValues {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]

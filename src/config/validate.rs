@@ -523,11 +523,24 @@ fn validate_auth(raw: &Spanned<RawAuth>, file: &str, config: &RawConfig, errors:
             }
         };
         let texts = |list: &[Spanned<String>]| list.iter().map(|item| item.value.clone()).collect::<Vec<_>>();
+        let mut claims = Vec::new();
+        for (claim, values) in &jwt.claims {
+            let values = match &values.value {
+                super::raw::ClaimValues::One(value) => vec![value.clone()],
+                super::raw::ClaimValues::Many(list) if list.is_empty() => {
+                    errors.at(values.referenced, format!("claims: `{claim}` lists no value it accepts"));
+                    return None;
+                }
+                super::raw::ClaimValues::Many(list) => list.clone(),
+            };
+            claims.push((claim.clone(), values));
+        }
         Some(JwtConfig {
             keys,
             issuers: texts(&jwt.issuers),
             audiences: texts(&jwt.audiences),
             required_claims: texts(&jwt.required_claims),
+            claims,
             forward_claims: jwt.forward_claims.iter().map(|(claim, name)| (claim.clone(), header_name(name))).collect(),
             keep_token: jwt.keep_token.unwrap_or(false),
         })

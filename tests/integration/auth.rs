@@ -588,3 +588,41 @@ fn auth_settings_that_cannot_hold_are_config_errors_at_their_place() {
         assert_check_reports(&path, case, line, column, words);
     }
 }
+
+#[tokio::test]
+async fn a_routes_claims_decide_what_a_valid_token_may_do_with_403_for_the_others() {
+    let backend = Backend::start("bot").await;
+    let key = SigningKey::ec("ec-1");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), key_set(&[&key])).unwrap();
+    let auth = format!(
+        "{{ jwt: {{ jwks_file: jwks.json, {JWT_RULES}, claims: {{ role: [ops, admin], scope: \"jobs:run\" }} }} }}"
+    );
+    let path = dir.path().join("switchyard.yaml");
+    std::fs::write(&path, with_test_admin(&named(proxy_config(backend.addr, &auth, ""), "claims"))).unwrap();
+    let proxy = FileProxy::start_at(dir, path).await;
+    let client = client();
+    let url = proxy.url("/jobs/1");
+    let cases = [
+        ("a role and a scope among several", json!({ "role": "ops", "scope": "jobs:read jobs:run" }), 200),
+        ("roles as an array", json!({ "role": ["viewer", "admin"], "scope": "jobs:run" }), 200),
+        ("a role not accepted", json!({ "role": "viewer", "scope": "jobs:run" }), 403),
+        ("no role", json!({ "scope": "jobs:run" }), 403),
+        ("a scope that only starts like one", json!({ "role": "ops", "scope": "jobs:runner" }), 403),
+        ("a role that is a scope list elsewhere", json!({ "role": "viewer ops", "scope": "jobs:run" }), 403),
+    ];
+    let mut served = 0;
+    for (what, extra, expected) in cases {
+        let token = key.sign(&claims(extra));
+        let answer = get_with(&client, &url, &[("authorization", &bearer(&token))]).await;
+        assert_eq!(answer.status.as_u16(), expected, "{what}");
+        if expected == 403 {
+            assert_eq!(answer.error_code(), Some("forbidden"), "{what}");
+            // Again: the token is remembered, the answer the same.
+            assert_eq!(get_with(&client, &url, &[("authorization", &bearer(&token))]).await.status, 403, "{what}");
+        } else {
+            served += 1;
+        }
+    }
+    assert_eq!(backend.hits(), served);
+}

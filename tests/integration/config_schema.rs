@@ -251,6 +251,7 @@ routes:
         issuers: ["https://idp.internal"]
         audiences: [bots]
         required_claims: [tenant]
+        claims: { role: [ops, admin], scope: "jobs:run" }
         forward_claims: { sub: x-user }
         keep_token: false
       api_key: { file: api-keys, header: x-api-key, forward_header: x-api-client, keep_key: false }
