@@ -106,18 +106,8 @@ impl Verifier {
     /// its source is the same (see [`Jwks::for_source`]).
     pub fn new(config: &JwtConfig, keys: Arc<Jwks>, rate_claim: Option<&str>) -> Verifier {
         super::crypto::install();
-        let algorithms = [
-            Algorithm::RS256,
-            Algorithm::RS384,
-            Algorithm::RS512,
-            Algorithm::PS256,
-            Algorithm::PS384,
-            Algorithm::PS512,
-            Algorithm::ES256,
-            Algorithm::ES384,
-            Algorithm::EdDSA,
-        ];
-        let validations = algorithms
+
+        let validations = crate::config::auth::SIGNING_ALGORITHMS
             .into_iter()
             .map(|algorithm| {
                 let mut validation = Validation::new(algorithm);

@@ -26,6 +26,8 @@ pub use jwt::{Jwks, TokenRefusal, Verifier};
 pub struct RouteAuth {
     pub config: AuthConfig,
     pub jwt: Option<Verifier>,
+    /// The headers it sets for the backend (see [`shield`]), listed once.
+    forwarded: Vec<http::HeaderName>,
 }
 
 /// Why a request did not pass.
@@ -116,7 +118,8 @@ impl RouteAuth {
         rate_claim: Option<&str>,
     ) -> RouteAuth {
         let jwt = config.jwt.as_ref().map(|jwt| Verifier::new(jwt, keys(&jwt.keys), rate_claim));
-        RouteAuth { config: config.clone(), jwt }
+        let forwarded = config.forwarded_headers().cloned().collect();
+        RouteAuth { config: config.clone(), jwt, forwarded }
     }
 
     /// Checks the request, and on success rewrites its headers for the
@@ -180,16 +183,15 @@ impl RouteAuth {
                 let presented = single(request.headers(), &api_key.header).ok_or(Refusal::NoApiKey)?;
                 let digest = ring::digest::digest(&ring::digest::SHA256, presented.as_bytes());
                 let digest: &[u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
-                Some(Arc::clone(api_key.keys.name_of(digest).ok_or(Refusal::UnknownApiKey)?))
+                Some(api_key.keys.name_of(digest).ok_or(Refusal::UnknownApiKey)?)
             }
             None => None,
         };
 
         // Passed: the request is rewritten for the backend.
         let headers = request.headers_mut();
-        let forwarded = self.forwarded_headers();
-        if !forwarded.is_empty() {
-            shield(headers, &forwarded);
+        if !self.forwarded.is_empty() {
+            shield(headers, &self.forwarded);
         }
         if let (Some(rule), Some(name)) = (&self.config.client_cert, certificate_name) {
             if let Some(header) = &rule.forward_header {
@@ -207,14 +209,14 @@ impl RouteAuth {
             passed.principal = verified.subject.clone();
             passed.claim_key = verified.rate_key.clone();
         }
-        if let (Some(api_key), Some(name)) = (&self.config.api_key, key_name) {
+        if let (Some(api_key), Some(key)) = (&self.config.api_key, key_name) {
             if let Some(header) = &api_key.forward_header {
-                forward(headers, header, HeaderValue::from_str(&name).ok());
+                forward(headers, header, Some(key.header.clone()));
             }
             if !api_key.keep_key {
                 headers.remove(&api_key.header);
             }
-            passed.principal.get_or_insert(name);
+            passed.principal.get_or_insert_with(|| Arc::clone(&key.name));
         }
         if passed.principal.is_none() {
             passed.principal = certificate_name.map(Arc::from);
@@ -223,24 +225,12 @@ impl RouteAuth {
     }
 }
 
-impl RouteAuth {
-    /// The headers the route sets for the backend.
-    fn forwarded_headers(&self) -> Vec<&http::HeaderName> {
-        let config = &self.config;
-        let mut names: Vec<&http::HeaderName> = Vec::new();
-        names.extend(config.client_cert.as_ref().and_then(|rule| rule.forward_header.as_ref()));
-        names.extend(config.jwt.iter().flat_map(|jwt| jwt.forward_claims.iter().map(|(_, header)| header)));
-        names.extend(config.api_key.as_ref().and_then(|api_key| api_key.forward_header.as_ref()));
-        names
-    }
-}
-
 /// Keeps the client from touching the headers the route sets: a
 /// `Connection` header naming one would have hop-by-hop stripping delete
 /// it after it is set (so the token is taken out of `Connection`), and a
 /// spelling with `_` for `-` (`x_user`) reads as the same header to
 /// backends that see headers CGI-style (PHP, WSGI, Rack), so it is removed.
-fn shield(headers: &mut http::HeaderMap, forwarded: &[&http::HeaderName]) {
+fn shield(headers: &mut http::HeaderMap, forwarded: &[http::HeaderName]) {
     let named = |token: &str| forwarded.iter().any(|name| name.as_str().eq_ignore_ascii_case(token.trim()));
     let listed = headers
         .get_all(http::header::CONNECTION)
@@ -263,12 +253,19 @@ fn shield(headers: &mut http::HeaderMap, forwarded: &[&http::HeaderName]) {
     let lookalikes: Vec<http::HeaderName> = headers
         .keys()
         .filter(|name| name.as_str().contains('_'))
-        .filter(|name| forwarded.iter().any(|f| f.as_str() == name.as_str().replace('_', "-")))
+        .filter(|name| forwarded.iter().any(|f| same_but_underscores(f.as_str(), name.as_str())))
         .cloned()
         .collect();
     for name in lookalikes {
         headers.remove(name);
     }
+}
+
+/// `lookalike` is `name` with some `-` written `_` (both lower case, as
+/// header names are).
+fn same_but_underscores(name: &str, lookalike: &str) -> bool {
+    name.len() == lookalike.len()
+        && name.bytes().zip(lookalike.bytes()).all(|(a, b)| a == b || (a == b'-' && b == b'_'))
 }
 
 /// The header set to `value` alone: whatever the client sent under that

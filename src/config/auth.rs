@@ -77,7 +77,32 @@ impl AuthConfig {
     pub fn is_empty(&self) -> bool {
         self.client_cert.is_none() && self.jwt.is_none() && self.api_key.is_none()
     }
+
+    /// The headers the route sets for the backend from what passed.
+    pub fn forwarded_headers(&self) -> impl Iterator<Item = &http::HeaderName> {
+        let certificate = self.client_cert.as_ref().and_then(|rule| rule.forward_header.as_ref());
+        let claims = self.jwt.iter().flat_map(|jwt| jwt.forward_claims.iter().map(|(_, header)| header));
+        let api_key = self.api_key.as_ref().and_then(|api_key| api_key.forward_header.as_ref());
+        certificate.into_iter().chain(claims).chain(api_key)
+    }
 }
+
+/// RSA's signature algorithms.
+const RSA_ALGORITHMS: [Algorithm; 6] =
+    [Algorithm::RS256, Algorithm::RS384, Algorithm::RS512, Algorithm::PS256, Algorithm::PS384, Algorithm::PS512];
+
+/// Every algorithm a key of a [`KeySet`] may verify with.
+pub const SIGNING_ALGORITHMS: [Algorithm; 9] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
 
 /// `auth.client_cert`: the client presented a certificate the listener's
 /// CA verified and, with `sans` set, it carries one of those names.
@@ -230,14 +255,7 @@ fn verifying_key(value: serde_json::Value) -> Result<VerifyingKey, String> {
         usable_rsa(&params.n, &params.e)?;
     }
     let family: &[Algorithm] = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => &[
-            Algorithm::RS256,
-            Algorithm::RS384,
-            Algorithm::RS512,
-            Algorithm::PS256,
-            Algorithm::PS384,
-            Algorithm::PS512,
-        ],
+        AlgorithmParameters::RSA(_) => &RSA_ALGORITHMS,
         AlgorithmParameters::EllipticCurve(params) => match params.curve {
             EllipticCurve::P256 => &[Algorithm::ES256],
             EllipticCurve::P384 => &[Algorithm::ES384],
@@ -308,8 +326,16 @@ fn signing_algorithm(stated: KeyAlgorithm) -> Option<Algorithm> {
 /// starts a comment). Only hashes are held, so the file and the proxy's
 /// memory give no key away; keys are random strings, for which one SHA-256
 /// is enough (they are not passwords to stretch).
+/// An API key's name, and the same as a header value (made once, for
+/// `forward_header`).
+#[derive(Debug)]
+pub struct KeyName {
+    pub name: Arc<str>,
+    pub header: http::HeaderValue,
+}
+
 pub struct ApiKeys {
-    by_hash: HashMap<[u8; 32], Arc<str>>,
+    by_hash: HashMap<[u8; 32], KeyName>,
     file: Vec<u8>,
 }
 
@@ -340,12 +366,13 @@ impl ApiKeys {
             let bad = |why: &str| format!("API key file {shown} line {number}: {why}");
             let (name, hash) = line.rsplit_once(':').ok_or_else(|| bad("expected NAME:SHA256-HEX"))?;
             let (name, hash) = (name.trim(), hash.trim());
-            if name.is_empty() || http::HeaderValue::from_str(name).is_err() {
-                return Err(bad("the name must be non-empty printable text"));
-            }
+            let header = http::HeaderValue::from_str(name)
+                .ok()
+                .filter(|_| !name.is_empty())
+                .ok_or_else(|| bad("the name must be non-empty printable text"))?;
             let digest =
                 hex_digest(hash).ok_or_else(|| bad("the hash must be 64 hex digits (sha256sum of the key)"))?;
-            if by_hash.insert(digest, Arc::from(name)).is_some() {
+            if by_hash.insert(digest, KeyName { name: Arc::from(name), header }).is_some() {
                 return Err(bad("this key's hash is listed twice"));
             }
         }
@@ -356,7 +383,7 @@ impl ApiKeys {
     }
 
     /// The name of the key whose SHA-256 is `digest`.
-    pub fn name_of(&self, digest: &[u8; 32]) -> Option<&Arc<str>> {
+    pub fn name_of(&self, digest: &[u8; 32]) -> Option<&KeyName> {
         self.by_hash.get(digest)
     }
 
@@ -450,7 +477,7 @@ mod tests {
         let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"; // sha256("test")
         std::fs::write(&path, format!("# ops\nrobot-1:{hash}\n\n")).unwrap();
         let keys = ApiKeys::load(&path).unwrap();
-        assert_eq!(keys.name_of(&hex_digest(hash).unwrap()).map(|n| &**n), Some("robot-1"));
+        assert_eq!(keys.name_of(&hex_digest(hash).unwrap()).map(|n| &*n.name), Some("robot-1"));
         std::fs::write(&path, "robot-1:abc\n").unwrap();
         assert!(ApiKeys::load(&path).unwrap_err().contains("line 1"));
         std::fs::write(&path, format!("a:{hash}\nb:{hash}\n")).unwrap();

@@ -591,10 +591,7 @@ const RESERVED_HEADERS: &[&str] = &[
 
 /// Each forwarded header is named once, and none is reserved or a credential's.
 fn check_forwarded_headers(auth: &AuthConfig, at: Location, errors: &mut Collector<'_>) {
-    let mut names: Vec<&http::HeaderName> = Vec::new();
-    names.extend(auth.client_cert.as_ref().and_then(|rule| rule.forward_header.as_ref()));
-    names.extend(auth.jwt.iter().flat_map(|jwt| jwt.forward_claims.iter().map(|(_, header)| header)));
-    names.extend(auth.api_key.as_ref().and_then(|api_key| api_key.forward_header.as_ref()));
+    let names: Vec<&http::HeaderName> = auth.forwarded_headers().collect();
     let credential = auth.api_key.as_ref().map(|api_key| &api_key.header);
     for (index, name) in names.iter().enumerate() {
         let text = name.as_str();
